@@ -1,0 +1,54 @@
+"""pagedkv: the KV cache of LLM inference as a library.
+
+The block manager (pure Python, no torch) is imported eagerly; names that need
+torch are loaded on first use so ``from pagedkv import BlockManager`` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from pagedkv.errors import (
+    CacheIntegrityError,
+    OutOfBlocks,
+    PagedKVError,
+    SnapshotError,
+    StoreError,
+    StoreUnavailable,
+    UnsupportedModelError,
+)
+from pagedkv.manager import BlockManager, CacheStats, MemoryPressure
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported lazily (these pull in torch).
+_LAZY = {
+    "KVLayout": "pagedkv.storage",
+    "KVPool": "pagedkv.storage",
+    "KVCache": "pagedkv.cache",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pagedkv' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "BlockManager",
+    "CacheIntegrityError",
+    "CacheStats",
+    "MemoryPressure",
+    "OutOfBlocks",
+    "PagedKVError",
+    "SnapshotError",
+    "StoreError",
+    "StoreUnavailable",
+    "UnsupportedModelError",
+    *_LAZY,
+]

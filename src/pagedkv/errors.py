@@ -1,0 +1,36 @@
+"""Exceptions raised by pagedkv.
+
+Every user-facing error is a subclass of :class:`PagedKVError` (or a plain
+``ValueError``/``TypeError``/``KeyError`` for bad arguments) whose message says
+what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class PagedKVError(Exception):
+    """Base class of pagedkv's own exceptions."""
+
+
+class OutOfBlocks(PagedKVError):
+    """Not enough free or evictable KV blocks for the request; nothing was changed."""
+
+
+class CacheIntegrityError(PagedKVError):
+    """An internal invariant does not hold; the message names the numbers that disagree."""
+
+
+class UnsupportedModelError(PagedKVError, ValueError):
+    """The model uses a feature pagedkv cannot run (the message names it)."""
+
+
+class StoreError(PagedKVError):
+    """A block store failed (I/O error, bad configuration, unreachable server)."""
+
+
+class StoreUnavailable(StoreError):
+    """A remote block store cannot be reached right now (connection refused, timeout)."""
+
+
+class SnapshotError(PagedKVError):
+    """A snapshot cannot be saved, read or restored (missing, corrupt or mismatched)."""

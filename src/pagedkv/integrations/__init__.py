@@ -1,0 +1,1 @@
+"""Integrations of pagedkv with model libraries (transformers: :mod:`.transformers`)."""

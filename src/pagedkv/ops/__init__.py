@@ -1,0 +1,260 @@
+"""Paged-attention and KV-movement kernels: public dispatch.
+
+Every op has a torch reference (:mod:`pagedkv.ops.reference`, any device, the
+specification) and a Triton kernel for CUDA tensors. The backend is chosen per call:
+``backend=`` argument, else :func:`set_backend` / :func:`use_backend`, else Triton for
+CUDA tensors when Triton is installed and the reference otherwise. Triton is imported
+only when a Triton kernel is first used, so the reference works without it.
+
+Batch-invariant mode (``batch_invariant=True``, :func:`set_batch_invariant`,
+:func:`batch_invariant_mode`) makes decode results for a sequence bit-identical
+whatever else shares its batch.
+
+Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
+before touching anything; ``check=True`` (default) also checks values (block ids in
+range, lengths that fit their tables), which costs one device sync on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import import_module
+
+import torch
+
+from pagedkv.ops import _checks, reference
+from pagedkv.ops._config import (
+    batch_invariant_mode,
+    get_backend,
+    is_batch_invariant,
+    resolve,
+    resolve_invariant,
+    set_backend,
+    set_batch_invariant,
+    use_backend,
+)
+
+__all__ = [
+    "DecodePlan",
+    "batch_invariant_mode",
+    "copy_blocks",
+    "decode_attention",
+    "gather_blocks",
+    "get_backend",
+    "is_batch_invariant",
+    "paged_decode",
+    "paged_prefill",
+    "prefill_attention",
+    "scatter_blocks",
+    "set_backend",
+    "set_batch_invariant",
+    "use_backend",
+    "write_kv",
+]
+
+
+def _triton(module: str):
+    return import_module(f"pagedkv.ops.triton_{module}")
+
+
+def __getattr__(name: str):
+    if name == "DecodePlan":  # needs triton; imported on first use
+        from pagedkv.ops.plan import DecodePlan
+
+        return DecodePlan
+    raise AttributeError(f"module 'pagedkv.ops' has no attribute {name!r}")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    batch_invariant: bool | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Decode attention of one layer over paged K/V.
+
+    q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] with Hq a multiple
+    of Hkv (GQA); block_tables: [B, max_blocks] int32 (entries past a sequence's last
+    block are ignored); seq_lens: [B] int32. Returns [B, Hq, D] in q's dtype; a sequence
+    of length 0 gives zeros. ``scale`` defaults to 1/sqrt(D).
+    """
+    _checks.cache_pair(k_cache, v_cache)
+    bsz, _ = _checks.query(q, "q", k_cache, 3)
+    _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
+    if check:
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    invariant = resolve_invariant(batch_invariant)
+    if resolve(backend, q.device) == "triton":
+        return _triton("decode").decode(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, batch_invariant=invariant
+        )
+    return reference.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, invariant)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    pool,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    batch_invariant: bool | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """:func:`decode_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
+    return decode_attention(
+        q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale,
+        backend=backend, batch_invariant=batch_invariant, check=check,
+    )  # fmt: skip
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    max_q_len: int | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Causal prefill of packed variable-length queries over paged K/V (with a cached prefix).
+
+    q: [T, Hq, D]; cu_seqlens_q: [B+1] int32, sequence b owning rows ``cu[b]:cu[b+1]``.
+    Those rows are the LAST ``q_len_b`` tokens of the ``seq_lens[b]`` tokens in the cache
+    (cached prefix + themselves; write their K/V with :func:`write_kv` first). Row i of
+    sequence b sits at position ``seq_lens[b] - q_len_b + i`` and sees keys at positions
+    <= its own. Returns [T, Hq, D] in q's dtype. ``max_q_len`` (the longest q_len) spares
+    the Triton path a device sync when given.
+    """
+    _checks.cache_pair(k_cache, v_cache)
+    num_tokens, _ = _checks.query(q, "q", k_cache, 3)
+    cu = _checks.cu_seqlens(cu_seqlens_q, k_cache.device)
+    _checks.tables(block_tables, seq_lens, cu.shape[0] - 1, k_cache.device)
+    if check:
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        _checks.cu_values(cu, seq_lens, num_tokens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if resolve(backend, q.device) == "triton":
+        return _triton("prefill").prefill(
+            q, cu, k_cache, v_cache, block_tables, seq_lens, scale, max_q_len=max_q_len
+        )
+    return reference.prefill(q, cu, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    pool,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    max_q_len: int | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """:func:`prefill_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
+    return prefill_attention(
+        q, cu_seqlens_q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale,
+        backend=backend, max_q_len=max_q_len, check=check,
+    )  # fmt: skip
+
+
+def write_kv(
+    pool_k: torch.Tensor,
+    pool_v: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str | None = None,
+    check: bool = True,
+) -> None:
+    """Scatter new tokens' K/V into one layer's caches.
+
+    pool_k, pool_v: [num_blocks, block_size, Hkv, D]; k, v: [N, Hkv, D] of the cache's
+    dtype; slots: [N] int, ``block * block_size + offset``, or -1 to skip a token (padding).
+    """
+    nb, bs, hkv, d = _checks.cache_pair(pool_k, pool_v)
+    for name, x in (("k", k), ("v", v)):
+        _checks.tensor(x, name)
+        if x.dim() != 3 or tuple(x.shape[1:]) != (hkv, d):
+            raise ValueError(f"{name} must be [N, {hkv}, {d}], got shape {tuple(x.shape)}")
+        if x.dtype != pool_k.dtype:
+            raise TypeError(
+                f"{name} dtype {x.dtype} != KV cache dtype {pool_k.dtype}; cast it first"
+            )
+        _checks.same_device(x, name, pool_k.device)
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    s = _checks.slots(slots, k.shape[0], nb * bs, pool_k.device, check)
+    if k.shape[0] == 0:
+        return
+    if resolve(backend, pool_k.device) == "triton":
+        _triton("memory").write_kv(pool_k, pool_v, s, k, v)
+    else:
+        reference.write_kv(pool_k, pool_v, s, k, v)
+
+
+def _pool_tensor(kv: torch.Tensor) -> None:
+    _checks.tensor(kv, "kv")
+    if kv.dim() != 6 or kv.shape[1] != 2 or not kv.is_contiguous():
+        raise ValueError(
+            "kv must be a contiguous [num_layers, 2, num_blocks, block_size, Hkv, D] tensor, "
+            f"got shape {tuple(kv.shape)}"
+        )
+
+
+def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backend=None) -> None:
+    """Copy whole blocks (all layers, K and V): ``kv[:, :, dst[i]] = kv[:, :, src[i]]``.
+
+    src, dst: [n] int64 tensors on kv's device, in range (checked by the caller, e.g.
+    :meth:`KVPool.copy_blocks`); no dst may also be a src (the pool orders such lists).
+    """
+    _pool_tensor(kv)
+    if src.numel() == 0:
+        return
+    if resolve(backend, kv.device) == "triton":
+        _triton("memory").copy_blocks(kv, src, dst)
+    else:
+        reference.copy_blocks(kv, src, dst)
+
+
+def gather_blocks(
+    kv: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor | None = None, backend=None
+) -> torch.Tensor:
+    """Blocks ``ids`` ([n] int64, in range) as one contiguous [n, L, 2, block_size, Hkv, D]
+    tensor on kv's device (into ``out`` when given): the staging copy of a swap-out."""
+    _pool_tensor(kv)
+    if resolve(backend, kv.device) == "triton":
+        return _triton("memory").gather_blocks(kv, ids, out=out)
+    res = reference.gather_blocks(kv, ids)
+    return res if out is None else out.copy_(res)
+
+
+def scatter_blocks(
+    kv: torch.Tensor, ids: torch.Tensor, data: torch.Tensor, *, backend=None
+) -> None:
+    """Inverse of :func:`gather_blocks`: data [n, L, 2, block_size, Hkv, D] (kv's dtype and
+    device) into blocks ``ids`` ([n] int64, in range, distinct)."""
+    _pool_tensor(kv)
+    if ids.numel() == 0:
+        return
+    if resolve(backend, kv.device) == "triton":
+        _triton("memory").scatter_blocks(kv, ids, data)
+    else:
+        reference.scatter_blocks(kv, ids, data)

@@ -1,0 +1,188 @@
+"""Argument checks shared by every backend: they raise before anything is launched.
+
+Shape / dtype / device checks read tensor metadata only. Value checks (block ids in
+range, lengths that fit their table) read the data, which on CUDA costs one
+device-to-host sync per call; callers on a hot path pass ``check=False`` after
+validating once (e.g. in :class:`pagedkv.ops.DecodePlan`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def index_tensor(x: object, name: str, ndim: int, device: torch.device) -> torch.Tensor:
+    x = tensor(x, name)
+    if x.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            f"{name} must be an int32 or int64 tensor, got {x.dtype}; use .to(torch.int32)"
+        )
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    same_device(x, name, device)
+    return x
+
+
+def same_device(x: torch.Tensor, name: str, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on device {x.device} but the KV cache is on {device}; move it")
+
+
+def cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """Check one layer's K and V caches; return (num_blocks, block_size, Hkv, D)."""
+    tensor(k_cache, "k_cache")
+    tensor(v_cache, "v_cache")
+    if k_cache.dim() != 4:
+        raise ValueError(
+            f"k_cache must be [num_blocks, block_size, Hkv, D], got shape {tuple(k_cache.shape)}"
+        )
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} {k_cache.dtype} and v_cache "
+            f"{tuple(v_cache.shape)} {v_cache.dtype} must have the same shape and dtype"
+        )
+    if k_cache.device != v_cache.device:
+        raise ValueError(f"k_cache on {k_cache.device} but v_cache on {v_cache.device}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous last (head_dim) dimension")
+    return tuple(k_cache.shape)  # type: ignore[return-value]
+
+
+def query(q: object, name: str, k_cache: torch.Tensor, ndim: int) -> tuple[int, int]:
+    """Check q against the cache; return (rows, Hq)."""
+    q = tensor(q, name)
+    _, _, hkv, d = k_cache.shape
+    if q.dim() != ndim:
+        want = "[B, Hq, D]" if ndim == 3 else "[T, Hq, D]"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(q.shape)}")
+    if q.shape[-1] != d:
+        raise ValueError(f"{name} head_dim {q.shape[-1]} != cache head_dim {d}")
+    if q.shape[1] % hkv != 0:
+        raise ValueError(
+            f"{name} has {q.shape[1]} query heads, not a multiple of the cache's "
+            f"{hkv} KV heads (GQA)"
+        )
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"{name} dtype {q.dtype} != KV cache dtype {k_cache.dtype}; cast q first")
+    same_device(q, name, k_cache.device)
+    return q.shape[0], q.shape[1]
+
+
+def tables(block_tables: object, seq_lens: object, batch: int, device: torch.device) -> None:
+    bt = index_tensor(block_tables, "block_tables", 2, device)
+    sl = index_tensor(seq_lens, "seq_lens", 1, device)
+    if bt.shape[0] != batch or sl.shape[0] != batch:
+        raise ValueError(
+            f"block_tables {tuple(bt.shape)} and seq_lens {tuple(sl.shape)} must have "
+            f"{batch} rows (one per sequence)"
+        )
+
+
+def table_values(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int, block_size: int
+) -> None:
+    """Lengths within [0, table capacity], and every block id a sequence uses in range."""
+    if seq_lens.numel() == 0:
+        return
+    cap = block_tables.shape[1] * block_size
+    lens = seq_lens.to(torch.int64)
+    used = (
+        torch.arange(block_tables.shape[1], device=lens.device)[None, :] * block_size
+        < lens[:, None]
+    )
+    bad_id = used & ((block_tables < 0) | (block_tables >= num_blocks))
+    stats = torch.stack([lens.min(), lens.max(), bad_id.any().to(torch.int64)]).tolist()
+    lo, hi, any_bad = stats
+    if lo < 0:
+        raise ValueError(f"seq_lens must be >= 0, got {seq_lens.tolist()}")
+    if hi > cap:
+        b = int((lens > cap).nonzero()[0, 0])
+        raise ValueError(
+            f"seq_lens[{b}] = {int(lens[b])} exceeds its block table capacity "
+            f"({block_tables.shape[1]} blocks x {block_size} tokens = {cap})"
+        )
+    if any_bad:
+        b, j = (int(i) for i in bad_id.nonzero()[0])
+        raise ValueError(
+            f"block_tables[{b}, {j}] = {int(block_tables[b, j])} is out of range "
+            f"[0, {num_blocks}) (the pool has {num_blocks} blocks)"
+        )
+
+
+def cu_seqlens(cu: object, device: torch.device) -> torch.Tensor:
+    cu = index_tensor(cu, "cu_seqlens_q", 1, device)
+    if cu.shape[0] < 1:
+        raise ValueError("cu_seqlens_q must have B+1 >= 1 entries (it starts with 0)")
+    return cu
+
+
+def cu_values(cu: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> None:
+    """cu_seqlens_q starts at 0, never decreases, ends at T; each q_len <= its seq_len."""
+    q_lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    stats = torch.stack(
+        [
+            cu[0].to(torch.int64),
+            cu[-1].to(torch.int64),
+            (q_lens < 0).any().to(torch.int64),
+            (q_lens > seq_lens.to(torch.int64)).any().to(torch.int64),
+        ]
+    ).tolist()
+    first, last, decreasing, too_long = stats
+    if first != 0 or last != num_tokens or decreasing:
+        raise ValueError(
+            f"cu_seqlens_q must start at 0, never decrease and end at T={num_tokens}; "
+            f"got {cu.tolist()}"
+        )
+    if too_long:
+        b = int((q_lens > seq_lens.to(torch.int64)).nonzero()[0, 0])
+        raise ValueError(
+            f"sequence {b} has {int(q_lens[b])} queries but seq_lens[{b}] = {int(seq_lens[b])}; "
+            "seq_lens counts the cached prefix plus the new tokens, whose K/V must be written first"
+        )
+
+
+def slots(slots: object, n: int, num_slots: int, device: torch.device, check: bool) -> torch.Tensor:
+    s = index_tensor(slots, "slots", 1, device)
+    if s.shape[0] != n:
+        raise ValueError(f"slots has {s.shape[0]} entries but k/v have {n} tokens")
+    if check and n:
+        lo, hi = torch.stack([s.min(), s.max()]).to(torch.int64).tolist()
+        if lo < -1 or hi >= num_slots:
+            raise ValueError(
+                f"slots must lie in [0, {num_slots}) (block * block_size + offset) or be -1 "
+                f"(skip); got min {lo}, max {hi}"
+            )
+    return s
+
+
+def block_ids(
+    ids: object, num_blocks: int, device: torch.device, name: str = "block_ids"
+) -> torch.Tensor:
+    """Normalise a list / tensor of block ids to an int64 tensor on ``device``; range-checked."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype not in INDEX_DTYPES:
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+        t = ids.to(device=device, dtype=torch.int64).contiguous()
+    else:
+        try:
+            t = torch.as_tensor(list(ids), dtype=torch.int64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a sequence of ints or an int tensor: {e}") from None
+        t = t.to(device)
+    if t.numel():
+        lo, hi = torch.stack([t.min(), t.max()]).tolist()
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(
+                f"{name} out of range: ids must lie in [0, {num_blocks}), got min {lo}, max {hi}"
+            )
+    return t

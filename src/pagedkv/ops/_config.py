@@ -1,0 +1,110 @@
+"""Backend and batch-invariance settings of :mod:`pagedkv.ops`.
+
+Held in ``ContextVar``s rather than module globals so that a context manager in one
+thread (or asyncio task) does not leak into another, and tests need no reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+
+BACKENDS = ("reference", "triton")
+
+_backend: ContextVar[str | None] = ContextVar("pagedkv_ops_backend", default=None)
+_invariant: ContextVar[bool] = ContextVar("pagedkv_ops_batch_invariant", default=False)
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op in this context: ``"reference"``, ``"triton"`` or
+    ``None`` (automatic: Triton for CUDA tensors when Triton is installed, else reference)."""
+    _backend.set(_check_backend(name))
+
+
+def get_backend() -> str | None:
+    """The forced backend, or ``None`` when chosen automatically."""
+    return _backend.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous choice on exit."""
+    token = _backend.set(_check_backend(name))
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """Turn batch-invariant mode on or off for this context.
+
+    In this mode the output for one sequence is bit-identical whatever other sequences
+    share its batch and wherever it sits in it (fixed split size in tokens, fixed
+    reduction order). It costs some speed at small batch sizes.
+    """
+    _invariant.set(bool(enabled))
+
+
+def is_batch_invariant() -> bool:
+    """Whether batch-invariant mode is on in this context."""
+    return _invariant.get()
+
+
+@contextlib.contextmanager
+def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of :func:`set_batch_invariant`."""
+    token = _invariant.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _invariant.reset(token)
+
+
+def _check_backend(name: str | None) -> str | None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; use one of {BACKENDS} or None (automatic)")
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when ``import triton`` works (it is an optional dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """Pick the backend for tensors on ``device``; raise if the choice cannot run there."""
+    name = _check_backend(backend) or _backend.get()
+    if name is None:
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs the triton package (pip install 'pagedkv[triton]'); "
+                "use backend='reference' instead"
+            )
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got {device}; use backend='reference' "
+                "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels on CPU"
+            )
+    return name
+
+
+def resolve_invariant(batch_invariant: bool | None) -> bool:
+    return _invariant.get() if batch_invariant is None else bool(batch_invariant)

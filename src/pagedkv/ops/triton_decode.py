@@ -1,0 +1,245 @@
+"""Triton paged decode attention: split-KV (flash-decoding) with GQA grouping.
+
+One program handles (sequence b, KV head h, split s): the G query heads that share KV
+head h are stacked as the rows of one tile, so each K/V token is loaded once for all of
+them. Split s covers tokens ``[s * split_tokens, (s + 1) * split_tokens)``; it writes a
+float32 partial output and its log-sum-exp, and a second kernel merges the splits of
+each sequence in split order. With a single split the first kernel writes the output.
+
+Batch invariance: a sequence's bits depend on its tokens' tile boundaries (absolute
+positions, fixed BLOCK_N), on ``split_tokens`` and on the merge order. In invariant mode
+``split_tokens`` is a constant and the merge always runs, so nothing depends on the
+batch; otherwise ``split_tokens`` is sized to fill the GPU.
+
+Offsets that multiply a block id by a stride are computed in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedkv.ops._config import interpreting
+
+INVARIANT_SPLIT_TOKENS = 512
+LOG2E = 1.4426950408889634
+
+
+def needs_upcast(dtype: torch.dtype) -> bool:
+    """The Triton interpreter computes ``tl.dot`` on bf16 inputs wrongly (triton 3.9): there,
+    bf16 operands are widened to float32 first (after the same bf16 rounding)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation; ``IEEE`` keeps float32 inputs exact (no TF32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, BT, SL, O, LSE,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_btb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    split_tokens,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(SL + b)
+    start = s * split_tokens
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    mask_g = offs_g < G
+    mask_d = offs_d < D
+    heads = h * G + offs_g
+    end = tl.minimum(start + split_tokens, seq_len)
+
+    q_ptr = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # q: [G_PAD, D_PAD]
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    bt_row = BT + b.to(tl.int64) * stride_btb
+    for t0 in range(start, end, BLOCK_N):
+        offs_n = t0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
+        tok = (offs_n % BS).to(tl.int64)
+        k_off = blk * stride_kb + tok * stride_kt + h * stride_kh
+        v_off = blk * stride_vb + tok * stride_vt + h * stride_vh
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D]
+        v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = mma(q, tl.trans(k), IEEE, UPCAST)
+        qk = tl.where(mask_n[None, :], qk * scale_log2, float("-inf"))  # [G_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = mma(p.to(v.dtype), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    # An empty split (start >= seq_len: no iteration) leaves l_i = 0 and writes zeros; the
+    # merge never reads it, and in direct mode it is the zero output of an empty sequence.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if DIRECT:
+        o_ptr = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=out_mask)
+    else:
+        o_base = O + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
+        tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out, mask=out_mask)
+        lse_ptr = LSE + b.to(tl.int64) * stride_lb + heads * stride_lh + s
+        tl.store(lse_ptr, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    O, LSE, SL, OUT,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_outb, stride_outh,
+    split_tokens,
+    D: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    seq_len = tl.load(SL + b)
+    n_splits = tl.cdiv(seq_len, split_tokens)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < D
+    o_base = O + b.to(tl.int64) * stride_ob + hq * stride_oh
+    lse_base = LSE + b.to(tl.int64) * stride_lb + hq * stride_lh
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for s in range(0, n_splits):  # split order: fixed, hence reproducible
+        lse = tl.load(lse_base + s)
+        o = tl.load(o_base + s * stride_os + offs_d, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + w * o
+        l = l * alpha + w
+        m = m_new
+    out = tl.where(n_splits > 0, acc / tl.maximum(l, 1e-30), 0.0)
+    out_ptr = OUT + b.to(tl.int64) * stride_outb + hq * stride_outh + offs_d
+    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+def config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of the split kernel (fixed per head_dim and dtype, so
+    that batch-invariant results do not depend on the batch)."""
+    block_n = 64 if head_dim <= 128 else 32
+    if dtype == torch.float32:
+        block_n = 32
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2)
+
+
+def choose_split_tokens(
+    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
+    batch_invariant: bool,
+) -> int:  # fmt: skip
+    """Tokens per split: a constant in invariant mode, else enough splits to fill the GPU."""
+    if batch_invariant:
+        return INVARIANT_SPLIT_TOKENS
+    max_seq_len = max(max_seq_len, 1)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    want_splits = -(-4 * sms // max(batch * num_kv_heads, 1))  # aim for >= 4 waves of programs
+    split = -(-max_seq_len // max(want_splits, 1))
+    split = max(split, 256)  # below this the merge costs more than the parallelism buys
+    return -(-split // block_n) * block_n
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    batch_invariant: bool = False,
+    split_tokens: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Launch the decode kernels (arguments checked by :func:`pagedkv.ops.decode_attention`).
+
+    q: [B, Hq, D] -> [B, Hq, D]. ``max_seq_len`` bounds seq_lens (default: the table's
+    capacity; no device sync). ``workspace`` = (o [B', Hq, S', D] f32, lse [B', Hq, S'] f32)
+    with B' >= B and S' >= the number of splits lets a caller (DecodePlan) keep every
+    buffer static for CUDA-graph capture.
+    """
+    bsz, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    g = hq // hkv
+    q = q if q.stride(2) == 1 else q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    if bsz == 0:
+        return out
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    cfg = config(d, k_cache.dtype)
+    cap = block_tables.shape[1] * bs
+    max_seq_len = cap if max_seq_len is None else min(max_seq_len, cap)
+    if split_tokens is None:
+        split_tokens = choose_split_tokens(
+            bsz, hkv, max_seq_len, cfg["BLOCK_N"], q.device, batch_invariant
+        )
+    n_splits = max(1, -(-max_seq_len // split_tokens))
+    direct = n_splits == 1 and not batch_invariant
+    common = dict(
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=triton.next_power_of_2(d),
+        BS=bs, BLOCK_N=cfg["BLOCK_N"], IEEE=k_cache.dtype == torch.float32,
+        UPCAST=needs_upcast(k_cache.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    grid = (bsz, hkv, n_splits)
+    qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
+    if direct:
+        os_ = out.stride()
+        _decode_split_kernel[grid](
+            q, k_cache, v_cache, block_tables, seq_lens, out, out, scale * LOG2E,
+            qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], block_tables.stride(0),
+            os_[0], os_[1], 0, 0, 0, split_tokens, DIRECT=True, **common,
+        )  # fmt: skip
+        return out
+    if workspace is None:
+        o_part = torch.empty(bsz, hq, n_splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(bsz, hq, n_splits, dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse = workspace
+        assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
+    ops_, ls = o_part.stride(), lse.stride()
+    _decode_split_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse, scale * LOG2E,
+        qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], block_tables.stride(0),
+        ops_[0], ops_[1], ops_[2], ls[0], ls[1], split_tokens, DIRECT=False, **common,
+    )  # fmt: skip
+    _decode_merge_kernel[(bsz, hq)](
+        o_part, lse, seq_lens, out, ops_[0], ops_[1], ops_[2], ls[0], ls[1],
+        out.stride(0), out.stride(1), split_tokens, D=d, D_PAD=triton.next_power_of_2(d),
+        num_warps=1,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,686 @@
+"""SnapshotStore: save, fork, restore and verify KV state in a content-addressed store.
+
+Keys in the backing block store:
+
+- ``<sha256 hex>.pg``  one page (a block's K and V bytes), named by its digest;
+- ``snap.m.<name>``    a manifest (JSON, :mod:`pagedkv.snapshot.manifest`);
+- ``snap.l.<id>.<n>``  a lease: the pages a save in progress is about to count on.
+
+A save writes, per chunk of pages, a lease naming them, then the pages the store
+lacks, and the manifest last (one atomic put), then drops its leases. A save killed
+at any point therefore leaves at most orphan pages and a dead lease; ``gc`` removes
+both, and never a page that a manifest or a live lease names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedkv.errors import OutOfBlocks, SnapshotError
+from pagedkv.snapshot.manifest import (
+    GcReport,
+    Lease,
+    Manifest,
+    SequenceEntry,
+    SnapshotInfo,
+    VerifyReport,
+    describe_layout,
+    layout_dict,
+    parse_lease,
+    parse_manifest,
+    validate_name,
+)
+from pagedkv.snapshot.pager import CachePager
+
+PAGE_SUFFIX = ".pg"
+MANIFEST_PREFIX = "snap.m."
+LEASE_PREFIX = "snap.l."
+_PAGE_KEY_RE = re.compile(r"^[0-9a-f]{64}\.pg$")
+# Snapshots must never be evicted: a local store is a DiskStore with no effective cap.
+_UNBOUNDED = 1 << 62
+
+
+def page_key(digest: str) -> str:
+    return digest + PAGE_SUFFIX
+
+
+def _sha256_hex(row: Any) -> str:
+    return hashlib.sha256(row).hexdigest()  # releases the GIL: rows hash in parallel
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+class LoadResult(dict):
+    """``{old seq id: new seq id}`` of a restore, plus its throughput.
+
+    ``bytes`` are the distinct page bytes read and verified, ``seconds`` the wall time
+    of the whole load, ``shared_blocks`` the blocks found in the pager's prefix cache
+    (shared, not written).
+    """
+
+    bytes: int = 0
+    seconds: float = 0.0
+    shared_blocks: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class SnapshotStore:
+    """Named snapshots of KV state over a block store (a directory, or Redis).
+
+    ``location``: a directory path (created if missing; a :class:`DiskStore` with no
+    eviction), a ``redis://`` URL (keys under ``key_prefix``; configure the server
+    with ``maxmemory-policy noeviction``: an evicted page breaks a snapshot, which
+    ``verify`` then reports), or any object with the ``BlockStore`` methods.
+    ``fsync=True`` (local only) makes every page and manifest durable against power
+    loss, at a cost in throughput; without it a killed process still never leaves a
+    partial page or manifest visible. ``grace_seconds``: how long ``gc`` honours a
+    lease written by another host. ``chunk_bytes`` bounds the bytes in flight, and
+    ``threads`` the digest workers.
+    """
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str] | Any,
+        *,
+        key_prefix: str = "pagedkv-snap:",
+        fsync: bool = False,
+        grace_seconds: float = 3600.0,
+        chunk_bytes: int = 64 << 20,
+        threads: int = 2,
+    ) -> None:
+        if hasattr(location, "put_many"):
+            self.backend = location
+            self.location = repr(location)
+        else:
+            from pagedkv.stores import DiskStore, RedisStore
+
+            loc = os.fspath(location)
+            self.location = loc
+            if loc.startswith(("redis://", "rediss://")):
+                self.backend = RedisStore(loc, key_prefix=key_prefix)
+                self.location = getattr(self.backend, "_shown", loc.split("@")[-1])
+            else:
+                path = loc.removeprefix("file://")
+                self.backend = DiskStore(path, capacity_bytes=_UNBOUNDED, fsync=fsync)
+        if chunk_bytes <= 0 or threads <= 0:
+            raise ValueError("chunk_bytes and threads must be positive")
+        self.grace_seconds = float(grace_seconds)
+        self.chunk_bytes = int(chunk_bytes)
+        self.threads = int(threads)
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.location!r})"
+
+    def close(self) -> None:
+        """Close the backing block store."""
+        self.backend.close()
+
+    def __enter__(self) -> SnapshotStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- save ---------------------------------------------------------------------
+    def save(
+        self,
+        pager: CachePager,
+        seq_ids: Iterable[Hashable] | None = None,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> SnapshotInfo:
+        """Save sequences ``seq_ids`` (default: all) of ``pager`` as snapshot ``name``.
+
+        Pages go in by the sha256 of their bytes, and pages already in the store are
+        not written again. The pager is held :meth:`~CachePager.paused` for the whole
+        save so every page belongs to one consistent state. The manifest is written
+        last, atomically: if the save dies, no snapshot is listed. ``name`` defaults
+        to a generated ``snap-<utc time>-<random>``; an existing name raises
+        ``SnapshotError`` unless ``overwrite=True``. ``metadata`` must be JSON-able.
+        Sequence ids must be ``int`` or ``str``. Returns the new snapshot's info
+        with the save's wall time (``seconds``, ``gbps``) and ``written_bytes``.
+        """
+        t0 = time.perf_counter()
+        name = self._new_name(name, overwrite)
+        meta = _json_object(metadata)
+        layout = pager.layout
+        bpb = layout.bytes_per_block
+        lease_id = secrets.token_hex(8)
+        leases: list[str] = []
+        with pager.paused(), _drop_on_error(self.backend, leases):
+            entries, units, unit_of = self._plan(pager, seq_ids)
+            digests: list[str] = [""] * len(units)
+            written = 0
+            with ExitStack() as stack:
+                hashers = stack.enter_context(ThreadPoolExecutor(self.threads))
+                writer = stack.enter_context(ThreadPoolExecutor(1))
+                bar = stack.enter_context(_progress(progress, f"save {name}", len(units) * bpb))
+                seen: set[str] = set()
+                pending = None
+                step = max(1, self.chunk_bytes // bpb)
+                for start in range(0, len(units), step):
+                    rows = _read_units(pager, units[start : start + step]).numpy()
+                    part = list(hashers.map(_sha256_hex, rows))
+                    digests[start : start + len(part)] = part
+                    if pending is not None:
+                        written += pending.result()
+                    lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
+                    leases.append(lease)
+                    pending = writer.submit(self._put_pages, lease, name, part, rows, seen)
+                    bar(len(part) * bpb)
+                if pending is not None:
+                    written += pending.result()
+            written += self._repair_missing(pager, name, units, digests, leases, lease_id)
+            sequences = [
+                SequenceEntry(sid, tokens, [digests[unit_of[u]] for u in us], fill, salt)
+                for sid, tokens, us, fill, salt in entries
+            ]
+            unique = len(set(digests))
+            logical = sum(len(s.pages) for s in sequences) * bpb
+            manifest = Manifest(
+                name=name,
+                created=time.time(),
+                fingerprint=str(pager.fingerprint),
+                layout=layout_dict(layout),
+                sequences=sequences,
+                metadata=meta,
+                bytes={"logical": logical, "unique": unique * bpb, "written": written},
+                save={"seconds": time.perf_counter() - t0},
+            )
+            self.backend.put_many([(MANIFEST_PREFIX + name, manifest.encode())])
+        self.backend.delete_many(leases)
+        return replace(SnapshotInfo.from_manifest(manifest), seconds=time.perf_counter() - t0)
+
+    def _new_name(self, name: str | None, overwrite: bool) -> str:
+        if name is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            return f"snap-{stamp}-{secrets.token_hex(3)}"
+        validate_name(name)
+        if not overwrite and self.backend.contains_many([MANIFEST_PREFIX + name])[0]:
+            raise SnapshotError(
+                f"snapshot {name!r} already exists in {self.location}; pass overwrite=True "
+                "to replace it, or choose another name"
+            )
+        return name
+
+    def _plan(self, pager: CachePager, seq_ids: Iterable[Hashable] | None) -> tuple:
+        """Sequences to save and the distinct (block, fill) units their pages come from."""
+        ids = list(pager.seq_ids()) if seq_ids is None else list(seq_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"seq_ids has duplicates: {ids}")
+        live = set(pager.seq_ids())
+        bs = pager.layout.block_size
+        entries, units, unit_of = [], [], {}
+        for sid in ids:
+            if isinstance(sid, bool) or not isinstance(sid, (int, str)):
+                raise TypeError(f"snapshots save int or str sequence ids, got {sid!r}")
+            if sid not in live:
+                raise KeyError(
+                    f"sequence {sid!r} is not in the pager (live: {sorted(map(str, live))[:8]})"
+                )
+            tokens = list(pager.token_ids(sid))
+            table = list(pager.block_table(sid))
+            n = len(tokens)
+            if n == 0 or len(table) != -(-n // bs):
+                raise SnapshotError(
+                    f"sequence {sid!r}: {n} tokens but {len(table)} blocks of {bs}; "
+                    "the pager is inconsistent"
+                )
+            fill = n - (len(table) - 1) * bs
+            us = [(b, bs) for b in table[:-1]] + [(table[-1], fill)]
+            for u in us:
+                if u not in unit_of:
+                    unit_of[u] = len(units)
+                    units.append(u)
+            entries.append((sid, tokens, us, fill, pager.salt(sid)))
+        return entries, units, unit_of
+
+    def _put_pages(
+        self, lease: str, name: str, digests: list[str], rows: np.ndarray, seen: set
+    ) -> int:
+        """Lease, then write the pages of one chunk the store lacks; return bytes written."""
+        new = {}
+        for d, row in zip(digests, rows):
+            if d not in seen and d not in new:
+                new[d] = row
+        seen.update(new)
+        if not new:
+            return 0
+        self.backend.put_many([(lease, self._lease(lease, name, list(new)).encode())])
+        keys = [page_key(d) for d in new]
+        have = self.backend.contains_many(keys)
+        items = [(k, memoryview(row)) for k, row, h in zip(keys, new.values(), have) if not h]
+        if items:
+            self.backend.put_many(items)
+        return sum(len(v) for _, v in items)
+
+    def _repair_missing(self, pager, name, units, digests, leases, lease_id) -> int:
+        """Re-put pages that vanished while saving (a concurrent gc or eviction)."""
+        uniq = list(dict.fromkeys(digests))
+        have = self.backend.contains_many([page_key(d) for d in uniq])
+        lost = {d for d, h in zip(uniq, have) if not h}
+        if not lost:
+            return 0
+        idx = [i for i, d in enumerate(digests) if d in lost]
+        idx = list({digests[i]: i for i in idx}.values())
+        rows = _read_units(pager, [units[i] for i in idx]).numpy()
+        if [_sha256_hex(r) for r in rows] != [digests[i] for i in idx]:
+            raise SnapshotError("the pager changed during the save although it was paused")
+        lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
+        leases.append(lease)
+        self.backend.put_many([(lease, self._lease(lease, name, list(lost)).encode())])
+        self.backend.put_many([(page_key(digests[i]), memoryview(r)) for i, r in zip(idx, rows)])
+        return len(idx) * rows.shape[1]
+
+    def _lease(self, key: str, name: str, digests: list[str]) -> Lease:
+        return Lease(key, name, time.time(), socket.gethostname(), os.getpid(), digests)
+
+    # -- load ---------------------------------------------------------------------
+    def load(
+        self,
+        pager: CachePager,
+        name: str,
+        seq_ids: Mapping[Any, Hashable] | None = None,
+        *,
+        progress: bool = False,
+    ) -> LoadResult:
+        """Restore snapshot ``name`` into ``pager``; return ``{old id: new id}``.
+
+        ``seq_ids`` maps the saved ids to restore onto new ids (only those are
+        restored); by default every sequence is restored under ``"<name>:<old id>"``.
+        The layout and fingerprint are checked and every page is read and verified
+        before anything is installed: a mismatch, a missing or corrupt page raises
+        ``SnapshotError`` and leaves the pager untouched. Pages whose blocks the
+        pager's prefix cache already holds are shared, not written. If the pager runs
+        out of blocks midway, the sequences installed so far are freed and
+        ``OutOfBlocks`` is raised.
+        """
+        t0 = time.perf_counter()
+        manifest = self.manifest(name)
+        _check_compatible(manifest, pager)
+        entries, mapping = _select(manifest, pager, seq_ids)
+        uniq = list(dict.fromkeys(d for e in entries for d in e.pages))
+        bpb = int(manifest.layout["bytes_per_block"])
+        pages, missing, corrupt = self._fetch(uniq, bpb, keep=True, progress=progress, what=name)
+        if missing or corrupt:
+            raise SnapshotError(
+                f"snapshot {name!r} is damaged: {len(missing)} missing and {len(corrupt)} corrupt "
+                f"pages (first: {(missing + corrupt)[0]}); nothing was restored. "
+                f"`pagedkv snapshot verify {name}` lists them"
+            )
+        result = LoadResult()
+        installed: list[Hashable] = []
+        bs = pager.layout.block_size
+        try:
+            for e in entries:
+                new_id = mapping[e.seq_id]
+                cached = pager.allocate(new_id, e.token_ids, salt=e.salt)
+                installed.append(new_id)
+                table = pager.block_table(new_id)
+                skip = -(-cached // bs)  # a partly cached block is still shared
+                result.shared_blocks += skip
+                if skip < len(table):
+                    data = np.empty((len(table) - skip, bpb), dtype=np.uint8)
+                    for i, d in enumerate(e.pages[skip:]):
+                        data[i] = np.frombuffer(pages[d], dtype=np.uint8)
+                    pager.write_blocks(table[skip:], torch.from_numpy(data))
+                result[e.seq_id] = new_id
+        except BaseException as exc:
+            for sid in reversed(installed):
+                pager.free(sid)
+            if isinstance(exc, OutOfBlocks):
+                raise OutOfBlocks(
+                    f"restoring snapshot {name!r} ran out of blocks at sequence "
+                    f"{e.seq_id!r} ({exc}); nothing was restored"
+                ) from exc
+            raise
+        result.bytes = len(uniq) * bpb
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _fetch(
+        self, digests: Sequence[str], bpb: int, *, keep: bool, progress: bool, what: str
+    ) -> tuple[dict[str, bytes], list[str], list[str]]:
+        """Read and check pages; return (pages if ``keep``, missing, corrupt)."""
+        pages: dict[str, bytes] = {}
+        missing: list[str] = []
+        corrupt: list[str] = []
+        step = max(1, self.chunk_bytes // bpb)
+        with (
+            ThreadPoolExecutor(self.threads) as hashers,
+            _progress(progress, what, len(digests) * bpb) as bar,
+        ):
+            for start in range(0, len(digests), step):
+                part = digests[start : start + step]
+                values = self.backend.get_many([page_key(d) for d in part])
+                present = [(d, v) for d, v in zip(part, values) if v is not None]
+                missing += [d for d, v in zip(part, values) if v is None]
+                got = hashers.map(lambda dv: len(dv[1]) == bpb and _sha256_hex(dv[1]), present)
+                for (d, v), h in zip(present, got):
+                    if h != d:
+                        corrupt.append(d)
+                    elif keep:
+                        pages[d] = v
+                bar(len(part) * bpb)
+        return pages, missing, corrupt
+
+    # -- catalogue ----------------------------------------------------------------
+    def manifest(self, name: str) -> Manifest:
+        """The parsed manifest of ``name``; ``SnapshotError`` if missing or invalid."""
+        validate_name(name)
+        raw = self.backend.get_many([MANIFEST_PREFIX + name])[0]
+        if raw is None:
+            known = ", ".join(self.names()[:10]) or "none"
+            raise SnapshotError(f"no snapshot named {name!r} in {self.location} (have: {known})")
+        return parse_manifest(raw, what=f"manifest of snapshot {name!r}")
+
+    def info(self, name: str) -> SnapshotInfo:
+        """What snapshot ``name`` holds (``SnapshotError`` if missing or invalid)."""
+        return SnapshotInfo.from_manifest(self.manifest(name))
+
+    def names(self) -> list[str]:
+        """Names of every manifest in the store, valid or not, sorted."""
+        return sorted(k[len(MANIFEST_PREFIX) :] for k in self.backend.keys(MANIFEST_PREFIX))
+
+    def list(self) -> list[SnapshotInfo]:
+        """Info of every readable snapshot, oldest first (unreadable ones: see ``verify``)."""
+        names = self.names()
+        raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
+        out = []
+        for n, raw in zip(names, raws):
+            try:
+                out.append(SnapshotInfo.from_manifest(parse_manifest(raw or b"")))
+            except SnapshotError:
+                continue
+        return sorted(out, key=lambda i: (i.created, i.name))
+
+    def verify(self, name: str, *, progress: bool = False) -> VerifyReport:
+        """Read back every page of ``name`` and check length and digest (never raises for damage)."""
+        t0 = time.perf_counter()
+        try:
+            manifest = self.manifest(name)
+        except SnapshotError as e:
+            return VerifyReport(name, ok=False, error=str(e), seconds=time.perf_counter() - t0)
+        bpb = int(manifest.layout["bytes_per_block"])
+        uniq = sorted(manifest.page_digests())
+        _, missing, corrupt = self._fetch(uniq, bpb, keep=False, progress=progress, what=name)
+        return VerifyReport(
+            name,
+            ok=not missing and not corrupt,
+            num_pages=len(uniq),
+            missing=missing,
+            corrupt=corrupt,
+            bytes_checked=(len(uniq) - len(missing)) * bpb,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def fork(
+        self,
+        name: str,
+        new_name: str,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        seq_ids: Iterable[Any] | None = None,
+        overwrite: bool = False,
+    ) -> SnapshotInfo:
+        """A new snapshot ``new_name`` sharing every page of ``name`` (writes one manifest).
+
+        ``metadata`` replaces the parent's when given; ``seq_ids`` keeps only those
+        sequences. ``SnapshotError`` if a page of the parent is gone.
+        """
+        parent = self.manifest(name)
+        self._new_name(new_name, overwrite)
+        sequences = parent.sequences
+        if seq_ids is not None:
+            wanted = list(seq_ids)
+            by_id = {s.seq_id: s for s in sequences}
+            unknown = [s for s in wanted if s not in by_id]
+            if unknown:
+                raise KeyError(f"snapshot {name!r} has no sequences {unknown}")
+            sequences = [by_id[s] for s in wanted]
+        digests = sorted({d for s in sequences for d in s.pages})
+        lease = f"{LEASE_PREFIX}{secrets.token_hex(8)}.000000"
+        self.backend.put_many([(lease, self._lease(lease, new_name, digests).encode())])
+        try:
+            have = self.backend.contains_many([page_key(d) for d in digests])
+            if not all(have):
+                raise SnapshotError(
+                    f"cannot fork {name!r}: {have.count(False)} of its pages are missing "
+                    f"(run `verify {name}`)"
+                )
+            bpb = int(parent.layout["bytes_per_block"])
+            child = Manifest(
+                name=new_name,
+                created=time.time(),
+                fingerprint=parent.fingerprint,
+                layout=parent.layout,
+                sequences=list(sequences),
+                metadata=parent.metadata if metadata is None else _json_object(metadata),
+                parent=name,
+                bytes={
+                    "logical": sum(len(s.pages) for s in sequences) * bpb,
+                    "unique": len(digests) * bpb,
+                    "written": 0,
+                },
+            )
+            self.backend.put_many([(MANIFEST_PREFIX + new_name, child.encode())])
+        finally:
+            self.backend.delete_many([lease])
+        return SnapshotInfo.from_manifest(child)
+
+    def delete(self, name: str) -> None:
+        """Remove snapshot ``name`` (its manifest); ``gc`` reclaims pages no one else uses."""
+        validate_name(name)
+        if not self.backend.delete_many([MANIFEST_PREFIX + name]):
+            raise SnapshotError(f"no snapshot named {name!r} in {self.location}")
+
+    # -- gc -----------------------------------------------------------------------
+    def gc(self, *, grace_seconds: float | None = None) -> GcReport:
+        """Delete pages no manifest references, and dead leases.
+
+        A page named by a live lease (a save or fork in progress) is kept: a lease is
+        live while its process runs (same host) or for ``grace_seconds`` (default:
+        the store's) after it was written by another host. Raises ``SnapshotError``
+        without deleting anything if a manifest is unreadable (its pages would be
+        lost): delete or repair it first.
+        """
+        t0 = time.perf_counter()
+        grace = self.grace_seconds if grace_seconds is None else grace_seconds
+        names = self.names()
+        raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
+        referenced: set[str] = set()
+        for n, raw in zip(names, raws):
+            if raw is None:
+                continue  # deleted meanwhile
+            try:
+                referenced |= parse_manifest(raw, what=f"manifest {n!r}").page_digests()
+            except SnapshotError as e:
+                raise SnapshotError(f"gc refused: {e}; delete snapshot {n!r} first") from None
+        pages = {k[: -len(PAGE_SUFFIX)] for k in self.backend.keys() if _PAGE_KEY_RE.match(k)}
+        orphans = pages - referenced
+        protected, dead = self._leases(grace)
+        doomed = sorted(orphans - protected)
+        before = self.backend.stats().bytes_used
+        deleted = 0
+        for start in range(0, len(doomed), 1024):
+            batch = doomed[start : start + 1024]
+            now_protected, _ = self._leases(grace)  # a save that started meanwhile
+            batch = [d for d in batch if d not in now_protected]
+            deleted += self.backend.delete_many([page_key(d) for d in batch])
+        removed = self.backend.delete_many(dead) if dead else 0
+        after = self.backend.stats().bytes_used
+        return GcReport(
+            pages_deleted=deleted,
+            bytes_freed=None if before is None or after is None else before - after,
+            pages_kept=len(pages) - deleted,
+            pages_protected=len(orphans & protected),
+            leases_removed=removed,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _leases(self, grace: float) -> tuple[set[str], list[str]]:
+        """(pages named by live leases, keys of dead leases)."""
+        keys = list(self.backend.keys(LEASE_PREFIX))
+        protected: set[str] = set()
+        dead: list[str] = []
+        host, now = socket.gethostname(), time.time()
+        for key, raw in zip(keys, self.backend.get_many(keys) if keys else []):
+            if raw is None:
+                continue
+            try:
+                lease = parse_lease(raw)
+            except SnapshotError:
+                dead.append(key)
+                continue
+            live = _pid_alive(lease.pid) if lease.host == host else now - lease.created < grace
+            if live:
+                protected.update(lease.pages)
+            else:
+                dead.append(key)
+        return protected, dead
+
+
+def _read_units(pager: CachePager, units: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Bytes of (block, fill) units, ``uint8 [n, bytes_per_block]``; slots past fill zeroed."""
+    rows = pager.read_blocks([b for b, _ in units])
+    if not rows.is_contiguous() or rows.device.type != "cpu":
+        rows = rows.to("cpu").contiguous()
+    lay = pager.layout
+    for i, (_, fill) in enumerate(units):
+        if fill < lay.block_size:
+            # row bytes are ordered (layer, k/v, token, head, dim): zero tokens >= fill
+            rows[i].view(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
+    return rows
+
+
+def _check_compatible(m: Manifest, pager: CachePager) -> None:
+    mine = layout_dict(pager.layout)
+    if m.layout != mine:
+        raise SnapshotError(
+            f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but the "
+            f"cache has layout [{describe_layout(mine)}]; restore it into a cache built with "
+            "the snapshot's layout"
+        )
+    if m.fingerprint != str(pager.fingerprint):
+        raise SnapshotError(
+            f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r} but the "
+            f"cache has fingerprint {pager.fingerprint!r}; KV is only valid for the model "
+            "that computed it"
+        )
+
+
+def _select(
+    m: Manifest, pager: CachePager, seq_ids: Mapping[Any, Hashable] | None
+) -> tuple[list[SequenceEntry], dict[Any, Hashable]]:
+    live = set(pager.seq_ids())
+    if seq_ids is None:
+        mapping: dict[Any, Hashable] = {}
+        for s in m.sequences:
+            new, k = f"{m.name}:{s.seq_id}", 2
+            while new in live or new in mapping.values():
+                new, k = f"{m.name}:{s.seq_id}#{k}", k + 1
+            mapping[s.seq_id] = new
+    else:
+        mapping = dict(seq_ids)
+        by_id = {s.seq_id for s in m.sequences}
+        unknown = [k for k in mapping if k not in by_id]
+        if unknown:
+            raise KeyError(
+                f"snapshot {m.name!r} has no sequences {unknown} (it has {sorted(by_id, key=str)})"
+            )
+        taken = [v for v in mapping.values() if v in live]
+        if taken or len(set(mapping.values())) != len(mapping):
+            raise ValueError(f"new sequence ids must be distinct and unused; taken: {taken}")
+    return [s for s in m.sequences if s.seq_id in mapping], mapping
+
+
+def _json_object(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta = dict(metadata or {})
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"metadata must be JSON-serialisable (str keys, plain values): {e}"
+        ) from None
+    return json.loads(json.dumps(meta))
+
+
+class _drop_on_error:
+    """Delete the keys (a failed save's leases) if the block raises."""
+
+    def __init__(self, backend: Any, keys: list[str]) -> None:
+        self.backend, self.keys = backend, keys
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self.keys:
+            try:
+                self.backend.delete_many(self.keys)
+            except Exception:  # the original error matters more; gc removes dead leases
+                pass
+
+
+class _progress:
+    """A rich progress bar over bytes when ``enabled``; a no-op callable otherwise."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self._bar.start()
+        task = self._bar.add_task(self.description, total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

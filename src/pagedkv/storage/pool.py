@@ -1,0 +1,194 @@
+"""KVPool: the KV tensors of one device, and the copies, writes and gathers on them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pagedkv import ops
+from pagedkv.ops import _checks
+from pagedkv.storage.layout import KVLayout
+
+BlockIds = Sequence[int] | torch.Tensor
+
+
+class KVPool:
+    """Paged K/V storage of ``num_blocks`` blocks on one device.
+
+    ``kv`` is one tensor ``[num_layers, 2, num_blocks, block_size, Hkv, D]``: per layer,
+    K then V in NHD order (the paged layout FlashInfer and vLLM use), zero-initialised.
+    A slot is ``block * block_size + offset``.
+
+    Every method checks its arguments (shapes, dtypes, devices, id ranges) before doing
+    anything, so an error leaves the pool unchanged. Kernels come from
+    :mod:`pagedkv.ops` (Triton on CUDA, torch reference elsewhere; ``backend`` forces one).
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        device: torch.device | str = "cpu",
+        *,
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+            raise TypeError(f"num_blocks must be an int, got {type(num_blocks).__name__}")
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        self.backend = backend
+        shape = (layout.num_layers, 2, num_blocks, layout.block_size)
+        self.kv = torch.zeros(
+            (*shape, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=self.device
+        )
+
+    def __repr__(self) -> str:
+        return f"KVPool({self.layout}, num_blocks={self.num_blocks}, device={self.device})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pool tensor."""
+        return self.num_blocks * self.layout.bytes_per_block
+
+    # ---- views --------------------------------------------------------------------------
+    def k(self, layer: int) -> torch.Tensor:
+        """K of ``layer``: a [num_blocks, block_size, Hkv, D] view."""
+        return self.kv[self._layer(layer), 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        """V of ``layer``: a [num_blocks, block_size, Hkv, D] view."""
+        return self.kv[self._layer(layer), 1]
+
+    def _layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.layout.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.layout.num_layers})")
+        return layer
+
+    # ---- per-layer token ops ------------------------------------------------------------
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        check: bool = True,
+    ) -> None:
+        """Scatter new tokens' K/V: k, v [N, Hkv, D]; slots [N] int on the pool's device
+        (-1 skips a token). See :func:`pagedkv.ops.write_kv`."""
+        ops.write_kv(self.k(layer), self.v(layer), slots, k, v, backend=self.backend, check=check)
+
+    def gather(
+        self, layer: int, block_table: BlockIds, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``num_tokens`` tokens of a sequence as contiguous (k, v), each
+        [num_tokens, Hkv, D]; ``block_table`` lists its blocks in order."""
+        k_cache, v_cache = self.k(layer), self.v(layer)
+        ids = _checks.block_ids(block_table, self.num_blocks, self.device, "block_table")
+        bs = self.layout.block_size
+        if not 0 <= num_tokens <= ids.numel() * bs:
+            raise ValueError(
+                f"num_tokens {num_tokens} must lie in [0, {ids.numel() * bs}] "
+                f"({ids.numel()} blocks of {bs} tokens)"
+            )
+        ids = ids[: -(-num_tokens // bs)]
+        shape = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+        k = k_cache.index_select(0, ids).reshape(shape)[:num_tokens]
+        v = v_cache.index_select(0, ids).reshape(shape)[:num_tokens]
+        return k.contiguous(), v.contiguous()
+
+    # ---- whole-block ops ----------------------------------------------------------------
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]] | torch.Tensor) -> None:
+        """Copy whole blocks (every layer, K and V) ``src -> dst`` for each pair, as if in
+        list order (copy-on-write). One kernel for the whole list unless a destination is
+        also a source or repeats, which is then done in order."""
+        pt = (
+            torch.as_tensor(pairs, dtype=torch.int64)
+            if not isinstance(pairs, torch.Tensor)
+            else pairs
+        )
+        if pt.numel() == 0:
+            return
+        if pt.dim() != 2 or pt.shape[1] != 2:
+            raise ValueError(
+                f"pairs must be a list of (src, dst) pairs, got shape {tuple(pt.shape)}"
+            )
+        src = _checks.block_ids(pt[:, 0], self.num_blocks, self.device, "copy_blocks src")
+        dst = _checks.block_ids(pt[:, 1], self.num_blocks, self.device, "copy_blocks dst")
+        s, d = src.tolist(), dst.tolist()
+        if len(set(d)) == len(d) and not set(d) & set(s):
+            ops.copy_blocks(self.kv, src, dst, backend=self.backend)
+            return
+        for i in range(len(s)):  # chained or repeated destinations: keep list-order semantics
+            if s[i] != d[i]:
+                ops.copy_blocks(self.kv, src[i : i + 1], dst[i : i + 1], backend=self.backend)
+
+    def read_blocks(
+        self, block_ids: BlockIds, *, out: torch.Tensor | None = None, non_blocking: bool = False
+    ) -> torch.Tensor:
+        """Bytes of blocks ``block_ids`` as uint8 [n, bytes_per_block] on the CPU (pinned when
+        the pool is on CUDA); each row ordered (layer, k/v, token, head, dim).
+
+        One gather into a device staging buffer, then one copy. ``out`` (uint8
+        [n, bytes_per_block], CPU) receives the bytes; with ``non_blocking=True`` and a
+        pinned ``out`` the copy is only enqueued on the current stream (usable from a
+        side stream): synchronize that stream before reading ``out``.
+        """
+        ids = _checks.block_ids(block_ids, self.num_blocks, self.device)
+        n, bpb = ids.numel(), self.layout.bytes_per_block
+        if out is not None:
+            self._check_bytes(out, n, "out")
+            if out.device.type != "cpu":
+                raise ValueError(f"out must be a CPU tensor, got {out.device}")
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
+        else:
+            pin = self.device.type == "cuda"
+            out = torch.empty((n, bpb), dtype=torch.uint8, pin_memory=pin)
+        if n == 0:
+            return out
+        staged = ops.gather_blocks(self.kv, ids, backend=self.backend)
+        out.copy_(staged.view(n, -1).view(torch.uint8), non_blocking=non_blocking)
+        return out
+
+    def write_blocks(
+        self, block_ids: BlockIds, data: torch.Tensor, *, non_blocking: bool = False
+    ) -> None:
+        """Exact inverse of :meth:`read_blocks`: ``data`` uint8 [n, bytes_per_block] (CPU or
+        the pool's device) into the distinct blocks ``block_ids``. With ``non_blocking=True``
+        a pinned ``data`` must stay untouched until the current stream has run the copy."""
+        ids = _checks.block_ids(block_ids, self.num_blocks, self.device)
+        n = ids.numel()
+        self._check_bytes(data, n, "data")
+        if data.device.type not in ("cpu", self.device.type) or (
+            data.device.type != "cpu" and data.device != self.device
+        ):
+            raise ValueError(f"data must be on the CPU or {self.device}, got {data.device}")
+        if n == 0:
+            return
+        if torch.unique(ids).numel() != n:
+            raise ValueError(f"block_ids must be distinct, got {ids.tolist()}")
+        lay = self.layout
+        staged = data.contiguous().to(self.device, non_blocking=non_blocking)
+        staged = staged.view(lay.dtype).view(
+            n, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim
+        )
+        ops.scatter_blocks(self.kv, ids, staged, backend=self.backend)
+
+    def _check_bytes(self, t: torch.Tensor, n: int, name: str) -> None:
+        _checks.tensor(t, name)
+        bpb = self.layout.bytes_per_block
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be a uint8 tensor, got {t.dtype}")
+        if tuple(t.shape) != (n, bpb):
+            raise ValueError(
+                f"{name} must be [{n}, {bpb}] (blocks x bytes_per_block), got {tuple(t.shape)}"
+            )

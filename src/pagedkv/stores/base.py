@@ -1,0 +1,145 @@
+"""The block-store contract shared by offload tiers and snapshots.
+
+A block store maps ``str`` keys to raw bytes. Every operation is batched (one
+lock acquisition, one round trip for remote stores) because tiers move hundreds
+of blocks at a time. Values are never interpreted: no pickle, no JSON, just bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+Buffer = bytes | bytearray | memoryview
+
+MAX_KEY_LEN = 200
+_KEY_RE = re.compile(r"[0-9A-Za-z._-]{1,200}")
+_PREFIX_RE = re.compile(r"[0-9A-Za-z._-]{0,200}")
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters of one store since it was opened.
+
+    ``entries``/``bytes_used`` are ``None`` where the store cannot know them cheaply
+    (Redis: the server holds the data). ``bytes_used`` counts value bytes.
+    ``hits``/``misses`` count keys asked for by ``get_many`` (and the tensor fast
+    path); ``puts`` counts values stored; ``evictions`` entries dropped to make room;
+    ``errors`` failed I/O or network operations; ``corrupt`` values that failed
+    verification (:class:`~pagedkv.stores.framing.FramedStore`).
+    """
+
+    entries: int | None
+    bytes_used: int | None
+    capacity_bytes: int | None
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    errors: int = 0
+    corrupt: int = 0
+
+
+@runtime_checkable
+class BlockStore(Protocol):
+    """Bytes keyed by ``str`` keys of ``[0-9A-Za-z._-]``, 1-200 characters.
+
+    Implementations are thread-safe within one process (tiers call them from a
+    background thread) and evict least-recently-used entries when a put does not
+    fit (a ``get`` counts as a use). An invalid key raises ``ValueError``.
+    """
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """Byte budget of the store, or ``None`` when something else governs it."""
+        ...
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """Store every ``(key, value)``, replacing existing ones; return how many were stored.
+
+        A value that can never fit raises ``ValueError`` before anything is stored.
+        """
+        ...
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return each key's value, or ``None`` for a miss, in the order asked."""
+        ...
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Return whether each key is present (does not count as a use)."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete the keys; return how many existed."""
+        ...
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Iterate the keys that start with ``prefix`` (order unspecified)."""
+        ...
+
+    def stats(self) -> StoreStats:
+        """Return a snapshot of the counters."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; the store must not be used afterwards."""
+        ...
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a valid store key, else raise ``ValueError`` naming it."""
+    if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None:
+        raise ValueError(
+            f"invalid block-store key {key!r}: keys are 1-{MAX_KEY_LEN} characters of "
+            "[0-9A-Za-z._-] (hex-encode digests, e.g. digest.hex())"
+        )
+    return key
+
+
+def check_keys(keys: Iterable[object]) -> list[str]:
+    """Validate every key (see :func:`check_key`) and return them as a list."""
+    return [check_key(k) for k in keys]
+
+
+def check_prefix(prefix: object) -> str:
+    """Validate a ``keys(prefix)`` argument: like a key, but may be empty."""
+    if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
+        raise ValueError(
+            f"invalid key prefix {prefix!r}: use 0-{MAX_KEY_LEN} characters of [0-9A-Za-z._-]"
+        )
+    return prefix
+
+
+def check_items(items: Iterable[tuple[str, Buffer]]) -> list[tuple[str, memoryview]]:
+    """Validate ``(key, value)`` pairs; return them with values as flat byte memoryviews."""
+    out = []
+    for item in items:
+        try:
+            key, value = item
+        except (TypeError, ValueError):
+            raise TypeError(f"put_many expects (key, value) pairs, got {item!r:.80}") from None
+        check_key(key)
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"value of key {key!r} is {type(value).__name__}; stores hold bytes, "
+                "bytearray or memoryview (use tensor.numpy().tobytes() or memoryview)"
+            )
+        view = memoryview(value)
+        if not view.c_contiguous:
+            raise ValueError(f"value of key {key!r} is not C-contiguous; copy it first")
+        out.append((key, view.cast("B") if view.format != "B" or view.ndim != 1 else view))
+    return out
+
+
+def check_capacity(capacity_bytes: object, who: str) -> int:
+    """Return ``capacity_bytes`` if it is a positive int, else raise ``ValueError``."""
+    if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
+        raise ValueError(f"{who}: capacity_bytes must be a positive int, got {capacity_bytes!r}")
+    if capacity_bytes <= 0:
+        raise ValueError(
+            f"{who}: capacity_bytes must be > 0, got {capacity_bytes} "
+            "(give the byte budget, e.g. 4 << 30 for 4 GiB)"
+        )
+    return capacity_bytes

@@ -1,0 +1,352 @@
+"""DiskStore: one file per entry under a directory, capped in size, LRU-evicted.
+
+Layout: ``<root>/<fan>/<key>.v`` where ``<fan>`` is the first two characters of
+the key (dots replaced by ``_`` so no directory is ``.`` or ``..``). A write goes to
+``<fan>/<key>.<pid>.<random>.tmp`` in the same directory and is renamed over the
+entry with ``os.replace``; a reader therefore sees the old value, the new value or
+nothing, never a partial file, even across processes and after ``kill -9``.
+
+Recency lives in the files' mtimes: every write and every hit stamps the file
+with a strictly increasing nanosecond time, and opening a store rebuilds the LRU
+index by sorting a directory scan by mtime. Requires a case-sensitive file
+system (keys ``ab`` and ``AB`` are different files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+from pagedkv.errors import CacheIntegrityError, StoreError
+from pagedkv.stores.base import (
+    Buffer,
+    StoreStats,
+    check_capacity,
+    check_items,
+    check_key,
+    check_keys,
+    check_prefix,
+)
+
+_SUFFIX = ".v"
+_TMP = ".tmp"
+# A temp file whose writer is gone is garbage; one whose writer we cannot see (another
+# host sharing the directory, or pid reuse) is only removed once it is this old.
+_STALE_TMP_SECONDS = 600.0
+
+
+def _fan(key: str) -> str:
+    return key[:2].replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+class DiskStore:
+    """Block store in a directory, capped at ``capacity_bytes`` of values, LRU-evicted.
+
+    The directory is created if missing; one that cannot be created or written
+    raises :class:`StoreError` naming the path and the reason. Leftover temp files
+    of dead writers are removed at open. ``fsync=True`` makes each put durable
+    against power loss (fsync of the file and of its directory) at a large cost in
+    throughput; the default ``False`` still guarantees that no partial entry is ever
+    visible, which is all a cache needs (a lost entry is a miss).
+
+    Several processes may share a directory: each entry is written atomically and a
+    read of a key another process wrote finds it. Each process enforces the cap over
+    the entries it knows (those present when it opened plus those it wrote or read).
+    I/O errors raise :class:`StoreError` (an item of a batch may already be stored).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, *, fsync: bool = False):
+        self._capacity = check_capacity(capacity_bytes, "DiskStore")
+        self._root = os.path.abspath(os.fspath(path))
+        self._fsync = bool(fsync)
+        self._lock = threading.RLock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, LRU first
+        self._bytes_used = 0
+        self._last_ns = 0
+        self._dirs: set[str] = set()
+        self._hits = self._misses = self._puts = self._evictions = self._errors = 0
+        self._closed = False
+        try:
+            os.makedirs(self._root, exist_ok=True)
+            probe = os.path.join(self._root, f".probe.{os.getpid()}.{secrets.token_hex(4)}{_TMP}")
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StoreError(
+                f"DiskStore: cannot use {self._root!r} as a store directory: "
+                f"{e.strerror or e} (pass a writable directory path)"
+            ) from e
+        self._scan()
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Cap on the total size of the values, in bytes."""
+        return self._capacity
+
+    @property
+    def path(self) -> str:
+        """Absolute path of the store directory."""
+        return self._root
+
+    # -- BlockStore ---------------------------------------------------------------
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """Write each value atomically (evicting LRU entries to stay under the cap)."""
+        checked = check_items(items)
+        for key, value in checked:
+            if len(value) > self._capacity:
+                raise ValueError(
+                    f"DiskStore: value of key {key!r} is {len(value)} bytes, larger than "
+                    f"capacity_bytes={self._capacity}"
+                )
+        with self._lock:
+            self._check_open()
+            for key, value in checked:
+                self._make_room(len(value) - self._index.get(key, 0), keep=key)
+                self._write(key, value)
+                self._bytes_used += len(value) - self._index.pop(key, 0)
+                self._index[key] = len(value)
+                self._puts += 1
+            return len(checked)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read each value (``None`` for a miss); a hit is stamped most recently used."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            out: list[bytes | None] = []
+            for key in keys:
+                path = self._path(key)
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    stamp = self._next_ns()
+                    os.utime(path, ns=(stamp, stamp))
+                except FileNotFoundError:  # never written, evicted, or deleted elsewhere
+                    self._forget(key)
+                    out.append(None)
+                    continue
+                except OSError as e:
+                    self._errors += 1
+                    raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
+                self._bytes_used += len(data) - self._index.pop(key, 0)
+                self._index[key] = len(data)
+                out.append(data)
+            hits = sum(v is not None for v in out)
+            self._hits += hits
+            self._misses += len(out) - hits
+            if self._bytes_used > self._capacity:  # read entries another process wrote
+                self._make_room(0, keep=None)
+            return out
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each entry file exists (not a use: recency is unchanged)."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            return [os.path.exists(self._path(k)) for k in keys]
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Remove the entry files; return how many existed."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            return sum(self._unlink(k) for k in keys)
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys on disk starting with ``prefix`` (a fresh directory scan; temp files never)."""
+        prefix = check_prefix(prefix)
+        if len(prefix) >= 2:
+            fans = [_fan(prefix)]
+        else:
+            fans = [d for d in self._list(self._root) if d.startswith(_fan(prefix))]
+        found = []
+        for fan in fans:
+            for name in self._list(os.path.join(self._root, fan)):
+                key = self._key_of(name)
+                if key is not None and key.startswith(prefix):
+                    found.append(key)
+        return iter(found)
+
+    def stats(self) -> StoreStats:
+        """Counters over the entries this process knows."""
+        with self._lock:
+            return StoreStats(
+                entries=len(self._index),
+                bytes_used=self._bytes_used,
+                capacity_bytes=self._capacity,
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                evictions=self._evictions,
+                errors=self._errors,
+            )
+
+    def close(self) -> None:
+        """Mark the store closed (entries stay on disk for the next open)."""
+        with self._lock:
+            self._closed = True
+
+    def __enter__(self) -> DiskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` if the size bookkeeping disagrees."""
+        with self._lock:
+            total = sum(self._index.values())
+            if total != self._bytes_used or total > self._capacity:
+                raise CacheIntegrityError(
+                    f"DiskStore: bytes_used({self._bytes_used}), sum of entry sizes({total}), "
+                    f"capacity_bytes({self._capacity}) disagree"
+                )
+
+    # -- internals ----------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self._root, _fan(key), key + _SUFFIX)
+
+    @staticmethod
+    def _key_of(name: str) -> str | None:
+        if not name.endswith(_SUFFIX):
+            return None
+        try:
+            return check_key(name[: -len(_SUFFIX)])
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _list(path: str) -> list[str]:
+        try:
+            return os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _next_ns(self) -> int:
+        # Strictly increasing, so the mtime order is the exact use order after a restart.
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        return self._last_ns
+
+    def _scan(self) -> None:
+        """Rebuild the index from the directory, oldest mtime first; remove dead temps."""
+        now = time.time()
+        entries = []
+        for fan in self._list(self._root):
+            fan_path = os.path.join(self._root, fan)
+            if fan.endswith(_TMP):
+                self._remove_stale_tmp(fan_path, fan, now)
+                continue
+            if not os.path.isdir(fan_path):
+                continue
+            with os.scandir(fan_path) as it:
+                for entry in it:
+                    if entry.name.endswith(_TMP):
+                        self._remove_stale_tmp(entry.path, entry.name, now)
+                        continue
+                    key = self._key_of(entry.name)
+                    if key is None or _fan(key) != fan:
+                        continue
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    entries.append((st.st_mtime_ns, key, st.st_size))
+            self._dirs.add(fan)
+        entries.sort()
+        for mtime_ns, key, size in entries:
+            self._index[key] = size
+            self._bytes_used += size
+            self._last_ns = max(self._last_ns, mtime_ns)
+        self._make_room(0, keep=None)  # the cap may have shrunk since the last open
+
+    def _remove_stale_tmp(self, path: str, name: str, now: float) -> None:
+        parts = name.rsplit(".", 3)  # <key>.<pid>.<random>.tmp
+        try:
+            pid = int(parts[1]) if len(parts) == 4 else -1
+            age = now - os.stat(path).st_mtime
+            if pid <= 0 or not _pid_alive(pid) or age > _STALE_TMP_SECONDS:
+                os.unlink(path)
+        except (ValueError, OSError):
+            pass
+
+    def _make_room(self, need: int, keep: str | None) -> None:
+        while self._bytes_used + need > self._capacity and self._index:
+            victim = next(iter(self._index))
+            if victim == keep:  # the key being replaced: its old size is already in `need`
+                self._index.move_to_end(victim)
+                if len(self._index) == 1:
+                    break
+                continue
+            self._unlink(victim)
+            self._evictions += 1
+
+    def _unlink(self, key: str) -> bool:
+        existed = True
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            existed = False
+        except OSError:
+            self._errors += 1  # the bytes stay on disk, but the cap is about what we track
+        self._forget(key)
+        return existed
+
+    def _forget(self, key: str) -> None:
+        self._bytes_used -= self._index.pop(key, 0)
+
+    def _write(self, key: str, value: memoryview) -> None:
+        fan = _fan(key)
+        directory = os.path.join(self._root, fan)
+        tmp = os.path.join(directory, f"{key}.{os.getpid()}.{secrets.token_hex(6)}{_TMP}")
+        try:
+            if fan not in self._dirs:
+                os.makedirs(directory, exist_ok=True)
+                self._dirs.add(fan)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                written = 0
+                while written < len(value):
+                    written += os.write(fd, value[written:])
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            stamp = self._next_ns()
+            os.utime(tmp, ns=(stamp, stamp))
+            os.replace(tmp, self._path(key))
+            if self._fsync:
+                dfd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as e:
+            self._errors += 1
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            self._dirs.discard(fan)
+            raise StoreError(
+                f"DiskStore: cannot write key {key!r} under {self._root!r}: {e.strerror or e}"
+            ) from e
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("DiskStore is closed")

@@ -1,0 +1,164 @@
+"""Self-verifying values: a fixed header in front of the payload.
+
+Header (46 bytes, little-endian)::
+
+    magic        4s   b"PKV1"
+    version      u16  FORMAT_VERSION
+    fingerprint  16s  blake2b-128 of the fingerprint string (model, layout, dtype...)
+    length       u64  payload length; the blob must be exactly header + length bytes
+    digest       16s  blake2b-128 of the payload
+
+Bytes that left the device are checked against all five when they come back; any
+mismatch is reported as a miss (``None``), never an exception and never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from pagedkv.stores.base import BlockStore, Buffer, StoreStats, check_items, check_keys
+
+MAGIC = b"PKV1"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sH16sQ16s")
+HEADER_BYTES = _HEADER.size
+
+
+def _digest16(data: Buffer) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def fingerprint_digest(fingerprint: str) -> bytes:
+    """The 16-byte digest of a fingerprint string, as stored in headers."""
+    if not isinstance(fingerprint, str):
+        raise TypeError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
+    return _digest16(fingerprint.encode())
+
+
+def pack(payload: Buffer, *, fingerprint: str) -> bytes:
+    """Return header + payload for ``payload`` written under ``fingerprint``."""
+    view = memoryview(payload).cast("B")
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, fingerprint_digest(fingerprint), len(view), _digest16(view)
+    )
+    return b"".join((header, view))
+
+
+def unpack(blob: Buffer | None, *, fingerprint: str) -> memoryview | None:
+    """Return the payload of ``blob`` (a zero-copy view) or ``None`` if it does not verify.
+
+    ``None`` for: too short, wrong magic or version, other fingerprint, length that
+    disagrees with the blob, digest mismatch. Never raises on corrupt data.
+    """
+    if blob is None:
+        return None
+    view = memoryview(blob).cast("B")
+    if len(view) < HEADER_BYTES:
+        return None
+    magic, version, fp, length, digest = _HEADER.unpack_from(view)
+    if magic != MAGIC or version != FORMAT_VERSION or fp != fingerprint_digest(fingerprint):
+        return None
+    if length != len(view) - HEADER_BYTES:
+        return None
+    payload = view[HEADER_BYTES:]
+    if _digest16(payload) != digest:
+        return None
+    return payload
+
+
+def digest_hex(payload: Buffer) -> str:
+    """SHA-256 hex digest of ``payload``: the content address snapshots key pages by."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+class FramedStore:
+    """A :class:`BlockStore` wrapper that frames values on put and verifies them on get.
+
+    A value whose header or digest does not match ``fingerprint`` is deleted from
+    the underlying store, counted in ``stats().corrupt`` (and as a miss) and returned
+    as ``None``. Each value costs :data:`HEADER_BYTES` extra bytes in ``store``.
+    """
+
+    def __init__(self, store: BlockStore, fingerprint: str) -> None:
+        self._store = store
+        self._fingerprint = fingerprint
+        fingerprint_digest(fingerprint)  # type check now, not at the first put
+        self._lock = threading.Lock()
+        self._corrupt = 0
+
+    @property
+    def inner(self) -> BlockStore:
+        """The wrapped store (values in it carry headers)."""
+        return self._store
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint values are written and verified under."""
+        return self._fingerprint
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """The wrapped store's capacity (headers included)."""
+        return self._store.capacity_bytes
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """Frame each value and store it."""
+        checked = check_items(items)
+        return self._store.put_many(
+            [(k, pack(v, fingerprint=self._fingerprint)) for k, v in checked]
+        )
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Verified payloads; corrupt values are deleted and returned as ``None``."""
+        keys = check_keys(keys)
+        blobs = self._store.get_many(keys)
+        out: list[bytes | None] = []
+        bad: list[str] = []
+        for key, blob in zip(keys, blobs):
+            payload = unpack(blob, fingerprint=self._fingerprint)
+            if payload is None and blob is not None:
+                bad.append(key)
+            out.append(None if payload is None else bytes(payload))
+        if bad:
+            with self._lock:
+                self._corrupt += len(bad)
+            self._store.delete_many(bad)
+        return out
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Presence in the wrapped store (not verified until read)."""
+        return self._store.contains_many(keys)
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete from the wrapped store."""
+        return self._store.delete_many(keys)
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys of the wrapped store."""
+        return self._store.keys(prefix)
+
+    def stats(self) -> StoreStats:
+        """The wrapped store's counters, with corrupt values moved from hits to misses."""
+        inner = self._store.stats()
+        with self._lock:
+            corrupt = self._corrupt
+        return replace(
+            inner,
+            hits=max(0, inner.hits - corrupt),
+            misses=inner.misses + corrupt,
+            corrupt=inner.corrupt + corrupt,
+        )
+
+    def close(self) -> None:
+        """Close the wrapped store."""
+        self._store.close()
+
+    def __enter__(self) -> FramedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

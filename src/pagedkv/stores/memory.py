@@ -1,0 +1,342 @@
+"""MemoryStore: a fixed slab of host memory cut into equal slots, LRU-evicted.
+
+The slab is one ``uint8`` tensor ``[num_slots, slot_bytes]`` allocated once (pinned
+when CUDA is available, so GPU<->CPU copies run asynchronously at full bandwidth).
+The index is plain Python: ``key -> slot`` in an ``OrderedDict`` kept in LRU order,
+a length per slot and a free-slot stack.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pagedkv.errors import CacheIntegrityError
+from pagedkv.stores.base import (
+    Buffer,
+    StoreStats,
+    check_capacity,
+    check_items,
+    check_keys,
+    check_prefix,
+)
+
+
+class MemoryStore:
+    """In-process block store over one preallocated slab of host memory.
+
+    ``capacity_bytes`` is the slab size; it holds ``capacity_bytes // slot_bytes``
+    values of up to ``slot_bytes`` each. ``slot_bytes`` is fixed at construction or
+    by the first put (the largest value in it). ``pin``: ``None`` pins when CUDA is
+    available, ``False`` never pins. A value larger than a slot raises ``ValueError``.
+
+    ``put_tensor_rows``/``get_into`` are the tiers' fast path: whole blocks move with
+    one indexed torch copy, never through Python ``bytes``.
+    """
+
+    def __init__(
+        self, capacity_bytes: int, *, slot_bytes: int | None = None, pin: bool | None = None
+    ) -> None:
+        self._capacity = check_capacity(capacity_bytes, "MemoryStore")
+        if slot_bytes is not None:
+            if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or slot_bytes <= 0:
+                raise ValueError(
+                    f"MemoryStore: slot_bytes must be a positive int, got {slot_bytes!r}"
+                )
+            if slot_bytes > capacity_bytes:
+                raise ValueError(
+                    f"MemoryStore: slot_bytes={slot_bytes} exceeds capacity_bytes="
+                    f"{capacity_bytes}; the store could not hold a single value"
+                )
+        self._pin = pin
+        self._lock = threading.RLock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU first
+        self._lengths: list[int] = []
+        self._free: list[int] = []
+        self._slab: Any = None  # torch uint8 [num_slots, slot_bytes]
+        self._np: Any = None  # numpy view of the slab for bytes-level access
+        self._slot_bytes: int | None = None
+        self._bytes_used = 0
+        self._hits = self._misses = self._puts = self._evictions = 0
+        self._closed = False
+        if slot_bytes is not None:
+            self._allocate(slot_bytes)
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Size of the slab in bytes (as given)."""
+        return self._capacity
+
+    @property
+    def slot_bytes(self) -> int | None:
+        """Largest value a slot holds; ``None`` until fixed by the first put."""
+        return self._slot_bytes
+
+    @property
+    def num_slots(self) -> int:
+        """How many values fit at once (0 until ``slot_bytes`` is known)."""
+        return len(self._lengths)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the slab is page-locked (CUDA pinned) memory."""
+        return self._slab is not None and bool(self._slab.is_pinned())
+
+    # -- BlockStore ---------------------------------------------------------------
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """Copy each value into a slot (evicting LRU entries as needed); return the count."""
+        checked = check_items(items)
+        if not checked:
+            return 0
+        with self._lock:
+            self._check_open()
+            if self._slot_bytes is None:
+                largest = max(len(v) for _, v in checked)
+                if largest == 0:
+                    raise ValueError(
+                        "MemoryStore: cannot size slots from empty values; pass slot_bytes="
+                    )
+                self._allocate(largest)
+            for key, value in checked:
+                if len(value) > self._slot_bytes:
+                    raise ValueError(
+                        f"MemoryStore: value of key {key!r} is {len(value)} bytes, larger than "
+                        f"a slot ({self._slot_bytes} bytes); create the store with a larger "
+                        "slot_bytes"
+                    )
+            import numpy as np
+
+            for key, value in checked:
+                slot = self._claim(key)
+                n = len(value)
+                self._np[slot, :n] = np.frombuffer(value, dtype=np.uint8)
+                self._bytes_used += n - self._lengths[slot]
+                self._lengths[slot] = n
+            self._puts += len(checked)
+            return len(checked)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return a copy of each value (``None`` for a miss); a hit becomes most recent."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            out: list[bytes | None] = []
+            for key in keys:
+                slot = self._index.get(key)
+                if slot is None:
+                    out.append(None)
+                    continue
+                self._index.move_to_end(key)
+                out.append(self._np[slot, : self._lengths[slot]].tobytes())
+            hits = sum(v is not None for v in out)
+            self._hits += hits
+            self._misses += len(out) - hits
+            return out
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Return whether each key is present (not a use: LRU order is unchanged)."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            return [k in self._index for k in keys]
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Free the slots of the keys; return how many existed."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            return sum(self._drop(k) for k in keys if k in self._index)
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with ``prefix``, least recently used first (a snapshot list)."""
+        prefix = check_prefix(prefix)
+        with self._lock:
+            return iter([k for k in self._index if k.startswith(prefix)])
+
+    def stats(self) -> StoreStats:
+        """Counters; ``bytes_used`` is the sum of value lengths, not slots taken."""
+        with self._lock:
+            return StoreStats(
+                entries=len(self._index),
+                bytes_used=self._bytes_used,
+                capacity_bytes=self._capacity,
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                evictions=self._evictions,
+            )
+
+    def close(self) -> None:
+        """Drop the index and release the slab."""
+        with self._lock:
+            self._closed = True
+            self._index.clear()
+            self._slab = self._np = None
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- tensor fast path ---------------------------------------------------------
+
+    def put_tensor_rows(self, keys: Sequence[str], rows: Any) -> int:
+        """Store row ``i`` of ``rows`` (``uint8 [n, w]``, ``w <= slot_bytes``) under ``keys[i]``.
+
+        One ``index_copy_`` moves every row; ``rows`` on another device is copied to
+        host first (give host rows, e.g. from ``KVPool.read_blocks``, to avoid that).
+        A repeated key keeps its last row. Returns how many keys were stored.
+        """
+        import torch
+
+        keys = check_keys(keys)
+        self._check_rows(rows, len(keys), "put_tensor_rows", "rows")
+        if not keys:
+            return 0
+        with self._lock:
+            self._check_open()
+            if self._slot_bytes is None:
+                self._allocate(rows.shape[1])
+            width = rows.shape[1]
+            if width > self._slot_bytes:
+                raise ValueError(
+                    f"MemoryStore.put_tensor_rows: rows are {width} bytes wide, larger than "
+                    f"a slot ({self._slot_bytes} bytes)"
+                )
+            last = {k: i for i, k in enumerate(keys)}  # a repeated key keeps its last row
+            src_rows, slots = [], []
+            for key, i in last.items():
+                slot = self._claim(key)
+                self._bytes_used += width - self._lengths[slot]
+                self._lengths[slot] = width
+                src_rows.append(i)
+                slots.append(slot)
+            if rows.device.type != "cpu":
+                rows = rows.to("cpu")
+            if len(src_rows) != len(keys):
+                rows = rows.index_select(0, torch.tensor(src_rows, dtype=torch.long))
+            dst = self._slab if width == self._slot_bytes else self._slab[:, :width]
+            dst.index_copy_(0, torch.tensor(slots, dtype=torch.long), rows)
+            self._puts += len(slots)
+            return len(slots)
+
+    def get_into(self, keys: Sequence[str], out: Any, *, non_blocking: bool = False) -> list[bool]:
+        """Copy the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, any device).
+
+        Returns which rows were filled; a key is found when present with exactly
+        ``w`` bytes. Rows of misses are left untouched. One gather and one copy.
+        """
+        import torch
+
+        keys = check_keys(keys)
+        self._check_rows(out, len(keys), "get_into", "out")
+        width = out.shape[1]
+        with self._lock:
+            self._check_open()
+            found, rows, slots = [], [], []
+            for i, key in enumerate(keys):
+                slot = self._index.get(key)
+                ok = slot is not None and self._lengths[slot] == width
+                found.append(ok)
+                if ok:
+                    self._index.move_to_end(key)
+                    rows.append(i)
+                    slots.append(slot)
+            self._hits += len(rows)
+            self._misses += len(keys) - len(rows)
+            if not rows:
+                return found
+            src = self._slab if width == self._slot_bytes else self._slab[:, :width]
+            idx = torch.tensor(slots, dtype=torch.long)
+            if len(rows) == len(keys) and out.device.type == "cpu" and out.is_contiguous():
+                torch.index_select(src, 0, idx, out=out)
+            elif len(rows) == len(keys):
+                out.copy_(src.index_select(0, idx), non_blocking=non_blocking)
+            else:
+                gathered = src.index_select(0, idx).to(out.device, non_blocking=non_blocking)
+                out.index_copy_(
+                    0, torch.tensor(rows, dtype=torch.long, device=out.device), gathered
+                )
+            return found
+
+    # -- invariants ---------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` if the slot bookkeeping disagrees."""
+        with self._lock:
+            used = set(self._index.values())
+            free = set(self._free)
+            n = len(self._lengths)
+            if len(used) != len(self._index) or len(free) != len(self._free):
+                raise CacheIntegrityError(
+                    f"MemoryStore: duplicate slots: index {len(self._index)} keys on "
+                    f"{len(used)} slots, free stack {len(self._free)} on {len(free)} slots"
+                )
+            if used & free or len(used) + len(free) != n:
+                raise CacheIntegrityError(
+                    f"MemoryStore: used({len(used)}) + free({len(free)}) != num_slots({n}) "
+                    f"or {len(used & free)} slots both used and free"
+                )
+            total = sum(self._lengths[s] for s in used)
+            if total != self._bytes_used:
+                raise CacheIntegrityError(
+                    f"MemoryStore: bytes_used({self._bytes_used}) != sum of lengths({total})"
+                )
+
+    # -- internals ----------------------------------------------------------------
+
+    def _allocate(self, slot_bytes: int) -> None:
+        import torch
+
+        num_slots = self._capacity // slot_bytes
+        if num_slots == 0:
+            raise ValueError(
+                f"MemoryStore: a {slot_bytes}-byte value does not fit in capacity_bytes="
+                f"{self._capacity}"
+            )
+        pin = self._pin is not False and torch.cuda.is_available()
+        self._slab = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=pin)
+        self._np = self._slab.numpy()
+        self._slot_bytes = slot_bytes
+        self._lengths = [0] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def _claim(self, key: str) -> int:
+        """Return the slot for ``key`` (its own, a free one, or the LRU victim's), as MRU."""
+        slot = self._index.get(key)
+        if slot is not None:
+            self._index.move_to_end(key)
+            return slot
+        if not self._free:
+            victim = next(iter(self._index))
+            self._drop(victim)
+            self._evictions += 1
+        slot = self._free.pop()
+        self._index[key] = slot
+        return slot
+
+    def _drop(self, key: str) -> bool:
+        slot = self._index.pop(key)
+        self._bytes_used -= self._lengths[slot]
+        self._lengths[slot] = 0
+        self._free.append(slot)
+        return True
+
+    def _check_rows(self, t: Any, n: int, fn: str, name: str) -> None:
+        import torch
+
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 2:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"MemoryStore.{fn}: {name} must be a uint8 tensor [n, w], got {got}")
+        if t.shape[0] != n:
+            raise ValueError(f"MemoryStore.{fn}: {name} has {t.shape[0]} rows for {n} keys")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("MemoryStore is closed")

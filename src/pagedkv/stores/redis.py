@@ -1,0 +1,260 @@
+"""RedisStore: blocks in a shared Redis server, one round trip per batch.
+
+Keys are ``key_prefix + key``. Capacity and eviction belong to the server
+(configure ``maxmemory`` and ``maxmemory-policy allkeys-lru``); ``ttl_seconds``
+adds a sliding expiry (reset on every hit). Every connection problem surfaces as
+:class:`~pagedkv.errors.StoreUnavailable` after at most about two socket timeouts,
+so a tier can back off and treat the store as missing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pagedkv.errors import StoreError, StoreUnavailable
+from pagedkv.stores.base import Buffer, StoreStats, check_items, check_keys, check_prefix
+
+T = TypeVar("T")
+
+# Redis rejects bulk strings above proto-max-bulk-len (512 MiB by default).
+MAX_VALUE_BYTES = 512 << 20
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def _check_url(url: object) -> tuple[str, str]:
+    """Validate a redis URL; return (url, a printable form without the password)."""
+    if not isinstance(url, str):
+        raise ValueError(f"RedisStore: url must be a str like redis://host:6379/0, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as e:
+        raise ValueError(f"RedisStore: malformed url ({e}); expected redis://host:6379/0") from e
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"RedisStore: url scheme {parts.scheme!r} is not supported; use "
+            "redis://[:password@]host[:port][/db] or rediss:// for TLS"
+        )
+    if not parts.hostname:
+        raise ValueError("RedisStore: url has no host; expected redis://host:6379/0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"RedisStore: database {db!r} in the url must be a number (/0, /1...)")
+    shown = f"{parts.scheme}://{parts.hostname}:{port}/{db or 0}"
+    return url, shown
+
+
+class RedisStore:
+    """Block store in Redis; construction never connects (see :meth:`ping`).
+
+    ``url``: ``redis://[user][:password]@host[:port][/db]`` or ``rediss://`` (TLS).
+    A bad scheme or URL raises ``ValueError``. ``password`` overrides the URL's.
+    ``socket_timeout``/``connect_timeout`` bound every round trip; a connection
+    error or timeout raises :class:`StoreUnavailable`, a rejected password
+    :class:`StoreError`. ``capacity_bytes`` is ``None``: the server's ``maxmemory``
+    governs, and ``stats()`` reports ``entries``/``bytes_used`` as ``None``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "pagedkv:",
+        password: str | None = None,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        ttl_seconds: int | None = None,
+    ) -> None:
+        url, self._shown = _check_url(url)
+        if not isinstance(key_prefix, str):
+            raise ValueError(f"RedisStore: key_prefix must be a str, got {key_prefix!r}")
+        for name, t in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+                raise ValueError(f"RedisStore: {name} must be a positive number of seconds")
+        if ttl_seconds is not None and (
+            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+        ):
+            raise ValueError(
+                f"RedisStore: ttl_seconds must be a positive int or None, got {ttl_seconds!r}"
+            )
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError as e:
+            raise StoreError("RedisStore needs redis-py: pip install 'pagedkv[redis]'") from e
+        self._redis = redis
+        self._prefix = key_prefix
+        self._ttl = ttl_seconds
+        kw: dict[str, Any] = {
+            "socket_timeout": float(socket_timeout),
+            "socket_connect_timeout": float(connect_timeout),
+        }
+        if password is not None:  # redis-py lets the URL win; drop the URL's password
+            parts = urlsplit(url)
+            user, _, hostport = parts.netloc.rpartition("@")
+            user = user.partition(":")[0]
+            url = parts._replace(netloc=f"{user}@{hostport}" if user else hostport).geturl()
+            kw["password"] = password
+        self._client = redis.Redis.from_url(url, **kw)
+        # One immediate retry on a dropped connection (a server restart leaves stale
+        # pooled sockets), none on timeouts: the tier layer owns back-off.
+        self._client.set_retry(Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._puts = self._errors = 0
+        self._closed = False
+
+    @property
+    def capacity_bytes(self) -> None:
+        """Always ``None``: the Redis server's ``maxmemory`` governs capacity."""
+        return None
+
+    @property
+    def key_prefix(self) -> str:
+        """Prefix prepended to every key in Redis."""
+        return self._prefix
+
+    def ping(self) -> bool:
+        """Whether the server answers now; a rejected password raises :class:`StoreError`."""
+        try:
+            return bool(self._call("PING", self._client.ping))
+        except StoreUnavailable:
+            return False
+
+    # -- BlockStore ---------------------------------------------------------------
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """SET every value in one pipelined round trip (with the TTL, if any)."""
+        checked = check_items(items)
+        for key, value in checked:
+            if len(value) > MAX_VALUE_BYTES:
+                raise ValueError(
+                    f"RedisStore: value of key {key!r} is {len(value)} bytes; Redis accepts "
+                    f"at most {MAX_VALUE_BYTES} (proto-max-bulk-len)"
+                )
+        if not checked:
+            return 0
+
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in checked:
+                pipe.set(self._prefix + key, value, ex=self._ttl)
+            pipe.execute()
+
+        self._call("SET", run)
+        with self._lock:
+            self._puts += len(checked)
+        return len(checked)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """MGET the keys (GETEX in one pipeline when a TTL slides)."""
+        keys = check_keys(keys)
+        if not keys:
+            return []
+        full = [self._prefix + k for k in keys]
+        if self._ttl is None:
+            out = self._call("MGET", lambda: self._client.mget(full))
+        else:
+
+            def run() -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for k in full:
+                    pipe.getex(k, ex=self._ttl)
+                return pipe.execute()
+
+            out = self._call("GETEX", run)
+        hits = sum(v is not None for v in out)
+        with self._lock:
+            self._hits += hits
+            self._misses += len(out) - hits
+        return list(out)
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """EXISTS per key, pipelined."""
+        keys = check_keys(keys)
+        if not keys:
+            return []
+
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._prefix + k)
+            return pipe.execute()
+
+        return [bool(n) for n in self._call("EXISTS", run)]
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """DEL the keys; return how many existed."""
+        keys = check_keys(keys)
+        if not keys:
+            return 0
+        unique = list(dict.fromkeys(self._prefix + k for k in keys))
+        return int(self._call("DEL", lambda: self._client.delete(*unique)))
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys under ``key_prefix + prefix``, found with SCAN (collected before returning)."""
+        prefix = check_prefix(prefix)
+        pattern = self._prefix.translate(_GLOB_SPECIAL) + prefix + "*"
+        cut = len(self._prefix.encode())
+
+        def run() -> list[str]:
+            it = self._client.scan_iter(match=pattern, count=1000)
+            return [k[cut:].decode("utf-8", "replace") for k in it]
+
+        return iter(self._call("SCAN", run))
+
+    def stats(self) -> StoreStats:
+        """Local counters; ``entries``/``bytes_used`` are ``None`` (the server knows)."""
+        with self._lock:
+            return StoreStats(
+                entries=None,
+                bytes_used=None,
+                capacity_bytes=None,
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                errors=self._errors,
+            )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise ValueError("RedisStore is closed")
+        r = self._redis
+        try:
+            return fn()
+        except Exception as e:
+            if not isinstance(e, (r.RedisError, OSError)):
+                raise
+            with self._lock:
+                self._errors += 1
+            text = str(e)
+            if isinstance(e, (r.AuthenticationError, r.exceptions.NoPermissionError)) or any(
+                s in text for s in ("NOAUTH", "WRONGPASS", "invalid password", "invalid username")
+            ):
+                raise StoreError(
+                    f"Redis at {self._shown} rejected the credentials during {what}: {text} "
+                    "(check the password in the URL or the password= argument)"
+                ) from e
+            if isinstance(e, (r.ConnectionError, r.TimeoutError, OSError)):
+                raise StoreUnavailable(
+                    f"Redis at {self._shown} is unavailable ({what} failed: {text}); "
+                    "is redis-server running and reachable?"
+                ) from e
+            raise StoreError(f"Redis at {self._shown}: {what} failed: {text}") from e

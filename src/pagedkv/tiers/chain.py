@@ -1,0 +1,383 @@
+"""TieredStore: the offload tiers below the GPU pool, as ``KVCache`` drives them.
+
+Blocks are keyed ``kv-<namespace>-<block hash hex>``; the namespace digests the
+cache fingerprint and the layout, and the chained block hash already folds in the
+salt, so two models, layouts or salts never see each other's entries (framed tiers
+also verify the fingerprint on every read).
+
+- ``demote``: blocks evicted from the pool are gathered into host staging at once
+  (stream-ordered on a copy stream on CUDA) and stored into the first tier by a
+  background thread; a full tier spills its LRU victims to the next (CPU -> disk ->
+  Redis).
+- ``promote``: the longest leading run of hashes found in the pending writes and
+  the tiers (one batched ``contains`` and one batched load per tier) is loaded
+  into fresh pool blocks with one ``write_blocks``.
+- ``swap_out``/``swap_in``: a whole sequence's blocks to the CPU tier's swap area
+  (never evicted) and back, bit-exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pagedkv.errors import CacheIntegrityError, OutOfBlocks
+from pagedkv.storage import KVLayout, KVPool
+from pagedkv.tiers.level import Level, MemoryLevel
+from pagedkv.tiers.tier import CPUTier, DiskTier, RedisTier
+from pagedkv.tiers.writeback import Job, WriteBack
+
+
+class TieredStore:
+    """The chain of offload tiers of one cache (see the module docstring).
+
+    ``tiers``: a non-empty list of :class:`CPUTier`, :class:`DiskTier`,
+    :class:`RedisTier`, fastest first. ``fingerprint`` identifies the model and
+    cache (architecture, dtype, layout, weights version); entries written under
+    another fingerprint are never returned. ``max_pending_bytes`` bounds the host
+    staging of write-back. Opening a tier that cannot work (unwritable directory,
+    capacity below one block) raises here; a Redis server that is down does not.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[CPUTier | DiskTier | RedisTier],
+        layout: KVLayout,
+        fingerprint: str,
+        *,
+        max_pending_bytes: int = 256 << 20,
+    ) -> None:
+        if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Sequence) or not tiers:
+            raise TypeError(
+                "tiers must be a non-empty list such as "
+                f"[CPUTier(8 << 30), DiskTier(path, 64 << 30)], got {tiers!r}"
+            )
+        for t in tiers:
+            if not isinstance(t, (CPUTier, DiskTier, RedisTier)):
+                raise TypeError(
+                    f"tiers must be CPUTier, DiskTier or RedisTier objects, got {type(t).__name__}"
+                )
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        if not isinstance(fingerprint, str):
+            raise TypeError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.block_bytes = layout.bytes_per_block
+        # Framed values carry this string's digest; the key namespace is derived from it.
+        self._frame_fp = f"pagedkv-tiers-v1|{layout!r}|{fingerprint}"
+        ns = hashlib.sha256(self._frame_fp.encode()).hexdigest()[:16]
+        self.key_prefix = f"kv-{ns}-"
+        self.levels: list[Level] = []
+        try:
+            for t in tiers:
+                self.levels.append(t.open(self.block_bytes, self._frame_fp))
+            for level in self.levels[:-1]:
+                level.track(self.key_prefix)
+        except BaseException:
+            for level in self.levels:
+                level.close()
+            raise
+        seen: dict[str, int] = {}
+        for level in self.levels:  # "disk", "disk2", ... when a kind repeats
+            seen[level.name] = seen.get(level.name, 0) + 1
+            if seen[level.name] > 1:
+                level.name = f"{level.name}{seen[level.name]}"
+        self.swap_capacity_bytes = tiers[0].swap_budget if isinstance(tiers[0], CPUTier) else 0
+        self._swapped: dict[str, tuple[torch.Tensor, Any]] = {}
+        self._swapped_bytes = 0
+        self._writer = WriteBack(self._store_job, max_pending_bytes)
+        self._pool: KVPool | None = None
+        self._stream: Any = None
+        self._counts = dict.fromkeys(
+            ("lookups", "promoted", "pending_hits", "demoted", "written_through"), 0
+        )
+
+    # -- wiring -----------------------------------------------------------------------
+
+    def attach(self, pool: KVPool) -> None:
+        """Bind the pool whose blocks are demoted from and promoted into."""
+        if not isinstance(pool, KVPool):
+            raise TypeError(f"attach expects a KVPool, got {type(pool).__name__}")
+        if pool.layout != self.layout:
+            raise ValueError(f"pool layout {pool.layout} differs from the tiers' {self.layout}")
+        self._pool = pool
+        if pool.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=pool.device)
+
+    def key(self, block_hash: bytes) -> str:
+        """The store key of the block with chained hash ``block_hash``."""
+        return self.key_prefix + block_hash.hex()
+
+    # -- demote / write-through ---------------------------------------------------------
+
+    def demote(self, items: Sequence[tuple[int, bytes]]) -> None:
+        """Write back blocks just evicted from the pool: ``(block_id, block_hash)`` pairs.
+
+        Their bytes are copied out before this returns (on CUDA: enqueued on a copy
+        stream that later work on the current stream waits for), so the caller may
+        overwrite the blocks at once. Blocks the first tier already holds are only
+        marked as recently used. Store failures are never raised.
+        """
+        first = self.levels[0]
+        fresh: dict[str, int] = {}
+        for block_id, block_hash in items:
+            key = self.key(block_hash)
+            if self._writer.find(key) is None:
+                fresh[key] = block_id
+        if fresh and isinstance(first, MemoryLevel):  # an in-process check costs nothing
+            held = first.contains(list(fresh))
+            first.touch([k for k, h in zip(fresh, held) if h])
+            fresh = {k: b for (k, b), h in zip(fresh.items(), held) if not h}
+        if fresh:
+            self._submit(list(fresh), list(fresh.values()), all_levels=False)
+            self._counts["demoted"] += len(fresh)
+
+    def write_through(self, items: Sequence[tuple[int, bytes]]) -> None:
+        """Write blocks that stay in the pool (e.g. hit more than once) to every tier now.
+
+        Same copy-out guarantee as :meth:`demote`; tiers that already hold a block
+        skip it.
+        """
+        fresh = {self.key(h): b for b, h in items}
+        fresh = {k: b for k, b in fresh.items() if self._writer.find(k) is None}
+        if fresh:
+            self._submit(list(fresh), list(fresh.values()), all_levels=True)
+            self._counts["written_through"] += len(fresh)
+
+    def flush(self) -> None:
+        """Wait until every demoted block has been stored (tests, benchmarks, shutdown)."""
+        self._writer.flush()
+
+    def _submit(self, keys: list[str], block_ids: list[int], *, all_levels: bool) -> None:
+        rows, event = self._gather(block_ids)
+        self._writer.submit(Job(keys, rows, event, all_levels))
+
+    def _gather(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
+        """Copy blocks to host rows; on CUDA stream-ordered, returning the completion event."""
+        pool = self._require_pool()
+        if self._stream is None:
+            return pool.read_blocks(block_ids), None
+        current = torch.cuda.current_stream(pool.device)
+        self._stream.wait_stream(current)  # see the pool as the current stream left it
+        with torch.cuda.stream(self._stream):
+            shape = (len(block_ids), self.block_bytes)
+            rows = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            pool.read_blocks(block_ids, out=rows, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        current.wait_event(event)  # a later write into these blocks cannot overtake the copy
+        return rows, event
+
+    def _store_job(self, job: Job) -> None:
+        """Background thread: store a job into the first tier, or every tier."""
+        rows = job.ready()
+        for i in range(len(self.levels) if job.all_levels else 1):
+            self._put(i, job.keys, rows)
+
+    def _put(self, i: int, keys: list[str], rows: torch.Tensor) -> None:
+        """Store into level ``i``, spilling its LRU victims to level ``i + 1`` first."""
+        level = self.levels[i]
+        if not level.backoff.ready() or not keys:
+            return
+        missing = [j for j, held in enumerate(level.contains(keys)) if not held]
+        if len(missing) < len(keys):
+            keys, rows = [keys[j] for j in missing], rows[missing]
+        if level.spills:
+            cap = level.capacity_blocks
+            if len(keys) > cap:  # more than the level holds: the oldest go straight down
+                if i + 1 < len(self.levels):
+                    self._put(i + 1, keys[:-cap], rows[:-cap])
+                keys, rows = keys[-cap:], rows[-cap:]
+            victims = level.reserve(keys)
+            if victims:
+                if i + 1 < len(self.levels):
+                    out = torch.empty((len(victims), self.block_bytes), dtype=torch.uint8)
+                    got = [j for j, ok in enumerate(level.load(victims, out)) if ok]
+                    level.spilled += len(got)
+                    self._put(i + 1, [victims[j] for j in got], out[got])
+                level.delete(victims)
+        if keys:
+            level.put(keys, rows)
+
+    # -- promote ------------------------------------------------------------------------
+
+    def promote(self, hashes: Sequence[bytes], block_ids: Sequence[int]) -> int:
+        """Load the longest leading run of ``hashes`` held below the pool into ``block_ids``.
+
+        ``block_ids[i]`` receives the block of ``hashes[i]``; both have the same length.
+        Returns how many blocks were loaded (a prefix of the list, in one
+        ``write_blocks``). Entries that fail verification count as misses and are
+        deleted; unreachable tiers count as misses.
+        """
+        n = len(hashes)
+        if len(block_ids) != n:
+            raise ValueError(f"promote: {n} hashes but {len(block_ids)} block ids")
+        pool = self._require_pool()
+        self._counts["lookups"] += n
+        if n == 0:
+            return 0
+        keys = [self.key(h) for h in hashes]
+        source: list[int | None] = [None] * n  # -1: pending write-back, else level index
+        staged = {}
+        for j, key in enumerate(keys):
+            hit = self._writer.find(key)
+            if hit is not None:
+                source[j], staged[j] = -1, hit
+        for li, level in enumerate(self.levels):
+            ask = [j for j in range(n) if source[j] is None]
+            if not ask:
+                break
+            for j, held in zip(ask, level.contains([keys[j] for j in ask])):
+                if held:
+                    source[j] = li
+        run = next((j for j, s in enumerate(source) if s is None), n)
+        if run == 0:
+            return 0
+        pinned = pool.device.type == "cuda"
+        rows = torch.empty((run, self.block_bytes), dtype=torch.uint8, pin_memory=pinned)
+        ok = [False] * run
+        for j, (job, r) in staged.items():
+            if j < run:
+                rows[j].copy_(job.ready()[r])
+                ok[j] = True
+        for li, level in enumerate(self.levels):
+            idx = [j for j in range(run) if source[j] == li]
+            if not idx:
+                continue
+            if idx[-1] - idx[0] + 1 == len(idx):  # contiguous rows: load in place
+                found = level.load([keys[j] for j in idx], rows[idx[0] : idx[-1] + 1])
+            else:
+                tmp = torch.empty((len(idx), self.block_bytes), dtype=torch.uint8)
+                found = level.load([keys[j] for j in idx], tmp)
+                rows[idx] = tmp
+            for j, f in zip(idx, found):
+                ok[j] = f
+        loaded = next((j for j, f in enumerate(ok) if not f), run)
+        for j in range(loaded):
+            if source[j] == -1:
+                self._counts["pending_hits"] += 1
+                self.levels[0].hits += 1
+            else:
+                self.levels[source[j]].hits += 1
+        if loaded:
+            pool.write_blocks(list(block_ids[:loaded]), rows[:loaded], non_blocking=pinned)
+            self._counts["promoted"] += loaded
+        return loaded
+
+    # -- swap ---------------------------------------------------------------------------
+
+    def swap_out(self, key: str, block_ids: Sequence[int]) -> None:
+        """Copy the blocks of a live sequence to the CPU tier's swap area under ``key``.
+
+        The bytes are never evicted until :meth:`swap_in` or :meth:`discard_swap`.
+        Raises ``ValueError`` when the first tier is not a :class:`CPUTier` or ``key``
+        is already swapped out, and :class:`OutOfBlocks` when the swap area cannot
+        hold the blocks; nothing changes then.
+        """
+        if not isinstance(self.levels[0], MemoryLevel):
+            raise ValueError(
+                "swap_out needs a CPUTier as the first tier (tiers=[CPUTier(...), ...]); "
+                f"the first tier here is {self.levels[0].name}"
+            )
+        if not isinstance(key, str):
+            raise TypeError(f"swap key must be a str, got {type(key).__name__}")
+        if key in self._swapped:
+            raise ValueError(f"a sequence is already swapped out under key {key!r}")
+        need = len(block_ids) * self.block_bytes
+        free = self.swap_capacity_bytes - self._swapped_bytes
+        if need > free:
+            raise OutOfBlocks(
+                f"swap_out({key!r}): {len(block_ids)} blocks need {need} bytes of CPU swap space "
+                f"but {free} of {self.swap_capacity_bytes} are free; raise CPUTier(swap_bytes=...) "
+                "or swap in / free other sequences first"
+            )
+        rows, event = self._gather(block_ids)
+        self._swapped[key] = (rows, event)
+        self._swapped_bytes += need
+
+    def swap_in(self, key: str, block_ids: Sequence[int]) -> None:
+        """Write the blocks swapped out under ``key`` into ``block_ids`` and release them.
+
+        ``block_ids`` are fresh pool blocks, as many as were swapped out. Raises
+        ``KeyError`` for an unknown key and ``ValueError`` for a wrong count; nothing
+        changes then.
+        """
+        if key not in self._swapped:
+            raise KeyError(f"no sequence is swapped out under key {key!r}")
+        rows, _ = self._swapped[key]
+        if len(block_ids) != rows.shape[0]:
+            raise ValueError(
+                f"swap_in({key!r}): {rows.shape[0]} blocks were swapped out, "
+                f"got {len(block_ids)} block ids"
+            )
+        pool = self._require_pool()
+        # On CUDA the current stream already waits for the swap-out copy (see _gather).
+        pool.write_blocks(list(block_ids), rows, non_blocking=pool.device.type == "cuda")
+        self.discard_swap(key)
+
+    def discard_swap(self, key: str) -> bool:
+        """Drop the swapped-out blocks of ``key``; returns whether there were any."""
+        entry = self._swapped.pop(key, None)
+        if entry is None:
+            return False
+        self._swapped_bytes -= entry[0].numel()
+        return True
+
+    # -- introspection ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``tiers`` maps each tier name (``cpu``, ``disk``, ``redis``) to its
+        hits (blocks promoted from it), puts, spilled, corrupt, errors, available,
+        entries, bytes_used, capacity_bytes; plus chain totals (``lookups`` blocks
+        asked, ``promoted``, ``pending_hits``, ``demoted``, ``written_through``,
+        swap usage, ``pending_bytes``)."""
+        return {
+            "tiers": {level.name: level.stats() for level in self.levels},
+            **self._counts,
+            "swapped_sequences": len(self._swapped),
+            "swapped_bytes": self._swapped_bytes,
+            "swap_capacity_bytes": self.swap_capacity_bytes,
+            "pending_bytes": self._writer.pending_bytes,
+        }
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` when swap or index bookkeeping disagrees."""
+        held = sum(rows.numel() for rows, _ in self._swapped.values())
+        if held != self._swapped_bytes or held > self.swap_capacity_bytes:
+            raise CacheIntegrityError(
+                f"TieredStore: swapped rows hold {held} bytes, counted {self._swapped_bytes}, "
+                f"swap capacity {self.swap_capacity_bytes}"
+            )
+        for level in self.levels:
+            n = level.tracked
+            if n is not None and n > level.capacity_blocks:
+                raise CacheIntegrityError(
+                    f"TieredStore: tier {level.name} indexes {n} blocks > capacity "
+                    f"{level.capacity_blocks}"
+                )
+            check = getattr(level.store, "check_integrity", None)
+            if check is not None:
+                check()
+
+    def close(self) -> None:
+        """Store the pending write-backs, drop swapped data and close every tier."""
+        self._writer.close()
+        self._swapped.clear()
+        self._swapped_bytes = 0
+        for level in self.levels:
+            level.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_pool(self) -> KVPool:
+        if self._pool is None:
+            raise RuntimeError("TieredStore.attach(pool) must be called before moving blocks")
+        return self._pool

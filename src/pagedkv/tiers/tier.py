@@ -1,0 +1,179 @@
+"""Tier configs: what a user passes as ``KVCache(..., tiers=[...])``.
+
+Each config is a frozen dataclass validated at construction (``ValueError`` /
+``TypeError`` naming the field and how to fix it). :class:`TieredStore` opens them
+once it knows the block layout, turning each into a :class:`~pagedkv.tiers.level.Level`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from pagedkv.tiers.health import Backoff
+from pagedkv.tiers.level import FramedLevel, Level, MemoryLevel
+
+
+def _check_bytes(value: object, who: str, field: str, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}: {field} must be an int number of bytes, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(
+            f"{who}: {field} must be {'>= 0' if allow_zero else '> 0'}, got {value} "
+            "(give a byte budget, e.g. 4 << 30 for 4 GiB)"
+        )
+
+
+def _check_seconds(value: object, who: str, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{who}: {field} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CPUTier:
+    """Host-memory tier: a preallocated slab (pinned when CUDA) of ``capacity_bytes``.
+
+    ``swap_bytes`` is a separate budget for sequences swapped out by
+    ``KVCache.swap_out``; they live in their own buffers, are never evicted, and a
+    swap that does not fit raises :class:`~pagedkv.errors.OutOfBlocks`. ``None``
+    means the same as ``capacity_bytes``; ``0`` disables swapping. The buffers are
+    allocated only while sequences are swapped out. Why apart from the slab: a swap
+    is then one gather and one copy, with no second copy into slab slots.
+    """
+
+    capacity_bytes: int
+    swap_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.capacity_bytes, "CPUTier", "capacity_bytes")
+        if self.swap_bytes is not None:
+            _check_bytes(self.swap_bytes, "CPUTier", "swap_bytes", allow_zero=True)
+
+    @property
+    def swap_budget(self) -> int:
+        """Bytes available to swapped-out sequences."""
+        return self.capacity_bytes if self.swap_bytes is None else self.swap_bytes
+
+    def open(self, block_bytes: int, fingerprint: str) -> Level:
+        """Allocate the slab for blocks of ``block_bytes``; raises if not even one fits."""
+        if self.capacity_bytes < block_bytes:
+            raise ValueError(
+                f"CPUTier: capacity_bytes={self.capacity_bytes} cannot hold one KV block of "
+                f"{block_bytes} bytes; give at least that much"
+            )
+        from pagedkv.stores import MemoryStore
+
+        store = MemoryStore(self.capacity_bytes, slot_bytes=block_bytes)
+        return MemoryLevel("cpu", store, block_bytes, capacity_blocks=store.num_slots)
+
+
+@dataclass(frozen=True)
+class DiskTier:
+    """Local-disk tier: one file per block under ``path``, at most ``capacity_bytes``.
+
+    Entries are framed (fingerprint + digest) and verified on read; a corrupt or
+    foreign entry is a miss and is deleted. Writes are atomic (temp file + rename),
+    so a crash never leaves a partial entry readable. Several processes may share
+    ``path``. ``fsync=True`` also makes entries survive power loss (slow).
+    """
+
+    path: str | os.PathLike[str]
+    capacity_bytes: int
+    fsync: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            raise TypeError(f"DiskTier: path must be a directory path, got {self.path!r}")
+        _check_bytes(self.capacity_bytes, "DiskTier", "capacity_bytes")
+        if not isinstance(self.fsync, bool):
+            raise TypeError(f"DiskTier: fsync must be a bool, got {self.fsync!r}")
+        path = os.path.abspath(os.fspath(self.path))
+        probe = path
+        while not os.path.exists(probe):  # the nearest existing ancestor must be writable
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise ValueError(
+                f"DiskTier: {probe!r} exists and is not a directory; pick another path"
+            )
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"DiskTier: {probe!r} is not writable by this process; "
+                "pass a directory you can write (or create it first)"
+            )
+
+    def open(self, block_bytes: int, fingerprint: str) -> Level:
+        """Open (create) the directory; entries of earlier runs stay usable."""
+        from pagedkv.stores import DiskStore
+        from pagedkv.stores.framing import HEADER_BYTES
+
+        entry = block_bytes + HEADER_BYTES
+        if self.capacity_bytes < entry:
+            raise ValueError(
+                f"DiskTier: capacity_bytes={self.capacity_bytes} cannot hold one framed KV "
+                f"block of {entry} bytes; give at least that much"
+            )
+        store = DiskStore(self.path, self.capacity_bytes, fsync=self.fsync)
+        return FramedLevel(
+            "disk", store, block_bytes, fingerprint, capacity_blocks=self.capacity_bytes // entry
+        )
+
+
+@dataclass(frozen=True)
+class RedisTier:
+    """Shared Redis tier (``redis://host:port/db`` or ``rediss://``).
+
+    The server's ``maxmemory`` / ``maxmemory-policy allkeys-lru`` governs capacity,
+    so this tier is normally the last one. ``ttl_seconds`` adds a sliding expiry.
+    Entries are framed and verified like the disk tier's. When Redis is
+    unreachable, slow (``timeout_s`` per round trip) or failing, the tier is
+    treated as missing and retried after ``retry_initial_s``, doubling up to
+    ``retry_max_s``; the first failure and the recovery are logged once on
+    ``pagedkv.tiers``. Construction never connects.
+    """
+
+    url: str
+    key_prefix: str = "pagedkv:"
+    password: str | None = field(default=None, repr=False)
+    ttl_seconds: int | None = None
+    timeout_s: float = 0.5
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str):
+            raise TypeError(
+                f"RedisTier: url must be a str like redis://host:6379/0, got {self.url!r}"
+            )
+        _check_seconds(self.timeout_s, "RedisTier", "timeout_s")
+        _check_seconds(self.retry_initial_s, "RedisTier", "retry_initial_s")
+        _check_seconds(self.retry_max_s, "RedisTier", "retry_max_s")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError(
+                f"RedisTier: retry_max_s ({self.retry_max_s}) < retry_initial_s "
+                f"({self.retry_initial_s})"
+            )
+        self._store().close()  # the store validates url, prefix and ttl (no connection)
+
+    def _store(self):  # noqa: ANN202 - RedisStore is imported lazily (redis-py is optional)
+        from pagedkv.stores import RedisStore
+
+        return RedisStore(
+            self.url,
+            key_prefix=self.key_prefix,
+            password=self.password,
+            socket_timeout=self.timeout_s,
+            connect_timeout=self.timeout_s,
+            ttl_seconds=self.ttl_seconds,
+        )
+
+    def open(self, block_bytes: int, fingerprint: str) -> Level:
+        """Create the client (no round trip yet)."""
+        backoff = Backoff(
+            f"redis({self.url.rsplit('@', 1)[-1]})",
+            initial_s=self.retry_initial_s,
+            max_s=self.retry_max_s,
+        )
+        return FramedLevel("redis", self._store(), block_bytes, fingerprint, backoff=backoff)
+
+
+Tier = CPUTier | DiskTier | RedisTier

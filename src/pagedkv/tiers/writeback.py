@@ -1,0 +1,121 @@
+"""Write-back queue: demoted blocks wait here, readable, until a thread stores them.
+
+Eviction must not wait for a disk or a network, so ``TieredStore.demote`` only
+gathers the blocks' bytes into a host staging tensor and hands it to this queue;
+one background thread performs the store puts. The queue is bounded in bytes:
+``submit`` blocks while the staged bytes would exceed the budget (back-pressure
+instead of unbounded host memory). A block stays findable (``find``) until its
+job is done, so a prefix hit right after eviction is served from staging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pagedkv.tiers")
+
+
+@dataclass(eq=False)
+class Job:
+    """Blocks to store: row ``i`` of ``rows`` (host ``uint8 [n, block_bytes]``) is ``keys[i]``.
+
+    ``event`` (CUDA) completes when ``rows`` holds the bytes; ``all_levels`` asks for
+    every tier (write-through) instead of only the first (write-back).
+    """
+
+    keys: list[str]
+    rows: torch.Tensor
+    event: Any = None
+    all_levels: bool = False
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.rows.numel()
+
+    def ready(self) -> torch.Tensor:
+        """The rows, once the copy that fills them has completed."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.rows
+
+
+class WriteBack:
+    """One background thread running ``sink(job)`` for each submitted job, in order."""
+
+    def __init__(self, sink: Callable[[Job], None], max_pending_bytes: int) -> None:
+        self._sink = sink
+        self._max = max_pending_bytes
+        self._cv = threading.Condition()
+        self._jobs: deque[Job] = deque()  # the head is being stored; removed when done
+        self._pending: dict[str, tuple[Job, int]] = {}
+        self._pending_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes staged and not yet stored."""
+        return self._pending_bytes
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; waits while the budget is full (a single job always fits)."""
+        with self._cv:
+            if self._stop:
+                raise ValueError("TieredStore is closed")
+            while self._pending_bytes and self._pending_bytes + job.nbytes > self._max:
+                self._cv.wait()
+            self._jobs.append(job)
+            self._pending_bytes += job.nbytes
+            for i, key in enumerate(job.keys):
+                self._pending[key] = (job, i)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="pagedkv-tiers-writeback", daemon=True
+                )
+                self._thread.start()
+            self._cv.notify_all()
+
+    def find(self, key: str) -> tuple[Job, int] | None:
+        """The staged ``(job, row)`` holding ``key``, if it is waiting to be stored."""
+        return self._pending.get(key)
+
+    def flush(self) -> None:
+        """Wait until every submitted job has been stored."""
+        with self._cv:
+            while self._jobs:
+                self._cv.wait()
+
+    def close(self) -> None:
+        """Store what is queued, then stop the thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stop:
+                    self._cv.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs[0]
+            try:
+                self._sink(job)
+            except Exception:  # the thread must survive anything: a lost write is a miss
+                log.exception("pagedkv.tiers: storing %d demoted blocks failed", len(job.keys))
+            with self._cv:
+                self._jobs.popleft()
+                self._pending_bytes -= job.nbytes
+                for key in job.keys:
+                    if self._pending.get(key, (None,))[0] is job:
+                        del self._pending[key]
+                self._cv.notify_all()

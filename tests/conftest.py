@@ -1,0 +1,35 @@
+"""Shared test set-up.
+
+Without CUDA, Triton kernels run through the Triton interpreter; the variable must
+be set before triton is first imported, hence here at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # the manager tests run without torch
+    HAS_CUDA = False
+
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:  # the real redis-server fixture (tests/_redis.py)
+    from _redis import redis_server, redis_url  # noqa: F401
+except ImportError:
+    pass
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
