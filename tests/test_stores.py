@@ -516,3 +516,22 @@ def test_open_store(tmp_path):
         open_store("file://otherhost/x", capacity_bytes=10)
     with pytest.raises(ValueError):
         open_store("")
+
+
+@pytest.mark.gpu
+def test_memory_tensor_fast_path_cuda():
+    store = MemoryStore(64 * 4096, slot_bytes=4096)
+    assert store.pinned
+    rows = torch.randint(0, 256, (40, 4096), dtype=torch.uint8, device="cuda")
+    keys = [f"g{i}" for i in range(40)]
+    store.put_tensor_rows(keys[:20], rows[:20])
+    store.delete_many(["g3", "g7"])  # free slots out of order: puts split into runs
+    store.put_tensor_rows(keys[20:] + ["g3", "g7"], torch.cat([rows[20:], rows[3:4], rows[7:8]]))
+    assert store.get_many(["g25"]) == [rows[25].cpu().numpy().tobytes()]
+    out = torch.zeros(41, 4096, dtype=torch.uint8, device="cuda")
+    found = store.get_into(keys[::-1] + ["nope"], out, non_blocking=True)
+    store.put_many([("late", b"x" * 4096)])  # waits for the async reads before writing
+    torch.cuda.synchronize()
+    assert found == [True] * 40 + [False]
+    assert torch.equal(out[:40], rows.flip(0)) and not out[40].any()
+    store.check_integrity()

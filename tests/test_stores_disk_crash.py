@@ -13,7 +13,7 @@ import time
 
 from pagedkv.stores import DiskStore
 
-CAPACITY = 24 << 20
+CAPACITY = 12 << 20
 
 # The writer stores value(key) under key, over and over (replacing, evicting, deleting),
 # so any entry the survivor lists can be checked against value(key).
@@ -23,24 +23,24 @@ WRITER = textwrap.dedent(
     from pagedkv.stores import DiskStore
 
     def value(key):
-        size = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (3 << 20) + 1
+        size = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (1 << 20) + 1
         return hashlib.shake_256(key.encode()).digest(size)
 
-    values = {f"e{i:03d}": value(f"e{i:03d}") for i in range(40)}  # time goes to writes
+    values = {f"e{i:03d}": value(f"e{i:03d}") for i in range(30)}  # time goes to writes
     store = DiskStore(sys.argv[1], int(sys.argv[2]))
     rng = random.Random(int(sys.argv[3]))
     print("ready", flush=True)
     while True:
-        keys = [f"e{rng.randrange(40):03d}" for _ in range(rng.randint(1, 3))]
+        keys = [f"e{rng.randrange(30):03d}" for _ in range(rng.randint(1, 3))]
         store.put_many([(k, values[k]) for k in keys])
         if rng.random() < 0.1:
-            store.delete_many([f"e{rng.randrange(40):03d}"])
+            store.delete_many([f"e{rng.randrange(30):03d}"])
     """
 )
 
 
 def value(key: str) -> bytes:
-    size = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (3 << 20) + 1
+    size = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (1 << 20) + 1
     return hashlib.shake_256(key.encode()).digest(size)
 
 

@@ -158,6 +158,11 @@ def test_wrong_or_missing_password(redis_server, redis_url):
     with pytest.raises(StoreError, match="password") as info:
         anonymous.put_many([("x", b"1")])
     assert redis_server.password not in str(info.value)
+    # password= overrides the URL's (or supplies a missing one)
+    other = redis_url.replace(redis_server.password, "x")
+    assert RedisStore(other, password=redis_server.password).ping()
+    bare = f"redis://127.0.0.1:{redis_server.port}/0"
+    assert RedisStore(bare, password=redis_server.password).ping()
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,7 @@ class Request:
     num_allocated: int = 0
     num_cached_tokens: int = -1
     finish_reason: str | None = None
+    error: str | None = None
     num_preemptions: int = 0
     streamed: int = 0
 

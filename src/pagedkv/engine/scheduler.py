@@ -86,10 +86,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.status is Status.SWAPPED:
-            self._discard_swap(req)
-        elif req.num_allocated:
-            self.cache.free(req.seq_id)
+        if req.status is Status.SWAPPED or req.num_allocated:
+            self.cache.free(req.seq_id)  # also discards a swapped-out copy
         self._tables.pop(req.seq_id, None)
         req.num_allocated = 0
         req.status = Status.FINISHED
@@ -166,8 +164,7 @@ class Scheduler:
         self.running.remove(req)
         self.counters.preemptions += 1
         req.num_preemptions += 1
-        if self.preemption == "swap" and req.num_computed > 0:
-            self.cache.swap_out(req.seq_id)
+        if self.preemption == "swap" and req.num_computed > 0 and self._swap_out(req):
             req.status = Status.SWAPPED
         else:
             self.cache.free(req.seq_id)
@@ -176,14 +173,16 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         self.waiting.appendleft(req)
 
+    def _swap_out(self, req: Request) -> bool:
+        try:
+            self.cache.swap_out(req.seq_id)
+        except OutOfBlocks:  # the tier's swap space is full: recompute instead
+            return False
+        return True
+
     def _swap_in(self, req: Request) -> bool:
         try:
             self.cache.swap_in(req.seq_id)
         except OutOfBlocks:
             return False
         return True
-
-    def _discard_swap(self, req: Request) -> None:
-        discard = getattr(self.cache, "discard_swap", None)
-        if discard is not None:
-            discard(req.seq_id)

@@ -87,6 +87,7 @@ def paged_attention_forward(
     meta = pagedkv_metadata
     if meta is None:
         source = _ACTIVE.get()
+        _ACTIVE.set(None)  # consumed: a later forward without the cache must not reuse it
         if source is None:
             raise RuntimeError(
                 "attn_implementation='pagedkv' needs a paged KV cache: pass "

@@ -28,6 +28,7 @@ from pagedkv.manager.hashing import ROOT, as_token_array, hash_function, namespa
 from pagedkv.manager.stats import CacheStats, MemoryPressure
 
 EvictCallback = Callable[[int, bytes], None]
+_CACHEABLE_SALTS = (str, bytes, int, type(None))
 PressureCallback = Callable[[MemoryPressure], None]
 
 
@@ -95,7 +96,8 @@ class BlockManager:
         ):
             raise ValueError(f"ttl_seconds must be a positive number or None, got {ttl_seconds!r}")
         if (
-            len(watermarks) != 3
+            not isinstance(watermarks, (tuple, list))
+            or len(watermarks) != 3
             or not all(isinstance(w, (int, float)) for w in watermarks)
             or not 0 < watermarks[0] < watermarks[1] < watermarks[2] <= 1
         ):
@@ -104,8 +106,12 @@ class BlockManager:
             )
         if on_evict is not None and not callable(on_evict):
             raise TypeError("on_evict must be callable (block_id, block_hash) -> None")
-        if isinstance(extra_keys, (str, bytes)):
+        if isinstance(extra_keys, (str, bytes)) or not hasattr(extra_keys, "__iter__"):
             raise TypeError("extra_keys must be a sequence of keys, e.g. ('model-v2',)")
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning seconds, e.g. time.monotonic")
+        if not isinstance(hash_algo, str):
+            raise TypeError(f"hash_algo must be a str, got {type(hash_algo).__name__}")
         self._digest = hash_function(hash_algo)
         self._extra_keys = tuple(extra_keys)
         self._ns_cache: dict[object, bytes] = {None: namespace(None, self._extra_keys)}
@@ -220,7 +226,9 @@ class BlockManager:
     # --------------------------------------------------------------- namespaces
 
     def _namespace(self, salt: object) -> bytes:
-        ns = self._ns_cache.get(salt) if isinstance(salt, (str, bytes, int, type(None))) else None
+        # Exact types: True == 1 and hash(True) == hash(1), so an isinstance check would
+        # let a (rejected) bool salt alias a cached int salt.
+        ns = self._ns_cache.get(salt) if type(salt) in _CACHEABLE_SALTS else None
         if ns is None:
             ns = namespace(salt, self._extra_keys)  # validates the salt's type
             if len(self._ns_cache) < 4096:
@@ -249,8 +257,6 @@ class BlockManager:
         """Cached/in-use blocks matching the first full blocks of ``raw`` (no change)."""
         step = 4 * self.block_size
         index, hashes = self._index, self._hash
-        if self.ttl_seconds is not None:
-            self._expire()
         parent = ROOT
         hits = []
         for s in range(0, limit * step, step):
@@ -259,6 +265,14 @@ class BlockManager:
                 break
             hits.append(block)
             parent = hashes[block]
+        if self.ttl_seconds is not None and hits:
+            # Expired blocks are not matched, but not dropped here either: lookup() and
+            # a failing allocate() must change nothing. _expire() drops them on commit.
+            deadline = self._clock() - self.ttl_seconds
+            ref, cached_at, policy = self._ref, self._cached_at, self._policy
+            for i, b in enumerate(hits):
+                if ref[b] == 0 and b in policy and cached_at[b] < deadline:
+                    return hits[:i]
         return hits
 
     def lookup(self, token_ids: Sequence[int], salt: object = None) -> int:
@@ -323,9 +337,12 @@ class BlockManager:
         ``ValueError`` for bad token ids, :class:`OutOfBlocks` when the pool is full;
         nothing changes in any of these cases.
         """
-        if seq_id in self._seqs:
+        try:
+            live = seq_id in self._seqs
+        except TypeError:
+            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
+        if live:
             raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
-        hash(seq_id)  # an unhashable id raises TypeError here, before any change
         arr = as_token_array(token_ids)
         n = len(arr)
         if n == 0:
@@ -354,6 +371,8 @@ class BlockManager:
                     policy.remove(b)
             ref[b] += 1
             meta_hits[b] += 1
+        if self.ttl_seconds is not None:
+            self._expire()  # after the hits left the policy; frees expired blocks first
         blocks = hits + [self._take() for _ in range(need)]
         hashes = [self._hash[b] for b in hits]
         if self.prefix_caching:
@@ -379,7 +398,9 @@ class BlockManager:
         fresh block replaces it in this sequence and ``(src, dst)`` is queued for
         :meth:`take_copies`. Blocks that become full are registered for reuse.
         """
-        seq = self._seq(seq_id)
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            seq = self._seq(seq_id)  # raises the KeyError
         arr = as_token_array(token_ids)
         k = len(arr)
         if k == 0:
@@ -389,9 +410,11 @@ class BlockManager:
         blocks = seq.blocks
         new_blocks = -(-(n + k) // bs) - len(blocks)
         cow = n % bs != 0 and self._ref[blocks[-1]] > 1
-        if new_blocks + cow > self.num_free_blocks:
+        if (new_blocks or cow) and new_blocks + cow > self.num_free_blocks:
             raise self._out_of_blocks(new_blocks + cow, f"append({seq_id!r}, {k} tokens)")
 
+        if self.ttl_seconds is not None:
+            self._expire()  # expired cached blocks are taken before live ones are evicted
         if cow:
             src = blocks[-1]
             dst = self._take()
@@ -421,9 +444,12 @@ class BlockManager:
         The first append to a shared, partly filled last block copies it on write.
         """
         parent = self._seq(parent_id)
-        if child_id in self._seqs:
+        try:
+            live = child_id in self._seqs
+        except TypeError:
+            raise TypeError(f"child_id must be hashable, got {type(child_id).__name__}") from None
+        if live:
             raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
-        hash(child_id)
         ref = self._ref
         for b in parent.blocks:
             ref[b] += 1
@@ -498,6 +524,8 @@ class BlockManager:
                 f"token_ids has no full block (block_size={self.block_size}); "
                 "only full blocks are cached and can be pinned"
             )
+        if self.ttl_seconds is not None:
+            self._expire()  # an expired block is gone, not revived by a pin
         resident = 0
         for key, h in keys:
             self._pins[h] = self._pins.get(h, 0) + 1
@@ -516,7 +544,10 @@ class BlockManager:
         """
         keys = self._prefix_keys(token_ids, salt)
         if not keys or any(h not in self._pins for _, h in keys):
-            raise ValueError("this prefix is not pinned (pin() it first, with the same salt)")
+            raise ValueError(
+                "token_ids: this prefix is not pinned (pin() it first, with the same salt)"
+            )
+        released = []
         for key, h in keys:
             count = self._pins[h] - 1
             if count:
@@ -526,8 +557,14 @@ class BlockManager:
             block = self._index.get(key)
             if block is not None and block in self._pinned:
                 self._pinned.discard(block)
-                self._policy.add(block)
-                self._cached_at[block] = self._clock() if self.ttl_seconds is not None else 0.0
+                released.append(block)
+        # Tail first, as in free(): evicting the head first would orphan the rest.
+        released.reverse()
+        self._policy.add_many(released)
+        if self.ttl_seconds is not None:
+            now = self._clock()
+            for block in released:
+                self._cached_at[block] = now
         return len(keys)
 
     def _expire(self) -> None:
@@ -536,7 +573,7 @@ class BlockManager:
         policy = self._policy
         while True:
             block = policy.oldest()
-            if block is None or self._cached_at[block] > deadline:
+            if block is None or self._cached_at[block] >= deadline:
                 return
             policy.remove(block)
             self._drop_registration(block)
@@ -552,7 +589,8 @@ class BlockManager:
             return False
         for block in [*self._policy.order(), *self._pinned]:
             self._drop_registration(block)
-            self._free.append(block)
+        # Nothing is in use: every block is free, handed out 0, 1, 2, ... as when new.
+        self._free = list(range(self.num_blocks - 1, -1, -1))
         self._policy = make_policy(self.eviction, self._meta)
         self._pinned.clear()
         return True

@@ -1,11 +1,11 @@
 """Eviction policies over *cached* blocks (ref count 0, hash registered, not pinned).
 
-Every policy keeps its blocks in an ``OrderedDict`` in the order they became cached,
-because that gives O(1) add, O(1) removal from the middle (a cached block hit by a
-new prompt leaves the policy without a scan) and, at the head, the block cached
-longest ago (what TTL expiry needs). LRU evicts that head; FIFO and LFU keep a heap
-of candidates on top, with lazy deletion: an entry whose block left the policy (or
-came back later) is stale and skipped when it surfaces.
+Every policy keeps its blocks in the order they became cached, with O(1) add and
+O(1) removal from the middle (a cached block hit by a new prompt leaves the policy
+without a scan); the head is the block cached longest ago (what TTL expiry needs).
+LRU evicts that head; FIFO and LFU keep a heap of candidates on top, with lazy
+deletion: an entry whose block left the policy (or came back later) is stale and
+skipped when it surfaces.
 """
 
 from __future__ import annotations
@@ -52,36 +52,69 @@ class BlockMeta:
 
 
 class LRUPolicy:
-    """Least recently used: the block released (or hit) longest ago goes first."""
+    """Least recently used: the block released (or hit) longest ago goes first.
+
+    A hand-made doubly linked list over two int lists indexed by block id, with a
+    sentinel at index ``num_blocks``: add, removal from the middle and pop are O(1)
+    with no allocation per operation, and a whole released sequence is linked in one
+    pass (cheaper than an ``OrderedDict``, whose every insert allocates a node).
+    """
 
     def __init__(self, meta: BlockMeta) -> None:
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        n = len(meta.hits)
+        self._head = n  # sentinel: _next[n] is the oldest block, _prev[n] the newest
+        self._next = [n] * (n + 1)
+        self._prev = [n] * (n + 1)
+        self._member = [False] * n
+        self._len = 0
 
     def add(self, block: int) -> None:
-        self._blocks[block] = None
+        self.add_many([block])
 
     def add_many(self, blocks: list[int]) -> None:
-        od = self._blocks
+        if not blocks:
+            return
+        nxt, prv, member = self._next, self._prev, self._member
+        head = self._head
+        last = prv[head]
         for b in blocks:
-            od[b] = None
+            nxt[last] = b
+            prv[b] = last
+            member[b] = True
+            last = b
+        nxt[last] = head
+        prv[head] = last
+        self._len += len(blocks)
 
     def remove(self, block: int) -> None:
-        del self._blocks[block]
+        nxt, prv = self._next, self._prev
+        p, q = prv[block], nxt[block]
+        nxt[p] = q
+        prv[q] = p
+        self._member[block] = False
+        self._len -= 1
 
     def pop(self) -> int:
-        return self._blocks.popitem(last=False)[0]
+        block = self._next[self._head]
+        self.remove(block)
+        return block
 
     def oldest(self) -> int | None:
-        return next(iter(self._blocks), None)
+        block = self._next[self._head]
+        return None if block == self._head else block
 
     def order(self) -> list[int]:
-        return list(self._blocks)
+        out, nxt, b = [], self._next, self._next[self._head]
+        while b != self._head:
+            out.append(b)
+            b = nxt[b]
+        return out
 
     def __len__(self) -> int:
-        return len(self._blocks)
+        return self._len
 
     def __contains__(self, block: object) -> bool:
-        return block in self._blocks
+        return isinstance(block, int) and 0 <= block < len(self._member) and self._member[block]
 
 
 class _HeapPolicy:

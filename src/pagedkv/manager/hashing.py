@@ -71,7 +71,14 @@ def as_token_array(token_ids: object, name: str = "token_ids") -> array:
     Raises ``TypeError`` for a non-sequence or a non-int element and ``ValueError`` for
     a negative id or one that does not fit 32 bits, naming the offending element.
     """
-    if isinstance(token_ids, (str, bytes, bytearray)) or not hasattr(token_ids, "__len__"):
+    if type(token_ids) is list:  # the common case: skip the type checks below
+        try:
+            return array("I", token_ids) if not _BIG_ENDIAN else _le(array("I", token_ids))
+        except (TypeError, OverflowError):
+            pass  # fall through to name the bad element
+    if isinstance(token_ids, (str, bytes, bytearray, memoryview)) or not hasattr(
+        token_ids, "__len__"
+    ):
         raise TypeError(
             f"{name} must be a sequence of non-negative ints (e.g. a list), "
             f"got {type(token_ids).__name__}"
@@ -89,11 +96,11 @@ def as_token_array(token_ids: object, name: str = "token_ids") -> array:
                     f"{name}[{i}] = {int(t)} is not a valid token id (must be in [0, 2**32))"
                 ) from None
         raise
-    if _BIG_ENDIAN:  # pragma: no cover - hashes are defined over little-endian ids
-        arr.byteswap()
-        out = array("I", arr.tobytes())
-        arr.byteswap()
-        return out
+    return _le(arr) if _BIG_ENDIAN else arr
+
+
+def _le(arr: array) -> array:  # pragma: no cover - hashes are over little-endian ids
+    arr.byteswap()
     return arr
 
 

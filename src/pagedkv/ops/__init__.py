@@ -53,8 +53,15 @@ __all__ = [
 ]
 
 
+_TRITON_MODULES: dict = {}
+
+
 def _triton(module: str):
-    return import_module(f"pagedkv.ops.triton_{module}")
+    """The Triton module ``triton_<module>``, imported on first use (triton is optional)."""
+    mod = _TRITON_MODULES.get(module)
+    if mod is None:
+        mod = _TRITON_MODULES[module] = import_module(f"pagedkv.ops.triton_{module}")
+    return mod
 
 
 def __getattr__(name: str):

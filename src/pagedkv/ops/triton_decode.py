@@ -4,17 +4,21 @@ One program handles (sequence b, KV head h, split s): the G query heads that sha
 head h are stacked as the rows of one tile, so each K/V token is loaded once for all of
 them. Split s covers tokens ``[s * split_tokens, (s + 1) * split_tokens)``; it writes a
 float32 partial output and its log-sum-exp, and a second kernel merges the splits of
-each sequence in split order. With a single split the first kernel writes the output.
+each sequence (all at once, or one by one in split order). With a single split the
+first kernel writes the output.
 
 Batch invariance: a sequence's bits depend on its tokens' tile boundaries (absolute
 positions, fixed BLOCK_N), on ``split_tokens`` and on the merge order. In invariant mode
-``split_tokens`` is a constant and the merge always runs, so nothing depends on the
-batch; otherwise ``split_tokens`` is sized to fill the GPU.
+``split_tokens`` is a constant and the merge always runs, one split after another, so
+nothing depends on the batch; otherwise ``split_tokens`` is sized to fill the GPU and
+the merge reduces all splits in one tree.
 
 Offsets that multiply a block id by a stride are computed in int64.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -23,6 +27,8 @@ import triton.language as tl
 from pagedkv.ops._config import interpreting
 
 INVARIANT_SPLIT_TOKENS = 512
+MIN_SPLIT_TOKENS = 64
+MAX_VECTOR_MERGE = 128  # more splits than this are merged one by one
 LOG2E = 1.4426950408889634
 
 
@@ -45,7 +51,7 @@ def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, BT, SL, O, LSE,
+    Q, K, V, BT, SL, Out, LSE,
     scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -100,10 +106,10 @@ def _decode_split_kernel(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = mask_g[:, None] & mask_d[None, :]
     if DIRECT:
-        o_ptr = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=out_mask)
+        o_ptr = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=out_mask)
     else:
-        o_base = O + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
+        o_base = Out + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
         tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out, mask=out_mask)
         lse_ptr = LSE + b.to(tl.int64) * stride_lb + heads * stride_lh + s
         tl.store(lse_ptr, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=mask_g)
@@ -111,62 +117,82 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    O, LSE, SL, OUT,
+    Opart, LSE, SL, OUT,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
     split_tokens,
-    D: tl.constexpr, D_PAD: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
 ):  # fmt: skip
+    """Merge the splits of (sequence, query head). S_PAD > 0: all splits at once (a tree
+    reduction whose shape depends on S_PAD, hence on the batch); S_PAD == 0: one split
+    after another in split order (batch-invariant)."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
     seq_len = tl.load(SL + b)
     n_splits = tl.cdiv(seq_len, split_tokens)
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
-    o_base = O + b.to(tl.int64) * stride_ob + hq * stride_oh
+    o_base = Opart + b.to(tl.int64) * stride_ob + hq * stride_oh
     lse_base = LSE + b.to(tl.int64) * stride_lb + hq * stride_lh
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([D_PAD], dtype=tl.float32)
-    for s in range(0, n_splits):  # split order: fixed, hence reproducible
-        lse = tl.load(lse_base + s)
-        o = tl.load(o_base + s * stride_os + offs_d, mask=mask_d, other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + w * o
-        l = l * alpha + w
-        m = m_new
-    out = tl.where(n_splits > 0, acc / tl.maximum(l, 1e-30), 0.0)
+    if S_PAD > 0:
+        offs_s = tl.arange(0, S_PAD)
+        mask_s = offs_s < n_splits
+        lse = tl.load(lse_base + offs_s, mask=mask_s, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
+        o_ptr = o_base + offs_s[:, None] * stride_os + offs_d[None, :]
+        o = tl.load(o_ptr, mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.sum(o * w[:, None], 0)
+        den = tl.sum(w, 0)
+    else:
+        m = float("-inf")
+        den = 0.0
+        acc = tl.zeros([D_PAD], dtype=tl.float32)
+        for s in range(0, n_splits):
+            lse = tl.load(lse_base + s)
+            o = tl.load(o_base + s * stride_os + offs_d, mask=mask_d, other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + w * o
+            den = den * alpha + w
+            m = m_new
+    out = tl.where(n_splits > 0, acc / tl.maximum(den, 1e-30), 0.0)
     out_ptr = OUT + b.to(tl.int64) * stride_outb + hq * stride_outh + offs_d
     tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
 def config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options of the split kernel (fixed per head_dim and dtype, so
-    that batch-invariant results do not depend on the batch)."""
-    block_n = 64 if head_dim <= 128 else 32
-    if dtype == torch.float32:
-        block_n = 32
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2)
+    that batch-invariant results do not depend on the batch). Picked from a sweep on an
+    H100 (benchmarks/bench_attention.py --sweep): 64-token tiles, 4 warps, 3 stages were
+    within 1-3 % of the best at every shape tried."""
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_split_tokens(
     batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
     batch_invariant: bool,
 ) -> int:  # fmt: skip
-    """Tokens per split: a constant in invariant mode, else enough splits to fill the GPU."""
+    """Tokens per split: a constant in invariant mode, else enough splits for about two
+    programs per SM. On an H100 (132 SMs) the sweep found: no split once B * Hkv >= ~264
+    (B=64 and B=128: splitting only adds merge traffic), 512-token splits at B=1 ctx 16k,
+    64-token splits at B=1 ctx 512."""
     if batch_invariant:
         return INVARIANT_SPLIT_TOKENS
     max_seq_len = max(max_seq_len, 1)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    want_splits = -(-4 * sms // max(batch * num_kv_heads, 1))  # aim for >= 4 waves of programs
-    split = -(-max_seq_len // max(want_splits, 1))
-    split = max(split, 256)  # below this the merge costs more than the parallelism buys
+    want_splits = -(-2 * _sm_count(device) // max(batch * num_kv_heads, 1))
+    split = max(-(-max_seq_len // want_splits), MIN_SPLIT_TOKENS)
     return -(-split // block_n) * block_n
 
 
@@ -183,13 +209,14 @@ def decode(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cfg: dict | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernels (arguments checked by :func:`pagedkv.ops.decode_attention`).
 
     q: [B, Hq, D] -> [B, Hq, D]. ``max_seq_len`` bounds seq_lens (default: the table's
     capacity; no device sync). ``workspace`` = (o [B', Hq, S', D] f32, lse [B', Hq, S'] f32)
     with B' >= B and S' >= the number of splits lets a caller (DecodePlan) keep every
-    buffer static for CUDA-graph capture.
+    buffer static for CUDA-graph capture. ``cfg`` overrides :func:`config` (tuning).
     """
     bsz, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -200,7 +227,7 @@ def decode(
         return out
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
-    cfg = config(d, k_cache.dtype)
+    cfg = {**config(d, k_cache.dtype), **(cfg or {})}
     cap = block_tables.shape[1] * bs
     max_seq_len = cap if max_seq_len is None else min(max_seq_len, cap)
     if split_tokens is None:
@@ -237,9 +264,12 @@ def decode(
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], block_tables.stride(0),
         ops_[0], ops_[1], ops_[2], ls[0], ls[1], split_tokens, DIRECT=False, **common,
     )  # fmt: skip
+    s_pad = 0 if batch_invariant else triton.next_power_of_2(n_splits)
+    if s_pad > MAX_VECTOR_MERGE:
+        s_pad = 0
     _decode_merge_kernel[(bsz, hq)](
         o_part, lse, seq_lens, out, ops_[0], ops_[1], ops_[2], ls[0], ls[1],
         out.stride(0), out.stride(1), split_tokens, D=d, D_PAD=triton.next_power_of_2(d),
-        num_warps=1,
+        S_PAD=s_pad, num_warps=4 if s_pad >= 32 else 1,
     )  # fmt: skip
     return out

@@ -60,7 +60,11 @@ def _block_rows_kernel(
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
 ) -> None:
     """Scatter k, v [N, Hkv, D] into slots (-1 skips); arguments checked by the caller."""
     n, h, d = k.shape
@@ -71,7 +75,8 @@ def write_kv(
     _write_kv_kernel[(n,)](
         k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
-        H=h, D=d, H_PAD=triton.next_power_of_2(h), D_PAD=triton.next_power_of_2(d), BS=k_cache.shape[1],
+        H=h, D=d, H_PAD=triton.next_power_of_2(h), D_PAD=triton.next_power_of_2(d),
+        BS=k_cache.shape[1],
     )  # fmt: skip
 
 
@@ -92,7 +97,9 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     )  # fmt: skip
 
 
-def gather_blocks(kv: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_blocks(
+    kv: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Blocks ``ids`` as [n, L, 2, block_size, Hkv, D] (contiguous) in one launch."""
     rows = _rows(kv)
     n, e = ids.numel(), rows.shape[2]

@@ -154,6 +154,7 @@ def prefill(
         block_tables.stride(0), out.stride(0), out.stride(1), n_m_tiles,
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d), BS=bs,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=k_cache.dtype == torch.float32,
-        UPCAST=needs_upcast(k_cache.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=needs_upcast(k_cache.dtype), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

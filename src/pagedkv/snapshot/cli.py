@@ -108,7 +108,9 @@ def show(name: str, store: StoreOption, as_json: bool = typer.Option(False, "--j
             return
         i = s.info(name)
         console.print(f"[bold]{i.name}[/bold]  created {i.created_iso}  parent {i.parent or '-'}")
-        console.print(f"layout: {describe_layout(m.layout)} ({_size(m.layout['bytes_per_block'])}/page)")
+        console.print(
+            f"layout: {describe_layout(m.layout)} ({_size(m.layout['bytes_per_block'])}/page)"
+        )
         console.print(f"fingerprint: {m.fingerprint}")
         console.print(
             f"{_size(i.logical_bytes)} logical, {_size(i.unique_bytes)} unique, "

@@ -5,6 +5,7 @@ Format (version 1)::
     {"format": "pagedkv.snapshot", "version": 1, "name": "chat-42",
      "created": 1795000000.0, "parent": null,
      "fingerprint": "<pager fingerprint: model + layout>",
+     "model": "<the pager's model_fingerprint, when it has one, for messages>" | null,
      "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_size": 4,
                 "dtype": "float16", "bytes_per_block": 256},
      "checksum": "sha256:<hex of the canonical JSON of every other field>",
@@ -141,6 +142,7 @@ class Manifest:
     parent: str | None = None
     bytes: dict[str, int] = field(default_factory=dict)
     save: dict[str, float] = field(default_factory=dict)
+    model: str | None = None
 
     def page_digests(self) -> set[str]:
         """Every distinct page digest the manifest references."""
@@ -154,6 +156,7 @@ class Manifest:
             "created": self.created,
             "parent": self.parent,
             "fingerprint": self.fingerprint,
+            "model": self.model,
             "layout": dict(self.layout),
             "page_hash": PAGE_HASH,
             "page_unit": PAGE_UNIT,
@@ -235,6 +238,7 @@ def parse_manifest(raw: bytes, what: str = "manifest") -> Manifest:
             parent=obj.get("parent"),
             bytes={k: int(v) for k, v in (obj.get("bytes") or {}).items()},
             save={k: float(v) for k, v in (obj.get("save") or {}).items()},
+            model=None if obj.get("model") is None else str(obj["model"]),
         )
     except SnapshotError:
         raise

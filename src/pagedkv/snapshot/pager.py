@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from pagedkv.errors import OutOfBlocks
@@ -37,6 +38,9 @@ class CachePager(Protocol):
     - ``salt(seq_id)`` is the salt the sequence was allocated with (``None`` if none).
     - ``paused()`` is a context manager during which the pager refuses or defers
       every mutation, so a save reads a consistent state.
+
+    Optional: a ``model_fingerprint`` attribute (a readable model id) is recorded in
+    manifests and named in mismatch errors next to the opaque ``fingerprint``.
     """
 
     @property
@@ -146,7 +150,8 @@ class SyntheticPager:
 
     def read_blocks(self, ids: Sequence[int]) -> torch.Tensor:
         # data: [n, bytes_per_block] uint8
-        return self.data[torch.as_tensor(list(ids), dtype=torch.long)].clone()
+        # numpy indexing: single-threaded, so no OpenMP start-up cost on tiny reads
+        return torch.from_numpy(self.data.numpy()[np.asarray(list(ids), dtype=np.int64)])
 
     def can_allocate(self, num_tokens: int) -> bool:
         return self._layout.num_blocks_for(num_tokens) <= self.num_free_blocks
@@ -164,7 +169,7 @@ class SyntheticPager:
                 f"write_blocks expects uint8 [{len(ids)}, {self.data.shape[1]}], "
                 f"got {data.dtype} {list(data.shape)}"
             )
-        self.data[torch.as_tensor(ids, dtype=torch.long)] = data
+        self.data.numpy()[np.asarray(ids, dtype=np.int64)] = data.numpy()
 
     def _take_block(self) -> int:
         if self._free:

@@ -14,6 +14,7 @@ both, and never a page that a manifest or a live lease names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
@@ -52,6 +53,7 @@ LEASE_PREFIX = "snap.l."
 _PAGE_KEY_RE = re.compile(r"^[0-9a-f]{64}\.pg$")
 # Snapshots must never be evicted: a local store is a DiskStore with no effective cap.
 _UNBOUNDED = 1 << 62
+_THREADED_PAGE = 128 << 10
 
 
 def page_key(digest: str) -> str:
@@ -96,11 +98,12 @@ class SnapshotStore:
     eviction), a ``redis://`` URL (keys under ``key_prefix``; configure the server
     with ``maxmemory-policy noeviction``: an evicted page breaks a snapshot, which
     ``verify`` then reports), or any object with the ``BlockStore`` methods.
-    ``fsync=True`` (local only) makes every page and manifest durable against power
-    loss, at a cost in throughput; without it a killed process still never leaves a
-    partial page or manifest visible. ``grace_seconds``: how long ``gc`` honours a
-    lease written by another host. ``chunk_bytes`` bounds the bytes in flight, and
-    ``threads`` the digest workers.
+    ``durable=True`` (local only) also survives power loss: after the pages and
+    again after the manifest, one file-system flush (``syncfs``) makes them durable
+    in that order, instead of an fsync per page; without it a killed process still
+    never leaves a partial page or manifest visible (atomic renames).
+    ``grace_seconds``: how long ``gc`` honours a lease written by another host.
+    ``chunk_bytes`` bounds the bytes in flight, and ``threads`` the digest workers.
     """
 
     def __init__(
@@ -108,11 +111,12 @@ class SnapshotStore:
         location: str | os.PathLike[str] | Any,
         *,
         key_prefix: str = "pagedkv-snap:",
-        fsync: bool = False,
+        durable: bool = False,
         grace_seconds: float = 3600.0,
         chunk_bytes: int = 64 << 20,
         threads: int = 2,
     ) -> None:
+        self._sync_dir: str | None = None
         if hasattr(location, "put_many"):
             self.backend = location
             self.location = repr(location)
@@ -126,7 +130,8 @@ class SnapshotStore:
                 self.location = getattr(self.backend, "_shown", loc.split("@")[-1])
             else:
                 path = loc.removeprefix("file://")
-                self.backend = DiskStore(path, capacity_bytes=_UNBOUNDED, fsync=fsync)
+                self.backend = DiskStore(path, capacity_bytes=_UNBOUNDED)
+                self._sync_dir = self.backend.path if durable else None
         if chunk_bytes <= 0 or threads <= 0:
             raise ValueError("chunk_bytes and threads must be positive")
         self.grace_seconds = float(grace_seconds)
@@ -180,25 +185,25 @@ class SnapshotStore:
             digests: list[str] = [""] * len(units)
             written = 0
             with ExitStack() as stack:
-                hashers = stack.enter_context(ThreadPoolExecutor(self.threads))
-                writer = stack.enter_context(ThreadPoolExecutor(1))
+                work = stack.enter_context(_Workers(self.threads, bpb))
                 bar = stack.enter_context(_progress(progress, f"save {name}", len(units) * bpb))
                 seen: set[str] = set()
                 pending = None
                 step = max(1, self.chunk_bytes // bpb)
                 for start in range(0, len(units), step):
                     rows = _read_units(pager, units[start : start + step]).numpy()
-                    part = list(hashers.map(_sha256_hex, rows))
+                    part = work.digests(rows)
                     digests[start : start + len(part)] = part
                     if pending is not None:
                         written += pending.result()
                     lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
                     leases.append(lease)
-                    pending = writer.submit(self._put_pages, lease, name, part, rows, seen)
+                    pending = work.background(self._put_pages, lease, name, part, rows, seen)
                     bar(len(part) * bpb)
                 if pending is not None:
                     written += pending.result()
             written += self._repair_missing(pager, name, units, digests, leases, lease_id)
+            self._flush()  # pages durable before the manifest that names them
             sequences = [
                 SequenceEntry(sid, tokens, [digests[unit_of[u]] for u in us], fill, salt)
                 for sid, tokens, us, fill, salt in entries
@@ -209,6 +214,7 @@ class SnapshotStore:
                 name=name,
                 created=time.time(),
                 fingerprint=str(pager.fingerprint),
+                model=_model_of(pager),
                 layout=layout_dict(layout),
                 sequences=sequences,
                 metadata=meta,
@@ -216,8 +222,19 @@ class SnapshotStore:
                 save={"seconds": time.perf_counter() - t0},
             )
             self.backend.put_many([(MANIFEST_PREFIX + name, manifest.encode())])
+            self._flush()
         self.backend.delete_many(leases)
         return replace(SnapshotInfo.from_manifest(manifest), seconds=time.perf_counter() - t0)
+
+    def _flush(self) -> None:
+        """Make everything written so far durable (``durable=True`` local stores only)."""
+        if self._sync_dir is None:
+            return
+        fd = os.open(self._sync_dir, os.O_RDONLY)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
 
     def _new_name(self, name: str | None, overwrite: bool) -> str:
         if name is None:
@@ -374,17 +391,22 @@ class SnapshotStore:
         missing: list[str] = []
         corrupt: list[str] = []
         step = max(1, self.chunk_bytes // bpb)
+        chunks = [digests[i : i + step] for i in range(0, len(digests), step)]
+        get = self.backend.get_many
         with (
-            ThreadPoolExecutor(self.threads) as hashers,
+            _Workers(self.threads, bpb) as work,
             _progress(progress, what, len(digests) * bpb) as bar,
         ):
-            for start in range(0, len(digests), step):
-                part = digests[start : start + step]
-                values = self.backend.get_many([page_key(d) for d in part])
+            ahead = work.background(get, [page_key(d) for d in chunks[0]]) if chunks else None
+            for i, part in enumerate(chunks):
+                values = ahead.result()  # read the next chunk while this one is checked
+                if i + 1 < len(chunks):
+                    ahead = work.background(get, [page_key(d) for d in chunks[i + 1]])
                 present = [(d, v) for d, v in zip(part, values) if v is not None]
                 missing += [d for d, v in zip(part, values) if v is None]
-                got = hashers.map(lambda dv: len(dv[1]) == bpb and _sha256_hex(dv[1]), present)
-                for (d, v), h in zip(present, got):
+                sized = [(d, v) for d, v in present if len(v) == bpb]
+                corrupt += [d for d, v in present if len(v) != bpb]
+                for (d, v), h in zip(sized, work.digests([v for _, v in sized])):
                     if h != d:
                         corrupt.append(d)
                     elif keep:
@@ -415,7 +437,7 @@ class SnapshotStore:
         names = self.names()
         raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
         out = []
-        for n, raw in zip(names, raws):
+        for raw in raws:
             try:
                 out.append(SnapshotInfo.from_manifest(parse_manifest(raw or b"")))
             except SnapshotError:
@@ -423,7 +445,7 @@ class SnapshotStore:
         return sorted(out, key=lambda i: (i.created, i.name))
 
     def verify(self, name: str, *, progress: bool = False) -> VerifyReport:
-        """Read back every page of ``name`` and check length and digest (never raises for damage)."""
+        """Read back every page of ``name``; check lengths and digests (damage never raises)."""
         t0 = time.perf_counter()
         try:
             manifest = self.manifest(name)
@@ -481,6 +503,7 @@ class SnapshotStore:
                 name=new_name,
                 created=time.time(),
                 fingerprint=parent.fingerprint,
+                model=parent.model,
                 layout=parent.layout,
                 sequences=list(sequences),
                 metadata=parent.metadata if metadata is None else _json_object(metadata),
@@ -524,7 +547,7 @@ class SnapshotStore:
                 referenced |= parse_manifest(raw, what=f"manifest {n!r}").page_digests()
             except SnapshotError as e:
                 raise SnapshotError(f"gc refused: {e}; delete snapshot {n!r} first") from None
-        pages = {k[: -len(PAGE_SUFFIX)] for k in self.backend.keys() if _PAGE_KEY_RE.match(k)}
+        pages = {k[: -len(PAGE_SUFFIX)] for k in self.backend.keys("") if _PAGE_KEY_RE.match(k)}
         orphans = pages - referenced
         protected, dead = self._leases(grace)
         doomed = sorted(orphans - protected)
@@ -568,16 +591,30 @@ class SnapshotStore:
         return protected, dead
 
 
+def _syncfs(fd: int) -> None:
+    """Flush the file system holding ``fd`` (Linux ``syncfs``; ``os.sync`` elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
+
+
 def _read_units(pager: CachePager, units: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Bytes of (block, fill) units, ``uint8 [n, bytes_per_block]``; slots past fill zeroed."""
     rows = pager.read_blocks([b for b, _ in units])
     if not rows.is_contiguous() or rows.device.type != "cpu":
         rows = rows.to("cpu").contiguous()
     lay = pager.layout
+    arr = rows.numpy()
     for i, (_, fill) in enumerate(units):
         if fill < lay.block_size:
             # row bytes are ordered (layer, k/v, token, head, dim): zero tokens >= fill
-            rows[i].view(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
+            arr[i].reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
     return rows
 
 
@@ -590,11 +627,20 @@ def _check_compatible(m: Manifest, pager: CachePager) -> None:
             "the snapshot's layout"
         )
     if m.fingerprint != str(pager.fingerprint):
+        theirs, ours = _model_of(pager), m.model
         raise SnapshotError(
-            f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r} but the "
-            f"cache has fingerprint {pager.fingerprint!r}; KV is only valid for the model "
-            "that computed it"
+            f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r}"
+            + (f" (model {ours!r})" if ours else "")
+            + f" but the cache has fingerprint {pager.fingerprint!r}"
+            + (f" (model {theirs!r})" if theirs else "")
+            + "; KV is only valid for the model and layout that computed it"
         )
+
+
+def _model_of(pager: CachePager) -> str | None:
+    """The human-readable model id, where the pager has one (``KVCache.model_fingerprint``)."""
+    model = getattr(pager, "model_fingerprint", None)
+    return str(model) if model else None
 
 
 def _select(
@@ -633,6 +679,48 @@ def _json_object(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(meta))
 
 
+class _Workers:
+    """Digest workers and one background I/O thread, used only where they pay off.
+
+    Below ``_THREADED_PAGE`` bytes per page everything runs inline: per-page syscalls
+    in a second thread would convoy on the GIL (each one waits for it back) and cost
+    more than they overlap. Above it, a chunk's rows are hashed in ``threads`` slices
+    in parallel (sha256 releases the GIL) while the previous chunk is written/read.
+    """
+
+    def __init__(self, threads: int, page_bytes: int) -> None:
+        self.threads = threads if page_bytes >= _THREADED_PAGE else 1
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.io = ThreadPoolExecutor(1) if self.threads > 1 else None
+
+    def digests(self, rows: Sequence[Any]) -> list[str]:
+        if self.pool is None or len(rows) < 2:
+            return [_sha256_hex(r) for r in rows]
+        k = -(-len(rows) // self.threads)
+        slices = [rows[i : i + k] for i in range(0, len(rows), k)]
+        return [
+            d
+            for part in self.pool.map(lambda sl: [_sha256_hex(r) for r in sl], slices)
+            for d in part
+        ]
+
+    def background(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the I/O thread (a future), or now (a done future)."""
+        if self.io is not None:
+            return self.io.submit(fn, *args)
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ex in (self.pool, self.io):
+            if ex is not None:
+                ex.shutdown(wait=True)
+
+
 class _drop_on_error:
     """Delete the keys (a failed save's leases) if the block raises."""
 
@@ -644,10 +732,9 @@ class _drop_on_error:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None and self.keys:
-            try:
+            # the original error matters more; gc removes dead leases anyway
+            with contextlib.suppress(Exception):
                 self.backend.delete_many(self.keys)
-            except Exception:  # the original error matters more; gc removes dead leases
-                pass
 
 
 class _progress:

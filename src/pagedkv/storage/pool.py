@@ -41,12 +41,12 @@ class KVPool:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.layout = layout
         self.num_blocks = num_blocks
-        self.device = torch.device(device)
         self.backend = backend
         shape = (layout.num_layers, 2, num_blocks, layout.block_size)
         self.kv = torch.zeros(
-            (*shape, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=self.device
+            (*shape, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=device
         )
+        self.device = self.kv.device  # with its index: "cuda" -> cuda:0
 
     def __repr__(self) -> str:
         return f"KVPool({self.layout}, num_blocks={self.num_blocks}, device={self.device})"
@@ -168,9 +168,7 @@ class KVPool:
         ids = _checks.block_ids(block_ids, self.num_blocks, self.device)
         n = ids.numel()
         self._check_bytes(data, n, "data")
-        if data.device.type not in ("cpu", self.device.type) or (
-            data.device.type != "cpu" and data.device != self.device
-        ):
+        if data.device.type != "cpu" and data.device != self.device:
             raise ValueError(f"data must be on the CPU or {self.device}, got {data.device}")
         if n == 0:
             return

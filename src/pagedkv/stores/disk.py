@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from pagedkv.errors import CacheIntegrityError, StoreError
 from pagedkv.stores.base import (
@@ -107,7 +108,11 @@ class DiskStore:
     # -- BlockStore ---------------------------------------------------------------
 
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
-        """Write each value atomically (evicting LRU entries to stay under the cap)."""
+        """Write each value atomically (evicting LRU entries to stay under the cap).
+
+        The bytes go to a temp file without holding the store's lock (threads write
+        in parallel); only the eviction and the rename are serialized.
+        """
         checked = check_items(items)
         for key, value in checked:
             if len(value) > self._capacity:
@@ -115,45 +120,55 @@ class DiskStore:
                     f"DiskStore: value of key {key!r} is {len(value)} bytes, larger than "
                     f"capacity_bytes={self._capacity}"
                 )
-        with self._lock:
-            self._check_open()
-            for key, value in checked:
+        self._check_open()
+        for key, value in checked:
+            tmp = self._write_temp(key, value)
+            with self._lock:
                 self._make_room(len(value) - self._index.get(key, 0), keep=key)
-                self._write(key, value)
+                self._commit(tmp, key)
                 self._bytes_used += len(value) - self._index.pop(key, 0)
                 self._index[key] = len(value)
                 self._puts += 1
-            return len(checked)
+        return len(checked)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Read each value (``None`` for a miss); a hit is stamped most recently used."""
+        """Read each value (``None`` for a miss); a hit is stamped most recently used.
+
+        Files are read without holding the store's lock (threads read in parallel).
+        """
         keys = check_keys(keys)
-        with self._lock:
-            self._check_open()
-            out: list[bytes | None] = []
-            for key in keys:
-                path = self._path(key)
-                try:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                    stamp = self._next_ns()
-                    os.utime(path, ns=(stamp, stamp))
-                except FileNotFoundError:  # never written, evicted, or deleted elsewhere
-                    self._forget(key)
-                    out.append(None)
-                    continue
-                except OSError as e:
+        self._check_open()
+        out: list[bytes | None] = []
+        for key in keys:
+            path = self._path(key)
+            try:
+                with open(path, "rb") as f:
+                    out.append(f.read())
+            except FileNotFoundError:  # never written, evicted, or deleted elsewhere
+                out.append(None)
+            except OSError as e:
+                with self._lock:
                     self._errors += 1
-                    raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
+                raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
+        touched = []
+        with self._lock:
+            for key, data in zip(keys, out):
+                if data is None:
+                    # another thread may have committed it since our read
+                    if key in self._index and not os.path.exists(self._path(key)):
+                        self._forget(key)
+                    self._misses += 1
+                    continue
                 self._bytes_used += len(data) - self._index.pop(key, 0)
                 self._index[key] = len(data)
-                out.append(data)
-            hits = sum(v is not None for v in out)
-            self._hits += hits
-            self._misses += len(out) - hits
+                self._hits += 1
+                touched.append((self._path(key), self._next_ns()))
             if self._bytes_used > self._capacity:  # read entries another process wrote
                 self._make_room(0, keep=None)
-            return out
+        for path, stamp in touched:  # recency survives a restart through the mtime
+            with contextlib.suppress(OSError):
+                os.utime(path, ns=(stamp, stamp))
+        return out
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each entry file exists (not a use: recency is unchanged)."""
@@ -312,7 +327,8 @@ class DiskStore:
     def _forget(self, key: str) -> None:
         self._bytes_used -= self._index.pop(key, 0)
 
-    def _write(self, key: str, value: memoryview) -> None:
+    def _write_temp(self, key: str, value: memoryview) -> str:
+        """Write ``value`` to a fresh temp file next to the entry; return its path."""
         fan = _fan(key)
         directory = os.path.join(self._root, fan)
         tmp = os.path.join(directory, f"{key}.{os.getpid()}.{secrets.token_hex(6)}{_TMP}")
@@ -329,23 +345,34 @@ class DiskStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+        except OSError as e:
+            self._dirs.discard(fan)
+            self._fail_write(tmp, key, e)
+        return tmp
+
+    def _commit(self, tmp: str, key: str) -> None:
+        """Stamp the temp file and rename it over the entry (under the lock)."""
+        try:
             stamp = self._next_ns()
             os.utime(tmp, ns=(stamp, stamp))
             os.replace(tmp, self._path(key))
             if self._fsync:
-                dfd = os.open(directory, os.O_RDONLY)
+                dfd = os.open(os.path.dirname(tmp), os.O_RDONLY)
                 try:
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
         except OSError as e:
+            self._fail_write(tmp, key, e)
+
+    def _fail_write(self, tmp: str, key: str, e: OSError) -> NoReturn:
+        with self._lock:
             self._errors += 1
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            self._dirs.discard(fan)
-            raise StoreError(
-                f"DiskStore: cannot write key {key!r} under {self._root!r}: {e.strerror or e}"
-            ) from e
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(
+            f"DiskStore: cannot write key {key!r} under {self._root!r}: {e.strerror or e}"
+        ) from e
 
     def _check_open(self) -> None:
         if self._closed:

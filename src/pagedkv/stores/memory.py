@@ -61,6 +61,7 @@ class MemoryStore:
         self._bytes_used = 0
         self._hits = self._misses = self._puts = self._evictions = 0
         self._closed = False
+        self._reads_done: Any = None  # CUDA event after the last async get_into
         if slot_bytes is not None:
             self._allocate(slot_bytes)
 
@@ -111,6 +112,7 @@ class MemoryStore:
                     )
             import numpy as np
 
+            self._wait_reads()
             for key, value in checked:
                 slot = self._claim(key)
                 n = len(value)
@@ -189,12 +191,13 @@ class MemoryStore:
     def put_tensor_rows(self, keys: Sequence[str], rows: Any) -> int:
         """Store row ``i`` of ``rows`` (``uint8 [n, w]``, ``w <= slot_bytes``) under ``keys[i]``.
 
-        One ``index_copy_`` moves every row; ``rows`` on another device is copied to
-        host first (give host rows, e.g. from ``KVPool.read_blocks``, to avoid that).
-        A repeated key keeps its last row. Returns how many keys were stored.
+        Host rows move with one ``index_copy_`` (over 8-byte words when the width
+        allows: byte-wise indexed copies run ~10x below memory bandwidth on CPU).
+        CUDA rows are copied straight into the pinned slab, one copy per run of
+        consecutive slots (fresh slots come out of the free stack in order), and the
+        call returns once they landed. A repeated key keeps its last row. Returns
+        how many keys were stored.
         """
-        import torch
-
         keys = check_keys(keys)
         self._check_rows(rows, len(keys), "put_tensor_rows", "rows")
         if not keys:
@@ -209,6 +212,7 @@ class MemoryStore:
                     f"MemoryStore.put_tensor_rows: rows are {width} bytes wide, larger than "
                     f"a slot ({self._slot_bytes} bytes)"
                 )
+            self._wait_reads()
             last = {k: i for i, k in enumerate(keys)}  # a repeated key keeps its last row
             src_rows, slots = [], []
             for key, i in last.items():
@@ -217,23 +221,24 @@ class MemoryStore:
                 self._lengths[slot] = width
                 src_rows.append(i)
                 slots.append(slot)
-            if rows.device.type != "cpu":
-                rows = rows.to("cpu")
-            if len(src_rows) != len(keys):
-                rows = rows.index_select(0, torch.tensor(src_rows, dtype=torch.long))
             dst = self._slab if width == self._slot_bytes else self._slab[:, :width]
-            dst.index_copy_(0, torch.tensor(slots, dtype=torch.long), rows)
+            _copy_rows(dst, slots, rows, src_rows, non_blocking=True)
+            if rows.device.type == "cuda":
+                import torch
+
+                torch.cuda.current_stream(rows.device).synchronize()
             self._puts += len(slots)
             return len(slots)
 
     def get_into(self, keys: Sequence[str], out: Any, *, non_blocking: bool = False) -> list[bool]:
-        """Copy the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, any device).
+        """Copy the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, host or CUDA).
 
         Returns which rows were filled; a key is found when present with exactly
-        ``w`` bytes. Rows of misses are left untouched. One gather and one copy.
+        ``w`` bytes. Rows of misses are left untouched. Host: one ``index_select``.
+        CUDA: one copy per run of consecutive slots from the pinned slab;
+        ``non_blocking=True`` returns before they land (the next write to this store
+        waits for them, so a slot is never reused under an in-flight copy).
         """
-        import torch
-
         keys = check_keys(keys)
         self._check_rows(out, len(keys), "get_into", "out")
         width = out.shape[1]
@@ -250,19 +255,14 @@ class MemoryStore:
                     slots.append(slot)
             self._hits += len(rows)
             self._misses += len(keys) - len(rows)
-            if not rows:
-                return found
-            src = self._slab if width == self._slot_bytes else self._slab[:, :width]
-            idx = torch.tensor(slots, dtype=torch.long)
-            if len(rows) == len(keys) and out.device.type == "cpu" and out.is_contiguous():
-                torch.index_select(src, 0, idx, out=out)
-            elif len(rows) == len(keys):
-                out.copy_(src.index_select(0, idx), non_blocking=non_blocking)
-            else:
-                gathered = src.index_select(0, idx).to(out.device, non_blocking=non_blocking)
-                out.index_copy_(
-                    0, torch.tensor(rows, dtype=torch.long, device=out.device), gathered
-                )
+            if rows:
+                src = self._slab if width == self._slot_bytes else self._slab[:, :width]
+                _copy_rows(out, rows, src, slots, non_blocking=non_blocking)
+                if out.device.type == "cuda" and non_blocking:
+                    import torch
+
+                    self._reads_done = torch.cuda.Event()
+                    self._reads_done.record(torch.cuda.current_stream(out.device))
             return found
 
     # -- invariants ---------------------------------------------------------------
@@ -337,6 +337,51 @@ class MemoryStore:
         if t.shape[0] != n:
             raise ValueError(f"MemoryStore.{fn}: {name} has {t.shape[0]} rows for {n} keys")
 
+    def _wait_reads(self) -> None:
+        if self._reads_done is not None:
+            self._reads_done.synchronize()
+            self._reads_done = None
+
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("MemoryStore is closed")
+
+
+def _wide(a: Any, b: Any) -> tuple[Any, Any]:
+    """View two uint8 ``[n, w]`` tensors as the widest integer type both allow (else as is)."""
+    import torch
+
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        try:
+            return a.view(dtype), b.view(dtype)
+        except RuntimeError:
+            continue
+    return a, b
+
+
+def _copy_rows(dst: Any, dst_idx: list[int], src: Any, src_idx: list[int], non_blocking: bool):
+    """``dst[dst_idx[j]] = src[src_idx[j]]`` for every j, as few copies as the devices allow."""
+    import torch
+
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        dst, src = _wide(dst, src if src.is_contiguous() else src.contiguous())
+        s_idx = torch.tensor(src_idx, dtype=torch.long)
+        if dst_idx == list(range(dst.shape[0])) and dst.is_contiguous():
+            torch.index_select(src, 0, s_idx, out=dst)
+        else:
+            whole = src_idx == list(range(src.shape[0]))
+            rows = src if whole else src.index_select(0, s_idx)
+            dst.index_copy_(0, torch.tensor(dst_idx, dtype=torch.long), rows)
+        return
+    # Across devices: a gather would stage through pageable memory; runs of
+    # consecutive rows copy straight between the pinned slab and the device instead.
+    start = 0
+    for j in range(1, len(dst_idx) + 1):
+        if (
+            j == len(dst_idx)
+            or dst_idx[j] != dst_idx[j - 1] + 1
+            or src_idx[j] != src_idx[j - 1] + 1
+        ):
+            d, s, n = dst_idx[start], src_idx[start], j - start
+            dst[d : d + n].copy_(src[s : s + n], non_blocking=non_blocking)
+            start = j

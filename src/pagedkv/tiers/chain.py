@@ -30,6 +30,8 @@ from pagedkv.tiers.level import Level, MemoryLevel
 from pagedkv.tiers.tier import CPUTier, DiskTier, RedisTier
 from pagedkv.tiers.writeback import Job, WriteBack
 
+CHUNK_BYTES = 256 << 20
+
 
 class TieredStore:
     """The chain of offload tiers of one cache (see the module docstring).
@@ -64,6 +66,7 @@ class TieredStore:
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
+        self.tiers = tuple(tiers)
         self.layout = layout
         self.fingerprint = fingerprint
         self.block_bytes = layout.bytes_per_block
@@ -92,6 +95,9 @@ class TieredStore:
         self._writer = WriteBack(self._store_job, max_pending_bytes)
         self._pool: KVPool | None = None
         self._stream: Any = None
+        # Blocks cross between host and device in chunks of about CHUNK_BYTES: the pool
+        # stages a whole batch on the device, and a long sequence must not need GBs there.
+        self._chunk = max(1, CHUNK_BYTES // self.block_bytes)
         self._counts = dict.fromkeys(
             ("lookups", "promoted", "pending_hits", "demoted", "written_through"), 0
         )
@@ -159,18 +165,32 @@ class TieredStore:
     def _gather(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
         """Copy blocks to host rows; on CUDA stream-ordered, returning the completion event."""
         pool = self._require_pool()
+        ids, n, step = list(block_ids), len(block_ids), self._chunk
         if self._stream is None:
-            return pool.read_blocks(block_ids), None
+            if n <= step:
+                return pool.read_blocks(ids), None
+            rows = torch.empty((n, self.block_bytes), dtype=torch.uint8)
+            for a in range(0, n, step):
+                pool.read_blocks(ids[a : a + step], out=rows[a : a + step])
+            return rows, None
         current = torch.cuda.current_stream(pool.device)
         self._stream.wait_stream(current)  # see the pool as the current stream left it
         with torch.cuda.stream(self._stream):
-            shape = (len(block_ids), self.block_bytes)
-            rows = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-            pool.read_blocks(block_ids, out=rows, non_blocking=True)
+            rows = torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
+            for a in range(0, n, step):
+                pool.read_blocks(ids[a : a + step], out=rows[a : a + step], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
         current.wait_event(event)  # a later write into these blocks cannot overtake the copy
         return rows, event
+
+    def _scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+        """Write host rows into pool blocks on the current stream (async from pinned rows)."""
+        pool = self._require_pool()
+        ids, step = list(block_ids), self._chunk
+        cuda = pool.device.type == "cuda"
+        for a in range(0, len(ids), step):
+            pool.write_blocks(ids[a : a + step], rows[a : a + step], non_blocking=cuda)
 
     def _store_job(self, job: Job) -> None:
         """Background thread: store a job into the first tier, or every tier."""
@@ -190,6 +210,7 @@ class TieredStore:
             cap = level.capacity_blocks
             if len(keys) > cap:  # more than the level holds: the oldest go straight down
                 if i + 1 < len(self.levels):
+                    level.spilled += len(keys) - cap
                     self._put(i + 1, keys[:-cap], rows[:-cap])
                 keys, rows = keys[-cap:], rows[-cap:]
             victims = level.reserve(keys)
@@ -264,7 +285,7 @@ class TieredStore:
             else:
                 self.levels[source[j]].hits += 1
         if loaded:
-            pool.write_blocks(list(block_ids[:loaded]), rows[:loaded], non_blocking=pinned)
+            self._scatter(block_ids[:loaded], rows[:loaded])
             self._counts["promoted"] += loaded
         return loaded
 
@@ -299,12 +320,13 @@ class TieredStore:
         self._swapped[key] = (rows, event)
         self._swapped_bytes += need
 
-    def swap_in(self, key: str, block_ids: Sequence[int]) -> None:
+    def swap_in(self, key: str, block_ids: Sequence[int], *, skip: int = 0) -> None:
         """Write the blocks swapped out under ``key`` into ``block_ids`` and release them.
 
-        ``block_ids`` are fresh pool blocks, as many as were swapped out. Raises
-        ``KeyError`` for an unknown key and ``ValueError`` for a wrong count; nothing
-        changes then.
+        ``block_ids`` are pool blocks, as many as were swapped out; the first ``skip``
+        are left alone (they were found in the device prefix cache, so they already
+        hold these bytes). Raises ``KeyError`` for an unknown key and ``ValueError``
+        for a wrong count or ``skip``; nothing changes then.
         """
         if key not in self._swapped:
             raise KeyError(f"no sequence is swapped out under key {key!r}")
@@ -314,9 +336,13 @@ class TieredStore:
                 f"swap_in({key!r}): {rows.shape[0]} blocks were swapped out, "
                 f"got {len(block_ids)} block ids"
             )
-        pool = self._require_pool()
+        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= len(rows):
+            raise ValueError(f"swap_in({key!r}): skip must be an int in [0, {len(rows)}]")
+        ids = list(block_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"swap_in({key!r}): block ids must be distinct, got {ids}")
         # On CUDA the current stream already waits for the swap-out copy (see _gather).
-        pool.write_blocks(list(block_ids), rows, non_blocking=pool.device.type == "cuda")
+        self._scatter(ids[skip:], rows[skip:])
         self.discard_swap(key)
 
     def discard_swap(self, key: str) -> bool:

@@ -10,9 +10,11 @@ down before they are deleted; the store's own eviction never runs then.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -178,7 +180,9 @@ class FramedLevel(Level):
     """Disk or Redis: each block is framed (fingerprint, length, digest) and verified.
 
     A value that does not verify (corrupt, truncated, another fingerprint, another
-    block size) is a miss, is counted in ``corrupt`` and is deleted.
+    block size) is a miss, is counted in ``corrupt`` and is deleted. Framing and
+    verification run on a few threads: the digest, not the I/O, is the cost of a
+    block here, and hashlib releases the GIL on large buffers.
     """
 
     def __init__(
@@ -193,21 +197,31 @@ class FramedLevel(Level):
     ) -> None:
         super().__init__(name, store, block_bytes, capacity_blocks=capacity_blocks, backoff=backoff)
         self.fingerprint = fingerprint
+        self._threads = min(8, os.cpu_count() or 1)
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _map(self, fn: Callable[[int], T], n: int) -> Iterable[T]:
+        if n < 2 or self._threads < 2:
+            return map(fn, range(n))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="pagedkv-frame")
+        return self._executor.map(fn, range(n))
 
     def _load(self, keys: Sequence[str], out: torch.Tensor) -> list[bool]:
         from pagedkv.stores.framing import unpack
 
         blobs = self.store.get_many(keys)
         rows = out.numpy()
-        found, bad = [], []
-        for i, (key, blob) in enumerate(zip(keys, blobs)):
-            payload = unpack(blob, fingerprint=self.fingerprint)
-            ok = payload is not None and len(payload) == self.block_bytes
-            if ok:
-                rows[i] = np.frombuffer(payload, dtype=np.uint8)
-            elif blob is not None:
-                bad.append(key)
-            found.append(ok)
+
+        def verify(i: int) -> bool:
+            payload = unpack(blobs[i], fingerprint=self.fingerprint)
+            if payload is None or len(payload) != self.block_bytes:
+                return False
+            rows[i] = np.frombuffer(payload, dtype=np.uint8)
+            return True
+
+        found = list(self._map(verify, len(keys)))
+        bad = [k for k, ok, blob in zip(keys, found, blobs) if not ok and blob is not None]
         if bad:
             self.corrupt += len(bad)
             self.delete(bad)
@@ -217,5 +231,11 @@ class FramedLevel(Level):
         from pagedkv.stores.framing import pack
 
         arr = rows.numpy()
-        items = [(k, pack(arr[i], fingerprint=self.fingerprint)) for i, k in enumerate(keys)]
-        return self.store.put_many(items)
+        framed = list(self._map(lambda i: pack(arr[i], fingerprint=self.fingerprint), len(keys)))
+        return self.store.put_many(list(zip(keys, framed)))
+
+    def close(self) -> None:
+        """Close the store and stop the framing threads."""
+        if self._executor is not None:
+            self._executor.shutdown()
+        super().close()

@@ -21,6 +21,10 @@ import torch
 
 log = logging.getLogger("pagedkv.tiers")
 
+# An idle writer thread exits after this long, so a cache that is never closed
+# does not keep a thread (and, through it, the cache) alive forever.
+IDLE_EXIT_S = 2.0
+
 
 @dataclass(eq=False)
 class Job:
@@ -97,15 +101,17 @@ class WriteBack:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stop:
-                    self._cv.wait()
-                if not self._jobs:
+                if not self._jobs and not self._stop:
+                    self._cv.wait(IDLE_EXIT_S)
+                if not self._jobs:  # stopped, or idle: exit (submit starts a new thread)
+                    self._thread = None
                     return
                 job = self._jobs[0]
             try:

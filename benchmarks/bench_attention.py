@@ -1,0 +1,440 @@
+"""Attention / KV-movement benchmark on one CUDA GPU (one run, one table).
+
+    PYTHONPATH=src python benchmarks/bench_attention.py [--quick] [--sweep] [--no-flashinfer]
+
+Decode: B in {1,16,64,128} x ctx in {512,4096,16384}, Hq 32, Hkv 8, D 128, bf16, block 16,
+blocks in random order: pagedkv Triton (do_bench, and a DecodePlan replayed in a CUDA
+graph), FlashInfer BatchDecodeWithPagedKVCacheWrapper on the same pool (if importable),
+SDPA flash over a contiguous copy. Bandwidth = KV bytes read / time, as a fraction of the
+device-to-device copy bandwidth (read + write) measured in the same run. Then prefill with
+a cached prefix vs SDPA flash, batch-invariant cost, copy_blocks and swap gathers.
+Writes JSON to benchmarks/out/ and to $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from pagedkv import ops  # noqa: E402
+from pagedkv.ops import triton_decode  # noqa: E402
+from pagedkv.storage import KVLayout, KVPool  # noqa: E402
+
+DEV = torch.device("cuda")
+BF = torch.bfloat16
+HQ, HKV, D, BS = 32, 8, 128, 16
+L2_ROTATE = 256 * 2**20
+RES: dict = {"configs": [], "prefill": [], "invariant": [], "memory": [], "sweep": []}
+
+
+def do_bench(fn, warmup=25, rep=100) -> float:
+    from triton.testing import do_bench as tdb
+
+    return tdb(fn, warmup=warmup, rep=rep, return_mode="median") / 1e3
+
+
+def bench_graph(fn, est_s, budget_s=0.01, replays=10) -> float:
+    """Device time per call: k calls captured in one CUDA graph, replays timed."""
+    k = max(1, min(64, int(budget_s / max(est_s, 1e-6))))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(k):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3 / k)
+    del g
+    return statistics.median(ts)
+
+
+def rotations(nbytes: int) -> int:
+    return 1 if nbytes >= L2_ROTATE else max(2, min(64, -(-L2_ROTATE // nbytes)))
+
+
+def d2d_bandwidth() -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    t = do_bench(lambda: dst.copy_(src))
+    return 2 * n / t / 1e9  # read + write
+
+
+def make_pools(B, L, nrot):
+    """Pools with B sequences of L tokens in random block order; same tables for all."""
+    nb = B * -(-L // BS)
+    pools = [KVPool(KVLayout(1, HKV, D, BS, BF), nb, DEV) for _ in range(nrot)]
+    for p in pools:
+        p.kv.normal_()
+    perm = torch.randperm(nb, device=DEV).to(torch.int32)
+    tables = perm.view(B, -1)
+    lens = torch.full((B,), L, dtype=torch.int32, device=DEV)
+    return pools, tables, lens
+
+
+def fi_wrappers(tables, lens):
+    try:
+        import flashinfer
+    except Exception as e:  # not installed / not built: the column stays empty
+        RES["flashinfer_error"] = repr(e)[:300]
+        return {}
+    B, nbps = tables.shape
+    indptr = torch.arange(0, B * nbps + 1, nbps, dtype=torch.int32, device=DEV)
+    last = ((lens - 1) % BS + 1).to(torch.int32)
+    out = {}
+    for tc in (False, True):
+        try:
+            ws = torch.zeros(256 * 2**20, dtype=torch.uint8, device=DEV)
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+            w.plan(indptr, tables.reshape(-1), last, HQ, HKV, D, BS, pos_encoding_mode="NONE",
+                   q_data_type=BF, kv_data_type=BF)  # fmt: skip
+            out[tc] = w
+        except Exception as e:
+            RES.setdefault("flashinfer_plan_errors", []).append(repr(e)[:300])
+    RES["flashinfer"] = flashinfer.__version__
+    return out
+
+
+def bench_decode(B, L, d2d, use_fi):
+    kv_bytes = B * L * HKV * D * 2 * 2
+    nrot = rotations(kv_bytes)
+    pools, tables, lens = make_pools(B, L, nrot)
+    q = torch.randn(B, HQ, D, dtype=BF, device=DEV)
+    rec = dict(B=B, L=L, kv_bytes=kv_bytes, n_rot=nrot)
+    st = [0]
+
+    def nxt():
+        st[0] = (st[0] + 1) % nrot
+        return pools[st[0]]
+
+    out = ops.decode_attention(q, pools[0].k(0), pools[0].v(0), tables, lens)
+    ref = None
+    if kv_bytes <= 2**31:  # the float32 reference needs ~5x the KV bytes
+        ref = ops.decode_attention(
+            q, pools[0].k(0), pools[0].v(0), tables, lens, backend="reference"
+        )
+        rec["rel_err"] = ((out.float() - ref.float()).norm() / ref.norm()).item()
+
+    def fn():
+        p = nxt()
+        ops.decode_attention(q, p.k(0), p.v(0), tables, lens, check=False)
+
+    t = do_bench(fn)
+    plan = ops.DecodePlan(B, HQ, HKV, D, BS, L, dtype=BF, device=DEV)
+
+    def fn_plan():
+        p = nxt()
+        plan.run(q, p.k(0), p.v(0), tables, lens, check=False)
+
+    tg = bench_graph(fn_plan, t)
+    rec.update(t_s=t, t_graph_s=tg, frac_d2d=kv_bytes / t / 1e9 / d2d, split=plan.split_tokens,
+               frac_d2d_graph=kv_bytes / tg / 1e9 / d2d)  # fmt: skip
+    if use_fi:
+        for tc, w in fi_wrappers(tables, lens).items():
+            fo = torch.empty_like(q)
+            try:
+                w.run(q, (pools[0].k(0), pools[0].v(0)), out=fo)
+                e = None if ref is None else ((fo.float() - ref.float()).norm() / ref.norm()).item()
+
+                def ffn(w=w, fo=fo):
+                    p = nxt()
+                    w.run(q, (p.k(0), p.v(0)), out=fo)
+
+                tf = do_bench(ffn)
+                tfg = bench_graph(ffn, tf)
+                rec[f"fi_tc{int(tc)}"] = dict(t_s=tf, t_graph_s=tfg, rel_err=e)
+            except Exception as ex:
+                rec[f"fi_tc{int(tc)}_error"] = repr(ex)[:300]
+        fis = [v for k, v in rec.items() if k.startswith("fi_tc") and isinstance(v, dict)]
+        if fis:
+            rec["fi_best_s"] = min(f["t_s"] for f in fis)
+            rec["fi_best_graph_s"] = min(f["t_graph_s"] for f in fis)
+    pools.clear()
+    try:  # SDPA flash over a contiguous cache (GQA folded into query rows)
+        nr = rotations(kv_bytes)
+        ks = [torch.randn(B, HKV, L, D, dtype=BF, device=DEV) for _ in range(nr)]
+        vs = [torch.randn(B, HKV, L, D, dtype=BF, device=DEV) for _ in range(nr)]
+        qs = q.view(B, HKV, HQ // HKV, D)
+
+        def sfn():
+            st[0] = (st[0] + 1) % nr
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(qs, ks[st[0] % nr], vs[st[0] % nr])
+
+        rec["sdpa_s"] = do_bench(sfn)
+    except Exception as ex:
+        rec["sdpa_error"] = repr(ex)[:200]
+    torch.cuda.empty_cache()
+    return rec
+
+
+def bench_prefill(B, prefix, new):
+    L = prefix + new
+    pools, tables, lens = make_pools(B, L, 1)
+    p = pools[0]
+    q = torch.randn(B * new, HQ, D, dtype=BF, device=DEV)
+    cu = torch.arange(0, B * new + 1, new, dtype=torch.int32, device=DEV)
+    out = ops.prefill_attention(q, cu, p.k(0), p.v(0), tables, lens, max_q_len=new)
+    t = do_bench(lambda: ops.prefill_attention(q, cu, p.k(0), p.v(0), tables, lens,
+                                               max_q_len=new, check=False))  # fmt: skip
+    # SDPA flash on contiguous K/V of the same lengths; bottom-right causal mask
+    k, v = p.gather(0, tables[0], L)
+    kc = k.transpose(0, 1)[None].expand(B, HKV, L, D).contiguous()
+    vc = v.transpose(0, 1)[None].expand(B, HKV, L, D).contiguous()
+    qc = q.view(B, new, HQ, D).transpose(1, 2).contiguous()
+    rec = dict(B=B, prefix=prefix, new=new, t_s=t)
+    flops = 4 * B * HQ * D * new * (prefix + (new + 1) / 2)
+    rec["tflops"] = flops / t / 1e12
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(new, L) if prefix else None
+
+        def sfn():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(
+                    qc, kc, vc, attn_mask=mask, is_causal=not prefix, enable_gqa=True
+                )
+
+        so = sfn()
+        ref0 = so[0].transpose(0, 1)
+        err = (out[:new].float() - ref0.float()).norm() / ref0.float().norm()
+        rec["rel_err_vs_sdpa"] = err.item()
+        rec["sdpa_s"] = do_bench(sfn)
+        rec["ratio_sdpa_over_pagedkv"] = rec["sdpa_s"] / t
+    except Exception as ex:
+        rec["sdpa_error"] = repr(ex)[:300]
+    pools.clear()
+    torch.cuda.empty_cache()
+    return rec
+
+
+def bench_invariant(B, L, d2d):
+    pools, tables, lens = make_pools(B, L, rotations(B * L * HKV * D * 4))
+    q = torch.randn(B, HQ, D, dtype=BF, device=DEV)
+    rec = dict(B=B, L=L)
+    for inv in (False, True):
+        plan = ops.DecodePlan(B, HQ, HKV, D, BS, L, dtype=BF, device=DEV, batch_invariant=inv)
+
+        def fn(plan=plan, st=[0]):  # noqa: B006 (a counter that lives with the closure)
+            st[0] = (st[0] + 1) % len(pools)
+            plan.run(q, pools[st[0]].k(0), pools[st[0]].v(0), tables, lens, check=False)
+
+        rec["t_invariant_s" if inv else "t_default_s"] = bench_graph(fn, do_bench(fn))
+    rec["cost"] = rec["t_invariant_s"] / rec["t_default_s"]
+    pools.clear()
+    torch.cuda.empty_cache()
+    return rec
+
+
+def bench_memory(d2d):
+    lay = KVLayout(32, 8, 128, 16, BF)  # a 32-layer model: 2 MiB per block
+    pool = KVPool(lay, 2048, DEV)
+    pool.kv.normal_()
+    n = 512
+    ids = torch.randperm(2048, device=DEV)[: 2 * n]
+    pairs = torch.stack([ids[:n], ids[n:]], 1).cpu()
+    src, dst = pairs[:, 0].to(DEV), pairs[:, 1].to(DEV)
+    nbytes = n * lay.bytes_per_block
+    recs = []
+    t = do_bench(lambda: ops.copy_blocks(pool.kv, src, dst))
+    recs.append(dict(op="copy_blocks", blocks=n, bytes=nbytes, t_s=t,
+                     frac_d2d=2 * nbytes / t / 1e9 / d2d))  # fmt: skip
+    t = do_bench(lambda: ops.gather_blocks(pool.kv, src))
+    recs.append(dict(op="gather_blocks (device staging)", bytes=nbytes, t_s=t,
+                     frac_d2d=2 * nbytes / t / 1e9 / d2d))  # fmt: skip
+    out = torch.empty(n, lay.bytes_per_block, dtype=torch.uint8, pin_memory=True)
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+
+    def timed(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    t_raw = timed(lambda: out.view(-1).copy_(flat, non_blocking=True))
+    t = timed(lambda: pool.read_blocks(src, out=out, non_blocking=True))
+    recs.append(dict(op="read_blocks D2H pinned", bytes=nbytes, t_s=t, t_contiguous_s=t_raw,
+                     frac_contiguous=t_raw / t, GBps=nbytes / t / 1e9))  # fmt: skip
+    t_raw = timed(lambda: flat.copy_(out.view(-1), non_blocking=True))
+    t = timed(lambda: pool.write_blocks(dst, out, non_blocking=True))
+    recs.append(dict(op="write_blocks H2D pinned", bytes=nbytes, t_s=t, t_contiguous_s=t_raw,
+                     frac_contiguous=t_raw / t, GBps=nbytes / t / 1e9))  # fmt: skip
+    torch.cuda.empty_cache()
+    return recs
+
+
+def bench_host():
+    """Host time per eager call at B=1 ctx 512 (GPU time ~7 us): launch overhead."""
+    pools, tables, lens = make_pools(1, 512, 1)
+    k, v = pools[0].k(0), pools[0].v(0)
+    q = torch.randn(1, HQ, D, dtype=BF, device=DEV)
+    plan = ops.DecodePlan(1, HQ, HKV, D, BS, 512, dtype=BF, device=DEV)
+    direct = dict(split_tokens=512, out=torch.empty_like(q))
+    fns = {
+        "ops.decode_attention(check=False)": lambda: ops.decode_attention(
+            q, k, v, tables, lens, check=False
+        ),
+        "ops.decode_attention(check=True)": lambda: ops.decode_attention(q, k, v, tables, lens),
+        "triton_decode.decode, 2 kernels": lambda: triton_decode.decode(
+            q, k, v, tables, lens, 0.1, split_tokens=64
+        ),
+        "triton_decode.decode, 1 kernel": lambda: triton_decode.decode(
+            q, k, v, tables, lens, 0.1, **direct
+        ),
+        "DecodePlan.run(check=False)": lambda: plan.run(q, k, v, tables, lens, check=False),
+    }
+    fi = fi_wrappers(tables, lens) if not RES.get("no_flashinfer") else {}
+    if fi:
+        fo = torch.empty_like(q)
+        fns["flashinfer run"] = lambda: fi[True].run(q, (k, v), out=fo)
+    rec = {}
+    for name, fn in fns.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(300):
+            fn()
+        torch.cuda.synchronize()
+        rec[name] = (time.perf_counter() - t0) / 300
+        print(f"host {name:40s} {rec[name] * 1e6:7.1f} us/call", flush=True)
+    RES["host_us_per_call"] = {k_: v_ * 1e6 for k_, v_ in rec.items()}
+
+
+def sweep(d2d):
+    """Decode tile / split options at a few shapes (CUDA-graph time, fraction of d2d)."""
+    for B, L in ((64, 4096), (1, 512), (1, 16384), (128, 16384)):
+        kv_bytes = B * L * HKV * D * 4
+        pools, tables, lens = make_pools(B, L, rotations(kv_bytes))
+        q = torch.randn(B, HQ, D, dtype=BF, device=DEV)
+        out = torch.empty_like(q)
+        for bn in (32, 64, 128):
+            for nw, ns in ((4, 2), (4, 3), (8, 3)):
+                for split in sorted({64, 256, 512, 1024, 2048, L} & set(range(64, L + 1))):
+                    if B * HKV * (L // split) > 16384 or (bn == 128 and split < 128):
+                        continue
+                    cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+
+                    def fn(pools=pools, q=q, tables=tables, lens=lens, out=out, split=split,
+                           cfg=cfg, st=[0]):  # noqa: B006  # fmt: skip
+                        st[0] = (st[0] + 1) % len(pools)
+                        p = pools[st[0]]
+                        triton_decode.decode(q, p.k(0), p.v(0), tables, lens, D**-0.5,
+                                             split_tokens=split, out=out, cfg=cfg)  # fmt: skip
+
+                    try:
+                        tg = bench_graph(fn, 1e-4, budget_s=0.003, replays=5)
+                        r = dict(B=B, L=L, **cfg, split=split, t_graph_s=tg,
+                                 frac_d2d=kv_bytes / tg / 1e9 / d2d)  # fmt: skip
+                    except Exception as e:
+                        r = dict(B=B, L=L, **cfg, split=split, error=repr(e)[:200])
+                    RES["sweep"].append(r)
+        mine = [r for r in RES["sweep"] if r["B"] == B and r["L"] == L and "t_graph_s" in r]
+        best = min(mine, key=lambda r: r["t_graph_s"]) if mine else None
+        print("sweep best", json.dumps(best), flush=True)
+        pools.clear()
+        torch.cuda.empty_cache()
+
+
+def dump():
+    for d in (os.path.join(os.path.dirname(__file__), "out"), os.environ.get("OUT")):
+        if d:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "bench_attention.json"), "w") as f:
+                json.dump(RES, f, indent=1)
+
+
+def us(x):
+    return "-" if x is None else f"{x * 1e6:8.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-flashinfer", action="store_true")
+    args = ap.parse_args()
+    RES.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    RES["date"] = time.strftime("%F")
+    d2d = d2d_bandwidth()
+    RES["d2d_GBps_read_plus_write"] = d2d
+    print(f"device {RES['device']}  d2d copy {d2d:.0f} GB/s (read+write)", flush=True)
+    RES["no_flashinfer"] = args.no_flashinfer
+    try:
+        bench_host()
+    except Exception as e:
+        print("host bench error", repr(e), flush=True)
+    if args.sweep:
+        sweep(d2d)
+        dump()
+    batches, lens = ((1, 64), (512, 4096)) if args.quick else ((1, 16, 64, 128), (512, 4096, 16384))
+    print(f"{'B':>4} {'ctx':>6} {'us':>8} {'graph':>8} {'%d2d':>5} {'%gr':>5} {'FI us':>8} "
+          f"{'FI gr':>8} {'pk/FI':>6} {'gr/FIgr':>7} {'sdpa':>8}", flush=True)  # fmt: skip
+    for B in batches:
+        for L in lens:
+            try:
+                r = bench_decode(B, L, d2d, not args.no_flashinfer)
+            except Exception as e:
+                r = dict(B=B, L=L, error=repr(e)[:300], tb=traceback.format_exc()[-800:])
+                print(r, flush=True)
+                continue
+            RES["configs"].append(r)
+            dump()
+            fi, fig = r.get("fi_best_s"), r.get("fi_best_graph_s")
+            print(f"{B:>4} {L:>6} {us(r['t_s'])} {us(r['t_graph_s'])} {100 * r['frac_d2d']:5.1f} "
+                  f"{100 * r['frac_d2d_graph']:5.1f} {us(fi)} {us(fig)} "
+                  f"{(r['t_s'] / fi) if fi else float('nan'):6.2f} "
+                  f"{(r['t_graph_s'] / fig) if fig else float('nan'):7.2f} {us(r.get('sdpa_s'))}",
+                  flush=True)  # fmt: skip
+    for B, prefix, new in ((1, 0, 4096), (4, 3072, 1024), (8, 1536, 512)):
+        try:
+            r = bench_prefill(B, prefix, new)
+        except Exception as e:
+            r = dict(B=B, prefix=prefix, new=new, error=repr(e)[:300])
+        RES["prefill"].append(r)
+        print("prefill", json.dumps(r), flush=True)
+    for B, L in ((1, 4096), (64, 4096)):
+        r = bench_invariant(B, L, d2d)
+        RES["invariant"].append(r)
+        print("invariant", json.dumps(r), flush=True)
+    try:
+        for r in bench_memory(d2d):
+            RES["memory"].append(r)
+            print("memory", json.dumps(r), flush=True)
+    except Exception as e:
+        RES["memory_error"] = repr(e)[:300]
+        print("memory error", repr(e), flush=True)
+    dump()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""End-to-end generation throughput: pagedkv Engine vs transformers' continuous batching
+(``generate_batch``) vs plain ``generate()`` — same model, prompts, device, one run.
+
+Model: LlamaForCausalLM with SmolLM2-135M's config (``--config llama1b``: a ~1B
+Llama-style shape), random weights, bf16 on CUDA / fp32 on CPU. Workloads (EOS ignored):
+  (a) N requests sharing a 1,024-token system prompt + 32 unique tokens, 128 new tokens
+  (b) N unrelated 1,056-token prompts, 128 new tokens
+Plain generate() runs batch 64 on the (b) prompts.
+
+Usage: python benchmarks/bench_e2e.py [--tiny] [--device cpu|cuda] [--plan pk,tf,plain]
+Writes benchmarks/out/bench_e2e.json (and $OUT/bench_e2e.json when OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
+}  # fmt: skip
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="small CPU-sized smoke run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--config", default="smollm2", choices=sorted(SHAPES))
+    ap.add_argument("--plan", default="pk,tf,plain", help="pk = pagedkv, tf = generate_batch")
+    ap.add_argument("--workloads", default="a,b")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_e2e.json"))
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    import transformers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device(args.device)
+    if args.tiny:
+        shape, n_req, prefix_len, uniq, new, plain_bs = SHAPES["tiny"], 8, 64, 8, 8, 4
+    else:
+        shape, n_req, prefix_len, uniq, new, plain_bs = SHAPES[args.config], 256, 1024, 32, 128, 64
+    n_req = args.requests or n_req
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    res: dict = dict(
+        date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+        transformers=transformers.__version__, device=str(dev), config=args.config,
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        requests=n_req, prefix=prefix_len, unique=uniq, new_tokens=new, dtype=str(dtype),
+    )  # fmt: skip
+    outs = [Path(args.out)] + (
+        [Path(os.environ["OUT"]) / "bench_e2e.json"] if os.environ.get("OUT") else []
+    )
+
+    def dump():
+        for p in outs:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(res, indent=1))
+
+    cfg = LlamaConfig(
+        **shape, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    model = model.to(dev).eval()
+    model.generation_config.eos_token_id = None
+    res["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    vocab = shape["vocab_size"]
+    g = torch.Generator().manual_seed(1234)
+
+    def rand_ids(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    prefix = rand_ids(prefix_len)
+    workloads = {
+        "a": [prefix + rand_ids(uniq) for _ in range(n_req)],
+        "b": [rand_ids(prefix_len + uniq) for _ in range(n_req)],
+    }
+    warm = [rand_ids(64) for _ in range(16)]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def mem_reset():
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
+
+    model_gib = peak_gib()
+    plan = args.plan.split(",")
+    first_tokens: dict = {}
+
+    # ---------------------------------------------------------------- pagedkv
+    if "pk" in plan:
+        from pagedkv.engine import Engine, SamplingParams
+
+        need = -(-(prefix_len + uniq + new) // 16) * n_req + 64
+        blocks = args.num_blocks or need
+        try:
+            mem_reset()
+            t = time.perf_counter()
+            engine = Engine(
+                model, num_blocks=blocks, block_size=16, max_batch_tokens=8192,
+                max_num_seqs=max(n_req, 16), cuda_graphs=not args.no_graphs,
+            )  # fmt: skip
+            sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+            engine.generate(warm, sp)  # compiles kernels, captures graphs
+            engine.generate(warm[:3], sp)
+            sync()
+            res["pk_setup_s"] = round(time.perf_counter() - t, 2)
+            for w in args.workloads.split(","):
+                engine.cache.manager.reset_prefix_cache()
+                before = engine.stats()
+                sync()
+                t = time.perf_counter()
+                outs_pk = engine.generate(workloads[w], sp)
+                sync()
+                wall = time.perf_counter() - t
+                s = engine.stats()
+                gen = sum(len(o.token_ids) for o in outs_pk)
+                first_tokens[f"pk_{w}"] = outs_pk[0].token_ids[:16]
+                bpb = engine.cache.layout.bytes_per_block
+                res[f"pk_{w}"] = dict(
+                    wall_s=round(wall, 3), generated_tokens=gen, tok_per_s=round(gen / wall, 1),
+                    prompt_tokens=s.prompt_tokens - before.prompt_tokens,
+                    cached_tokens=s.cached_tokens - before.cached_tokens,
+                    prefill_tokens=s.prefill_tokens - before.prefill_tokens,
+                    steps=s.steps - before.steps, preemptions=s.preemptions - before.preemptions,
+                    kv_pool_GiB=round(blocks * bpb / 2**30, 2),
+                    kv_peak_used_GiB=round(s.blocks_peak * bpb / 2**30, 2),
+                    peak_mem_GiB=peak_gib(),
+                    graphs=None if engine.runner.graphs is None else
+                    dict(captured=sorted(engine.runner.graphs.graphs),
+                         disabled=engine.runner.graphs.disabled),
+                )  # fmt: skip
+                print(f"pk_{w}", json.dumps(res[f"pk_{w}"]), flush=True)
+                dump()
+            del engine, outs_pk
+        except Exception as e:
+            res["pk_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
+            print("pk error", traceback.format_exc(), flush=True)
+        dump()
+
+    # ------------------------------------------------- transformers continuous batching
+    model.set_attn_implementation("sdpa")
+    gen_cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    if "tf" in plan:
+        try:
+            from transformers import ContinuousBatchingConfig
+        except ImportError:
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        try:
+            mem_reset()
+            model.generate_batch(inputs=warm, generation_config=gen_cfg,
+                                 continuous_batching_config=ContinuousBatchingConfig(),
+                                 progress_bar=False)  # fmt: skip
+            for w in args.workloads.split(","):
+                mem_reset()
+                sync()
+                t = time.perf_counter()
+                out = model.generate_batch(
+                    inputs=workloads[w], generation_config=gen_cfg,
+                    continuous_batching_config=ContinuousBatchingConfig(), progress_bar=False,
+                )  # fmt: skip
+                sync()
+                wall = time.perf_counter() - t
+                gen = sum(len(o.generated_tokens) for o in out.values())
+                first = out[sorted(out)[0]] if out else None
+                if first is not None:
+                    first_tokens[f"tf_{w}"] = list(first.generated_tokens[:16])
+                res[f"tf_{w}"] = dict(wall_s=round(wall, 3), generated_tokens=gen,
+                                      tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib())  # fmt: skip
+                print(f"tf_{w}", json.dumps(res[f"tf_{w}"]), flush=True)
+                dump()
+        except Exception as e:
+            res["tf_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
+            print("tf error", traceback.format_exc(), flush=True)
+
+    # ------------------------------------------------------------ plain generate()
+    if "plain" in plan:
+        try:
+            mem_reset()
+            ids = torch.tensor(workloads["b"][:plain_bs], device=dev)
+            am = torch.ones_like(ids)
+            model.generate(input_ids=ids[:2, :64], attention_mask=am[:2, :64], max_new_tokens=4,
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+            sync()
+            t = time.perf_counter()
+            o = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)  # fmt: skip
+            sync()
+            wall = time.perf_counter() - t
+            gen = (o.shape[1] - ids.shape[1]) * ids.shape[0]
+            res["plain_b"] = dict(batch=plain_bs, wall_s=round(wall, 3), generated_tokens=gen,
+                                  tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib())  # fmt: skip
+            print("plain_b", json.dumps(res["plain_b"]), flush=True)
+        except Exception as e:
+            res["plain_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
+
+    # ------------------------------------------------------------------ summary
+    res["model_GiB"] = model_gib
+    res["first_tokens"] = first_tokens
+    for w in args.workloads.split(","):
+        pk, tf = res.get(f"pk_{w}"), res.get(f"tf_{w}")
+        if pk and tf:
+            res[f"ratio_{w}_pk_over_tf"] = round(pk["tok_per_s"] / tf["tok_per_s"], 2)
+        if pk and res.get("plain_b"):
+            res[f"ratio_{w}_pk_over_plain"] = round(
+                pk["tok_per_s"] / res["plain_b"]["tok_per_s"], 2
+            )
+    dump()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"end-to-end generation, {res['device_name']}, {n_req} requests")
+    for col in ("run", "tok/s", "wall s", "prefill computed", "from cache", "peak KV GiB"):
+        table.add_column(col)
+    for key in [k for k in res if k[:3] in ("pk_", "tf_") or k == "plain_b"]:
+        r = res[key]
+        if not isinstance(r, dict) or "tok_per_s" not in r:
+            continue
+        table.add_row(key, f"{r['tok_per_s']:,.0f}", f"{r['wall_s']:.2f}",
+                      str(r.get("prefill_tokens", "")), str(r.get("cached_tokens", "")),
+                      str(r.get("kv_peak_used_GiB", "")))  # fmt: skip
+    Console().print(table)
+    print({k: v for k, v in res.items() if k.startswith("ratio")}, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The ``pagedkv`` command line: ``demo``, ``generate``, ``manager-demo``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="pagedkv: paged KV cache for LLM inference.", no_args_is_help=True, add_completion=False
+)
+console = Console()
+
+
+def _manager_demo() -> None:
+    from pagedkv.manager import demo
+
+    demo.run()
+
+
+@app.command()
+def demo(
+    manager: Annotated[
+        bool, typer.Option("--manager", help="Run the block-manager-only demo instead.")
+    ] = False,
+    conversations: Annotated[int, typer.Option(help="Chats sharing the system prompt.")] = 32,
+    turns: Annotated[int, typer.Option(help="User turns per chat.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
+    model: Annotated[str | None, typer.Option(help="Local model directory.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda if present).")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16.")] = None,
+    max_batch_tokens: Annotated[int, typer.Option(help="Tokens computed per step.")] = 2048,
+) -> None:
+    """Multi-turn chats on the default model (SmolLM2-135M-Instruct) with prefix caching."""
+    if manager:
+        _manager_demo()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pagedkv.engine import Engine
+    from pagedkv.engine.chat_demo import run_chat_demo
+
+    with console.status("loading the model (the first run converts the GGUF once)..."):
+        engine = Engine.from_pretrained(
+            model, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens
+        )
+    console.print(
+        f"model [bold]{engine.model.config.model_type}[/] on {engine.device} "
+        f"({engine.model.dtype}); KV pool: {engine.cache.num_blocks} blocks x "
+        f"{engine.cache.block_size} tokens"
+    )
+    columns = (TextColumn("chat turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("turns", total=conversations * turns)
+        report = run_chat_demo(
+            engine, conversations=conversations, turns=turns, max_new_tokens=max_new_tokens,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )  # fmt: skip
+    for question, answer in report.samples:
+        console.print(f"[bold cyan]Q:[/] {question}\n[bold green]A:[/] {answer.strip()}\n")
+    mib = report.bytes_per_block / 2**20
+    table = Table(title="pagedkv demo")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("requests (chat turns)", f"{report.requests}"),
+        ("prompt tokens", f"{report.prompt_tokens:,}"),
+        ("tokens served from the prefix cache", f"{report.cached_tokens:,}"),
+        ("prefill tokens computed", f"{report.prefill_tokens:,}"),
+        ("generated tokens", f"{report.generated_tokens:,}"),
+        ("generated tokens/s", f"{report.tokens_per_s:,.1f}"),
+        ("wall time", f"{report.seconds:.1f} s"),
+        ("KV blocks peak (paged)", f"{report.blocks_peak} ({report.blocks_peak * mib:.0f} MiB)"),
+        (
+            "KV blocks a dense per-request cache holds",
+            f"{report.dense_blocks_peak} ({report.dense_blocks_peak * mib:.0f} MiB)",
+        ),
+        ("preemptions", f"{report.preemptions}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+@app.command("manager-demo")
+def manager_demo() -> None:
+    """Block-manager-only demo (no model): allocation, prefix sharing, eviction."""
+    _manager_demo()
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    model: Annotated[
+        str | None, typer.Option(help="Local model directory (default: SmolLM2-135M-Instruct).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = True,
+    device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Generate answers for PROMPTs with a local model."""
+    from pagedkv.engine import Engine, SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed,
+        )  # fmt: skip
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    tok = engine.tokenizer
+    inputs: list = list(prompt)
+    if chat and tok is not None and getattr(tok, "chat_template", None):
+        from pagedkv.engine.chat_demo import _prompt_ids
+
+        inputs = [_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompt]
+    for p, out in zip(prompt, engine.generate(inputs, params)):
+        text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
+        console.print(f"[bold cyan]>[/] {p}\n{text.strip()}\n")
+
+
+def main() -> None:
+    """Entry point of the ``pagedkv`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

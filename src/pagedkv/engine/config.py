@@ -1,0 +1,60 @@
+"""EngineConfig: the engine's options, validated once (the CLI reads the same fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of :class:`~pagedkv.Engine`.
+
+    ``num_blocks``: KV blocks in the pool; ``None`` sizes it from free device memory x
+    ``gpu_memory_fraction`` on CUDA, and from :attr:`cpu_kv_bytes` on CPU.
+    ``max_batch_tokens``: tokens computed per step (chunked prefill budget).
+    ``max_num_seqs``: requests running at once. ``preemption``: ``"recompute"`` or
+    ``"swap"`` (needs tiers on the cache). ``cuda_graphs``: capture decode steps for
+    fixed batch-size buckets on CUDA (eager otherwise).
+    """
+
+    num_blocks: int | None = None
+    gpu_memory_fraction: float = 0.8
+    block_size: int = 16
+    max_batch_tokens: int = 8192
+    max_num_seqs: int = 256
+    prefix_caching: bool = True
+    preemption: str = "recompute"
+    cuda_graphs: bool = True
+    cpu_kv_bytes: int = 512 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1 (or None to size it), got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(
+                f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}"
+            )
+        for name in ("block_size", "max_batch_tokens", "max_num_seqs", "cpu_kv_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.preemption not in ("recompute", "swap"):
+            raise ValueError(f"preemption must be 'recompute' or 'swap', got {self.preemption!r}")
+
+    def resolve_num_blocks(self, bytes_per_block: int, device: torch.device) -> int:
+        """Blocks to allocate: ``num_blocks`` or what the device memory allows."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * self.gpu_memory_fraction)
+        else:
+            budget = self.cpu_kv_bytes
+        n = budget // bytes_per_block
+        if n < 2:
+            raise ValueError(
+                f"only {budget} bytes available for KV blocks of {bytes_per_block} bytes; "
+                "pass num_blocks= or raise gpu_memory_fraction"
+            )
+        return int(n)

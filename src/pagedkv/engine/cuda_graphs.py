@@ -1,0 +1,119 @@
+"""CUDA-graph capture of decode steps for fixed batch-size buckets.
+
+A decode step of ``n`` requests runs the graph of the smallest bucket >= n; the
+unused rows are padding (slot -1: nothing written; length 0: attends to nothing).
+The step's metadata is packed on the host and copied into one static device buffer
+with a single copy; the int32 views the kernels read are filled inside the graph.
+If capture fails (an op that syncs or allocates on the host), graphs are switched
+off with a warning and the engine stays on its eager path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pagedkv.integrations.attention import PagedAttentionMetadata
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    """Captured decode forwards of a :class:`ModelRunner`, one per batch bucket."""
+
+    def __init__(self, runner, max_batch: int | None = None, max_width: int | None = None):
+        self.runner = runner
+        cache = runner.cache
+        cfg = runner.model.config
+        self.max_batch = max_batch or 256
+        self.buckets = [b for b in BUCKETS if b < self.max_batch] + [self.max_batch]
+        bs = cache.block_size
+        max_pos = getattr(cfg, "max_position_embeddings", 8192) or 8192
+        self.width = max_width or min(cache.num_blocks, -(-max_pos // bs))
+        dev = runner.device
+        b, w = self.max_batch, self.width
+        # One int64 staging buffer; bucket b reads it packed as [ids b | pos b | slots b |
+        # lens b | tables n*w], so a step's metadata arrives in a single host-to-device
+        # copy. Tables are sent at their real width w and copied (outside the graph)
+        # into the fixed-width table the graph reads; columns past a sequence's last
+        # block are never read, so stale values there are harmless.
+        self.static = torch.zeros(b * (4 + w), dtype=torch.int64, device=dev)
+        self.lens32 = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.tables32 = torch.zeros(b, w, dtype=torch.int32, device=dev)
+        self.cu32 = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(b, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.mempool = None
+        self.disabled = False
+
+    def _views(self, b: int):
+        return torch.split(self.static[: 4 * b], b)  # ids, pos, slots, lens
+
+    def _forward(self, b: int) -> torch.Tensor:
+        ids, pos, slots, lens = self._views(b)
+        self.lens32[:b].copy_(lens)
+        r = self.runner
+        r.paged.step = PagedAttentionMetadata(
+            kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b],
+            seq_lens=self.lens32[:b], cu_seqlens_q=self.cu32[: b + 1], max_q_len=1,
+            is_decode=True,
+        )  # fmt: skip
+        out = r.model(
+            input_ids=ids[None], position_ids=pos[None], past_key_values=r.paged,
+            use_cache=True, logits_to_keep=self.rows[:b],
+        )  # fmt: skip
+        return out.logits[0]
+
+    def _capture(self, b: int) -> None:
+        self.static.zero_()
+        self._views(b)[2].fill_(-1)  # padding slots: nothing is written
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(b)  # warm-up (Triton compiles, cuBLAS picks kernels)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            self.logits[b] = self._forward(b)
+        self.graphs[b] = graph
+
+    def run(self, chunks) -> torch.Tensor | None:
+        """logits [n, V] of a decode step, or None when it does not fit a graph."""
+        n = len(chunks)
+        if self.disabled or n > self.max_batch:
+            return None
+        tables = [self.runner.block_table_of(c.req) for c in chunks]
+        if max(len(t) for t in tables) > self.width:
+            return None
+        b = next(x for x in self.buckets if x >= n)
+        bs, pad = self.runner.block_size, b - n
+        w = max(len(t) for t in tables)
+        ids, pos, slots, lens, flat = [], [], [], [], []
+        for c, t in zip(chunks, tables):
+            p = c.start
+            ids += c.req.token_slice(p, p + 1)
+            pos.append(p)
+            slots.append(t[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            flat += t
+            if len(t) < w:
+                flat += [0] * (w - len(t))
+        host = torch.tensor(
+            ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + lens + [0] * pad + flat,
+            dtype=torch.int64, pin_memory=True,
+        )  # fmt: skip
+        try:
+            if b not in self.graphs:
+                self._capture(b)
+            self.static[: host.numel()].copy_(host, non_blocking=True)
+            self.tables32[:n, :w].copy_(self.static[4 * b : 4 * b + n * w].view(n, w))
+            self.graphs[b].replay()
+        except Exception as exc:  # keep serving on the eager path
+            warnings.warn(f"CUDA graphs disabled, decode stays eager: {exc!r}", stacklevel=2)
+            self.disabled = True
+            return None
+        return self.logits[b][:n]

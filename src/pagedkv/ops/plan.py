@@ -1,0 +1,131 @@
+"""DecodePlan: decode attention with static buffers, for CUDA-graph capture."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pagedkv.ops import _checks, reference
+from pagedkv.ops._config import resolve, resolve_invariant
+
+
+class DecodePlan:
+    """Decode attention for up to ``max_batch`` sequences of up to ``max_seq_len`` tokens,
+    with every buffer allocated once, so that :meth:`run` allocates nothing, never syncs
+    (with ``check=False`` or while capturing) and can be captured in a CUDA graph.
+
+    The split size is fixed by the plan (from ``max_batch`` and ``max_seq_len``, or the
+    batch-invariant constant), so results do not depend on the batch actually run.
+
+    Usage::
+
+        plan = DecodePlan(64, 32, 8, 128, 16, 4096, dtype=torch.bfloat16, device="cuda")
+        out = plan.run(q, pool.k(layer), pool.v(layer), block_tables, seq_lens)  # [B, Hq, D]
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = plan.run(q_static, k, v, tables_static, lens_static)
+    """
+
+    def __init__(
+        self,
+        max_batch: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        max_seq_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        scale: float | None = None,
+        batch_invariant: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        for name, val in (("max_batch", max_batch), ("num_q_heads", num_q_heads),
+                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                          ("block_size", block_size), ("max_seq_len", max_seq_len)):  # fmt: skip
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"DecodePlan {name} must be a positive int, got {val!r}")
+        if num_q_heads % num_kv_heads:
+            raise ValueError(
+                f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+            )
+        self.device = torch.device(device)
+        self.backend = resolve(backend, self.device)
+        self.batch_invariant = resolve_invariant(batch_invariant)
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.shape = (num_q_heads, num_kv_heads, head_dim, block_size)
+        self.dtype = dtype
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        self.out = torch.zeros(max_batch, num_q_heads, head_dim, dtype=dtype, device=self.device)
+        self.split_tokens = self.num_splits = 0
+        self.workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.backend == "triton":
+            from pagedkv.ops import triton_decode as td
+
+            block_n = td.config(head_dim, dtype)["BLOCK_N"]
+            self.split_tokens = td.choose_split_tokens(
+                max_batch, num_kv_heads, max_seq_len, block_n, self.device, self.batch_invariant
+            )
+            self.num_splits = -(-max_seq_len // self.split_tokens)
+            f32 = dict(dtype=torch.float32, device=self.device)
+            self.workspace = (
+                torch.empty(max_batch, num_q_heads, self.num_splits, head_dim, **f32),
+                torch.empty(max_batch, num_q_heads, self.num_splits, **f32),
+            )
+
+    @classmethod
+    def for_pool(cls, pool, max_batch: int, num_q_heads: int, max_seq_len: int, **kwargs):
+        """A plan matching a :class:`pagedkv.storage.KVPool`'s layout and device."""
+        lay = pool.layout
+        return cls(max_batch, num_q_heads, lay.num_kv_heads, lay.head_dim, lay.block_size,
+                   max_seq_len, dtype=lay.dtype, device=pool.device, **kwargs)  # fmt: skip
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        check: bool | None = None,
+    ) -> torch.Tensor:
+        """Decode q [B <= max_batch, Hq, D]; returns a view ``self.out[:B]`` (overwritten by
+        the next run). seq_lens must not exceed ``max_seq_len``. ``check=None`` checks
+        values except while a CUDA graph is being captured."""
+        hq, hkv, d, bs = self.shape
+        _checks.cache_pair(k_cache, v_cache)
+        if tuple(k_cache.shape[1:]) != (bs, hkv, d) or k_cache.dtype != self.dtype:
+            raise ValueError(
+                f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match the plan "
+                f"(block_size {bs}, Hkv {hkv}, D {d}, {self.dtype})"
+            )
+        bsz, _ = _checks.query(q, "q", k_cache, 3)
+        if bsz > self.max_batch or q.shape[1] != hq:
+            raise ValueError(f"q {tuple(q.shape)} exceeds the plan ({self.max_batch}, {hq}, {d})")
+        _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
+        if check is None:
+            check = not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if check:
+            _checks.table_values(block_tables, seq_lens, k_cache.shape[0], bs)
+            if bsz and int(seq_lens.max()) > self.max_seq_len:
+                raise ValueError(
+                    f"a sequence is longer than the plan's max_seq_len {self.max_seq_len}"
+                )
+        out = self.out[:bsz]
+        if self.backend == "triton":
+            from pagedkv.ops import triton_decode as td
+
+            td.decode(
+                q, k_cache, v_cache, block_tables, seq_lens, self.scale,
+                batch_invariant=self.batch_invariant, split_tokens=self.split_tokens,
+                max_seq_len=self.num_splits * self.split_tokens, out=out, workspace=self.workspace,
+            )  # fmt: skip
+        else:
+            res = reference.decode(
+                q, k_cache, v_cache, block_tables, seq_lens, self.scale, self.batch_invariant
+            )
+            out.copy_(res)
+        return out

