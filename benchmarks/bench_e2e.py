@@ -195,8 +195,10 @@ def main() -> None:
                 first = out[sorted(out)[0]] if out else None
                 if first is not None:
                     first_tokens[f"tf_{w}"] = list(first.generated_tokens[:16])
-                res[f"tf_{w}"] = dict(wall_s=round(wall, 3), generated_tokens=gen,
-                                      tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib())  # fmt: skip
+                res[f"tf_{w}"] = dict(
+                    wall_s=round(wall, 3), generated_tokens=gen,
+                    tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib(),
+                )  # fmt: skip
                 print(f"tf_{w}", json.dumps(res[f"tf_{w}"]), flush=True)
                 dump()
         except Exception as e:
@@ -218,8 +220,10 @@ def main() -> None:
             sync()
             wall = time.perf_counter() - t
             gen = (o.shape[1] - ids.shape[1]) * ids.shape[0]
-            res["plain_b"] = dict(batch=plain_bs, wall_s=round(wall, 3), generated_tokens=gen,
-                                  tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib())  # fmt: skip
+            res["plain_b"] = dict(
+                batch=plain_bs, wall_s=round(wall, 3), generated_tokens=gen,
+                tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib(),
+            )  # fmt: skip
             print("plain_b", json.dumps(res["plain_b"]), flush=True)
         except Exception as e:
             res["plain_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])

@@ -143,7 +143,8 @@ def _tier_round_trip(ts: TieredStore, src, dst, hs, device) -> tuple[float, floa
     sync(device)
     t2 = time.perf_counter()
     assert loaded == len(src), f"promoted {loaded} of {len(src)} blocks"
-    assert torch.equal(ts._pool.read_blocks(dst[:2]), ts._pool.read_blocks(src[:2]))
+    pool = ts._transfer.pool
+    assert torch.equal(pool.read_blocks(dst[:2]), pool.read_blocks(src[:2]))
     return t1 - t0, t2 - t1
 
 

@@ -108,7 +108,7 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-snapshot-"))
     root.mkdir(parents=True, exist_ok=True)
 
-    src = make_cache(layout, num_seqs * blocks_per_seq + 8)
+    src = make_cache(layout, num_seqs * blocks_per_seq + blocks_per_seq // 5 + 8)
     for i in range(num_seqs):
         src.allocate(i, [i * 1_000_000 + t for t in range(tokens_per_seq)])
         fill(src, i, seed=i)
@@ -119,7 +119,7 @@ def main() -> None:
 
     # the same bytes in a SyntheticPager: one numpy copy per read, so the snapshot
     # layer's own cost shows apart from KVPool's CPU gather/scatter
-    n_blocks = num_seqs * blocks_per_seq + 8
+    n_blocks = num_seqs * blocks_per_seq + blocks_per_seq // 5 + 8
     syn = SyntheticPager(layout, n_blocks, fingerprint=src.fingerprint)
     for i in range(num_seqs):
         syn.allocate(i, src.token_ids(i))

@@ -20,10 +20,7 @@ except ImportError:  # the manager tests run without torch
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-try:  # the real redis-server fixture (tests/_redis.py)
-    from _redis import redis_server, redis_url  # noqa: F401
-except ImportError:
-    pass
+from _redis import redis_server, redis_url  # noqa: E402,F401  (real redis-server fixtures)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,7 +41,7 @@ def chain(tiers, pool=None, fingerprint="model-a") -> TieredStore:
 
 def evict_into(ts: TieredStore, ids: list[int], hs: list[bytes]) -> torch.Tensor:
     """Demote blocks ``ids`` under hashes ``hs``; return their bytes as they were."""
-    before = ts._pool.read_blocks(ids).clone()
+    before = ts._transfer.pool.read_blocks(ids).clone()
     ts.demote(list(zip(ids, hs)))
     return before
 
@@ -62,10 +62,10 @@ def test_round_trip_bit_exact_per_tier(one_tier):
     hs = hashes(6)
     before = evict_into(ts, [3, 9, 1, 0, 30, 17], hs)
     ts.flush()
-    scribble(ts._pool)
+    scribble(ts._transfer.pool)
     dst = [5, 6, 7, 8, 10, 11]
     assert ts.promote(hs, dst) == 6
-    assert torch.equal(ts._pool.read_blocks(dst), before)
+    assert torch.equal(ts._transfer.pool.read_blocks(dst), before)
     st = ts.stats()
     name = "cpu" if isinstance(one_tier, CPUTier) else "disk"
     assert st["tiers"][name]["hits"] == 6 and st["tiers"][name]["puts"] == 6
@@ -79,12 +79,12 @@ def test_promote_before_write_back_finished_is_served_from_staging(tmp_path):
     gate = threading.Event()
     level = ts.levels[0]
     real_put = level._put
-    level._put = lambda keys, rows: (gate.wait(5), real_put(keys, rows))[1]
+    level._put = lambda *args: (gate.wait(5), real_put(*args))[1]
     hs = hashes(3)
     before = evict_into(ts, [0, 1, 2], hs)
-    scribble(ts._pool)
+    scribble(ts._transfer.pool)
     assert ts.promote(hs, [4, 5, 6]) == 3
-    assert torch.equal(ts._pool.read_blocks([4, 5, 6]), before)
+    assert torch.equal(ts._transfer.pool.read_blocks([4, 5, 6]), before)
     assert ts.stats()["pending_hits"] == 3
     gate.set()
     ts.flush()
@@ -97,9 +97,9 @@ def test_only_the_leading_run_is_loaded(tmp_path):
     hs = hashes(4)
     evict_into(ts, [0, 2, 3], [hs[0], hs[2], hs[3]])  # hs[1] never stored
     ts.flush()
-    scribble(ts._pool)
+    scribble(ts._transfer.pool)
     assert ts.promote(hs, [10, 11, 12, 13]) == 1
-    assert ts._pool.kv[:, :, 11].eq(-7.0).all()  # nothing past the run was written
+    assert ts._transfer.pool.kv[:, :, 11].eq(-7.0).all()  # nothing past the run was written
     assert ts.promote(hashes(2, "zz"), [10, 11]) == 0
     assert ts.promote([], []) == 0
     with pytest.raises(ValueError, match="2 hashes but 1 block ids"):
@@ -129,15 +129,15 @@ def test_spill_chain_cpu_to_disk_and_hits_per_tier(tmp_path):
 
 def test_batch_larger_than_first_tier_goes_straight_down(tmp_path):
     ts = chain([CPUTier(3 * BPB), DiskTier(tmp_path, 64 * (BPB + 64))])
-    ts._chunk = 3
+    ts._transfer.chunk = 3
     hs = hashes(8)
     before = evict_into(ts, list(range(8)), hs)
     ts.flush()
     st = ts.stats()["tiers"]
     assert st["cpu"]["entries"] == 3 and st["disk"]["entries"] == 5
-    scribble(ts._pool)
+    scribble(ts._transfer.pool)
     assert ts.promote(hs, list(range(10, 18))) == 8
-    assert torch.equal(ts._pool.read_blocks(list(range(10, 18))), before)
+    assert torch.equal(ts._transfer.pool.read_blocks(list(range(10, 18))), before)
     ts.close()
 
 
@@ -157,10 +157,11 @@ def test_demote_of_a_block_the_first_tier_holds_is_not_copied_again():
 def test_write_through_reaches_every_tier(tmp_path):
     ts = chain([CPUTier(8 * BPB), DiskTier(tmp_path, 64 * (BPB + 64))])
     hs = hashes(3)
-    before = ts._pool.read_blocks([0, 1, 2]).clone()
+    before = ts._transfer.pool.read_blocks([0, 1, 2]).clone()
     ts.write_through(list(zip([0, 1, 2], hs)))
-    ts.write_through(list(zip([0, 1, 2], hs)))  # still pending: skipped
+    ts.write_through(list(zip([0, 1, 2], hs)))  # recently written through: not copied again
     ts.flush()
+    ts._written_through.clear()
     ts.write_through(list(zip([0, 1, 2], hs)))  # every tier already holds them: no put
     ts.flush()
     st = ts.stats()
@@ -170,7 +171,7 @@ def test_write_through_reaches_every_tier(tmp_path):
     # the disk copy alone serves a fresh cache
     ts2 = chain([DiskTier(tmp_path, 64 * (BPB + 64))])
     assert ts2.promote(hs, [7, 8, 9]) == 3
-    assert torch.equal(ts2._pool.read_blocks([7, 8, 9]), before)
+    assert torch.equal(ts2._transfer.pool.read_blocks([7, 8, 9]), before)
     ts2.close()
 
 
@@ -228,7 +229,7 @@ def test_entry_under_right_key_but_wrong_fingerprint_is_rejected(tmp_path):
 def test_swap_out_in_bit_exact_and_never_evicted(tmp_path):
     pool = make_pool()
     ts = chain([CPUTier(2 * BPB, swap_bytes=4 * BPB), DiskTier(tmp_path, 64 * (BPB + 64))], pool)
-    ts._chunk = 2  # move blocks in chunks of 2 (a long sequence in bounded staging)
+    ts._transfer.chunk = 2  # move blocks in chunks of 2 (a long sequence in bounded staging)
     before = pool.read_blocks([3, 7, 1]).clone()
     ts.swap_out("seq-1", [3, 7, 1])
     scribble(pool)
@@ -358,7 +359,7 @@ def test_failing_tier_is_a_miss_logged_once_and_retried_with_backoff(tmp_path, c
     ts.flush()
     disk.store.down = True
     caplog.set_level(logging.DEBUG, logger="pagedkv.tiers")
-    scribble(ts._pool)
+    scribble(ts._transfer.pool)
     assert ts.promote(hs, [5, 6, 7]) == 0  # hs[0] only on the failing disk: a miss
     calls = disk.store.calls
     for _ in range(5):  # inside the back-off window the tier is not even tried
@@ -373,7 +374,7 @@ def test_failing_tier_is_a_miss_logged_once_and_retried_with_backoff(tmp_path, c
     disk.store.down = False
     now[0] = 4.0
     assert ts.promote(hs, [5, 6, 7]) == 3
-    assert torch.equal(ts._pool.read_blocks([5, 6, 7]), before)
+    assert torch.equal(ts._transfer.pool.read_blocks([5, 6, 7]), before)
     st = ts.stats()["tiers"]["disk"]
     assert st["available"] and st["errors"] >= 2
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 2  # down once, back once
@@ -516,3 +517,17 @@ def test_idle_writer_thread_exits_and_restarts(monkeypatch):
     ts.flush()
     assert ts.promote(hs, [5, 6]) == 2 and ts.stats()["tiers"]["cpu"]["puts"] == 2
     ts.close()
+
+
+def test_write_back_waits_while_a_lookup_runs():
+    from pagedkv.tiers.writeback import WriteBack
+
+    wb = WriteBack(lambda job: None, 1 << 20)
+    passed = threading.Event()
+    with wb.reading():
+        t = threading.Thread(target=lambda: (wb.yield_to_readers(), passed.set()))
+        t.start()
+        assert not passed.wait(0.1)  # the writer is held while the lookup runs
+    assert passed.wait(5)
+    t.join()
+    wb.close()

@@ -34,7 +34,7 @@ def chain(tiers, fingerprint="model-a", num_blocks=32, seed=0) -> TieredStore:
 
 
 def demote(ts: TieredStore, ids, hs) -> torch.Tensor:
-    before = ts._pool.read_blocks(ids).clone()
+    before = ts._transfer.pool.read_blocks(ids).clone()
     ts.demote(list(zip(ids, hs)))
     ts.flush()
     return before
@@ -46,15 +46,15 @@ def test_round_trip_and_spill_from_cpu(redis_url):
     before = torch.cat([demote(ts, [i], [hs[i]]) for i in range(5)])
     st = ts.stats()["tiers"]
     assert st["cpu"]["spilled"] == 3 and st["redis"]["puts"] == 3
-    ts._pool.kv.zero_()
+    ts._transfer.pool.kv.zero_()
     assert ts.promote(hs, [10, 11, 12, 13, 14]) == 5
-    assert torch.equal(ts._pool.read_blocks([10, 11, 12, 13, 14]), before)
+    assert torch.equal(ts._transfer.pool.read_blocks([10, 11, 12, 13, 14]), before)
     st = ts.stats()["tiers"]
     assert (st["redis"]["hits"], st["cpu"]["hits"]) == (3, 2)
     ts.close()
     only = chain([RedisTier(redis_url, **FAST)])  # a fresh cache finds them in Redis
     assert only.promote(hs[:3], [0, 1, 2]) == 3
-    assert torch.equal(only._pool.read_blocks([0, 1, 2]), before[:3])
+    assert torch.equal(only._transfer.pool.read_blocks([0, 1, 2]), before[:3])
     only.close()
 
 
@@ -84,7 +84,7 @@ def test_kill_mid_workload_then_restart(redis_server, redis_url, caplog):
         time.sleep(0.05)
     else:
         pytest.fail("the Redis tier did not come back after the restart")
-    assert torch.equal(ts._pool.read_blocks([4]), ts._pool.read_blocks([3]))
+    assert torch.equal(ts._transfer.pool.read_blocks([4]), ts._transfer.pool.read_blocks([3]))
     assert ts.stats()["tiers"]["redis"]["available"]
     assert sum(r.levelno >= logging.WARNING for r in caplog.records) == 2  # down, back
     ts.close()

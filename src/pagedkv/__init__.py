@@ -27,6 +27,16 @@ _LAZY = {
     "KVLayout": "pagedkv.storage",
     "KVPool": "pagedkv.storage",
     "KVCache": "pagedkv.cache",
+    "SnapshotStore": "pagedkv.snapshot",
+    "SnapshotInfo": "pagedkv.snapshot",
+    "CPUTier": "pagedkv.tiers",
+    "DiskTier": "pagedkv.tiers",
+    "RedisTier": "pagedkv.tiers",
+    "Engine": "pagedkv.engine",
+    "SamplingParams": "pagedkv.engine",
+    "RequestOutput": "pagedkv.engine",
+    "EngineStats": "pagedkv.engine",
+    "PagedCache": "pagedkv.integrations.transformers",
 }
 
 

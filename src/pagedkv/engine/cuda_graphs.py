@@ -43,20 +43,23 @@ class DecodeGraphs:
         self.tables32 = torch.zeros(b, w, dtype=torch.int32, device=dev)
         self.cu32 = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(b, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # keyed by (batch bucket, table-width bucket): the decode kernel's work grows
+        # with the table width it is given, so short contexts get narrow graphs
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self._tables_key: tuple | None = None  # rows already in tables32
         self.mempool = None
         self.disabled = False
 
     def _views(self, b: int):
         return torch.split(self.static[: 4 * b], b)  # ids, pos, slots, lens
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, wb: int) -> torch.Tensor:
         ids, pos, slots, lens = self._views(b)
         self.lens32[:b].copy_(lens)
         r = self.runner
         r.paged.step = PagedAttentionMetadata(
-            kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b],
+            kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b, :wb],
             seq_lens=self.lens32[:b], cu_seqlens_q=self.cu32[: b + 1], max_q_len=1,
             is_decode=True,
         )  # fmt: skip
@@ -66,20 +69,20 @@ class DecodeGraphs:
         )  # fmt: skip
         return out.logits[0]
 
-    def _capture(self, b: int) -> None:
+    def _capture(self, b: int, wb: int) -> None:
         self.static.zero_()
         self._views(b)[2].fill_(-1)  # padding slots: nothing is written
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(b)  # warm-up (Triton compiles, cuBLAS picks kernels)
+            self._forward(b, wb)  # warm-up (Triton compiles, cuBLAS picks kernels)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.logits[b] = self._forward(b)
-        self.graphs[b] = graph
+            self.logits[b, wb] = self._forward(b, wb)
+        self.graphs[b, wb] = graph
 
     def run(self, chunks) -> torch.Tensor | None:
         """logits [n, V] of a decode step, or None when it does not fit a graph."""
@@ -92,6 +95,11 @@ class DecodeGraphs:
         b = next(x for x in self.buckets if x >= n)
         bs, pad = self.runner.block_size, b - n
         w = max(len(t) for t in tables)
+        wb = min(self.width, max(8, 1 << (w - 1).bit_length()))
+        # Tables change only when a request gains a block or the batch changes: resend
+        # them then, otherwise the graph's table rows are still right.
+        key = tuple((c.req.request_id, len(t)) for c, t in zip(chunks, tables))
+        send_tables = key != self._tables_key
         ids, pos, slots, lens, flat = [], [], [], [], []
         for c, t in zip(chunks, tables):
             p = c.start
@@ -99,21 +107,29 @@ class DecodeGraphs:
             pos.append(p)
             slots.append(t[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            flat += t
-            if len(t) < w:
-                flat += [0] * (w - len(t))
+            if send_tables:
+                flat += t
+                if len(t) < w:
+                    flat += [0] * (w - len(t))
         host = torch.tensor(
             ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + lens + [0] * pad + flat,
             dtype=torch.int64, pin_memory=True,
         )  # fmt: skip
         try:
-            if b not in self.graphs:
-                self._capture(b)
+            if (b, wb) not in self.graphs:
+                self._capture(b, wb)
+                send_tables = True  # capture ran on padding tables
+                if not flat:
+                    for t in tables:
+                        flat += t + [0] * (w - len(t))
+                    host = torch.cat([host, torch.tensor(flat, dtype=torch.int64)]).pin_memory()
             self.static[: host.numel()].copy_(host, non_blocking=True)
-            self.tables32[:n, :w].copy_(self.static[4 * b : 4 * b + n * w].view(n, w))
-            self.graphs[b].replay()
+            if send_tables:
+                self.tables32[:n, :w].copy_(self.static[4 * b : 4 * b + n * w].view(n, w))
+                self._tables_key = key
+            self.graphs[b, wb].replay()
         except Exception as exc:  # keep serving on the eager path
             warnings.warn(f"CUDA graphs disabled, decode stays eager: {exc!r}", stacklevel=2)
             self.disabled = True
             return None
-        return self.logits[b][:n]
+        return self.logits[b, wb][:n]

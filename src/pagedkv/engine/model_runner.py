@@ -42,6 +42,8 @@ class ModelRunner:
             logits = self.graphs.run(chunks)
             if logits is not None:
                 return self._sample(logits, chunks)
+        if self.graphs is not None:  # tables may change (preemption) while eager
+            self.graphs._tables_key = None
         meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
         logits = self.forward(ids, pos, meta, logit_rows)
         return self._sample(logits, chunks)

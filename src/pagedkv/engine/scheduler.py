@@ -154,7 +154,7 @@ class Scheduler:
         if end <= req.num_allocated:
             return True
         try:
-            self.cache.append(req.seq_id, req.all_tokens[req.num_allocated : end])
+            self.cache.append(req.seq_id, req.token_slice(req.num_allocated, end))
         except OutOfBlocks:
             return False
         req.num_allocated = end

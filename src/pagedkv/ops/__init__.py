@@ -33,6 +33,7 @@ from pagedkv.ops._config import (
     set_batch_invariant,
     use_backend,
 )
+from pagedkv.ops.plan import DecodePlan
 
 __all__ = [
     "DecodePlan",
@@ -62,14 +63,6 @@ def _triton(module: str):
     if mod is None:
         mod = _TRITON_MODULES[module] = import_module(f"pagedkv.ops.triton_{module}")
     return mod
-
-
-def __getattr__(name: str):
-    if name == "DecodePlan":  # needs triton; imported on first use
-        from pagedkv.ops.plan import DecodePlan
-
-        return DecodePlan
-    raise AttributeError(f"module 'pagedkv.ops' has no attribute {name!r}")
 
 
 def decode_attention(

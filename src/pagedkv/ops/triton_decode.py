@@ -140,6 +140,7 @@ def _decode_merge_kernel(
         mask_s = offs_s < n_splits
         lse = tl.load(lse_base + offs_s, mask=mask_s, other=float("-inf"))
         m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # an empty sequence: no splits
         w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
         o_ptr = o_base + offs_s[:, None] * stride_os + offs_d[None, :]
         o = tl.load(o_ptr, mask=mask_s[:, None] & mask_d[None, :], other=0.0)

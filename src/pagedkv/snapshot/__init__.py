@@ -7,6 +7,15 @@
 
 A cache takes part through the :class:`CachePager` protocol (``KVCache`` implements
 it; :class:`SyntheticPager` is an in-memory one for tests).
+
+Engine integration (``engine.snapshot`` / ``engine.resume``): save at a step boundary,
+when every token the cache holds has its KV written, one sequence per conversation:
+``store.save(engine.cache, [seq_id], name, metadata={"next_token": t, "sampling": {...},
+"num_generated": n})`` where ``t`` is the sampled token not yet in the cache. To
+resume, ``store.load(engine.cache, name, {seq_id: new_seq_id})`` re-creates the
+sequence (sharing any prefix the cache already holds); the engine then schedules a
+decode request for ``new_seq_id`` that feeds ``t`` first. Nothing about the engine
+is stored except what the caller puts in ``metadata``.
 """
 
 from pagedkv.snapshot.manifest import GcReport, Manifest, SnapshotInfo, VerifyReport

@@ -113,7 +113,7 @@ class SnapshotStore:
         key_prefix: str = "pagedkv-snap:",
         durable: bool = False,
         grace_seconds: float = 3600.0,
-        chunk_bytes: int = 64 << 20,
+        chunk_bytes: int = 16 << 20,
         threads: int = 2,
     ) -> None:
         self._sync_dir: str | None = None
@@ -422,7 +422,13 @@ class SnapshotStore:
         if raw is None:
             known = ", ".join(self.names()[:10]) or "none"
             raise SnapshotError(f"no snapshot named {name!r} in {self.location} (have: {known})")
-        return parse_manifest(raw, what=f"manifest of snapshot {name!r}")
+        manifest = parse_manifest(raw, what=f"manifest of snapshot {name!r}")
+        if manifest.name != name:
+            raise SnapshotError(
+                f"the manifest stored as {name!r} names itself {manifest.name!r}; it was "
+                f"copied or renamed by hand (use fork() to give a snapshot a second name)"
+            )
+        return manifest
 
     def info(self, name: str) -> SnapshotInfo:
         """What snapshot ``name`` holds (``SnapshotError`` if missing or invalid)."""

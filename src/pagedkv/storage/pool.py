@@ -121,9 +121,11 @@ class KVPool:
             raise ValueError(
                 f"pairs must be a list of (src, dst) pairs, got shape {tuple(pt.shape)}"
             )
-        src = _checks.block_ids(pt[:, 0], self.num_blocks, self.device, "copy_blocks src")
-        dst = _checks.block_ids(pt[:, 1], self.num_blocks, self.device, "copy_blocks dst")
+        cpu = torch.device("cpu")  # check on the host: one transfer, no device sync
+        src = _checks.block_ids(pt[:, 0].cpu(), self.num_blocks, cpu, "copy_blocks src")
+        dst = _checks.block_ids(pt[:, 1].cpu(), self.num_blocks, cpu, "copy_blocks dst")
         s, d = src.tolist(), dst.tolist()
+        src, dst = src.to(self.device), dst.to(self.device)
         if len(set(d)) == len(d) and not set(d) & set(s):
             ops.copy_blocks(self.kv, src, dst, backend=self.backend)
             return

@@ -19,18 +19,22 @@ also verify the fingerprint on every read).
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from pagedkv.errors import CacheIntegrityError, OutOfBlocks
+from pagedkv.errors import CacheIntegrityError
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers.level import Level, MemoryLevel
+from pagedkv.tiers.swap import SwapArea
 from pagedkv.tiers.tier import CPUTier, DiskTier, RedisTier
+from pagedkv.tiers.transfer import Transfer
 from pagedkv.tiers.writeback import Job, WriteBack
 
-CHUNK_BYTES = 256 << 20
+# How many recently written-through keys are remembered (and not copied again).
+WRITTEN_THROUGH_MEMORY = 1 << 16
 
 
 class TieredStore:
@@ -66,6 +70,10 @@ class TieredStore:
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
+        if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
+            raise TypeError(f"max_pending_bytes must be an int, got {max_pending_bytes!r}")
+        if max_pending_bytes <= 0:
+            raise ValueError(f"max_pending_bytes must be > 0, got {max_pending_bytes}")
         self.tiers = tuple(tiers)
         self.layout = layout
         self.fingerprint = fingerprint
@@ -89,15 +97,10 @@ class TieredStore:
             seen[level.name] = seen.get(level.name, 0) + 1
             if seen[level.name] > 1:
                 level.name = f"{level.name}{seen[level.name]}"
-        self.swap_capacity_bytes = tiers[0].swap_budget if isinstance(tiers[0], CPUTier) else 0
-        self._swapped: dict[str, tuple[torch.Tensor, Any]] = {}
-        self._swapped_bytes = 0
+        self._swap = SwapArea(tiers[0].swap_budget if isinstance(tiers[0], CPUTier) else 0)
         self._writer = WriteBack(self._store_job, max_pending_bytes)
-        self._pool: KVPool | None = None
-        self._stream: Any = None
-        # Blocks cross between host and device in chunks of about CHUNK_BYTES: the pool
-        # stages a whole batch on the device, and a long sequence must not need GBs there.
-        self._chunk = max(1, CHUNK_BYTES // self.block_bytes)
+        self._xfer: Transfer | None = None
+        self._written_through: OrderedDict[str, None] = OrderedDict()  # recent keys, LRU
         self._counts = dict.fromkeys(
             ("lookups", "promoted", "pending_hits", "demoted", "written_through"), 0
         )
@@ -110,9 +113,7 @@ class TieredStore:
             raise TypeError(f"attach expects a KVPool, got {type(pool).__name__}")
         if pool.layout != self.layout:
             raise ValueError(f"pool layout {pool.layout} differs from the tiers' {self.layout}")
-        self._pool = pool
-        if pool.device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=pool.device)
+        self._xfer = Transfer(pool)
 
     def key(self, block_hash: bytes) -> str:
         """The store key of the block with chained hash ``block_hash``."""
@@ -146,51 +147,31 @@ class TieredStore:
         """Write blocks that stay in the pool (e.g. hit more than once) to every tier now.
 
         Same copy-out guarantee as :meth:`demote`; tiers that already hold a block
-        skip it.
+        skip it, and a block written through recently is not even copied again (a
+        hot prefix is hit over and over).
         """
-        fresh = {self.key(h): b for b, h in items}
-        fresh = {k: b for k, b in fresh.items() if self._writer.find(k) is None}
+        seen = self._written_through
+        fresh = {}
+        for block_id, block_hash in items:
+            key = self.key(block_hash)
+            if key in seen:
+                seen.move_to_end(key)
+            elif self._writer.find(key) is None:
+                fresh[key] = block_id
         if fresh:
             self._submit(list(fresh), list(fresh.values()), all_levels=True)
             self._counts["written_through"] += len(fresh)
+            seen.update(dict.fromkeys(fresh))
+            while len(seen) > WRITTEN_THROUGH_MEMORY:
+                seen.popitem(last=False)
 
     def flush(self) -> None:
         """Wait until every demoted block has been stored (tests, benchmarks, shutdown)."""
         self._writer.flush()
 
     def _submit(self, keys: list[str], block_ids: list[int], *, all_levels: bool) -> None:
-        rows, event = self._gather(block_ids)
+        rows, event = self._transfer.gather(block_ids)
         self._writer.submit(Job(keys, rows, event, all_levels))
-
-    def _gather(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
-        """Copy blocks to host rows; on CUDA stream-ordered, returning the completion event."""
-        pool = self._require_pool()
-        ids, n, step = list(block_ids), len(block_ids), self._chunk
-        if self._stream is None:
-            if n <= step:
-                return pool.read_blocks(ids), None
-            rows = torch.empty((n, self.block_bytes), dtype=torch.uint8)
-            for a in range(0, n, step):
-                pool.read_blocks(ids[a : a + step], out=rows[a : a + step])
-            return rows, None
-        current = torch.cuda.current_stream(pool.device)
-        self._stream.wait_stream(current)  # see the pool as the current stream left it
-        with torch.cuda.stream(self._stream):
-            rows = torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
-            for a in range(0, n, step):
-                pool.read_blocks(ids[a : a + step], out=rows[a : a + step], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        current.wait_event(event)  # a later write into these blocks cannot overtake the copy
-        return rows, event
-
-    def _scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
-        """Write host rows into pool blocks on the current stream (async from pinned rows)."""
-        pool = self._require_pool()
-        ids, step = list(block_ids), self._chunk
-        cuda = pool.device.type == "cuda"
-        for a in range(0, len(ids), step):
-            pool.write_blocks(ids[a : a + step], rows[a : a + step], non_blocking=cuda)
 
     def _store_job(self, job: Job) -> None:
         """Background thread: store a job into the first tier, or every tier."""
@@ -222,7 +203,7 @@ class TieredStore:
                     self._put(i + 1, [victims[j] for j in got], out[got])
                 level.delete(victims)
         if keys:
-            level.put(keys, rows)
+            level.put(keys, rows, pause=self._writer.yield_to_readers)
 
     # -- promote ------------------------------------------------------------------------
 
@@ -237,10 +218,15 @@ class TieredStore:
         n = len(hashes)
         if len(block_ids) != n:
             raise ValueError(f"promote: {n} hashes but {len(block_ids)} block ids")
-        pool = self._require_pool()
+        xfer = self._transfer
         self._counts["lookups"] += n
         if n == 0:
             return 0
+        with self._writer.reading():  # write-back waits: this is on the critical path
+            return self._promote(hashes, block_ids, xfer)
+
+    def _promote(self, hashes: Sequence[bytes], block_ids: Sequence[int], xfer: Transfer) -> int:
+        n = len(hashes)
         keys = [self.key(h) for h in hashes]
         source: list[int | None] = [None] * n  # -1: pending write-back, else level index
         staged = {}
@@ -258,8 +244,7 @@ class TieredStore:
         run = next((j for j, s in enumerate(source) if s is None), n)
         if run == 0:
             return 0
-        pinned = pool.device.type == "cuda"
-        rows = torch.empty((run, self.block_bytes), dtype=torch.uint8, pin_memory=pinned)
+        rows = xfer.host_rows(run)
         ok = [False] * run
         for j, (job, r) in staged.items():
             if j < run:
@@ -285,7 +270,7 @@ class TieredStore:
             else:
                 self.levels[source[j]].hits += 1
         if loaded:
-            self._scatter(block_ids[:loaded], rows[:loaded])
+            xfer.scatter(block_ids[:loaded], rows[:loaded])
             self._counts["promoted"] += loaded
         return loaded
 
@@ -304,21 +289,9 @@ class TieredStore:
                 "swap_out needs a CPUTier as the first tier (tiers=[CPUTier(...), ...]); "
                 f"the first tier here is {self.levels[0].name}"
             )
-        if not isinstance(key, str):
-            raise TypeError(f"swap key must be a str, got {type(key).__name__}")
-        if key in self._swapped:
-            raise ValueError(f"a sequence is already swapped out under key {key!r}")
-        need = len(block_ids) * self.block_bytes
-        free = self.swap_capacity_bytes - self._swapped_bytes
-        if need > free:
-            raise OutOfBlocks(
-                f"swap_out({key!r}): {len(block_ids)} blocks need {need} bytes of CPU swap space "
-                f"but {free} of {self.swap_capacity_bytes} are free; raise CPUTier(swap_bytes=...) "
-                "or swap in / free other sequences first"
-            )
-        rows, event = self._gather(block_ids)
-        self._swapped[key] = (rows, event)
-        self._swapped_bytes += need
+        self._swap.check_fits(key, len(block_ids) * self.block_bytes)
+        rows, _ = self._transfer.gather(block_ids)  # the current stream now waits for it
+        self._swap.add(key, rows)
 
     def swap_in(self, key: str, block_ids: Sequence[int], *, skip: int = 0) -> None:
         """Write the blocks swapped out under ``key`` into ``block_ids`` and release them.
@@ -328,9 +301,7 @@ class TieredStore:
         hold these bytes). Raises ``KeyError`` for an unknown key and ``ValueError``
         for a wrong count or ``skip``; nothing changes then.
         """
-        if key not in self._swapped:
-            raise KeyError(f"no sequence is swapped out under key {key!r}")
-        rows, _ = self._swapped[key]
+        rows = self._swap.get(key)
         if len(block_ids) != rows.shape[0]:
             raise ValueError(
                 f"swap_in({key!r}): {rows.shape[0]} blocks were swapped out, "
@@ -341,17 +312,13 @@ class TieredStore:
         ids = list(block_ids)
         if len(set(ids)) != len(ids):
             raise ValueError(f"swap_in({key!r}): block ids must be distinct, got {ids}")
-        # On CUDA the current stream already waits for the swap-out copy (see _gather).
-        self._scatter(ids[skip:], rows[skip:])
+        # On CUDA the current stream already waits for the swap-out copy (see Transfer).
+        self._transfer.scatter(ids[skip:], rows[skip:])
         self.discard_swap(key)
 
     def discard_swap(self, key: str) -> bool:
         """Drop the swapped-out blocks of ``key``; returns whether there were any."""
-        entry = self._swapped.pop(key, None)
-        if entry is None:
-            return False
-        self._swapped_bytes -= entry[0].numel()
-        return True
+        return self._swap.discard(key)
 
     # -- introspection ------------------------------------------------------------------
 
@@ -364,20 +331,15 @@ class TieredStore:
         return {
             "tiers": {level.name: level.stats() for level in self.levels},
             **self._counts,
-            "swapped_sequences": len(self._swapped),
-            "swapped_bytes": self._swapped_bytes,
-            "swap_capacity_bytes": self.swap_capacity_bytes,
+            "swapped_sequences": len(self._swap),
+            "swapped_bytes": self._swap.used_bytes,
+            "swap_capacity_bytes": self._swap.capacity_bytes,
             "pending_bytes": self._writer.pending_bytes,
         }
 
     def check_integrity(self) -> None:
         """Raise :class:`CacheIntegrityError` when swap or index bookkeeping disagrees."""
-        held = sum(rows.numel() for rows, _ in self._swapped.values())
-        if held != self._swapped_bytes or held > self.swap_capacity_bytes:
-            raise CacheIntegrityError(
-                f"TieredStore: swapped rows hold {held} bytes, counted {self._swapped_bytes}, "
-                f"swap capacity {self.swap_capacity_bytes}"
-            )
+        self._swap.check_integrity()
         for level in self.levels:
             n = level.tracked
             if n is not None and n > level.capacity_blocks:
@@ -392,8 +354,7 @@ class TieredStore:
     def close(self) -> None:
         """Store the pending write-backs, drop swapped data and close every tier."""
         self._writer.close()
-        self._swapped.clear()
-        self._swapped_bytes = 0
+        self._swap.clear()
         for level in self.levels:
             level.close()
 
@@ -403,7 +364,8 @@ class TieredStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _require_pool(self) -> KVPool:
-        if self._pool is None:
+    @property
+    def _transfer(self) -> Transfer:
+        if self._xfer is None:
             raise RuntimeError("TieredStore.attach(pool) must be called before moving blocks")
-        return self._pool
+        return self._xfer

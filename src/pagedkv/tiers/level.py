@@ -25,12 +25,18 @@ from pagedkv.tiers.health import Backoff
 
 T = TypeVar("T")
 
+BATCH_BYTES = 8 << 20
+
+
+def _no_pause() -> None:
+    pass
+
 
 class Level:
     """Common part of a memory or framed level; subclasses define ``_load``/``_put``."""
 
     _load: Callable[[Sequence[str], torch.Tensor], list[bool]]
-    _put: Callable[[Sequence[str], torch.Tensor], int]
+    _put: Callable[[Sequence[str], torch.Tensor, Callable[[], None]], int]
 
     def __init__(
         self,
@@ -117,9 +123,15 @@ class Level:
         self.touch(hit)
         return found
 
-    def put(self, keys: Sequence[str], rows: torch.Tensor) -> int:
-        """Store row ``i`` of ``rows`` under ``keys[i]``; returns how many were stored."""
-        n = self._guard(lambda: self._put(keys, rows), 0)
+    def put(
+        self, keys: Sequence[str], rows: torch.Tensor, *, pause: Callable[[], None] = _no_pause
+    ) -> int:
+        """Store row ``i`` of ``rows`` under ``keys[i]``; returns how many were stored.
+
+        ``pause()`` is called between batches of a long put (the chain uses it to let
+        a prefix lookup go first).
+        """
+        n = self._guard(lambda: self._put(keys, rows, pause), 0)
         self.puts += n
         return n
 
@@ -172,7 +184,7 @@ class MemoryLevel(Level):
     def _load(self, keys: Sequence[str], out: torch.Tensor) -> list[bool]:
         return self.store.get_into(keys, out)
 
-    def _put(self, keys: Sequence[str], rows: torch.Tensor) -> int:
+    def _put(self, keys: Sequence[str], rows: torch.Tensor, pause: Callable[[], None]) -> int:
         return self.store.put_tensor_rows(keys, rows)
 
 
@@ -197,21 +209,25 @@ class FramedLevel(Level):
     ) -> None:
         super().__init__(name, store, block_bytes, capacity_blocks=capacity_blocks, backoff=backoff)
         self.fingerprint = fingerprint
-        self._threads = min(8, os.cpu_count() or 1)
+        self._threads = min(8, max(2, os.cpu_count() or 1))
         self._executor: ThreadPoolExecutor | None = None
 
-    def _map(self, fn: Callable[[int], T], n: int) -> Iterable[T]:
-        if n < 2 or self._threads < 2:
-            return map(fn, range(n))
+    def _spawn(self, fn: Callable[[int], T], indices: Iterable[int]) -> list[Callable[[], T]]:
+        """Start ``fn(i)`` for each index on the framing threads; return result getters."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="pagedkv-frame")
-        return self._executor.map(fn, range(n))
+        return [self._executor.submit(fn, i).result for i in indices]
+
+    def _batches(self, n: int) -> list[range]:
+        # Round trips of ~BATCH_BYTES: framing of one batch overlaps the I/O of another.
+        step = max(1, BATCH_BYTES // self.block_bytes)
+        return [range(a, min(n, a + step)) for a in range(0, n, step)]
 
     def _load(self, keys: Sequence[str], out: torch.Tensor) -> list[bool]:
         from pagedkv.stores.framing import unpack
 
-        blobs = self.store.get_many(keys)
         rows = out.numpy()
+        blobs: list[bytes | None] = [None] * len(keys)
 
         def verify(i: int) -> bool:
             payload = unpack(blobs[i], fingerprint=self.fingerprint)
@@ -220,19 +236,34 @@ class FramedLevel(Level):
             rows[i] = np.frombuffer(payload, dtype=np.uint8)
             return True
 
-        found = list(self._map(verify, len(keys)))
+        results: list[Callable[[], bool]] = []
+        try:
+            for batch in self._batches(len(keys)):
+                for i, blob in zip(batch, self.store.get_many([keys[i] for i in batch])):
+                    blobs[i] = blob
+                results += self._spawn(verify, batch)
+        finally:  # never leave a thread writing into ``out`` after returning
+            found = [result() for result in results]
         bad = [k for k, ok, blob in zip(keys, found, blobs) if not ok and blob is not None]
         if bad:
             self.corrupt += len(bad)
             self.delete(bad)
         return found
 
-    def _put(self, keys: Sequence[str], rows: torch.Tensor) -> int:
+    def _put(self, keys: Sequence[str], rows: torch.Tensor, pause: Callable[[], None]) -> int:
         from pagedkv.stores.framing import pack
 
         arr = rows.numpy()
-        framed = list(self._map(lambda i: pack(arr[i], fingerprint=self.fingerprint), len(keys)))
-        return self.store.put_many(list(zip(keys, framed)))
+        frame = lambda i: pack(arr[i], fingerprint=self.fingerprint)  # noqa: E731
+        batches = self._batches(len(keys))
+        stored, ahead = 0, self._spawn(frame, batches[0]) if batches else []
+        for j, batch in enumerate(batches):
+            framed = ahead
+            pause()
+            if j + 1 < len(batches):  # frame the next batch while this one is written
+                ahead = self._spawn(frame, batches[j + 1])
+            stored += self.store.put_many([(keys[i], f()) for i, f in zip(batch, framed)])
+        return stored
 
     def close(self) -> None:
         """Close the store and stop the framing threads."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ class WriteBack:
         self._pending_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._readers = 0  # prefix lookups in progress
 
     @property
     def pending_bytes(self) -> int:
@@ -85,6 +87,27 @@ class WriteBack:
                 )
                 self._thread.start()
             self._cv.notify_all()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Mark a prefix lookup in progress: :meth:`yield_to_readers` waits meanwhile."""
+        with self._cv:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers -= 1
+                self._cv.notify_all()
+
+    def yield_to_readers(self) -> None:
+        """Called by the writer between batches: wait while a lookup is in progress.
+
+        A lookup is on the critical path (time to first token); write-back is not.
+        """
+        with self._cv:
+            while self._readers and not self._stop:
+                self._cv.wait()
 
     def find(self, key: str) -> tuple[Job, int] | None:
         """The staged ``(job, row)`` holding ``key``, if it is waiting to be stored."""

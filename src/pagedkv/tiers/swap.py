@@ -1,0 +1,73 @@
+"""SwapArea: host copies of swapped-out sequences, within a byte budget, never evicted.
+
+Kept apart from the CPU tier's slab on purpose: a swap-out is then one gather and
+one device-to-host copy into rows that stay as they are until swap-in, with no
+second copy into slab slots, and LRU traffic from demotions can never touch them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedkv.errors import CacheIntegrityError, OutOfBlocks
+
+
+class SwapArea:
+    """``key -> uint8 [n, block_bytes]`` host rows, holding at most ``capacity_bytes``."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def check_fits(self, key: str, nbytes: int) -> None:
+        """Raise (``TypeError``, ``ValueError``, :class:`OutOfBlocks`) unless ``key`` can take
+        ``nbytes`` more bytes; changes nothing."""
+        if not isinstance(key, str):
+            raise TypeError(f"swap key must be a str, got {type(key).__name__}")
+        if key in self._rows:
+            raise ValueError(f"a sequence is already swapped out under key {key!r}")
+        free = self.capacity_bytes - self.used_bytes
+        if nbytes > free:
+            raise OutOfBlocks(
+                f"swap_out({key!r}) needs {nbytes} bytes of CPU swap space but {free} of "
+                f"{self.capacity_bytes} are free; raise CPUTier(swap_bytes=...) or swap in / "
+                "free other sequences first"
+            )
+
+    def add(self, key: str, rows: torch.Tensor) -> None:
+        """Hold ``rows`` under ``key`` (after :meth:`check_fits`)."""
+        self._rows[key] = rows
+        self.used_bytes += rows.numel()
+
+    def get(self, key: str) -> torch.Tensor:
+        """The rows held under ``key``; ``KeyError`` naming it if none."""
+        try:
+            return self._rows[key]
+        except KeyError:
+            raise KeyError(f"no sequence is swapped out under key {key!r}") from None
+
+    def discard(self, key: str) -> bool:
+        """Release the rows of ``key``; returns whether there were any."""
+        rows = self._rows.pop(key, None)
+        if rows is None:
+            return False
+        self.used_bytes -= rows.numel()
+        return True
+
+    def clear(self) -> None:
+        """Release everything."""
+        self._rows.clear()
+        self.used_bytes = 0
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` when the byte count disagrees with the rows."""
+        held = sum(rows.numel() for rows in self._rows.values())
+        if held != self.used_bytes or held > self.capacity_bytes:
+            raise CacheIntegrityError(
+                f"SwapArea: rows hold {held} bytes, counted used_bytes({self.used_bytes}), "
+                f"capacity_bytes({self.capacity_bytes})"
+            )
