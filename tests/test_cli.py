@@ -71,3 +71,41 @@ def test_manager_demo_is_wired():
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["demo", "--manager"])
     assert result.exit_code == 0, result.output
+
+
+def test_snapshot_commands_on_a_parked_conversation(tmp_path):
+    """`pagedkv snapshot ls | show | verify | rm | gc` on a snapshot an Engine wrote."""
+    from pagedkv.engine import Engine, SamplingParams
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    engine = Engine(transformers.LlamaForCausalLM(cfg).float(), num_blocks=16, block_size=8)
+    out = engine.generate([list(range(3, 20))], SamplingParams(max_new_tokens=4), retain=True)
+    store = str(tmp_path / "snaps")
+    engine.snapshot(out[0], "chat-1", store=store, metadata={"user": "ada"})
+
+    def cli(*args):
+        result = runner.invoke(app, ["snapshot", *args, "--store", store], terminal_width=200)
+        return result.exit_code, result.output
+
+    code, text = cli("ls")
+    assert code == 0 and "chat-1" in text, text
+    code, text = cli("show", "chat-1")
+    assert code == 0 and '"user": "ada"' in text and "next_token" in text, text
+    code, text = cli("verify", "chat-1")
+    assert code == 0 and "chat-1" in text, text
+    assert cli("rm", "chat-1")[0] == 0
+    code, text = cli("gc")
+    assert code == 0, text
+    code, text = cli("show", "chat-1")
+    assert code == 1 and "no snapshot named 'chat-1'" in " ".join(text.split()), text
+
+
+def test_help_lists_the_snapshot_commands():
+    result = runner.invoke(app, ["snapshot", "--help"])
+    assert result.exit_code == 0
+    for name in ("ls", "show", "verify", "rm", "gc"):
+        assert name in result.output

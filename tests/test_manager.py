@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+
 import pytest
 
 from pagedkv import BlockManager, CacheStats, MemoryPressure, OutOfBlocks
@@ -166,7 +167,7 @@ def test_duplicate_content_block_stays_anonymous():
     cycle(m)
 
 
-# ---- fork and copy-on-write -----------------------------------------------------------------------
+# ---- fork and copy-on-write ----------------------------------------------------------------------
 def test_fork_shares_blocks_and_cow_on_append():
     m = BlockManager(8, 4)
     m.allocate("p", list(range(6)))  # 0, 1
@@ -227,7 +228,7 @@ def test_free_drops_references():
     cycle(m)
 
 
-# ---- stats ----------------------------------------------------------------------------------------
+# ---- stats ---------------------------------------------------------------------------------------
 def test_stats_exact_values():
     m = BlockManager(8, 4)
     s = m.stats()
@@ -292,7 +293,7 @@ def test_repr_mentions_counts():
     assert "used=1" in repr(m) and "num_blocks=8" in repr(m)
 
 
-# ---- memory pressure ------------------------------------------------------------------------------
+# ---- memory pressure -----------------------------------------------------------------------------
 def test_pressure_levels_and_callback_on_change_only():
     m = BlockManager(20, 1, prefix_caching=False)
     seen = []
@@ -347,7 +348,7 @@ def test_on_pressure_registration_starts_from_current_level():
     assert seen == [MemoryPressure.CRITICAL]
 
 
-# ---- complexity: a cached block hit leaves the queue without a scan ----------------------------------
+# ---- complexity: a cached block hit leaves the queue without a scan ------------------------------
 def _time_hits(policy: str, n: int) -> float:
     m = BlockManager(2 * n + 64, 2, eviction=policy)
     for i in range(n):

@@ -65,7 +65,7 @@ def populated(policy: str = "lru", num_blocks: int = 10, **kw) -> BlockManager:
     return m
 
 
-# ---- constructor ------------------------------------------------------------------------------------
+# ---- constructor ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, exc, name",
     [
@@ -115,7 +115,7 @@ def test_constructor_accepts_edge_values():
     BlockManager(4, 4, hash_algo="xxh3_128", eviction="lfu", prefix_caching=False)
 
 
-# ---- every public method: bad input changes nothing -------------------------------------------------
+# ---- every public method: bad input changes nothing ----------------------------------------------
 BAD_CALLS = [
     # allocate
     ("allocate live id", lambda m: m.allocate("a", [1]), ValueError, "already live"),
@@ -201,7 +201,7 @@ def test_reset_refused_while_in_use_changes_nothing():
     assert_unchanged(m, before)
 
 
-# ---- OutOfBlocks --------------------------------------------------------------------------------------
+# ---- OutOfBlocks ---------------------------------------------------------------------------------
 OOB_CALLS = [
     ("allocate fresh", lambda m: m.allocate("n", list(range(100, 121)))),  # 6 > 5
     ("allocate one too many", lambda m: m.allocate("n", list(range(100, 124)) + [0])),

@@ -140,7 +140,7 @@ def test_eviction_order_is_the_victim_order(policy):
     assert m.eviction_order() == []
 
 
-# ---- TTL ------------------------------------------------------------------------------------------
+# ---- TTL -----------------------------------------------------------------------------------------
 def test_ttl_expired_blocks_are_not_matched_and_lookup_changes_nothing():
     clock = FakeClock()
     m, evicted = make("lru", num_blocks=8, ttl_seconds=10, clock=clock)
@@ -221,7 +221,7 @@ def test_ttl_refreshed_by_use_and_pinned_blocks_do_not_expire():
     m.check_integrity()
 
 
-# ---- pinning ---------------------------------------------------------------------------------------
+# ---- pinning -------------------------------------------------------------------------------------
 def test_pin_keeps_blocks_from_eviction():
     m, evicted = make("lru", num_blocks=4)
     prefix = [1, 2, 3, 4]
@@ -318,3 +318,20 @@ def test_on_evict_receives_block_and_hash():
     m.free("a")
     m.allocate("b", [7, 7, 7, 7, 7, 7])
     assert evicted == [(2, hashes[2]), (1, hashes[1]), (0, hashes[0])]
+
+
+def test_pin_does_not_revive_an_expired_block():
+    clock = FakeClock()
+    m, evicted = make("lru", num_blocks=4, ttl_seconds=10, clock=clock)
+    m.allocate("a", [1, 2, 3])
+    m.free("a")
+    clock.now = 11.0
+    assert m.pin([1, 2]) == 0  # expired: dropped, not pinned
+    assert m.stats().pinned_blocks == 0 and m.lookup([1, 2, 3]) == 0
+    m.allocate("b", [1, 2, 3])  # registered again: the content pin applies on release
+    m.free("b")
+    assert m.stats().pinned_blocks == 1 and evicted == []
+    clock.now = 100.0
+    assert m.lookup([1, 2, 3]) == 2
+    m.unpin([1, 2])
+    m.check_integrity()

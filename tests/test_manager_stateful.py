@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from test_manager_errors import capture
 
 from pagedkv import BlockManager, OutOfBlocks
+from test_manager_errors import capture
 
 BS = 4
 SALTS = [None, "s"]

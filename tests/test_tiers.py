@@ -531,3 +531,26 @@ def test_write_back_waits_while_a_lookup_runs():
     assert passed.wait(5)
     t.join()
     wb.close()
+
+
+def test_kvcache_serves_with_redis_unreachable_from_the_start(caplog):
+    import socket
+
+    from pagedkv.cache import KVCache
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tier = RedisTier(f"redis://127.0.0.1:{port}/0", timeout_s=0.2, retry_initial_s=0.05)
+    cache = KVCache(LAYOUT, 4, tiers=[tier])
+    with caplog.at_level(logging.WARNING, logger="pagedkv.tiers"):
+        for i in range(6):  # evictions go nowhere, lookups miss, nothing raises
+            assert cache.allocate(i, list(range(100 * i, 100 * i + 13))) == 0
+            data = _fill(cache, i, i)
+            assert torch.equal(cache.read_blocks(cache.block_table(i)), data)
+            cache.free(i)
+        cache.tiers.flush()
+    st = cache.tier_stats()["tiers"]["redis"]
+    assert not st["available"] and st["hits"] == 0 and st["errors"] >= 1
+    assert sum("redis" in r.getMessage() for r in caplog.records) == 1  # logged once
+    cache.close()

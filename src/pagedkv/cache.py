@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from pagedkv import ops
-from pagedkv.errors import PagedKVError
+from pagedkv.errors import CacheIntegrityError, PagedKVError
 from pagedkv.manager import BlockManager, CacheStats
 from pagedkv.storage import KVLayout, KVPool
 
@@ -136,9 +136,12 @@ class KVCache:
         return {"tier_hit_tokens": self._tier_hit_tokens, **self.tiers.stats()}
 
     def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` when any bookkeeping disagrees."""
         self.manager.check_integrity()
         if any(sid in self.manager for sid in self._swapped):
-            raise PagedKVError("a sequence is both resident and swapped out")
+            raise CacheIntegrityError("a sequence is both resident and swapped out")
+        if self.tiers is not None:
+            self.tiers.check_integrity()
 
     # ----------------------------------------------------------- sequences
 
@@ -161,6 +164,12 @@ class KVCache:
         self._salts[seq_id] = salt
         self._flush_evictions()
         if self.tiers is not None:
+            if self.write_through and cached:
+                # A device prefix hit means the block is used at least twice: keep a
+                # copy below too (the chain skips blocks it wrote recently).
+                k = cached // self.block_size
+                table = self.manager.block_table(seq_id)[:k]
+                self.tiers.write_through(list(zip(table, self.manager.block_hashes(seq_id)[:k])))
             cached += self._promote(seq_id, cached)
         return cached
 
@@ -321,6 +330,11 @@ class KVCache:
             yield
         finally:
             self._paused -= 1
+
+    def flush(self) -> None:
+        """Wait until every block demoted to the tiers has been stored."""
+        if self.tiers is not None:
+            self.tiers.flush()
 
     def close(self) -> None:
         """Flush and close the tiers (pending demotions are written)."""

@@ -1,4 +1,4 @@
-"""The ``pagedkv`` command line: ``demo``, ``generate``, ``manager-demo``."""
+"""The ``pagedkv`` command line: ``demo``, ``generate``, ``manager-demo``, ``snapshot``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pagedkv.snapshot.cli import app as snapshot_app
+
 app = typer.Typer(
     help="pagedkv: paged KV cache for LLM inference.", no_args_is_help=True, add_completion=False
 )
 console = Console()
+app.add_typer(snapshot_app, name="snapshot")
 
 
 def _manager_demo() -> None:

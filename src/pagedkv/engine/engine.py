@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pagedkv.engine import snapshots
 from pagedkv.engine.config import EngineConfig
+from pagedkv.engine.identity import eos_token_ids, model_fingerprint
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import (
     Request,
@@ -21,6 +23,7 @@ from pagedkv.engine.request import (
 from pagedkv.engine.sampling import make_generator
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.integrations.support import check_model_supported, kv_geometry
+from pagedkv.snapshot import SnapshotInfo
 
 Prompt = str | Sequence[int]
 
@@ -30,9 +33,11 @@ class EngineStats:
     """Counters since the engine was built (named, as :meth:`Engine.stats` returns them).
 
     ``prefix_hit_rate`` = ``cached_tokens / prompt_tokens`` (prompt tokens served from
-    the prefix cache at admission); ``prefill_tokens`` counts tokens computed for
-    prompts (recomputes after preemption included); ``tokens_per_s`` = generated tokens
-    / seconds spent in :meth:`Engine.step`.
+    the prefix cache at admission, or restored from a snapshot); ``prefill_tokens``
+    counts tokens computed for prompts (recomputes after preemption included);
+    ``tokens_per_s`` = generated tokens / seconds spent in :meth:`Engine.step`;
+    ``retained_seqs``: finished requests kept in the cache (``retain=True``) until
+    snapshotted or released (their blocks count in ``blocks_in_use``).
     """
 
     requests: int
@@ -49,6 +54,7 @@ class EngineStats:
     blocks_peak: int
     num_blocks: int
     block_size: int
+    retained_seqs: int = 0
 
 
 class Engine:
@@ -59,6 +65,11 @@ class Engine:
     dtype; it is switched to attn_implementation "pagedkv". ``tokenizer`` is needed for
     string prompts and ``.text``. The other options are :class:`EngineConfig`'s.
     ``tiers``: forwarded to :class:`~pagedkv.KVCache` (needed by ``preemption="swap"``).
+    ``snapshot_store``: where :meth:`snapshot` and :meth:`resume` save and load by
+    default (a directory, a ``redis://`` URL or a :class:`~pagedkv.SnapshotStore`).
+    ``model_version``: the weights' identity (e.g. a revision string); by default it is
+    derived from the config and a sample of every weight tensor, so KV from another
+    weight version (cached, in a tier or in a snapshot) is never reused.
     """
 
     def __init__(
@@ -75,6 +86,8 @@ class Engine:
         max_num_seqs: int = 256,
         cuda_graphs: bool = True,
         tiers: Any = None,
+        snapshot_store: Any = None,
+        model_version: str | None = None,
     ) -> None:
         from pagedkv.cache import KVCache
         from pagedkv.integrations.attention import use_paged_attention
@@ -98,11 +111,12 @@ class Engine:
         layout = KVLayout(layers, kv_heads, head_dim, block_size, param.dtype)
         blocks = self.config.resolve_num_blocks(layout.bytes_per_block, self.device)
         self.cache = KVCache(
-            layout, blocks, device=self.device, model_fingerprint=_fingerprint(model),
+            layout, blocks, device=self.device,
+            model_fingerprint=model_fingerprint(model, model_version),
             prefix_caching=prefix_caching, tiers=tiers,
         )  # fmt: skip
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(
             self.cache, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
             preemption=preemption,
@@ -112,6 +126,8 @@ class Engine:
         )
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
+        self._retained: dict[int, Request] = {}
+        self.snapshot_store = snapshot_store
         self._generated = self._steps = self._num_requests = 0
         self._step_seconds = 0.0
 
@@ -127,16 +143,19 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, retain: bool = False
+    ) -> int:
         """Validate and queue one request; returns its id. Raises ``ValueError`` for bad
-        input (nothing is queued; requests already in flight are unaffected)."""
-        req = self._make_request(prompt, params or SamplingParams())
+        input (nothing is queued; requests already in flight are unaffected).
+        ``retain``: keep its sequence in the cache once finished, for :meth:`snapshot`."""
+        req = self._make_request(prompt, params or SamplingParams(), retain=retain)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
         self._num_requests += 1
         return req.request_id
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+    def _make_request(self, prompt: Prompt, params: SamplingParams, retain=False) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -154,13 +173,15 @@ class Engine:
             )
         gen = None if params.greedy else make_generator(params.seed, self.device)
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        return Request(next(self._ids), ids, params, gen, eos)
+        return Request(next(self._ids), ids, params, gen, eos, retain=bool(retain))
 
     def abort(self, request_id: int) -> None:
-        """Drop a request (its blocks are freed); unknown ids are ignored."""
+        """Drop a request (its blocks are freed, retained or not); unknown ids are ignored."""
         req = self._requests.pop(request_id, None)
         if req is not None and req.status is not Status.FINISHED:
             self.scheduler.finish(req)
+        if request_id in self._retained:
+            self.release(request_id)
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
@@ -172,7 +193,7 @@ class Engine:
         t0 = time.perf_counter()
         chunks = self.scheduler.schedule()
         if not chunks:
-            return []
+            return snapshots.fail_starved(self) if self.scheduler.starved else []
         try:
             tokens = self.runner.execute(chunks)
         except Exception as exc:  # a failing batch fails its requests, not the engine
@@ -196,7 +217,9 @@ class Engine:
             reason = req.stop_check(token)
             if reason is not None:
                 req.finish_reason = reason
-                self.scheduler.finish(req)
+                self.scheduler.finish(req, keep=req.retain)
+                if req.retain:
+                    self._retained[req.request_id] = req
                 finished.append(self._output(req))
         self._steps += 1
         self._step_seconds += time.perf_counter() - t0
@@ -208,12 +231,14 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         on_finish: Callable[[RequestOutput], None] | None = None,
+        retain: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in prompt order.
 
         ``prompts``: strings (needs a tokenizer) or lists of token ids. ``params``: one
         for all or one per prompt. Every prompt is validated before any runs: a bad one
-        raises ``ValueError`` naming its index and nothing is queued.
+        raises ``ValueError`` naming its index and nothing is queued. ``retain``: keep
+        each finished sequence in the cache for :meth:`snapshot` (or :meth:`release`).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts must be a list of prompts (strings or token-id lists)")
@@ -224,7 +249,7 @@ class Engine:
         reqs = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
-                reqs.append(self._make_request(p, sp))
+                reqs.append(self._make_request(p, sp, retain))
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"prompt {i}: {exc}") from None
         for req in reqs:
@@ -240,12 +265,16 @@ class Engine:
                         on_finish(out)
         return [self._output(self._requests.pop(r.request_id)) for r in reqs]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, retain: bool = False
+    ) -> Iterator[StreamDelta]:
         """Yield the tokens of one request as they are generated (other queued requests
         are served in the same steps)."""
-        rid = self.add_request(prompt, params)
-        req = self._requests[rid]
-        text = ""
+        rid = self.add_request(prompt, params, retain=retain)
+        return self._follow(self._requests[rid])
+
+    def _follow(self, req: Request) -> Iterator[StreamDelta]:
+        rid, text = req.request_id, ""
         while True:
             self.step()
             if len(req.output) > req.streamed or req.finish_reason is not None:
@@ -259,6 +288,42 @@ class Engine:
             if req.finish_reason is not None:
                 self._requests.pop(rid, None)
                 return
+
+    # ------------------------------------------------------------------ snapshots
+    # Parking and resuming conversations; the contract is in pagedkv.engine.snapshots.
+    def snapshot(
+        self, request: int | RequestOutput, name: str | None = None, *, store: Any = None,
+        metadata: dict[str, Any] | None = None, keep: bool = False, overwrite: bool = False,
+    ) -> SnapshotInfo:  # fmt: skip
+        """Save a finished request submitted with ``retain=True`` (its id or output) as
+        snapshot ``name``, then release its sequence unless ``keep``. ``store`` overrides
+        ``snapshot_store``; ``metadata``: your JSON. ``KeyError`` if it is not retained."""
+        return snapshots.save(self, request, name, store, metadata, keep, overwrite)
+
+    def resume(
+        self, name: str, more_prompt: Prompt = (), params: SamplingParams | None = None, *,
+        store: Any = None, retain: bool = False,
+    ) -> RequestOutput:  # fmt: skip
+        """Load snapshot ``name`` and generate after its history + ``more_prompt`` (empty:
+        continue the generation); only tokens without KV are computed. ``params``: default
+        the snapshot's. Greedy with batch-invariant kernels, token-identical to never
+        having stopped. ``SnapshotError``: unknown name, other model or layout;
+        ``OutOfBlocks``: no room now (nothing changed; the engine keeps serving)."""
+        req = snapshots.resume(self, name, more_prompt, params, store, retain)
+        while req.finish_reason is None:
+            self.step()
+        return self._output(self._requests.pop(req.request_id))
+
+    def resume_stream(
+        self, name: str, more_prompt: Prompt = (), params: SamplingParams | None = None, *,
+        store: Any = None, retain: bool = False,
+    ) -> Iterator[StreamDelta]:  # fmt: skip
+        """:meth:`resume`, yielding tokens as they are generated (like :meth:`stream`)."""
+        return self._follow(snapshots.resume(self, name, more_prompt, params, store, retain))
+
+    def release(self, request: int | RequestOutput) -> None:
+        """Free a retained request's sequence (``KeyError`` if it is not retained)."""
+        snapshots.release(self, request)
 
     # ------------------------------------------------------------------ reporting
     def _output(self, req: Request) -> RequestOutput:
@@ -284,29 +349,9 @@ class Engine:
             tokens_per_s=self._generated / self._step_seconds if self._step_seconds else 0.0,
             steps=self._steps, preemptions=c.preemptions, blocks_in_use=in_use,
             blocks_peak=c.peak_blocks, num_blocks=self.cache.num_blocks,
-            block_size=self.cache.block_size,
+            block_size=self.cache.block_size, retained_seqs=len(self._retained),
         )  # fmt: skip
 
     def with_config(self, **changes: Any) -> EngineConfig:
         """The engine's config with some fields changed (for building another engine)."""
         return replace(self.config, **changes)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(src, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(int(i) for i in ids)
-
-
-def _fingerprint(model: Any) -> str:
-    import hashlib
-
-    cfg = model.config.to_json_string(use_diff=False)
-    name = getattr(model.config, "_name_or_path", "") or ""
-    digest = hashlib.sha256(cfg.encode()).hexdigest()[:16]
-    return f"{model.config.model_type}-{digest}-{name}"[:120]

@@ -110,6 +110,8 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     streamed: int = 0
+    #: keep the sequence in the cache when the request finishes (Engine.snapshot)
+    retain: bool = False
 
     @property
     def seq_id(self) -> int:

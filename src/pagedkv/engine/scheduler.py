@@ -65,6 +65,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
+        #: the last schedule() ran nothing and admitted nothing although requests wait
+        #: and none was preempted: only blocks held outside the queue can be the cause
+        self.starved = False
         self._tables: dict[int, list[int]] = {}
 
     def add(self, req: Request) -> None:
@@ -80,16 +83,17 @@ class Scheduler:
             table = self._tables[req.seq_id] = self.cache.block_table(req.seq_id)
         return table
 
-    def finish(self, req: Request) -> None:
-        """Release a finished or aborted request's blocks."""
+    def finish(self, req: Request, *, keep: bool = False) -> None:
+        """Release a finished or aborted request's blocks; ``keep``: leave its sequence
+        in the cache (a retained request; the engine frees it later)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.status is Status.SWAPPED or req.num_allocated:
+        if not keep and (req.status is Status.SWAPPED or req.num_allocated):
             self.cache.free(req.seq_id)  # also discards a swapped-out copy
+            req.num_allocated = 0
         self._tables.pop(req.seq_id, None)
-        req.num_allocated = 0
         req.status = Status.FINISHED
 
     # ------------------------------------------------------------------ scheduling
@@ -115,6 +119,7 @@ class Scheduler:
             break  # req itself was preempted: nothing behind it can run either
         if not preempted:
             budget = self._admit(chunks, budget)
+        self.starved = not chunks and not preempted and bool(self.waiting)
         used = self.cache.num_blocks - self.cache.num_free_blocks
         self.counters.peak_blocks = max(self.counters.peak_blocks, used)
         return chunks
@@ -125,7 +130,7 @@ class Scheduler:
             if req.status is Status.SWAPPED:
                 if not self._swap_in(req):
                     break
-            else:
+            elif not req.num_allocated:  # (a resumed request's KV is already resident)
                 tokens = req.all_tokens
                 hit = self.cache.manager.lookup(tokens)
                 end = min(len(tokens), hit + budget)

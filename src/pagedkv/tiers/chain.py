@@ -10,8 +10,11 @@ also verify the fingerprint on every read).
   background thread; a full tier spills its LRU victims to the next (CPU -> disk ->
   Redis).
 - ``promote``: the longest leading run of hashes found in the pending writes and
-  the tiers (one batched ``contains`` and one batched load per tier) is loaded
-  into fresh pool blocks with one ``write_blocks``.
+  the tiers (one batched ``contains`` per tier, then batched loads: one call for
+  the CPU tier, ~8 MiB per round trip for disk / Redis so verification overlaps
+  I/O) is loaded into fresh pool blocks with one ``write_blocks`` (per 256 MiB).
+  Write-back pauses while a lookup runs: the lookup is on the time-to-first-token
+  path, write-back is not.
 - ``swap_out``/``swap_in``: a whole sequence's blocks to the CPU tier's swap area
   (never evicted) and back, bit-exact.
 """
@@ -290,8 +293,7 @@ class TieredStore:
                 f"the first tier here is {self.levels[0].name}"
             )
         self._swap.check_fits(key, len(block_ids) * self.block_bytes)
-        rows, _ = self._transfer.gather(block_ids)  # the current stream now waits for it
-        self._swap.add(key, rows)
+        self._swap.add(key, *self._transfer.gather(block_ids))
 
     def swap_in(self, key: str, block_ids: Sequence[int], *, skip: int = 0) -> None:
         """Write the blocks swapped out under ``key`` into ``block_ids`` and release them.
@@ -301,7 +303,7 @@ class TieredStore:
         hold these bytes). Raises ``KeyError`` for an unknown key and ``ValueError``
         for a wrong count or ``skip``; nothing changes then.
         """
-        rows = self._swap.get(key)
+        rows, event = self._swap.get(key)
         if len(block_ids) != rows.shape[0]:
             raise ValueError(
                 f"swap_in({key!r}): {rows.shape[0]} blocks were swapped out, "
@@ -312,8 +314,7 @@ class TieredStore:
         ids = list(block_ids)
         if len(set(ids)) != len(ids):
             raise ValueError(f"swap_in({key!r}): block ids must be distinct, got {ids}")
-        # On CUDA the current stream already waits for the swap-out copy (see Transfer).
-        self._transfer.scatter(ids[skip:], rows[skip:])
+        self._transfer.scatter(ids[skip:], rows[skip:], after=event)
         self.discard_swap(key)
 
     def discard_swap(self, key: str) -> bool:

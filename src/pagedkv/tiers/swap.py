@@ -7,18 +7,21 @@ second copy into slab slots, and LRU traffic from demotions can never touch them
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 
 
 class SwapArea:
-    """``key -> uint8 [n, block_bytes]`` host rows, holding at most ``capacity_bytes``."""
+    """``key -> (uint8 [n, block_bytes] host rows, CUDA event or None)``, holding at most
+    ``capacity_bytes`` of rows. The event completes when the swap-out copy has."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
-        self._rows: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, tuple[torch.Tensor, Any]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -38,13 +41,13 @@ class SwapArea:
                 "free other sequences first"
             )
 
-    def add(self, key: str, rows: torch.Tensor) -> None:
+    def add(self, key: str, rows: torch.Tensor, event: Any = None) -> None:
         """Hold ``rows`` under ``key`` (after :meth:`check_fits`)."""
-        self._rows[key] = rows
+        self._rows[key] = (rows, event)
         self.used_bytes += rows.numel()
 
-    def get(self, key: str) -> torch.Tensor:
-        """The rows held under ``key``; ``KeyError`` naming it if none."""
+    def get(self, key: str) -> tuple[torch.Tensor, Any]:
+        """``(rows, event)`` held under ``key``; ``KeyError`` naming it if none."""
         try:
             return self._rows[key]
         except KeyError:
@@ -52,10 +55,10 @@ class SwapArea:
 
     def discard(self, key: str) -> bool:
         """Release the rows of ``key``; returns whether there were any."""
-        rows = self._rows.pop(key, None)
-        if rows is None:
+        entry = self._rows.pop(key, None)
+        if entry is None:
             return False
-        self.used_bytes -= rows.numel()
+        self.used_bytes -= entry[0].numel()
         return True
 
     def clear(self) -> None:
@@ -65,7 +68,7 @@ class SwapArea:
 
     def check_integrity(self) -> None:
         """Raise :class:`CacheIntegrityError` when the byte count disagrees with the rows."""
-        held = sum(rows.numel() for rows in self._rows.values())
+        held = sum(rows.numel() for rows, _ in self._rows.values())
         if held != self.used_bytes or held > self.capacity_bytes:
             raise CacheIntegrityError(
                 f"SwapArea: rows hold {held} bytes, counted used_bytes({self.used_bytes}), "

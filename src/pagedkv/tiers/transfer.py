@@ -58,9 +58,13 @@ class Transfer:
         current.wait_event(event)  # a later write into these blocks cannot overtake the copy
         return rows, event
 
-    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor, *, after: Any = None) -> None:
         """Write host rows into pool blocks on the current stream (async from pinned rows;
-        torch's pinned allocator keeps them alive until the copy has run)."""
+        torch's pinned allocator keeps them alive until the copy has run). ``after``: the
+        event of the :meth:`gather` that filled ``rows``, if the current stream may not
+        have waited for it (a different stream than at gather time)."""
+        if after is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(after)
         ids, step = list(block_ids), self.chunk
         for a in range(0, len(ids), step):
             self.pool.write_blocks(ids[a : a + step], rows[a : a + step], non_blocking=self.cuda)
