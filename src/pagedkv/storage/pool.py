@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pagedkv import ops
 from pagedkv.ops import _checks
+from pagedkv.ops._config import resolve
 from pagedkv.storage.layout import KVLayout
 
 BlockIds = Sequence[int] | torch.Tensor
@@ -152,10 +154,16 @@ class KVPool:
                 raise ValueError(f"out must be a CPU tensor, got {out.device}")
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
+        elif self.device.type == "cuda":
+            out = torch.empty((n, bpb), dtype=torch.uint8, pin_memory=True)
         else:
-            pin = self.device.type == "cuda"
-            out = torch.empty((n, bpb), dtype=torch.uint8, pin_memory=pin)
+            out = host_bytes(n, bpb)
         if n == 0:
+            return out
+        if self._host_direct():
+            # out[i] viewed [L*2, chunk] <- rows_u8[:, id_i]: one pass, no staging copy
+            rows = self._rows_u8()
+            torch.index_select(rows, 1, ids, out=out.view(n, *rows.shape[::2]).transpose(0, 1))
             return out
         staged = ops.gather_blocks(self.kv, ids, backend=self.backend)
         out.copy_(staged.view(n, -1).view(torch.uint8), non_blocking=non_blocking)
@@ -176,12 +184,33 @@ class KVPool:
             return
         if torch.unique(ids).numel() != n:
             raise ValueError(f"block_ids must be distinct, got {ids.tolist()}")
+        if self._host_direct():
+            rows, src = self._rows_u8(), data.contiguous()
+            src = src.view(n, rows.shape[0], rows.shape[2])
+            # a copy per block: index_copy_ over the strided block dim runs ~15x slower
+            for i, b in enumerate(ids.tolist()):
+                rows[:, b].copy_(src[i])
+            return
         lay = self.layout
         staged = data.contiguous().to(self.device, non_blocking=non_blocking)
         staged = staged.view(lay.dtype).view(
             n, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim
         )
         ops.scatter_blocks(self.kv, ids, staged, backend=self.backend)
+
+    def _host_direct(self) -> bool:
+        """CPU pool on the reference backend: move bytes straight between pool and rows.
+
+        The reference gather (advanced indexing, permute, contiguous, then a copy into
+        ``out``) makes three passes at ~0.3 GB/s; one strided copy per block runs at
+        memcpy speed.
+        """
+        return self.device.type == "cpu" and resolve(self.backend, self.device) == "reference"
+
+    def _rows_u8(self) -> torch.Tensor:
+        """The pool as bytes ``[L*2, num_blocks, bytes of one block's K (or V) of a layer]``."""
+        lay = self.layout
+        return self.kv.view(torch.uint8).view(lay.num_layers * 2, self.num_blocks, -1)
 
     def _check_bytes(self, t: torch.Tensor, n: int, name: str) -> None:
         _checks.tensor(t, name)
@@ -192,3 +221,13 @@ class KVPool:
             raise ValueError(
                 f"{name} must be [{n}, {bpb}] (blocks x bytes_per_block), got {tuple(t.shape)}"
             )
+
+
+def host_bytes(n: int, row_bytes: int) -> torch.Tensor:
+    """Uninitialised CPU ``uint8 [n, row_bytes]``, allocated through numpy.
+
+    numpy asks for transparent huge pages on large buffers (``madvise``); torch's CPU
+    allocator does not, and the first write into fresh 4 KiB pages of a large buffer
+    runs at ~1.4 GB/s here (page faults) against ~6 GB/s with huge pages.
+    """
+    return torch.from_numpy(np.empty((n, row_bytes), dtype=np.uint8))
