@@ -148,7 +148,7 @@ BAD_CALLS = [
     ("fork unhashable", lambda m: m.fork("a", ["c"]), TypeError, "child_id"),
     # free / queries
     ("free unknown", lambda m: m.free("zz"), KeyError, "zz"),
-    ("free unhashable", lambda m: m.free(["a"]), TypeError, ""),
+    ("free unhashable", lambda m: m.free(["a"]), TypeError, "unhashable"),
     ("block_table unknown", lambda m: m.block_table("zz"), KeyError, "zz"),
     ("num_tokens unknown", lambda m: m.num_tokens("zz"), KeyError, "zz"),
     ("token_ids unknown", lambda m: m.token_ids("zz"), KeyError, "zz"),

@@ -1,8 +1,11 @@
 """DiskStore: one file per entry under a directory, capped in size, LRU-evicted.
 
-Layout: ``<root>/<fan>/<key>.v`` where ``<fan>`` is the first two characters of
-the key (dots replaced by ``_`` so no directory is ``.`` or ``..``). A write goes to
-``<fan>/<key>.<pid>.<random>.tmp`` in the same directory and is renamed over the
+Layout: ``<root>/<fan>/<key>.v`` where ``<fan>`` is the key's first two characters
+followed by its last two (dots replaced by ``_`` so no directory is ``.`` or ``..``;
+a one-character key ``k`` gives ``kk``). The head keeps ``keys(prefix)`` a scan of
+the directories of that prefix; the tail spreads keys that share a long prefix (a
+tier's ``kv-<namespace>-<hash>``) over 256 directories instead of one. A write goes
+to ``<fan>/<key>.<pid>.<random>.tmp`` in the same directory and is renamed over the
 entry with ``os.replace``; a reader therefore sees the old value, the new value or
 nothing, never a partial file, even across processes and after ``kill -9``.
 
@@ -42,7 +45,12 @@ _STALE_TMP_SECONDS = 600.0
 
 
 def _fan(key: str) -> str:
-    return key[:2].replace(".", "_")
+    return (key[:2] + key[-2:]).replace(".", "_")
+
+
+def _fan_head(fan: str) -> str:
+    """The key-head part of a fan directory name (half of it, see :func:`_fan`)."""
+    return fan[: len(fan) // 2]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,10 +195,12 @@ class DiskStore:
     def keys(self, prefix: str = "") -> Iterator[str]:
         """Keys on disk starting with ``prefix`` (a fresh directory scan; temp files never)."""
         prefix = check_prefix(prefix)
-        if len(prefix) >= 2:
-            fans = [_fan(prefix)]
-        else:
-            fans = [d for d in self._list(self._root) if d.startswith(_fan(prefix))]
+        head = prefix[:2].replace(".", "_")
+        fans = [
+            d
+            for d in self._list(self._root)
+            if not d.endswith(_TMP) and _fan_head(d).startswith(head)
+        ]
         found = []
         for fan in fans:
             for name in self._list(os.path.join(self._root, fan)):

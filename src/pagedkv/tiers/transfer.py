@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pagedkv.storage import KVPool
+from pagedkv.storage.pool import host_bytes
 
 CHUNK_BYTES = 256 << 20
 
@@ -31,8 +32,10 @@ class Transfer:
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
 
     def host_rows(self, n: int) -> torch.Tensor:
-        """Uninitialised host rows for ``n`` blocks (pinned on CUDA)."""
-        return torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=self.cuda)
+        """Uninitialised host rows for ``n`` blocks (pinned on CUDA; huge pages on CPU)."""
+        if not self.cuda:
+            return host_bytes(n, self.block_bytes)
+        return torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
 
     def gather(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
         """Copy blocks to new host rows; returns ``(rows, event)``, ``event`` ``None`` on CPU.
