@@ -399,18 +399,18 @@ def test_disk_survives_restart_with_lru_order(tmp_path):
 def test_disk_layout_and_temp_cleanup(tmp_path):
     store = DiskStore(tmp_path, 10_000)
     store.put_many([("abc", b"1"), ("..", b"2"), (".", b"3")])
-    # <first two chars><last two chars>/<key>.v, dots as "_"
-    assert (tmp_path / "abbc" / "abc.v").read_bytes() == b"1"
-    assert (tmp_path / "____" / "...v").read_bytes() == b"2"
+    # <first two chars><last char>/<key>.v, dots as "_"
+    assert (tmp_path / "abc" / "abc.v").read_bytes() == b"1"
+    assert (tmp_path / "___" / "...v").read_bytes() == b"2"
     assert (tmp_path / "__" / "..v").read_bytes() == b"3"
     # a dead writer's temp file, a live writer's temp file and foreign files
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    dead_tmp = tmp_path / "abbc" / f"abc.{dead.stdout.strip()}.0011.tmp"
-    live_tmp = tmp_path / "abbc" / f"abc.{os.getpid()}.0022.tmp"
+    dead_tmp = tmp_path / "abc" / f"abc.{dead.stdout.strip()}.0011.tmp"
+    live_tmp = tmp_path / "abc" / f"abc.{os.getpid()}.0022.tmp"
     for p in (dead_tmp, live_tmp):
         p.write_bytes(b"partial")
-    (tmp_path / "abbc" / "notes.txt").write_bytes(b"?")
+    (tmp_path / "abc" / "notes.txt").write_bytes(b"?")
     (tmp_path / "README").write_bytes(b"?")
     again = DiskStore(tmp_path, 10_000)
     assert not dead_tmp.exists() and live_tmp.exists()

@@ -23,8 +23,15 @@ from array import array
 from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
+from pagedkv.manager import integrity
 from pagedkv.manager.eviction import BlockMeta, make_policy
-from pagedkv.manager.hashing import ROOT, as_token_array, hash_function, namespace
+from pagedkv.manager.hashing import (
+    ROOT,
+    as_token_array,
+    chain_hashes,
+    hash_function,
+    namespace,
+)
 from pagedkv.manager.stats import CacheStats, MemoryPressure
 
 EvictCallback = Callable[[int, bytes], None]
@@ -33,12 +40,15 @@ PressureCallback = Callable[[MemoryPressure], None]
 
 
 class _Seq:
-    __slots__ = ("blocks", "tokens", "hashes", "ns")
+    __slots__ = ("blocks", "tokens", "last_hash", "ns")
 
-    def __init__(self, blocks: list[int], tokens: array, hashes: list[bytes], ns: bytes):
+    def __init__(self, blocks: list[int], tokens: array, last_hash: bytes, ns: bytes):
         self.blocks = blocks  # physical block of each logical block
         self.tokens = tokens  # every token id (uint32)
-        self.hashes = hashes  # chained hash of each full block (when prefix caching)
+        # Chained hash of the last full block (ROOT if none), the parent of the next one.
+        # Only this one is kept: a per-sequence list of every hash would cost an
+        # allocation per block and a dereference per block when the sequence is freed.
+        self.last_hash = last_hash
         self.ns = ns  # namespace digest (salt + extra keys)
 
 
@@ -197,7 +207,11 @@ class BlockManager:
 
     def block_hashes(self, seq_id: Hashable) -> list[bytes]:
         """Chained hash of each full block (empty without prefix caching)."""
-        return list(self._seq(seq_id).hashes)
+        seq = self._seq(seq_id)
+        if not self.prefix_caching:
+            return []
+        # Recomputed from the tokens (only tiers and snapshots ask, off the hot path).
+        return chain_hashes(seq.tokens, self.block_size, seq.ns, self._digest)
 
     def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
         """``block_id * block_size + offset`` of tokens ``start..stop`` of the sequence."""
@@ -374,17 +388,15 @@ class BlockManager:
         if self.ttl_seconds is not None:
             self._expire()  # after the hits left the policy; frees expired blocks first
         blocks = hits + [self._take() for _ in range(need)]
-        hashes = [self._hash[b] for b in hits]
+        parent = self._hash[hits[-1]] if hits else ROOT
         if self.prefix_caching:
             digest = self._digest
             step = 4 * bs
-            parent = hashes[-1] if hashes else ROOT
             for i in range(len(hits), num_full):
                 key = parent + ns + raw[i * step : (i + 1) * step]
                 parent = digest(key)
-                hashes.append(parent)
                 self._register(blocks[i], key, parent)
-        self._seqs[seq_id] = _Seq(blocks, arr, hashes, ns)
+        self._seqs[seq_id] = _Seq(blocks, arr, parent, ns)
         self._query_tokens += n
         self._hit_tokens += len(hits) * bs
         if self._pressure_cbs:
@@ -428,13 +440,12 @@ class BlockManager:
         tokens.extend(arr)
         if self.prefix_caching and (n + k) // bs > n // bs:
             digest = self._digest
-            hashes = seq.hashes
-            parent = hashes[-1] if hashes else ROOT
+            parent = seq.last_hash
             for i in range(n // bs, (n + k) // bs):
                 key = parent + seq.ns + tokens[i * bs : (i + 1) * bs].tobytes()
                 parent = digest(key)
-                hashes.append(parent)
                 self._register(blocks[i], key, parent)
+            seq.last_hash = parent
         if self._pressure_cbs:
             self._update_pressure()
 
@@ -454,7 +465,7 @@ class BlockManager:
         for b in parent.blocks:
             ref[b] += 1
         self._seqs[child_id] = _Seq(
-            list(parent.blocks), array("I", parent.tokens), list(parent.hashes), parent.ns
+            list(parent.blocks), array("I", parent.tokens), parent.last_hash, parent.ns
         )
         if self._pressure_cbs:
             self._update_pressure()
@@ -658,66 +669,7 @@ class BlockManager:
 
     def check_integrity(self) -> None:
         """Raise :class:`CacheIntegrityError` naming the numbers that disagree."""
-        problems = []
-        n = self.num_blocks
-        free, evictable, pinned = set(self._free), set(self._policy.order()), self._pinned
-        if len(free) != len(self._free):
-            problems.append(
-                f"free stack holds duplicates ({len(self._free)} entries, {len(free)} distinct)"
-            )
-        if len(evictable) != len(self._policy):
-            problems.append(f"policy lists {len(evictable)} blocks but counts {len(self._policy)}")
-        expected = [0] * n
-        for sid, seq in self._seqs.items():
-            for b in seq.blocks:
-                expected[b] += 1
-            want = -(-len(seq.tokens) // self.block_size)
-            if len(seq.blocks) != want:
-                problems.append(
-                    f"seq {sid!r}: {len(seq.blocks)} blocks for {len(seq.tokens)} tokens "
-                    f"(want {want})"
-                )
-            if len(set(seq.blocks)) != len(seq.blocks):
-                problems.append(f"seq {sid!r} lists a block twice")
-            if self.prefix_caching and len(seq.hashes) != len(seq.tokens) // self.block_size:
-                problems.append(
-                    f"seq {sid!r}: {len(seq.hashes)} hashes for "
-                    f"{len(seq.tokens) // self.block_size} full blocks"
-                )
-        if expected != self._ref:
-            bad = [b for b in range(n) if expected[b] != self._ref[b]][:5]
-            problems.append(
-                "ref counts disagree with block tables at blocks "
-                + ", ".join(f"{b} (ref {self._ref[b]}, tables {expected[b]})" for b in bad)
-            )
-        in_use = sum(1 for r in self._ref if r > 0)
-        if len(free) + in_use + len(evictable) + len(pinned) != n:
-            problems.append(
-                f"free({len(free)}) + in_use({in_use}) + cached({len(evictable)}"
-                f"+{len(pinned)} pinned) != num_blocks({n})"
-            )
-        for name, group in (("free", free), ("evictable", evictable), ("pinned", pinned)):
-            if any(self._ref[b] for b in group):
-                problems.append(f"a {name} block has ref > 0")
-        if free & evictable or free & pinned or evictable & pinned:
-            problems.append("a block is in two of free / evictable / pinned")
-        if any(self._hash[b] is not None for b in free):
-            problems.append("a free block still has a registered hash")
-        if any(self._hash[b] is None for b in evictable | pinned):
-            problems.append("a cached block has no registered hash")
-        if any(self._hash[b] not in self._pins for b in pinned):
-            problems.append("a block is held pinned but its hash is not pinned")
-        if any(self._hash[b] in self._pins for b in evictable):
-            problems.append("a pinned prefix block is evictable")
-        registered = sum(1 for h in self._hash if h is not None)
-        if registered != len(self._index):
-            problems.append(
-                f"index has {len(self._index)} entries but {registered} blocks are registered"
-            )
-        for key, b in self._index.items():
-            if self._key[b] != key:
-                problems.append(f"index entry for block {b} does not match the block's key")
-                break
+        problems = integrity.violations(self)
         if problems:
             raise CacheIntegrityError("; ".join(problems))
 

@@ -1,10 +1,11 @@
 """DiskStore: one file per entry under a directory, capped in size, LRU-evicted.
 
 Layout: ``<root>/<fan>/<key>.v`` where ``<fan>`` is the key's first two characters
-followed by its last two (dots replaced by ``_`` so no directory is ``.`` or ``..``;
+followed by its last one (dots replaced by ``_`` so no directory is ``.`` or ``..``;
 a one-character key ``k`` gives ``kk``). The head keeps ``keys(prefix)`` a scan of
 the directories of that prefix; the tail spreads keys that share a long prefix (a
-tier's ``kv-<namespace>-<hash>``) over 256 directories instead of one. A write goes
+tier's ``kv-<namespace>-<hex hash>``) over 16 directories instead of one, and not
+over more: creating a directory costs as much as writing ~0.5 MiB here. A write goes
 to ``<fan>/<key>.<pid>.<random>.tmp`` in the same directory and is renamed over the
 entry with ``os.replace``; a reader therefore sees the old value, the new value or
 nothing, never a partial file, even across processes and after ``kill -9``.
@@ -45,12 +46,12 @@ _STALE_TMP_SECONDS = 600.0
 
 
 def _fan(key: str) -> str:
-    return (key[:2] + key[-2:]).replace(".", "_")
+    return (key[:2] + key[-1]).replace(".", "_")
 
 
 def _fan_head(fan: str) -> str:
-    """The key-head part of a fan directory name (half of it, see :func:`_fan`)."""
-    return fan[: len(fan) // 2]
+    """The key-head part of a fan directory name (all but its last character)."""
+    return fan[:-1]
 
 
 def _pid_alive(pid: int) -> bool:
