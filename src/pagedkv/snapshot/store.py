@@ -46,6 +46,7 @@ from pagedkv.snapshot.manifest import (
     validate_name,
 )
 from pagedkv.snapshot.pager import CachePager
+from pagedkv.storage.host import host_bytes
 
 PAGE_SUFFIX = ".pg"
 MANIFEST_PREFIX = "snap.m."
@@ -347,6 +348,7 @@ class SnapshotStore:
         uniq = list(dict.fromkeys(d for e in entries for d in e.pages))
         bpb = int(manifest.layout["bytes_per_block"])
         pages, missing, corrupt = self._fetch(uniq, bpb, keep=True, progress=progress, what=name)
+        row_of = {d: i for i, d in enumerate(uniq)}
         if missing or corrupt:
             raise SnapshotError(
                 f"snapshot {name!r} is damaged: {len(missing)} missing and {len(corrupt)} corrupt "
@@ -365,10 +367,12 @@ class SnapshotStore:
                 skip = -(-cached // bs)  # a partly cached block is still shared
                 result.shared_blocks += skip
                 if skip < len(table):
-                    data = np.empty((len(table) - skip, bpb), dtype=np.uint8)
-                    for i, d in enumerate(e.pages[skip:]):
-                        data[i] = np.frombuffer(pages[d], dtype=np.uint8)
-                    pager.write_blocks(table[skip:], torch.from_numpy(data))
+                    idx = [row_of[d] for d in e.pages[skip:]]
+                    if idx == list(range(idx[0], idx[0] + len(idx))):
+                        data = pages[idx[0] : idx[0] + len(idx)]  # a view: no copy
+                    else:
+                        data = pages[torch.tensor(idx)]
+                    pager.write_blocks(table[skip:], data)
                 result[e.seq_id] = new_id
         except BaseException as exc:
             for sid in reversed(installed):
@@ -385,34 +389,65 @@ class SnapshotStore:
 
     def _fetch(
         self, digests: Sequence[str], bpb: int, *, keep: bool, progress: bool, what: str
-    ) -> tuple[dict[str, bytes], list[str], list[str]]:
-        """Read and check pages; return (pages if ``keep``, missing, corrupt)."""
-        pages: dict[str, bytes] = {}
+    ) -> tuple[torch.Tensor, list[str], list[str]]:
+        """Read and check pages; return (rows, missing, corrupt).
+
+        With ``keep``, ``rows`` is ``uint8 [len(digests), bpb]`` holding page ``i`` in row
+        ``i`` once it verified. Pages are read straight into these rows where the
+        backend can (``get_into``: no intermediate ``bytes``), the next chunk being read
+        while this one is hashed. Without ``keep`` two chunk-sized buffers alternate.
+        """
+        step = max(1, self.chunk_bytes // bpb)
+        chunks = [range(a, min(len(digests), a + step)) for a in range(0, len(digests), step)]
+        rows = host_bytes(len(digests) if keep else 2 * min(step, len(digests)), bpb)
         missing: list[str] = []
         corrupt: list[str] = []
-        step = max(1, self.chunk_bytes // bpb)
-        chunks = [digests[i : i + step] for i in range(0, len(digests), step)]
-        get = self.backend.get_many
+
+        def read(j: int) -> tuple[torch.Tensor, list[int | None]]:
+            """Chunk ``j`` into its rows; per page: bytes present (``None``: missing)."""
+            part = chunks[j]
+            a = part.start if keep else (j % 2) * step
+            out = rows[a : a + len(part)]
+            return out, self._read_pages([digests[i] for i in part], out, bpb)
+
         with (
             _Workers(self.threads, bpb) as work,
             _progress(progress, what, len(digests) * bpb) as bar,
         ):
-            ahead = work.background(get, [page_key(d) for d in chunks[0]]) if chunks else None
-            for i, part in enumerate(chunks):
-                values = ahead.result()  # read the next chunk while this one is checked
-                if i + 1 < len(chunks):
-                    ahead = work.background(get, [page_key(d) for d in chunks[i + 1]])
-                present = [(d, v) for d, v in zip(part, values) if v is not None]
-                missing += [d for d, v in zip(part, values) if v is None]
-                sized = [(d, v) for d, v in present if len(v) == bpb]
-                corrupt += [d for d, v in present if len(v) != bpb]
-                for (d, v), h in zip(sized, work.digests([v for _, v in sized])):
-                    if h != d:
-                        corrupt.append(d)
-                    elif keep:
-                        pages[d] = v
+            ahead = work.background(read, 0) if chunks else None
+            for j, part in enumerate(chunks):
+                out, sizes = ahead.result()  # read the next chunk while this one is checked
+                if j + 1 < len(chunks):
+                    ahead = work.background(read, j + 1)
+                names = [digests[i] for i in part]
+                missing += [d for d, n in zip(names, sizes) if n is None]
+                corrupt += [d for d, n in zip(names, sizes) if n is not None and n != bpb]
+                good = [k for k, n in enumerate(sizes) if n == bpb]
+                arr = out.numpy()
+                for k, h in zip(good, work.digests([memoryview(arr[k]) for k in good])):
+                    if h != names[k]:
+                        corrupt.append(names[k])
                 bar(len(part) * bpb)
-        return pages, missing, corrupt
+        return rows, missing, corrupt
+
+    def _read_pages(self, digests: list[str], out: torch.Tensor, bpb: int) -> list[int | None]:
+        """Pages into ``out`` rows; per page the bytes found (``None``: missing).
+
+        A page of another size is reported with its size and leaves its row as it was.
+        """
+        keys = [page_key(d) for d in digests]
+        get_into = getattr(self.backend, "get_into", None)
+        found = get_into(keys, out) if get_into is not None else [False] * len(keys)
+        sizes: list[int | None] = [bpb if f else None for f in found]
+        retry = [k for k, f in enumerate(found) if not f]
+        if retry:  # no get_into, or a page missing or of another size: plain reads
+            arr = out.numpy()
+            for k, v in zip(retry, self.backend.get_many([keys[k] for k in retry])):
+                if v is not None:
+                    sizes[k] = len(v)
+                    if len(v) == bpb:
+                        arr[k] = np.frombuffer(v, dtype=np.uint8)
+        return sizes
 
     # -- catalogue ----------------------------------------------------------------
     def manifest(self, name: str) -> Manifest:

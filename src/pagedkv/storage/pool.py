@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from pagedkv import ops
 from pagedkv.ops import _checks
 from pagedkv.ops._config import resolve
+from pagedkv.storage.host import HostRowCache
 from pagedkv.storage.layout import KVLayout
 
 BlockIds = Sequence[int] | torch.Tensor
@@ -49,6 +49,7 @@ class KVPool:
             (*shape, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=device
         )
         self.device = self.kv.device  # with its index: "cuda" -> cuda:0
+        self._host_cache = HostRowCache() if self.device.type == "cpu" else None
 
     def __repr__(self) -> str:
         return f"KVPool({self.layout}, num_blocks={self.num_blocks}, device={self.device})"
@@ -57,6 +58,14 @@ class KVPool:
     def nbytes(self) -> int:
         """Bytes held by the pool tensor."""
         return self.num_blocks * self.layout.bytes_per_block
+
+    def host_rows(self, n: int) -> torch.Tensor:
+        """Uninitialised host rows ``uint8 [n, bytes_per_block]`` to stage blocks in: pinned
+        when the pool is on CUDA (torch's pinned caching allocator), recycled when on CPU
+        (:class:`~pagedkv.storage.host.HostRowCache`: rows come back once unreferenced)."""
+        if self._host_cache is not None:
+            return self._host_cache.take(n, self.layout.bytes_per_block)
+        return torch.empty((n, self.layout.bytes_per_block), dtype=torch.uint8, pin_memory=True)
 
     # ---- views --------------------------------------------------------------------------
     def k(self, layer: int) -> torch.Tensor:
@@ -141,23 +150,22 @@ class KVPool:
         """Bytes of blocks ``block_ids`` as uint8 [n, bytes_per_block] on the CPU (pinned when
         the pool is on CUDA); each row ordered (layer, k/v, token, head, dim).
 
-        One gather into a device staging buffer, then one copy. ``out`` (uint8
-        [n, bytes_per_block], CPU) receives the bytes; with ``non_blocking=True`` and a
-        pinned ``out`` the copy is only enqueued on the current stream (usable from a
-        side stream): synchronize that stream before reading ``out``.
+        One gather into a device staging buffer, then one copy (a CPU pool copies
+        straight into the rows). Without ``out`` the rows come from :meth:`host_rows`.
+        ``out`` (uint8 [n, bytes_per_block], CPU) receives the bytes; with
+        ``non_blocking=True`` and a pinned ``out`` the copy is only enqueued on the current
+        stream (usable from a side stream): synchronize that stream before reading ``out``.
         """
         ids = _checks.block_ids(block_ids, self.num_blocks, self.device)
-        n, bpb = ids.numel(), self.layout.bytes_per_block
+        n = ids.numel()
         if out is not None:
             self._check_bytes(out, n, "out")
             if out.device.type != "cpu":
                 raise ValueError(f"out must be a CPU tensor, got {out.device}")
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
-        elif self.device.type == "cuda":
-            out = torch.empty((n, bpb), dtype=torch.uint8, pin_memory=True)
         else:
-            out = host_bytes(n, bpb)
+            out = self.host_rows(n)
         if n == 0:
             return out
         if self._host_direct():
@@ -221,13 +229,3 @@ class KVPool:
             raise ValueError(
                 f"{name} must be [{n}, {bpb}] (blocks x bytes_per_block), got {tuple(t.shape)}"
             )
-
-
-def host_bytes(n: int, row_bytes: int) -> torch.Tensor:
-    """Uninitialised CPU ``uint8 [n, row_bytes]``, allocated through numpy.
-
-    numpy asks for transparent huge pages on large buffers (``madvise``); torch's CPU
-    allocator does not, and the first write into fresh 4 KiB pages of a large buffer
-    runs at ~1.4 GB/s here (page faults) against ~6 GB/s with huge pages.
-    """
-    return torch.from_numpy(np.empty((n, row_bytes), dtype=np.uint8))

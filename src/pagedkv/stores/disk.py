@@ -25,7 +25,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import numpy as np
 
 from pagedkv.errors import CacheIntegrityError, StoreError
 from pagedkv.stores.base import (
@@ -62,6 +64,39 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+def _byte_rows(x: Any, n: int, name: str) -> Any:
+    """``x`` (a tensor or array) as a numpy ``uint8 [n, w]`` view with contiguous rows."""
+    rows = x.numpy() if hasattr(x, "numpy") else x
+    if (
+        getattr(rows, "dtype", None) != np.uint8
+        or rows.ndim != 2
+        or rows.shape[0] != n
+        or (rows.shape[1] > 1 and rows.strides[1] != 1)
+    ):
+        raise ValueError(
+            f"DiskStore.get_into: {name} must be uint8 [{n}, w] with contiguous rows, "
+            f"got {getattr(rows, 'dtype', type(x).__name__)} {getattr(rows, 'shape', '')}"
+        )
+    return rows
+
+
+def _read_exactly(fd: int, parts: list[memoryview], size: int) -> None:
+    """Fill ``parts`` (``size`` bytes in all) from ``fd``: one ``readv`` unless it falls short."""
+    got = os.readv(fd, parts)
+    if got == size:
+        return
+    for p in parts:  # a short read: keep what arrived, read the rest part by part
+        if got >= len(p):
+            got -= len(p)
+            continue
+        view, got = p[got:], 0
+        while len(view):
+            step = os.readv(fd, [view])
+            if step == 0:
+                raise OSError(f"file shrank while being read ({size} bytes expected)")
+            view = view[step:]
 
 
 class DiskStore:
@@ -156,20 +191,70 @@ class DiskStore:
             except FileNotFoundError:  # never written, evicted, or deleted elsewhere
                 out.append(None)
             except OSError as e:
-                with self._lock:
-                    self._errors += 1
-                raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
+                self._read_failed(path, e)
+        self._record_reads(keys, [None if v is None else len(v) for v in out])
+        return out
+
+    def get_into(self, keys: Sequence[str], out: Any, *, head: Any = None) -> list[bool]:
+        """Read the value of ``keys[i]`` straight into ``out[i]`` (host ``uint8 [n, w]``,
+        a tensor or array with contiguous rows), with no intermediate ``bytes``.
+
+        With ``head`` (``uint8 [n, h]``, same kind) each value is read in two parts: its
+        first ``h`` bytes into ``head[i]``, the next ``w`` into ``out[i]`` (one ``readv``;
+        e.g. a frame header apart from its payload). Returns which rows were filled; a
+        key is found when its file holds exactly ``h + w`` bytes (a hit, stamped most
+        recently used, as in :meth:`get_many`); any other is a miss and its row is left
+        untouched. Entries are replaced by rename, never rewritten in place, so the size
+        checked before reading is the size read.
+        """
+        keys = check_keys(keys)
+        rows = _byte_rows(out, len(keys), "out")
+        heads = None if head is None else _byte_rows(head, len(keys), "head")
+        self._check_open()
+        h = 0 if heads is None else heads.shape[1]
+        size_ok = h + rows.shape[1]
+        sizes: list[int | None] = []
+        for i, key in enumerate(keys):
+            path = self._path(key)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                sizes.append(None)
+                continue
+            except OSError as e:
+                self._read_failed(path, e)
+            try:
+                size = os.fstat(fd).st_size
+                if size == size_ok:
+                    parts = [rows[i]] if heads is None else [heads[i], rows[i]]
+                    _read_exactly(fd, [memoryview(p) for p in parts], size)
+            except OSError as e:
+                self._read_failed(path, e)
+            finally:
+                os.close(fd)
+            sizes.append(size)
+        found = [size == size_ok for size in sizes]
+        self._record_reads(keys, [s if f else None for s, f in zip(sizes, found)])
+        return found
+
+    def _read_failed(self, path: str, e: OSError) -> NoReturn:
+        with self._lock:
+            self._errors += 1
+        raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
+
+    def _record_reads(self, keys: list[str], sizes: list[int | None]) -> None:
+        """Count hits (``sizes[i]`` bytes read) and misses (``None``); stamp the hits."""
         touched = []
         with self._lock:
-            for key, data in zip(keys, out):
-                if data is None:
+            for key, size in zip(keys, sizes):
+                if size is None:
                     # another thread may have committed it since our read
                     if key in self._index and not os.path.exists(self._path(key)):
                         self._forget(key)
                     self._misses += 1
                     continue
-                self._bytes_used += len(data) - self._index.pop(key, 0)
-                self._index[key] = len(data)
+                self._bytes_used += size - self._index.pop(key, 0)
+                self._index[key] = size
                 self._hits += 1
                 touched.append((self._path(key), self._next_ns()))
             if self._bytes_used > self._capacity:  # read entries another process wrote
@@ -177,7 +262,6 @@ class DiskStore:
         for path, stamp in touched:  # recency survives a restart through the mtime
             with contextlib.suppress(OSError):
                 os.utime(path, ns=(stamp, stamp))
-        return out
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each entry file exists (not a use: recency is unchanged)."""

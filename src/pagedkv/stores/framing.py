@@ -63,6 +63,23 @@ def pack(payload: Buffer, *, fingerprint: str) -> bytes:
     return b"".join((header, view))
 
 
+def pack_into(buf: bytearray | memoryview, payload: Buffer, *, fingerprint: str) -> None:
+    """Write header + payload into ``buf``, which must be exactly ``HEADER_BYTES + len``
+    bytes long: :func:`pack` without allocating (a caller can reuse warm buffers)."""
+    out = memoryview(buf).cast("B")
+    view = memoryview(payload).cast("B")
+    if len(out) != HEADER_BYTES + len(view):
+        raise ValueError(
+            f"pack_into: buffer is {len(out)} bytes, needs HEADER_BYTES + {len(view)} = "
+            f"{HEADER_BYTES + len(view)}"
+        )
+    out[HEADER_BYTES:] = view
+    digest = _payload_digest(out[HEADER_BYTES:])  # of the bytes that will be stored
+    _HEADER.pack_into(
+        out, 0, MAGIC, FORMAT_VERSION, fingerprint_digest(fingerprint), len(view), digest
+    )
+
+
 def unpack(blob: Buffer | None, *, fingerprint: str) -> memoryview | None:
     """Return the payload of ``blob`` (a zero-copy view) or ``None`` if it does not verify.
 
@@ -74,15 +91,21 @@ def unpack(blob: Buffer | None, *, fingerprint: str) -> memoryview | None:
     view = memoryview(blob).cast("B")
     if len(view) < HEADER_BYTES:
         return None
-    magic, version, fp, length, digest = _HEADER.unpack_from(view)
-    if magic != MAGIC or version != FORMAT_VERSION or fp != fingerprint_digest(fingerprint):
-        return None
-    if length != len(view) - HEADER_BYTES:
-        return None
     payload = view[HEADER_BYTES:]
-    if _payload_digest(payload) != digest:
-        return None
-    return payload
+    return payload if verify(view[:HEADER_BYTES], payload, fingerprint=fingerprint) else None
+
+
+def verify(header: Buffer, payload: Buffer, *, fingerprint: str) -> bool:
+    """Whether ``header`` (:data:`HEADER_BYTES`) frames exactly ``payload`` under
+    ``fingerprint``: :func:`unpack` for a value read in two parts (header, payload)."""
+    head = memoryview(header).cast("B")
+    view = memoryview(payload).cast("B")
+    if len(head) != HEADER_BYTES:
+        return False
+    magic, version, fp, length, digest = _HEADER.unpack_from(head)
+    if magic != MAGIC or version != FORMAT_VERSION or fp != fingerprint_digest(fingerprint):
+        return False
+    return length == len(view) and _payload_digest(view) == digest
 
 
 def digest_hex(payload: Buffer) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from pagedkv.storage import KVPool
-from pagedkv.storage.pool import host_bytes
 
 CHUNK_BYTES = 256 << 20
 
@@ -32,10 +31,8 @@ class Transfer:
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
 
     def host_rows(self, n: int) -> torch.Tensor:
-        """Uninitialised host rows for ``n`` blocks (pinned on CUDA; huge pages on CPU)."""
-        if not self.cuda:
-            return host_bytes(n, self.block_bytes)
-        return torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
+        """Uninitialised host rows for ``n`` blocks (pinned on CUDA, recycled on CPU)."""
+        return self.pool.host_rows(n)
 
     def gather(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
         """Copy blocks to new host rows; returns ``(rows, event)``, ``event`` ``None`` on CPU.
@@ -44,8 +41,6 @@ class Transfer:
         """
         ids, n, step, pool = list(block_ids), len(block_ids), self.chunk, self.pool
         if self._stream is None:
-            if n <= step:
-                return pool.read_blocks(ids), None
             rows = self.host_rows(n)
             for a in range(0, n, step):
                 pool.read_blocks(ids[a : a + step], out=rows[a : a + step])
