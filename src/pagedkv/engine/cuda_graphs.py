@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from pagedkv.engine.model_runner import host_int64
 from pagedkv.integrations.attention import PagedAttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -38,7 +39,7 @@ class DecodeGraphs:
         # copy. Tables are sent at their real width w and copied (outside the graph)
         # into the fixed-width table the graph reads; columns past a sequence's last
         # block are never read, so stale values there are harmless.
-        self.static = torch.zeros(b * (4 + w), dtype=torch.int64, device=dev)
+        self.static = torch.zeros(b * (5 + w), dtype=torch.int64, device=dev)
         self.lens32 = torch.zeros(b, dtype=torch.int32, device=dev)
         self.tables32 = torch.zeros(b, w, dtype=torch.int32, device=dev)
         self.cu32 = torch.arange(b + 1, dtype=torch.int32, device=dev)
@@ -47,7 +48,7 @@ class DecodeGraphs:
         # with the table width it is given, so short contexts get narrow graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
-        self._tables_key: tuple | None = None  # rows already in tables32
+        self._tables_key: list | None = None  # (request id, table length) of each row
         self.mempool = None
         self.disabled = False
 
@@ -89,44 +90,51 @@ class DecodeGraphs:
         n = len(chunks)
         if self.disabled or n > self.max_batch:
             return None
-        tables = [self.runner.block_table_of(c.req) for c in chunks]
-        if max(len(t) for t in tables) > self.width:
+        table_of = self.runner.block_table_of
+        tables = [table_of(c.req) for c in chunks]
+        w = max(map(len, tables))
+        if w > self.width:
             return None
         b = next(x for x in self.buckets if x >= n)
         bs, pad = self.runner.block_size, b - n
-        w = max(len(t) for t in tables)
         wb = min(self.width, max(8, 1 << (w - 1).bit_length()))
-        # Tables change only when a request gains a block or the batch changes: resend
-        # them then, otherwise the graph's table rows are still right.
-        key = tuple((c.req.request_id, len(t)) for c, t in zip(chunks, tables))
-        send_tables = key != self._tables_key
-        ids, pos, slots, lens, flat = [], [], [], [], []
-        for c, t in zip(chunks, tables):
-            p = c.start
-            ids += c.req.token_slice(p, p + 1)
-            pos.append(p)
-            slots.append(t[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            if send_tables:
-                flat += t
-                if len(t) < w:
-                    flat += [0] * (w - len(t))
-        host = torch.tensor(
-            ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + lens + [0] * pad + flat,
-            dtype=torch.int64, pin_memory=True,
-        )  # fmt: skip
         try:
             if (b, wb) not in self.graphs:
                 self._capture(b, wb)
-                send_tables = True  # capture ran on padding tables
-                if not flat:
-                    for t in tables:
-                        flat += t + [0] * (w - len(t))
-                    host = torch.cat([host, torch.tensor(flat, dtype=torch.int64)]).pin_memory()
+                self._tables_key = None  # resend every row after a capture
+            # A row's table changes only when its request gains a block or the batch
+            # changes: only rows whose (request, table length) differs from the rows
+            # already in tables32 are sent (their row index, then the row at width w).
+            prev = self._tables_key or ()
+            n_prev = len(prev)
+            keys, changed, flat = [], [], []
+            ids, pos, slots, lens = [], [], [], []
+            for i, (c, t) in enumerate(zip(chunks, tables)):
+                req, p = c.req, c.start
+                o = p - len(req.prompt)
+                ids.append(req.output[o] if o >= 0 else req.prompt[p])
+                pos.append(p)
+                slots.append(t[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                k = (req.request_id, len(t))
+                keys.append(k)
+                if i >= n_prev or prev[i] != k:
+                    changed.append(i)
+                    flat += t
+                    if len(t) < w:
+                        flat += [0] * (w - len(t))
+            m = len(changed)
+            host = host_int64(
+                ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + lens + [0] * pad
+                + changed + flat,
+                True,
+            )  # fmt: skip
             self.static[: host.numel()].copy_(host, non_blocking=True)
-            if send_tables:
-                self.tables32[:n, :w].copy_(self.static[4 * b : 4 * b + n * w].view(n, w))
-                self._tables_key = key
+            if m:
+                rows = self.static[4 * b : 4 * b + m]
+                new = self.static[4 * b + m : 4 * b + m + m * w].view(m, w)
+                self.tables32[:, :w].index_copy_(0, rows, new.to(torch.int32))
+            self._tables_key = keys
             self.graphs[b, wb].replay()
         except Exception as exc:  # keep serving on the eager path
             warnings.warn(f"CUDA graphs disabled, decode stays eager: {exc!r}", stacklevel=2)

@@ -204,16 +204,20 @@ class Engine:
             return [self._output(c.req) for c in chunks]
         finished = []
         it = iter(tokens)
+        counters = self.scheduler.counters
+        generated = 0
         for c in chunks:
-            req = c.req
-            if not (req.output and c.start == req.num_tokens - 1):
-                self.scheduler.counters.prefill_tokens += c.end - c.start
-            req.num_computed = c.end
-            if not c.sample:
+            req, start, end = c.req, c.start, c.end
+            output = req.output
+            num_tokens = len(req.prompt) + len(output)
+            if not (output and start == num_tokens - 1):
+                counters.prefill_tokens += end - start
+            req.num_computed = end
+            if end != num_tokens:  # not c.sample
                 continue
             token = next(it)
-            req.output.append(token)
-            self._generated += 1
+            output.append(token)
+            generated += 1
             reason = req.stop_check(token)
             if reason is not None:
                 req.finish_reason = reason
@@ -221,6 +225,7 @@ class Engine:
                 if req.retain:
                     self._retained[req.request_id] = req
                 finished.append(self._output(req))
+        self._generated += generated
         self._steps += 1
         self._step_seconds += time.perf_counter() - t0
         return finished

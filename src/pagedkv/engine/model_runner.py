@@ -9,12 +9,20 @@ host sync of a step.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagedkv.engine.sampling import sample
 from pagedkv.engine.scheduler import Chunk
 from pagedkv.integrations.attention import PagedAttentionMetadata
 from pagedkv.integrations.cache import PagedCache
+
+
+def host_int64(values: list[int], pin: bool) -> torch.Tensor:
+    """A CPU int64 tensor of ``values`` (pinned if ``pin``). numpy parses a list of
+    Python ints several times faster than ``torch.tensor`` does."""
+    t = torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
+    return t.pin_memory() if pin else t
 
 
 class ModelRunner:
@@ -101,9 +109,7 @@ class ModelRunner:
             n_seq, n_tok = pad_to, n_tok + extra
         width = max(1, max(len(t) for t in tables))
         flat = [b for t in tables for b in (t + [0] * (width - len(t)))]
-        host = torch.tensor(
-            ids + pos + slots + lens + cu + rows + flat, dtype=torch.int64, pin_memory=self.pin
-        )
+        host = host_int64(ids + pos + slots + lens + cu + rows + flat, self.pin)
         dev = host.to(self.device, non_blocking=True)
         o = 0
         parts = []

@@ -24,7 +24,7 @@ from pagedkv.engine.request import Request, Status
 from pagedkv.errors import OutOfBlocks
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """Tokens ``all_tokens[start:end]`` of ``req`` are computed this step; ``sample``:
     the chunk ends the known tokens, so its last logits give the next token."""
@@ -105,7 +105,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             end = min(req.num_tokens, req.num_computed + budget)
-            while not self._reserve(req, end):
+            while end > req.num_allocated and not self._reserve(req, end):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
