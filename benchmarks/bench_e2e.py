@@ -46,7 +46,11 @@ def parse():
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_e2e.json"))
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).parent / "out" / "bench_e2e.json"),
+        help="JSON file, or a folder to write bench_e2e_<config>.json into",
+    )
     return ap.parse_args()
 
 
@@ -68,8 +72,11 @@ def main() -> None:
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         requests=n_req, prefix=prefix_len, unique=uniq, new_tokens=new, dtype=str(dtype),
     )  # fmt: skip
-    outs = [Path(args.out)] + (
-        [Path(os.environ["OUT"]) / "bench_e2e.json"] if os.environ.get("OUT") else []
+    out = Path(args.out)
+    if out.is_dir() or not out.suffix:  # a folder: name the file after the run
+        out = out / f"bench_e2e_{args.config}.json"
+    outs = [out] + (
+        [Path(os.environ["OUT"]) / f"bench_e2e_{args.config}.json"] if os.environ.get("OUT") else []
     )
 
     def dump():
