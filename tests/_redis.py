@@ -127,11 +127,12 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server():
-    """A real redis-server for the session; skipped only if it is not installed."""
+    """A real redis-server for the session (make test installs the Debian package)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip(
-            "redis-server is not on PATH (make test installs it: apt-get install redis-server)"
+        pytest.fail(
+            "redis-server is not on PATH: run `make test` (it installs the Debian package) "
+            "or `apt-get install redis-server`"
         )
     server = RedisServer(binary)
     try:

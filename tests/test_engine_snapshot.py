@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from pagedkv.engine import Engine, SamplingParams  # noqa: E402
-from pagedkv.errors import OutOfBlocks, SnapshotError  # noqa: E402
-from pagedkv.ops import batch_invariant_mode  # noqa: E402
-from pagedkv.snapshot import SnapshotStore  # noqa: E402
+import _models
+from pagedkv.engine import Engine, SamplingParams
+from pagedkv.errors import OutOfBlocks, SnapshotError
+from pagedkv.ops import batch_invariant_mode
+from pagedkv.snapshot import SnapshotStore
 
 N1, N2 = 10, 12
 
@@ -25,18 +24,8 @@ def _invariant_one_thread():
 
 
 def tiny(family: str = "llama", layers: int = 2):
-    """A float32 tiny model; the same family always gets the same weights."""
-    shape = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
-    model.generation_config.eos_token_id = None
-    return model.float().eval()
+    """The same weights for every call of a family (seed 0)."""
+    return _models.tiny(family, layers=layers, seed=0)
 
 
 def greedy(n: int) -> SamplingParams:

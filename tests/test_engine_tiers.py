@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-transformers = pytest.importorskip("transformers")
+from pagedkv.engine import Engine
+from pagedkv.tiers import CPUTier, DiskTier
+from _models import tiny
+from test_engine import GREEDY, prompts_of
 
-from test_engine import GREEDY, prompts_of, tiny  # noqa: E402
-
-from pagedkv.engine import Engine  # noqa: E402
-from pagedkv.tiers import CPUTier, DiskTier  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_rounds(engine: Engine, rounds: list[list[list[int]]]) -> list[list[list[int]]]:

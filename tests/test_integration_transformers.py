@@ -6,11 +6,11 @@ import types
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from pagedkv.errors import UnsupportedModelError  # noqa: E402
-from pagedkv.integrations.transformers import (  # noqa: E402
+from _models import tiny
+from pagedkv.errors import UnsupportedModelError
+from pagedkv.integrations.transformers import (
     PagedCache,
     check_model_supported,
     paged_mask,
@@ -20,30 +20,7 @@ from pagedkv.integrations.transformers import (  # noqa: E402
 NEW = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest single-threaded (and do not fight other test workers).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny(family: str):
-    shape = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-    )  # fmt: skip
-    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2}[family])
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
-    elif family == "qwen2":  # q/k/v bias
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
-    else:
-        cfg = transformers.MistralConfig(sliding_window=None, **shape)
-        model = transformers.MistralForCausalLM(cfg)
-    model.generation_config.eos_token_id = None
-    return model.float().eval()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def padded_batch(lengths, seed=0):

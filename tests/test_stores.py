@@ -438,6 +438,44 @@ def test_disk_large_values(tmp_path):
     assert store.get_many(["big", "empty"]) == [big, b""]
 
 
+def test_disk_parallel_writers_keep_order_and_accounting(tmp_path):
+    v = 128 << 10  # large enough for the writer threads
+    store = DiskStore(tmp_path, 6 * v, writers=4)
+    vals = {f"k{i:02d}": os.urandom(v) for i in range(10)}
+    assert store.put_many(list(vals.items())) == 10
+    # committed in batch order: the first four were evicted, LRU first
+    assert sorted(store.keys()) == [f"k{i:02d}" for i in range(4, 10)]
+    assert store.get_many([f"k{i:02d}" for i in range(4, 10)]) == list(vals.values())[4:]
+    st_ = store.stats()
+    assert (st_.entries, st_.bytes_used, st_.puts, st_.evictions) == (6, 6 * v, 10, 4)
+    store.check_integrity()
+    store.close()
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    again = DiskStore(tmp_path, 6 * v)
+    again.put_many([("new", os.urandom(v))])  # restart keeps the order: k04 goes first
+    assert sorted(again.keys()) == sorted(["new"] + [f"k{i:02d}" for i in range(5, 10)])
+
+
+def test_disk_parallel_writers_error_leaves_no_temp(tmp_path, monkeypatch):
+    v = 128 << 10
+    store = DiskStore(tmp_path, 64 << 20, writers=3)
+    real = DiskStore._write_temp
+
+    def flaky(self, key, value):
+        if key == "k05":
+            raise StoreError("boom")
+        return real(self, key, value)
+
+    monkeypatch.setattr(DiskStore, "_write_temp", flaky)
+    with pytest.raises(StoreError, match="boom"):
+        store.put_many([(f"k{i:02d}", os.urandom(v)) for i in range(12)])
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert set(store.keys()) <= {f"k{i:02d}" for i in range(5)}
+    store.check_integrity()
+    with pytest.raises(ValueError, match="writers"):
+        DiskStore(tmp_path, 1024, writers=0)
+
+
 # -- framing ----------------------------------------------------------------------------
 
 FP = "model=smollm2;layout=30x2x64;dtype=bf16"

@@ -105,6 +105,8 @@ class SnapshotStore:
     never leaves a partial page or manifest visible (atomic renames).
     ``grace_seconds``: how long ``gc`` honours a lease written by another host.
     ``chunk_bytes`` bounds the bytes in flight, and ``threads`` the digest workers.
+    ``writers`` (local stores only; default ``min(8, os.cpu_count())``): threads that
+    write the page files of a chunk concurrently, while the next chunk is hashed.
     """
 
     def __init__(
@@ -116,8 +118,14 @@ class SnapshotStore:
         grace_seconds: float = 3600.0,
         chunk_bytes: int = 16 << 20,
         threads: int = 2,
+        writers: int | None = None,
     ) -> None:
         self._sync_dir: str | None = None
+        if writers is None:
+            writers = min(8, os.cpu_count() or 1)
+        if isinstance(writers, bool) or not isinstance(writers, int) or writers <= 0:
+            raise ValueError(f"writers must be a positive int, got {writers!r}")
+        self.writers = writers
         if hasattr(location, "put_many"):
             self.backend = location
             self.location = repr(location)
@@ -131,7 +139,7 @@ class SnapshotStore:
                 self.location = getattr(self.backend, "_shown", loc.split("@")[-1])
             else:
                 path = loc.removeprefix("file://")
-                self.backend = DiskStore(path, capacity_bytes=_UNBOUNDED)
+                self.backend = DiskStore(path, capacity_bytes=_UNBOUNDED, writers=writers)
                 self._sync_dir = self.backend.path if durable else None
         if chunk_bytes <= 0 or threads <= 0:
             raise ValueError("chunk_bytes and threads must be positive")
