@@ -94,6 +94,9 @@ def main() -> None:
         help="durable runs: raw write + fsync vs SnapshotStore(durable=True)",
     )
     ap.add_argument("--threads", type=int, default=2, help="digest threads")
+    ap.add_argument(
+        "--writers", type=int, default=None, help="page-file writer threads (default: store's)"
+    )
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_snapshot.json"))
     args = ap.parse_args()
@@ -137,7 +140,7 @@ def main() -> None:
             run_dir.mkdir()
             res["raw_write"].append(raw_write(run_dir / "raw.bin", view, args.fsync))
             with SnapshotStore(
-                run_dir / "store", durable=args.fsync, threads=args.threads
+                run_dir / "store", durable=args.fsync, threads=args.threads, writers=args.writers
             ) as store:
                 info = store.save(pager, name="s")
                 assert info.written_bytes == nbytes, (info.written_bytes, nbytes)
@@ -218,6 +221,8 @@ def main() -> None:
         "bytes": nbytes,
         "page_bytes": bpb,
         "repeats": args.repeats,
+        "threads": args.threads,
+        "writers": args.writers,
         "seconds": res,
         "best_gbps": gbps,
         "save_vs_raw_write": gbps["save"] / gbps["raw_write"],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedkv.engine import Engine
 from _models import tiny
+from pagedkv.engine import Engine
 from test_engine import GREEDY, prompts_of
 
 pytestmark = pytest.mark.gpu

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from _models import tiny
 from pagedkv.engine import Engine
 from pagedkv.tiers import CPUTier, DiskTier
-from _models import tiny
 from test_engine import GREEDY, prompts_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
