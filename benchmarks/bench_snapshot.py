@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument(
         "--writers", type=int, default=None, help="page-file writer threads (default: store's)"
     )
+    ap.add_argument("--chunk-mb", type=int, default=None, help="MiB in flight per save chunk")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_snapshot.json"))
     args = ap.parse_args()
@@ -139,8 +140,13 @@ def main() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir()
             res["raw_write"].append(raw_write(run_dir / "raw.bin", view, args.fsync))
+            chunk = {} if args.chunk_mb is None else {"chunk_bytes": args.chunk_mb << 20}
             with SnapshotStore(
-                run_dir / "store", durable=args.fsync, threads=args.threads, writers=args.writers
+                run_dir / "store",
+                durable=args.fsync,
+                threads=args.threads,
+                writers=args.writers,
+                **chunk,
             ) as store:
                 info = store.save(pager, name="s")
                 assert info.written_bytes == nbytes, (info.written_bytes, nbytes)

@@ -116,7 +116,7 @@ class SnapshotStore:
         key_prefix: str = "pagedkv-snap:",
         durable: bool = False,
         grace_seconds: float = 3600.0,
-        chunk_bytes: int = 16 << 20,
+        chunk_bytes: int = 64 << 20,
         threads: int = 2,
         writers: int | None = None,
     ) -> None:
