@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench gpu-check clean
+.PHONY: setup demo test lint format bench gpu-check gpu-attention clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,15 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_manager.py
+
+# On a CUDA machine whose python3 has torch, triton and transformers (no .venv needed):
+# every gpu-marked test, the Triton tests on CUDA, the offload and end-to-end benchmarks.
+gpu-check:
+	bash benchmarks/gpu_all.sh
+
+# The attention benchmark beside FlashInfer (wheels in .whl/, see benchmarks/RESULTS.md).
+gpu-attention:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
