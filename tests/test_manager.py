@@ -382,3 +382,22 @@ def test_out_of_blocks_is_exported():
     m.allocate("a", [1])
     with pytest.raises(OutOfBlocks):
         m.allocate("b", [1])
+
+
+def test_block_hashes_ranges_match_the_full_chain_also_for_anonymous_blocks():
+    m = BlockManager(num_blocks=32, block_size=4)
+    prompt = list(range(17))  # 4 full blocks
+    m.allocate("a", prompt)
+    # "b" repeats the prompt exactly: its 4th block has cached content elsewhere (a
+    # hit stops one token short), so that block stays anonymous -> recomputed.
+    m.allocate("b", prompt[:16])
+    full = m.hash_blocks(prompt)
+    for sid in ("a", "b"):
+        assert m.block_hashes(sid) == full
+        assert m.block_hashes(sid, 1, 3) == full[1:3]
+        assert m.block_hashes(sid, 3) == full[3:]
+        assert m.block_hashes(sid, 2, 99) == full[2:]
+        assert m.block_hashes(sid, 4, 4) == []
+    with pytest.raises(ValueError, match="start"):
+        m.block_hashes("a", -1)
+    m.check_integrity()

@@ -164,25 +164,28 @@ class KVCache:
         self._salts[seq_id] = salt
         self._flush_evictions()
         if self.tiers is not None:
-            if self.write_through and cached:
-                # A device prefix hit means the block is used at least twice: keep a
-                # copy below too (the chain skips blocks it wrote recently).
-                k = cached // self.block_size
-                table = self.manager.block_table(seq_id)[:k]
-                self.tiers.write_through(list(zip(table, self.manager.block_hashes(seq_id)[:k])))
-            cached += self._promote(seq_id, cached)
+            cached += self._tier_exchange(seq_id, cached)
         return cached
 
-    def _promote(self, seq_id: Hashable, cached: int) -> int:
-        """Load the blocks after the device prefix hit from the tiers; tokens loaded."""
+    def _tier_exchange(self, seq_id: Hashable, cached: int) -> int:
+        """Write device hits through (if asked) and load the next blocks from the tiers.
+
+        Returns the tokens loaded; the blocks after the device prefix hit that the tiers
+        hold are written into the sequence's fresh blocks.
+        """
         bs = self.block_size
+        table = self.manager.block_table(seq_id)
+        hit = cached // bs
+        if self.write_through and hit:
+            # A device prefix hit means the block is used at least twice: keep a copy
+            # below too (the chain skips blocks it wrote recently).
+            hashes = self.manager.block_hashes(seq_id, 0, hit)
+            self.tiers.write_through(list(zip(table[:hit], hashes)))
         limit = (self.manager.num_tokens(seq_id) - 1) // bs  # leave one token to compute
-        first = cached // bs
-        if first >= limit:
+        if hit >= limit:
             return 0
-        hashes = self.manager.block_hashes(seq_id)[first:limit]
-        blocks = self.manager.block_table(seq_id)[first:limit]
-        loaded = self.tiers.promote(hashes, blocks) * bs
+        hashes = self.manager.block_hashes(seq_id, hit, limit)
+        loaded = self.tiers.promote(hashes, table[hit:limit]) * bs
         self._tier_hit_tokens += loaded
         return loaded
 
@@ -280,10 +283,9 @@ class KVCache:
         width = longest if width is None else width
         if width < longest:
             raise ValueError(f"width={width} is smaller than the longest block table ({longest})")
-        out = torch.zeros((len(tables), max(width, 1)), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out.to(self.device)
+        width = max(width, 1)
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width).to(self.device)
 
     def decode(
         self,

@@ -205,13 +205,25 @@ class BlockManager:
         """Every token id of the sequence."""
         return self._seq(seq_id).tokens.tolist()
 
-    def block_hashes(self, seq_id: Hashable) -> list[bytes]:
-        """Chained hash of each full block (empty without prefix caching)."""
+    def block_hashes(
+        self, seq_id: Hashable, start: int = 0, stop: int | None = None
+    ) -> list[bytes]:
+        """Chained hash of full blocks ``start..stop`` (default: all of them; empty
+        without prefix caching)."""
         seq = self._seq(seq_id)
-        if not self.prefix_caching:
+        full = len(seq.tokens) // self.block_size
+        _check_int(start, "start", 0)
+        stop = full if stop is None else min(_check_int(stop, "stop", 0), full)
+        if not self.prefix_caching or start >= stop:
             return []
-        # Recomputed from the tokens (only tiers and snapshots ask, off the hot path).
-        return chain_hashes(seq.tokens, self.block_size, seq.ns, self._digest)
+        # A registered block's hash is its chain hash in every sequence that holds it
+        # (hits match by the exact hash input), so no digest is needed; only a block
+        # left anonymous (its content was cached elsewhere) forces a recompute.
+        hashes, blocks = self._hash, seq.blocks
+        out = [hashes[blocks[i]] for i in range(start, stop)]
+        if None in out:
+            return chain_hashes(seq.tokens, self.block_size, seq.ns, self._digest)[start:stop]
+        return out
 
     def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
         """``block_id * block_size + offset`` of tokens ``start..stop`` of the sequence."""
