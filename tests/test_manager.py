@@ -167,6 +167,45 @@ def test_duplicate_content_block_stays_anonymous():
     cycle(m)
 
 
+def test_hits_share_one_reference_per_chain_and_last_holder_caches_it():
+    m = BlockManager(32, 4)
+    prompt = list(range(12))  # 3 full blocks
+    m.allocate("first", prompt + [100])  # owns 0, 1, 2 (+ 3 partial)
+    m.free("first")  # 0, 1, 2 cached
+    assert m.allocate("a", prompt + [101]) == 12  # finds the chain 0-1-2
+    assert m.allocate("b", prompt + [102]) == 12  # the same chain: one more holder
+    assert m.allocate("c", prompt[:8] + [7, 7, 7, 7, 103]) == 8  # a shorter chain 0-1
+    m.fork("b", "b2")  # the child holds b's chain too
+    assert m._chains == {2: 3, 1: 1}
+    m.check_integrity()
+    for sid in ("a", "b", "b2"):
+        m.free(sid)
+        assert 2 not in m.eviction_order() or sid == "b2"
+        m.check_integrity()
+    assert m.eviction_order() == [2]  # 0 and 1 stay in use by "c"
+    assert m.stats().used_blocks == 2 + 2  # c: chain 0-1 + its own 2 blocks
+    m.free("c")
+    assert m.eviction_order()[-2:] == [1, 0]  # tail first, as in one release
+    assert m._chains == {} and m.stats().used_blocks == 0
+    cycle(m)
+
+
+def test_free_sends_partial_and_anonymous_blocks_to_free_stack():
+    m = BlockManager(16, 4)
+    m.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8])  # 0, 1 registered
+    m.allocate("b", [1, 2, 3])  # block 2; no hit (needs a full block + 1)
+    m.append("b", [4, 5, 6, 7, 8, 9])  # 2 fills -> anonymous (same content as 0); 3, 4
+    assert m.block_table("b") == [2, 3, 4]
+    m.free("b")  # 4 partial, 3 anonymous (key of 1), 2 anonymous -> all free
+    assert m.eviction_order() == [] and m.stats().free_blocks == 14
+    m.check_integrity()
+    m.fork("a", "a2")
+    m.free("a")
+    m.free("a2")
+    assert m.eviction_order() == [1, 0]
+    cycle(m)
+
+
 # ---- fork and copy-on-write ----------------------------------------------------------------------
 def test_fork_shares_blocks_and_cow_on_append():
     m = BlockManager(8, 4)

@@ -14,6 +14,14 @@ The prefix index is keyed by the exact input of the chained hash
 (``parent_hash || namespace || token bytes``) rather than by the digest: a lookup
 then needs no digest at all (a hit reads the block's stored hash to continue the
 chain), only a miss pays for one, and a hit is a byte-exact match of the tokens.
+
+Reference counts of prefix hits are shared per *chain*: the blocks a prompt found
+cached (a path from the root of the prefix tree, named by its last block) hold one
+reference each for all live sequences that found that same chain, counted in
+``_chains``. Requests that share a system prompt then take and drop that prompt's
+blocks in O(1); only the first to find the chain and the last to free it touch
+every block. So ``_ref[b]`` = sequences holding ``b`` outside a chain + live chains
+through ``b``, and a block is in use exactly when some live sequence's table holds it.
 """
 
 from __future__ import annotations
@@ -40,16 +48,25 @@ PressureCallback = Callable[[MemoryPressure], None]
 
 
 class _Seq:
-    __slots__ = ("blocks", "tokens", "last_hash", "ns")
+    __slots__ = ("blocks", "tokens", "last_hash", "ns", "chain", "anonymous")
 
-    def __init__(self, blocks: list[int], tokens: array, last_hash: bytes, ns: bytes):
+    def __init__(
+        self, blocks: list[int], tokens: array, last_hash: bytes, ns: bytes, chain: int = 0
+    ):
         self.blocks = blocks  # physical block of each logical block
+        # blocks[:chain] are a prefix hit held through _chains[blocks[chain - 1]]
+        # (one shared reference per block); blocks[chain:] hold a reference each.
+        self.chain = chain
         self.tokens = tokens  # every token id (uint32)
         # Chained hash of the last full block (ROOT if none), the parent of the next one.
         # Only this one is kept: a per-sequence list of every hash would cost an
         # allocation per block and a dereference per block when the sequence is freed.
         self.last_hash = last_hash
         self.ns = ns  # namespace digest (salt + extra keys)
+        # Full blocks left unregistered (their content was cached elsewhere when they
+        # filled); every other full block is registered while the sequence holds it,
+        # so free() needs no per-block hash lookup. Usually empty.
+        self.anonymous: list[int] = []
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -142,10 +159,12 @@ class BlockManager:
         self._meta = BlockMeta(num_blocks)
         self._policy = make_policy(eviction, self._meta)
         self.eviction = eviction.lower()
+        self._count_hits = self.eviction == "lfu"  # per-block hit counts rank LFU only
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
         self._pinned: set[int] = set()  # cached blocks kept from eviction
         self._pins: dict[bytes, int] = {}  # block hash -> pin count
         self._index: dict[bytes, int] = {}  # hash input -> block
+        self._chains: dict[int, int] = {}  # last block of a held hit chain -> sequences
         self._seqs: dict[Hashable, _Seq] = {}
         self._copies: list[tuple[int, int]] = []
         self._registrations = 0
@@ -340,15 +359,17 @@ class BlockManager:
         self._key[block] = None
         return h
 
-    def _register(self, block: int, key: bytes, h: bytes) -> None:
+    def _register(self, block: int, key: bytes, h: bytes) -> bool:
+        """Index a block that just became full; False if it stays anonymous."""
         if key in self._index or self._hash[block] is not None:
-            return  # the same content already has a block; this one stays anonymous
+            return False  # the same content already has a block
         self._index[key] = block
         self._hash[block] = h
         self._key[block] = key
         self._registrations += 1
         self._meta.registered_at[block] = self._registrations
         self._meta.hits[block] = 0
+        return True
 
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object = None) -> int:
         """Start sequence ``seq_id`` with its prompt; return how many tokens are cached.
@@ -381,34 +402,47 @@ class BlockManager:
             hits = self._match(raw, ns, (n - 1) // bs)
         else:
             hits = []
-        ref = self._ref
+        ref, chains = self._ref, self._chains
         need = -(-n // bs) - len(hits)
-        reclaimed = sum(1 for b in hits if ref[b] == 0 and b not in self._pinned)
+        held = bool(hits) and hits[-1] in chains  # then every hit block is in use
+        if held:
+            reclaimed = 0
+        else:
+            reclaimed = sum(1 for b in hits if ref[b] == 0 and b not in self._pinned)
         if need > self.num_free_blocks - reclaimed:
             raise self._out_of_blocks(need, f"allocate({seq_id!r}, {n} tokens)")
 
         # Commit: nothing below can fail (on_evict must not raise).
-        policy, pinned, meta_hits = self._policy, self._pinned, self._meta.hits
-        for b in hits:
-            if ref[b] == 0:
-                if b in pinned:
-                    pinned.discard(b)
-                else:
-                    policy.remove(b)
-            ref[b] += 1
-            meta_hits[b] += 1
+        if held:
+            chains[hits[-1]] += 1
+        elif hits:
+            chains[hits[-1]] = 1
+            policy, pinned = self._policy, self._pinned
+            for b in hits:
+                if ref[b] == 0:
+                    if b in pinned:
+                        pinned.discard(b)
+                    else:
+                        policy.remove(b)
+                ref[b] += 1
+        if self._count_hits:
+            meta_hits = self._meta.hits
+            for b in hits:
+                meta_hits[b] += 1
         if self.ttl_seconds is not None:
             self._expire()  # after the hits left the policy; frees expired blocks first
         blocks = hits + [self._take() for _ in range(need)]
         parent = self._hash[hits[-1]] if hits else ROOT
+        seq = self._seqs[seq_id] = _Seq(blocks, arr, parent, ns, len(hits))
         if self.prefix_caching:
             digest = self._digest
             step = 4 * bs
             for i in range(len(hits), num_full):
                 key = parent + ns + raw[i * step : (i + 1) * step]
                 parent = digest(key)
-                self._register(blocks[i], key, parent)
-        self._seqs[seq_id] = _Seq(blocks, arr, parent, ns)
+                if not self._register(blocks[i], key, parent):
+                    seq.anonymous.append(blocks[i])
+            seq.last_hash = parent
         self._query_tokens += n
         self._hit_tokens += len(hits) * bs
         if self._pressure_cbs:
@@ -456,7 +490,8 @@ class BlockManager:
             for i in range(n // bs, (n + k) // bs):
                 key = parent + seq.ns + tokens[i * bs : (i + 1) * bs].tobytes()
                 parent = digest(key)
-                self._register(blocks[i], key, parent)
+                if not self._register(blocks[i], key, parent):
+                    seq.anonymous.append(blocks[i])
             seq.last_hash = parent
         if self._pressure_cbs:
             self._update_pressure()
@@ -473,12 +508,15 @@ class BlockManager:
             raise TypeError(f"child_id must be hashable, got {type(child_id).__name__}") from None
         if live:
             raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
-        ref = self._ref
-        for b in parent.blocks:
+        ref, k = self._ref, parent.chain
+        if k:
+            self._chains[parent.blocks[k - 1]] += 1
+        for b in parent.blocks[k:]:
             ref[b] += 1
-        self._seqs[child_id] = _Seq(
-            list(parent.blocks), array("I", parent.tokens), parent.last_hash, parent.ns
+        child = self._seqs[child_id] = _Seq(
+            list(parent.blocks), array("I", parent.tokens), parent.last_hash, parent.ns, k
         )
+        child.anonymous = list(parent.anonymous)
         if self._pressure_cbs:
             self._update_pressure()
 
@@ -494,18 +532,42 @@ class BlockManager:
             raise KeyError(
                 f"unknown sequence {seq_id!r}: it was never allocated or is already freed"
             ) from None
-        ref, hashes, free = self._ref, self._hash, self._free
-        cached = []
+        ref = self._ref
+        blocks, k = seq.blocks, seq.chain
+        cached: list[int] = []
         # Tail blocks first: within one release the tail becomes least recently used,
         # so eviction takes a sequence's unique suffix before its (shared) prefix.
-        for b in reversed(seq.blocks):
+        for b in reversed(blocks[k:] if k else blocks):
             r = ref[b] - 1
             ref[b] = r
             if not r:
-                if hashes[b] is None:
-                    free.append(b)
-                else:
-                    cached.append(b)
+                cached.append(b)
+        if cached:
+            # Which of them are registered, without a (cache-missing) look at each
+            # block's hash: every full block but the anonymous ones; the last block
+            # may be partial, and nothing is registered without prefix caching.
+            if not self.prefix_caching:
+                self._free.extend(cached)
+                cached = []
+            else:
+                if len(seq.tokens) % self.block_size and cached[0] == blocks[-1]:
+                    self._free.append(cached.pop(0))
+                if seq.anonymous:
+                    anonymous = set(seq.anonymous)
+                    self._free.extend(b for b in cached if b in anonymous)
+                    cached = [b for b in cached if b not in anonymous]
+        if k:
+            chains, tail = self._chains, blocks[k - 1]
+            holders = chains[tail] - 1
+            if holders:
+                chains[tail] = holders
+            else:  # the chain's last holder: its blocks drop their shared reference
+                del chains[tail]
+                for b in reversed(blocks[:k]):
+                    r = ref[b] - 1
+                    ref[b] = r
+                    if not r:
+                        cached.append(b)  # a hit block is always registered
         if cached:
             self._cache_released(cached)
         if self._pressure_cbs:

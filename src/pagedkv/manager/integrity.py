@@ -26,9 +26,22 @@ def violations(m: BlockManager) -> list[str]:
     if len(evictable) != len(m._policy):
         problems.append(f"policy lists {len(evictable)} blocks but counts {len(m._policy)}")
     expected = [0] * n
+    chains: dict[int, tuple[int, list[int]]] = {}  # tail -> (holders, chain blocks)
     for sid, seq in m._seqs.items():
-        for b in seq.blocks:
+        for b in seq.blocks[seq.chain :]:
             expected[b] += 1
+        if seq.chain:
+            prefix = seq.blocks[: seq.chain]
+            holders, blocks = chains.get(prefix[-1], (0, prefix))
+            if blocks != prefix:
+                problems.append(f"seq {sid!r}: its hit chain differs from another's with that tail")
+            chains[prefix[-1]] = (holders + 1, blocks)
+    for _, blocks in chains.values():
+        for b in blocks:
+            expected[b] += 1
+    counted = {tail: holders for tail, (holders, _) in chains.items()}
+    if counted != m._chains:
+        problems.append(f"chain holders {m._chains} disagree with the tables' {counted}")
         want = -(-len(seq.tokens) // m.block_size)
         if len(seq.blocks) != want:
             problems.append(
