@@ -14,6 +14,7 @@ import torch
 
 from pagedkv.errors import SnapshotError
 from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot.packs import PACK_DIR
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
 
@@ -83,22 +84,50 @@ def test_random_corruption_is_detected_and_refused(tmp_path):
     store.load(dst, "s")
 
 
-def test_corruption_of_files_on_disk_is_detected(tmp_path):
+def _packs(tmp_path) -> list[str]:
+    folder = tmp_path / "store" / PACK_DIR
+    return sorted(str(folder / n) for n in os.listdir(folder) if n.endswith(".pack"))
+
+
+def _pack_data_end(path: str) -> int:
+    """Offset where a pack's page bytes end (its index starts): from the footer."""
+    with open(path, "rb") as f:
+        f.seek(-56, os.SEEK_END)
+        return int.from_bytes(f.read(56)[16:24], "little")
+
+
+def test_corruption_of_pack_files_on_disk_is_detected(tmp_path):
     """The same through the files themselves (bit rot under the store's feet)."""
     store, dst = _saved(tmp_path)
-    files = []
-    for root, _, names in os.walk(tmp_path / "store"):
-        files += [os.path.join(root, n) for n in names if n.endswith(".pg.v")]
+    digests = sorted(store.manifest("s").page_digests())
+    before = dst.state()
     rng = random.Random(7)
-    for path in rng.sample(files, 5):
+    for trial in range(40):
+        path = rng.choice(_packs(tmp_path))
         with open(path, "rb") as f:
             value = f.read()
+        end = _pack_data_end(path)
+        in_pages = trial % 2 == 0
+        bit = rng.randrange(end * 8) if in_pages else rng.randrange(end * 8, len(value) * 8)
+        damaged = bytearray(value)
+        damaged[bit // 8] ^= 1 << (bit % 8)
         with open(path, "wb") as f:
-            f.write(_flip(value, rng))
-        assert len(store.verify("s").corrupt) == 1
+            f.write(damaged)
+        # A fresh handle, as another process would open the store.
+        with SnapshotStore(tmp_path / "store") as fresh:
+            report = fresh.verify("s")
+            assert not report.ok and report.num_pages == len(digests)
+            if in_pages:  # one page's bytes: that page is corrupt, the rest verify
+                assert len(report.corrupt) == 1 and report.missing == []
+            else:  # the pack's index or footer: the pack is skipped, its pages are missing
+                assert report.missing and report.corrupt == []
+            with pytest.raises(SnapshotError):
+                fresh.load(dst, "s")
+            _assert_same(dst.state(), before)
         with open(path, "wb") as f:
             f.write(value)
-    assert store.verify("s").ok
+    with SnapshotStore(tmp_path / "store") as fresh:
+        assert fresh.verify("s").ok
 
 
 _KILLED_SAVER = textwrap.dedent(

@@ -18,7 +18,11 @@ import torch
 
 from pagedkv.errors import OutOfBlocks
 from pagedkv.manager.hashing import as_token_array, chain_hashes, hash_function, namespace
+from pagedkv.storage.host import host_bytes
 from pagedkv.storage.layout import KVLayout
+
+# Reads of at least this many bytes gather on torch's threads (a save reads MiB chunks).
+_THREADED_READ = 4 << 20
 
 
 @runtime_checkable
@@ -150,8 +154,12 @@ class SyntheticPager:
 
     def read_blocks(self, ids: Sequence[int]) -> torch.Tensor:
         # data: [n, bytes_per_block] uint8
-        # numpy indexing: single-threaded, so no OpenMP start-up cost on tiny reads
-        return torch.from_numpy(self.data.numpy()[np.asarray(list(ids), dtype=np.int64)])
+        idx = np.asarray(list(ids), dtype=np.int64)
+        if len(idx) * self.data.shape[1] < _THREADED_READ:
+            # numpy indexing: single-threaded, so no OpenMP start-up cost on tiny reads
+            return torch.from_numpy(self.data.numpy()[idx])
+        out = host_bytes(len(idx), self.data.shape[1])  # huge pages: fresh memory faults in fast
+        return torch.index_select(self.data, 0, torch.from_numpy(idx), out=out)  # torch's threads
 
     def can_allocate(self, num_tokens: int) -> bool:
         return self._layout.num_blocks_for(num_tokens) <= self.num_free_blocks

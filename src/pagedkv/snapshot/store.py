@@ -2,7 +2,8 @@
 
 Keys in the backing block store:
 
-- ``<sha256 hex>.pg``  one page (a block's K and V bytes), named by its digest;
+- ``<sha256 hex>.pg``  one page (a block's K and V bytes), named by its digest (in a
+  local store, pages live in pack files: :mod:`pagedkv.snapshot.packs`);
 - ``snap.m.<name>``    a manifest (JSON, :mod:`pagedkv.snapshot.manifest`);
 - ``snap.l.<id>.<n>``  a lease: the pages a save in progress is about to count on.
 
@@ -52,8 +53,6 @@ PAGE_SUFFIX = ".pg"
 MANIFEST_PREFIX = "snap.m."
 LEASE_PREFIX = "snap.l."
 _PAGE_KEY_RE = re.compile(r"^[0-9a-f]{64}\.pg$")
-# Snapshots must never be evicted: a local store is a DiskStore with no effective cap.
-_UNBOUNDED = 1 << 62
 _THREADED_PAGE = 128 << 10
 
 
@@ -95,18 +94,22 @@ class LoadResult(dict):
 class SnapshotStore:
     """Named snapshots of KV state over a block store (a directory, or Redis).
 
-    ``location``: a directory path (created if missing; a :class:`DiskStore` with no
-    eviction), a ``redis://`` URL (keys under ``key_prefix``; configure the server
-    with ``maxmemory-policy noeviction``: an evicted page breaks a snapshot, which
-    ``verify`` then reports), or any object with the ``BlockStore`` methods.
-    ``durable=True`` (local only) also survives power loss: after the pages and
-    again after the manifest, one file-system flush (``syncfs``) makes them durable
-    in that order, instead of an fsync per page; without it a killed process still
-    never leaves a partial page or manifest visible (atomic renames).
+    ``location``: a directory path (created if missing; a
+    :class:`~pagedkv.snapshot.packs.PackStore`: each chunk of new pages is written as
+    one pack file, manifests as files; never evicted), a ``redis://`` URL (keys
+    under ``key_prefix``; configure the server with ``maxmemory-policy noeviction``:
+    an evicted page breaks a snapshot, which ``verify`` then reports), or any object
+    with the ``BlockStore`` methods.
+    ``durable=True`` (local only) also survives power loss: each pack is fsynced
+    before it becomes visible, and after the pages and again after the manifest one
+    file-system flush (``syncfs``) makes them durable in that order; without it a
+    killed process still never leaves a partial pack or manifest visible (atomic
+    renames).
     ``grace_seconds``: how long ``gc`` honours a lease written by another host.
     ``chunk_bytes`` bounds the bytes in flight, and ``threads`` the digest workers.
-    ``writers`` (local stores only; default ``min(8, os.cpu_count())``): threads that
-    write the page files of a chunk concurrently, while the next chunk is hashed.
+    ``writers`` (local stores only; default ``min(8, os.cpu_count())``): a chunk's
+    new pages are split over up to this many packs (of >= 16 MiB) written
+    concurrently, while the next chunk is hashed.
     """
 
     def __init__(
@@ -130,7 +133,8 @@ class SnapshotStore:
             self.backend = location
             self.location = repr(location)
         else:
-            from pagedkv.stores import DiskStore, RedisStore
+            from pagedkv.snapshot.packs import PackStore
+            from pagedkv.stores import RedisStore
 
             loc = os.fspath(location)
             self.location = loc
@@ -139,7 +143,7 @@ class SnapshotStore:
                 self.location = getattr(self.backend, "_shown", loc.split("@")[-1])
             else:
                 path = loc.removeprefix("file://")
-                self.backend = DiskStore(path, capacity_bytes=_UNBOUNDED, writers=writers)
+                self.backend = PackStore(path, durable=durable, writers=writers)
                 self._sync_dir = self.backend.path if durable else None
         if chunk_bytes <= 0 or threads <= 0:
             raise ValueError("chunk_bytes and threads must be positive")
@@ -586,6 +590,9 @@ class SnapshotStore:
         """
         t0 = time.perf_counter()
         grace = self.grace_seconds if grace_seconds is None else grace_seconds
+        # Leases before manifests: a save that finishes in between wrote its manifest
+        # before dropping its lease, so its pages are seen as leased or as referenced.
+        protected, dead = self._leases(grace)
         names = self.names()
         raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
         referenced: set[str] = set()
@@ -598,15 +605,16 @@ class SnapshotStore:
                 raise SnapshotError(f"gc refused: {e}; delete snapshot {n!r} first") from None
         pages = {k[: -len(PAGE_SUFFIX)] for k in self.backend.keys("") if _PAGE_KEY_RE.match(k)}
         orphans = pages - referenced
-        protected, dead = self._leases(grace)
         doomed = sorted(orphans - protected)
         before = self.backend.stats().bytes_used
         deleted = 0
-        for start in range(0, len(doomed), 1024):
-            batch = doomed[start : start + 1024]
-            now_protected, _ = self._leases(grace)  # a save that started meanwhile
-            batch = [d for d in batch if d not in now_protected]
-            deleted += self.backend.delete_many([page_key(d) for d in batch])
+        if doomed:
+            # One batch (a pack store rewrites each pack once), after a fresh look at the
+            # leases: a save that started meanwhile. One that starts during the delete
+            # finds its page gone when it checks after writing, and writes it again.
+            now_protected, _ = self._leases(grace)
+            batch = [page_key(d) for d in doomed if d not in now_protected]
+            deleted = self.backend.delete_many(batch)
         removed = self.backend.delete_many(dead) if dead else 0
         after = self.backend.stats().bytes_used
         return GcReport(

@@ -1,0 +1,491 @@
+"""PackStore: a local snapshot store that writes pages into pack files.
+
+A snapshot save writes its new pages a chunk at a time. Written one file per page,
+the cost is the files (create, rename, directory entries), not the bytes: a save
+reached about half of a plain sequential write. Here each ``put_many`` of pages
+becomes one pack file (or ``writers`` of them written side by side), a sequential
+write like the raw one; every other key (manifests, leases, and pages of stores
+written before packs existed) stays a :class:`~pagedkv.stores.DiskStore` entry.
+
+Layout: ``<root>/packs/<time_ns:016x>-<pid>-<random>.pack``::
+
+    page bytes, back to back
+    index:  count x (32-byte digest, u64 offset, u64 length)
+    footer: b"PKVPACK1", u64 count, u64 index offset, sha256 of the index (32 bytes)
+
+A pack is written under a temp name (``<name>.<pid>.<random>.tmp``, removed by the
+next open if its writer died) and renamed when complete, so a reader sees a whole
+pack or none, even after ``kill -9``; with ``durable=True`` it is fsynced before the
+rename. Packs are immutable: deleting pages rewrites the pack without them (or
+unlinks it when none is left), and a reader whose pack vanished rescans the
+directory and tries again. The pages themselves carry no checksum here: their key
+is their sha256, and the snapshot store checks every page against it on every read.
+A pack whose index does not verify is skipped (its pages read as missing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pagedkv.errors import StoreError
+from pagedkv.stores import DiskStore
+from pagedkv.stores.base import Buffer, StoreStats, check_items, check_keys, check_prefix
+
+PACK_DIR = "packs"
+_PACK = ".pack"
+_MAGIC = b"PKVPACK1"
+_ENTRY = struct.Struct("<32sQQ")
+_FOOTER = struct.Struct("<8sQQ32s")
+_PAGE_SUFFIX = ".pg"
+_HEX = frozenset("0123456789abcdef")
+# Split a put_many over several packs written in parallel only from this many bytes per pack.
+_MIN_PARALLEL_PACK = 16 << 20
+_IOV_MAX = 512
+# Snapshots are never evicted: the DiskStore under the packs gets no effective cap.
+_UNBOUNDED = 1 << 62
+
+
+def _is_page_key(key: str) -> bool:
+    return len(key) == 67 and key.endswith(_PAGE_SUFFIX) and _HEX.issuperset(key[:64])
+
+
+class PackStore:
+    """Block store for a snapshot directory: page keys (``<sha256 hex>.pg``) in packs.
+
+    ``durable``: fsync each pack before it becomes visible. ``writers``: a large
+    ``put_many`` of pages is split over up to this many packs written concurrently
+    (at least 16 MiB each). Thread-safe; several processes may share the directory
+    (each pack is written once, atomically, by one process).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, durable: bool = False, writers: int = 1
+    ) -> None:
+        if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1:
+            raise ValueError(f"PackStore: writers must be an int >= 1, got {writers!r}")
+        # Opening the DiskStore also removes temp files of dead writers, packs' included.
+        self._disk = DiskStore(path, capacity_bytes=_UNBOUNDED)
+        self._dir = os.path.join(self._disk.path, PACK_DIR)
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"PackStore: cannot create {self._dir!r}: {e.strerror or e}") from e
+        self._durable = bool(durable)
+        self._writers = writers
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.RLock()
+        self._packs: dict[str, dict[str, tuple[int, int]]] = {}  # pack -> key -> (offset, len)
+        self._size: dict[str, int] = {}  # pack -> value bytes (its pages)
+        self._where: dict[str, list[str]] = {}  # key -> packs holding it, newest last
+        self._unreadable: set[str] = set()  # packs whose index does not verify
+        self._hits = self._misses = self._puts = 0
+        self.refresh()
+
+    # -- properties --------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """Absolute path of the store directory."""
+        return self._disk.path
+
+    @property
+    def capacity_bytes(self) -> None:
+        """Snapshot stores have no cap (pages are removed by ``gc`` only)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"PackStore({self.path!r}, packs={len(self._packs)}, pages={len(self._where)})"
+
+    # -- index -------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Pick up packs other processes wrote and forget those they removed."""
+        try:
+            names = {n for n in os.listdir(self._dir) if n.endswith(_PACK)}
+        except FileNotFoundError:
+            names = set()
+        with self._lock:
+            for gone in [p for p in self._packs if p not in names]:
+                self._forget(gone)
+            self._unreadable &= names
+            for name in sorted(names - self._packs.keys() - self._unreadable):
+                entries = self._read_index(name)
+                if entries is None:
+                    self._unreadable.add(name)
+                else:
+                    self._add(name, entries)
+
+    def _read_index(self, name: str) -> dict[str, tuple[int, int]] | None:
+        """The pack's ``{key: (offset, length)}``, or None if its index does not verify."""
+        try:
+            with open(os.path.join(self._dir, name), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < _FOOTER.size:
+                    return None
+                f.seek(size - _FOOTER.size)
+                magic, count, at, digest = _FOOTER.unpack(f.read(_FOOTER.size))
+                if magic != _MAGIC or at + count * _ENTRY.size + _FOOTER.size != size:
+                    return None
+                f.seek(at)
+                raw = f.read(count * _ENTRY.size)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"PackStore: cannot read pack {name!r}: {e.strerror or e}") from e
+        if hashlib.sha256(raw).digest() != digest:
+            return None
+        entries = {}
+        for d, off, length in _ENTRY.iter_unpack(raw):
+            if off + length > at:
+                return None
+            entries[d.hex() + _PAGE_SUFFIX] = (off, length)
+        return entries
+
+    def _add(self, name: str, entries: dict[str, tuple[int, int]]) -> None:
+        self._packs[name] = entries
+        self._size[name] = sum(n for _, n in entries.values())
+        for key in entries:
+            self._where.setdefault(key, []).append(name)
+
+    def _forget(self, name: str) -> None:
+        for key in self._packs.pop(name):
+            holders = self._where[key]
+            holders.remove(name)
+            if not holders:
+                del self._where[key]
+        del self._size[name]
+
+    def _locate(self, key: str) -> tuple[str, int, int] | None:
+        holders = self._where.get(key)
+        if not holders:
+            return None
+        name = holders[-1]
+        off, length = self._packs[name][key]
+        return name, off, length
+
+    # -- BlockStore --------------------------------------------------------------
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """Store every item: pages as new pack(s), everything else as DiskStore files."""
+        checked = check_items(items)
+        pages = {}
+        for key, view in checked:
+            if _is_page_key(key):
+                pages[key] = view  # the last value of a repeated key wins
+        other = [(k, v) for k, v in checked if not _is_page_key(k)]
+        if other:
+            self._disk.put_many(other)
+        if pages:
+            groups = _split(list(pages.items()), self._writers)
+            if len(groups) == 1:
+                self._write_pack(groups[0])
+            else:
+                for f in [self._writer_pool().submit(self._write_pack, g) for g in groups]:
+                    f.result()
+        return len(checked)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        keys = check_keys(keys)
+        self._know(keys)
+        out: list[bytes | None] = [None] * len(keys)
+        rest = []
+        for i, key in enumerate(keys):
+            if _is_page_key(key):
+                out[i] = self._read_page(key, None)
+            if out[i] is None:
+                rest.append(i)
+        if rest:
+            for i, v in zip(rest, self._disk.get_many([keys[i] for i in rest])):
+                out[i] = v
+        self._count([v is not None for v in out])
+        return out
+
+    def get_into(self, keys: Sequence[str], out: Any, *, head: Any = None) -> list[bool]:
+        """Read each value straight into row ``i`` of ``out`` (host ``uint8 [n, w]``).
+
+        A key is found when its value holds exactly ``w`` bytes; other rows are left
+        as they were. ``head`` is not supported (snapshot pages have no frame header).
+        """
+        if head is not None:
+            raise TypeError("PackStore.get_into does not take head= (pages are unframed)")
+        keys = check_keys(keys)
+        rows = out.numpy() if hasattr(out, "numpy") else out
+        if rows.ndim != 2 or len(rows) != len(keys):
+            raise ValueError(f"out must be uint8 [{len(keys)}, width], got {tuple(rows.shape)}")
+        self._know(keys)
+        found = self._read_runs(keys, rows)
+        for i, key in enumerate(keys):
+            if not found[i] and _is_page_key(key):  # its pack was rewritten meanwhile?
+                found[i] = self._read_page(key, memoryview(rows[i])) is not None
+            if not found[i]:  # not packed (a store from before packs), or not this size
+                found[i] = self._disk.get_into([key], out[i : i + 1])[0]
+        self._count(found)
+        return found
+
+    def _read_runs(self, keys: list[str], rows: Any) -> list[bool]:
+        """Pages into rows, one ``preadv`` per run of pages stored back to back.
+
+        A restore asks for pages in the order a save wrote them, so a chunk is
+        usually one run: one open and one system call instead of one per page.
+        """
+        width = rows.shape[1]
+        with self._lock:
+            where = [self._locate(k) if _is_page_key(k) else None for k in keys]
+        found = [False] * len(keys)
+        fds: dict[str, int | None] = {}
+        try:
+            i = 0
+            while i < len(keys):
+                w = where[i]
+                if w is None or w[2] != width:
+                    i += 1
+                    continue
+                name, off, _ = w
+                j = i + 1
+                while (
+                    j < len(keys)
+                    and j - i < _IOV_MAX
+                    and where[j] == (name, off + (j - i) * width, width)
+                ):
+                    j += 1
+                if name not in fds:
+                    try:
+                        fds[name] = os.open(os.path.join(self._dir, name), os.O_RDONLY)
+                    except FileNotFoundError:
+                        fds[name] = None
+                fd = fds[name]
+                if fd is not None:
+                    got = _preadv_all(fd, [memoryview(rows[k]) for k in range(i, j)], off)
+                    for k in range(i, i + got // width):
+                        found[k] = True
+                i = j
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+        return found
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is stored now (rescans the pack directory when unsure)."""
+        keys = check_keys(keys)
+        with self._lock:  # a gc in another process may have removed packs we index
+            packs = {h for k in keys for h in self._where.get(k, ())}
+            for name in packs:
+                if not os.path.exists(os.path.join(self._dir, name)):
+                    self._forget(name)
+        self._know(keys)
+        with self._lock:
+            got = [_is_page_key(k) and k in self._where for k in keys]
+        rest = [i for i, g in enumerate(got) if not g]
+        if rest:
+            for i, g in zip(rest, self._disk.contains_many([keys[i] for i in rest])):
+                got[i] = g
+        return got
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete the keys; packs holding deleted pages are rewritten without them."""
+        keys = check_keys(keys)
+        self.refresh()
+        doomed = {k for k in keys if _is_page_key(k)}
+        deleted = set()
+        with self._lock:
+            affected: dict[str, set[str]] = {}
+            for key in doomed:
+                for name in self._where.get(key, ()):
+                    affected.setdefault(name, set()).add(key)
+            for name, gone in affected.items():
+                keep = [k for k in self._packs[name] if k not in gone]
+                if keep:
+                    self._write_pack([(k, self._read_page_from(name, k)) for k in keep])
+                self._unlink(name)
+                deleted |= gone
+        if deleted:  # a copy from before packs, if any, goes too
+            self._disk.delete_many(sorted(deleted))
+        others = [k for k in keys if k not in deleted]
+        return len(deleted) + (self._disk.delete_many(others) if others else 0)
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        prefix = check_prefix(prefix)
+        self.refresh()
+        with self._lock:
+            packed = [k for k in self._where if k.startswith(prefix)]
+        seen = set(packed)
+        return iter(packed + [k for k in self._disk.keys(prefix) if k not in seen])
+
+    def stats(self) -> StoreStats:
+        self.refresh()
+        disk = self._disk.stats()
+        with self._lock:
+            return StoreStats(
+                entries=(disk.entries or 0) + len(self._where),
+                bytes_used=(disk.bytes_used or 0) + sum(self._size.values()),
+                capacity_bytes=None,
+                hits=disk.hits + self._hits,
+                misses=disk.misses + self._misses,
+                puts=disk.puts + self._puts,
+                errors=disk.errors,
+            )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._disk.close()
+
+    # -- packs -------------------------------------------------------------------
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._writers, thread_name_prefix="pagedkv-pack")
+            return self._pool
+
+    def _write_pack(self, items: list[tuple[str, Buffer]]) -> None:
+        """One pack of ``items`` (page key, bytes): temp file, fsync if durable, rename."""
+        pid = os.getpid()
+        name = f"{time.time_ns():016x}-{pid}-{secrets.token_hex(4)}{_PACK}"
+        tmp = os.path.join(self._dir, f"{name}.{pid}.{secrets.token_hex(4)}.tmp")
+        entries: dict[str, tuple[int, int]] = {}
+        index = bytearray()
+        views = []
+        offset = 0
+        for key, value in items:
+            view = memoryview(value).cast("B")
+            entries[key] = (offset, len(view))
+            index += _ENTRY.pack(bytes.fromhex(key[:64]), offset, len(view))
+            views.append(view)
+            offset += len(view)
+        footer = _FOOTER.pack(_MAGIC, len(entries), offset, hashlib.sha256(index).digest())
+        views += [memoryview(index), memoryview(footer)]
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, views)
+                if self._durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(self._dir, name))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StoreError(f"PackStore: cannot write pack {tmp!r}: {e.strerror or e}") from e
+        with self._lock:
+            self._add(name, entries)
+            self._puts += len(entries)
+
+    def _know(self, keys: list[str]) -> None:
+        """Rescan the pack directory once if a page key is not indexed (a new pack)."""
+        with self._lock:
+            unknown = any(_is_page_key(k) and k not in self._where for k in keys)
+        if unknown:
+            self.refresh()
+
+    def _read_page(self, key: str, into: memoryview | None) -> bytes | None:
+        """The page's bytes (into ``into`` when given, if the length matches), or None.
+
+        A pack removed meanwhile (a gc rewrote it) sends us to the directory again once.
+        """
+        for attempt in range(2):
+            with self._lock:
+                where = self._locate(key)
+            if where is None:
+                return None
+            name, off, length = where
+            if into is not None and length != len(into):
+                return None
+            try:
+                return _pread(os.path.join(self._dir, name), off, length, into)
+            except FileNotFoundError:
+                if attempt:
+                    return None
+                self.refresh()
+        return None
+
+    def _read_page_from(self, name: str, key: str) -> bytes:
+        off, length = self._packs[name][key]
+        data = _pread(os.path.join(self._dir, name), off, length, None)
+        assert data is not None
+        return data
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._dir, name))
+        if name in self._packs:
+            self._forget(name)
+
+    def _count(self, found: list[bool]) -> None:
+        with self._lock:
+            hits = sum(found)
+            self._hits += hits
+            self._misses += len(found) - hits
+
+
+def _split(items: list, writers: int) -> list[list]:
+    """Contiguous groups of about equal bytes, at most ``writers``, each >= 16 MiB."""
+    total = sum(len(v) for _, v in items)
+    n = max(1, min(writers, len(items), total // _MIN_PARALLEL_PACK))
+    if n == 1:
+        return [items]
+    groups, cur, acc, target = [], [], 0, total / n
+    for item in items:
+        cur.append(item)
+        acc += len(item[1])
+        if acc >= target * (len(groups) + 1) and len(groups) < n - 1:
+            groups.append(cur)
+            cur = []
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """``writev`` every view, resuming after partial writes."""
+    i = 0
+    while i < len(views):
+        batch = views[i : i + _IOV_MAX]
+        done = os.writev(fd, batch)
+        for v in batch:
+            if done >= len(v):
+                done -= len(v)
+                i += 1
+            else:
+                views[i] = v[done:]
+                break
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Fill ``views`` from ``offset`` on; return the bytes read (less at end of file)."""
+    total = 0
+    while views:
+        n = os.preadv(fd, views, offset + total)
+        if n == 0:
+            break
+        total += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if n:
+            views = [views[0][n:], *views[1:]]
+    return total
+
+
+def _pread(path: str, offset: int, length: int, into: memoryview | None) -> bytes | None:
+    """``length`` bytes at ``offset`` (into ``into`` when given); None if the file is short."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = into if into is not None else memoryview(bytearray(length))
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n == 0:
+                return None
+            got += n
+    finally:
+        os.close(fd)
+    return b"" if into is not None else bytes(buf)
