@@ -152,11 +152,11 @@ class BlockManager:
         self._on_evict = on_evict
         self._clock = clock
 
-        self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks  # registered hash
         self._key: list[bytes | None] = [None] * num_blocks  # its index key
         self._cached_at = [0.0] * num_blocks
         self._meta = BlockMeta(num_blocks)
+        self._ref = self._meta.ref  # > 0: in use; < 0: listed by LRU (see LRUPolicy); else 0
         self._policy = make_policy(eviction, self._meta)
         self.eviction = eviction.lower()
         self._count_hits = self.eviction == "lfu"  # per-block hit counts rank LFU only
@@ -316,7 +316,7 @@ class BlockManager:
             deadline = self._clock() - self.ttl_seconds
             ref, cached_at, policy = self._ref, self._cached_at, self._policy
             for i, b in enumerate(hits):
-                if ref[b] == 0 and b in policy and cached_at[b] < deadline:
+                if ref[b] <= 0 and b in policy and cached_at[b] < deadline:
                     return hits[:i]
         return hits
 
@@ -408,7 +408,7 @@ class BlockManager:
         if held:
             reclaimed = 0
         else:
-            reclaimed = sum(1 for b in hits if ref[b] == 0 and b not in self._pinned)
+            reclaimed = sum(1 for b in hits if ref[b] <= 0 and b not in self._pinned)
         if need > self.num_free_blocks - reclaimed:
             raise self._out_of_blocks(need, f"allocate({seq_id!r}, {n} tokens)")
 
@@ -419,11 +419,11 @@ class BlockManager:
             chains[hits[-1]] = 1
             policy, pinned = self._policy, self._pinned
             for b in hits:
-                if ref[b] == 0:
+                if ref[b] <= 0:
                     if b in pinned:
                         pinned.discard(b)
                     else:
-                        policy.remove(b)
+                        policy.remove(b)  # leaves ref 0
                 ref[b] += 1
         if self._count_hits:
             meta_hits = self._meta.hits
@@ -617,7 +617,7 @@ class BlockManager:
             block = self._index.get(key)
             if block is not None:
                 resident += 1
-                if self._ref[block] == 0 and block in self._policy:
+                if self._ref[block] <= 0 and block in self._policy:
                     self._policy.remove(block)
                     self._pinned.add(block)
         return resident
@@ -676,6 +676,7 @@ class BlockManager:
             self._drop_registration(block)
         # Nothing is in use: every block is free, handed out 0, 1, 2, ... as when new.
         self._free = list(range(self.num_blocks - 1, -1, -1))
+        self._ref[:] = [0] * self.num_blocks  # clears LRU stamps (the list is shared)
         self._policy = make_policy(self.eviction, self._meta)
         self._pinned.clear()
         return True

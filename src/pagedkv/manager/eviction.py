@@ -1,17 +1,17 @@
 """Eviction policies over *cached* blocks (ref count 0, hash registered, not pinned).
 
 Every policy keeps its blocks in the order they became cached, with O(1) add and
-O(1) removal from the middle (a cached block hit by a new prompt leaves the policy
-without a scan); the head is the block cached longest ago (what TTL expiry needs).
-LRU evicts that head; FIFO and LFU keep a heap of candidates on top, with lazy
-deletion: an entry whose block left the policy (or came back later) is stale and
-skipped when it surfaces.
+O(1) (amortized) removal from the middle (a cached block hit by a new prompt leaves
+the policy without a scan); the head is the block cached longest ago (what TTL
+expiry needs). LRU evicts that head; FIFO and LFU keep a heap of candidates on top.
+All three delete lazily: an entry whose block left the policy (or came back later)
+is stale and skipped when it surfaces.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Protocol
 
 
@@ -42,11 +42,17 @@ class EvictionPolicy(Protocol):
 
 
 class BlockMeta:
-    """Per-block counters a policy may rank by; owned and updated by the manager."""
+    """Per-block state owned by the manager, which policies may read (and LRU write).
 
-    __slots__ = ("hits", "registered_at")
+    ``ref`` holds each block's reference count (> 0: in use). A block the LRU policy
+    lists holds a negative value there instead, the stamp of the batch it was
+    listed in (see :class:`LRUPolicy`); every other block not in use holds 0.
+    """
+
+    __slots__ = ("ref", "hits", "registered_at")
 
     def __init__(self, num_blocks: int) -> None:
+        self.ref = [0] * num_blocks
         self.hits = [0] * num_blocks  # prefix hits since the block was registered
         self.registered_at = [0] * num_blocks  # registration sequence number
 
@@ -54,21 +60,23 @@ class BlockMeta:
 class LRUPolicy:
     """Least recently used: the block released (or hit) longest ago goes first.
 
-    A hand-made doubly linked list in two int lists, ``_next[b]`` and ``_prev[b]``
-    (-1 when ``b`` is not listed), with a sentinel at ``b = num_blocks``. Add,
-    removal from the middle and pop are O(1) with no allocation per operation, and
-    a whole released sequence is linked in one pass. (An ``OrderedDict`` costs a
-    node allocation per insert, and one interleaved list costs index arithmetic per
-    link; both were slower on the standard trace.)
+    Blocks are listed in batches, in the order they were released: ``add_many`` of a
+    freed sequence appends its blocks as one batch with a new stamp ``s`` and marks
+    each block ``ref[b] = -s``, a write to the ref slot ``free()`` has just touched
+    (per-block links in lists of their own cost a cache miss each on a finished
+    request's cold blocks). Removal from the middle only resets ``ref[b]`` to 0: the
+    block's entry in its batch is stale from then on (an entry is live while
+    ``ref[b] == -stamp``) and ``pop`` skips it. Stale entries are dropped when the
+    head reaches them, or all at once when they outnumber the live ones.
     """
 
     def __init__(self, meta: BlockMeta) -> None:
-        n = len(meta.hits)
-        self._head = n
-        self._next = [-1] * (n + 1)
-        self._prev = [-1] * (n + 1)
-        self._next[n] = self._prev[n] = n  # empty: the sentinel loops
-        self._len = 0
+        self._ref = meta.ref
+        self._batches: deque[tuple[int, list[int]]] = deque()  # (stamp, blocks), oldest first
+        self._pos = 0  # entries of the head batch already consumed
+        self._stamp = 0
+        self._len = 0  # live entries
+        self._entries = 0  # entries held, stale ones included
 
     def add(self, block: int) -> None:
         self.add_many([block])
@@ -76,45 +84,71 @@ class LRUPolicy:
     def add_many(self, blocks: list[int]) -> None:
         if not blocks:
             return
-        nxt, prv, head = self._next, self._prev, self._head
-        last = prv[head]
+        self._stamp += 1
+        mark = -self._stamp
+        ref = self._ref
         for b in blocks:
-            nxt[last] = b
-            prv[b] = last
-            last = b
-        nxt[last] = head
-        prv[head] = last
+            ref[b] = mark
+        self._batches.append((self._stamp, blocks))
         self._len += len(blocks)
+        self._entries += len(blocks)
+        if self._entries > 2 * self._len + 4096:
+            self._compact()
 
     def remove(self, block: int) -> None:
-        nxt, prv = self._next, self._prev
-        p, q = prv[block], nxt[block]
-        nxt[p] = q
-        prv[q] = p
-        nxt[block] = prv[block] = -1
+        self._ref[block] = 0
         self._len -= 1
 
     def pop(self) -> int:
-        block = self._next[self._head]
-        self.remove(block)
+        block = self._head()
+        self._ref[block] = 0
+        self._len -= 1
+        self._pos += 1
+        self._entries -= 1
         return block
 
+    def _head(self) -> int:
+        """The oldest live block (the policy is not empty); drops stale entries before it."""
+        ref, batches = self._ref, self._batches
+        while True:
+            stamp, blocks = batches[0]
+            pos = self._pos
+            while pos < len(blocks):
+                b = blocks[pos]
+                if ref[b] == -stamp:
+                    self._entries -= pos - self._pos
+                    self._pos = pos
+                    return b
+                pos += 1
+            self._entries -= len(blocks) - self._pos
+            batches.popleft()
+            self._pos = 0
+
     def oldest(self) -> int | None:
-        block = self._next[self._head]
-        return None if block == self._head else block
+        return self._head() if self._len else None
+
+    def _live(self) -> list[tuple[int, list[int]]]:
+        ref, out = self._ref, []
+        for i, (stamp, blocks) in enumerate(self._batches):
+            start = self._pos if i == 0 else 0
+            live = [b for b in blocks[start:] if ref[b] == -stamp]
+            if live:
+                out.append((stamp, live))
+        return out
+
+    def _compact(self) -> None:
+        self._batches = deque(self._live())
+        self._pos = 0
+        self._entries = self._len
 
     def order(self) -> list[int]:
-        out, nxt, b = [], self._next, self._next[self._head]
-        while b != self._head:
-            out.append(b)
-            b = nxt[b]
-        return out
+        return [b for _, blocks in self._live() for b in blocks]
 
     def __len__(self) -> int:
         return self._len
 
     def __contains__(self, block: object) -> bool:
-        return isinstance(block, int) and 0 <= block < self._head and self._prev[block] != -1
+        return isinstance(block, int) and 0 <= block < len(self._ref) and self._ref[block] < 0
 
 
 class _HeapPolicy:

@@ -53,21 +53,26 @@ def violations(m: BlockManager) -> list[str]:
             chain = chain_hashes(seq.tokens, m.block_size, seq.ns, m._digest)
             if seq.last_hash != (chain[-1] if chain else ROOT):
                 problems.append(f"seq {sid!r}: its last block hash is not its tokens' hash")
-    if expected != m._ref:
-        bad = [b for b in range(n) if expected[b] != m._ref[b]][:5]
+    refs = [max(r, 0) for r in m._ref]  # < 0: an LRU stamp on a cached block
+    if expected != refs:
+        bad = [b for b in range(n) if expected[b] != refs[b]][:5]
         problems.append(
             "ref counts disagree with block tables at blocks "
             + ", ".join(f"{b} (ref {m._ref[b]}, tables {expected[b]})" for b in bad)
         )
-    in_use = sum(1 for r in m._ref if r > 0)
+    in_use = sum(1 for r in refs if r > 0)
     if len(free) + in_use + len(evictable) + len(pinned) != n:
         problems.append(
             f"free({len(free)}) + in_use({in_use}) + cached({len(evictable)}"
             f"+{len(pinned)} pinned) != num_blocks({n})"
         )
     for name, group in (("free", free), ("evictable", evictable), ("pinned", pinned)):
-        if any(m._ref[b] for b in group):
+        if any(refs[b] for b in group):
             problems.append(f"a {name} block has ref > 0")
+    if any(m._ref[b] < 0 for b in free | pinned) or (
+        m.eviction != "lru" and any(r < 0 for r in m._ref)
+    ):
+        problems.append("a block not listed by the LRU policy holds an LRU stamp")
     if free & evictable or free & pinned or evictable & pinned:
         problems.append("a block is in two of free / evictable / pinned")
     if any(m._hash[b] is not None for b in free):
