@@ -2,7 +2,8 @@
 
 Measures, on a CPU KVCache filled with random bf16 KV:
 
-- save GB/s (read blocks from the pool, sha256, write new pages, manifest) vs a raw
+- save GB/s (read blocks from the pool, sha256, write new pages as pack files,
+  manifest) vs a raw
   sequential ``write`` of the same bytes into one file in the same directory;
 - load GB/s (read + verify every page, allocate, write into a fresh pool) vs a raw
   sequential ``read`` of that file;
@@ -95,7 +96,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2, help="digest threads")
     ap.add_argument(
-        "--writers", type=int, default=None, help="page-file writer threads (default: store's)"
+        "--writers", type=int, default=None, help="packs written in parallel (default: store's)"
     )
     ap.add_argument("--chunk-mb", type=int, default=None, help="MiB in flight per save chunk")
     ap.add_argument("--torch-threads", type=int, default=1)
