@@ -3,8 +3,8 @@
 Measures, on a CPU KVCache filled with random bf16 KV:
 
 - save GB/s (read blocks from the pool, sha256, write new pages as pack files,
-  manifest) vs a raw
-  sequential ``write`` of the same bytes into one file in the same directory;
+  manifest) vs a raw sequential ``write`` of the same bytes into one file in the
+  same directory;
 - load GB/s (read + verify every page, allocate, write into a fresh pool) vs a raw
   sequential ``read`` of that file;
 - verify GB/s;
