@@ -18,7 +18,7 @@ import torch
 
 from pagedkv.errors import OutOfBlocks
 from pagedkv.manager.hashing import as_token_array, chain_hashes, hash_function, namespace
-from pagedkv.storage.host import host_bytes
+from pagedkv.storage.host import HostRowCache
 from pagedkv.storage.layout import KVLayout
 
 # Reads of at least this many bytes gather on torch's threads (a save reads MiB chunks).
@@ -109,6 +109,7 @@ class SyntheticPager:
         self._seqs: dict[Hashable, tuple[list[int], list[int], object]] = {}
         self._paused = 0
         self._digest = hash_function("sha256")
+        self._rows = HostRowCache()  # read_blocks buffers, recycled once unreferenced
 
     # -- identity -------------------------------------------------------------------
     @property
@@ -158,7 +159,7 @@ class SyntheticPager:
         if len(idx) * self.data.shape[1] < _THREADED_READ:
             # numpy indexing: single-threaded, so no OpenMP start-up cost on tiny reads
             return torch.from_numpy(self.data.numpy()[idx])
-        out = host_bytes(len(idx), self.data.shape[1])  # huge pages: fresh memory faults in fast
+        out = self._rows.take(len(idx), self.data.shape[1])  # warm memory: no page faults
         return torch.index_select(self.data, 0, torch.from_numpy(idx), out=out)  # torch's threads
 
     def can_allocate(self, num_tokens: int) -> bool:
