@@ -176,3 +176,18 @@ def test_gc_rewrites_a_pack_that_still_holds_referenced_pages(tmp_path):
         fresh.load(dst, "only-y", {"y": "y2"})
         table = pager.block_table("y")
         assert torch.equal(dst.read_blocks(dst.block_table("y2")), pager.read_blocks(table))
+
+
+def test_rewrite_of_a_pack_truncated_under_the_store_keeps_the_whole_pages(tmp_path):
+    s = PackStore(tmp_path)
+    items = [page(i) for i in range(4)]  # 1000 bytes each, back to back
+    s.put_many(items)
+    (name,) = packs(tmp_path)
+    with open(os.path.join(tmp_path, PACK_DIR, name), "r+b") as f:
+        f.truncate(3500)  # page 3 (bytes 3000-3999) is cut, the index and footer are gone
+    assert s.delete_many([items[0][0]]) == 1
+    assert s.get_many([k for k, _ in items]) == [None, items[1][1], items[2][1], None]
+    fresh = PackStore(tmp_path)  # the rewritten pack verifies
+    assert sorted(fresh.keys("")) == sorted([items[1][0], items[2][0]])
+    s.close()
+    fresh.close()

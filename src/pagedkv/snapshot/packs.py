@@ -300,9 +300,13 @@ class PackStore:
                 for name in self._where.get(key, ()):
                     affected.setdefault(name, set()).add(key)
             for name, gone in affected.items():
-                keep = [k for k in self._packs[name] if k not in gone]
-                if keep:
-                    self._write_pack([(k, self._read_page_from(name, k)) for k in keep])
+                try:
+                    kept = self._kept_pages(name, gone)
+                except FileNotFoundError:  # another process rewrote or removed it first
+                    self._forget(name)
+                    continue
+                if kept:
+                    self._write_pack(kept)
                 self._unlink(name)
                 deleted |= gone
         if deleted:  # a copy from before packs, if any, goes too
@@ -407,11 +411,20 @@ class PackStore:
                 self.refresh()
         return None
 
-    def _read_page_from(self, name: str, key: str) -> bytes:
-        off, length = self._packs[name][key]
-        data = _pread(os.path.join(self._dir, name), off, length, None)
-        assert data is not None
-        return data
+    def _kept_pages(self, name: str, gone: set[str]) -> list[tuple[str, bytes]]:
+        """The pages of pack ``name`` other than ``gone``, read for its rewrite.
+
+        A page the file no longer holds whole (truncated under us) is dropped: it
+        could not be read anyway, and ``verify`` reports it missing.
+        """
+        kept = []
+        with open(os.path.join(self._dir, name), "rb") as f:
+            for key, (off, length) in self._packs[name].items():
+                if key not in gone:
+                    data = os.pread(f.fileno(), length, off)
+                    if len(data) == length:
+                        kept.append((key, data))
+        return kept
 
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
