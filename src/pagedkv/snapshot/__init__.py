@@ -18,9 +18,30 @@ decode request for ``new_seq_id`` that feeds ``t`` first. Nothing about the engi
 is stored except what the caller puts in ``metadata``.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from pagedkv.snapshot.manifest import GcReport, Manifest, SnapshotInfo, VerifyReport
-from pagedkv.snapshot.pager import CachePager, SyntheticPager
-from pagedkv.snapshot.store import LoadResult, SnapshotStore
+
+# name -> module; loaded on first use (they import torch), so the CLI starts fast.
+_LAZY = {
+    "CachePager": "pagedkv.snapshot.pager",
+    "SyntheticPager": "pagedkv.snapshot.pager",
+    "LoadResult": "pagedkv.snapshot.store",
+    "SnapshotStore": "pagedkv.snapshot.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pagedkv.snapshot' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CachePager",

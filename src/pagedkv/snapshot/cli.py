@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,7 +17,9 @@ from rich.table import Table
 
 from pagedkv.errors import PagedKVError
 from pagedkv.snapshot.manifest import describe_layout
-from pagedkv.snapshot.store import SnapshotStore
+
+if TYPE_CHECKING:
+    from pagedkv.snapshot.store import SnapshotStore
 
 app = typer.Typer(
     help="Save/restore KV snapshots: list, show, verify, rm, gc.",
@@ -48,6 +50,8 @@ def _size(n: float) -> str:
 @contextmanager
 def _open(location: str) -> Iterator[SnapshotStore]:
     """Open the store; turn pagedkv errors into a red message and exit code 1."""
+    from pagedkv.snapshot.store import SnapshotStore  # imports torch: only when a command runs
+
     console = Console(stderr=True)
     try:
         with SnapshotStore(location) as store:
