@@ -307,3 +307,15 @@ def test_round_trip_through_redis(redis_url):
         s.delete("r")
         s.delete("r2")
         assert s.gc().pages_deleted == 15 and s.list() == []
+
+
+def test_gc_marker_of_a_dead_gc_blocks_nothing_and_is_removed(store):
+    src, gen = make_pager()
+    add_seq(src, gen, "a", list(range(9)))
+    dead = store._lease("snap.g.dead", "gc", [])
+    dead = type(dead)(dead.lease_id, "gc", dead.created, dead.host, 999_999_999, [])  # no such pid
+    store.backend.put_many([("snap.g.dead", dead.encode())])
+    store.save(src, name="s")  # does not wait for the dead gc
+    assert store.gc().leases_removed == 1
+    assert list(store.backend.keys("snap.g.")) == []
+    assert store.verify("s").ok

@@ -211,3 +211,73 @@ def test_save_killed_at_random_points_leaves_a_consistent_store(tmp_path):
             assert store.verify(info.name).ok
         tmp_left = [n for _, _, names in os.walk(store_dir) for n in names if n.endswith(".tmp")]
         assert tmp_left == []  # DiskStore removed the dead writers' temp files when opened
+
+
+_CONCURRENT_SAVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from pagedkv.snapshot import SnapshotStore, SyntheticPager
+    from pagedkv.storage.layout import KVLayout
+
+    torch.set_num_threads(1)
+    store_dir, who, saves = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    layout = KVLayout(1, 2, 64, 8, torch.float16)   # 4 KiB pages
+    gen = torch.Generator().manual_seed(hash(who) % 1000)
+    shared = SyntheticPager(layout, 64)  # the same prefix bytes in every save of both writers
+    shared.allocate("p", list(range(8 * 10)))
+    shared.fill_random("p", torch.Generator().manual_seed(0))
+    pager = SyntheticPager(layout, 64)
+    pager.allocate("s", list(range(8 * 10)) + list(range(1000, 1000 + 8 * 6 - 3)))
+    pager.write_blocks(pager.block_table("s")[:10], shared.read_blocks(shared.block_table("p")))
+    with SnapshotStore(store_dir, chunk_bytes=4 * 4096) as store:
+        for n in range(saves):
+            pager.write_blocks(
+                pager.block_table("s")[10:],
+                torch.randint(
+                    0, 255, (6, layout.bytes_per_block), dtype=torch.uint8, generator=gen
+                ),
+            )
+            store.save(pager, name=f"{who}-{n}")
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_concurrent_saves_and_gc_keep_every_listed_snapshot_whole(tmp_path):
+    """Two processes save (sharing a prefix) while this one deletes snapshots and runs gc."""
+    store_dir = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")])}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    savers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT_SAVER, str(store_dir), who, "25"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for who in ("a", "b")
+    ]
+    gcs = deleted = 0
+    with SnapshotStore(store_dir) as store:
+        while any(p.poll() is None for p in savers):
+            names = store.names()
+            for name in names[: max(0, len(names) - 6)]:  # keep the newest few
+                store.delete(name)
+                deleted += 1
+            store.gc()
+            gcs += 1
+        for p in savers:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and out.strip() == "done", err
+        store.gc()
+        infos = store.list()
+        assert len(infos) + deleted == 50 and gcs > 1
+        for info in infos:
+            assert store.verify(info.name).ok, info.name
+        referenced = set().union(*(store.manifest(i.name).page_digests() for i in infos))
+        pages = {k[:-3] for k in store.backend.keys("") if k.endswith(".pg")}
+        assert pages == referenced  # gc left nothing behind and took nothing needed

@@ -5,7 +5,8 @@ Keys in the backing block store:
 - ``<sha256 hex>.pg``  one page (a block's K and V bytes), named by its digest (in a
   local store, pages live in pack files: :mod:`pagedkv.snapshot.packs`);
 - ``snap.m.<name>``    a manifest (JSON, :mod:`pagedkv.snapshot.manifest`);
-- ``snap.l.<id>.<n>``  a lease: the pages a save in progress is about to count on.
+- ``snap.l.<id>.<n>``  a lease: the pages a save in progress is about to count on;
+- ``snap.g.<id>``      a gc in progress (saves that lease pages wait for it to end).
 
 A save writes, per chunk of pages, a lease naming them, then the pages the store
 lacks, and the manifest last (one atomic put), then drops its leases. A save killed
@@ -52,6 +53,8 @@ from pagedkv.storage.host import host_bytes
 PAGE_SUFFIX = ".pg"
 MANIFEST_PREFIX = "snap.m."
 LEASE_PREFIX = "snap.l."
+GC_PREFIX = "snap.g."
+_GC_POLL_SECONDS = 0.02
 _PAGE_KEY_RE = re.compile(r"^[0-9a-f]{64}\.pg$")
 _THREADED_PAGE = 128 << 10
 
@@ -304,7 +307,7 @@ class SnapshotStore:
         seen.update(new)
         if not new:
             return 0
-        self.backend.put_many([(lease, self._lease(lease, name, list(new)).encode())])
+        self._take_lease(lease, name, list(new))
         keys = [page_key(d) for d in new]
         have = self.backend.contains_many(keys)
         items = [(k, memoryview(row)) for k, row, h in zip(keys, new.values(), have) if not h]
@@ -326,12 +329,24 @@ class SnapshotStore:
             raise SnapshotError("the pager changed during the save although it was paused")
         lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
         leases.append(lease)
-        self.backend.put_many([(lease, self._lease(lease, name, list(lost)).encode())])
+        self._take_lease(lease, name, list(lost))
         self.backend.put_many([(page_key(digests[i]), memoryview(r)) for i, r in zip(idx, rows)])
         return len(idx) * rows.shape[1]
 
     def _lease(self, key: str, name: str, digests: list[str]) -> Lease:
         return Lease(key, name, time.time(), socket.gethostname(), os.getpid(), digests)
+
+    def _take_lease(self, key: str, name: str, digests: list[str]) -> None:
+        """Lease ``digests``, then wait out any gc that started before the lease.
+
+        A gc honours the leases it read when it started; a lease written after that
+        is invisible to it, so the pages it names (already stored, say) could still
+        be deleted. Such a gc announced itself first (a marker), so waiting here until
+        no live marker is left makes every page check that follows safe.
+        """
+        self.backend.put_many([(key, self._lease(key, name, digests).encode())])
+        while self._live(GC_PREFIX, self.grace_seconds)[0]:
+            time.sleep(_GC_POLL_SECONDS)
 
     # -- load ---------------------------------------------------------------------
     def load(
@@ -543,7 +558,7 @@ class SnapshotStore:
             sequences = [by_id[s] for s in wanted]
         digests = sorted({d for s in sequences for d in s.pages})
         lease = f"{LEASE_PREFIX}{secrets.token_hex(8)}.000000"
-        self.backend.put_many([(lease, self._lease(lease, new_name, digests).encode())])
+        self._take_lease(lease, new_name, digests)
         try:
             have = self.backend.contains_many([page_key(d) for d in digests])
             if not all(have):
@@ -584,15 +599,29 @@ class SnapshotStore:
 
         A page named by a live lease (a save or fork in progress) is kept: a lease is
         live while its process runs (same host) or for ``grace_seconds`` (default:
-        the store's) after it was written by another host. Raises ``SnapshotError``
-        without deleting anything if a manifest is unreadable (its pages would be
-        lost): delete or repair it first.
+        the store's) after it was written by another host. A gc announces itself with
+        a marker while it runs; saves and forks that lease pages meanwhile wait for it
+        to end before they count on any stored page. Raises ``SnapshotError`` without
+        deleting anything if a manifest is unreadable (its pages would be lost):
+        delete or repair it first.
         """
         t0 = time.perf_counter()
         grace = self.grace_seconds if grace_seconds is None else grace_seconds
-        # Leases before manifests: a save that finishes in between wrote its manifest
-        # before dropping its lease, so its pages are seen as leased or as referenced.
-        protected, dead = self._leases(grace)
+        marker = f"{GC_PREFIX}{secrets.token_hex(8)}"
+        self.backend.put_many([(marker, self._lease(marker, "gc", []).encode())])
+        try:
+            return self._collect(grace, t0)
+        finally:
+            self.backend.delete_many([marker])
+
+    def _collect(self, grace: float, t0: float) -> GcReport:
+        # The marker first (saves that lease pages from now on wait for this gc to
+        # end), then the leases, then the manifests: a save that finishes in between
+        # wrote its manifest before dropping its lease, so its pages are seen as
+        # leased or as referenced.
+        live, dead = self._live(LEASE_PREFIX, grace)
+        protected = {d for lease in live for d in lease.pages}
+        dead += self._live(GC_PREFIX, grace)[1]  # markers of gcs that died
         names = self.names()
         raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
         referenced: set[str] = set()
@@ -609,12 +638,11 @@ class SnapshotStore:
         before = self.backend.stats().bytes_used
         deleted = 0
         if doomed:
-            # One batch (a pack store rewrites each pack once), after a fresh look at the
-            # leases: a save that started meanwhile. One that starts during the delete
-            # finds its page gone when it checks after writing, and writes it again.
-            now_protected, _ = self._leases(grace)
-            batch = [page_key(d) for d in doomed if d not in now_protected]
-            deleted = self.backend.delete_many(batch)
+            # One batch: a pack store rewrites each pack once. A save that leases pages
+            # from now on waits for this gc (the marker); a second look at the leases
+            # costs little and guards against a clock or marker surprise.
+            again = {d for lease in self._live(LEASE_PREFIX, grace)[0] for d in lease.pages}
+            deleted = self.backend.delete_many([page_key(d) for d in doomed if d not in again])
         removed = self.backend.delete_many(dead) if dead else 0
         after = self.backend.stats().bytes_used
         return GcReport(
@@ -626,10 +654,14 @@ class SnapshotStore:
             seconds=time.perf_counter() - t0,
         )
 
-    def _leases(self, grace: float) -> tuple[set[str], list[str]]:
-        """(pages named by live leases, keys of dead leases)."""
-        keys = list(self.backend.keys(LEASE_PREFIX))
-        protected: set[str] = set()
+    def _live(self, prefix: str, grace: float) -> tuple[list[Lease], list[str]]:
+        """(live leases under ``prefix``, keys of dead or unreadable ones).
+
+        A lease (or gc marker) is live while its process runs, when written on this
+        host, or for ``grace`` seconds after it was written, when on another.
+        """
+        keys = list(self.backend.keys(prefix))
+        live: list[Lease] = []
         dead: list[str] = []
         host, now = socket.gethostname(), time.time()
         for key, raw in zip(keys, self.backend.get_many(keys) if keys else []):
@@ -640,12 +672,12 @@ class SnapshotStore:
             except SnapshotError:
                 dead.append(key)
                 continue
-            live = _pid_alive(lease.pid) if lease.host == host else now - lease.created < grace
-            if live:
-                protected.update(lease.pages)
+            alive = _pid_alive(lease.pid) if lease.host == host else now - lease.created < grace
+            if alive:
+                live.append(lease)
             else:
                 dead.append(key)
-        return protected, dead
+        return live, dead
 
 
 def _syncfs(fd: int) -> None:
