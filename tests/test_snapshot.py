@@ -9,6 +9,7 @@ import torch
 
 from pagedkv.errors import OutOfBlocks, SnapshotError
 from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot.leases import new_lease
 from pagedkv.snapshot.manifest import parse_manifest
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
@@ -213,7 +214,7 @@ def test_gc_keeps_pages_of_live_leases(store):
     store.save(src, name="s")
     digests = sorted(store.manifest("s").page_digests())
     store.backend.delete_many([MANIFEST_PREFIX + "s"])  # as if the manifest were not written yet
-    lease = store._lease("snap.l.test.000000", "s", digests)  # held by this live process
+    lease = new_lease("snap.l.test.000000", "s", digests)  # held by this live process
     store.backend.put_many([("snap.l.test.000000", lease.encode())])
     r = store.gc()
     assert r.pages_deleted == 0 and r.pages_protected == 3
@@ -312,7 +313,7 @@ def test_round_trip_through_redis(redis_url):
 def test_gc_marker_of_a_dead_gc_blocks_nothing_and_is_removed(store):
     src, gen = make_pager()
     add_seq(src, gen, "a", list(range(9)))
-    dead = store._lease("snap.g.dead", "gc", [])
+    dead = new_lease("snap.g.dead", "gc", [])
     dead = type(dead)(dead.lease_id, "gc", dead.created, dead.host, 999_999_999, [])  # no such pid
     store.backend.put_many([("snap.g.dead", dead.encode())])
     store.save(src, name="s")  # does not wait for the dead gc

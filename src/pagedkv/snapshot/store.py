@@ -16,16 +16,12 @@ both, and never a page that a manifest or a live lease names.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
 import secrets
-import socket
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
@@ -34,47 +30,29 @@ import numpy as np
 import torch
 
 from pagedkv.errors import OutOfBlocks, SnapshotError
+from pagedkv.snapshot.leases import GC_PREFIX, LEASE_PREFIX, live_leases, new_lease, take_lease
 from pagedkv.snapshot.manifest import (
     GcReport,
-    Lease,
     Manifest,
     SequenceEntry,
     SnapshotInfo,
     VerifyReport,
     describe_layout,
     layout_dict,
-    parse_lease,
     parse_manifest,
     validate_name,
 )
 from pagedkv.snapshot.pager import CachePager
+from pagedkv.snapshot.pipeline import Workers, drop_on_error, progress_bar, sha256_hex, syncfs
 from pagedkv.storage.host import host_bytes
 
 PAGE_SUFFIX = ".pg"
 MANIFEST_PREFIX = "snap.m."
-LEASE_PREFIX = "snap.l."
-GC_PREFIX = "snap.g."
-_GC_POLL_SECONDS = 0.02
 _PAGE_KEY_RE = re.compile(r"^[0-9a-f]{64}\.pg$")
-_THREADED_PAGE = 128 << 10
 
 
 def page_key(digest: str) -> str:
     return digest + PAGE_SUFFIX
-
-
-def _sha256_hex(row: Any) -> str:
-    return hashlib.sha256(row).hexdigest()  # releases the GIL: rows hash in parallel
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 class LoadResult(dict):
@@ -196,13 +174,13 @@ class SnapshotStore:
         bpb = layout.bytes_per_block
         lease_id = secrets.token_hex(8)
         leases: list[str] = []
-        with pager.paused(), _drop_on_error(self.backend, leases):
+        with pager.paused(), drop_on_error(self.backend, leases):
             entries, units, unit_of = self._plan(pager, seq_ids)
             digests: list[str] = [""] * len(units)
             written = 0
             with ExitStack() as stack:
-                work = stack.enter_context(_Workers(self.threads, bpb))
-                bar = stack.enter_context(_progress(progress, f"save {name}", len(units) * bpb))
+                work = stack.enter_context(Workers(self.threads, bpb))
+                bar = stack.enter_context(progress_bar(progress, f"save {name}", len(units) * bpb))
                 seen: set[str] = set()
                 pending = None
                 step = max(1, self.chunk_bytes // bpb)
@@ -248,7 +226,7 @@ class SnapshotStore:
             return
         fd = os.open(self._sync_dir, os.O_RDONLY)
         try:
-            _syncfs(fd)
+            syncfs(fd)
         finally:
             os.close(fd)
 
@@ -325,7 +303,7 @@ class SnapshotStore:
         idx = [i for i, d in enumerate(digests) if d in lost]
         idx = list({digests[i]: i for i in idx}.values())
         rows = _read_units(pager, [units[i] for i in idx]).numpy()
-        if [_sha256_hex(r) for r in rows] != [digests[i] for i in idx]:
+        if [sha256_hex(r) for r in rows] != [digests[i] for i in idx]:
             raise SnapshotError("the pager changed during the save although it was paused")
         lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
         leases.append(lease)
@@ -333,20 +311,8 @@ class SnapshotStore:
         self.backend.put_many([(page_key(digests[i]), memoryview(r)) for i, r in zip(idx, rows)])
         return len(idx) * rows.shape[1]
 
-    def _lease(self, key: str, name: str, digests: list[str]) -> Lease:
-        return Lease(key, name, time.time(), socket.gethostname(), os.getpid(), digests)
-
     def _take_lease(self, key: str, name: str, digests: list[str]) -> None:
-        """Lease ``digests``, then wait out any gc that started before the lease.
-
-        A gc honours the leases it read when it started; a lease written after that
-        is invisible to it, so the pages it names (already stored, say) could still
-        be deleted. Such a gc announced itself first (a marker), so waiting here until
-        no live marker is left makes every page check that follows safe.
-        """
-        self.backend.put_many([(key, self._lease(key, name, digests).encode())])
-        while self._live(GC_PREFIX, self.grace_seconds)[0]:
-            time.sleep(_GC_POLL_SECONDS)
+        take_lease(self.backend, key, name, digests, self.grace_seconds)
 
     # -- load ---------------------------------------------------------------------
     def load(
@@ -438,8 +404,8 @@ class SnapshotStore:
             return out, self._read_pages([digests[i] for i in part], out, bpb)
 
         with (
-            _Workers(self.threads, bpb) as work,
-            _progress(progress, what, len(digests) * bpb) as bar,
+            Workers(self.threads, bpb) as work,
+            progress_bar(progress, what, len(digests) * bpb) as bar,
         ):
             ahead = work.background(read, 0) if chunks else None
             for j, part in enumerate(chunks):
@@ -608,7 +574,7 @@ class SnapshotStore:
         t0 = time.perf_counter()
         grace = self.grace_seconds if grace_seconds is None else grace_seconds
         marker = f"{GC_PREFIX}{secrets.token_hex(8)}"
-        self.backend.put_many([(marker, self._lease(marker, "gc", []).encode())])
+        self.backend.put_many([(marker, new_lease(marker, "gc", []).encode())])
         try:
             return self._collect(grace, t0)
         finally:
@@ -619,9 +585,9 @@ class SnapshotStore:
         # end), then the leases, then the manifests: a save that finishes in between
         # wrote its manifest before dropping its lease, so its pages are seen as
         # leased or as referenced.
-        live, dead = self._live(LEASE_PREFIX, grace)
+        live, dead = live_leases(self.backend, LEASE_PREFIX, grace)
         protected = {d for lease in live for d in lease.pages}
-        dead += self._live(GC_PREFIX, grace)[1]  # markers of gcs that died
+        dead += live_leases(self.backend, GC_PREFIX, grace)[1]  # markers of gcs that died
         names = self.names()
         raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
         referenced: set[str] = set()
@@ -641,7 +607,8 @@ class SnapshotStore:
             # One batch: a pack store rewrites each pack once. A save that leases pages
             # from now on waits for this gc (the marker); a second look at the leases
             # costs little and guards against a clock or marker surprise.
-            again = {d for lease in self._live(LEASE_PREFIX, grace)[0] for d in lease.pages}
+            now_live = live_leases(self.backend, LEASE_PREFIX, grace)[0]
+            again = {d for lease in now_live for d in lease.pages}
             deleted = self.backend.delete_many([page_key(d) for d in doomed if d not in again])
         removed = self.backend.delete_many(dead) if dead else 0
         after = self.backend.stats().bytes_used
@@ -653,44 +620,6 @@ class SnapshotStore:
             leases_removed=removed,
             seconds=time.perf_counter() - t0,
         )
-
-    def _live(self, prefix: str, grace: float) -> tuple[list[Lease], list[str]]:
-        """(live leases under ``prefix``, keys of dead or unreadable ones).
-
-        A lease (or gc marker) is live while its process runs, when written on this
-        host, or for ``grace`` seconds after it was written, when on another.
-        """
-        keys = list(self.backend.keys(prefix))
-        live: list[Lease] = []
-        dead: list[str] = []
-        host, now = socket.gethostname(), time.time()
-        for key, raw in zip(keys, self.backend.get_many(keys) if keys else []):
-            if raw is None:
-                continue
-            try:
-                lease = parse_lease(raw)
-            except SnapshotError:
-                dead.append(key)
-                continue
-            alive = _pid_alive(lease.pid) if lease.host == host else now - lease.created < grace
-            if alive:
-                live.append(lease)
-            else:
-                dead.append(key)
-        return live, dead
-
-
-def _syncfs(fd: int) -> None:
-    """Flush the file system holding ``fd`` (Linux ``syncfs``; ``os.sync`` elsewhere)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    os.sync()
 
 
 def _read_units(pager: CachePager, units: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -766,97 +695,3 @@ def _json_object(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
             f"metadata must be JSON-serialisable (str keys, plain values): {e}"
         ) from None
     return json.loads(json.dumps(meta))
-
-
-class _Workers:
-    """Digest workers and one background I/O thread, used only where they pay off.
-
-    Below ``_THREADED_PAGE`` bytes per page everything runs inline: per-page syscalls
-    in a second thread would convoy on the GIL (each one waits for it back) and cost
-    more than they overlap. Above it, a chunk's rows are hashed in ``threads`` slices
-    in parallel (sha256 releases the GIL) while the previous chunk is written/read.
-    """
-
-    def __init__(self, threads: int, page_bytes: int) -> None:
-        self.threads = threads if page_bytes >= _THREADED_PAGE else 1
-        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self.io = ThreadPoolExecutor(1) if self.threads > 1 else None
-
-    def digests(self, rows: Sequence[Any]) -> list[str]:
-        if self.pool is None or len(rows) < 2:
-            return [_sha256_hex(r) for r in rows]
-        k = -(-len(rows) // self.threads)
-        slices = [rows[i : i + k] for i in range(0, len(rows), k)]
-        return [
-            d
-            for part in self.pool.map(lambda sl: [_sha256_hex(r) for r in sl], slices)
-            for d in part
-        ]
-
-    def background(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on the I/O thread (a future), or now (a done future)."""
-        if self.io is not None:
-            return self.io.submit(fn, *args)
-        done: Future = Future()
-        done.set_result(fn(*args))
-        return done
-
-    def __enter__(self) -> _Workers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for ex in (self.pool, self.io):
-            if ex is not None:
-                ex.shutdown(wait=True)
-
-
-class _drop_on_error:
-    """Delete the keys (a failed save's leases) if the block raises."""
-
-    def __init__(self, backend: Any, keys: list[str]) -> None:
-        self.backend, self.keys = backend, keys
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self.keys:
-            # the original error matters more; gc removes dead leases anyway
-            with contextlib.suppress(Exception):
-                self.backend.delete_many(self.keys)
-
-
-class _progress:
-    """A rich progress bar over bytes when ``enabled``; a no-op callable otherwise."""
-
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self.enabled, self.description, self.total = enabled, description, total
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        self._bar.start()
-        task = self._bar.add_task(self.description, total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
