@@ -22,6 +22,7 @@ from typing import Any
 
 from pagedkv.errors import SnapshotError
 from pagedkv.snapshot.manifest import Lease, parse_lease
+from pagedkv.stores.base import pid_alive
 
 LEASE_PREFIX = "snap.l."
 GC_PREFIX = "snap.g."
@@ -54,18 +55,8 @@ def live_leases(backend: Any, prefix: str, grace: float) -> tuple[list[Lease], l
         except SnapshotError:
             dead.append(key)
             continue
-        if _pid_alive(lease.pid) if lease.host == host else now - lease.created < grace:
+        if pid_alive(lease.pid) if lease.host == host else now - lease.created < grace:
             alive.append(lease)
         else:
             dead.append(key)
     return alive, dead
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True

@@ -7,6 +7,7 @@ of blocks at a time. Values are never interpreted: no pickle, no JSON, just byte
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -143,3 +144,14 @@ def check_capacity(capacity_bytes: object, who: str) -> int:
             "(give the byte budget, e.g. 4 << 30 for 4 GiB)"
         )
     return capacity_bytes
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

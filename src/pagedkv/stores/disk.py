@@ -39,6 +39,7 @@ from pagedkv.stores.base import (
     check_key,
     check_keys,
     check_prefix,
+    pid_alive,
 )
 
 _SUFFIX = ".v"
@@ -58,16 +59,6 @@ def _fan(key: str) -> str:
 def _fan_head(fan: str) -> str:
     """The key-head part of a fan directory name (all but its last character)."""
     return fan[:-1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _byte_rows(x: Any, n: int, name: str) -> Any:
@@ -457,7 +448,7 @@ class DiskStore:
         try:
             pid = int(parts[1]) if len(parts) == 4 else -1
             age = now - os.stat(path).st_mtime
-            if pid <= 0 or not _pid_alive(pid) or age > _STALE_TMP_SECONDS:
+            if pid <= 0 or not pid_alive(pid) or age > _STALE_TMP_SECONDS:
                 os.unlink(path)
         except (ValueError, OSError):
             pass
