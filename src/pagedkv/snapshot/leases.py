@@ -3,10 +3,14 @@
 - ``snap.l.<id>.<n>``: a lease, written by a save (or fork) *before* it checks which
   pages the store has; it names the pages the save counts on, and is deleted after
   the manifest is written. ``gc`` never deletes a page a live lease names.
-- ``snap.g.<id>``: a gc marker, written when a gc starts and deleted when it ends. A
-  save that writes a lease while a gc runs waits for it to end (:func:`take_lease`): that
-  gc read the leases before this one existed, so it might delete pages the save is
-  about to count on.
+- ``snap.g.<id>``: a gc marker, written when a gc starts and deleted when it ends.
+  A gc honours the leases it read when it started, so a lease written after that
+  does not protect its pages from this gc. A save therefore waits, after its last
+  lease and before its final check that every page it counts on is stored
+  (re-writing any that vanished), until no gc runs (:func:`wait_for_gc`); a fork,
+  which writes nothing, waits right after its lease (:func:`take_lease`). A gc that
+  starts after that wait finds the save's leases, which stay until its manifest is
+  written.
 
 Both are :class:`~pagedkv.snapshot.manifest.Lease` JSON documents. One is live while
 its process runs (written on this host) or for ``grace`` seconds after it was written
@@ -34,11 +38,21 @@ def new_lease(key: str, name: str, digests: list[str]) -> Lease:
     return Lease(key, name, time.time(), socket.gethostname(), os.getpid(), digests)
 
 
-def take_lease(backend: Any, key: str, name: str, digests: list[str], grace: float) -> None:
-    """Write lease ``key`` naming ``digests``, then wait until no gc is running."""
+def write_lease(backend: Any, key: str, name: str, digests: list[str]) -> None:
+    """Write lease ``key`` naming ``digests`` (held by this process)."""
     backend.put_many([(key, new_lease(key, name, digests).encode())])
+
+
+def wait_for_gc(backend: Any, grace: float) -> None:
+    """Return once no live gc marker is left (at once when no gc runs: one listing)."""
     while live_leases(backend, GC_PREFIX, grace)[0]:
         time.sleep(_POLL_SECONDS)
+
+
+def take_lease(backend: Any, key: str, name: str, digests: list[str], grace: float) -> None:
+    """:func:`write_lease`, then :func:`wait_for_gc`."""
+    write_lease(backend, key, name, digests)
+    wait_for_gc(backend, grace)
 
 
 def live_leases(backend: Any, prefix: str, grace: float) -> tuple[list[Lease], list[str]]:

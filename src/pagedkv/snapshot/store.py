@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from pagedkv.errors import OutOfBlocks, SnapshotError
-from pagedkv.snapshot.leases import GC_PREFIX, LEASE_PREFIX, live_leases, new_lease, take_lease
+from pagedkv.snapshot.leases import (
+    GC_PREFIX,
+    LEASE_PREFIX,
+    live_leases,
+    new_lease,
+    take_lease,
+    wait_for_gc,
+    write_lease,
+)
 from pagedkv.snapshot.manifest import (
     GcReport,
     Manifest,
@@ -196,6 +204,9 @@ class SnapshotStore:
                     bar(len(part) * bpb)
                 if pending is not None:
                     written += pending.result()
+            # A gc that started after some of our leases may have deleted pages we
+            # counted on: let it finish, then check every page and re-write the lost.
+            wait_for_gc(self.backend, self.grace_seconds)
             written += self._repair_missing(pager, name, units, digests, leases, lease_id)
             self._flush()  # pages durable before the manifest that names them
             sequences = [
@@ -285,7 +296,7 @@ class SnapshotStore:
         seen.update(new)
         if not new:
             return 0
-        self._take_lease(lease, name, list(new))
+        write_lease(self.backend, lease, name, list(new))
         keys = [page_key(d) for d in new]
         have = self.backend.contains_many(keys)
         items = [(k, memoryview(row)) for k, row, h in zip(keys, new.values(), have) if not h]
@@ -307,12 +318,9 @@ class SnapshotStore:
             raise SnapshotError("the pager changed during the save although it was paused")
         lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
         leases.append(lease)
-        self._take_lease(lease, name, list(lost))
+        write_lease(self.backend, lease, name, list(lost))
         self.backend.put_many([(page_key(digests[i]), memoryview(r)) for i, r in zip(idx, rows)])
         return len(idx) * rows.shape[1]
-
-    def _take_lease(self, key: str, name: str, digests: list[str]) -> None:
-        take_lease(self.backend, key, name, digests, self.grace_seconds)
 
     # -- load ---------------------------------------------------------------------
     def load(
@@ -524,7 +532,7 @@ class SnapshotStore:
             sequences = [by_id[s] for s in wanted]
         digests = sorted({d for s in sequences for d in s.pages})
         lease = f"{LEASE_PREFIX}{secrets.token_hex(8)}.000000"
-        self._take_lease(lease, new_name, digests)
+        take_lease(self.backend, lease, new_name, digests, self.grace_seconds)
         try:
             have = self.backend.contains_many([page_key(d) for d in digests])
             if not all(have):
@@ -566,8 +574,9 @@ class SnapshotStore:
         A page named by a live lease (a save or fork in progress) is kept: a lease is
         live while its process runs (same host) or for ``grace_seconds`` (default:
         the store's) after it was written by another host. A gc announces itself with
-        a marker while it runs; saves and forks that lease pages meanwhile wait for it
-        to end before they count on any stored page. Raises ``SnapshotError`` without
+        a marker while it runs; a save waits for it to end before its final check
+        that every page it counts on is stored, a fork before its check (see
+        :mod:`pagedkv.snapshot.leases`). Raises ``SnapshotError`` without
         deleting anything if a manifest is unreadable (its pages would be lost):
         delete or repair it first.
         """
@@ -604,9 +613,9 @@ class SnapshotStore:
         before = self.backend.stats().bytes_used
         deleted = 0
         if doomed:
-            # One batch: a pack store rewrites each pack once. A save that leases pages
-            # from now on waits for this gc (the marker); a second look at the leases
-            # costs little and guards against a clock or marker surprise.
+            # One batch: a pack store rewrites each pack once. Saves that lease pages
+            # from now on check them again after this gc ends (the marker); a second
+            # look at the leases costs little and spares them most re-writes.
             now_live = live_leases(self.backend, LEASE_PREFIX, grace)[0]
             again = {d for lease in now_live for d in lease.pages}
             deleted = self.backend.delete_many([page_key(d) for d in doomed if d not in again])
