@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pagedkv import BlockManager, OutOfBlocks
+from pagedkv.manager.eviction import BlockMeta, LRUPolicy
 
 
 class FakeClock:
@@ -335,3 +338,28 @@ def test_pin_does_not_revive_an_expired_block():
     assert m.lookup([1, 2, 3]) == 2
     m.unpin([1, 2])
     m.check_integrity()
+
+
+def test_lru_batches_compact_stale_entries_and_keep_the_order():
+    """Blocks hit and released again leave stale entries; they are dropped in bulk."""
+    meta = BlockMeta(64)
+    lru = LRUPolicy(meta)
+    lru.add_many(list(range(64)))
+    model = list(range(64))  # least recently released first
+    rng = random.Random(0)
+    compacted = 0
+    for _ in range(3000):  # hit two cached blocks, release them again: 2 stale entries
+        pair = rng.sample(range(64), 2)
+        for b in pair:
+            lru.remove(b)
+            model.remove(b)
+        before = lru._entries
+        lru.add_many(pair)
+        model += pair
+        compacted += lru._entries < before
+        assert lru._entries <= 2 * len(lru) + 4096 + 2  # compaction bounds the garbage
+    order = lru.order()
+    assert compacted >= 1 and order == model and len(lru) == 64
+    assert all(meta.ref[b] < 0 for b in order)
+    assert [lru.pop() for _ in range(64)] == order  # eviction follows the listed order
+    assert len(lru) == 0 and lru.oldest() is None and all(r == 0 for r in meta.ref)
