@@ -6,9 +6,7 @@ torch are loaded on first use so ``from pagedkv import BlockManager`` stays ligh
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from pagedkv._lazy import lazy_getattr
 from pagedkv.errors import (
     CacheIntegrityError,
     OutOfBlocks,
@@ -40,13 +38,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pagedkv' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)
 
 
 __all__ = [

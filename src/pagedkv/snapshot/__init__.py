@@ -20,9 +20,7 @@ is stored except what the caller puts in ``metadata``.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from pagedkv._lazy import lazy_getattr
 from pagedkv.snapshot.manifest import GcReport, Manifest, SnapshotInfo, VerifyReport
 
 # name -> module; loaded on first use (they import torch), so the CLI starts fast.
@@ -34,13 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pagedkv.snapshot' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)
 
 
 __all__ = [

@@ -1,0 +1,26 @@
+"""Module attributes imported on first use (PEP 562), so light imports stay light."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+from typing import Any
+
+
+def lazy_getattr(namespace: dict[str, Any], lazy: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports ``lazy[name]`` (a module path) on first use.
+
+    ``namespace`` is the module's ``globals()``; a loaded name is cached there, so the
+    import happens once.
+    """
+    package = namespace["__name__"]
+
+    def __getattr__(name: str) -> Any:
+        module = lazy.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(module), name)
+        namespace[name] = value
+        return value
+
+    return __getattr__
