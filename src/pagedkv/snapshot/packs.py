@@ -38,7 +38,14 @@ from typing import Any
 
 from pagedkv.errors import StoreError
 from pagedkv.stores import DiskStore
-from pagedkv.stores.base import Buffer, StoreStats, check_items, check_keys, check_prefix
+from pagedkv.stores.base import (
+    Buffer,
+    StoreStats,
+    byte_rows,
+    check_items,
+    check_keys,
+    check_prefix,
+)
 
 PACK_DIR = "packs"
 _PACK = ".pack"
@@ -174,11 +181,13 @@ class PackStore:
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
         """Store every item: pages as new pack(s), everything else as DiskStore files."""
         checked = check_items(items)
-        pages = {}
+        pages: dict[str, memoryview] = {}  # the last value of a repeated key wins
+        other = []
         for key, view in checked:
             if _is_page_key(key):
-                pages[key] = view  # the last value of a repeated key wins
-        other = [(k, v) for k, v in checked if not _is_page_key(k)]
+                pages[key] = view
+            else:
+                other.append((key, view))
         if other:
             self._disk.put_many(other)
         if pages:
@@ -215,9 +224,7 @@ class PackStore:
         if head is not None:
             raise TypeError("PackStore.get_into does not take head= (pages are unframed)")
         keys = check_keys(keys)
-        rows = out.numpy() if hasattr(out, "numpy") else out
-        if rows.ndim != 2 or len(rows) != len(keys):
-            raise ValueError(f"out must be uint8 [{len(keys)}, width], got {tuple(rows.shape)}")
+        rows = byte_rows(out, len(keys), "out", "PackStore.get_into")
         self._know(keys)
         found = self._read_runs(keys, rows)
         for i, key in enumerate(keys):
@@ -490,15 +497,11 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
 
 def _pread(path: str, offset: int, length: int, into: memoryview | None) -> bytes | None:
     """``length`` bytes at ``offset`` (into ``into`` when given); None if the file is short."""
+    buf = into if into is not None else memoryview(bytearray(length))
     fd = os.open(path, os.O_RDONLY)
     try:
-        buf = into if into is not None else memoryview(bytearray(length))
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [buf[got:]], offset + got)
-            if n == 0:
-                return None
-            got += n
+        if _preadv_all(fd, [buf], offset) < length:
+            return None
     finally:
         os.close(fd)
     return b"" if into is not None else bytes(buf)

@@ -6,7 +6,8 @@ Keys in the backing block store:
   local store, pages live in pack files: :mod:`pagedkv.snapshot.packs`);
 - ``snap.m.<name>``    a manifest (JSON, :mod:`pagedkv.snapshot.manifest`);
 - ``snap.l.<id>.<n>``  a lease: the pages a save in progress is about to count on;
-- ``snap.g.<id>``      a gc in progress (saves that lease pages wait for it to end).
+- ``snap.g.<id>``      a gc in progress (a save waits for it before its final page
+  check: :mod:`pagedkv.snapshot.leases`).
 
 A save writes, per chunk of pages, a lease naming them, then the pages the store
 lacks, and the manifest last (one atomic put), then drops its leases. A save killed

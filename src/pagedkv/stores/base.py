@@ -11,7 +11,9 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 Buffer = bytes | bytearray | memoryview
 
@@ -144,6 +146,25 @@ def check_capacity(capacity_bytes: object, who: str) -> int:
             "(give the byte budget, e.g. 4 << 30 for 4 GiB)"
         )
     return capacity_bytes
+
+
+def byte_rows(x: Any, n: int, name: str, who: str) -> Any:
+    """``x`` (a tensor or array) as a numpy ``uint8 [n, w]`` view with contiguous rows.
+
+    Raises ``ValueError`` naming ``who`` (the calling method) and ``name`` otherwise.
+    """
+    rows = x.numpy() if hasattr(x, "numpy") else x
+    if (
+        getattr(rows, "dtype", None) != np.uint8
+        or rows.ndim != 2
+        or rows.shape[0] != n
+        or (rows.shape[1] > 1 and rows.strides[1] != 1)
+    ):
+        raise ValueError(
+            f"{who}: {name} must be uint8 [{n}, w] with contiguous rows, "
+            f"got {getattr(rows, 'dtype', type(x).__name__)} {getattr(rows, 'shape', '')}"
+        )
+    return rows
 
 
 def pid_alive(pid: int) -> bool:

@@ -28,12 +28,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
-import numpy as np
-
 from pagedkv.errors import CacheIntegrityError, StoreError
 from pagedkv.stores.base import (
     Buffer,
     StoreStats,
+    byte_rows,
     check_capacity,
     check_items,
     check_key,
@@ -59,22 +58,6 @@ def _fan(key: str) -> str:
 def _fan_head(fan: str) -> str:
     """The key-head part of a fan directory name (all but its last character)."""
     return fan[:-1]
-
-
-def _byte_rows(x: Any, n: int, name: str) -> Any:
-    """``x`` (a tensor or array) as a numpy ``uint8 [n, w]`` view with contiguous rows."""
-    rows = x.numpy() if hasattr(x, "numpy") else x
-    if (
-        getattr(rows, "dtype", None) != np.uint8
-        or rows.ndim != 2
-        or rows.shape[0] != n
-        or (rows.shape[1] > 1 and rows.strides[1] != 1)
-    ):
-        raise ValueError(
-            f"DiskStore.get_into: {name} must be uint8 [{n}, w] with contiguous rows, "
-            f"got {getattr(rows, 'dtype', type(x).__name__)} {getattr(rows, 'shape', '')}"
-        )
-    return rows
 
 
 def _read_exactly(fd: int, parts: list[memoryview], size: int) -> None:
@@ -261,8 +244,8 @@ class DiskStore:
         checked before reading is the size read.
         """
         keys = check_keys(keys)
-        rows = _byte_rows(out, len(keys), "out")
-        heads = None if head is None else _byte_rows(head, len(keys), "head")
+        rows = byte_rows(out, len(keys), "out", "DiskStore.get_into")
+        heads = None if head is None else byte_rows(head, len(keys), "head", "DiskStore.get_into")
         self._check_open()
         h = 0 if heads is None else heads.shape[1]
         size_ok = h + rows.shape[1]
