@@ -3,6 +3,7 @@ keep tenants' KV apart on the device, in a tier and through snapshots (tiny mode
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -210,6 +211,36 @@ def test_salts_stay_apart_in_a_cpu_tier(model):
     engine.cache.close()
 
 
+def test_a_swapped_out_request_keeps_its_salt(model):
+    probe = Engine(model, num_blocks=6, block_size=BS)
+    tier = CPUTier(64 * probe.cache.layout.bytes_per_block)
+    engine = Engine(model, num_blocks=6, block_size=BS, tiers=[tier], preemption="swap")
+    p, q = prompts_of((16, 16), seed=9)
+    sp = SamplingParams(max_new_tokens=16, ignore_eos=True)  # 32 tokens each: 4 of 6 blocks
+    ids = {
+        engine.add_request(p, sp, cache_salt="a"): "a",
+        engine.add_request(q, sp, cache_salt="b"): "b",
+    }
+    reqs = [engine._requests[rid] for rid in ids]
+    seen, outs = set(), {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o
+        for r in engine.scheduler.running:
+            if r.num_preemptions:  # swapped out and back in: still under its own salt
+                seen.add((r.request_id, engine.cache.salt(r.seq_id)))
+    assert engine.stats().preemptions > 0 and seen
+    assert all(salt == ids[rid] for rid, salt in seen)
+    one = SamplingParams(max_new_tokens=1)
+    for r in reqs:  # its KV (on the device or in the tier now) serves only its own salt
+        history, salt = r.prompt + r.output, ids[r.request_id]
+        other = "b" if salt == "a" else "a"
+        assert engine.generate([history], one, cache_salt=other)[0].num_cached_tokens == 0
+        assert engine.generate([history], one, cache_salt=salt)[0].num_cached_tokens == 24
+    engine.cache.check_integrity()
+    engine.cache.close()
+
+
 def test_a_snapshot_keeps_its_salt(model, tmp_path):
     p = prompts_of((21,), seed=7)[0]
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -236,3 +267,27 @@ def test_a_snapshot_keeps_its_salt(model, tmp_path):
     assert b.generate([history], sp)[0].num_cached_tokens == 0
     assert b.generate([history], sp, cache_salt="a")[0].num_cached_tokens == 32
     b.cache.check_integrity()
+
+
+def test_the_engine_logs_at_boundaries_not_per_token(model, caplog, monkeypatch):
+    with caplog.at_level(logging.DEBUG, logger="pagedkv.engine"):
+        engine = Engine(model, num_blocks=6, block_size=BS)  # 48 tokens
+        sp = SamplingParams(max_new_tokens=16, ignore_eos=True)
+        outs = engine.generate(prompts_of((16, 16), seed=8), sp)
+    records = [r for r in caplog.records if r.name == "pagedkv.engine"]
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("engine ready: llama on cpu") for m in messages)
+    assert engine.stats().preemptions > 0  # 32 tokens each do not fit together
+    assert any("preempted" in m and r.levelno == logging.DEBUG for m, r in zip(messages, records))
+    assert len(records) < sum(len(o.token_ids) for o in outs)  # not one per token
+
+    def fail(chunks):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "execute", fail)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pagedkv.engine"):
+        out = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2))[0]
+    assert out.finish_reason == "error" and "device lost" in out.error
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "RuntimeError: device lost" in warned[0].getMessage()

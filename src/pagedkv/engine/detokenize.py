@@ -26,6 +26,7 @@ held-back incomplete bytes included. Special tokens are skipped, as in that text
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("pagedkv.engine")
@@ -47,7 +48,9 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Any, *, decode_stream: bool = True) -> None:
         self._source = _source(tokenizer) if decode_stream else _WindowSource(tokenizer)
-        self._cleanup = tokenizer.clean_up_tokenization if _cleans_up(tokenizer) else None
+        self._cleanup: Callable[[str], str] | None = (
+            tokenizer.clean_up_tokenization if _cleans_up(tokenizer) else None
+        )
         self._pending = ""  # raw text held back by the clean-up filter
         self._pieces: list[str] = []
 
@@ -59,7 +62,7 @@ class Detokenizer:
     def push(self, token_ids: list[int]) -> str:
         text = self._source.push(token_ids)
         if self._cleanup is not None:
-            text = self._clean(text)
+            text = self._clean(text, self._cleanup)
         if text:
             self._pieces.append(text)
         return text
@@ -80,7 +83,7 @@ class Detokenizer:
         self._pieces = [final_text]
         return rest
 
-    def _clean(self, raw: str) -> str:
+    def _clean(self, raw: str, cleanup: Callable[[str], str]) -> str:
         # Cut where no clean-up pattern can straddle: no space among the last
         # _CLEANUP_SPAN - 1 characters before the cut. The clean-up of the text
         # before such a cut is then final (patterns only delete characters).
@@ -93,7 +96,7 @@ class Detokenizer:
                 break
             cut = max(0, cut - len(window)) + space
         self._pending = text[cut:]
-        return self._cleanup(text[:cut]) if cut else ""
+        return cleanup(text[:cut]) if cut else ""
 
 
 class _StreamSource:

@@ -74,6 +74,9 @@ class Engine:
     ``model_version``: the weights' identity (e.g. a revision string); by default it is
     derived from the config and a sample of every weight tensor, so KV from another
     weight version (cached, in a tier or in a snapshot) is never reused.
+
+    Logs to ``logging.getLogger("pagedkv.engine")``: info when built, a warning when a
+    batch or a request fails, debug on preemptions (never per token).
     """
 
     def __init__(
@@ -344,7 +347,9 @@ class Engine:
                     if detok is not None:
                         text = detok.push(new)
                         if done:
-                            text += detok.finish(self._text(req.output))
+                            final = self._text(req.output)
+                            assert final is not None  # a Detokenizer implies a tokenizer
+                            text += detok.finish(final)
                     yield StreamDelta(rid, new, text, req.finish_reason)
                 if done:
                     self._requests.pop(rid, None)
