@@ -23,11 +23,11 @@ def smollm2():
 
 def test_smollm2_greedy_matches_transformers(smollm2):
     from pagedkv.engine import Engine, SamplingParams
-    from pagedkv.engine.chat_demo import _prompt_ids
+    from pagedkv.engine.chat import chat_prompt_ids
 
     model, tok = smollm2
     questions = ["What is the capital of France?", "Name three colours of the rainbow."]
-    prompts = [_prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [chat_prompt_ids(tok, q) for q in questions]
     model.set_attn_implementation("sdpa")
     ref = []
     for p in prompts:

@@ -123,12 +123,8 @@ def generate(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     tok = engine.tokenizer
-    inputs: list = list(prompt)
-    if chat and tok is not None and getattr(tok, "chat_template", None):
-        from pagedkv.engine.chat_demo import _prompt_ids
-
-        inputs = [_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompt]
-    for p, out in zip(prompt, engine.generate(inputs, params)):
+    chat = chat and tok is not None and bool(getattr(tok, "chat_template", None))
+    for p, out in zip(prompt, engine.generate(list(prompt), params, chat=chat)):
         text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
         console.print(f"[bold cyan]>[/] {p}\n{text.strip()}\n")
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedkv.engine.chat import chat_prompt_ids
 from pagedkv.engine.engine import Engine
 from pagedkv.engine.request import SamplingParams
 
@@ -78,13 +79,6 @@ class DemoReport:
     samples: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
 def run_chat_demo(
     engine: Engine,
     *,
@@ -113,7 +107,7 @@ def run_chat_demo(
     bs = engine.cache.block_size
 
     def submit(conv: int, turn: int) -> None:
-        ids = _prompt_ids(tok, chats[conv])
+        ids = chat_prompt_ids(tok, chats[conv])
         rid = engine.add_request(ids, params)
         turn_of[rid] = (conv, turn)
         running_dense[rid] = -(-(len(ids) + max_new_tokens) // bs)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pagedkv.engine import snapshots
+from pagedkv.engine import snapshots, submit
+from pagedkv.engine.chat import Conversation, Message, as_conversations
 from pagedkv.engine.config import EngineConfig
+from pagedkv.engine.detokenize import Detokenizer
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import (
@@ -18,14 +21,15 @@ from pagedkv.engine.request import (
     SamplingParams,
     Status,
     StreamDelta,
-    validate_prompt,
 )
-from pagedkv.engine.sampling import make_generator
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 
 Prompt = str | Sequence[int]
+CacheSalt = str | bytes | None
+
+logger = logging.getLogger("pagedkv.engine")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class Engine:
     ``model_version``: the weights' identity (e.g. a revision string); by default it is
     derived from the config and a sample of every weight tensor, so KV from another
     weight version (cached, in a tier or in a snapshot) is never reused.
+
+    Logs to ``logging.getLogger("pagedkv.engine")``: info when built, a warning when a
+    batch or a request fails, debug on preemptions (never per token).
     """
 
     def __init__(
@@ -130,6 +137,11 @@ class Engine:
         self.snapshot_store = snapshot_store
         self._generated = self._steps = self._num_requests = 0
         self._step_seconds = 0.0
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_batch_tokens=%d, "
+            "preemption=%s", model.config.model_type, self.device, param.dtype, blocks,
+            block_size, max_batch_tokens, preemption,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(
@@ -144,36 +156,36 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, *, retain: bool = False
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        retain: bool = False,
+        cache_salt: CacheSalt = None,
+        chat: bool = False,
     ) -> int:
-        """Validate and queue one request; returns its id. Raises ``ValueError`` for bad
-        input (nothing is queued; requests already in flight are unaffected).
-        ``retain``: keep its sequence in the cache once finished, for :meth:`snapshot`."""
-        req = self._make_request(prompt, params or SamplingParams(), retain=retain)
-        self._requests[req.request_id] = req
-        self.scheduler.add(req)
-        self._num_requests += 1
+        """Validate and queue one request; returns its id. Bad input raises ``ValueError``
+        or ``TypeError`` and queues nothing (requests in flight are unaffected).
+
+        ``retain``: keep its sequence in the cache once finished, for :meth:`snapshot`.
+        ``cache_salt``: its prefix-cache namespace (a non-empty str or bytes, e.g. a
+        tenant id): KV is shared only between requests with equal salts, on the device,
+        in the tiers and through snapshots (``None``: the shared namespace).
+        ``chat``: ``prompt`` is a conversation (or one user message as a str) rendered
+        with the tokenizer's chat template (see :meth:`chat`).
+        """
+        req = submit.make_request(
+            self, prompt, params, retain=retain, cache_salt=cache_salt, chat=chat
+        )
+        self._queue([req])
         return req.request_id
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams, retain=False) -> Request:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer: Engine(model, tokenizer)")
-            prompt = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = validate_prompt(prompt, self.vocab_size)
-        total = len(ids) + params.max_new_tokens
-        need = -(-total // self.cache.block_size)
-        if need > self.cache.num_blocks:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} needs "
-                f"{need} KV blocks but the pool has only {self.cache.num_blocks}; shorten the "
-                "prompt, lower max_new_tokens or raise num_blocks"
-            )
-        gen = None if params.greedy else make_generator(params.seed, self.device)
-        eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        return Request(next(self._ids), ids, params, gen, eos, retain=bool(retain))
+    def _queue(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            req.request_id = next(self._ids)
+            self._requests[req.request_id] = req
+            self.scheduler.add(req)
+        self._num_requests += len(reqs)
 
     def abort(self, request_id: int) -> None:
         """Drop a request (its blocks are freed, retained or not); unknown ids are ignored."""
@@ -191,12 +203,23 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests that finished in it."""
         t0 = time.perf_counter()
+        counters = self.scheduler.counters
+        preempted = counters.preemptions
         chunks = self.scheduler.schedule()
+        if counters.preemptions != preempted:
+            logger.debug(
+                "step %d: %d request(s) preempted (out of KV blocks, %s)",
+                self._steps, counters.preemptions - preempted, self.scheduler.preemption,
+            )  # fmt: skip
         if not chunks:
             return snapshots.fail_starved(self) if self.scheduler.starved else []
         try:
             tokens = self.runner.execute(chunks)
         except Exception as exc:  # a failing batch fails its requests, not the engine
+            logger.warning(
+                "a batch of %d request(s) failed and they finished with an error: %s: %s",
+                len(chunks), type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG),
+            )  # fmt: skip
             for c in chunks:
                 c.req.finish_reason = "error"
                 c.req.error = f"{type(exc).__name__}: {exc}"
@@ -204,7 +227,6 @@ class Engine:
             return [self._output(c.req) for c in chunks]
         finished = []
         it = iter(tokens)
-        counters = self.scheduler.counters
         generated = 0
         for c in chunks:
             req, start, end = c.req, c.start, c.end
@@ -232,35 +254,28 @@ class Engine:
 
     def generate(
         self,
-        prompts: Sequence[Prompt],
+        prompts: Sequence[Prompt] | Sequence[Conversation],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         on_finish: Callable[[RequestOutput], None] | None = None,
         retain: bool = False,
+        cache_salt: CacheSalt | Sequence[CacheSalt] = None,
+        chat: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in prompt order.
 
-        ``prompts``: strings (needs a tokenizer) or lists of token ids. ``params``: one
-        for all or one per prompt. Every prompt is validated before any runs: a bad one
-        raises ``ValueError`` naming its index and nothing is queued. ``retain``: keep
-        each finished sequence in the cache for :meth:`snapshot` (or :meth:`release`).
+        ``prompts``: strings (needs a tokenizer) or lists of token ids, used as they are
+        (right for base models and for text you formatted yourself); with ``chat=True``,
+        conversations (lists of ``{"role", "content"}`` dicts, or a str as one user
+        message) rendered with the tokenizer's chat template, which instruct models
+        need (see :meth:`chat`). ``params`` and ``cache_salt``: one for all or one per
+        prompt (see :meth:`add_request`). Every prompt is validated before any runs: a
+        bad one raises ``ValueError``/``TypeError`` naming its index and nothing is
+        queued. ``retain``: keep each finished sequence in the cache for
+        :meth:`snapshot` (or :meth:`release`).
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            raise TypeError("prompts must be a list of prompts (strings or token-id lists)")
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        reqs = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            try:
-                reqs.append(self._make_request(p, sp, retain))
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from None
-        for req in reqs:
-            self._requests[req.request_id] = req
-            self.scheduler.add(req)
-        self._num_requests += len(reqs)
+        reqs = submit.make_requests(self, prompts, params, cache_salt, retain=retain, chat=chat)
+        self._queue(reqs)
         pending = {r.request_id for r in reqs}
         while pending:
             for out in self.step():
@@ -270,29 +285,78 @@ class Engine:
                         on_finish(out)
         return [self._output(self._requests.pop(r.request_id)) for r in reqs]
 
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Conversation],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_finish: Callable[[RequestOutput], None] | None = None,
+        retain: bool = False,
+        cache_salt: CacheSalt | Sequence[CacheSalt] = None,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Answer a conversation (a list of ``{"role": ..., "content": ...}`` dicts, roles
+        ``system``/``user``/``assistant``/``tool``) or a list of conversations, rendered
+        with the tokenizer's chat template and its generation prompt; one
+        :class:`RequestOutput` for one conversation, a list for a list.
+
+        This is how an instruct model is prompted (given raw text it may answer
+        nothing); use :meth:`generate` with raw prompts for base models. Bad messages
+        (unknown role, content not a str, an empty conversation) raise
+        ``ValueError``/``TypeError`` naming the conversation and message, and nothing
+        is queued; a tokenizer without a chat template raises ``ValueError``. The
+        other arguments are :meth:`generate`'s.
+        """
+        conversations, single = as_conversations(messages)
+        outs = self.generate(
+            conversations, params, on_finish=on_finish, retain=retain, cache_salt=cache_salt,
+            chat=True,
+        )  # fmt: skip
+        return outs[0] if single else outs
+
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, *, retain: bool = False
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        retain: bool = False,
+        cache_salt: CacheSalt = None,
+        chat: bool = False,
     ) -> Iterator[StreamDelta]:
-        """Yield the tokens of one request as they are generated (other queued requests
-        are served in the same steps)."""
-        rid = self.add_request(prompt, params, retain=retain)
+        """Yield one request's tokens as they are generated (other queued requests are
+        served in the same steps); the arguments are :meth:`add_request`'s.
+
+        Each delta's ``text`` holds only complete characters (a character spanning
+        several tokens comes in the delta of its last token), and the deltas' texts
+        joined equal the final decoding (``RequestOutput.text``); each step decodes
+        only a few tokens. Closing the iterator early (``break``) aborts the request.
+        """
+        rid = self.add_request(prompt, params, retain=retain, cache_salt=cache_salt, chat=chat)
         return self._follow(self._requests[rid])
 
     def _follow(self, req: Request) -> Iterator[StreamDelta]:
-        rid, text = req.request_id, ""
-        while True:
-            self.step()
-            if len(req.output) > req.streamed or req.finish_reason is not None:
-                new = req.output[req.streamed :]
-                req.streamed = len(req.output)
-                delta = None
-                if self.tokenizer is not None:
-                    full = self.tokenizer.decode(req.output, skip_special_tokens=True)
-                    delta, text = full[len(text) :], full
-                yield StreamDelta(rid, new, delta, req.finish_reason)
-            if req.finish_reason is not None:
-                self._requests.pop(rid, None)
-                return
+        rid = req.request_id
+        detok = None if self.tokenizer is None else Detokenizer(self.tokenizer)
+        try:
+            while True:
+                self.step()
+                done = req.finish_reason is not None
+                if len(req.output) > req.streamed or done:
+                    new = req.output[req.streamed :]
+                    req.streamed = len(req.output)
+                    text = None
+                    if detok is not None:
+                        text = detok.push(new)
+                        if done:
+                            final = self._text(req.output)
+                            assert final is not None  # a Detokenizer implies a tokenizer
+                            text += detok.finish(final)
+                    yield StreamDelta(rid, new, text, req.finish_reason)
+                if done:
+                    self._requests.pop(rid, None)
+                    return
+        finally:
+            if req.finish_reason is None:  # the caller stopped iterating: stop serving it
+                self.abort(rid)
 
     # ------------------------------------------------------------------ snapshots
     # Parking and resuming conversations; the contract is in pagedkv.engine.snapshots.
@@ -307,34 +371,41 @@ class Engine:
 
     def resume(
         self, name: str, more_prompt: Prompt = (), params: SamplingParams | None = None, *,
-        store: Any = None, retain: bool = False,
+        store: Any = None, retain: bool = False, cache_salt: CacheSalt = None,
     ) -> RequestOutput:  # fmt: skip
         """Load snapshot ``name`` and generate after its history + ``more_prompt`` (empty:
         continue the generation); only tokens without KV are computed. ``params``: default
-        the snapshot's. Greedy with batch-invariant kernels, token-identical to never
-        having stopped. ``SnapshotError``: unknown name, other model or layout;
+        the snapshot's. ``cache_salt``: the salt its request had (the KV stays in that
+        namespace). Greedy with batch-invariant kernels, token-identical to never
+        having stopped. ``SnapshotError``: unknown name, other model, layout or salt;
         ``OutOfBlocks``: no room now (nothing changed; the engine keeps serving)."""
-        req = snapshots.resume(self, name, more_prompt, params, store, retain)
+        req = snapshots.resume(self, name, more_prompt, params, store, retain, cache_salt)
         while req.finish_reason is None:
             self.step()
         return self._output(self._requests.pop(req.request_id))
 
     def resume_stream(
         self, name: str, more_prompt: Prompt = (), params: SamplingParams | None = None, *,
-        store: Any = None, retain: bool = False,
+        store: Any = None, retain: bool = False, cache_salt: CacheSalt = None,
     ) -> Iterator[StreamDelta]:  # fmt: skip
-        """:meth:`resume`, yielding tokens as they are generated (like :meth:`stream`)."""
-        return self._follow(snapshots.resume(self, name, more_prompt, params, store, retain))
+        """:meth:`resume`, yielding text deltas as they are generated (as :meth:`stream`)."""
+        req = snapshots.resume(self, name, more_prompt, params, store, retain, cache_salt)
+        return self._follow(req)
 
     def release(self, request: int | RequestOutput) -> None:
         """Free a retained request's sequence (``KeyError`` if it is not retained)."""
         snapshots.release(self, request)
 
     # ------------------------------------------------------------------ reporting
+    def _text(self, token_ids: list[int]) -> str | None:
+        """The text of generated tokens (special tokens skipped), ``None`` without a
+        tokenizer; what ``RequestOutput.text`` holds and streamed deltas add up to."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def _output(self, req: Request) -> RequestOutput:
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+        text = self._text(req.output)
         return RequestOutput(
             req.request_id, list(req.prompt), list(req.output), text,
             max(req.num_cached_tokens, 0), req.finish_reason, req.error,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +21,10 @@ class SamplingParams:
     Generation stops at ``max_new_tokens``, at EOS (unless ``ignore_eos``) or at any of
     ``stop_token_ids`` (the stop token is kept in the output).
 
-    Raises ``ValueError`` for out-of-range values.
+    Every field is checked when the params are built: a value of the wrong type
+    (a ``bool`` where a number is expected included) raises ``TypeError``, one out of
+    range (a NaN or infinite ``temperature`` included) ``ValueError``; both name the
+    field and the values it accepts.
     """
 
     max_new_tokens: int = 64
@@ -31,22 +36,65 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        n = _int_field("max_new_tokens", self.max_new_tokens, "a token count >= 1")
+        if n < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {n}")
+        t = _real_field("temperature", self.temperature, "a float >= 0 (0 = greedy)")
+        if not (math.isfinite(t) and t >= 0.0):
+            raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got {t}")
+        k = _int_field("top_k", self.top_k, "an int >= 0 (0 = off)")
+        if k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {k}")
+        p = _real_field("top_p", self.top_p, "a float in (0, 1] (1 = off)")
+        if not 0.0 < p <= 1.0:  # also False for NaN
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
+        seed = self.seed
+        if seed is not None:
+            seed = _int_field("seed", seed, "None or an int in [0, 2**64)")
+            if not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for name, value in (
+            ("max_new_tokens", n), ("temperature", t), ("top_k", k), ("top_p", p), ("seed", seed),
+            ("stop_token_ids", _stop_ids(self.stop_token_ids)),
+        ):  # fmt: skip
+            object.__setattr__(self, name, value)  # normalised: plain int / float / tuple
 
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax (temperature 0)."""
         return self.temperature == 0.0
+
+
+def _int_field(name: str, value: object, accepted: str) -> int:
+    # numbers.Integral takes numpy integers too; bool is an Integral but never a count
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _real_field(name: str, value: object, accepted: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _stop_ids(value: object) -> tuple[int, ...]:
+    accepted = "a list or tuple of token ids (ints >= 0), e.g. stop_token_ids=[2]"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        raise TypeError(f"stop_token_ids must be {accepted}; got the single int {value!r}")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"stop_token_ids must be {accepted}, got {type(value).__name__}")
+    ids = tuple(value)
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(
+                f"stop_token_ids[{i}] must be an int token id, got {type(t).__name__} {t!r}"
+            )
+        if t < 0:
+            raise ValueError(f"stop_token_ids[{i}] must be a token id >= 0, got {t}")
+    return tuple(int(t) for t in ids)
 
 
 class Status(enum.Enum):
@@ -112,6 +160,8 @@ class Request:
     streamed: int = 0
     #: keep the sequence in the cache when the request finishes (Engine.snapshot)
     retain: bool = False
+    #: prefix-cache namespace: only requests with an equal salt share KV blocks
+    cache_salt: str | bytes | int | None = None
 
     @property
     def seq_id(self) -> int:
@@ -143,17 +193,3 @@ class Request:
         if len(self.output) >= self.params.max_new_tokens:
             return "length"
         return None
-
-
-def validate_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
-    """A prompt as a list of ints; ``ValueError`` if empty or outside [0, vocab_size)."""
-    ids = [int(t) for t in prompt]
-    if not ids:
-        raise ValueError("empty prompt: a request needs at least one prompt token")
-    bad = [t for t in ids if t < 0 or t >= vocab_size]
-    if bad:
-        raise ValueError(
-            f"prompt has {len(bad)} token id(s) outside the vocabulary [0, {vocab_size}), "
-            f"e.g. {bad[:3]}"
-        )
-    return ids

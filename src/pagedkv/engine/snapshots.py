@@ -21,19 +21,26 @@ id, and queues a request whose prompt is the whole history: saved tokens +
 new prompt) are computed. With the same model, greedy decoding and batch-invariant
 kernels, the continuation is token-identical to never having stopped, in this engine
 or in another one built on another machine from the same model, dtype and block size.
+
+A request's ``cache_salt`` is its sequence's salt in the cache, so the snapshot keeps it
+(in the manifest's sequence entry). :meth:`Engine.resume` needs the same
+``cache_salt`` (``SnapshotError`` otherwise) and loads the KV under it: the restored
+blocks serve prefix hits only to requests with that salt.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pagedkv.engine import submit
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams
 from pagedkv.errors import OutOfBlocks, SnapshotError
 from pagedkv.snapshot import SnapshotInfo, SnapshotStore
@@ -41,6 +48,8 @@ from pagedkv.snapshot.manifest import describe_layout, layout_dict
 
 if TYPE_CHECKING:
     from pagedkv.engine.engine import Engine
+
+logger = logging.getLogger("pagedkv.engine")
 
 META_KEY = "pagedkv.engine"
 META_VERSION = 1
@@ -131,13 +140,15 @@ def resume(
     params: SamplingParams | None,
     store: StoreSpec | None,
     retain: bool,
+    cache_salt: str | bytes | None = None,
 ) -> Request:
-    """Load snapshot ``name`` into the cache and queue the request that continues it."""
+    """Load snapshot ``name`` into the cache and queue the request that continues it,
+    under the snapshot's cache salt (``cache_salt`` must equal it)."""
     with open_store(store, engine.snapshot_store) as target:
-        return _resume(engine, name, more_prompt, params, target, retain)
+        return _resume(engine, name, more_prompt, params, target, retain, cache_salt)
 
 
-def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain) -> Request:
+def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain, cache_salt) -> Request:
     manifest = store.manifest(name)
     meta = manifest.metadata.get(META_KEY)
     if not isinstance(meta, dict) or len(manifest.sequences) != 1:
@@ -168,11 +179,23 @@ def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain) -> 
         if engine.tokenizer is None:
             raise ValueError("a string more_prompt needs a tokenizer: Engine(model, tokenizer)")
         more = engine.tokenizer(more_prompt, add_special_tokens=False)["input_ids"]
+    elif isinstance(more_prompt, Iterable):
+        more = list(more_prompt)  # its ids are checked with the history below
     else:
-        more = [int(t) for t in more_prompt]
+        raise TypeError(f"more_prompt must be a str or token ids, got {type(more_prompt).__name__}")
     history = [*entry.token_ids, next_token, *more]
-    req = engine._make_request(history, params or saved, retain=retain)
+    req = submit.make_request(
+        engine, history, params or saved, retain=retain, cache_salt=cache_salt
+    )
+    if entry.salt != req.cache_salt:
+        # the sequence's KV lives in its salt's namespace: another salt must not reach it
+        raise SnapshotError(
+            f"snapshot {name!r} was saved in another cache_salt namespace than "
+            f"{'the shared one (cache_salt=None)' if cache_salt is None else 'the given one'}"
+            "; resume it with the cache_salt of the request that made it"
+        )
     _restore_generator(req, saved, meta)
+    req.request_id = next(engine._ids)
     try:
         store.load(cache, name, {entry.seq_id: req.seq_id})
     except OutOfBlocks as exc:
@@ -206,6 +229,7 @@ def fail_starved(engine: Engine) -> list[RequestOutput]:
             f"; {len(engine._retained)} retained sequences hold {held} of "
             f"{engine.cache.num_blocks} blocks: snapshot() or release() them"
         )
+    logger.warning("request %d failed: %s", req.request_id, req.error)
     engine.scheduler.finish(req)
     return [engine._output(req)]
 
