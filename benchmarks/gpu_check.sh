@@ -39,7 +39,8 @@ PY
   FI=$!
 fi
 echo "== pytest (gpu + triton on CUDA) $(date -u +%T)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ops_triton.py tests/test_ops_gpu.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_ops_triton.py tests/test_ops_gpu.py \
+  tests/test_ops_features_triton.py \
   -o addopts="" 2>&1 | tail -25
 echo "== tests done $(date -u +%T)"
 if [ -n "$FI" ]; then
