@@ -272,3 +272,33 @@ def test_decode_batch_invariant_with_features_reference():
             for order in (list(range(len(lens))), [target, 5, 1], [6, 5, 1, target]):
                 out = ops.decode_attention(q[order], k, v, bt[order], sl[order], backend=REF, **kw)
                 assert torch.equal(out[order.index(target)], alone[0]), f"batch {order}"
+
+
+def test_table_entries_before_the_window_are_ignored():
+    """Blocks wholly before every query's window may be released (their table entries
+    -1 or stale): checked calls accept them and give the same result; an entry inside
+    the window is still checked."""
+    hq, hkv, d, bs, window = 8, 2, 16, 8, 11
+    lens, q_lens = [70, 45, 9], [5, 1, 9]
+    k, v, bt, sl = paged_case(lens, hq, hkv, d, bs, torch.float32)
+    cu = cu_from(q_lens)
+    q = torch.randn(int(cu[-1]), hq, d)
+    qd = torch.randn(3, hq, d)
+    kw = dict(window=window, softcap=9.0)
+    pre = ops.prefill_attention(q, cu, k, v, bt, sl, backend=REF, **kw)
+    dec = ops.decode_attention(qd, k, v, bt, sl, backend=REF, **kw)
+    released = bt.clone()
+    for b, (n, m) in enumerate(zip(lens, q_lens)):
+        first_block = max(0, n - m - window + 1) // bs
+        released[b, :first_block] = -1 if b % 2 else 10**6
+    assert (released != bt).any()
+    assert torch.equal(ops.prefill_attention(q, cu, k, v, released, sl, backend=REF, **kw), pre)
+    assert torch.equal(ops.decode_attention(qd, k, v, released, sl, backend=REF, **kw), dec)
+    plan = ops.DecodePlan(3, hq, hkv, d, bs, 80, dtype=torch.float32, device="cpu", **kw)
+    assert_close(plan.run(qd, k, v, released, sl), dec, 1e-6, what="plan, released blocks")
+    with pytest.raises(ValueError, match="out of range"):  # full attention reads them
+        ops.decode_attention(qd, k, v, released, sl, backend=REF)
+    inside = released.clone()
+    inside[0, (70 - window) // bs] = -1  # the block holding the decode window's first key
+    with pytest.raises(ValueError, match=r"block_tables\[0, 7\] = -1 is out of range"):
+        ops.decode_attention(qd, k, v, inside, sl, backend=REF, **kw)

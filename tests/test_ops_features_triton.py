@@ -99,11 +99,25 @@ def test_head_dim_256_custom_scale():
                  TOL[BF16], what="decode d=256")  # fmt: skip
 
 
+def _release_before_window(bt, lens, q_lens, window, k):
+    """The table with entries of blocks wholly before the window pointing at a spare
+    (all-NaN) block, as if released and reused: reading through one gives NaN."""
+    bs = k.shape[1]
+    spare = sorted(set(range(k.shape[0])) - set(bt.flatten().tolist()))[0]
+    assert k[spare].isnan().all(), "poison the caches first"
+    out = bt.clone()
+    for b, (n, m) in enumerate(zip(lens, q_lens)):
+        out[b, : max(0, n - m - window + 1) // bs] = spare
+    assert (out != bt).any()
+    return out
+
+
 @pytest.mark.parametrize("window", [1, 13])
 def test_kernels_do_not_load_outside_the_window(window):
     """Every cached token no query sees is NaN: one load of any of them (a block before the
     window, a tile's head before the window start, junk past the length) would make the
-    output NaN, so a finite output equal to the clean one proves they are never read."""
+    output NaN, so a finite output equal to the clean one proves they are never read. The
+    table entries of blocks before the window point at a NaN block, too."""
     case = (F32, 2, 8, 32, window, 20.0, True)
     lens, q_lens = [95, 60, 7, 0, 33], [12, 1, 7, 0, 5]
     (k, v, bt, sl, q), kw = _case(case, lens, sum(q_lens))
@@ -111,15 +125,17 @@ def test_kernels_do_not_load_outside_the_window(window):
     clean = ops.prefill_attention(q, cu, k, v, bt, sl, backend="triton", **kw)
     kp, vp = k.clone(), v.clone()
     poison_outside(kp, vp, bt, lens, q_lens, window)
+    btp = _release_before_window(bt, lens, q_lens, window, kp)
     bm, bn = (16, 16) if window == 1 else (32, 16)
-    out = triton_prefill.prefill(q, cu, kp, vp, bt, sl, 32**-0.5, block_m=bm, block_n=bn, **kw)
+    out = triton_prefill.prefill(q, cu, kp, vp, btp, sl, 32**-0.5, block_m=bm, block_n=bn, **kw)
     assert_close(out, clean, TOL[F32], what=f"poisoned prefill tiles {bm}x{bn}")
     qd = q[: len(lens)].contiguous()
     kp, vp = k.clone(), v.clone()
     poison_outside(kp, vp, bt, lens, [1] * len(lens), window)
+    btp = _release_before_window(bt, lens, [1] * len(lens), window, kp)
     ref = ops.decode_attention(qd, k, v, bt, sl, backend="reference", **kw)
     for split, invariant in ((None, False), (16, False), (32, True)):
-        out = triton_decode.decode(qd, kp, vp, bt, sl, 32**-0.5, split_tokens=split,
+        out = triton_decode.decode(qd, kp, vp, btp, sl, 32**-0.5, split_tokens=split,
                                    batch_invariant=invariant, **kw)  # fmt: skip
         assert_close(out, ref, TOL[F32], what=f"poisoned decode split={split} inv={invariant}")
 

@@ -91,7 +91,8 @@ def decode_attention(
 
     ``window`` (tokens, sliding-window layers): the query at position p = seq_len - 1
     sees keys in ``(p - window, p]``; blocks wholly before that are never read, so the
-    cost follows the window, not the context. ``softcap``: scores ``s = q.k * scale``
+    cost follows the window, not the context, and their table entries may hold anything
+    (e.g. blocks already released). ``softcap``: scores ``s = q.k * scale``
     become ``softcap * tanh(s / softcap)`` (Gemma 2). ``sinks``: [Hq] logits (float32 or
     q's dtype), one per query head, added to the softmax denominator as a key whose
     value is zero (gpt-oss).
@@ -101,7 +102,8 @@ def decode_attention(
     opts = _checks.attn_options(scale, window, softcap, sinks, q, check)
     _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
     if check:
-        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        first = None if opts.window is None else (seq_lens - opts.window).clamp(min=0)
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
     invariant = resolve_invariant(batch_invariant)
     feats = dict(window=opts.window, softcap=opts.softcap, sinks=opts.sinks)
     if resolve(backend, q.device) == "triton":
@@ -169,8 +171,11 @@ def prefill_attention(
     cu = _checks.cu_seqlens(cu_seqlens_q, k_cache.device)
     _checks.tables(block_tables, seq_lens, cu.shape[0] - 1, k_cache.device)
     if check:
-        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
         _checks.cu_values(cu, seq_lens, num_tokens)
+        first = None
+        if opts.window is not None:
+            first = (seq_lens - (cu[1:] - cu[:-1]) - opts.window + 1).clamp(min=0)
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
     feats = dict(window=opts.window, softcap=opts.softcap, sinks=opts.sinks)
     if resolve(backend, q.device) == "triton":
         return _triton("prefill").prefill(

@@ -91,17 +91,25 @@ def tables(block_tables: object, seq_lens: object, batch: int, device: torch.dev
 
 
 def table_values(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int, block_size: int
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_blocks: int,
+    block_size: int,
+    first_key: torch.Tensor | None = None,
 ) -> None:
-    """Lengths within [0, table capacity], and every block id a sequence uses in range."""
+    """Lengths within [0, table capacity], and every block id a sequence uses in range.
+
+    ``first_key`` ([B], sliding windows): the first key position each sequence's queries
+    see; blocks wholly before it are never read, so their entries may hold anything
+    (e.g. blocks already released)."""
     if seq_lens.numel() == 0:
         return
     cap = block_tables.shape[1] * block_size
     lens = seq_lens.to(torch.int64)
-    used = (
-        torch.arange(block_tables.shape[1], device=lens.device)[None, :] * block_size
-        < lens[:, None]
-    )
+    starts = torch.arange(block_tables.shape[1], device=lens.device)[None, :] * block_size
+    used = starts < lens[:, None]
+    if first_key is not None:
+        used &= starts + block_size > first_key.to(torch.int64)[:, None]
     bad_id = used & ((block_tables < 0) | (block_tables >= num_blocks))
     stats = torch.stack([lens.min(), lens.max(), bad_id.any().to(torch.int64)]).tolist()
     lo, hi, any_bad = stats

@@ -122,7 +122,8 @@ class DecodePlan:
             check = not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         _checks.attn_options(self.scale, None, None, sinks, q, check)
         if check:
-            _checks.table_values(block_tables, seq_lens, k_cache.shape[0], bs)
+            first = None if self.window is None else (seq_lens - self.window).clamp(min=0)
+            _checks.table_values(block_tables, seq_lens, k_cache.shape[0], bs, first)
             if bsz and int(seq_lens.max()) > self.max_seq_len:
                 raise ValueError(
                     f"a sequence is longer than the plan's max_seq_len {self.max_seq_len}"

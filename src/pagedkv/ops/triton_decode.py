@@ -34,7 +34,7 @@ INVARIANT_SPLIT_TOKENS = 512
 MIN_SPLIT_TOKENS = 64
 MAX_VECTOR_MERGE = 128  # more splits than this are merged one by one
 LOG2E = 1.4426950408889634
-NO_WINDOW = 1 << 30  # the window passed to the kernels for full attention
+NO_WINDOW = 1 << 30  # full attention, as the kernels see it (int32 arithmetic)
 
 
 def needs_upcast(dtype: torch.dtype) -> bool:
@@ -84,7 +84,8 @@ def with_sink(m_i, l_i, sink):
 @triton.jit
 def split_base(seq_len, window, split_tokens, ALIGNED: tl.constexpr):
     """(first key the query sees, start of split 0). Aligned (batch-invariant) splits sit
-    at absolute multiples of split_tokens, so their bounds depend on this sequence only."""
+    at absolute multiples of split_tokens, as without a window, so a key keeps its split
+    and tile as the window slides from step to step."""
     lo = tl.maximum(seq_len - window, 0)
     if ALIGNED:
         return lo, (lo // split_tokens) * split_tokens
@@ -328,7 +329,7 @@ def decode(
         qk_scale, cap_log2 = scale * LOG2E, 0.0
     else:
         qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
-    win = NO_WINDOW if window is None else window
+    win = NO_WINDOW if window is None else min(window, NO_WINDOW)
     sinks_arg = q if sinks is None else sinks.contiguous()  # a dummy pointer without sinks
     common = dict(
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=triton.next_power_of_2(d),

@@ -183,7 +183,7 @@ def prefill(
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens.contiguous(), cu_seqlens_q.contiguous(),
         q if sinks is None else sinks.contiguous(), out, qk_scale, cap_log2,
-        NO_WINDOW if window is None else window,
+        NO_WINDOW if window is None else min(window, NO_WINDOW),
         q.stride(0), q.stride(1), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         block_tables.stride(0), out.stride(0), out.stride(1), n_m_tiles,
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d), BS=bs,
