@@ -440,6 +440,31 @@ def bench_features(use_fi):
             rec["error"] = repr(e)[:300]
             rec["tb"] = traceback.format_exc()[-800:]
         recs.append(rec)
+    full = recs[0]
+    print(f"features decode B={B} ctx={L} window={W} cap={cap}: pagedkv", flush=True)
+    print(f"{'variant':>15} {'us':>8} {'graph':>8} {'x full':>7} {'x full gr':>9} "
+          f"{'splits':>6} {'rel err':>8}", flush=True)  # fmt: skip
+    nan = float("nan")
+    for rec in recs:
+        if "t_s" in rec and "t_s" in full:
+            rec["speedup_vs_full"] = full["t_s"] / rec["t_s"]
+            rec["speedup_vs_full_graph"] = full["t_graph_s"] / rec["t_graph_s"]
+        RES["features"].append(rec)
+        if "error" in rec:
+            print(rec["variant"], rec["error"], flush=True)
+            continue
+        print(f"{rec['variant']:>15} {us(rec['t_s'])} {us(rec['t_graph_s'])} "
+              f"{rec.get('speedup_vs_full', nan):7.2f} "
+              f"{rec.get('speedup_vs_full_graph', nan):9.2f} {rec['num_splits']:>6} "
+              f"{rec.get('rel_err', nan):8.1e}", flush=True)  # fmt: skip
+    dump(FEATURES_JSON)
+    for B_, prefix, new in ((4, 15360, 1024), (1, 0, 8192)):  # before FlashInfer's builds end
+        rec = bench_prefill_window(B_, prefix, new, W)
+        RES["features"].append(rec)
+        print("features prefill", json.dumps(rec), flush=True)
+        dump(FEATURES_JSON)
+    print(f"{'FlashInfer':>15} {'us':>8} {'graph':>8} {'pk/FI':>6} {'pk/FI gr':>8} {'diff':>8}",
+          flush=True)  # fmt: skip
     for rec in recs:
         name = rec["variant"]
         if fi_builds is None:
@@ -462,33 +487,16 @@ def bench_features(use_fi):
                     )
             except Exception as e:
                 rec["fi"] = f"error {e!r}"[:300]
-    full = recs[0]
-    print(f"features decode B={B} ctx={L} window={W} cap={cap}", flush=True)
-    print(f"{'variant':>15} {'us':>8} {'graph':>8} {'FI us':>8} {'FI gr':>8} {'x full':>7} "
-          f"{'x full gr':>9} {'rel err':>8} {'FI diff':>8}", flush=True)  # fmt: skip
-    nan = float("nan")
-    for rec in recs:
-        if "t_s" in rec and "t_s" in full:
-            rec["speedup_vs_full"] = full["t_s"] / rec["t_s"]
-            rec["speedup_vs_full_graph"] = full["t_graph_s"] / rec["t_graph_s"]
-        RES["features"].append(rec)
-        if "error" in rec:
-            print(rec["variant"], rec["error"], flush=True)
-            continue
-        print(f"{rec['variant']:>15} {us(rec['t_s'])} {us(rec['t_graph_s'])} "
-              f"{us(rec.get('fi_t_s')):>8} {us(rec.get('fi_t_graph_s')):>8} "
-              f"{rec.get('speedup_vs_full', nan):7.2f} "
-              f"{rec.get('speedup_vs_full_graph', nan):9.2f} "
-              f"{rec.get('rel_err', nan):8.1e} {rec.get('fi_diff', nan):8.1e}"
-              + (f"  FI: {rec['fi']}" if "fi" in rec else ""), flush=True)  # fmt: skip
-    dump(FEATURES_JSON)
+        dump(FEATURES_JSON)
+        if "fi_t_s" in rec and "t_s" in rec:
+            print(f"{name:>15} {us(rec['fi_t_s'])} {us(rec['fi_t_graph_s'])} "
+                  f"{rec['t_s'] / rec['fi_t_s']:6.2f} "
+                  f"{rec['t_graph_s'] / rec['fi_t_graph_s']:8.2f} {rec['fi_diff']:8.1e}",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"{name:>15} n/a: {rec.get('fi', 'no pagedkv result')}", flush=True)
     pools.clear()
     torch.cuda.empty_cache()
-    for B_, prefix, new in ((4, 15360, 1024), (1, 0, 8192)):
-        rec = bench_prefill_window(B_, prefix, new, W)
-        RES["features"].append(rec)
-        print("features prefill", json.dumps(rec), flush=True)
-    dump(FEATURES_JSON)
 
 
 def bench_prefill_window(B, prefix, new, window):

@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine, from the repository root: the gpu-marked tests, the Triton kernel
 # tests on CUDA, then the attention benchmark, in one go.
-#   bash benchmarks/gpu_check.sh [--sweep] [--quick] [--no-flashinfer]
+#   bash benchmarks/gpu_check.sh [--sweep] [--quick] [--no-flashinfer] [--features]
+# (--features: only the sliding-window / softcap / sinks benchmark; LIMIT=560 for it)
 # FlashInfer (the peer) comes from .whl/ (flashinfer-python + apache-tvm-ffi wheels, see
 # benchmarks/RESULTS.md); its JIT build starts in the background first, while tests run.
 set -u
