@@ -154,8 +154,9 @@ def attn_options(
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a finite number > 0, got {scale}")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int):
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
             raise TypeError(f"window must be an int (tokens) or None, got {type(window).__name__}")
+        window = int(window)
         if window < 1:
             raise ValueError(
                 f"window must be >= 1 token (a query sees itself), got {window}; "
