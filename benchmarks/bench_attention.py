@@ -1,6 +1,7 @@
 """Attention / KV-movement benchmark on one CUDA GPU (one run, one table).
 
     PYTHONPATH=src python benchmarks/bench_attention.py [--quick] [--sweep] [--no-flashinfer]
+    PYTHONPATH=src python benchmarks/bench_attention.py --features  # window/softcap/sinks only
 
 Decode: B in {1,16,64,128} x ctx in {512,4096,16384}, Hq 32, Hkv 8, D 128, bf16, block 16,
 blocks in random order: pagedkv Triton (do_bench, and a DecodePlan replayed in a CUDA
@@ -34,7 +35,8 @@ DEV = torch.device("cuda")
 BF = torch.bfloat16
 HQ, HKV, D, BS = 32, 8, 128, 16
 L2_ROTATE = 256 * 2**20
-RES: dict = {"configs": [], "prefill": [], "invariant": [], "memory": [], "sweep": []}
+RES: dict = {"configs": [], "prefill": [], "invariant": [], "memory": [], "sweep": [],
+             "features": []}  # fmt: skip
 
 
 def do_bench(fn, warmup=25, rep=100) -> float:
@@ -365,11 +367,163 @@ def sweep(d2d):
         torch.cuda.empty_cache()
 
 
-def dump():
+# ---- sliding window / softcap / sinks (issue 13): `--features` --------------------------------
+FEAT_B, FEAT_CTX, FEAT_WINDOW, FEAT_CAP = 64, 16384, 1024, 50.0
+FEATURES_JSON = "bench_attention_features.json"
+
+
+def fi_feature_wrapper(tables, lens, window, softcap):
+    """A FlashInfer decode wrapper planned with window_left / logits_soft_cap (one JIT
+    build per variant, hence only the CUDA-core decode kernel); None + reason if n/a."""
+    try:
+        import flashinfer
+    except Exception as e:
+        return None, f"flashinfer not importable: {e!r}"[:200]
+    B, nbps = tables.shape
+    indptr = torch.arange(0, B * nbps + 1, nbps, dtype=torch.int32, device=DEV)
+    last = ((lens - 1) % BS + 1).to(torch.int32)
+    try:
+        ws = torch.zeros(256 * 2**20, dtype=torch.uint8, device=DEV)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=False)
+        t0 = time.perf_counter()
+        w.plan(indptr, tables.reshape(-1), last, HQ, HKV, D, BS, pos_encoding_mode="NONE",
+               window_left=-1 if window is None else window - 1, logits_soft_cap=softcap,
+               q_data_type=BF, kv_data_type=BF)  # fmt: skip
+        RES.setdefault("fi_plan_s", []).append(time.perf_counter() - t0)
+        return w, None
+    except Exception as e:
+        return None, f"plan failed: {e!r}"[:300]
+
+
+def bench_features(use_fi):
+    """Decode at B=64, ctx 16384 (Hq 32, Hkv 8, D 128, bf16): full attention vs a 1024-token
+    window (target: >= 8x faster), softcap 50, window + softcap (Gemma 2 local layers),
+    window + sinks (gpt-oss), each eager and as a DecodePlan in a CUDA graph, beside
+    FlashInfer's window_left / logits_soft_cap decode on the same pool (no sinks there:
+    only its trtllm-gen backend has them). Then windowed prefill with a cached prefix."""
+    B, L, W, cap = FEAT_B, FEAT_CTX, FEAT_WINDOW, FEAT_CAP
+    pools, tables, lens = make_pools(B, L, 1)
+    k, v = pools[0].k(0), pools[0].v(0)
+    q = torch.randn(B, HQ, D, dtype=BF, device=DEV)
+    sinks = torch.randn(HQ, device=DEV)
+    variants = [("full", None, None, False), ("window", W, None, False),
+                ("softcap", None, cap, False), ("window+softcap", W, cap, False),
+                ("window+sinks", W, None, True)]  # fmt: skip
+    fi_builds = None
+    if use_fi:  # FlashInfer JIT-builds one module per variant: in the background (nvcc)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool_ex = ThreadPoolExecutor(1)
+        fi_builds = {n: pool_ex.submit(fi_feature_wrapper, tables, lens, w, c)
+                     for n, w, c, s in variants if not s}  # fmt: skip
+    recs, outs = [], {}
+    for name, window, softcap, with_sinks in variants:
+        kw = dict(window=window, softcap=softcap, sinks=sinks if with_sinks else None)
+        rec = dict(variant=name, B=B, L=L, window=window, softcap=softcap, sinks=with_sinks)
+        try:
+            out = outs[name] = ops.decode_attention(q, k, v, tables, lens, **kw)
+            if window is not None:  # the reference reads only the window: cheap enough
+                ref = ops.decode_attention(q, k, v, tables, lens, backend="reference", **kw)
+                rec["rel_err"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            rec["t_s"] = do_bench(
+                lambda kw=kw: ops.decode_attention(q, k, v, tables, lens, check=False, **kw)
+            )
+            plan = ops.DecodePlan(B, HQ, HKV, D, BS, L, dtype=BF, device=DEV, window=window,
+                                  softcap=softcap)  # fmt: skip
+            rec["split"], rec["num_splits"] = plan.split_tokens, plan.num_splits
+            sk = kw["sinks"]
+            rec["t_graph_s"] = bench_graph(
+                lambda plan=plan, sk=sk: plan.run(q, k, v, tables, lens, sinks=sk, check=False),
+                rec["t_s"],
+            )
+        except Exception as e:
+            rec["error"] = repr(e)[:300]
+            rec["tb"] = traceback.format_exc()[-800:]
+        recs.append(rec)
+    full = recs[0]
+    print(f"features decode B={B} ctx={L} window={W} cap={cap}: pagedkv", flush=True)
+    print(f"{'variant':>15} {'us':>8} {'graph':>8} {'x full':>7} {'x full gr':>9} "
+          f"{'splits':>6} {'rel err':>8}", flush=True)  # fmt: skip
+    nan = float("nan")
+    for rec in recs:
+        if "t_s" in rec and "t_s" in full:
+            rec["speedup_vs_full"] = full["t_s"] / rec["t_s"]
+            rec["speedup_vs_full_graph"] = full["t_graph_s"] / rec["t_graph_s"]
+        RES["features"].append(rec)
+        if "error" in rec:
+            print(rec["variant"], rec["error"], flush=True)
+            continue
+        print(f"{rec['variant']:>15} {us(rec['t_s'])} {us(rec['t_graph_s'])} "
+              f"{rec.get('speedup_vs_full', nan):7.2f} "
+              f"{rec.get('speedup_vs_full_graph', nan):9.2f} {rec['num_splits']:>6} "
+              f"{rec.get('rel_err', nan):8.1e}", flush=True)  # fmt: skip
+    dump(FEATURES_JSON)
+    for B_, prefix, new in ((4, 15360, 1024), (1, 0, 8192)):  # before FlashInfer's builds end
+        rec = bench_prefill_window(B_, prefix, new, W)
+        RES["features"].append(rec)
+        print("features prefill", json.dumps(rec), flush=True)
+        dump(FEATURES_JSON)
+    print(f"{'FlashInfer':>15} {'us':>8} {'graph':>8} {'pk/FI':>6} {'pk/FI gr':>8} {'diff':>8}",
+          flush=True)  # fmt: skip
+    for rec in recs:
+        name = rec["variant"]
+        if fi_builds is None:
+            rec["fi"] = "skipped (--no-flashinfer)"
+        elif name not in fi_builds:
+            rec["fi"] = "n/a (sinks: FlashInfer has them in its trtllm-gen backend only)"
+        elif name in outs:
+            try:
+                w, why = fi_builds[name].result()
+                if w is None:
+                    rec["fi"] = why
+                else:
+                    fo = torch.empty_like(q)
+                    w.run(q, (k, v), out=fo)
+                    out = outs[name].float()
+                    rec["fi_diff"] = ((fo.float() - out).norm() / out.norm()).item()
+                    rec["fi_t_s"] = do_bench(lambda w=w, fo=fo: w.run(q, (k, v), out=fo))
+                    rec["fi_t_graph_s"] = bench_graph(
+                        lambda w=w, fo=fo: w.run(q, (k, v), out=fo), rec["fi_t_s"]
+                    )
+            except Exception as e:
+                rec["fi"] = f"error {e!r}"[:300]
+        dump(FEATURES_JSON)
+        if "fi_t_s" in rec and "t_s" in rec:
+            print(f"{name:>15} {us(rec['fi_t_s'])} {us(rec['fi_t_graph_s'])} "
+                  f"{rec['t_s'] / rec['fi_t_s']:6.2f} "
+                  f"{rec['t_graph_s'] / rec['fi_t_graph_s']:8.2f} {rec['fi_diff']:8.1e}",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"{name:>15} n/a: {rec.get('fi', 'no pagedkv result')}", flush=True)
+    pools.clear()
+    torch.cuda.empty_cache()
+
+
+def bench_prefill_window(B, prefix, new, window):
+    """Prefill of `new` tokens after a cached `prefix`, full attention vs a window."""
+    pools, tables, lens = make_pools(B, prefix + new, 1)
+    k, v = pools[0].k(0), pools[0].v(0)
+    q = torch.randn(B * new, HQ, D, dtype=BF, device=DEV)
+    cu = torch.arange(0, B * new + 1, new, dtype=torch.int32, device=DEV)
+    rec = dict(variant="prefill", B=B, prefix=prefix, new=new, window=window)
+    for name, w in (("full", None), ("window", window)):
+
+        def fn(w=w):
+            ops.prefill_attention(q, cu, k, v, tables, lens, window=w, max_q_len=new, check=False)
+
+        fn()
+        rec[f"t_{name}_s"] = do_bench(fn)
+    rec["speedup_vs_full"] = rec["t_full_s"] / rec["t_window_s"]
+    pools.clear()
+    torch.cuda.empty_cache()
+    return rec
+
+
+def dump(name="bench_attention.json"):
     for d in (os.path.join(os.path.dirname(__file__), "out"), os.environ.get("OUT")):
         if d:
             os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, "bench_attention.json"), "w") as f:
+            with open(os.path.join(d, name), "w") as f:
                 json.dump(RES, f, indent=1)
 
 
@@ -382,6 +536,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--features", action="store_true",
+                    help="only the sliding-window / softcap / sinks cases (issue 13)")  # fmt: skip
     args = ap.parse_args()
     RES.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
     RES["date"] = time.strftime("%F")
@@ -389,6 +545,8 @@ def main():
     RES["d2d_GBps_read_plus_write"] = d2d
     print(f"device {RES['device']}  d2d copy {d2d:.0f} GB/s (read+write)", flush=True)
     RES["no_flashinfer"] = args.no_flashinfer
+    if args.features:
+        return bench_features(not args.no_flashinfer)
     try:
         bench_host()
     except Exception as e:

@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine, from the repository root: the gpu-marked tests, the Triton kernel
 # tests on CUDA, then the attention benchmark, in one go.
-#   bash benchmarks/gpu_check.sh [--sweep] [--quick] [--no-flashinfer]
+#   bash benchmarks/gpu_check.sh [--sweep] [--quick] [--no-flashinfer] [--features]
+# (--features: only the sliding-window / softcap / sinks benchmark; LIMIT=560 for it)
 # FlashInfer (the peer) comes from .whl/ (flashinfer-python + apache-tvm-ffi wheels, see
 # benchmarks/RESULTS.md); its JIT build starts in the background first, while tests run.
 set -u
@@ -39,7 +40,8 @@ PY
   FI=$!
 fi
 echo "== pytest (gpu + triton on CUDA) $(date -u +%T)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ops_triton.py tests/test_ops_gpu.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_ops_triton.py tests/test_ops_gpu.py \
+  tests/test_ops_features_triton.py \
   -o addopts="" 2>&1 | tail -25
 echo "== tests done $(date -u +%T)"
 if [ -n "$FI" ]; then

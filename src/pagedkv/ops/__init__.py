@@ -10,6 +10,9 @@ Batch-invariant mode (``batch_invariant=True``, :func:`set_batch_invariant`,
 :func:`batch_invariant_mode`) makes decode results for a sequence bit-identical
 whatever else shares its batch.
 
+Decode and prefill take keyword-only ``window`` (sliding window, tokens), ``softcap``
+(logit soft-capping) and ``sinks`` (per-head sink logits); any mix may be combined.
+
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
 range, lengths that fit their tables), which costs one device sync on CUDA.
@@ -17,7 +20,6 @@ range, lengths that fit their tables), which costs one device sync on CUDA.
 
 from __future__ import annotations
 
-import math
 from importlib import import_module
 
 import torch
@@ -73,6 +75,9 @@ def decode_attention(
     seq_lens: torch.Tensor,
     scale: float | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
     batch_invariant: bool | None = None,
     check: bool = True,
@@ -83,19 +88,32 @@ def decode_attention(
     of Hkv (GQA); block_tables: [B, max_blocks] int32 (entries past a sequence's last
     block are ignored); seq_lens: [B] int32. Returns [B, Hq, D] in q's dtype; a sequence
     of length 0 gives zeros. ``scale`` defaults to 1/sqrt(D).
+
+    ``window`` (tokens, sliding-window layers): the query at position p = seq_len - 1
+    sees keys in ``(p - window, p]``; blocks wholly before that are never read, so the
+    cost follows the window, not the context, and their table entries may hold anything
+    (e.g. blocks already released). ``softcap``: scores ``s = q.k * scale``
+    become ``softcap * tanh(s / softcap)`` (Gemma 2). ``sinks``: [Hq] logits (float32 or
+    q's dtype), one per query head, added to the softmax denominator as a key whose
+    value is zero (gpt-oss).
     """
     _checks.cache_pair(k_cache, v_cache)
     bsz, _ = _checks.query(q, "q", k_cache, 3)
+    opts = _checks.attn_options(scale, window, softcap, sinks, q, check)
     _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
     if check:
-        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        first = None if opts.window is None else (seq_lens - opts.window).clamp(min=0)
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
     invariant = resolve_invariant(batch_invariant)
+    feats = dict(window=opts.window, softcap=opts.softcap, sinks=opts.sinks)
     if resolve(backend, q.device) == "triton":
         return _triton("decode").decode(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, batch_invariant=invariant
-        )
-    return reference.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, invariant)
+            q, k_cache, v_cache, block_tables, seq_lens, opts.scale, batch_invariant=invariant,
+            **feats,
+        )  # fmt: skip
+    return reference.decode(
+        q, k_cache, v_cache, block_tables, seq_lens, opts.scale, invariant, **feats
+    )
 
 
 def paged_decode(
@@ -106,14 +124,18 @@ def paged_decode(
     seq_lens: torch.Tensor,
     scale: float | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
     batch_invariant: bool | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """:func:`decode_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
     return decode_attention(
-        q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale,
-        backend=backend, batch_invariant=batch_invariant, check=check,
+        q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale, window=window,
+        softcap=softcap, sinks=sinks, backend=backend, batch_invariant=batch_invariant,
+        check=check,
     )  # fmt: skip
 
 
@@ -126,6 +148,9 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     scale: float | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
     max_q_len: int | None = None,
     check: bool = True,
@@ -135,23 +160,29 @@ def prefill_attention(
     q: [T, Hq, D]; cu_seqlens_q: [B+1] int32, sequence b owning rows ``cu[b]:cu[b+1]``.
     Those rows are the LAST ``q_len_b`` tokens of the ``seq_lens[b]`` tokens in the cache
     (cached prefix + themselves; write their K/V with :func:`write_kv` first). Row i of
-    sequence b sits at position ``seq_lens[b] - q_len_b + i`` and sees keys at positions
-    <= its own. Returns [T, Hq, D] in q's dtype. ``max_q_len`` (the longest q_len) spares
-    the Triton path a device sync when given.
+    sequence b sits at position ``p = seq_lens[b] - q_len_b + i`` and sees keys at
+    positions in ``(p - window, p]`` (``[0, p]`` when ``window`` is None); ``softcap`` and
+    ``sinks`` as in :func:`decode_attention`. Returns [T, Hq, D] in q's dtype.
+    ``max_q_len`` (the longest q_len) spares the Triton path a device sync when given.
     """
     _checks.cache_pair(k_cache, v_cache)
     num_tokens, _ = _checks.query(q, "q", k_cache, 3)
+    opts = _checks.attn_options(scale, window, softcap, sinks, q, check)
     cu = _checks.cu_seqlens(cu_seqlens_q, k_cache.device)
     _checks.tables(block_tables, seq_lens, cu.shape[0] - 1, k_cache.device)
     if check:
-        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
         _checks.cu_values(cu, seq_lens, num_tokens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        first = None
+        if opts.window is not None:
+            first = (seq_lens - (cu[1:] - cu[:-1]) - opts.window + 1).clamp(min=0)
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
+    feats = dict(window=opts.window, softcap=opts.softcap, sinks=opts.sinks)
     if resolve(backend, q.device) == "triton":
         return _triton("prefill").prefill(
-            q, cu, k_cache, v_cache, block_tables, seq_lens, scale, max_q_len=max_q_len
-        )
-    return reference.prefill(q, cu, k_cache, v_cache, block_tables, seq_lens, scale)
+            q, cu, k_cache, v_cache, block_tables, seq_lens, opts.scale, max_q_len=max_q_len,
+            **feats,
+        )  # fmt: skip
+    return reference.prefill(q, cu, k_cache, v_cache, block_tables, seq_lens, opts.scale, **feats)
 
 
 def paged_prefill(
@@ -163,6 +194,9 @@ def paged_prefill(
     seq_lens: torch.Tensor,
     scale: float | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
     max_q_len: int | None = None,
     check: bool = True,
@@ -170,7 +204,8 @@ def paged_prefill(
     """:func:`prefill_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
     return prefill_attention(
         q, cu_seqlens_q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale,
-        backend=backend, max_q_len=max_q_len, check=check,
+        window=window, softcap=softcap, sinks=sinks, backend=backend, max_q_len=max_q_len,
+        check=check,
     )  # fmt: skip
 
 

@@ -8,6 +8,10 @@ validating once (e.g. in :class:`pagedkv.ops.DecodePlan`).
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import NamedTuple
+
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -87,17 +91,25 @@ def tables(block_tables: object, seq_lens: object, batch: int, device: torch.dev
 
 
 def table_values(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int, block_size: int
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_blocks: int,
+    block_size: int,
+    first_key: torch.Tensor | None = None,
 ) -> None:
-    """Lengths within [0, table capacity], and every block id a sequence uses in range."""
+    """Lengths within [0, table capacity], and every block id a sequence uses in range.
+
+    ``first_key`` ([B], sliding windows): the first key position each sequence's queries
+    see; blocks wholly before it are never read, so their entries may hold anything
+    (e.g. blocks already released)."""
     if seq_lens.numel() == 0:
         return
     cap = block_tables.shape[1] * block_size
     lens = seq_lens.to(torch.int64)
-    used = (
-        torch.arange(block_tables.shape[1], device=lens.device)[None, :] * block_size
-        < lens[:, None]
-    )
+    starts = torch.arange(block_tables.shape[1], device=lens.device)[None, :] * block_size
+    used = starts < lens[:, None]
+    if first_key is not None:
+        used &= starts + block_size > first_key.to(torch.int64)[:, None]
     bad_id = used & ((block_tables < 0) | (block_tables >= num_blocks))
     stats = torch.stack([lens.min(), lens.max(), bad_id.any().to(torch.int64)]).tolist()
     lo, hi, any_bad = stats
@@ -115,6 +127,69 @@ def table_values(
             f"block_tables[{b}, {j}] = {int(block_tables[b, j])} is out of range "
             f"[0, {num_blocks}) (the pool has {num_blocks} blocks)"
         )
+
+
+class AttnOptions(NamedTuple):
+    """Validated attention options shared by decode and prefill (see :func:`attn_options`)."""
+
+    scale: float
+    window: int | None
+    softcap: float | None
+    sinks: torch.Tensor | None
+
+
+def attn_options(
+    scale: object, window: object, softcap: object, sinks: object, q: torch.Tensor, check: bool
+) -> AttnOptions:
+    """Check the scale, sliding window, logit softcap and attention sinks of one call.
+
+    ``scale`` None means 1/sqrt(D); ``window`` an int >= 1 or None; ``softcap`` a finite
+    number > 0 or None; ``sinks`` a [Hq] tensor of float32 or q's dtype on q's device, or
+    None. With ``check`` the sink values are read too (no NaN / +inf; -inf = no sink).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = _real(scale, "scale")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window must be an int (tokens) or None, got {type(window).__name__}")
+        window = int(window)
+        if window < 1:
+            raise ValueError(
+                f"window must be >= 1 token (a query sees itself), got {window}; "
+                "use window=None for full attention"
+            )
+    if softcap is not None:
+        softcap = _real(softcap, "softcap")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(
+                f"softcap must be a finite number > 0 (or None for no capping), got {softcap}"
+            )
+    if sinks is not None:
+        tensor(sinks, "sinks")
+        hq = q.shape[1]
+        if sinks.dim() != 1 or sinks.shape[0] != hq:
+            raise ValueError(
+                f"sinks must be [Hq] = [{hq}] (one logit per query head), "
+                f"got shape {tuple(sinks.shape)}"
+            )
+        if sinks.dtype not in (torch.float32, q.dtype):
+            raise TypeError(
+                f"sinks dtype {sinks.dtype} must be float32 or q's dtype {q.dtype}; use .float()"
+            )
+        same_device(sinks, "sinks", q.device)
+        if check and hq and bool((torch.isnan(sinks) | (sinks == float("inf"))).any()):
+            raise ValueError("sinks must not be NaN or +inf (-inf means no sink for that head)")
+    return AttnOptions(scale, window, softcap, sinks)
+
+
+def _real(x: object, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
 
 
 def cu_seqlens(cu: object, device: torch.device) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pagedkv.ops import _checks, reference
@@ -17,6 +15,11 @@ class DecodePlan:
 
     The split size is fixed by the plan (from ``max_batch`` and ``max_seq_len``, or the
     batch-invariant constant), so results do not depend on the batch actually run.
+
+    ``window`` and ``softcap`` are fixed per plan (the splits and workspace are sized for
+    the window: a windowed plan does window-sized work whatever ``max_seq_len``), so a
+    model mixing sliding-window and full layers holds one plan per kind of layer;
+    ``sinks`` ([Hq], per layer) are given to :meth:`run`.
 
     Usage::
 
@@ -39,6 +42,8 @@ class DecodePlan:
         dtype: torch.dtype,
         device: torch.device | str,
         scale: float | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
         batch_invariant: bool | None = None,
         backend: str | None = None,
     ) -> None:
@@ -52,23 +57,27 @@ class DecodePlan:
                 f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
             )
         self.device = torch.device(device)
+        probe = torch.empty(0, num_q_heads, head_dim, dtype=dtype, device="meta")
+        opts = _checks.attn_options(scale, window, softcap, None, probe, check=False)
         self.backend = resolve(backend, self.device)
         self.batch_invariant = resolve_invariant(batch_invariant)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.shape = (num_q_heads, num_kv_heads, head_dim, block_size)
         self.dtype = dtype
-        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        self.scale, self.window, self.softcap = opts.scale, opts.window, opts.softcap
         self.out = torch.zeros(max_batch, num_q_heads, head_dim, dtype=dtype, device=self.device)
         self.split_tokens = self.num_splits = 0
+        self.splits = None
         self.workspace: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.backend == "triton":
             from pagedkv.ops import triton_decode as td
 
             block_n = td.config(head_dim, dtype)["BLOCK_N"]
-            self.split_tokens = td.choose_split_tokens(
-                max_batch, num_kv_heads, max_seq_len, block_n, self.device, self.batch_invariant
-            )
-            self.num_splits = -(-max_seq_len // self.split_tokens)
+            self.splits = td.plan_splits(
+                max_batch, num_kv_heads, max_seq_len, self.window, block_n, self.device,
+                self.batch_invariant,
+            )  # fmt: skip
+            self.split_tokens, self.num_splits = self.splits.split_tokens, self.splits.num_splits
             f32 = dict(dtype=torch.float32, device=self.device)
             self.workspace = (
                 torch.empty(max_batch, num_q_heads, self.num_splits, head_dim, **f32),
@@ -90,11 +99,14 @@ class DecodePlan:
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
         *,
+        sinks: torch.Tensor | None = None,
         check: bool | None = None,
     ) -> torch.Tensor:
         """Decode q [B <= max_batch, Hq, D]; returns a view ``self.out[:B]`` (overwritten by
-        the next run). seq_lens must not exceed ``max_seq_len``. ``check=None`` checks
-        values except while a CUDA graph is being captured."""
+        the next run). seq_lens must not exceed ``max_seq_len``. ``sinks``: [Hq] sink
+        logits of this layer (see :func:`pagedkv.ops.decode_attention`); pass a
+        contiguous tensor when capturing a CUDA graph. ``check=None`` checks values
+        except while a CUDA graph is being captured."""
         hq, hkv, d, bs = self.shape
         _checks.cache_pair(k_cache, v_cache)
         if tuple(k_cache.shape[1:]) != (bs, hkv, d) or k_cache.dtype != self.dtype:
@@ -108,8 +120,10 @@ class DecodePlan:
         _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
         if check is None:
             check = not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        _checks.attn_options(self.scale, None, None, sinks, q, check)
         if check:
-            _checks.table_values(block_tables, seq_lens, k_cache.shape[0], bs)
+            first = None if self.window is None else (seq_lens - self.window).clamp(min=0)
+            _checks.table_values(block_tables, seq_lens, k_cache.shape[0], bs, first)
             if bsz and int(seq_lens.max()) > self.max_seq_len:
                 raise ValueError(
                     f"a sequence is longer than the plan's max_seq_len {self.max_seq_len}"
@@ -120,12 +134,13 @@ class DecodePlan:
 
             td.decode(
                 q, k_cache, v_cache, block_tables, seq_lens, self.scale,
-                batch_invariant=self.batch_invariant, split_tokens=self.split_tokens,
-                max_seq_len=self.num_splits * self.split_tokens, out=out, workspace=self.workspace,
+                batch_invariant=self.batch_invariant, window=self.window, softcap=self.softcap,
+                sinks=sinks, splits=self.splits, out=out, workspace=self.workspace,
             )  # fmt: skip
         else:
             res = reference.decode(
-                q, k_cache, v_cache, block_tables, seq_lens, self.scale, self.batch_invariant
-            )
+                q, k_cache, v_cache, block_tables, seq_lens, self.scale, self.batch_invariant,
+                window=self.window, softcap=self.softcap, sinks=sinks,
+            )  # fmt: skip
             out.copy_(res)
         return out

@@ -1,5 +1,5 @@
 """Torch reference implementations: the specification every other backend is tested
-against. They run on any device and accumulate in float32.
+against. They run on any device and accumulate in float32 (float64 for float64 inputs).
 
 Arguments are assumed checked (see :mod:`pagedkv.ops._checks`); shapes:
 ``k_cache, v_cache: [num_blocks, block_size, Hkv, D]`` (one layer, NHD),
@@ -11,24 +11,59 @@ from __future__ import annotations
 import torch
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs (so float64 tests compare at float64 precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def window_start(seq_len: int, q_len: int, window: int | None) -> int:
+    """First key position any of the last ``q_len`` queries of ``seq_len`` tokens sees."""
+    return 0 if window is None else max(0, seq_len - q_len - window + 1)
+
+
 def _seq_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, n: int
+    k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lo: int, n: int, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one sequence's first ``n`` tokens, float32: each [n, Hkv, D]."""
+    """K and V of one sequence's tokens ``lo .. n-1`` in ``dtype``: each [n - lo, Hkv, D].
+    Only the blocks holding those tokens are read."""
     _, bs, hkv, d = k_cache.shape
-    idx = table[: -(-n // bs)].long()
-    k = k_cache[idx].reshape(-1, hkv, d)[:n].float()
-    v = v_cache[idx].reshape(-1, hkv, d)[:n].float()
+    b0 = lo // bs
+    idx = table[b0 : -(-n // bs)].long()
+    k = k_cache[idx].reshape(-1, hkv, d)[lo - b0 * bs : n - b0 * bs].to(dtype)
+    v = v_cache[idx].reshape(-1, hkv, d)[lo - b0 * bs : n - b0 * bs].to(dtype)
     return k, v
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_from: int | None
-):
-    """Attention of one sequence. q: [M, Hq, D] f32, k/v: [n, Hkv, D] f32 -> [M, Hq, D] f32.
+def _scores(s: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Scaled logits, capped as ``cap * tanh(s / cap)`` when ``softcap`` is set (Gemma 2)."""
+    s = s * scale
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
 
-    With ``causal_from`` set, query row i sits at position ``causal_from + i`` and sees
-    keys at positions <= its own.
+
+def _softmax(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim; a sink is one more logit whose value is zero (gpt-oss):
+    it enlarges the denominator and is dropped. s: [..., n]; sinks broadcast to [..., 1]."""
+    if sinks is None:
+        return torch.softmax(s, dim=-1)
+    sk = sinks.to(s.dtype).expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([s, sk], dim=-1), dim=-1)[..., :-1]
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None,
+    k_pos0: int,
+    window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of one sequence. q: [M, Hq, D], k/v: [n, Hkv, D] (compute dtype) -> [M, Hq, D].
+
+    Key j sits at position ``k_pos0 + j``. With ``q_pos`` ([M] positions) query row i sees
+    keys in ``(q_pos[i] - window, q_pos[i]]``; without it every row sees every key.
     """
     m, hq, d = q.shape
     n, hkv, _ = k.shape
@@ -36,12 +71,14 @@ def _attend(
     if n == 0:
         return q.new_zeros(m, hq, d)
     qg = q.reshape(m, hkv, g, d)
-    s = torch.einsum("mhgd,nhd->hgmn", qg, k) * scale  # [Hkv, G, M, n]
-    if causal_from is not None:
-        qpos = causal_from + torch.arange(m, device=q.device)
-        kpos = torch.arange(n, device=q.device)
-        s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    s = _scores(torch.einsum("mhgd,nhd->hgmn", qg, k), scale, softcap)  # [Hkv, G, M, n]
+    if q_pos is not None:
+        kpos = k_pos0 + torch.arange(n, device=q.device)
+        hidden = kpos[None, :] > q_pos[:, None]
+        if window is not None:
+            hidden |= kpos[None, :] <= q_pos[:, None] - window
+        s = s.masked_fill(hidden, float("-inf"))
+    p = _softmax(s, None if sinks is None else sinks.view(hkv, g, 1, 1))
     o = torch.einsum("hgmn,nhd->mhgd", p, v)
     return o.reshape(m, hq, d)
 
@@ -54,33 +91,51 @@ def decode(
     seq_lens: torch.Tensor,
     scale: float,
     batch_invariant: bool = False,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D] (q.dtype).
 
-    Sequence b attends to its ``seq_lens[b]`` tokens; a sequence of length 0 gives zeros.
-    In batch-invariant mode each sequence is computed on its own, so its bits depend
-    only on its own data; otherwise all sequences are padded into one batched product.
+    Sequence b's query sits at position ``seq_lens[b] - 1`` and attends to the keys in
+    ``(pos - window, pos]`` (all its tokens when ``window`` is None); only the blocks
+    holding those keys are read. Scores are ``q.k * scale``, then ``softcap *
+    tanh(s / softcap)`` when ``softcap`` is set. ``sinks`` ([Hq]) adds one logit per head
+    to the softmax denominator (a key with a zero value). A sequence of length 0 gives
+    zeros. In batch-invariant mode each sequence is computed on its own, so its bits
+    depend only on its own data; otherwise all sequences are padded into one product.
     """
     bsz, hq, d = q.shape
     out = torch.empty_like(q)
     if bsz == 0:
         return out
+    cdt = compute_dtype(q.dtype)
     lens = seq_lens.tolist()
     if batch_invariant:
         for b, n in enumerate(lens):
-            k, v = _seq_kv(k_cache, v_cache, block_tables[b], n)
-            out[b] = _attend(q[b : b + 1].float(), k, v, scale, None)[0].to(q.dtype)
+            lo = window_start(n, 1, window)
+            k, v = _seq_kv(k_cache, v_cache, block_tables[b], lo, n, cdt)
+            o = _attend(q[b : b + 1].to(cdt), k, v, scale, None, lo, window, softcap, sinks)
+            out[b] = o[0].to(q.dtype)
         return out
-    _, bs, hkv, _ = k_cache.shape
-    nb = max(1, -(-max(lens) // bs))
-    idx = block_tables[:, :nb].long().clamp(0, k_cache.shape[0] - 1)  # unused entries may be junk
-    k = k_cache[idx].reshape(bsz, nb * bs, hkv, d).float()  # [B, L, Hkv, D]
-    v = v_cache[idx].reshape(bsz, nb * bs, hkv, d).float()
-    qg = q.float().reshape(bsz, hkv, hq // hkv, d)
-    s = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
-    pad = torch.arange(nb * bs, device=q.device)[None, :] >= seq_lens.to(q.device)[:, None]
-    s = s.masked_fill(pad[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # empty sequences: all -inf -> zeros
+    num_blocks, bs, hkv, _ = k_cache.shape
+    lens_t = torch.tensor(lens, device=q.device)
+    lo = (lens_t - window).clamp_(min=0) if window is not None else torch.zeros_like(lens_t)
+    b0 = lo // bs  # first block each sequence reads
+    nb = max(1, int(((lens_t + bs - 1) // bs - b0).max()))
+    cols = (b0[:, None] + torch.arange(nb, device=q.device)).clamp_(max=block_tables.shape[1] - 1)
+    idx = block_tables.gather(1, cols).long().clamp_(0, num_blocks - 1)
+    pos = b0[:, None] * bs + torch.arange(nb * bs, device=q.device)  # [B, L] key positions
+    valid = (pos >= lo[:, None]) & (pos < lens_t[:, None])  # unused entries may be junk
+    k = k_cache[idx].reshape(bsz, nb * bs, hkv, d).to(cdt)  # [B, L, Hkv, D]
+    v = v_cache[idx].reshape(bsz, nb * bs, hkv, d).to(cdt)
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)  # hidden keys' values never count
+    qg = q.to(cdt).reshape(bsz, hkv, hq // hkv, d)
+    s = _scores(torch.einsum("bhgd,blhd->bhgl", qg, k), scale, softcap)
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = _softmax(s, None if sinks is None else sinks.view(1, hkv, hq // hkv, 1))
+    p = p.nan_to_num_(0.0)  # empty sequences without sinks: all -inf -> zeros
     o = torch.einsum("bhgl,blhd->bhgd", p, v).reshape(bsz, hq, d)
     return out.copy_(o)
 
@@ -93,21 +148,31 @@ def prefill(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed causal prefill over a cached prefix. q: [T, Hq, D] -> [T, Hq, D] (q.dtype).
 
     Sequence b owns rows ``cu[b]:cu[b+1]``; they are its last ``q_len`` tokens of
-    ``seq_lens[b]``, whose K/V are already in the cache. Computed per sequence.
+    ``seq_lens[b]``, whose K/V are already in the cache. The row at position p sees keys
+    in ``(p - window, p]`` (``window`` None: ``[0, p]``); ``softcap`` and ``sinks`` as in
+    :func:`decode`. Computed per sequence, reading only the blocks some row sees.
     """
     out = torch.empty_like(q)
+    cdt = compute_dtype(q.dtype)
     cu = cu_seqlens_q.tolist()
     for b, n in enumerate(seq_lens.tolist()):
-        lo, hi = cu[b], cu[b + 1]
-        if hi == lo:
+        lo_q, hi_q = cu[b], cu[b + 1]
+        m = hi_q - lo_q
+        if m == 0:
             continue
-        k, v = _seq_kv(k_cache, v_cache, block_tables[b], n)
-        o = _attend(q[lo:hi].float(), k, v, scale, causal_from=n - (hi - lo))
-        out[lo:hi] = o.to(q.dtype)
+        lo = window_start(n, m, window)
+        k, v = _seq_kv(k_cache, v_cache, block_tables[b], lo, n, cdt)
+        q_pos = torch.arange(n - m, n, device=q.device)
+        o = _attend(q[lo_q:hi_q].to(cdt), k, v, scale, q_pos, lo, window, softcap, sinks)
+        out[lo_q:hi_q] = o.to(q.dtype)
     return out
 
 

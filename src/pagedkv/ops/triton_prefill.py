@@ -1,11 +1,14 @@
 """Triton paged prefill attention: flash-attention tiles over paged K/V, causal, with a
-cached prefix, for packed variable-length queries.
+cached prefix, for packed variable-length queries, optionally with a sliding window,
+logit softcapping and attention sinks.
 
 Program (tile t, query head hq): tile t = (sequence b, query rows m0 .. m0+BLOCK_M).
-Query row i of b sits at absolute position ``seq_len - q_len + i``. Keys before the
-tile's first position are visible to every row and are streamed without a mask; only
-the diagonal tiles are masked. K/V rows are gathered through the block table; offsets
-that multiply a block id by a stride are int64.
+Query row i of b sits at absolute position ``p = seq_len - q_len + i`` and sees keys in
+``(p - window, p]``. Key tiles sit at absolute multiples of BLOCK_N; those seen by every
+row of the tile are streamed without a mask, only the tiles at the window's two edges
+(its start and the diagonal) are masked, and tiles before the first row's window start
+are skipped (keys there are never loaded). K/V rows are gathered through the block
+table; offsets that multiply a block id by a stride are int64.
 """
 
 from __future__ import annotations
@@ -14,19 +17,19 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedkv.ops.triton_decode import LOG2E, mma, needs_upcast
+from pagedkv.ops.triton_decode import LOG2E, NO_WINDOW, logits, mma, needs_upcast, with_sink
 
 
 @triton.jit
 def _tile(
-    q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_end, h,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
+    q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale, cap_log2,
     offs_d, mask_d, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
-        mask_n = offs_n < kv_end
+        mask_n = (offs_n >= kv_lo) & (offs_n < kv_end)
         blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_row + offs_n // BS).to(tl.int64)
@@ -40,13 +43,19 @@ def _tile(
     else:
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-    qk = mma(q, tl.trans(k), IEEE, UPCAST) * scale_log2  # [BLOCK_M, BLOCK_N]
+    qk = logits(mma(q, tl.trans(k), IEEE, UPCAST), qk_scale, cap_log2, SOFTCAP)
     if MASKED:
-        visible = (offs_n[None, :] <= pos_m[:, None]) & mask_n[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+        rel = pos_m[:, None] - offs_n[None, :]  # query position - key position
+        visible = (rel >= 0) & (rel < window) & mask_n[None, :]
+        qk = tl.where(visible, qk, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row may see none of this tile's keys yet (window start): keep its state empty
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, m_new, l_i
@@ -54,11 +63,12 @@ def _tile(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, BT, SL, CU, OUT, scale_log2,
+    Q, K, V, BT, SL, CU, Sinks, OUT, qk_scale, cap_log2, window,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_btb, stride_ot, stride_oh, n_m_tiles,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     hq = tl.program_id(1)
@@ -81,22 +91,37 @@ def _prefill_kernel(
     )  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        m_i, l_i = with_sink(m_i, l_i, tl.load(Sinks + hq))
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     bt_row = BT + b.to(tl.int64) * stride_btb
-    tile_end = tl.minimum(m0 + BLOCK_M, q_len)
-    kv_end = tl.where(m0 < q_len, prefix + tile_end, 0)  # keys this tile may see
-    full_end = tl.where(m0 < q_len, ((prefix + m0) // BLOCK_N) * BLOCK_N, 0)  # seen by all rows
-    for n0 in range(0, full_end, BLOCK_N):
+    live = m0 < q_len
+    p_first = prefix + m0
+    p_last = prefix + tl.minimum(m0 + BLOCK_M, q_len) - 1
+    kv_end = tl.where(live, p_last + 1, 0)  # keys this tile may see: [kv_lo, kv_end)
+    kv_lo = tl.maximum(p_first - window + 1, 0)
+    n_lo = tl.where(live, (kv_lo // BLOCK_N) * BLOCK_N, 0)  # earlier tiles: outside the window
+    # keys in [full_lo, full_hi) are seen by every row of the tile: no mask there
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(p_last - window + 1, 0), BLOCK_N) * BLOCK_N, n_lo)
+    full_lo = tl.where(live, full_lo, 0)
+    full_hi = tl.maximum(tl.where(live, (p_first // BLOCK_N) * BLOCK_N, 0), full_lo)
+    for n0 in range(n_lo, full_lo, BLOCK_N):
         acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_end, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-            offs_d, mask_d, D_PAD, BS, BLOCK_N, False, IEEE, UPCAST,
+            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
+            cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE, UPCAST, SOFTCAP,
         )  # fmt: skip
-    for n0 in range(full_end, kv_end, BLOCK_N):
+    for n0 in range(full_lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_end, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-            offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE, UPCAST,
+            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
+            cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, False, IEEE, UPCAST, SOFTCAP,
+        )  # fmt: skip
+    for n0 in range(full_hi, kv_end, BLOCK_N):
+        acc, m_i, l_i = _tile(
+            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
+            cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE, UPCAST, SOFTCAP,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = OUT + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :]
@@ -121,6 +146,9 @@ def prefill(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     max_q_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -144,17 +172,23 @@ def prefill(
         cfg["BLOCK_M"] = block_m
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
+    if softcap is None:
+        qk_scale, cap_log2 = scale * LOG2E, 0.0
+    else:
+        qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     n_m_tiles = triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"])
     grid = (bsz * n_m_tiles, hq)
     ks, vs = k_cache.stride(), v_cache.stride()
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens.contiguous(), cu_seqlens_q.contiguous(), out,
-        scale * LOG2E, q.stride(0), q.stride(1), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+        q, k_cache, v_cache, block_tables, seq_lens.contiguous(), cu_seqlens_q.contiguous(),
+        q if sinks is None else sinks.contiguous(), out, qk_scale, cap_log2,
+        NO_WINDOW if window is None else min(window, NO_WINDOW),
+        q.stride(0), q.stride(1), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         block_tables.stride(0), out.stride(0), out.stride(1), n_m_tiles,
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d), BS=bs,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=k_cache.dtype == torch.float32,
-        UPCAST=needs_upcast(k_cache.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        UPCAST=needs_upcast(k_cache.dtype), SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
