@@ -10,6 +10,10 @@ Batch-invariant mode (``batch_invariant=True``, :func:`set_batch_invariant`,
 :func:`batch_invariant_mode`) makes decode results for a sequence bit-identical
 whatever else shares its batch.
 
+Shared-prefix (cascade) attention, :func:`cascade_decode` / :func:`cascade_prefill` over
+a :class:`CascadePlan`, reads a prefix shared by a group of sequences once per group
+(:mod:`pagedkv.ops.cascade`).
+
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
 range, lengths that fit their tables), which costs one device sync on CUDA.
@@ -33,11 +37,15 @@ from pagedkv.ops._config import (
     set_batch_invariant,
     use_backend,
 )
+from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
 from pagedkv.ops.plan import DecodePlan
 
 __all__ = [
+    "CascadePlan",
     "DecodePlan",
     "batch_invariant_mode",
+    "cascade_decode",
+    "cascade_prefill",
     "copy_blocks",
     "decode_attention",
     "gather_blocks",
