@@ -20,8 +20,8 @@ TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 def _plan(groups, n, hkv, g, d, bs, dtype, backend=REF, device="cpu", **kw):
     kw.setdefault("max_seq_len", 512)
-    return ops.CascadePlan(groups, n, num_q_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
-                           block_size=bs, dtype=dtype, device=device, backend=backend, **kw)  # fmt: skip
+    shape = dict(num_q_heads=g * hkv, num_kv_heads=hkv, head_dim=d, block_size=bs)
+    return ops.CascadePlan(groups, n, **shape, dtype=dtype, device=device, backend=backend, **kw)
 
 
 def _random_batch(rng, bs, n_rows=9, max_shared=5, max_private_blocks=3):

@@ -102,7 +102,9 @@ def _mutations():
     ]
 
 
-@pytest.mark.parametrize("change, exc, match", _mutations(), ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    "change, exc, match", _mutations(), ids=lambda x: getattr(x, "__name__", "-")
+)
 def test_call_rejects_and_writes_nothing(change, exc, match):
     args, groups = _case()
     plan = ops.CascadePlan(groups, 3, **KW)

@@ -12,7 +12,8 @@ whatever else shares its batch.
 
 Shared-prefix (cascade) attention, :func:`cascade_decode` / :func:`cascade_prefill` over
 a :class:`CascadePlan`, reads a prefix shared by a group of sequences once per group
-(:mod:`pagedkv.ops.cascade`).
+(:mod:`pagedkv.ops.cascade`); :func:`shared_prefix_groups` finds the groups from the
+block tables.
 
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
@@ -38,6 +39,7 @@ from pagedkv.ops._config import (
     use_backend,
 )
 from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
+from pagedkv.ops.cascade_groups import shared_prefix_groups
 from pagedkv.ops.plan import DecodePlan
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "scatter_blocks",
     "set_backend",
     "set_batch_invariant",
+    "shared_prefix_groups",
     "use_backend",
     "write_kv",
 ]

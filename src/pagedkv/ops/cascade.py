@@ -118,9 +118,9 @@ class CascadePlan:
     ) -> None:
         if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 0:
             raise ValueError(f"CascadePlan num_seqs must be an int >= 0, got {num_seqs!r}")
-        for name, val in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
-                          ("head_dim", head_dim), ("block_size", block_size),
-                          ("max_seq_len", max_seq_len), ("min_group_size", min_group_size)):  # fmt: skip
+        sizes = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        sizes.update(block_size=block_size, max_seq_len=max_seq_len, min_group_size=min_group_size)
+        for name, val in sizes.items():
             _positive(name, val)
         for name, val in (("shared_split_tokens", shared_split_tokens),
                           ("private_split_tokens", private_split_tokens)):  # fmt: skip
@@ -177,7 +177,9 @@ class CascadePlan:
                 raise ValueError(f"groups[{gi}] has no sequences")
             for s in seqs:
                 if not 0 <= s < self.num_seqs:
-                    raise ValueError(f"groups[{gi}] names sequence {s}, outside [0, {self.num_seqs})")
+                    raise ValueError(
+                        f"groups[{gi}] names sequence {s}, outside [0, {self.num_seqs})"
+                    )
                 if s in owner:
                     raise ValueError(
                         f"sequence {s} is in groups[{owner[s]}] and groups[{gi}]; a sequence "

@@ -18,7 +18,8 @@ import torch
 def _kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lo: int, hi: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of tokens ``[lo, hi)`` of the sequence with block table ``table``: [n, Hkv, D] f32."""
+    """K and V of tokens ``[lo, hi)`` of the sequence with block table ``table``, float32:
+    each [n, Hkv, D]."""
     _, bs, hkv, d = k_cache.shape
     if hi <= lo:
         empty = k_cache.new_zeros(0, hkv, d, dtype=torch.float32)

@@ -364,13 +364,16 @@ class Launch:
     lse_ws: torch.Tensor
 
 
-def plan_launch(plan, shared_split: int | None, private_split: int | None) -> Launch:
-    """Tiles, split sizes, packed int32 metadata and workspace of a :class:`CascadePlan`."""
+def plan_launch(
+    plan, shared_split: int | None, private_split: int | None, shared_cfg: dict | None = None
+) -> Launch:
+    """Tiles, split sizes, packed int32 metadata and workspace of a :class:`CascadePlan`
+    (``shared_cfg`` overrides :func:`shared_config`: benchmark sweeps)."""
     hq, hkv, d, bs = plan.shape
     g = hq // hkv
     dev = plan.device
     sms = sm_count(dev)
-    scfg = shared_config(d, plan.dtype)
+    scfg = shared_cfg or shared_config(d, plan.dtype)
     tile_group, tile_start, rows, row_ptr, leader, shared_len = [], [], [], [0], [], []
     for gi, grp in enumerate(plan.groups):
         grp_rows = plan.group_q_rows(grp)
@@ -401,8 +404,8 @@ def plan_launch(plan, shared_split: int | None, private_split: int | None) -> La
         splits2 = max(1, -(-max_private // split2))
     fused = splits2 == 1
     slots = slots1 + (0 if fused else splits2)
-    parts = dict(tile_group=tile_group, tile_start=tile_start, rows=rows, row_ptr=row_ptr,
-                 leader=leader, shared_len=shared_len, row_shared=list(plan.shared_tokens))  # fmt: skip
+    parts = dict(tile_group=tile_group, tile_start=tile_start, rows=rows, row_ptr=row_ptr)
+    parts.update(leader=leader, shared_len=shared_len, row_shared=list(plan.shared_tokens))
     flat = torch.tensor([x for p in parts.values() for x in p] or [0], dtype=torch.int32)
     flat = flat.to(dev)
     meta, at = {}, 0
