@@ -50,6 +50,7 @@ import torch
 
 from pagedkv.ops import _checks, reference, reference_cascade
 from pagedkv.ops._config import resolve, resolve_invariant
+from pagedkv.ops.cascade_launch import plan_launch
 
 
 class CascadeGroup(NamedTuple):
@@ -150,13 +151,9 @@ class CascadePlan:
         self.groups, self.shared_tokens = self._normalise(groups, min_group_size)
         self.cu_seqlens_q = torch.tensor(self.cu_seqlens, dtype=torch.int32).to(self.device)
         self._check_index: tuple[torch.Tensor, ...] | None = None
-        self.launch = None  # the Triton launch description (triton_cascade.Launch)
+        self.launch = None  # what the Triton kernels launch (cascade_launch.Launch)
         if self.backend == "triton" and not self.batch_invariant and num_seqs:
-            from pagedkv.ops import triton_cascade
-
-            self.launch = triton_cascade.plan_launch(
-                self, shared_split_tokens, private_split_tokens
-            )
+            self.launch = plan_launch(self, shared_split_tokens, private_split_tokens)
 
     def _normalise(self, groups, min_group_size) -> tuple[tuple[CascadeGroup, ...], tuple]:
         if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
