@@ -181,3 +181,14 @@ def test_batch_invariant_mode_runs_plain_kernels():
     inv = _plan(groups, 6, hkv, g, d, bs, dtype, REF, DEV, q_lens=q_lens, batch_invariant=True)
     plain_p = ops.prefill_attention(qp, cu.to(DEV), k, v, bt, sl, backend=REF)
     assert torch.equal(ops.cascade_prefill(qp, k, v, bt, sl, inv), plain_p)
+
+
+def test_shared_split_fills_whole_waves():
+    from pagedkv.ops.cascade_launch import choose_shared_split
+
+    # 64 programs per split on 132 SMs: two splits fill one wave (not 3: 1.5 waves)
+    assert choose_shared_split(64, 4096, 64, 132) == 2048
+    # 18 programs per split: about 7 splits, rounded to whole key tiles
+    split = choose_shared_split(18, 1024, 64, 132)
+    assert split % 64 == 0 and 5 <= -(-1024 // split) <= 8
+    assert choose_shared_split(4, 64, 64, 132) == 64  # never below one tile per split
