@@ -5,7 +5,7 @@
 # FlashInfer comes from .whl/ as in gpu_check.sh; its JIT build of the prefill kernels
 # the cascade wrapper uses starts in the background first, while the tests run.
 set -u
-LIMIT="${LIMIT:-300}"; T0=$(date +%s)  # seconds for the whole script
+LIMIT="${LIMIT:-360}"; T0=$(date +%s)  # seconds for the whole script
 left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
 O="${OUT:-benchmarks/out}"; mkdir -p "$O"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,7 +26,7 @@ if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1 && [[ " $* " != *" --no-flash
   FI=$!
 fi
 echo "== cascade tests on CUDA $(date -u +%T)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/test_ops_cascade_gpu.py tests/test_ops_cascade.py tests/test_ops_cascade_errors.py 2>&1 | tail -15
 if [ -n "$FI" ]; then
   echo "== waiting for the FlashInfer build $(date -u +%T)"
