@@ -124,7 +124,7 @@ def test_triton_decode_matches_plain(case, splits):
     private = [3, bs + 5, 0, 2 * bs + 1, 17, 9, 4]
     k, v, bt, sl, groups = grouped_case([3, 2, 1], group_of, private, hkv, d, bs, dtype, DEV)
     q = torch.randn(len(group_of), g * hkv, d, device=DEV).to(dtype)
-    s1, s2 = splits or (None, None)
+    s1, s2 = splits or (None, 512)  # one private split: the fused path
     plan = _plan(groups, len(group_of), hkv, g, d, bs, dtype, "triton", DEV, min_group_size=1,
                  max_seq_len=96, shared_split_tokens=s1, private_split_tokens=s2)  # fmt: skip
     launch = plan.launch
