@@ -13,6 +13,11 @@ whatever else shares its batch.
 Decode and prefill take keyword-only ``window`` (sliding window, tokens), ``softcap``
 (logit soft-capping) and ``sinks`` (per-head sink logits); any mix may be combined.
 
+Shared-prefix (cascade) attention, :func:`cascade_decode` / :func:`cascade_prefill` over
+a :class:`CascadePlan`, reads a prefix shared by a group of sequences once per group
+(:mod:`pagedkv.ops.cascade`); :func:`shared_prefix_groups` finds the groups from the
+block tables.
+
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
 range, lengths that fit their tables), which costs one device sync on CUDA.
@@ -35,11 +40,16 @@ from pagedkv.ops._config import (
     set_batch_invariant,
     use_backend,
 )
+from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
+from pagedkv.ops.cascade_groups import shared_prefix_groups
 from pagedkv.ops.plan import DecodePlan
 
 __all__ = [
+    "CascadePlan",
     "DecodePlan",
     "batch_invariant_mode",
+    "cascade_decode",
+    "cascade_prefill",
     "copy_blocks",
     "decode_attention",
     "gather_blocks",
@@ -51,6 +61,7 @@ __all__ = [
     "scatter_blocks",
     "set_backend",
     "set_batch_invariant",
+    "shared_prefix_groups",
     "use_backend",
     "write_kv",
 ]
