@@ -42,8 +42,8 @@ class Location(NamedTuple):
 
     ``kind``: ``"path"`` (a directory), or the kind :data:`STORE_SCHEMES` gives the
     URL's scheme. ``target``: the directory path for ``"path"`` (a ``file://`` URL
-    decoded), the URL unchanged otherwise. ``scheme``: the URL's scheme (lower case),
-    ``None`` for a plain path.
+    decoded), the URL otherwise (its scheme in lower case, the rest unchanged).
+    ``scheme``: the URL's scheme (lower case), ``None`` for a plain path.
     """
 
     kind: str
@@ -87,7 +87,7 @@ def parse_location(location: object) -> Location:
                 )
             if kind == "path":
                 return Location("path", _file_url_path(location), scheme)
-            return Location(kind, location, scheme)
+            return Location(kind, f"{scheme}:{rest}", scheme)  # the scheme in lower case
         if kind is not None:
             raise ValueError(
                 f"store location starts with {scheme + ':'!r} but not {scheme + '://'!r}; "
