@@ -464,8 +464,45 @@ def test_parse_location_is_the_one_parser():
     assert parse_location("./redis:x") == Location("path", "./redis:x", None)
     assert parse_location("file:///a%20b") == Location("path", "/a b", "file")
     assert parse_location("REDISS://h:1/2") == Location("redis", "rediss://h:1/2", "rediss")
+    assert parse_location("redis://u:pw@h:6379/0").shown == "redis://h:6379/0"
     assert set(STORE_SCHEMES) >= {"file", "memory", "redis", "rediss"}
     with pytest.raises(TypeError):
         parse_location(b"/a")
     with pytest.raises(ValueError, match="unknown scheme"):
         open_store("redis+cluster://h:7000")
+
+
+def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monkeypatch):
+    import pagedkv.snapshot.store as store_module
+
+    s = SnapshotStore(tmp_path / "new")
+    pager = SyntheticPager(LAYOUT, 8)
+    pager.allocate(("tuple", 1), [1, 2, 3])
+    with pytest.raises(TypeError, match="int or str sequence ids"):
+        s.save(pager)  # the pager's own ids are checked too
+    pager = SyntheticPager(LAYOUT, 8)
+    pager.allocate("big-salt", [1, 2, 3], salt=2**70)
+    with pytest.raises(ValueError, match="64 bits"):
+        s.save(pager)
+    pager = _pager()
+    monkeypatch.setattr(store_module, "MAX_DOC_BYTES", 500)
+    with pytest.raises(ValueError, match="several snapshots"):
+        s.save(pager)
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_leases_of_other_hosts_live_for_grace_and_not_from_the_far_future(store):
+    import time
+
+    from pagedkv.snapshot.leases import Lease
+
+    digest = sorted(store.manifest("good").page_digests())[0]
+    store.delete("good")
+    now = time.time()
+    for key, created in [("snap.l.recent.000000", now - 10), ("snap.l.future.000000", now + 1e6)]:
+        lease = Lease(key, "x", created, "elsewhere.invalid", 4242, [digest])
+        store.backend.put_many([(key, lease.encode())])
+    gc = store.gc(grace_seconds=60)
+    assert gc.pages_protected == 1 and gc.leases_removed == 1  # the future one is stale
+    assert store.backend.contains_many([page_key(digest)]) == [True]
+    assert list(store.backend.keys("snap.l.")) == ["snap.l.recent.000000"]

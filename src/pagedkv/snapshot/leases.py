@@ -16,8 +16,9 @@ Both are :class:`Lease` JSON documents. One is live while its process runs (writ
 on this host) or for ``grace`` seconds after it was written (another host; one dated
 more than ``grace`` in the future is not live either). Dead ones are ignored and
 removed by the next gc, and so are damaged ones (not a lease document, malformed,
-unreadable): a damaged lease protects nothing and makes no save wait, which is safe
-because every save re-checks its pages after the last gc it could have raced.
+unreadable, or of a newer format version): a damaged lease protects nothing and makes
+no save wait, which is safe because every save re-checks its pages after the last gc
+it could have raced.
 """
 
 from __future__ import annotations

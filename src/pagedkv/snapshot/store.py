@@ -26,6 +26,7 @@ never a URL's password, never per page.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -182,7 +183,7 @@ class SnapshotStore:
                 "store object (e.g. MemoryStore(...))"
             )
         self.backend = opener(loc, key_prefix, durable, self.writers)
-        self.location = getattr(self.backend, "_shown", None) or getattr(self.backend, "path", "")
+        self.location = getattr(self.backend, "path", None) or loc.shown  # never a password
         if durable:
             self._sync_dir = self.backend.path
 
@@ -244,7 +245,7 @@ class SnapshotStore:
         lease_id = secrets.token_hex(8)
         leases: list[str] = []
         with pager.paused(), drop_on_error(self.backend, leases):
-            entries, units, unit_of = _plan(pager, ids, len(meta))
+            entries, units, unit_of = _plan(pager, ids, len(json.dumps(meta)))
             digests: list[str] = [""] * len(units)
             written = 0
             with ExitStack() as stack:

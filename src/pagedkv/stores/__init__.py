@@ -50,6 +50,19 @@ class Location(NamedTuple):
     target: str
     scheme: str | None
 
+    @property
+    def shown(self) -> str:
+        """A printable form: the path, or the URL without its user and password."""
+        if self.scheme is None or self.kind == "path":
+            return self.target
+        try:
+            parts = urlsplit(self.target)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # a malformed port: show no more than the scheme
+            return f"{self.scheme}://?"
+        return f"{self.scheme}://{host}{port}{parts.path}"
+
 
 def known_schemes() -> str:
     """The accepted URL schemes, for messages: ``"file://, memory://, ..."``."""
