@@ -473,7 +473,7 @@ def test_parse_location_is_the_one_parser():
 
 
 def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monkeypatch):
-    import pagedkv.snapshot.store as store_module
+    import pagedkv.snapshot.plan as plan_module
 
     s = SnapshotStore(tmp_path / "new")
     pager = SyntheticPager(LAYOUT, 8)
@@ -485,7 +485,7 @@ def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monke
     with pytest.raises(ValueError, match="64 bits"):
         s.save(pager)
     pager = _pager()
-    monkeypatch.setattr(store_module, "MAX_DOC_BYTES", 500)
+    monkeypatch.setattr(plan_module, "MAX_DOC_BYTES", 500)
     with pytest.raises(ValueError, match="several snapshots"):
         s.save(pager)
     assert not os.path.exists(tmp_path / "new")
@@ -506,3 +506,25 @@ def test_leases_of_other_hosts_live_for_grace_and_not_from_the_far_future(store)
     assert gc.pages_protected == 1 and gc.leases_removed == 1  # the future one is stale
     assert store.backend.contains_many([page_key(digest)]) == [True]
     assert list(store.backend.keys("snap.l.")) == ["snap.l.recent.000000"]
+
+
+def test_logging_at_boundaries_with_names_and_bytes_never_metadata(tmp_path, caplog):
+    pager = _pager()
+    with caplog.at_level(logging.DEBUG, logger="pagedkv.snapshot"):
+        with SnapshotStore(tmp_path / "s", chunk_bytes=128) as s:  # one lease per page
+            s.save(pager, name="base", metadata={"token": "s3cr3t"})
+            s.load(SyntheticPager(LAYOUT, 16), "base")
+            s.fork("base", "copy")
+            s.verify("copy")
+            s.delete("base")
+            s.gc()
+    records = [r for r in caplog.records if r.name == "pagedkv.snapshot"]
+    text = [r.getMessage() for r in records]
+    assert len(records) == 6, text  # one per operation, not one per page or chunk
+    assert all(r.levelno == logging.INFO for r in records)
+    assert "saved snapshot 'base'" in text[0] and "5 pages" in text[0] and "640 bytes" in text[0]
+    assert "loaded snapshot 'base'" in text[1] and "640 bytes read" in text[1]
+    assert "forked snapshot 'base' as 'copy'" in text[2]
+    assert "verified snapshot 'copy'" in text[3] and "deleted snapshot 'base'" in text[4]
+    assert text[5].startswith("gc of ") and "deleted 0 pages" in text[5]
+    assert not any("s3cr3t" in t for t in text)

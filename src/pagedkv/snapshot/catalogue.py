@@ -83,15 +83,32 @@ def scan_manifests(backend: Any) -> ManifestScan:
     return scan
 
 
-def collect(backend: Any, grace: float, *, drop_damaged: bool) -> GcReport:
-    """One gc (see :meth:`SnapshotStore.gc`): marker, leases, manifests, pages."""
+def collect(backend: Any, grace: float, *, drop_damaged: bool, where: str) -> GcReport:
+    """One gc (see :meth:`SnapshotStore.gc`): marker, leases, manifests, pages.
+
+    Logs the outcome (INFO), and a WARNING when damaged manifests blocked it.
+    """
     t0 = time.perf_counter()
     marker = f"{GC_PREFIX}{secrets.token_hex(8)}"
     backend.put_many([(marker, new_lease(marker, "gc", []).encode())])
     try:
-        return _collect(backend, grace, drop_damaged, t0)
+        r = _collect(backend, grace, drop_damaged, t0)
     finally:
         backend.delete_many([marker])
+    freed = "?" if r.bytes_freed is None else r.bytes_freed
+    log.info(
+        "gc of %s: deleted %d pages (%s bytes), kept %d (%d protected by saves in progress), "
+        "removed %d dead leases, %.3f s",
+        *(where, r.pages_deleted, freed, r.pages_kept, r.pages_protected, r.leases_removed),
+        r.seconds,
+    )
+    if r.damaged:
+        log.warning(
+            "gc of %s deleted no page: %d snapshots are unreadable (%s); delete them, or run "
+            "gc with drop_damaged=True (`pagedkv snapshot gc --drop-damaged`)",
+            *(where, len(r.damaged), ", ".join(d.name for d in r.damaged[:10])),
+        )
+    return r
 
 
 def _collect(backend: Any, grace: float, drop_damaged: bool, t0: float) -> GcReport:

@@ -31,15 +31,14 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
-from pagedkv.errors import OutOfBlocks, SnapshotError, StoreError, StoreUnavailable
+from pagedkv.errors import SnapshotError, StoreError, StoreUnavailable
 from pagedkv.snapshot.args import (
     check_flag,
     check_metadata,
@@ -56,13 +55,10 @@ from pagedkv.snapshot.catalogue import (
     parse_stored,
     scan_manifests,
 )
-from pagedkv.snapshot.jsondoc import MAX_DOC_BYTES
 from pagedkv.snapshot.leases import LEASE_PREFIX, take_lease, wait_for_gc, write_lease
 from pagedkv.snapshot.manifest import (
     Manifest,
     SequenceEntry,
-    describe_layout,
-    encode_salt,
     layout_dict,
     validate_name,
 )
@@ -77,6 +73,14 @@ from pagedkv.snapshot.pipeline import (
     read_each,
     sha256_hex,
     syncfs,
+)
+from pagedkv.snapshot.plan import (
+    check_compatible,
+    install,
+    model_of,
+    plan_save,
+    read_units,
+    select,
 )
 from pagedkv.snapshot.reports import Catalogue, GcReport, SnapshotInfo, VerifyReport
 from pagedkv.stores import Location, known_schemes, parse_location
@@ -245,7 +249,7 @@ class SnapshotStore:
         lease_id = secrets.token_hex(8)
         leases: list[str] = []
         with pager.paused(), drop_on_error(self.backend, leases):
-            entries, units, unit_of = _plan(pager, ids, len(json.dumps(meta)))
+            entries, units, unit_of = plan_save(pager, ids, len(json.dumps(meta)))
             digests: list[str] = [""] * len(units)
             written = 0
             with ExitStack() as stack:
@@ -255,7 +259,7 @@ class SnapshotStore:
                 pending = None
                 step = max(1, self.chunk_bytes // bpb)
                 for start in range(0, len(units), step):
-                    rows = _read_units(pager, units[start : start + step]).numpy()
+                    rows = read_units(pager, units[start : start + step]).numpy()
                     part = work.digests(rows)
                     digests[start : start + len(part)] = part
                     if pending is not None:
@@ -281,7 +285,7 @@ class SnapshotStore:
                 name=name,
                 created=time.time(),
                 fingerprint=str(pager.fingerprint),
-                model=_model_of(pager),
+                model=model_of(pager),
                 layout=layout_dict(layout),
                 sequences=sequences,
                 metadata=meta,
@@ -295,14 +299,8 @@ class SnapshotStore:
         log.info(
             "saved snapshot %r to %s: %d sequences, %d tokens, %d pages (%d unique), "
             "%d bytes written of %d, %.3f s",
-            name,
-            self.location,
-            info.num_sequences,
-            info.num_tokens,
-            info.num_pages,
-            info.unique_pages,
-            written,
-            info.logical_bytes,
+            *(name, self.location, info.num_sequences, info.num_tokens, info.num_pages),
+            *(info.unique_pages, written, info.logical_bytes),
             info.seconds,
         )
         return info
@@ -357,7 +355,7 @@ class SnapshotStore:
             return 0
         idx = [i for i, d in enumerate(digests) if d in lost]
         idx = list({digests[i]: i for i in idx}.values())
-        rows = _read_units(pager, [units[i] for i in idx]).numpy()
+        rows = read_units(pager, [units[i] for i in idx]).numpy()
         if [sha256_hex(r) for r in rows] != [digests[i] for i in idx]:
             raise SnapshotError("the pager changed during the save although it was paused")
         lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
@@ -393,8 +391,8 @@ class SnapshotStore:
         wanted = id_mapping(seq_ids)
         check_flag("progress", progress)
         manifest = self.manifest(name)
-        _check_compatible(manifest, pager)
-        entries, mapping = _select(manifest, pager, wanted)
+        check_compatible(manifest, pager)
+        entries, mapping = select(manifest, pager, wanted)
         uniq = list(dict.fromkeys(d for e in entries for d in e.pages))
         bpb = int(manifest.layout["bytes_per_block"])
         pages, missing, corrupt = fetch_pages(
@@ -407,7 +405,6 @@ class SnapshotStore:
             progress=progress,
             what=name,
         )
-        row_of = {d: i for i, d in enumerate(uniq)}
         if missing or corrupt:
             raise SnapshotError(
                 f"snapshot {name!r} is damaged: {len(missing)} missing and {len(corrupt)} corrupt "
@@ -415,42 +412,13 @@ class SnapshotStore:
                 f"`pagedkv snapshot verify {name}` lists them"
             )
         result = LoadResult()
-        installed: list[Hashable] = []
-        bs = pager.layout.block_size
-        try:
-            for e in entries:
-                new_id = mapping[e.seq_id]
-                cached = pager.allocate(new_id, e.token_ids, salt=e.salt)
-                installed.append(new_id)
-                table = pager.block_table(new_id)
-                skip = -(-cached // bs)  # a partly cached block is still shared
-                result.shared_blocks += skip
-                if skip < len(table):
-                    idx = [row_of[d] for d in e.pages[skip:]]
-                    if idx == list(range(idx[0], idx[0] + len(idx))):
-                        data = pages[idx[0] : idx[0] + len(idx)]  # a view: no copy
-                    else:
-                        data = pages[torch.tensor(idx)]
-                    pager.write_blocks(table[skip:], data)
-                result[e.seq_id] = new_id
-        except BaseException as exc:
-            for sid in reversed(installed):
-                pager.free(sid)
-            if isinstance(exc, OutOfBlocks):
-                raise OutOfBlocks(
-                    f"restoring snapshot {name!r} ran out of blocks at sequence "
-                    f"{e.seq_id!r} ({exc}); nothing was restored"
-                ) from exc
-            raise
+        result.shared_blocks = install(pager, name, entries, mapping, pages, uniq)
+        result.update((e.seq_id, mapping[e.seq_id]) for e in entries)
         result.bytes = len(uniq) * bpb
         result.seconds = time.perf_counter() - t0
         log.info(
             "loaded snapshot %r from %s: %d sequences, %d bytes read, %d blocks shared, %.3f s",
-            name,
-            self.location,
-            len(result),
-            result.bytes,
-            result.shared_blocks,
+            *(name, self.location, len(result), result.bytes, result.shared_blocks),
             result.seconds,
         )
         return result
@@ -540,19 +508,12 @@ class SnapshotStore:
         if report.ok:
             log.info(
                 "verified snapshot %r: %d pages, %d bytes, %.3f s",
-                name,
-                report.num_pages,
-                report.bytes_checked,
-                report.seconds,
+                *(name, report.num_pages, report.bytes_checked, report.seconds),
             )
         else:
             log.warning(
                 "snapshot %r in %s failed verification: %d missing, %d corrupt of %d pages",
-                name,
-                self.location,
-                len(missing),
-                len(corrupt),
-                len(uniq),
+                *(name, self.location, len(missing), len(corrupt), len(uniq)),
             )
         return report
 
@@ -617,11 +578,7 @@ class SnapshotStore:
         info = SnapshotInfo.from_manifest(child)
         log.info(
             "forked snapshot %r as %r in %s: %d sequences, %d bytes shared",
-            name,
-            new_name,
-            self.location,
-            info.num_sequences,
-            info.unique_bytes,
+            *(name, new_name, self.location, info.num_sequences, info.unique_bytes),
         )
         return info
 
@@ -656,27 +613,7 @@ class SnapshotStore:
         check_flag("drop_damaged", drop_damaged)
         if not self.exists:
             return GcReport(0, 0, 0, 0, 0, 0.0)
-        report = collect(self.backend, grace, drop_damaged=drop_damaged)
-        log.info(
-            "gc of %s: deleted %d pages (%s bytes), kept %d (%d protected by saves in "
-            "progress), removed %d dead leases, %.3f s",
-            self.location,
-            report.pages_deleted,
-            "?" if report.bytes_freed is None else report.bytes_freed,
-            report.pages_kept,
-            report.pages_protected,
-            report.leases_removed,
-            report.seconds,
-        )
-        if report.damaged:
-            log.warning(
-                "gc of %s deleted no page: %d snapshots are unreadable (%s); delete them, or "
-                "run gc with drop_damaged=True (`pagedkv snapshot gc --drop-damaged`)",
-                self.location,
-                len(report.damaged),
-                ", ".join(d.name for d in report.damaged[:10]),
-            )
-        return report
+        return collect(self.backend, grace, drop_damaged=drop_damaged, where=self.location)
 
 
 def _describe(backend: object) -> str:
@@ -688,112 +625,3 @@ def _describe(backend: object) -> str:
 
 def _by_age(info: SnapshotInfo) -> tuple[float, str]:
     return info.created, info.name
-
-
-def _plan(pager: CachePager, ids: list[int | str] | None, meta_bytes: int) -> tuple:
-    """Sequences to save and the distinct (block, fill) units their pages come from.
-
-    Checks everything the manifest will hold (ids, salts, its size) before any write.
-    """
-    if ids is None:
-        ids = seq_id_list(pager.seq_ids(), "save (the pager's ids)")
-    live = set(pager.seq_ids())
-    bs = pager.layout.block_size
-    entries, units, unit_of = [], [], {}
-    size = meta_bytes + 4096
-    for sid in ids:
-        if sid not in live:
-            raise KeyError(
-                f"sequence {sid!r:.60} is not in the pager (live: {sorted(map(str, live))[:8]})"
-            )
-        tokens = list(pager.token_ids(sid))
-        table = list(pager.block_table(sid))
-        salt = pager.salt(sid)
-        encode_salt(salt)
-        n = len(tokens)
-        if n == 0 or len(table) != -(-n // bs):
-            raise SnapshotError(
-                f"sequence {sid!r}: {n} tokens but {len(table)} blocks of {bs}; "
-                "the pager is inconsistent"
-            )
-        size += 11 * n + 67 * len(table) + 256 + (len(sid) if isinstance(sid, str) else 20)
-        fill = n - (len(table) - 1) * bs
-        us = [(b, bs) for b in table[:-1]] + [(table[-1], fill)]
-        for u in us:
-            if u not in unit_of:
-                unit_of[u] = len(units)
-                units.append(u)
-        entries.append((sid, tokens, us, fill, salt))
-    if size > MAX_DOC_BYTES:
-        raise ValueError(
-            f"these sequences would make a manifest of up to {size} bytes, more than the "
-            f"{MAX_DOC_BYTES} a manifest may hold; save them as several snapshots"
-        )
-    return entries, units, unit_of
-
-
-def _read_units(pager: CachePager, units: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Bytes of (block, fill) units, ``uint8 [n, bytes_per_block]``; slots past fill zeroed."""
-    rows = pager.read_blocks([b for b, _ in units])
-    if not rows.is_contiguous() or rows.device.type != "cpu":
-        rows = rows.to("cpu").contiguous()
-    lay = pager.layout
-    arr = rows.numpy()
-    for i, (_, fill) in enumerate(units):
-        if fill < lay.block_size:
-            # row bytes are ordered (layer, k/v, token, head, dim): zero tokens >= fill
-            arr[i].reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
-    return rows
-
-
-def _check_compatible(m: Manifest, pager: CachePager) -> None:
-    mine = layout_dict(pager.layout)
-    if m.layout != mine:
-        raise SnapshotError(
-            f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but the "
-            f"cache has layout [{describe_layout(mine)}]; restore it into a cache built with "
-            "the snapshot's layout"
-        )
-    if m.fingerprint != str(pager.fingerprint):
-        theirs, ours = _model_of(pager), m.model
-        raise SnapshotError(
-            f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r}"
-            + (f" (model {ours!r})" if ours else "")
-            + f" but the cache has fingerprint {pager.fingerprint!r}"
-            + (f" (model {theirs!r})" if theirs else "")
-            + "; KV is only valid for the model and layout that computed it"
-        )
-
-
-def _model_of(pager: CachePager) -> str | None:
-    """The human-readable model id, where the pager has one (``KVCache.model_fingerprint``)."""
-    model = getattr(pager, "model_fingerprint", None)
-    return str(model) if model else None
-
-
-def _select(
-    m: Manifest, pager: CachePager, seq_ids: Mapping[Any, Hashable] | None
-) -> tuple[list[SequenceEntry], dict[Any, Hashable]]:
-    live = set(pager.seq_ids())
-    if seq_ids is None:
-        mapping: dict[Any, Hashable] = {}
-        used: set[Hashable] = set()
-        for s in m.sequences:
-            new, k = f"{m.name}:{s.seq_id}", 2
-            while new in live or new in used:
-                new, k = f"{m.name}:{s.seq_id}#{k}", k + 1
-            mapping[s.seq_id] = new
-            used.add(new)
-    else:
-        mapping = dict(seq_ids)
-        by_id = {s.seq_id for s in m.sequences}
-        unknown = [k for k in mapping if k not in by_id]
-        if unknown:
-            raise KeyError(
-                f"snapshot {m.name!r} has no sequences {unknown[:8]} "
-                f"(it has {sorted(by_id, key=str)[:8]}{'...' if len(by_id) > 8 else ''})"
-            )
-        taken = [v for v in mapping.values() if v in live]
-        if taken or len(set(mapping.values())) != len(mapping):
-            raise ValueError(f"new sequence ids must be distinct and unused; taken: {taken[:8]}")
-    return [s for s in m.sequences if s.seq_id in mapping], mapping
