@@ -528,3 +528,22 @@ def test_logging_at_boundaries_with_names_and_bytes_never_metadata(tmp_path, cap
     assert "verified snapshot 'copy'" in text[3] and "deleted snapshot 'base'" in text[4]
     assert text[5].startswith("gc of ") and "deleted 0 pages" in text[5]
     assert not any("s3cr3t" in t for t in text)
+
+
+def test_disk_store_read_only_mode(tmp_path):
+    from pagedkv.errors import StoreError
+    from pagedkv.stores import DiskStore
+
+    missing = DiskStore(tmp_path / "missing", 1 << 20, read_only=True)
+    assert list(missing.keys()) == [] and missing.get_many(["k"]) == [None]
+    assert not os.path.exists(tmp_path / "missing")
+    with DiskStore(tmp_path / "d", 1 << 20) as rw:
+        rw.put_many([("k", b"value"), ("j", b"x" * 10)])
+    before = _tree(tmp_path / "d")
+    ro = DiskStore(tmp_path / "d", 8, read_only=True)  # over its cap: still evicts nothing
+    assert ro.get_many(["k", "j"]) == [b"value", b"x" * 10]
+    with pytest.raises(StoreError, match="read_only"):
+        ro.put_many([("n", b"1")])
+    with pytest.raises(StoreError, match="read_only"):
+        ro.delete_many(["k"])
+    assert _tree(tmp_path / "d") == before  # no LRU stamp, no eviction, no probe file
