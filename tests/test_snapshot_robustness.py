@@ -510,14 +510,14 @@ def test_leases_of_other_hosts_live_for_grace_and_not_from_the_far_future(store)
 
 def test_logging_at_boundaries_with_names_and_bytes_never_metadata(tmp_path, caplog):
     pager = _pager()
-    with caplog.at_level(logging.DEBUG, logger="pagedkv.snapshot"):
-        with SnapshotStore(tmp_path / "s", chunk_bytes=128) as s:  # one lease per page
-            s.save(pager, name="base", metadata={"token": "s3cr3t"})
-            s.load(SyntheticPager(LAYOUT, 16), "base")
-            s.fork("base", "copy")
-            s.verify("copy")
-            s.delete("base")
-            s.gc()
+    store = SnapshotStore(tmp_path / "s", chunk_bytes=128)  # one lease per page
+    with caplog.at_level(logging.DEBUG, logger="pagedkv.snapshot"), store as s:
+        s.save(pager, name="base", metadata={"token": "s3cr3t"})
+        s.load(SyntheticPager(LAYOUT, 16), "base")
+        s.fork("base", "copy")
+        s.verify("copy")
+        s.delete("base")
+        s.gc()
     records = [r for r in caplog.records if r.name == "pagedkv.snapshot"]
     text = [r.getMessage() for r in records]
     assert len(records) == 6, text  # one per operation, not one per page or chunk
