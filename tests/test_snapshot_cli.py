@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -73,3 +74,47 @@ def test_rm_and_gc(store_dir):
     assert code == 1 and "no snapshot named 'base'" in out
     code, out = run("show", "../etc", "--store", store_dir)
     assert code == 1 and "invalid snapshot name" in out
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, list(args), terminal_width=200)
+    # typer.Exit surfaces as SystemExit; anything else is an uncaught error (a traceback)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def test_damaged_manifests_are_one_line_each_never_a_traceback(store_dir):
+    from pagedkv.snapshot.manifest import _checksum
+
+    with SnapshotStore(store_dir) as s:
+        s.backend.put_many([("snap.m.deep", b"[" * 100_000)])
+        doc = json.loads(s.backend.get_many(["snap.m.base"])[0])
+        body = {k: v for k, v in doc.items() if k != "checksum"} | {"name": "[/red]"}
+        signed = json.dumps(body | {"checksum": _checksum(body)}).encode()
+        s.backend.put_many([("snap.m.markup", signed)])
+    code, out = invoke("ls", "--store", store_dir)
+    assert code == 1 and "base" in out and "branch" in out  # the good ones are listed
+    assert "DAMAGED deep: manifest of snapshot 'deep' nests 100000 levels" in out
+    assert "DAMAGED markup:" in out and "'[/red]'" in out  # shown as text, not as markup
+    assert "2 unreadable snapshot manifests" in out
+    code, out = invoke("verify", "deep", "--store", store_dir)
+    assert code == 1 and "FAILED deep" in out and "nests" in out
+    code, out = invoke("show", "markup", "--store", store_dir)
+    assert code == 1 and "error:" in out and "field 'name'" in out and "'[/red]'" in out
+    code, out = invoke("gc", "--store", store_dir)
+    assert code == 1 and "deleted 0 pages" in out and "deleted no page: 2 snapshot" in out
+    code, out = invoke("gc", "--store", store_dir, "--drop-damaged")
+    assert code == 0 and "dropped damaged snapshot deep" in out and "markup" in out
+    code, out = invoke("ls", "--store", store_dir)
+    assert code == 0 and "DAMAGED" not in out
+    assert invoke("verify", "base", "--store", store_dir)[0] == 0
+
+
+def test_commands_on_a_missing_or_unknown_store_create_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["ls"], ["show", "x"], ["verify", "x"], ["rm", "x"], ["gc"]):
+        code, out = invoke(*args, "--store", "typo")
+        assert code == 1 and "no snapshot store at" in out and "typo" in out, (args, out)
+        code, out = invoke(*args, "--store", "redis+cluster://h:7000")
+        assert code == 1 and "unknown scheme 'redis+cluster://'" in out, (args, out)
+    assert os.listdir(tmp_path) == []

@@ -34,3 +34,8 @@ class StoreUnavailable(StoreError):
 
 class SnapshotError(PagedKVError):
     """A snapshot cannot be saved, read or restored (missing, corrupt or mismatched)."""
+
+
+class SnapshotVersionError(SnapshotError):
+    """A snapshot document was written by a newer pagedkv (a format version this one
+    cannot read): it is not damaged, and nothing it references may be collected."""

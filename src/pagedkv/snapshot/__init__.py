@@ -21,7 +21,14 @@ is stored except what the caller puts in ``metadata``.
 from __future__ import annotations
 
 from pagedkv._lazy import lazy_getattr
-from pagedkv.snapshot.manifest import GcReport, Manifest, SnapshotInfo, VerifyReport
+from pagedkv.snapshot.manifest import Manifest
+from pagedkv.snapshot.reports import (
+    Catalogue,
+    DamagedSnapshot,
+    GcReport,
+    SnapshotInfo,
+    VerifyReport,
+)
 
 # name -> module; loaded on first use (they import torch), so the CLI starts fast.
 _LAZY = {
@@ -37,6 +44,8 @@ __getattr__ = lazy_getattr(globals(), _LAZY)
 
 __all__ = [
     "CachePager",
+    "Catalogue",
+    "DamagedSnapshot",
     "GcReport",
     "LoadResult",
     "Manifest",

@@ -12,25 +12,84 @@
   starts after that wait finds the save's leases, which stay until its manifest is
   written.
 
-Both are :class:`~pagedkv.snapshot.manifest.Lease` JSON documents. One is live while
-its process runs (written on this host) or for ``grace`` seconds after it was written
-(another host); dead ones are ignored and removed by the next gc.
+Both are :class:`Lease` JSON documents. One is live while its process runs (written
+on this host) or for ``grace`` seconds after it was written (another host; one dated
+more than ``grace`` in the future is not live either). Dead ones are ignored and
+removed by the next gc, and so are damaged ones (not a lease document, malformed,
+unreadable, or of a newer format version): a damaged lease protects nothing and makes
+no save wait, which is safe because every save re-checks its pages after the last gc
+it could have raced.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 from pagedkv.errors import SnapshotError
-from pagedkv.snapshot.manifest import Lease, parse_lease
+from pagedkv.snapshot.jsondoc import decode_document
+from pagedkv.snapshot.pipeline import read_each
+from pagedkv.snapshot.schema import INT32, KEY_RE, MAX_TIMESTAMP, NAME_RE, Fields, check_header
 from pagedkv.stores.base import pid_alive
 
 LEASE_PREFIX = "snap.l."
 GC_PREFIX = "snap.g."
+LEASE_FORMAT = "pagedkv.snapshot.lease"
+LEASE_VERSION = 1
 _POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A pending save: written before any page, deleted after the manifest.
+
+    ``gc`` keeps every page a live lease names, so a save in progress never loses a
+    page it counted on. A lease is live while its process runs (same host) or for a
+    grace period after ``created`` (any host).
+    """
+
+    lease_id: str
+    name: str
+    created: float
+    host: str
+    pid: int
+    pages: list[str]
+
+    def encode(self) -> bytes:
+        obj = {"format": LEASE_FORMAT, "version": LEASE_VERSION, **asdict(self)}
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def parse_lease(raw: object, what: str = "lease") -> Lease:
+    """Decode and validate a lease or gc marker; ``SnapshotError`` naming the field if bad."""
+    obj = decode_document(raw, what)
+    check_header(obj, LEASE_FORMAT, LEASE_VERSION, what)
+    f = Fields(obj, what)
+    return Lease(
+        lease_id=f.text("lease_id", KEY_RE, expected="a store key"),
+        name=f.text("name", NAME_RE, expected="a snapshot name"),
+        created=f.number("created", 0.0, MAX_TIMESTAMP),
+        host=f.text("host", max_len=255),
+        pid=f.integer("pid", 1, INT32),
+        pages=f.digests("pages"),
+    )
+
+
+class LeaseScan(NamedTuple):
+    """The leases (or gc markers) under one prefix, by state.
+
+    ``live``: parsed, and their writer may still run. ``dead``: keys of leases whose
+    writer is gone (or whose grace ran out). ``damaged``: ``{key: why}`` of those that
+    cannot be read or parsed. A gc removes the dead and the damaged.
+    """
+
+    live: list[Lease]
+    dead: list[str]
+    damaged: dict[str, str]
 
 
 def new_lease(key: str, name: str, digests: list[str]) -> Lease:
@@ -45,7 +104,7 @@ def write_lease(backend: Any, key: str, name: str, digests: list[str]) -> None:
 
 def wait_for_gc(backend: Any, grace: float) -> None:
     """Return once no live gc marker is left (at once when no gc runs: one listing)."""
-    while live_leases(backend, GC_PREFIX, grace)[0]:
+    while scan_leases(backend, GC_PREFIX, grace).live:
         time.sleep(_POLL_SECONDS)
 
 
@@ -55,22 +114,27 @@ def take_lease(backend: Any, key: str, name: str, digests: list[str], grace: flo
     wait_for_gc(backend, grace)
 
 
-def live_leases(backend: Any, prefix: str, grace: float) -> tuple[list[Lease], list[str]]:
-    """(live leases under ``prefix``, keys of dead or unreadable ones)."""
+def scan_leases(backend: Any, prefix: str, grace: float) -> LeaseScan:
+    """Read every lease under ``prefix`` and sort it into live, dead and damaged."""
     keys = list(backend.keys(prefix))
-    alive: list[Lease] = []
-    dead: list[str] = []
+    scan = LeaseScan([], [], {})
     host, now = socket.gethostname(), time.time()
-    for key, raw in zip(keys, backend.get_many(keys) if keys else []):
+    for key, raw in zip(keys, read_each(backend, keys) if keys else []):
         if raw is None:
             continue  # deleted meanwhile
         try:
-            lease = parse_lease(raw)
-        except SnapshotError:
-            dead.append(key)
+            if isinstance(raw, Exception):
+                raise SnapshotError(f"lease {key!r} cannot be read: {raw}")
+            lease = parse_lease(raw, what=f"lease {key!r}")
+        except SnapshotError as e:
+            scan.damaged[key] = str(e)
             continue
-        if pid_alive(lease.pid) if lease.host == host else now - lease.created < grace:
-            alive.append(lease)
+        if lease.host == host:
+            live = pid_alive(lease.pid)
         else:
-            dead.append(key)
-    return alive, dead
+            live = -grace < now - lease.created < grace
+        if live:
+            scan.live.append(lease)
+        else:
+            scan.dead.append(key)
+    return scan

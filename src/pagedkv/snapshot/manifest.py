@@ -26,7 +26,11 @@ found no extra sharing (``benchmarks/bench_snapshot.py``: 70 vs 70 MiB unique on
 90 %-shared fork) and doubles the keys, files and round trips per byte.
 
 Nothing here is ever unpickled; a manifest from a newer format version is refused
-rather than guessed at. A ``checksum`` over the canonical JSON catches any change.
+(:class:`~pagedkv.errors.SnapshotVersionError`) rather than guessed at. A
+``checksum`` over the canonical JSON catches accidental change; every field is then
+checked for its type and range (:mod:`pagedkv.snapshot.schema`), so a manifest
+edited by hand, checksum and all, still cannot make a reader fail any other way than
+with a ``SnapshotError`` naming the field. Unknown top-level fields are ignored.
 """
 
 from __future__ import annotations
@@ -34,28 +38,39 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from typing import Any
 
 from pagedkv.errors import SnapshotError
+from pagedkv.snapshot.jsondoc import MAX_INT_DIGITS, decode_document
+from pagedkv.snapshot.schema import (
+    INT32,
+    INT64,
+    MAX_TEXT,
+    MAX_TIMESTAMP,
+    NAME_RE,
+    Fields,
+    check_header,
+)
 
 FORMAT = "pagedkv.snapshot"
-LEASE_FORMAT = "pagedkv.snapshot.lease"
 VERSION = 1
 PAGE_HASH = "sha256"
 PAGE_UNIT = "block"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _LAYOUT_KEYS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "bytes_per_block")
+_DTYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+MAX_BYTES_PER_BLOCK = 1 << 30  # 1 GiB: far above any real block, and a buffer verify can hold
 
 
 def validate_name(name: object) -> str:
-    """Return ``name`` if it is a valid snapshot name, else raise ``ValueError``."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    """Return ``name`` if it is a valid snapshot name (``TypeError``/``ValueError`` if not)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a snapshot name must be a str, got {type(name).__name__} {name!r:.60}")
+    if NAME_RE.fullmatch(name) is None:
         raise ValueError(
-            f"invalid snapshot name {name!r}: use 1-128 characters from [A-Za-z0-9._-], "
+            f"invalid snapshot name {name!r:.140}: use 1-128 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit (e.g. 'chat-42' or 'run_2026.11.23')"
         )
     return name
@@ -82,31 +97,60 @@ def describe_layout(d: dict[str, Any]) -> str:
 
 
 def encode_salt(salt: object) -> dict[str, Any] | None:
-    """JSON form of a cache salt (``None``, ``str``, ``bytes`` or ``int``)."""
+    """JSON form of a cache salt (``None``, ``str``, ``bytes`` or an int64 ``int``)."""
     if salt is None:
         return None
     if isinstance(salt, bytes):
+        if 2 * len(salt) > MAX_TEXT:
+            raise ValueError(f"a salt of {len(salt)} bytes is too long to save (max 32 KiB)")
         return {"type": "bytes", "value": salt.hex()}
     if isinstance(salt, str):
+        if len(salt) > MAX_TEXT or not _is_unicode(salt):
+            raise ValueError("a str salt must be valid Unicode of at most 65536 characters")
         return {"type": "str", "value": salt}
     if isinstance(salt, int) and not isinstance(salt, bool):
+        if not -INT64 <= salt <= INT64:
+            raise ValueError(f"an int salt must fit in 64 bits to be saved, got {salt}")
         return {"type": "int", "value": salt}
     raise TypeError(f"a salt must be None, str, bytes or int to be saved; got {type(salt)}")
 
 
-def decode_salt(obj: Any) -> object:
+def decode_salt(obj: Any, what: str = "manifest", path: str = "salt") -> object:
     """Inverse of :func:`encode_salt`; raises ``SnapshotError`` on a malformed value."""
     if obj is None:
         return None
-    kind = obj.get("type") if isinstance(obj, dict) else None
-    value = obj.get("value") if isinstance(obj, dict) else None
-    if kind == "bytes" and isinstance(value, str):
-        return bytes.fromhex(value)
-    if kind == "str" and isinstance(value, str):
-        return value
-    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise SnapshotError(f"malformed salt in manifest: {obj!r}")
+    if not isinstance(obj, dict) or set(obj) != {"type", "value"}:
+        raise SnapshotError(
+            f"{what}: field {path!r} must be null or {{'type': ..., 'value': ...}}, got {obj!r:.60}"
+        )
+    f = Fields(obj, what, path + ".")
+    kind = f.text("type", expected="'str', 'bytes' or 'int'")
+    if kind == "bytes":
+        return bytes.fromhex(f.text("value", _HEX_RE, expected="lowercase hex of even length"))
+    if kind == "str":
+        return f.text("value")
+    if kind == "int":
+        return f.integer("value", -INT64, INT64)
+    raise f.fail("type", "'str', 'bytes' or 'int'", kind)
+
+
+def check_seq_id(seq_id: object) -> int | str:
+    """A sequence id a manifest can hold: an int64 ``int`` or a short valid-Unicode ``str``."""
+    if isinstance(seq_id, bool) or not isinstance(seq_id, (int, str)):
+        raise TypeError(f"snapshots save int or str sequence ids, got {seq_id!r:.60}")
+    if isinstance(seq_id, int) and not -INT64 <= seq_id <= INT64:
+        raise ValueError(f"an int sequence id must fit in 64 bits to be saved, got {seq_id}")
+    if isinstance(seq_id, str) and (len(seq_id) > MAX_TEXT or not _is_unicode(seq_id)):
+        raise ValueError("a str sequence id must be valid Unicode of at most 65536 characters")
+    return seq_id
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -174,7 +218,8 @@ class Manifest:
     def encode(self) -> bytes:
         """Canonical JSON with a ``checksum`` over everything else (see :func:`parse_manifest`)."""
         body = self.to_json()
-        return json.dumps({**body, "checksum": _checksum(body)}, separators=(",", ":")).encode()
+        doc = {**body, "checksum": _checksum(body)}
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -182,242 +227,96 @@ def _checksum(body: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _check_header(obj: Any, fmt: str, what: str) -> None:
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise SnapshotError(f"{what} is not a pagedkv snapshot document (format {found!r})")
-    version = obj.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise SnapshotError(f"{what} has no valid integer 'version' (got {version!r})")
-    if version > VERSION:
-        raise SnapshotError(
-            f"{what} has format version {version}, but this pagedkv reads versions up to "
-            f"{VERSION}; upgrade pagedkv to read it"
-        )
-    if version < 1:
-        raise SnapshotError(f"{what} has an invalid format version {version}")
+def parse_manifest(raw: object, what: str = "manifest") -> Manifest:
+    """Decode and validate a manifest; raise ``SnapshotError`` naming what is wrong.
 
-
-def parse_manifest(raw: bytes, what: str = "manifest") -> Manifest:
-    """Decode and validate a manifest; raise ``SnapshotError`` naming what is wrong."""
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SnapshotError(f"{what} is not valid JSON (corrupt or truncated): {e}") from None
-    _check_header(obj, FORMAT, what)
+    :class:`~pagedkv.errors.SnapshotVersionError` (a ``SnapshotError``) for a manifest
+    of a newer format version.
+    """
+    obj = decode_document(raw, what)
+    check_header(obj, FORMAT, VERSION, what)
     checksum = obj.pop("checksum", None)
     if checksum != _checksum(obj):
         raise SnapshotError(
             f"{what} fails its checksum (stored {str(checksum)[:20]}..., computed "
             f"{_checksum(obj)[:20]}...): it was modified or corrupted"
         )
-    try:
-        layout = obj["layout"]
-        if not isinstance(layout, dict) or set(layout) != set(_LAYOUT_KEYS):
-            raise SnapshotError(f"{what}: layout must have keys {_LAYOUT_KEYS}, got {layout!r}")
-        if obj.get("page_hash") != PAGE_HASH or obj.get("page_unit") != PAGE_UNIT:
-            raise SnapshotError(
-                f"{what}: unsupported page_hash/page_unit "
-                f"{obj.get('page_hash')!r}/{obj.get('page_unit')!r}"
-            )
-        bs = layout["block_size"]
-        if not isinstance(bs, int) or bs <= 0:
-            raise SnapshotError(f"{what}: invalid block_size {bs!r}")
-        sequences = []
-        seen: set = set()
-        for i, s in enumerate(obj["sequences"]):
-            sequences.append(_parse_sequence(s, bs, f"{what}: sequence #{i}"))
-            if sequences[-1].seq_id in seen:
-                raise SnapshotError(f"{what}: sequence id {sequences[-1].seq_id!r} appears twice")
-            seen.add(sequences[-1].seq_id)
-        metadata = obj.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise SnapshotError(f"{what}: metadata must be a JSON object")
-        return Manifest(
-            name=validate_name(obj["name"]),
-            created=float(obj["created"]),
-            fingerprint=str(obj["fingerprint"]),
-            layout=layout,
-            sequences=sequences,
-            metadata=metadata,
-            parent=obj.get("parent"),
-            bytes={k: int(v) for k, v in (obj.get("bytes") or {}).items()},
-            save={k: float(v) for k, v in (obj.get("save") or {}).items()},
-            model=None if obj.get("model") is None else str(obj["model"]),
-        )
-    except SnapshotError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SnapshotError(f"{what} is malformed: {type(e).__name__}: {e}") from None
+    f = Fields(obj, what)
+    f.const("page_hash", PAGE_HASH)
+    f.const("page_unit", PAGE_UNIT)
+    layout = _parse_layout(f.obj("layout"))
+    sequences: list[SequenceEntry] = []
+    seen: set[int | str] = set()
+    for i, s in enumerate(f.array("sequences")):
+        entry = _parse_sequence(Fields(s, what, f"sequences[{i}]."), layout["block_size"])
+        if entry.seq_id in seen:
+            raise SnapshotError(f"{what}: sequence id {entry.seq_id!r:.60} appears twice")
+        seen.add(entry.seq_id)
+        sequences.append(entry)
+    counts = f.obj("bytes", optional=True)
+    timings = f.obj("save", optional=True)
+    return Manifest(
+        name=f.text("name", NAME_RE, expected="a snapshot name"),
+        created=f.number("created", 0.0, MAX_TIMESTAMP),
+        fingerprint=f.text("fingerprint"),
+        layout=layout,
+        sequences=sequences,
+        metadata=f.obj("metadata", optional=True).data,
+        parent=f.text("parent", NAME_RE, optional=True, expected="null or a snapshot name"),
+        bytes={k: counts.integer(k, 0, INT64) for k in counts.data},
+        save={k: timings.number(k, 0.0, 10.0**MAX_INT_DIGITS) for k in timings.data},
+        model=f.text("model", optional=True),
+    )
 
 
-def _parse_sequence(s: Any, block_size: int, what: str) -> SequenceEntry:
-    seq_id = s["seq_id"]
-    if isinstance(seq_id, bool) or not isinstance(seq_id, (int, str)):
-        raise SnapshotError(f"{what}: seq_id must be an int or a str, got {seq_id!r}")
-    tokens = s["token_ids"]
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in tokens
-    ):
-        raise SnapshotError(f"{what}: token_ids must be a list of uint32 ints")
-    pages = s["pages"]
-    if not isinstance(pages, list) or not all(
-        isinstance(p, str) and _DIGEST_RE.match(p) for p in pages
-    ):
-        raise SnapshotError(f"{what}: pages must be a list of sha256 hex digests")
-    n = len(tokens)
-    if s.get("num_tokens", n) != n or n == 0:
-        raise SnapshotError(f"{what}: num_tokens {s.get('num_tokens')} != len(token_ids) {n}")
-    expected_pages = -(-n // block_size)
-    if len(pages) != expected_pages:
+def _parse_layout(f: Fields) -> dict[str, Any]:
+    if set(f.data) != set(_LAYOUT_KEYS):
         raise SnapshotError(
-            f"{what}: {n} tokens need {expected_pages} pages of {block_size}, found {len(pages)}"
+            f"{f.what}: field 'layout' must have exactly the keys {', '.join(_LAYOUT_KEYS)}; "
+            f"got {', '.join(sorted(map(str, f.data)))[:200]}"
         )
-    fill = n - (expected_pages - 1) * block_size
-    if s["last_page_fill"] != fill:
-        raise SnapshotError(f"{what}: last_page_fill {s['last_page_fill']} != {fill}")
-    return SequenceEntry(seq_id, tokens, pages, fill, decode_salt(s.get("salt")))
+    dims = {k: f.integer(k, 1, INT32) for k in _LAYOUT_KEYS[:4]}
+    dtype = f.text("dtype", _DTYPE_RE, expected="a torch dtype name such as 'bfloat16'")
+    bpb = f.integer("bytes_per_block", 1, MAX_BYTES_PER_BLOCK)
+    elements = 2 * dims["num_layers"] * dims["num_kv_heads"] * dims["head_dim"]
+    elements *= dims["block_size"]
+    if bpb not in (elements, 2 * elements, 4 * elements, 8 * elements):
+        raise f.fail(
+            "bytes_per_block",
+            f"2 x num_layers x num_kv_heads x head_dim x block_size = {elements} elements "
+            "times an element size of 1, 2, 4 or 8 bytes",
+            bpb,
+        )
+    return {**dims, "dtype": dtype, "bytes_per_block": bpb}
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A pending save: written before any page, deleted after the manifest.
-
-    ``gc`` keeps every page a live lease names, so a save in progress never loses a
-    page it counted on. A lease is live while its process runs (same host) or for a
-    grace period after ``created`` (any host).
-    """
-
-    lease_id: str
-    name: str
-    created: float
-    host: str
-    pid: int
-    pages: list[str]
-
-    def encode(self) -> bytes:
-        obj = {"format": LEASE_FORMAT, "version": VERSION, **asdict(self)}
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def parse_lease(raw: bytes) -> Lease:
-    """Decode a lease; raise ``SnapshotError`` when it is not one."""
+def _parse_sequence(f: Fields, block_size: int) -> SequenceEntry:
+    seq_id = f.data.get("seq_id")
     try:
-        obj = json.loads(raw)
-        _check_header(obj, LEASE_FORMAT, "lease")
-        return Lease(
-            str(obj["lease_id"]),
-            str(obj["name"]),
-            float(obj["created"]),
-            str(obj["host"]),
-            int(obj["pid"]),
-            [str(p) for p in obj["pages"]],
+        check_seq_id(seq_id)
+    except (TypeError, ValueError):
+        raise f.fail("seq_id", "an int64 or a str of at most 65536 characters", seq_id) from None
+    tokens = f.array("token_ids")
+    # C-speed checks first (a long conversation has millions of tokens), the loop only
+    # to name the bad one
+    if (
+        not all(type(t) is int for t in tokens)
+        or min(tokens, default=0) < 0
+        or (max(tokens, default=0) >= 2**32)
+    ):
+        i, t = next(
+            (i, t) for i, t in enumerate(tokens) if type(t) is not int or not 0 <= t < 2**32
         )
-    except SnapshotError:
-        raise
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise SnapshotError(f"lease is malformed: {type(e).__name__}: {e}") from None
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """What a snapshot holds, and for the result of a save, how the save went.
-
-    ``logical_bytes`` counts every page of every sequence; ``unique_bytes`` the
-    distinct pages (what the snapshot would take alone); ``written_bytes`` the pages
-    the save actually added to the store (the rest were already there).
-    ``dedup_ratio = logical_bytes / unique_bytes``. ``seconds``/``gbps`` are the save's
-    wall time and ``logical_bytes / seconds`` (0 for a fork).
-    """
-
-    name: str
-    created: float
-    parent: str | None
-    fingerprint: str
-    layout: dict[str, Any]
-    seq_ids: list[int | str]
-    num_tokens: int
-    num_pages: int
-    unique_pages: int
-    logical_bytes: int
-    unique_bytes: int
-    written_bytes: int
-    metadata: dict[str, Any]
-    seconds: float = 0.0
-
-    @property
-    def num_sequences(self) -> int:
-        return len(self.seq_ids)
-
-    @property
-    def dedup_ratio(self) -> float:
-        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
-
-    @property
-    def gbps(self) -> float:
-        return self.logical_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-    @property
-    def created_iso(self) -> str:
-        return datetime.fromtimestamp(self.created, tz=timezone.utc).isoformat(timespec="seconds")
-
-    @classmethod
-    def from_manifest(cls, m: Manifest) -> SnapshotInfo:
-        bpb = int(m.layout["bytes_per_block"])
-        num_pages = sum(len(s.pages) for s in m.sequences)
-        unique = len(m.page_digests())
-        return cls(
-            name=m.name,
-            created=m.created,
-            parent=m.parent,
-            fingerprint=m.fingerprint,
-            layout=dict(m.layout),
-            seq_ids=[s.seq_id for s in m.sequences],
-            num_tokens=sum(s.num_tokens for s in m.sequences),
-            num_pages=num_pages,
-            unique_pages=unique,
-            logical_bytes=num_pages * bpb,
-            unique_bytes=unique * bpb,
-            written_bytes=int(m.bytes.get("written", 0)),
-            metadata=dict(m.metadata),
-            seconds=float(m.save.get("seconds", 0.0)),
-        )
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """The result of reading back every page of a snapshot and checking its digest.
-
-    ``ok`` is true only when the manifest parsed and every page is present with the
-    right length and digest. ``error`` explains a manifest that is missing or bad.
-    """
-
-    name: str
-    ok: bool
-    num_pages: int = 0
-    missing: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)
-    error: str | None = None
-    bytes_checked: int = 0
-    seconds: float = 0.0
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes_checked / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What :meth:`SnapshotStore.gc` removed and kept.
-
-    ``pages_protected`` are unreferenced pages kept because a live lease (a save or
-    fork in progress) names them. ``bytes_freed`` is ``None`` when the backend cannot
-    tell (Redis).
-    """
-
-    pages_deleted: int
-    bytes_freed: int | None
-    pages_kept: int
-    pages_protected: int
-    leases_removed: int
-    seconds: float
+        raise f.fail(f"token_ids[{i}]", "a token id in [0, 2**32)", t)
+    n = len(tokens)
+    if n == 0:
+        raise f.fail("token_ids", "a non-empty list", tokens)
+    f.integer("num_tokens", n, n, optional=True)
+    pages = f.digests("pages")
+    need = -(-n // block_size)
+    if len(pages) != need:
+        raise f.fail("pages", f"{need} digests ({n} tokens in blocks of {block_size})", pages)
+    fill = n - (need - 1) * block_size
+    f.integer("last_page_fill", fill, fill)
+    salt = decode_salt(f.data.get("salt"), f.what, f.path + "salt")
+    return SequenceEntry(seq_id, tokens, pages, fill, salt)

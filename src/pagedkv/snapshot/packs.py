@@ -21,6 +21,11 @@ unlinks it when none is left), and a reader whose pack vanished rescans the
 directory and tries again. The pages themselves carry no checksum here: their key
 is their sha256, and the snapshot store checks every page against it on every read.
 A pack whose index does not verify is skipped (its pages read as missing).
+
+Opening a PackStore creates and changes nothing: until the first write it reads the
+directory as it is (a missing one is an empty store; a read-only mount works), and
+only the first ``put_many``/``delete_many`` that has something to do creates the
+directory and removes dead writers' temp files.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ class PackStore:
     ``durable``: fsync each pack before it becomes visible. ``writers``: a large
     ``put_many`` of pages is split over up to this many packs written concurrently
     (at least 16 MiB each). Thread-safe; several processes may share the directory
-    (each pack is written once, atomically, by one process).
+    (each pack is written once, atomically, by one process). Nothing is created or
+    modified before the first write (module docstring).
     """
 
     def __init__(
@@ -79,13 +85,16 @@ class PackStore:
     ) -> None:
         if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1:
             raise ValueError(f"PackStore: writers must be an int >= 1, got {writers!r}")
-        # Opening the DiskStore also removes temp files of dead writers, packs' included.
-        self._disk = DiskStore(path, capacity_bytes=_UNBOUNDED)
-        self._dir = os.path.join(self._disk.path, PACK_DIR)
-        try:
-            os.makedirs(self._dir, exist_ok=True)
+        root = os.path.abspath(os.fspath(path))
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise StoreError(f"PackStore: {root!r} is not a directory")
+        try:  # read-only until the first write (_open_for_writing)
+            self._disk = DiskStore(root, capacity_bytes=_UNBOUNDED, read_only=True)
         except OSError as e:
-            raise StoreError(f"PackStore: cannot create {self._dir!r}: {e.strerror or e}") from e
+            raise StoreError(f"PackStore: cannot read {root!r}: {e.strerror or e}") from e
+        self._writable = False
+        self._carried = StoreStats(None, None, None)  # counts of the read-only DiskStore
+        self._dir = os.path.join(self._disk.path, PACK_DIR)
         self._durable = bool(durable)
         self._writers = writers
         self._pool: ThreadPoolExecutor | None = None
@@ -104,6 +113,11 @@ class PackStore:
         return self._disk.path
 
     @property
+    def exists(self) -> bool:
+        """Whether the store directory exists (opening one never creates it)."""
+        return os.path.isdir(self.path)
+
+    @property
     def capacity_bytes(self) -> None:
         """Snapshot stores have no cap (pages are removed by ``gc`` only)."""
         return None
@@ -116,8 +130,10 @@ class PackStore:
         """Pick up packs other processes wrote and forget those they removed."""
         try:
             names = {n for n in os.listdir(self._dir) if n.endswith(_PACK)}
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             names = set()
+        except OSError as e:
+            raise StoreError(f"PackStore: cannot list {self._dir!r}: {e.strerror or e}") from e
         with self._lock:
             for gone in [p for p in self._packs if p not in names]:
                 self._forget(gone)
@@ -181,6 +197,8 @@ class PackStore:
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
         """Store every item: pages as new pack(s), everything else as DiskStore files."""
         checked = check_items(items)
+        if checked:
+            self._open_for_writing()
         pages: dict[str, memoryview] = {}  # the last value of a repeated key wins
         other = []
         for key, view in checked:
@@ -298,6 +316,10 @@ class PackStore:
     def delete_many(self, keys: Sequence[str]) -> int:
         """Delete the keys; packs holding deleted pages are rewritten without them."""
         keys = check_keys(keys)
+        if not self._writable:
+            if not any(self.contains_many(keys)):
+                return 0  # nothing to delete: stay read-only
+            self._open_for_writing()
         self.refresh()
         doomed = {k for k in keys if _is_page_key(k)}
         deleted = set()
@@ -333,14 +355,15 @@ class PackStore:
         self.refresh()
         disk = self._disk.stats()
         with self._lock:
+            old = self._carried
             return StoreStats(
                 entries=(disk.entries or 0) + len(self._where),
                 bytes_used=(disk.bytes_used or 0) + sum(self._size.values()),
                 capacity_bytes=None,
-                hits=disk.hits + self._hits,
-                misses=disk.misses + self._misses,
+                hits=disk.hits + self._hits + old.hits,
+                misses=disk.misses + self._misses + old.misses,
                 puts=disk.puts + self._puts,
-                errors=disk.errors,
+                errors=disk.errors + old.errors,
             )
 
     def close(self) -> None:
@@ -350,6 +373,25 @@ class PackStore:
         self._disk.close()
 
     # -- packs -------------------------------------------------------------------
+    def _open_for_writing(self) -> None:
+        """Before the first write: create the directories, sweep dead writers' temps.
+
+        The read-only DiskStore is replaced by a writable one (whose open removes the
+        temp files of dead writers, packs' included); it is not closed, as a reader
+        may still be using it.
+        """
+        with self._lock:
+            if self._writable:
+                return
+            disk = DiskStore(self.path, capacity_bytes=_UNBOUNDED)
+            try:
+                os.makedirs(self._dir, exist_ok=True)
+            except OSError as e:
+                raise StoreError(
+                    f"PackStore: cannot create {self._dir!r}: {e.strerror or e}"
+                ) from e
+            self._carried, self._disk, self._writable = self._disk.stats(), disk, True
+
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:

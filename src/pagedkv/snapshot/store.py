@@ -13,55 +13,81 @@ A save writes, per chunk of pages, a lease naming them, then the pages the store
 lacks, and the manifest last (one atomic put), then drops its leases. A save killed
 at any point therefore leaves at most orphan pages and a dead lease; ``gc`` removes
 both, and never a page that a manifest or a live lease names.
+
+Every document read back is bounded and validated (:mod:`pagedkv.snapshot.jsondoc`,
+:mod:`pagedkv.snapshot.schema`): a damaged one is a ``SnapshotError`` where one
+snapshot is asked for, and a reported entry where the whole store is scanned
+(:mod:`pagedkv.snapshot.catalogue`). Reading never creates or changes anything.
+
+Logging: logger ``pagedkv.snapshot``; INFO for each save, load, fork, delete, verify
+and gc (names, counts, bytes, seconds), WARNING for damaged entries. Never metadata,
+never a URL's password, never per page.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
 import secrets
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
-from pagedkv.errors import OutOfBlocks, SnapshotError
-from pagedkv.snapshot.leases import (
-    GC_PREFIX,
-    LEASE_PREFIX,
-    live_leases,
-    new_lease,
-    take_lease,
-    wait_for_gc,
-    write_lease,
+from pagedkv.errors import SnapshotError, StoreError, StoreUnavailable
+from pagedkv.snapshot.args import (
+    check_flag,
+    check_metadata,
+    check_pager,
+    id_mapping,
+    positive_int,
+    seconds,
+    seq_id_list,
 )
+from pagedkv.snapshot.catalogue import (
+    MANIFEST_PREFIX,
+    collect,
+    manifest_names,
+    parse_stored,
+    scan_manifests,
+)
+from pagedkv.snapshot.leases import LEASE_PREFIX, take_lease, wait_for_gc, write_lease
 from pagedkv.snapshot.manifest import (
-    GcReport,
     Manifest,
     SequenceEntry,
-    SnapshotInfo,
-    VerifyReport,
-    describe_layout,
     layout_dict,
-    parse_manifest,
     validate_name,
 )
 from pagedkv.snapshot.pager import CachePager
-from pagedkv.snapshot.pipeline import Workers, drop_on_error, progress_bar, sha256_hex, syncfs
-from pagedkv.storage.host import host_bytes
+from pagedkv.snapshot.pipeline import (
+    PAGE_SUFFIX,
+    Workers,
+    drop_on_error,
+    fetch_pages,
+    page_key,
+    progress_bar,
+    read_each,
+    sha256_hex,
+    syncfs,
+)
+from pagedkv.snapshot.plan import (
+    check_compatible,
+    install,
+    model_of,
+    plan_save,
+    read_units,
+    select,
+)
+from pagedkv.snapshot.reports import Catalogue, GcReport, SnapshotInfo, VerifyReport
+from pagedkv.stores import Location, known_schemes, parse_location
 
-PAGE_SUFFIX = ".pg"
-MANIFEST_PREFIX = "snap.m."
-_PAGE_KEY_RE = re.compile(r"^[0-9a-f]{64}\.pg$")
+log = logging.getLogger("pagedkv.snapshot")
 
-
-def page_key(digest: str) -> str:
-    return digest + PAGE_SUFFIX
+__all__ = ["MANIFEST_PREFIX", "PAGE_SUFFIX", "LoadResult", "SnapshotStore", "page_key"]
 
 
 class LoadResult(dict):
@@ -81,16 +107,39 @@ class LoadResult(dict):
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+def _open_directory(loc: Location, key_prefix: str, durable: bool, writers: int) -> Any:
+    from pagedkv.snapshot.packs import PackStore
+
+    return PackStore(loc.target, durable=durable, writers=writers)
+
+
+def _open_redis(loc: Location, key_prefix: str, durable: bool, writers: int) -> Any:
+    from pagedkv.stores import RedisStore
+
+    if durable:
+        raise ValueError(
+            "durable=True applies to a directory store; Redis persistence is the server's"
+        )
+    return RedisStore(loc.target, key_prefix=key_prefix)
+
+
+# Location kind (pagedkv.stores.STORE_SCHEMES) -> backend of a snapshot store.
+_BACKENDS = {"path": _open_directory, "redis": _open_redis}
+
+
 class SnapshotStore:
     """Named snapshots of KV state over a block store (a directory, or Redis).
 
-    ``location``: a directory path (created if missing; a
+    ``location``: a directory path (or ``file:///path``; a
     :class:`~pagedkv.snapshot.packs.PackStore`: each chunk of new pages is written as
-    one pack file, manifests as files; never evicted), a ``redis://`` URL (keys
-    under ``key_prefix``; configure the server with ``maxmemory-policy noeviction``:
-    an evicted page breaks a snapshot, which ``verify`` then reports), or any object
-    with the ``BlockStore`` methods.
-    ``durable=True`` (local only) also survives power loss: each pack is fsynced
+    one pack file, manifests as files; never evicted), a ``redis://``/``rediss://`` URL
+    (keys under ``key_prefix``; configure the server with ``maxmemory-policy
+    noeviction``: an evicted page breaks a snapshot, which ``verify`` then reports), or
+    any object with the ``BlockStore`` methods. Any other ``scheme://`` raises
+    ``ValueError``. Opening a directory creates nothing: it is created by the first
+    write (save, fork), and a missing or read-only one can be listed, verified and
+    loaded from (``exists`` tells whether it is there).
+    ``durable=True`` (directories only) also survives power loss: each pack is fsynced
     before it becomes visible, and after the pages and again after the manifest one
     file-system flush (``syncfs``) makes them durable in that order; without it a
     killed process still never leaves a partial pack or manifest visible (atomic
@@ -113,36 +162,43 @@ class SnapshotStore:
         threads: int = 2,
         writers: int | None = None,
     ) -> None:
+        self.writers = positive_int(
+            "writers", min(8, os.cpu_count() or 1) if writers is None else writers
+        )
+        self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
+        self.threads = positive_int("threads", threads)
+        self.grace_seconds = seconds("grace_seconds", grace_seconds)
+        check_flag("durable", durable)
+        if not isinstance(key_prefix, str):
+            raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
         self._sync_dir: str | None = None
-        if writers is None:
-            writers = min(8, os.cpu_count() or 1)
-        if isinstance(writers, bool) or not isinstance(writers, int) or writers <= 0:
-            raise ValueError(f"writers must be a positive int, got {writers!r}")
-        self.writers = writers
         if hasattr(location, "put_many"):
+            if durable:
+                raise ValueError("durable=True applies to a directory location, not a store object")
             self.backend = location
-            self.location = repr(location)
-        else:
-            from pagedkv.snapshot.packs import PackStore
-            from pagedkv.stores import RedisStore
-
-            loc = os.fspath(location)
-            self.location = loc
-            if loc.startswith(("redis://", "rediss://")):
-                self.backend = RedisStore(loc, key_prefix=key_prefix)
-                self.location = getattr(self.backend, "_shown", loc.split("@")[-1])
-            else:
-                path = loc.removeprefix("file://")
-                self.backend = PackStore(path, durable=durable, writers=writers)
-                self._sync_dir = self.backend.path if durable else None
-        if chunk_bytes <= 0 or threads <= 0:
-            raise ValueError("chunk_bytes and threads must be positive")
-        self.grace_seconds = float(grace_seconds)
-        self.chunk_bytes = int(chunk_bytes)
-        self.threads = int(threads)
+            self.location = _describe(location)
+            return
+        loc = parse_location(location)
+        opener = _BACKENDS.get(loc.kind)
+        if opener is None:
+            raise ValueError(
+                f"{loc.scheme}:// is not a snapshot store location; use a directory path or "
+                f"redis:// / rediss:// (known schemes: {known_schemes()}), or pass a block "
+                "store object (e.g. MemoryStore(...))"
+            )
+        self.backend = opener(loc, key_prefix, durable, self.writers)
+        self.location = getattr(self.backend, "path", None) or loc.shown  # never a password
+        if durable:
+            self._sync_dir = self.backend.path
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.location!r})"
+
+    @property
+    def exists(self) -> bool:
+        """Whether the store is there: ``False`` for a directory not created yet (Redis
+        and store objects: always ``True``)."""
+        return bool(getattr(self.backend, "exists", True))
 
     def close(self) -> None:
         """Close the backing block store."""
@@ -172,19 +228,28 @@ class SnapshotStore:
         save so every page belongs to one consistent state. The manifest is written
         last, atomically: if the save dies, no snapshot is listed. ``name`` defaults
         to a generated ``snap-<utc time>-<random>``; an existing name raises
-        ``SnapshotError`` unless ``overwrite=True``. ``metadata`` must be JSON-able.
-        Sequence ids must be ``int`` or ``str``. Returns the new snapshot's info
-        with the save's wall time (``seconds``, ``gbps``) and ``written_bytes``.
+        ``SnapshotError`` unless ``overwrite=True``.
+
+        ``seq_ids``: a list (any iterable but a ``str``/``bytes``, which raise
+        ``TypeError``) of ``int`` (64-bit) or ``str`` ids. ``metadata``: a mapping of
+        ``str`` keys to plain JSON values (finite numbers, at most 31 levels deep, at
+        most 16 MiB as JSON). Every argument is checked before anything is written.
+        Returns the new snapshot's info with the save's wall time (``seconds``,
+        ``gbps``) and ``written_bytes``.
         """
         t0 = time.perf_counter()
+        check_pager(pager)
+        ids = seq_id_list(seq_ids, "save")
+        meta = check_metadata(metadata)
+        check_flag("overwrite", overwrite)
+        check_flag("progress", progress)
         name = self._new_name(name, overwrite)
-        meta = _json_object(metadata)
         layout = pager.layout
         bpb = layout.bytes_per_block
         lease_id = secrets.token_hex(8)
         leases: list[str] = []
         with pager.paused(), drop_on_error(self.backend, leases):
-            entries, units, unit_of = self._plan(pager, seq_ids)
+            entries, units, unit_of = plan_save(pager, ids, len(json.dumps(meta)))
             digests: list[str] = [""] * len(units)
             written = 0
             with ExitStack() as stack:
@@ -194,7 +259,7 @@ class SnapshotStore:
                 pending = None
                 step = max(1, self.chunk_bytes // bpb)
                 for start in range(0, len(units), step):
-                    rows = _read_units(pager, units[start : start + step]).numpy()
+                    rows = read_units(pager, units[start : start + step]).numpy()
                     part = work.digests(rows)
                     digests[start : start + len(part)] = part
                     if pending is not None:
@@ -220,7 +285,7 @@ class SnapshotStore:
                 name=name,
                 created=time.time(),
                 fingerprint=str(pager.fingerprint),
-                model=_model_of(pager),
+                model=model_of(pager),
                 layout=layout_dict(layout),
                 sequences=sequences,
                 metadata=meta,
@@ -230,7 +295,15 @@ class SnapshotStore:
             self.backend.put_many([(MANIFEST_PREFIX + name, manifest.encode())])
             self._flush()
         self.backend.delete_many(leases)
-        return replace(SnapshotInfo.from_manifest(manifest), seconds=time.perf_counter() - t0)
+        info = replace(SnapshotInfo.from_manifest(manifest), seconds=time.perf_counter() - t0)
+        log.info(
+            "saved snapshot %r to %s: %d sequences, %d tokens, %d pages (%d unique), "
+            "%d bytes written of %d, %.3f s",
+            *(name, self.location, info.num_sequences, info.num_tokens, info.num_pages),
+            *(info.unique_pages, written, info.logical_bytes),
+            info.seconds,
+        )
+        return info
 
     def _flush(self) -> None:
         """Make everything written so far durable (``durable=True`` local stores only)."""
@@ -253,38 +326,6 @@ class SnapshotStore:
                 "to replace it, or choose another name"
             )
         return name
-
-    def _plan(self, pager: CachePager, seq_ids: Iterable[Hashable] | None) -> tuple:
-        """Sequences to save and the distinct (block, fill) units their pages come from."""
-        ids = list(pager.seq_ids()) if seq_ids is None else list(seq_ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"seq_ids has duplicates: {ids}")
-        live = set(pager.seq_ids())
-        bs = pager.layout.block_size
-        entries, units, unit_of = [], [], {}
-        for sid in ids:
-            if isinstance(sid, bool) or not isinstance(sid, (int, str)):
-                raise TypeError(f"snapshots save int or str sequence ids, got {sid!r}")
-            if sid not in live:
-                raise KeyError(
-                    f"sequence {sid!r} is not in the pager (live: {sorted(map(str, live))[:8]})"
-                )
-            tokens = list(pager.token_ids(sid))
-            table = list(pager.block_table(sid))
-            n = len(tokens)
-            if n == 0 or len(table) != -(-n // bs):
-                raise SnapshotError(
-                    f"sequence {sid!r}: {n} tokens but {len(table)} blocks of {bs}; "
-                    "the pager is inconsistent"
-                )
-            fill = n - (len(table) - 1) * bs
-            us = [(b, bs) for b in table[:-1]] + [(table[-1], fill)]
-            for u in us:
-                if u not in unit_of:
-                    unit_of[u] = len(units)
-                    units.append(u)
-            entries.append((sid, tokens, us, fill, pager.salt(sid)))
-        return entries, units, unit_of
 
     def _put_pages(
         self, lease: str, name: str, digests: list[str], rows: np.ndarray, seen: set
@@ -314,7 +355,7 @@ class SnapshotStore:
             return 0
         idx = [i for i, d in enumerate(digests) if d in lost]
         idx = list({digests[i]: i for i in idx}.values())
-        rows = _read_units(pager, [units[i] for i in idx]).numpy()
+        rows = read_units(pager, [units[i] for i in idx]).numpy()
         if [sha256_hex(r) for r in rows] != [digests[i] for i in idx]:
             raise SnapshotError("the pager changed during the save although it was paused")
         lease = f"{LEASE_PREFIX}{lease_id}.{len(leases):06d}"
@@ -335,22 +376,35 @@ class SnapshotStore:
         """Restore snapshot ``name`` into ``pager``; return ``{old id: new id}``.
 
         ``seq_ids`` maps the saved ids to restore onto new ids (only those are
-        restored); by default every sequence is restored under ``"<name>:<old id>"``.
-        The layout and fingerprint are checked and every page is read and verified
-        before anything is installed: a mismatch, a missing or corrupt page raises
+        restored; a list or a ``str`` raises ``TypeError``); by default every sequence
+        is restored under ``"<name>:<old id>"``. The layout and fingerprint are
+        checked and every page is read and verified before anything is installed: a
+        mismatch, a damaged manifest, a missing or corrupt page raises
         ``SnapshotError`` and leaves the pager untouched. Pages whose blocks the
         pager's prefix cache already holds are shared, not written. If the pager runs
         out of blocks midway, the sequences installed so far are freed and
         ``OutOfBlocks`` is raised.
         """
         t0 = time.perf_counter()
+        check_pager(pager)
+        validate_name(name)
+        wanted = id_mapping(seq_ids)
+        check_flag("progress", progress)
         manifest = self.manifest(name)
-        _check_compatible(manifest, pager)
-        entries, mapping = _select(manifest, pager, seq_ids)
+        check_compatible(manifest, pager)
+        entries, mapping = select(manifest, pager, wanted)
         uniq = list(dict.fromkeys(d for e in entries for d in e.pages))
         bpb = int(manifest.layout["bytes_per_block"])
-        pages, missing, corrupt = self._fetch(uniq, bpb, keep=True, progress=progress, what=name)
-        row_of = {d: i for i, d in enumerate(uniq)}
+        pages, missing, corrupt = fetch_pages(
+            self.backend,
+            uniq,
+            bpb,
+            chunk_bytes=self.chunk_bytes,
+            threads=self.threads,
+            keep=True,
+            progress=progress,
+            what=name,
+        )
         if missing or corrupt:
             raise SnapshotError(
                 f"snapshot {name!r} is damaged: {len(missing)} missing and {len(corrupt)} corrupt "
@@ -358,146 +412,91 @@ class SnapshotStore:
                 f"`pagedkv snapshot verify {name}` lists them"
             )
         result = LoadResult()
-        installed: list[Hashable] = []
-        bs = pager.layout.block_size
-        try:
-            for e in entries:
-                new_id = mapping[e.seq_id]
-                cached = pager.allocate(new_id, e.token_ids, salt=e.salt)
-                installed.append(new_id)
-                table = pager.block_table(new_id)
-                skip = -(-cached // bs)  # a partly cached block is still shared
-                result.shared_blocks += skip
-                if skip < len(table):
-                    idx = [row_of[d] for d in e.pages[skip:]]
-                    if idx == list(range(idx[0], idx[0] + len(idx))):
-                        data = pages[idx[0] : idx[0] + len(idx)]  # a view: no copy
-                    else:
-                        data = pages[torch.tensor(idx)]
-                    pager.write_blocks(table[skip:], data)
-                result[e.seq_id] = new_id
-        except BaseException as exc:
-            for sid in reversed(installed):
-                pager.free(sid)
-            if isinstance(exc, OutOfBlocks):
-                raise OutOfBlocks(
-                    f"restoring snapshot {name!r} ran out of blocks at sequence "
-                    f"{e.seq_id!r} ({exc}); nothing was restored"
-                ) from exc
-            raise
+        result.shared_blocks = install(pager, name, entries, mapping, pages, uniq)
+        result.update((e.seq_id, mapping[e.seq_id]) for e in entries)
         result.bytes = len(uniq) * bpb
         result.seconds = time.perf_counter() - t0
+        log.info(
+            "loaded snapshot %r from %s: %d sequences, %d bytes read, %d blocks shared, %.3f s",
+            *(name, self.location, len(result), result.bytes, result.shared_blocks),
+            result.seconds,
+        )
         return result
-
-    def _fetch(
-        self, digests: Sequence[str], bpb: int, *, keep: bool, progress: bool, what: str
-    ) -> tuple[torch.Tensor, list[str], list[str]]:
-        """Read and check pages; return (rows, missing, corrupt).
-
-        With ``keep``, ``rows`` is ``uint8 [len(digests), bpb]`` holding page ``i`` in row
-        ``i`` once it verified. Pages are read straight into these rows where the
-        backend can (``get_into``: no intermediate ``bytes``), the next chunk being read
-        while this one is hashed. Without ``keep`` two chunk-sized buffers alternate.
-        """
-        step = max(1, self.chunk_bytes // bpb)
-        chunks = [range(a, min(len(digests), a + step)) for a in range(0, len(digests), step)]
-        rows = host_bytes(len(digests) if keep else 2 * min(step, len(digests)), bpb)
-        missing: list[str] = []
-        corrupt: list[str] = []
-
-        def read(j: int) -> tuple[torch.Tensor, list[int | None]]:
-            """Chunk ``j`` into its rows; per page: bytes present (``None``: missing)."""
-            part = chunks[j]
-            a = part.start if keep else (j % 2) * step
-            out = rows[a : a + len(part)]
-            return out, self._read_pages([digests[i] for i in part], out, bpb)
-
-        with (
-            Workers(self.threads, bpb) as work,
-            progress_bar(progress, what, len(digests) * bpb) as bar,
-        ):
-            ahead = work.background(read, 0) if chunks else None
-            for j, part in enumerate(chunks):
-                out, sizes = ahead.result()  # read the next chunk while this one is checked
-                if j + 1 < len(chunks):
-                    ahead = work.background(read, j + 1)
-                names = [digests[i] for i in part]
-                missing += [d for d, n in zip(names, sizes) if n is None]
-                corrupt += [d for d, n in zip(names, sizes) if n is not None and n != bpb]
-                good = [k for k, n in enumerate(sizes) if n == bpb]
-                arr = out.numpy()
-                for k, h in zip(good, work.digests([memoryview(arr[k]) for k in good])):
-                    if h != names[k]:
-                        corrupt.append(names[k])
-                bar(len(part) * bpb)
-        return rows, missing, corrupt
-
-    def _read_pages(self, digests: list[str], out: torch.Tensor, bpb: int) -> list[int | None]:
-        """Pages into ``out`` rows; per page the bytes found (``None``: missing).
-
-        A page of another size is reported with its size and leaves its row as it was.
-        """
-        keys = [page_key(d) for d in digests]
-        get_into = getattr(self.backend, "get_into", None)
-        found = get_into(keys, out) if get_into is not None else [False] * len(keys)
-        sizes: list[int | None] = [bpb if f else None for f in found]
-        retry = [k for k, f in enumerate(found) if not f]
-        if retry:  # no get_into, or a page missing or of another size: plain reads
-            arr = out.numpy()
-            for k, v in zip(retry, self.backend.get_many([keys[k] for k in retry])):
-                if v is not None:
-                    sizes[k] = len(v)
-                    if len(v) == bpb:
-                        arr[k] = np.frombuffer(v, dtype=np.uint8)
-        return sizes
 
     # -- catalogue ----------------------------------------------------------------
     def manifest(self, name: str) -> Manifest:
-        """The parsed manifest of ``name``; ``SnapshotError`` if missing or invalid."""
+        """The parsed manifest of ``name``; ``SnapshotError`` if missing or damaged."""
         validate_name(name)
-        raw = self.backend.get_many([MANIFEST_PREFIX + name])[0]
+        raw = read_each(self.backend, [MANIFEST_PREFIX + name])[0]
         if raw is None:
             known = ", ".join(self.names()[:10]) or "none"
-            raise SnapshotError(f"no snapshot named {name!r} in {self.location} (have: {known})")
-        manifest = parse_manifest(raw, what=f"manifest of snapshot {name!r}")
-        if manifest.name != name:
-            raise SnapshotError(
-                f"the manifest stored as {name!r} names itself {manifest.name!r}; it was "
-                f"copied or renamed by hand (use fork() to give a snapshot a second name)"
-            )
-        return manifest
+            where = self.location if self.exists else f"{self.location} (no store there yet)"
+            raise SnapshotError(f"no snapshot named {name!r} in {where} (have: {known})")
+        return parse_stored(name, raw)
 
     def info(self, name: str) -> SnapshotInfo:
-        """What snapshot ``name`` holds (``SnapshotError`` if missing or invalid)."""
+        """What snapshot ``name`` holds (``SnapshotError`` if missing or damaged)."""
         return SnapshotInfo.from_manifest(self.manifest(name))
 
     def names(self) -> list[str]:
-        """Names of every manifest in the store, valid or not, sorted."""
-        return sorted(k[len(MANIFEST_PREFIX) :] for k in self.backend.keys(MANIFEST_PREFIX))
+        """Names of every manifest in the store, readable or not, sorted."""
+        return manifest_names(self.backend)
+
+    def catalogue(self) -> Catalogue:
+        """Every manifest read once: the readable snapshots (oldest first), the damaged
+        ones with why (``damaged``), and the distinct pages the readable ones need.
+
+        Never raises on a damaged entry (an unreachable store still raises).
+        """
+        scan = scan_manifests(self.backend)
+        sizes = {d: m.layout["bytes_per_block"] for m in scan.manifests for d in m.page_digests()}
+        infos = sorted(map(SnapshotInfo.from_manifest, scan.manifests), key=_by_age)
+        return Catalogue(infos, scan.damaged, len(sizes), sum(sizes.values()))
 
     def list(self) -> list[SnapshotInfo]:
-        """Info of every readable snapshot, oldest first (unreadable ones: see ``verify``)."""
-        names = self.names()
-        raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
-        out = []
-        for raw in raws:
-            try:
-                out.append(SnapshotInfo.from_manifest(parse_manifest(raw or b"")))
-            except SnapshotError:
-                continue
-        return sorted(out, key=lambda i: (i.created, i.name))
+        """Info of every readable snapshot, oldest first.
+
+        Damaged manifests are left out (each logged as a warning);
+        :meth:`catalogue` reports them, ``gc`` will not collect while there are any.
+        """
+        cat = self.catalogue()
+        for d in cat.damaged:
+            log.warning("snapshot %r in %s is unreadable: %s", d.name, self.location, d.error)
+        return cat.snapshots
 
     def verify(self, name: str, *, progress: bool = False) -> VerifyReport:
-        """Read back every page of ``name``; check lengths and digests (damage never raises)."""
+        """Read back every page of ``name``; check lengths and digests.
+
+        Damage never raises: a missing or damaged manifest, missing or corrupt pages
+        and unreadable entries are reported (``ok=False``). Only a bad argument
+        (``TypeError``/``ValueError``) or an unreachable store raises.
+        """
         t0 = time.perf_counter()
+        validate_name(name)
+        check_flag("progress", progress)
         try:
             manifest = self.manifest(name)
-        except SnapshotError as e:
+            bpb = int(manifest.layout["bytes_per_block"])
+            uniq = sorted(manifest.page_digests())
+            present = self.backend.contains_many([page_key(d) for d in uniq]) if uniq else []
+            absent = [d for d, p in zip(uniq, present) if not p]
+            _, missing, corrupt = fetch_pages(
+                self.backend,
+                [d for d, p in zip(uniq, present) if p],
+                bpb,
+                chunk_bytes=self.chunk_bytes,
+                threads=self.threads,
+                keep=False,
+                progress=progress,
+                what=name,
+            )
+        except StoreUnavailable:
+            raise
+        except (SnapshotError, StoreError) as e:
+            log.warning("snapshot %r in %s failed verification: %s", name, self.location, e)
             return VerifyReport(name, ok=False, error=str(e), seconds=time.perf_counter() - t0)
-        bpb = int(manifest.layout["bytes_per_block"])
-        uniq = sorted(manifest.page_digests())
-        _, missing, corrupt = self._fetch(uniq, bpb, keep=False, progress=progress, what=name)
-        return VerifyReport(
+        missing = sorted(absent + missing)
+        report = VerifyReport(
             name,
             ok=not missing and not corrupt,
             num_pages=len(uniq),
@@ -506,6 +505,17 @@ class SnapshotStore:
             bytes_checked=(len(uniq) - len(missing)) * bpb,
             seconds=time.perf_counter() - t0,
         )
+        if report.ok:
+            log.info(
+                "verified snapshot %r: %d pages, %d bytes, %.3f s",
+                *(name, report.num_pages, report.bytes_checked, report.seconds),
+            )
+        else:
+            log.warning(
+                "snapshot %r in %s failed verification: %d missing, %d corrupt of %d pages",
+                *(name, self.location, len(missing), len(corrupt), len(uniq)),
+            )
+        return report
 
     def fork(
         self,
@@ -518,18 +528,23 @@ class SnapshotStore:
     ) -> SnapshotInfo:
         """A new snapshot ``new_name`` sharing every page of ``name`` (writes one manifest).
 
-        ``metadata`` replaces the parent's when given; ``seq_ids`` keeps only those
-        sequences. ``SnapshotError`` if a page of the parent is gone.
+        ``metadata`` replaces the parent's when given; ``seq_ids`` (a list, as for
+        :meth:`save`) keeps only those sequences. ``SnapshotError`` if the parent is
+        missing or damaged, or a page of it is gone.
         """
+        validate_name(name)
+        validate_name(new_name)
+        wanted = seq_id_list(seq_ids, "fork")
+        meta = None if metadata is None else check_metadata(metadata)
+        check_flag("overwrite", overwrite)
         parent = self.manifest(name)
         self._new_name(new_name, overwrite)
         sequences = parent.sequences
-        if seq_ids is not None:
-            wanted = list(seq_ids)
+        if wanted is not None:
             by_id = {s.seq_id: s for s in sequences}
             unknown = [s for s in wanted if s not in by_id]
             if unknown:
-                raise KeyError(f"snapshot {name!r} has no sequences {unknown}")
+                raise KeyError(f"snapshot {name!r} has no sequences {unknown[:8]}")
             sequences = [by_id[s] for s in wanted]
         digests = sorted({d for s in sequences for d in s.pages})
         lease = f"{LEASE_PREFIX}{secrets.token_hex(8)}.000000"
@@ -549,7 +564,7 @@ class SnapshotStore:
                 model=parent.model,
                 layout=parent.layout,
                 sequences=list(sequences),
-                metadata=parent.metadata if metadata is None else _json_object(metadata),
+                metadata=parent.metadata if meta is None else meta,
                 parent=name,
                 bytes={
                     "logical": sum(len(s.pages) for s in sequences) * bpb,
@@ -560,148 +575,53 @@ class SnapshotStore:
             self.backend.put_many([(MANIFEST_PREFIX + new_name, child.encode())])
         finally:
             self.backend.delete_many([lease])
-        return SnapshotInfo.from_manifest(child)
+        info = SnapshotInfo.from_manifest(child)
+        log.info(
+            "forked snapshot %r as %r in %s: %d sequences, %d bytes shared",
+            *(name, new_name, self.location, info.num_sequences, info.unique_bytes),
+        )
+        return info
 
     def delete(self, name: str) -> None:
-        """Remove snapshot ``name`` (its manifest); ``gc`` reclaims pages no one else uses."""
+        """Remove snapshot ``name`` (its manifest, damaged or not); ``gc`` reclaims pages
+        no one else uses."""
         validate_name(name)
         if not self.backend.delete_many([MANIFEST_PREFIX + name]):
             raise SnapshotError(f"no snapshot named {name!r} in {self.location}")
+        log.info("deleted snapshot %r from %s", name, self.location)
 
     # -- gc -----------------------------------------------------------------------
-    def gc(self, *, grace_seconds: float | None = None) -> GcReport:
-        """Delete pages no manifest references, and dead leases.
+    def gc(self, *, grace_seconds: float | None = None, drop_damaged: bool = False) -> GcReport:
+        """Delete pages no manifest references, and dead or damaged leases.
 
         A page named by a live lease (a save or fork in progress) is kept: a lease is
         live while its process runs (same host) or for ``grace_seconds`` (default:
         the store's) after it was written by another host. A gc announces itself with
         a marker while it runs; a save waits for it to end before its final check
         that every page it counts on is stored, a fork before its check (see
-        :mod:`pagedkv.snapshot.leases`). Raises ``SnapshotError`` without
-        deleting anything if a manifest is unreadable (its pages would be lost):
-        delete or repair it first.
+        :mod:`pagedkv.snapshot.leases`).
+
+        Damaged manifests never make it raise. As a damaged manifest cannot tell which
+        pages it needs, a gc that finds one deletes no page (``report.blocked``,
+        ``report.damaged`` names them): delete or repair them, or pass
+        ``drop_damaged=True`` to delete them first (not those of a newer pagedkv
+        version) and then collect. A store that does not exist yet is left so.
         """
-        t0 = time.perf_counter()
-        grace = self.grace_seconds if grace_seconds is None else grace_seconds
-        marker = f"{GC_PREFIX}{secrets.token_hex(8)}"
-        self.backend.put_many([(marker, new_lease(marker, "gc", []).encode())])
-        try:
-            return self._collect(grace, t0)
-        finally:
-            self.backend.delete_many([marker])
-
-    def _collect(self, grace: float, t0: float) -> GcReport:
-        # The marker first (saves that lease pages from now on wait for this gc to
-        # end), then the leases, then the manifests: a save that finishes in between
-        # wrote its manifest before dropping its lease, so its pages are seen as
-        # leased or as referenced.
-        live, dead = live_leases(self.backend, LEASE_PREFIX, grace)
-        protected = {d for lease in live for d in lease.pages}
-        dead += live_leases(self.backend, GC_PREFIX, grace)[1]  # markers of gcs that died
-        names = self.names()
-        raws = self.backend.get_many([MANIFEST_PREFIX + n for n in names]) if names else []
-        referenced: set[str] = set()
-        for n, raw in zip(names, raws):
-            if raw is None:
-                continue  # deleted meanwhile
-            try:
-                referenced |= parse_manifest(raw, what=f"manifest {n!r}").page_digests()
-            except SnapshotError as e:
-                raise SnapshotError(f"gc refused: {e}; delete snapshot {n!r} first") from None
-        pages = {k[: -len(PAGE_SUFFIX)] for k in self.backend.keys("") if _PAGE_KEY_RE.match(k)}
-        orphans = pages - referenced
-        doomed = sorted(orphans - protected)
-        before = self.backend.stats().bytes_used
-        deleted = 0
-        if doomed:
-            # One batch: a pack store rewrites each pack once. Saves that lease pages
-            # from now on check them again after this gc ends (the marker); a second
-            # look at the leases costs little and spares them most re-writes.
-            now_live = live_leases(self.backend, LEASE_PREFIX, grace)[0]
-            again = {d for lease in now_live for d in lease.pages}
-            deleted = self.backend.delete_many([page_key(d) for d in doomed if d not in again])
-        removed = self.backend.delete_many(dead) if dead else 0
-        after = self.backend.stats().bytes_used
-        return GcReport(
-            pages_deleted=deleted,
-            bytes_freed=None if before is None or after is None else before - after,
-            pages_kept=len(pages) - deleted,
-            pages_protected=len(orphans & protected),
-            leases_removed=removed,
-            seconds=time.perf_counter() - t0,
+        grace = (
+            self.grace_seconds if grace_seconds is None else seconds("grace_seconds", grace_seconds)
         )
+        check_flag("drop_damaged", drop_damaged)
+        if not self.exists:
+            return GcReport(0, 0, 0, 0, 0, 0.0)
+        return collect(self.backend, grace, drop_damaged=drop_damaged, where=self.location)
 
 
-def _read_units(pager: CachePager, units: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Bytes of (block, fill) units, ``uint8 [n, bytes_per_block]``; slots past fill zeroed."""
-    rows = pager.read_blocks([b for b, _ in units])
-    if not rows.is_contiguous() or rows.device.type != "cpu":
-        rows = rows.to("cpu").contiguous()
-    lay = pager.layout
-    arr = rows.numpy()
-    for i, (_, fill) in enumerate(units):
-        if fill < lay.block_size:
-            # row bytes are ordered (layer, k/v, token, head, dim): zero tokens >= fill
-            arr[i].reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
-    return rows
+def _describe(backend: object) -> str:
+    """How a store object passed in is shown: its class and path or server, never a URL
+    with its password (``RedisStore`` keeps a printable form)."""
+    shown = getattr(backend, "_shown", None) or getattr(backend, "path", None)
+    return f"{type(backend).__name__}({shown})" if shown else type(backend).__name__
 
 
-def _check_compatible(m: Manifest, pager: CachePager) -> None:
-    mine = layout_dict(pager.layout)
-    if m.layout != mine:
-        raise SnapshotError(
-            f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but the "
-            f"cache has layout [{describe_layout(mine)}]; restore it into a cache built with "
-            "the snapshot's layout"
-        )
-    if m.fingerprint != str(pager.fingerprint):
-        theirs, ours = _model_of(pager), m.model
-        raise SnapshotError(
-            f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r}"
-            + (f" (model {ours!r})" if ours else "")
-            + f" but the cache has fingerprint {pager.fingerprint!r}"
-            + (f" (model {theirs!r})" if theirs else "")
-            + "; KV is only valid for the model and layout that computed it"
-        )
-
-
-def _model_of(pager: CachePager) -> str | None:
-    """The human-readable model id, where the pager has one (``KVCache.model_fingerprint``)."""
-    model = getattr(pager, "model_fingerprint", None)
-    return str(model) if model else None
-
-
-def _select(
-    m: Manifest, pager: CachePager, seq_ids: Mapping[Any, Hashable] | None
-) -> tuple[list[SequenceEntry], dict[Any, Hashable]]:
-    live = set(pager.seq_ids())
-    if seq_ids is None:
-        mapping: dict[Any, Hashable] = {}
-        for s in m.sequences:
-            new, k = f"{m.name}:{s.seq_id}", 2
-            while new in live or new in mapping.values():
-                new, k = f"{m.name}:{s.seq_id}#{k}", k + 1
-            mapping[s.seq_id] = new
-    else:
-        mapping = dict(seq_ids)
-        by_id = {s.seq_id for s in m.sequences}
-        unknown = [k for k in mapping if k not in by_id]
-        if unknown:
-            raise KeyError(
-                f"snapshot {m.name!r} has no sequences {unknown} (it has {sorted(by_id, key=str)})"
-            )
-        taken = [v for v in mapping.values() if v in live]
-        if taken or len(set(mapping.values())) != len(mapping):
-            raise ValueError(f"new sequence ids must be distinct and unused; taken: {taken}")
-    return [s for s in m.sequences if s.seq_id in mapping], mapping
-
-
-def _json_object(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    meta = dict(metadata or {})
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"metadata must be JSON-serialisable (str keys, plain values): {e}"
-        ) from None
-    return json.loads(json.dumps(meta))
+def _by_age(info: SnapshotInfo) -> tuple[float, str]:
+    return info.created, info.name

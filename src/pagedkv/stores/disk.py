@@ -96,6 +96,10 @@ class DiskStore:
     concurrently (file creation and writes release the GIL) when its values are
     large (>= 128 KiB on average); entries are still committed one by one, in batch
     order, under the store's lock. The default ``1`` writes on the calling thread.
+
+    ``read_only=True`` reads an existing store (or a missing directory, as an empty
+    store) without creating, stamping, evicting or removing anything, so it works on
+    a read-only mount; ``put_many``/``delete_many`` then raise :class:`StoreError`.
     """
 
     def __init__(
@@ -105,7 +109,9 @@ class DiskStore:
         *,
         fsync: bool = False,
         writers: int = 1,
+        read_only: bool = False,
     ):
+        self._read_only = bool(read_only)
         self._capacity = check_capacity(capacity_bytes, "DiskStore")
         self._root = os.path.abspath(os.fspath(path))
         self._fsync = bool(fsync)
@@ -120,17 +126,20 @@ class DiskStore:
         self._dirs: set[str] = set()
         self._hits = self._misses = self._puts = self._evictions = self._errors = 0
         self._closed = False
-        try:
-            os.makedirs(self._root, exist_ok=True)
-            probe = os.path.join(self._root, f".probe.{os.getpid()}.{secrets.token_hex(4)}{_TMP}")
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise StoreError(
-                f"DiskStore: cannot use {self._root!r} as a store directory: "
-                f"{e.strerror or e} (pass a writable directory path)"
-            ) from e
+        if not self._read_only:
+            try:
+                os.makedirs(self._root, exist_ok=True)
+                probe = os.path.join(
+                    self._root, f".probe.{os.getpid()}.{secrets.token_hex(4)}{_TMP}"
+                )
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise StoreError(
+                    f"DiskStore: cannot use {self._root!r} as a store directory: "
+                    f"{e.strerror or e} (pass a writable directory path)"
+                ) from e
         self._scan()
 
     @property
@@ -154,6 +163,7 @@ class DiskStore:
         entries are committed in batch order.
         """
         checked = check_items(items)
+        self._check_writable()
         for key, value in checked:
             if len(value) > self._capacity:
                 raise ValueError(
@@ -292,8 +302,10 @@ class DiskStore:
                 self._bytes_used += size - self._index.pop(key, 0)
                 self._index[key] = size
                 self._hits += 1
-                touched.append((self._path(key), self._next_ns()))
-            if self._bytes_used > self._capacity:  # read entries another process wrote
+                if not self._read_only:
+                    touched.append((self._path(key), self._next_ns()))
+            if self._bytes_used > self._capacity and not self._read_only:
+                # read entries another process wrote
                 self._make_room(0, keep=None)
         for path, stamp in touched:  # recency survives a restart through the mtime
             with contextlib.suppress(OSError):
@@ -309,6 +321,7 @@ class DiskStore:
     def delete_many(self, keys: Sequence[str]) -> int:
         """Remove the entry files; return how many existed."""
         keys = check_keys(keys)
+        self._check_writable()
         with self._lock:
             self._check_open()
             return sum(self._unlink(k) for k in keys)
@@ -424,9 +437,12 @@ class DiskStore:
             self._index[key] = size
             self._bytes_used += size
             self._last_ns = max(self._last_ns, mtime_ns)
-        self._make_room(0, keep=None)  # the cap may have shrunk since the last open
+        if not self._read_only:
+            self._make_room(0, keep=None)  # the cap may have shrunk since the last open
 
     def _remove_stale_tmp(self, path: str, name: str, now: float) -> None:
+        if self._read_only:
+            return
         parts = name.rsplit(".", 3)  # <key>.<pid>.<random>.tmp
         try:
             pid = int(parts[1]) if len(parts) == 4 else -1
@@ -511,3 +527,7 @@ class DiskStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("DiskStore is closed")
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise StoreError(f"DiskStore: {self._root!r} was opened read_only; it takes no writes")
