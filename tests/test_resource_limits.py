@@ -18,8 +18,7 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from pagedkv import BlockManager, KVCache, KVLayout, KVPool, PagedKVError, _resources
-from pagedkv.errors import ResourceError
+from pagedkv import BlockManager, KVCache, KVLayout, KVPool, PagedKVError, ResourceError, _resources
 from pagedkv.tiers import CPUTier, DiskTier, TieredStore
 
 BIG_LAYOUT = KVLayout(32, 8, 128, 16, torch.bfloat16)  # 2 MiB a block
@@ -174,6 +173,30 @@ def test_cli_generate_on_a_missing_cuda_is_one_line(tmp_path):
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     assert "CUDA" in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+@pytest.mark.gpu
+def test_pool_larger_than_free_gpu_memory_is_refused_without_allocating():
+    dev = torch.device("cuda")
+    free = _resources.free_device_bytes(dev).bytes
+    n = 2 * free // BIG_LAYOUT.bytes_per_block + 1
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated(dev)
+    for make in (
+        lambda: KVPool(BIG_LAYOUT, n, "cuda"),
+        lambda: KVCache(BIG_LAYOUT, n, device="cuda"),
+    ):
+        err = refused(make, f"num_blocks={n} ", ASKED, AVAILABLE, "of cuda memory")
+        assert "free on cuda" in str(err)
+    assert torch.cuda.memory_allocated(dev) == allocated
+    pool = KVPool(BIG_LAYOUT, 8, "cuda")  # a pool that fits is still made
+    assert pool.kv.is_cuda and pool.nbytes == 8 * BIG_LAYOUT.bytes_per_block
+
+
+@pytest.mark.gpu
+def test_pinned_cpu_tier_message_says_pinned():
+    capacity = 2 * host_free()
+    refused(lambda: CPUTier(capacity), "of pinned host memory")
 
 
 # -- the probes themselves ----------------------------------------------------------------
