@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from pagedkv import ops
+from pagedkv import _cache_checks, _resources, ops
 from pagedkv.errors import CacheIntegrityError, PagedKVError
 from pagedkv.manager import BlockManager, CacheStats
 from pagedkv.storage import KVLayout, KVPool
@@ -37,6 +37,11 @@ class KVCache:
         write_through: also write blocks hit more than once down to the tiers at once.
         **manager_options: passed to :class:`BlockManager` (``prefix_caching``,
             ``eviction``, ``ttl_seconds``, ``hash_algo``, ``watermarks``).
+
+    Before allocating anything the constructor resolves ``device`` and checks that the
+    pool, the block bookkeeping and the CPU tiers fit in the free device and host
+    memory together; if not it raises :class:`~pagedkv.errors.ResourceError` (a
+    ``ValueError``) naming ``num_blocks``, the bytes asked for and the bytes available.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class KVCache:
             raise TypeError(
                 "KVCache sets on_evict and extra_keys itself; pass model_fingerprint instead"
             )
+        device = _resources.resolve_device(device)
+        _cache_checks.check_fits(layout, num_blocks, device, tiers, manager_options)
         self.layout = layout
         self.model_fingerprint = model_fingerprint
         self.fingerprint = _fingerprint(layout, model_fingerprint)
@@ -109,22 +116,56 @@ class KVCache:
         """Live sequences (resident on the device), oldest first."""
         return self.manager.seq_ids()
 
+    # Reads of a live sequence raise KeyError for any other id; one that is swapped out
+    # gets a message saying so (built only on that error path).
+
     def block_table(self, seq_id: Hashable) -> list[int]:
-        return self.manager.block_table(seq_id)
+        try:
+            return self.manager.block_table(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
 
     def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
-        return self.manager.slot_mapping(seq_id, start, stop)
+        try:
+            return self.manager.slot_mapping(seq_id, start, stop)
+        except KeyError:
+            raise self._not_live(seq_id) from None
 
     def num_tokens(self, seq_id: Hashable) -> int:
-        return self.manager.num_tokens(seq_id)
+        try:
+            return self.manager.num_tokens(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
 
     def token_ids(self, seq_id: Hashable) -> list[int]:
-        return self.manager.token_ids(seq_id)
+        try:
+            return self.manager.token_ids(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
 
     def salt(self, seq_id: Hashable) -> object:
         """The salt the sequence was allocated with."""
-        self.manager.num_tokens(seq_id)  # KeyError for an unknown id
+        self.num_tokens(seq_id)  # KeyError for an id that is not live
         return self._salts.get(seq_id)
+
+    def _not_live(self, seq_id: Hashable) -> KeyError:
+        """The KeyError for an id that is not a live sequence, saying if it is swapped out."""
+        try:
+            swapped = seq_id in self._swapped
+        except TypeError:
+            return KeyError(f"seq_id must be hashable, got {type(seq_id).__name__}")
+        if swapped:
+            return KeyError(f"sequence {seq_id!r} is swapped out; swap_in() it first")
+        return KeyError(
+            f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
+        )
+
+    def _swapped_out(self, seq_id: Hashable, name: str) -> bool:
+        """Whether ``seq_id`` is swapped out; ``TypeError`` naming ``name`` if unhashable."""
+        try:
+            return seq_id in self._swapped
+        except TypeError:
+            raise TypeError(f"{name} must be hashable, got {type(seq_id).__name__}") from None
 
     def stats(self) -> CacheStats:
         return self.manager.stats()
@@ -136,10 +177,17 @@ class KVCache:
         return {"tier_hit_tokens": self._tier_hit_tokens, **self.tiers.stats()}
 
     def check_integrity(self) -> None:
-        """Raise :class:`CacheIntegrityError` when any bookkeeping disagrees."""
+        """Raise :class:`CacheIntegrityError` when any bookkeeping disagrees.
+
+        Checks the manager, the tiers, and what ties them together: no sequence both
+        live and swapped out, one swap-area entry per swapped-out sequence, a salt
+        recorded for exactly the live sequences, the pool as large as the manager, and
+        no eviction left undemoted between operations.
+        """
         self.manager.check_integrity()
-        if any(sid in self.manager for sid in self._swapped):
-            raise CacheIntegrityError("a sequence is both resident and swapped out")
+        problems = _cache_checks.violations(self)
+        if problems:
+            raise CacheIntegrityError("KVCache: " + "; ".join(problems))
         if self.tiers is not None:
             self.tiers.check_integrity()
 
@@ -158,8 +206,8 @@ class KVCache:
         from the tiers; the caller computes (and writes) the KV of the rest.
         """
         self._check_not_paused("allocate()")
-        if seq_id in self._swapped:
-            raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or discard it")
+        if self._swapped_out(seq_id, "seq_id"):
+            raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
         cached = self.manager.allocate(seq_id, token_ids, salt)
         self._salts[seq_id] = salt
         self._flush_evictions()
@@ -192,22 +240,37 @@ class KVCache:
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Reserve slots for more tokens; runs any copy-on-write copy it needs."""
         self._check_not_paused("append()")
-        self.manager.append(seq_id, token_ids)
+        try:
+            self.manager.append(seq_id, token_ids)
+        except KeyError:
+            raise self._not_live(seq_id) from None
         self._flush_evictions()
         copies = self.manager.take_copies()
         if copies:
             self.pool.copy_blocks(copies)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """The child shares all of the parent's blocks; copy-on-write happens later."""
+        """The child shares all of the parent's blocks; copy-on-write happens later.
+
+        ``parent_id`` must be live (``KeyError``), ``child_id`` neither live nor
+        swapped out (``ValueError``); nothing changes on error.
+        """
         self._check_not_paused("fork()")
-        self.manager.fork(parent_id, child_id)
+        if self._swapped_out(child_id, "child_id"):
+            raise ValueError(
+                f"sequence {child_id!r} is swapped out; fork into a new id "
+                "(or free() the swapped-out one first)"
+            )
+        try:
+            self.manager.fork(parent_id, child_id)
+        except KeyError:
+            raise self._not_live(parent_id) from None
         self._salts[child_id] = self._salts.get(parent_id)
 
     def free(self, seq_id: Hashable) -> None:
         """Release a live sequence, or discard a swapped-out one."""
         self._check_not_paused("free()")
-        if seq_id in self._swapped:
+        if self._swapped_out(seq_id, "seq_id"):
             _, _, key = self._swapped.pop(seq_id)
             self.tiers.discard_swap(key)
             return
@@ -234,7 +297,7 @@ class KVCache:
         self._check_not_paused("swap_out()")
         if self.tiers is None:
             raise PagedKVError("swap_out() needs tiers=[CPUTier(...), ...] on the KVCache")
-        tokens = self.manager.token_ids(seq_id)
+        tokens = self.token_ids(seq_id)  # KeyError unless live (says so if swapped out)
         key = f"swap-{uuid.uuid4().hex}"
         self.tiers.swap_out(key, self.manager.block_table(seq_id))
         salt = self._salts.get(seq_id)
@@ -251,7 +314,10 @@ class KVCache:
         try:
             tokens, salt, key = self._swapped[seq_id]
         except KeyError:
-            raise KeyError(f"sequence {seq_id!r} is not swapped out") from None
+            state = "live" if seq_id in self.manager else "unknown"
+            raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
+        except TypeError:
+            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         cached = self.manager.allocate(seq_id, tokens, salt)
         self._flush_evictions()
         first = cached // self.block_size
@@ -278,7 +344,11 @@ class KVCache:
         self, seq_ids: Sequence[Hashable], width: int | None = None
     ) -> torch.Tensor:
         """Block tables of ``seq_ids`` as int32 ``[B, width]`` on the cache's device (0-padded)."""
-        tables = [self.manager.block_table(s) for s in seq_ids]
+        try:
+            tables = [self.manager.block_table(s) for s in seq_ids]
+        except KeyError:
+            bad = next(s for s in seq_ids if s not in self.manager)
+            raise self._not_live(bad) from None
         longest = max((len(t) for t in tables), default=0)
         width = longest if width is None else width
         if width < longest:

@@ -24,6 +24,19 @@ class UnsupportedModelError(PagedKVError, ValueError):
     """The model uses a feature pagedkv cannot run (the message names it)."""
 
 
+class ResourceError(PagedKVError, ValueError):
+    """The machine cannot give what the arguments ask for: not enough host or device
+    memory (the message names the argument, the bytes asked for and the bytes
+    available), or a device that does not exist here. Raised before anything is
+    allocated.
+
+    A ``ValueError`` too: the fix is a different argument (fewer blocks, a smaller
+    tier, another device), and code that guards construction with ``except
+    ValueError`` keeps working. Not a ``MemoryError``: nothing ran out, the request
+    was refused.
+    """
+
+
 class StoreError(PagedKVError):
     """A block store failed (I/O error, bad configuration, unreachable server)."""
 

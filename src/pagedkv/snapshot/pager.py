@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pagedkv.errors import OutOfBlocks
+from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.manager.hashing import as_token_array, chain_hashes, hash_function, namespace
 from pagedkv.storage.host import HostRowCache
 from pagedkv.storage.layout import KVLayout
@@ -272,15 +272,17 @@ class SyntheticPager:
         }
 
     def check_integrity(self) -> None:
-        """Raise ``AssertionError`` naming the numbers when the block states disagree."""
+        """Raise :class:`CacheIntegrityError` naming the numbers when block states disagree."""
         in_use = sum(1 for r in self._ref if r > 0)
         total = len(self._free) + len(self._cached) + in_use
-        assert total == self.num_blocks, (
-            f"free({len(self._free)}) + cached({len(self._cached)}) + in_use({in_use}) "
-            f"!= num_blocks({self.num_blocks})"
-        )
+        if total != self.num_blocks:  # not assert: a check must hold under python -O too
+            raise CacheIntegrityError(
+                f"free({len(self._free)}) + cached({len(self._cached)}) + in_use({in_use}) "
+                f"!= num_blocks({self.num_blocks})"
+            )
         refs = [0] * self.num_blocks
         for _, table, _ in self._seqs.values():
             for b in table:
                 refs[b] += 1
-        assert refs == self._ref, "ref counts disagree with the block tables"
+        if refs != self._ref:
+            raise CacheIntegrityError("ref counts disagree with the block tables")

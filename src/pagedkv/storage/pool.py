@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pagedkv import ops
+from pagedkv import _resources, ops
 from pagedkv.ops import _checks
 from pagedkv.ops._config import resolve
 from pagedkv.storage.host import HostRowCache
@@ -23,7 +23,9 @@ class KVPool:
     A slot is ``block * block_size + offset``.
 
     Every method checks its arguments (shapes, dtypes, devices, id ranges) before doing
-    anything, so an error leaves the pool unchanged. Kernels come from
+    anything, so an error leaves the pool unchanged. The constructor raises
+    :class:`~pagedkv.errors.ResourceError` before allocating when the device does not
+    exist here or the pool (:meth:`bytes_needed`) exceeds its free memory. Kernels come from
     :mod:`pagedkv.ops` (Triton on CUDA, torch reference elsewhere; ``backend`` forces one).
     """
 
@@ -41,6 +43,11 @@ class KVPool:
             raise TypeError(f"num_blocks must be an int, got {type(num_blocks).__name__}")
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        device = _resources.resolve_device(device)
+        _resources.require_memory(
+            "KVPool", "num_blocks", num_blocks, self.bytes_needed(layout, num_blocks), device,
+            unit_bytes=layout.bytes_per_block, detail=f"{layout.bytes_per_block} bytes per block",
+        )  # fmt: skip
         self.layout = layout
         self.num_blocks = num_blocks
         self.backend = backend
@@ -57,7 +64,12 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         """Bytes held by the pool tensor."""
-        return self.num_blocks * self.layout.bytes_per_block
+        return self.bytes_needed(self.layout, self.num_blocks)
+
+    @staticmethod
+    def bytes_needed(layout: KVLayout, num_blocks: int) -> int:
+        """Bytes the pool tensor of ``num_blocks`` blocks of ``layout`` takes."""
+        return num_blocks * layout.bytes_per_block
 
     def host_rows(self, n: int) -> torch.Tensor:
         """Uninitialised host rows ``uint8 [n, bytes_per_block]`` to stage blocks in: pinned

@@ -278,7 +278,7 @@ class MemoryStore:
                     f"MemoryStore: duplicate slots: index {len(self._index)} keys on "
                     f"{len(used)} slots, free stack {len(self._free)} on {len(free)} slots"
                 )
-            if used & free or len(used) + len(free) != n:
+            if used & free or used | free != set(range(n)):
                 raise CacheIntegrityError(
                     f"MemoryStore: used({len(used)}) + free({len(free)}) != num_slots({n}) "
                     f"or {len(used & free)} slots both used and free"

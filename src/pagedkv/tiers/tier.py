@@ -8,8 +8,11 @@ once it knows the block layout, turning each into a :class:`~pagedkv.tiers.level
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 
+from pagedkv import _resources
+from pagedkv.errors import ResourceError
 from pagedkv.tiers.health import Backoff
 from pagedkv.tiers.level import FramedLevel, Level, MemoryLevel
 
@@ -22,6 +25,19 @@ def _check_bytes(value: object, who: str, field: str, *, allow_zero: bool = Fals
             f"{who}: {field} must be {'>= 0' if allow_zero else '> 0'}, got {value} "
             "(give a byte budget, e.g. 4 << 30 for 4 GiB)"
         )
+
+
+def _check_host_memory(who: str, capacity_bytes: int) -> None:
+    """The slab is preallocated (pinned when CUDA): refuse one larger than free host memory."""
+    if capacity_bytes < _resources.PROBE_MIN_BYTES:
+        return
+    import torch
+
+    pinned = torch.cuda.is_available()
+    _resources.require_memory(
+        who, "capacity_bytes", capacity_bytes, capacity_bytes, "cpu",
+        unit_bytes=1, kind="pinned host" if pinned else "host",
+    )  # fmt: skip
 
 
 def _check_seconds(value: object, who: str, field: str) -> None:
@@ -39,6 +55,11 @@ class CPUTier:
     means the same as ``capacity_bytes``; ``0`` disables swapping. The buffers are
     allocated only while sequences are swapped out. Why apart from the slab: a swap
     is then one gather and one copy, with no second copy into slab slots.
+
+    A ``capacity_bytes`` above the free host memory raises
+    :class:`~pagedkv.errors.ResourceError` here and again when the tier is opened
+    (memory may have gone meanwhile), before the slab is allocated. The swap budget
+    is not checked: its buffers come and go with the swapped sequences.
     """
 
     capacity_bytes: int
@@ -48,6 +69,7 @@ class CPUTier:
         _check_bytes(self.capacity_bytes, "CPUTier", "capacity_bytes")
         if self.swap_bytes is not None:
             _check_bytes(self.swap_bytes, "CPUTier", "swap_bytes", allow_zero=True)
+        _check_host_memory("CPUTier", self.capacity_bytes)
 
     @property
     def swap_budget(self) -> int:
@@ -63,6 +85,7 @@ class CPUTier:
             )
         from pagedkv.stores import MemoryStore
 
+        _check_host_memory("CPUTier", self.capacity_bytes)
         store = MemoryStore(self.capacity_bytes, slot_bytes=block_bytes)
         return MemoryLevel("cpu", store, block_bytes, capacity_blocks=store.num_slots)
 
@@ -75,6 +98,11 @@ class DiskTier:
     foreign entry is a miss and is deleted. Writes are atomic (temp file + rename),
     so a crash never leaves a partial entry readable. Several processes may share
     ``path``. ``fsync=True`` also makes entries survive power loss (slow).
+
+    A ``capacity_bytes`` larger than the whole file system holding ``path`` raises
+    :class:`~pagedkv.errors.ResourceError`. One larger than its free space is
+    accepted: entries of earlier runs may already fill part of the budget, and a
+    full disk only costs misses (a failed write is a miss, never an error).
     """
 
     path: str | os.PathLike[str]
@@ -99,6 +127,14 @@ class DiskTier:
             raise ValueError(
                 f"DiskTier: {probe!r} is not writable by this process; "
                 "pass a directory you can write (or create it first)"
+            )
+        disk = shutil.disk_usage(probe)
+        if self.capacity_bytes > disk.total:
+            raise ResourceError(
+                f"DiskTier: capacity_bytes={self.capacity_bytes} needs "
+                f"{_resources.format_bytes(self.capacity_bytes)} but the file system holding "
+                f"{probe!r} has {_resources.format_bytes(disk.total)} in all "
+                f"({_resources.format_bytes(disk.free)} free); pass capacity_bytes <= {disk.free}"
             )
 
     def open(self, block_bytes: int, fingerprint: str) -> Level:
