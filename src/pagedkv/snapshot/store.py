@@ -100,6 +100,9 @@ class SnapshotStore:
     ``writers`` (local stores only; default ``min(8, os.cpu_count())``): a chunk's
     new pages are split over up to this many packs (of >= 16 MiB) written
     concurrently, while the next chunk is hashed.
+    ``file_mode`` (local stores only): permission bits of the files written (e.g.
+    ``0o600``; manifests hold token ids); ``None`` honours the umask.
+    ``location`` and ``repr`` show a URL's password as ``***``.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class SnapshotStore:
         chunk_bytes: int = 64 << 20,
         threads: int = 2,
         writers: int | None = None,
+        file_mode: int | None = None,
     ) -> None:
         self._sync_dir: str | None = None
         if writers is None:
@@ -125,15 +129,17 @@ class SnapshotStore:
         else:
             from pagedkv.snapshot.packs import PackStore
             from pagedkv.stores import RedisStore
+            from pagedkv.stores.base import redact_url
 
             loc = os.fspath(location)
-            self.location = loc
+            self.location = redact_url(loc)
             if loc.startswith(("redis://", "rediss://")):
                 self.backend = RedisStore(loc, key_prefix=key_prefix)
-                self.location = getattr(self.backend, "_shown", loc.split("@")[-1])
             else:
                 path = loc.removeprefix("file://")
-                self.backend = PackStore(path, durable=durable, writers=writers)
+                self.backend = PackStore(
+                    path, durable=durable, writers=writers, file_mode=file_mode
+                )
                 self._sync_dir = self.backend.path if durable else None
         if chunk_bytes <= 0 or threads <= 0:
             raise ValueError("chunk_bytes and threads must be positive")
