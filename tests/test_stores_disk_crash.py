@@ -45,7 +45,12 @@ def value(key: str) -> bytes:
 
 
 def temp_files(root: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.startswith(".pagedkv-tmp-")]
+    return [
+        os.path.join(d, f)
+        for d, _, files in os.walk(root)
+        for f in files
+        if f.startswith(".pagedkv-tmp-")
+    ]
 
 
 def test_sigkilled_writer_leaves_only_whole_entries(tmp_path):

@@ -177,7 +177,9 @@ def commit(tmp: str, path: str, *, fsync: bool = False) -> None:
         else:
             if not stat.S_ISREG(st.st_mode):
                 raise FileExistsError(
-                    errno.EEXIST, f"{path!r} exists and is not a file pagedkv wrote; move it away", path
+                    errno.EEXIST,
+                    f"{path!r} exists and is not a file pagedkv wrote; move it away",
+                    path,
                 )
         os.replace(tmp, path)
         if fsync:

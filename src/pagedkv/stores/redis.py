@@ -62,9 +62,7 @@ def _check_url(url: object) -> tuple[str, str]:
         raise ValueError(f"RedisStore: url {shown!r} has no host; expected redis://host:6379/0")
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
-        raise ValueError(
-            f"RedisStore: the database in url {shown!r} must be a number (/0, /1...)"
-        )
+        raise ValueError(f"RedisStore: the database in url {shown!r} must be a number (/0, /1...)")
     return url, shown
 
 
