@@ -214,11 +214,13 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = text.partition("://")
     if not sep:  # a path, not a URL: nothing in it is user information
         return text
+    hidden = []  # the secrets found, hidden wherever else they appear too
     user_info, at, tail = rest.rpartition("@")
     if at:
-        user, colon, _ = user_info.partition(":")
+        user, colon, password = user_info.partition(":")
         if any(c in user for c in "/?#"):  # not a user name: a password held one of these
-            user, colon = "", ":"
+            user, colon, password = "", ":", user_info
+        hidden.append(password)
         shown = f"{scheme}{sep}{user}{':***' if colon else ''}@"
     else:
         shown, tail = f"{scheme}{sep}", rest
@@ -230,7 +232,13 @@ def redact_url(url: str) -> str:
         for item in query.split("&"):
             name, eq, value = item.partition("=")
             if eq and name.lower() not in _SHOWN_QUERY:
+                hidden.append(value)
                 value = "***"
             params.append(f"{name}{eq}{value}")
         shown += "?" + "&".join(params)
+    # Also where a secret appears elsewhere in the text (a mistyped option); not one of
+    # under 4 characters, which would garble the host and port and protects nothing.
+    for secret in sorted((h for h in hidden if len(h) >= 4), key=len, reverse=True):
+        head, star, rest = shown.partition(":***@")  # keep the marker readable
+        shown = head.replace(secret, "***") + star + rest.replace(secret, "***")
     return shown
