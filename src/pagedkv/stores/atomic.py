@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
+import random
 import re
-import secrets
 import shutil
 import socket
 import stat
@@ -57,9 +58,19 @@ def host_id() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+@functools.lru_cache(maxsize=4)
+def _writer_tag(pid: int) -> str:
+    # Per process (a forked child has its own pid): a temp name costs no host look-up.
+    return f"{TEMP_PREFIX}{host_id()}-{pid}-"
+
+
 def temp_name() -> str:
-    """A fresh temp name of this process: ``.pagedkv-tmp-<host>-<pid>-<12 hex>``."""
-    return f"{TEMP_PREFIX}{host_id()}-{os.getpid()}-{secrets.token_hex(6)}"
+    """A fresh temp name of this process: ``.pagedkv-tmp-<host>-<pid>-<12 hex>``.
+
+    The random part only keeps names of one process apart (files are created with
+    ``O_EXCL``, so a repeat would fail, never clobber): no system call for it.
+    """
+    return f"{_writer_tag(os.getpid())}{random.getrandbits(48):012x}"
 
 
 def temp_owner(name: str) -> TempOwner | None:
@@ -164,18 +175,19 @@ def write_temp(
     return path
 
 
-def commit(tmp: str, path: str, *, fsync: bool = False) -> None:
+def commit(tmp: str, path: str, *, fsync: bool = False, check: bool = True) -> None:
     """Rename temp file ``tmp`` over ``path`` (same directory); with ``fsync`` also sync the
     directory. ``path`` must be absent or a regular file: anything else there (a symlink,
-    a directory, a FIFO) is someone else's and raises ``FileExistsError``. On an error the
-    temp file is removed."""
+    a directory, a FIFO) is someone else's and raises ``FileExistsError`` (``check=False``:
+    the caller knows ``path`` is its own file, skip the look). On an error the temp file
+    is removed."""
     try:
         try:
-            st = os.lstat(path)
+            st = os.lstat(path) if check else None
         except FileNotFoundError:
             pass
         else:
-            if not stat.S_ISREG(st.st_mode):
+            if st is not None and not stat.S_ISREG(st.st_mode):
                 raise FileExistsError(
                     errno.EEXIST,
                     f"{path!r} exists and is not a file pagedkv wrote; move it away",

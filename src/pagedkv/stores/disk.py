@@ -16,7 +16,9 @@ What in the directory is the store's: fan directories (real directories named by
 fans to that directory (a regular file of that name is an entry, whoever wrote it),
 and pagedkv's temp files. Everything else (other names, symlinks, FIFOs, sockets,
 folders, also where an entry's name is not a regular file) is never listed, read,
-replaced, evicted or deleted; a put over a non-file of an entry's name raises.
+replaced, evicted or deleted; a put over a non-file of an entry's name raises. Temp
+files of earlier versions (``<key>.<pid>.<random>.tmp``) are left alone too: nothing
+proves that such a name is pagedkv's.
 
 Recency lives in the files' mtimes: every write and every hit stamps the file
 with a strictly increasing nanosecond time, and opening a store rebuilds the LRU
@@ -554,7 +556,9 @@ class DiskStore:
         try:
             stamp = self._next_ns()
             os.utime(tmp, ns=(stamp, stamp))
-            atomic.commit(tmp, self._path(key), fsync=self._fsync)
+            # an indexed key is a regular file the store found or wrote: no need to look
+            known = key in self._index
+            atomic.commit(tmp, self._path(key), fsync=self._fsync, check=not known)
         except OSError as e:
             self._fail_write(tmp, key, e)
 

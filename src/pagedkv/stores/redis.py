@@ -81,6 +81,9 @@ def _passwords(url: str, password: str | None) -> tuple[str, ...]:
     parts = urlsplit(url)
     found = [password, parts.password]
     found += [v for k, v in parse_qsl(parts.query) if k == "password"]
+    found += [
+        v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k == "password"
+    ]
     out = {p for p in found if p}
     out |= {unquote(p) for p in out}
     return tuple(sorted(out, key=len, reverse=True))

@@ -134,7 +134,8 @@ class Level:
         """Store row ``i`` of ``rows`` under ``keys[i]``; returns how many were stored.
 
         ``pause()`` is called between batches of a long put (the chain uses it to let
-        a prefix lookup go first).
+        a prefix lookup go first, and to stop a put that ``close`` gave up on: then it
+        raises, and the put stops there).
         """
         n = self._guard(lambda: self._put(keys, rows, pause), 0)
         self.puts += n
