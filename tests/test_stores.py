@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 
 import pytest
@@ -421,12 +422,16 @@ def test_disk_layout_and_temp_cleanup(tmp_path):
         tmp_path / "abc" / "notes.tmp",
         tmp_path / "notes.tmp",
     ]
-    for p in (dead_tmp, dead_root_tmp, live_tmp, *foreign):
+    # another host's temp (or a reused pid's) untouched for over 10 minutes is garbage
+    old_tmp = tmp_path / "abc" / f".pagedkv-tmp-{'f' * 8}-{os.getpid()}-00112233aabd"
+    for p in (dead_tmp, dead_root_tmp, live_tmp, old_tmp, *foreign):
         p.write_bytes(b"partial")
+    os.utime(old_tmp, (time.time() - 601, time.time() - 601))
     (tmp_path / "abc" / "notes.txt").write_bytes(b"?")
     (tmp_path / "README").write_bytes(b"?")
     again = DiskStore(tmp_path, 10_000)
     assert not dead_tmp.exists() and not dead_root_tmp.exists() and live_tmp.exists()
+    assert not old_tmp.exists()
     assert all(p.exists() for p in foreign)
     assert sorted(again.keys()) == [".", "..", "abc"]
     assert again.stats().entries == 3

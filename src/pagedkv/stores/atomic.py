@@ -242,6 +242,24 @@ def _owner_gone(owner: TempOwner, here: str) -> bool:
     return owner.host == here and not pid_alive(owner.pid)
 
 
+def remove_stale_temp(entry: os.DirEntry, now: float) -> bool:
+    """Remove ``entry`` if it is a temp file of a writer that is gone; return whether it
+    was removed. Anything else (another name, a non-file, a live writer's) is left."""
+    owner = temp_owner(entry.name)
+    if owner is None:
+        return False
+    try:
+        st = entry.stat(follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if _owner_gone(owner, host_id()) or now - st.st_mtime > STALE_TEMP_SECONDS:
+            os.unlink(entry.path)
+            return True
+    except OSError:  # removed meanwhile, or no permission: not ours to fight over
+        pass
+    return False
+
+
 def sweep_temps(directory: str, *, now: float | None = None) -> int:
     """Remove the temp files of dead writers directly in ``directory``; return how many.
 
@@ -249,27 +267,11 @@ def sweep_temps(directory: str, *, now: float | None = None) -> int:
     docstring). Errors (a file removed meanwhile, no permission) are ignored.
     """
     now = time.time() if now is None else now
-    here = host_id()
-    removed = 0
     try:
-        it = os.scandir(directory)
+        with os.scandir(directory) as it:
+            return sum(remove_stale_temp(entry, now) for entry in it)
     except OSError:
         return 0
-    with it:
-        for entry in it:
-            owner = temp_owner(entry.name)
-            if owner is None:
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                if _owner_gone(owner, here) or now - st.st_mtime > STALE_TEMP_SECONDS:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue
-    return removed
 
 
 def sweep_temp_dirs(directory: str) -> int:

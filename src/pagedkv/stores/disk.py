@@ -482,13 +482,15 @@ class DiskStore:
     def _scan(self) -> None:
         """Rebuild the index from the directory, oldest mtime first; remove dead temps."""
         now = time.time()
-        atomic.sweep_temps(self._root, now=now)
         entries = []
         for fan in _scandir(self._root):
+            if atomic.remove_stale_temp(fan, now):  # the probe's, or a future root write
+                continue
             if not _is_fan(fan.name) or not fan.is_dir(follow_symlinks=False):
                 continue
-            atomic.sweep_temps(fan.path, now=now)
             for entry in _scandir(fan.path):
+                if atomic.remove_stale_temp(entry, now):
+                    continue
                 key = self._key_of(entry.name, fan.name)
                 if key is None:
                     continue
