@@ -11,10 +11,10 @@ renamed over the entry (:mod:`pagedkv.stores.atomic`); a reader therefore sees t
 old value, the new value or nothing, never a partial file, even across processes
 and after ``kill -9``.
 
-What in the directory is the store's: fan directories (real directories named by
-2-3 characters of ``[0-9A-Za-z_-]``), the regular files ``<key>.v`` in them whose key
-fans to that directory (a regular file of that name is an entry, whoever wrote it),
-and pagedkv's temp files. Everything else (other names, symlinks, FIFOs, sockets,
+What in the directory is the store's (:mod:`pagedkv.stores.disk_layout`): fan
+directories (real directories named by 2-3 characters of ``[0-9A-Za-z_-]``), the
+regular files ``<key>.v`` in them whose key fans to that directory (a regular file of
+that name is an entry, whoever wrote it), and pagedkv's temp files. Everything else (other names, symlinks, FIFOs, sockets,
 folders, also where an entry's name is not a regular file) is never listed, read,
 replaced, evicted or deleted; a put over a non-file of an entry's name raises. Temp
 files of earlier versions (``<key>.<pid>.<random>.tmp``) are left alone too: nothing
@@ -47,78 +47,24 @@ from pagedkv.stores.base import (
     byte_rows,
     check_capacity,
     check_items,
-    check_key,
     check_keys,
     check_prefix,
 )
+from pagedkv.stores.disk_layout import (
+    SUFFIX,
+    fan_head,
+    fan_of,
+    is_fan,
+    is_file,
+    key_of,
+    open_entry,
+    read_exactly,
+    scandir,
+)
 
-_SUFFIX = ".v"
-_FAN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-")
-# O_NOFOLLOW: a symlink named like an entry is not one (never read through it);
-# O_NONBLOCK: opening a FIFO named like one must not hang (it is no entry either).
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_NOT_AN_ENTRY = frozenset({errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.ENOTDIR})
 # put_many writes a batch on the writer threads only when its values average at least
 # this many bytes: per-file syscalls of small values convoy on the GIL in threads.
 _PARALLEL_MIN_VALUE = 128 << 10
-
-
-def _fan(key: str) -> str:
-    return (key[:2] + key[-1]).replace(".", "_")
-
-
-def _fan_head(fan: str) -> str:
-    """The key-head part of a fan directory name (all but its last character)."""
-    return fan[:-1]
-
-
-def _is_fan(name: str) -> bool:
-    return 2 <= len(name) <= 3 and _FAN_CHARS.issuperset(name)
-
-
-def _scandir(path: str) -> list[os.DirEntry]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _open_entry(path: str) -> tuple[int, int] | None:
-    """``(fd, size)`` of the regular file at ``path``; ``None`` if there is none (absent,
-    or a symlink, FIFO, socket or directory: not an entry). Other errors raise."""
-    try:
-        fd = os.open(path, _READ)
-    except OSError as e:
-        if e.errno in _NOT_AN_ENTRY:
-            return None
-        raise
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        return None
-    return fd, st.st_size
-
-
-def _read_exactly(fd: int, parts: list[memoryview], size: int) -> None:
-    """Fill ``parts`` (``size`` bytes in all) from ``fd``: one ``readv`` unless it falls short."""
-    got = os.readv(fd, parts)
-    if got == size:
-        return
-    for p in parts:  # a short read: keep what arrived, read the rest part by part
-        if got >= len(p):
-            got -= len(p)
-            continue
-        view, got = p[got:], 0
-        while len(view):
-            step = os.readv(fd, [view])
-            if step == 0:
-                raise OSError(f"file shrank while being read ({size} bytes expected)")
-            view = view[step:]
 
 
 class DiskStore:
@@ -282,7 +228,7 @@ class DiskStore:
             path = self._path(key)
             try:
                 # None: never written, evicted, deleted elsewhere, or not a file
-                opened = _open_entry(path) if self._fan_ok(key) else None
+                opened = open_entry(path) if self._fan_ok(key) else None
                 if opened is None:
                     out.append(None)
                     continue
@@ -315,7 +261,7 @@ class DiskStore:
         for i, key in enumerate(keys):
             path = self._path(key)
             try:
-                opened = _open_entry(path) if self._fan_ok(key) else None
+                opened = open_entry(path) if self._fan_ok(key) else None
             except OSError as e:
                 self._read_failed(path, e)
             if opened is None:
@@ -325,7 +271,7 @@ class DiskStore:
             try:
                 if size == size_ok:
                     parts = [rows[i]] if heads is None else [heads[i], rows[i]]
-                    _read_exactly(fd, [memoryview(p) for p in parts], size)
+                    read_exactly(fd, [memoryview(p) for p in parts], size)
             except OSError as e:
                 self._read_failed(path, e)
             finally:
@@ -380,16 +326,16 @@ class DiskStore:
         prefix = check_prefix(prefix)
         head = prefix[:2].replace(".", "_")
         found = []
-        for fan in _scandir(self._root):
+        for fan in scandir(self._root):
             if not (
-                _is_fan(fan.name)
-                and _fan_head(fan.name).startswith(head)
+                is_fan(fan.name)
+                and fan_head(fan.name).startswith(head)
                 and fan.is_dir(follow_symlinks=False)
             ):
                 continue
-            for entry in _scandir(fan.path):
-                key = self._key_of(entry.name, fan.name)
-                if key is not None and key.startswith(prefix) and self._is_file(entry):
+            for entry in scandir(fan.path):
+                key = key_of(entry.name, fan.name)
+                if key is not None and key.startswith(prefix) and is_file(entry):
                     found.append(key)
         return iter(found)
 
@@ -434,30 +380,12 @@ class DiskStore:
     # -- internals ----------------------------------------------------------------
 
     def _path(self, key: str) -> str:
-        return os.path.join(self._root, _fan(key), key + _SUFFIX)
-
-    @staticmethod
-    def _key_of(name: str, fan: str) -> str | None:
-        """The key whose entry file is ``<fan>/<name>``, or ``None`` if there is none."""
-        if not name.endswith(_SUFFIX):
-            return None
-        try:
-            key = check_key(name[: -len(_SUFFIX)])
-        except ValueError:
-            return None
-        return key if _fan(key) == fan else None
-
-    @staticmethod
-    def _is_file(entry: os.DirEntry) -> bool:
-        try:
-            return entry.is_file(follow_symlinks=False)
-        except OSError:
-            return False
+        return os.path.join(self._root, fan_of(key), key + SUFFIX)
 
     def _fan_ok(self, key: str) -> bool:
         """Whether the key's fan directory is a real directory (a symlink that happens to
         have a fan's name leads outside the store: no entry is read or written there)."""
-        fan = _fan(key)
+        fan = fan_of(key)
         if fan in self._dirs:
             return True
         if atomic.is_real_dir(os.path.join(self._root, fan)):
@@ -483,15 +411,15 @@ class DiskStore:
         """Rebuild the index from the directory, oldest mtime first; remove dead temps."""
         now = time.time()
         entries = []
-        for fan in _scandir(self._root):
+        for fan in scandir(self._root):
             if atomic.remove_stale_temp(fan, now):  # the probe's, or a future root write
                 continue
-            if not _is_fan(fan.name) or not fan.is_dir(follow_symlinks=False):
+            if not is_fan(fan.name) or not fan.is_dir(follow_symlinks=False):
                 continue
-            for entry in _scandir(fan.path):
+            for entry in scandir(fan.path):
                 if atomic.remove_stale_temp(entry, now):
                     continue
-                key = self._key_of(entry.name, fan.name)
+                key = key_of(entry.name, fan.name)
                 if key is None:
                     continue
                 try:
@@ -536,7 +464,7 @@ class DiskStore:
 
     def _write_temp(self, key: str, value: memoryview) -> str:
         """Write ``value`` to a fresh temp file next to the entry; return its path."""
-        fan = _fan(key)
+        fan = fan_of(key)
         directory = os.path.join(self._root, fan)
         try:
             if fan not in self._dirs:
