@@ -213,6 +213,7 @@ def test_disk_tier_leaves_foreign_files_alone(tmp_path, foreign):
         cache.free(i)
     cache.flush()
     assert cache.tier_stats()["tiers"]["disk"]["entries"] == 12
+    assert cache.tiers.levels[0].store.stats().evictions > 0  # the tier filled and evicted
     hit = cache.allocate("again", prompts[-2])  # evicted from the pool, found on disk
     assert hit == 8
     cache.free("again")

@@ -162,19 +162,19 @@ def test_two_first_runs_convert_once(tmp_path):
         pipe = subprocess.PIPE
         return subprocess.Popen(args, env=env, stdout=pipe, stderr=pipe, text=True)
 
-    first = start(0)
+    procs = [start(0), start(1)]  # at once: whichever locks first converts
     try:
-        _wait_for(lambda: events.exists() and "start" in events.read_text(), "the first converter")
-        second = start(1)
-        try:  # the second must be waiting on the lock while the first converts
-            _wait_for(lambda: "waiting" in _read(tmp_path / "log1"), "the second to wait")
-            release.touch()
-            outs = [p.communicate(timeout=60) for p in (first, second)]
-        finally:
-            second.kill()
+        _wait_for(lambda: "start" in _read(events), "a converter to start")
+        # the other must be waiting on the lock while the first converts
+        _wait_for(lambda: any("waiting" in _read(tmp_path / f"log{i}") for i in (0, 1)),
+                  "the other to wait")  # fmt: skip
+        release.touch()
+        outs = [p.communicate(timeout=60) for p in procs]
     finally:
         release.touch()
-        first.kill()
+        for p in procs:
+            p.kill()
+    first, second = procs
     assert [p.returncode for p in (first, second)] == [0, 0], [e for _, e in outs]
     assert [o.strip() for o, _ in outs] == [str(root / NAME)] * 2
     lines = events.read_text().split()
