@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from pagedkv.stores.framing import unpack
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -28,7 +30,7 @@ CHILD = textwrap.dedent(
     from pagedkv.stores import DiskStore
     from pagedkv.tiers import chain
 
-    path, delay, flush_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    path, delay, flush_s, device = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     chain.AT_EXIT_FLUSH_S = flush_s
     real_put = DiskStore.put_many
 
@@ -39,7 +41,7 @@ CHILD = textwrap.dedent(
     DiskStore.put_many = slow_put
     layout = KVLayout(4, 4, 64, 16, torch.float32)  # 128 KiB blocks
     bpb = layout.bytes_per_block
-    cache = KVCache(layout, 8, tiers=[CPUTier(2 * bpb), DiskTier(path, 1 << 30)])
+    cache = KVCache(layout, 8, device=device, tiers=[CPUTier(2 * bpb), DiskTier(path, 1 << 30)])
     for i in range(40):
         cache.allocate(i, list(range(i * 1000, i * 1000 + 65)))  # 4 full blocks + 1 token
         cache.free(i)
@@ -56,10 +58,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def _exit_without_close(tmp_path: Path, delay: float, flush_s: float):
+def _exit_without_close(tmp_path: Path, delay: float, flush_s: float, device: str = "cpu"):
     disk = tmp_path / "disk"
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(disk), str(delay), str(flush_s)],
+        [sys.executable, "-c", CHILD, str(disk), str(delay), str(flush_s), device],
         env={**os.environ, "PYTHONPATH": SRC},
         capture_output=True,
         text=True,
@@ -82,6 +84,14 @@ def test_exit_without_close_stores_pending_blocks(tmp_path):
     # everything demoted reached a tier: the CPU tier's last blocks, the rest on disk
     assert len(entries) == info["demoted"] - info["cpu_blocks"]
     assert "Traceback" not in stderr and "could not be stored" not in stderr
+
+
+@pytest.mark.gpu
+def test_exit_without_close_on_cuda(tmp_path):
+    # the writer waits on the copy stream's events and pinned rows while exiting
+    info, entries, stderr = _exit_without_close(tmp_path, delay=0.01, flush_s=30.0, device="cuda")
+    assert len(entries) == info["demoted"] - info["cpu_blocks"]
+    assert "Traceback" not in stderr
 
 
 def test_exit_without_close_drops_what_cannot_be_stored_in_time_and_warns(tmp_path):

@@ -80,10 +80,19 @@ def temp_owner(name: str) -> TempOwner | None:
 
 
 def check_file_mode(mode: object, who: str) -> int | None:
-    """Validate a ``file_mode=`` argument: ``None`` (umask) or permission bits 0..0o777."""
+    """Validate a ``file_mode=`` argument: ``None`` (umask) or permission bits 0..0o777.
+
+    Raises ``TypeError`` for a non-int, ``ValueError`` for other bits or a mode that
+    does not let the owner read and write.
+    """
     if mode is None:
         return None
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(
+            f"{who}: file_mode must be None (honour the umask) or an int such as 0o600, "
+            f"got {type(mode).__name__}"
+        )
+    if not 0 <= mode <= 0o777:
         raise ValueError(
             f"{who}: file_mode must be None (honour the umask) or permission bits such as "
             f"0o600, got {mode!r}"
