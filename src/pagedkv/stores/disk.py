@@ -14,9 +14,10 @@ and after ``kill -9``.
 What in the directory is the store's (:mod:`pagedkv.stores.disk_layout`): fan
 directories (real directories named by 2-3 characters of ``[0-9A-Za-z_-]``), the
 regular files ``<key>.v`` in them whose key fans to that directory (a regular file of
-that name is an entry, whoever wrote it), and pagedkv's temp files. Everything else (other names, symlinks, FIFOs, sockets,
-folders, also where an entry's name is not a regular file) is never listed, read,
-replaced, evicted or deleted; a put over a non-file of an entry's name raises. Temp
+that name is an entry, whoever wrote it), and pagedkv's temp files. Everything else
+(other names, symlinks, FIFOs, sockets, folders, also where an entry's name is not a
+regular file) is never listed, read, replaced, evicted or deleted; a put over a
+non-file of an entry's name raises. Temp
 files of earlier versions (``<key>.<pid>.<random>.tmp``) are left alone too: nothing
 proves that such a name is pagedkv's.
 
