@@ -209,8 +209,10 @@ def test_save_killed_at_random_points_leaves_a_consistent_store(tmp_path):
         assert list(store.backend.keys("snap.l.")) == []
         for info in infos:
             assert store.verify(info.name).ok
-        tmp_left = [n for _, _, names in os.walk(store_dir) for n in names if n.endswith(".tmp")]
-        assert tmp_left == []  # DiskStore removed the dead writers' temp files when opened
+        tmp_left = [
+            n for _, _, names in os.walk(store_dir) for n in names if n.startswith(".pagedkv-tmp-")
+        ]
+        assert tmp_left == []  # the store removed the dead writers' temp files when opened
 
 
 _CONCURRENT_SAVER = textwrap.dedent(

@@ -13,6 +13,7 @@ from pagedkv.snapshot import SnapshotStore, SyntheticPager
 from pagedkv.snapshot.packs import PACK_DIR, PackStore
 from pagedkv.storage.layout import KVLayout
 from pagedkv.stores import DiskStore
+from pagedkv.stores.atomic import host_id
 
 
 def page(i: int, size: int = 1000) -> tuple[str, bytes]:
@@ -106,16 +107,19 @@ def test_damaged_or_partial_packs_never_surface(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 1)  # the footer no longer verifies
     # a dead writer's temp pack (pid 999999999 does not exist) is removed by the first
-    # write (opening, and reading, change nothing)
-    tmp = os.path.join(tmp_path, PACK_DIR, "0-1-2.pack.999999999.abcd.tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"partial")
+    # write (opening, and reading, change nothing); a name pagedkv never gives a temp
+    # file is never removed
+    tmp = os.path.join(tmp_path, PACK_DIR, f".pagedkv-tmp-{host_id()}-999999999-00aa11bb22cc")
+    other = os.path.join(tmp_path, PACK_DIR, "0-1-2.pack.999999999.abcd.tmp")
+    for p in (tmp, other):
+        with open(p, "wb") as f:
+            f.write(b"partial")
     s = PackStore(tmp_path)
     assert s.get_many([k for k, _ in items]) == [None] * 3
     assert s.contains_many([items[0][0]]) == [False]
     assert os.path.exists(tmp)
     s.put_many([page(9)])
-    assert not os.path.exists(tmp)
+    assert not os.path.exists(tmp) and os.path.exists(other)
     s.close()
 
 

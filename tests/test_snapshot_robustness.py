@@ -216,12 +216,23 @@ def test_a_newer_version_manifest_is_never_dropped_and_blocks_gc(store):
     assert gc.blocked and gc.pages_deleted == 0 and "future" in store.names()
 
 
-def test_a_copied_manifest_and_an_unreadable_entry_are_damaged(store):
+def test_a_copied_manifest_and_an_unreadable_entry_are_damaged(store, monkeypatch):
+    from pagedkv.stores import disk
+
     raw = store.backend.get_many([MANIFEST_PREFIX + "good"])[0]
-    store.backend.put_many([(MANIFEST_PREFIX + "copy", raw)])
-    # an entry that cannot be read at all: a directory where the manifest file would be
-    # (DiskStore layout: <fan = first two + last character of the key>/<key>.v)
-    os.makedirs(os.path.join(store.backend.path, "snr", MANIFEST_PREFIX + "dir.v"))
+    store.backend.put_many([(MANIFEST_PREFIX + "copy", raw), (MANIFEST_PREFIX + "dir", raw)])
+    # a directory where a manifest file would be is not an entry of the store (a foreign
+    # object, never read nor reported; DiskStore layout: <fan>/<key>.v)
+    os.makedirs(os.path.join(store.backend.path, "snr", MANIFEST_PREFIX + "foreign.v"))
+    # an entry that cannot be read at all (an I/O or permission error on open)
+    real_open = disk.open_entry
+
+    def failing_open(path):
+        if path.endswith(MANIFEST_PREFIX + "dir.v"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path)
+
+    monkeypatch.setattr(disk, "open_entry", failing_open)
     cat = store.catalogue()
     errors = {d.name: d.error for d in cat.damaged}
     assert set(errors) == {"copy", "dir"}, errors

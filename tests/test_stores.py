@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 
 import pytest
@@ -30,6 +31,7 @@ from pagedkv.stores import (
     pack,
     unpack,
 )
+from pagedkv.stores.atomic import host_id
 from pagedkv.stores.framing import HEADER_BYTES
 
 SLOT = 128  # MemoryStore slot size in the generic tests; DiskStore values are capped the same
@@ -403,17 +405,34 @@ def test_disk_layout_and_temp_cleanup(tmp_path):
     assert (tmp_path / "abc" / "abc.v").read_bytes() == b"1"
     assert (tmp_path / "___" / "...v").read_bytes() == b"2"
     assert (tmp_path / "__" / "..v").read_bytes() == b"3"
-    # a dead writer's temp file, a live writer's temp file and foreign files
+    # a dead writer's temp files, a live writer's temp file and foreign files
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    dead_tmp = tmp_path / "abc" / f"abc.{dead.stdout.strip()}.0011.tmp"
-    live_tmp = tmp_path / "abc" / f"abc.{os.getpid()}.0022.tmp"
-    for p in (dead_tmp, live_tmp):
+    dead_pid = int(dead.stdout)
+    host = host_id()
+    dead_tmp = tmp_path / "abc" / f".pagedkv-tmp-{host}-{dead_pid}-00112233aabb"
+    dead_root_tmp = tmp_path / f".pagedkv-tmp-{host}-{dead_pid}-00112233aabc"
+    live_tmp = tmp_path / "abc" / f".pagedkv-tmp-{host}-{os.getpid()}-00112233aabb"
+    # kept: names pagedkv never makes (an old-style one, any *.tmp) and a fresh temp of
+    # another host (its writer cannot be checked)
+    foreign = [
+        tmp_path / "abc" / f"abc.{dead_pid}.0011.tmp",
+        tmp_path / "abc" / f".pagedkv-tmp-{'f' * 8 if host != 'f' * 8 else '0' * 8}-"
+        f"{dead_pid}-00112233aabb",
+        tmp_path / "abc" / "notes.tmp",
+        tmp_path / "notes.tmp",
+    ]
+    # another host's temp (or a reused pid's) untouched for over 10 minutes is garbage
+    old_tmp = tmp_path / "abc" / f".pagedkv-tmp-{'f' * 8}-{os.getpid()}-00112233aabd"
+    for p in (dead_tmp, dead_root_tmp, live_tmp, old_tmp, *foreign):
         p.write_bytes(b"partial")
+    os.utime(old_tmp, (time.time() - 601, time.time() - 601))
     (tmp_path / "abc" / "notes.txt").write_bytes(b"?")
     (tmp_path / "README").write_bytes(b"?")
     again = DiskStore(tmp_path, 10_000)
-    assert not dead_tmp.exists() and live_tmp.exists()
+    assert not dead_tmp.exists() and not dead_root_tmp.exists() and live_tmp.exists()
+    assert not old_tmp.exists()
+    assert all(p.exists() for p in foreign)
     assert sorted(again.keys()) == [".", "..", "abc"]
     assert again.stats().entries == 3
 
@@ -450,7 +469,7 @@ def test_disk_parallel_writers_keep_order_and_accounting(tmp_path):
     assert (st_.entries, st_.bytes_used, st_.puts, st_.evictions) == (6, 6 * v, 10, 4)
     store.check_integrity()
     store.close()
-    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert not [p for p in tmp_path.rglob(".pagedkv-tmp-*")]
     again = DiskStore(tmp_path, 6 * v)
     again.put_many([("new", os.urandom(v))])  # restart keeps the order: k04 goes first
     assert sorted(again.keys()) == sorted(["new"] + [f"k{i:02d}" for i in range(5, 10)])
@@ -469,7 +488,7 @@ def test_disk_parallel_writers_error_leaves_no_temp(tmp_path, monkeypatch):
     monkeypatch.setattr(DiskStore, "_write_temp", flaky)
     with pytest.raises(StoreError, match="boom"):
         store.put_many([(f"k{i:02d}", os.urandom(v)) for i in range(12)])
-    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert not [p for p in tmp_path.rglob(".pagedkv-tmp-*")]
     assert set(store.keys()) <= {f"k{i:02d}" for i in range(5)}
     store.check_integrity()
     with pytest.raises(ValueError, match="writers"):

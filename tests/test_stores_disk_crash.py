@@ -45,7 +45,12 @@ def value(key: str) -> bytes:
 
 
 def temp_files(root: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if ".tmp" in f]
+    return [
+        os.path.join(d, f)
+        for d, _, files in os.walk(root)
+        for f in files
+        if f.startswith(".pagedkv-tmp-")
+    ]
 
 
 def test_sigkilled_writer_leaves_only_whole_entries(tmp_path):
@@ -79,7 +84,7 @@ def test_sigkilled_writer_leaves_only_whole_entries(tmp_path):
 
         store = DiskStore(root, CAPACITY)
         listed = sorted(store.keys())
-        assert all(".tmp" not in k for k in listed)
+        assert all("pagedkv-tmp" not in k for k in listed)
         assert temp_files(root) == [], "open must remove a dead writer's temp files"
         got = store.get_many(listed)
         for key, data in zip(listed, got):

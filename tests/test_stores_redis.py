@@ -205,3 +205,69 @@ def test_closed(store):
     store.close()
     with pytest.raises(ValueError, match="closed"):
         store.get_many(["a"])
+
+
+def _readme_acl() -> list[str]:
+    """The ``ACL SETUSER pagedkv ...`` line of the README, as arguments."""
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(readme) as f:
+        (line,) = [ln for ln in f if ln.startswith("ACL SETUSER pagedkv ")]
+    return line.split()[2:]
+
+
+def test_the_readme_acl_user_can_do_everything_pagedkv_does(redis_url, redis_server, raw, tmp_path):
+    """Every store, tier and snapshot operation as the README's ACL user: nothing denied
+    (the server's ACL LOG stays empty), and a key outside its prefixes is refused."""
+    import secrets
+
+    import torch
+
+    from pagedkv import KVCache
+    from pagedkv.snapshot import SnapshotStore, SyntheticPager
+    from pagedkv.storage import KVLayout
+    from pagedkv.tiers import CPUTier, RedisTier
+
+    user, password = "pagedkv-acl-test", secrets.token_hex(8)
+    args = _readme_acl()
+    args = [user] + [f">{password}" if a == ">CHANGE-ME" else a for a in args[1:]]
+    raw.execute_command("ACL", "SETUSER", *args)
+    raw.execute_command("ACL", "LOG", "RESET")
+    base = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}"
+    try:
+        for db, ttl in (("0", None), ("1", 60)):  # /1: SELECT; a TTL: SET EX and GETEX
+            s = RedisStore(f"{base}/{db}", ttl_seconds=ttl)
+            assert s.ping() is True
+            s.put_many([("a", b"1"), ("b", b"2")])
+            assert s.get_many(["a", "b", "c"]) == [b"1", b"2", None]
+            assert s.contains_many(["a", "c"]) == [True, False]
+            assert sorted(s.keys()) == ["a", "b"]
+            assert s.delete_many(["a", "b"]) == 2
+            s.close()
+        layout = KVLayout(2, 2, 8, 4, torch.float16)
+        tiers = [CPUTier(2 * layout.bytes_per_block), RedisTier(f"{base}/0")]
+        cache = KVCache(layout, 4, tiers=tiers)
+        for i in range(6):
+            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
+            cache.free(i)
+        cache.flush()
+        assert cache.allocate("again", list(range(9))) == 8
+        assert cache.tier_stats()["tiers"]["redis"]["errors"] == 0
+        cache.close()
+        pager = SyntheticPager(layout, 16, fingerprint="fp")
+        pager.allocate("a", list(range(13)))
+        pager.fill_random("a", torch.Generator().manual_seed(0))
+        with SnapshotStore(f"{base}/0") as snaps:
+            snaps.save(pager, name="s")
+            snaps.fork("s", "s2")
+            assert snaps.verify("s2").ok and [i.name for i in snaps.list()] == ["s", "s2"]
+            assert len(snaps.load(SyntheticPager(layout, 16, fingerprint="fp"), "s")) == 1
+            snaps.delete("s")
+            snaps.gc()
+        assert raw.execute_command("ACL", "LOG") == []  # nothing pagedkv sent was denied
+        outside = RedisStore(f"{base}/0", key_prefix="other:")
+        with pytest.raises(StoreError, match="refused"):
+            outside.put_many([("a", b"1")])
+        outside.close()
+    finally:
+        raw.execute_command("ACL", "DELUSER", user)
+        raw.execute_command("ACL", "LOG", "RESET")

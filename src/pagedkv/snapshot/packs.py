@@ -13,8 +13,9 @@ Layout: ``<root>/packs/<time_ns:016x>-<pid>-<random>.pack``::
     index:  count x (32-byte digest, u64 offset, u64 length)
     footer: b"PKVPACK1", u64 count, u64 index offset, sha256 of the index (32 bytes)
 
-A pack is written under a temp name (``<name>.<pid>.<random>.tmp``, removed by the
-next open if its writer died) and renamed when complete, so a reader sees a whole
+A pack is written under a temp name (``.pagedkv-tmp-<host>-<pid>-<random>``, removed
+by the next open if its writer died: :mod:`pagedkv.stores.atomic`) and renamed when
+complete, so a reader sees a whole
 pack or none, even after ``kill -9``; with ``durable=True`` it is fsynced before the
 rename. Packs are immutable: deleting pages rewrites the pack without them (or
 unlinks it when none is left), and a reader whose pack vanished rescans the
@@ -31,9 +32,12 @@ directory and removes dead writers' temp files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import secrets
+import stat
 import struct
 import threading
 import time
@@ -42,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pagedkv.errors import StoreError
-from pagedkv.stores import DiskStore
+from pagedkv.stores import DiskStore, atomic
 from pagedkv.stores.base import (
     Buffer,
     StoreStats,
@@ -54,6 +58,8 @@ from pagedkv.stores.base import (
 
 PACK_DIR = "packs"
 _PACK = ".pack"
+# Only names pagedkv gives packs: another file that ends in .pack is not read or removed.
+_PACK_RE = re.compile(r"[0-9a-f]{16}-[1-9][0-9]{0,9}-[0-9a-f]{8}\.pack")
 _MAGIC = b"PKVPACK1"
 _ENTRY = struct.Struct("<32sQQ")
 _FOOTER = struct.Struct("<8sQQ32s")
@@ -77,14 +83,22 @@ class PackStore:
     ``put_many`` of pages is split over up to this many packs written concurrently
     (at least 16 MiB each). Thread-safe; several processes may share the directory
     (each pack is written once, atomically, by one process). Nothing is created or
-    modified before the first write (module docstring).
+    modified before the first write (module docstring). ``file_mode``: permission
+    bits of the files and directories it creates, as for
+    :class:`~pagedkv.stores.DiskStore` (default: from the umask).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, durable: bool = False, writers: int = 1
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durable: bool = False,
+        writers: int = 1,
+        file_mode: int | None = None,
     ) -> None:
         if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1:
             raise ValueError(f"PackStore: writers must be an int >= 1, got {writers!r}")
+        self._mode = atomic.check_file_mode(file_mode, "PackStore")
         root = os.path.abspath(os.fspath(path))
         if os.path.exists(root) and not os.path.isdir(root):
             raise StoreError(f"PackStore: {root!r} is not a directory")
@@ -129,7 +143,7 @@ class PackStore:
     def refresh(self) -> None:
         """Pick up packs other processes wrote and forget those they removed."""
         try:
-            names = {n for n in os.listdir(self._dir) if n.endswith(_PACK)}
+            names = {n for n in os.listdir(self._dir) if _PACK_RE.fullmatch(n)}
         except (FileNotFoundError, NotADirectoryError):
             names = set()
         except OSError as e:
@@ -148,9 +162,11 @@ class PackStore:
     def _read_index(self, name: str) -> dict[str, tuple[int, int]] | None:
         """The pack's ``{key: (offset, length)}``, or None if its index does not verify."""
         try:
-            with open(os.path.join(self._dir, name), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < _FOOTER.size:
+            fd = os.open(os.path.join(self._dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                size = st.st_size
+                if not stat.S_ISREG(st.st_mode) or size < _FOOTER.size:
                     return None
                 f.seek(size - _FOOTER.size)
                 magic, count, at, digest = _FOOTER.unpack(f.read(_FOOTER.size))
@@ -158,9 +174,11 @@ class PackStore:
                     return None
                 f.seek(at)
                 raw = f.read(count * _ENTRY.size)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             return None
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink or socket: not a pack
+                return None
             raise StoreError(f"PackStore: cannot read pack {name!r}: {e.strerror or e}") from e
         if hashlib.sha256(raw).digest() != digest:
             return None
@@ -383,13 +401,16 @@ class PackStore:
         with self._lock:
             if self._writable:
                 return
-            disk = DiskStore(self.path, capacity_bytes=_UNBOUNDED)
+            disk = DiskStore(self.path, capacity_bytes=_UNBOUNDED, file_mode=self._mode)
             try:
-                os.makedirs(self._dir, exist_ok=True)
+                atomic.make_dirs(self._dir, self._mode)
+                if not atomic.is_real_dir(self._dir):
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory (move it away)")
             except OSError as e:
                 raise StoreError(
                     f"PackStore: cannot create {self._dir!r}: {e.strerror or e}"
                 ) from e
+            atomic.sweep_temps(self._dir)
             self._carried, self._disk, self._writable = self._disk.stats(), disk, True
 
     def _writer_pool(self) -> ThreadPoolExecutor:
@@ -400,9 +421,7 @@ class PackStore:
 
     def _write_pack(self, items: list[tuple[str, Buffer]]) -> None:
         """One pack of ``items`` (page key, bytes): temp file, fsync if durable, rename."""
-        pid = os.getpid()
-        name = f"{time.time_ns():016x}-{pid}-{secrets.token_hex(4)}{_PACK}"
-        tmp = os.path.join(self._dir, f"{name}.{pid}.{secrets.token_hex(4)}.tmp")
+        name = f"{time.time_ns():016x}-{os.getpid()}-{secrets.token_hex(4)}{_PACK}"
         entries: dict[str, tuple[int, int]] = {}
         index = bytearray()
         views = []
@@ -416,18 +435,13 @@ class PackStore:
         footer = _FOOTER.pack(_MAGIC, len(entries), offset, hashlib.sha256(index).digest())
         views += [memoryview(index), memoryview(footer)]
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(fd, views)
-                if self._durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(self._dir, name))
+            atomic.atomic_write(
+                os.path.join(self._dir, name), views, file_mode=self._mode, fsync=self._durable
+            )
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StoreError(f"PackStore: cannot write pack {tmp!r}: {e.strerror or e}") from e
+            raise StoreError(
+                f"PackStore: cannot write pack {name!r} in {self._dir!r}: {e.strerror or e}"
+            ) from e
         with self._lock:
             self._add(name, entries)
             self._puts += len(entries)
@@ -504,21 +518,6 @@ def _split(items: list, writers: int) -> list[list]:
     if cur:
         groups.append(cur)
     return groups
-
-
-def _write_all(fd: int, views: list[memoryview]) -> None:
-    """``writev`` every view, resuming after partial writes."""
-    i = 0
-    while i < len(views):
-        batch = views[i : i + _IOV_MAX]
-        done = os.writev(fd, batch)
-        for v in batch:
-            if done >= len(v):
-                done -= len(v)
-                i += 1
-            else:
-                views[i] = v[done:]
-                break
 
 
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> int:

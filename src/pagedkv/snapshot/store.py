@@ -107,15 +107,21 @@ class LoadResult(dict):
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def _open_directory(loc: Location, key_prefix: str, durable: bool, writers: int) -> Any:
+def _open_directory(
+    loc: Location, key_prefix: str, durable: bool, writers: int, file_mode: int | None
+) -> Any:
     from pagedkv.snapshot.packs import PackStore
 
-    return PackStore(loc.target, durable=durable, writers=writers)
+    return PackStore(loc.target, durable=durable, writers=writers, file_mode=file_mode)
 
 
-def _open_redis(loc: Location, key_prefix: str, durable: bool, writers: int) -> Any:
+def _open_redis(
+    loc: Location, key_prefix: str, durable: bool, writers: int, file_mode: int | None
+) -> Any:
     from pagedkv.stores import RedisStore
 
+    if file_mode is not None:
+        raise ValueError("file_mode= applies to a directory store, not to Redis")
     if durable:
         raise ValueError(
             "durable=True applies to a directory store; Redis persistence is the server's"
@@ -149,6 +155,9 @@ class SnapshotStore:
     ``writers`` (local stores only; default ``min(8, os.cpu_count())``): a chunk's
     new pages are split over up to this many packs (of >= 16 MiB) written
     concurrently, while the next chunk is hashed.
+    ``file_mode`` (local stores only): permission bits of the files written (e.g.
+    ``0o600``; manifests hold token ids); ``None`` honours the umask.
+    ``location`` and ``repr`` show a URL's password as ``***``.
     """
 
     def __init__(
@@ -161,6 +170,7 @@ class SnapshotStore:
         chunk_bytes: int = 64 << 20,
         threads: int = 2,
         writers: int | None = None,
+        file_mode: int | None = None,
     ) -> None:
         self.writers = positive_int(
             "writers", min(8, os.cpu_count() or 1) if writers is None else writers
@@ -186,7 +196,7 @@ class SnapshotStore:
                 f"redis:// / rediss:// (known schemes: {known_schemes()}), or pass a block "
                 "store object (e.g. MemoryStore(...))"
             )
-        self.backend = opener(loc, key_prefix, durable, self.writers)
+        self.backend = opener(loc, key_prefix, durable, self.writers, file_mode)
         self.location = getattr(self.backend, "path", None) or loc.shown  # never a password
         if durable:
             self._sync_dir = self.backend.path
@@ -618,8 +628,8 @@ class SnapshotStore:
 
 def _describe(backend: object) -> str:
     """How a store object passed in is shown: its class and path or server, never a URL
-    with its password (``RedisStore`` keeps a printable form)."""
-    shown = getattr(backend, "_shown", None) or getattr(backend, "path", None)
+    with its password (``RedisStore.url`` is the redacted form)."""
+    shown = getattr(backend, "url", None) or getattr(backend, "path", None)
     return f"{type(backend).__name__}({shown})" if shown else type(backend).__name__
 
 

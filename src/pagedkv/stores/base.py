@@ -176,3 +176,69 @@ def pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+# Query parameters of a store URL whose values are shown as given; any other value may
+# be a credential (``?password=``, ``?token=``) and is shown as ``***``.
+_SHOWN_QUERY = frozenset(
+    {
+        "db",
+        "protocol",
+        "timeout",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "health_check_interval",
+        "max_connections",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "decode_responses",
+        "encoding",
+    }
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print: a password in it becomes ``***``, and so do query values
+    other than known harmless options; a fragment is dropped.
+
+    ``redis://user:pw@host:6379/0?password=pw&db=1`` ->
+    ``redis://user:***@host:6379/0?password=***&db=1``. Works on text that is not a
+    valid URL too (never raises): everything before the last ``@`` of the part ahead of
+    the query is user information, so a password holding ``/`` or ``#`` is hidden whole.
+    Text without ``://`` is a path and comes back unchanged. Every repr, log line and
+    error message of pagedkv that names a URL goes through it.
+    """
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:  # a path, not a URL: nothing in it is user information
+        return text
+    hidden = []  # the secrets found, hidden wherever else they appear too
+    user_info, at, tail = rest.rpartition("@")
+    if at:
+        user, colon, password = user_info.partition(":")
+        if any(c in user for c in "/?#"):  # not a user name: a password held one of these
+            user, colon, password = "", ":", user_info
+        hidden.append(password)
+        shown = f"{scheme}{sep}{user}{':***' if colon else ''}@"
+    else:
+        shown, tail = f"{scheme}{sep}", rest
+    tail = tail.partition("#")[0]
+    path, qmark, query = tail.partition("?")
+    shown += path
+    if qmark:
+        params = []
+        for item in query.split("&"):
+            name, eq, value = item.partition("=")
+            if eq and name.lower() not in _SHOWN_QUERY:
+                hidden.append(value)
+                value = "***"
+            params.append(f"{name}{eq}{value}")
+        shown += "?" + "&".join(params)
+    # Also where a secret appears elsewhere in the text (a mistyped option); not one of
+    # under 4 characters, which would garble the host and port and protects nothing.
+    for secret in sorted((h for h in hidden if len(h) >= 4), key=len, reverse=True):
+        head, star, rest = shown.partition(":***@")  # keep the marker readable
+        shown = head.replace(secret, "***") + star + rest.replace(secret, "***")
+    return shown

@@ -6,9 +6,20 @@ a one-character key ``k`` gives ``kk``). The head keeps ``keys(prefix)`` a scan 
 the directories of that prefix; the tail spreads keys that share a long prefix (a
 tier's ``kv-<namespace>-<hex hash>``) over 16 directories instead of one, and not
 over more: creating a directory costs as much as writing ~0.5 MiB here. A write goes
-to ``<fan>/<key>.<pid>.<random>.tmp`` in the same directory and is renamed over the
-entry with ``os.replace``; a reader therefore sees the old value, the new value or
-nothing, never a partial file, even across processes and after ``kill -9``.
+to a temp file ``.pagedkv-tmp-<host>-<pid>-<random>`` in the same directory and is
+renamed over the entry (:mod:`pagedkv.stores.atomic`); a reader therefore sees the
+old value, the new value or nothing, never a partial file, even across processes
+and after ``kill -9``.
+
+What in the directory is the store's (:mod:`pagedkv.stores.disk_layout`): fan
+directories (real directories named by 2-3 characters of ``[0-9A-Za-z_-]``), the
+regular files ``<key>.v`` in them whose key fans to that directory (a regular file of
+that name is an entry, whoever wrote it), and pagedkv's temp files. Everything else
+(other names, symlinks, FIFOs, sockets, folders, also where an entry's name is not a
+regular file) is never listed, read, replaced, evicted or deleted; a put over a
+non-file of an entry's name raises. Temp
+files of earlier versions (``<key>.<pid>.<random>.tmp``) are left alone too: nothing
+proves that such a name is pagedkv's.
 
 Recency lives in the files' mtimes: every write and every hit stamps the file
 with a strictly increasing nanosecond time, and opening a store rebuilds the LRU
@@ -19,8 +30,9 @@ system (keys ``ab`` and ``AB`` are different files).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -29,52 +41,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from pagedkv.errors import CacheIntegrityError, StoreError
+from pagedkv.stores import atomic
 from pagedkv.stores.base import (
     Buffer,
     StoreStats,
     byte_rows,
     check_capacity,
     check_items,
-    check_key,
     check_keys,
     check_prefix,
-    pid_alive,
+)
+from pagedkv.stores.disk_layout import (
+    SUFFIX,
+    fan_head,
+    fan_of,
+    is_fan,
+    is_file,
+    key_of,
+    open_entry,
+    read_exactly,
+    scandir,
 )
 
-_SUFFIX = ".v"
-_TMP = ".tmp"
-# A temp file whose writer is gone is garbage; one whose writer we cannot see (another
-# host sharing the directory, or pid reuse) is only removed once it is this old.
-_STALE_TMP_SECONDS = 600.0
 # put_many writes a batch on the writer threads only when its values average at least
 # this many bytes: per-file syscalls of small values convoy on the GIL in threads.
 _PARALLEL_MIN_VALUE = 128 << 10
-
-
-def _fan(key: str) -> str:
-    return (key[:2] + key[-1]).replace(".", "_")
-
-
-def _fan_head(fan: str) -> str:
-    """The key-head part of a fan directory name (all but its last character)."""
-    return fan[:-1]
-
-
-def _read_exactly(fd: int, parts: list[memoryview], size: int) -> None:
-    """Fill ``parts`` (``size`` bytes in all) from ``fd``: one ``readv`` unless it falls short."""
-    got = os.readv(fd, parts)
-    if got == size:
-        return
-    for p in parts:  # a short read: keep what arrived, read the rest part by part
-        if got >= len(p):
-            got -= len(p)
-            continue
-        view, got = p[got:], 0
-        while len(view):
-            step = os.readv(fd, [view])
-            if step == 0:
-                raise OSError(f"file shrank while being read ({size} bytes expected)")
-            view = view[step:]
 
 
 class DiskStore:
@@ -82,7 +73,8 @@ class DiskStore:
 
     The directory is created if missing; one that cannot be created or written
     raises :class:`StoreError` naming the path and the reason. Leftover temp files
-    of dead writers are removed at open. ``fsync=True`` makes each put durable
+    of dead writers are removed at open (only pagedkv's own temp names: see the
+    module docstring for what else is the store's). ``fsync=True`` makes each put durable
     against power loss (fsync of the file and of its directory) at a large cost in
     throughput; the default ``False`` still guarantees that no partial entry is ever
     visible, which is all a cache needs (a lost entry is a miss).
@@ -100,6 +92,10 @@ class DiskStore:
     ``read_only=True`` reads an existing store (or a missing directory, as an empty
     store) without creating, stamping, evicting or removing anything, so it works on
     a read-only mount; ``put_many``/``delete_many`` then raise :class:`StoreError`.
+    ``file_mode``: permission bits of the files (and, with search bits added, of the
+    directories) the store creates, applied exactly (e.g. ``0o600``: only this user can
+    read the entries, which hold KV bytes and, in a snapshot store, token ids). The
+    default ``None`` creates them with ``0o666`` / ``0o777`` minus the process umask.
     """
 
     def __init__(
@@ -110,11 +106,13 @@ class DiskStore:
         fsync: bool = False,
         writers: int = 1,
         read_only: bool = False,
+        file_mode: int | None = None,
     ):
         self._read_only = bool(read_only)
         self._capacity = check_capacity(capacity_bytes, "DiskStore")
         self._root = os.path.abspath(os.fspath(path))
         self._fsync = bool(fsync)
+        self._mode = atomic.check_file_mode(file_mode, "DiskStore")
         if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1:
             raise ValueError(f"DiskStore: writers must be an int >= 1, got {writers!r}")
         self._writers = writers
@@ -128,11 +126,8 @@ class DiskStore:
         self._closed = False
         if not self._read_only:
             try:
-                os.makedirs(self._root, exist_ok=True)
-                probe = os.path.join(
-                    self._root, f".probe.{os.getpid()}.{secrets.token_hex(4)}{_TMP}"
-                )
-                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                atomic.make_dirs(self._root, self._mode)
+                fd, probe = atomic.create_temp(self._root, self._mode)
                 os.close(fd)
                 os.unlink(probe)
             except OSError as e:
@@ -151,6 +146,14 @@ class DiskStore:
     def path(self) -> str:
         """Absolute path of the store directory."""
         return self._root
+
+    @property
+    def file_mode(self) -> int | None:
+        """Permission bits of the files the store creates (``None``: from the umask)."""
+        return self._mode
+
+    def __repr__(self) -> str:
+        return f"DiskStore({self._root!r}, capacity_bytes={self._capacity})"
 
     # -- BlockStore ---------------------------------------------------------------
 
@@ -232,10 +235,13 @@ class DiskStore:
         for key in keys:
             path = self._path(key)
             try:
-                with open(path, "rb") as f:
+                # None: never written, evicted, deleted elsewhere, or not a file
+                opened = open_entry(path) if self._fan_ok(key) else None
+                if opened is None:
+                    out.append(None)
+                    continue
+                with os.fdopen(opened[0], "rb") as f:
                     out.append(f.read())
-            except FileNotFoundError:  # never written, evicted, or deleted elsewhere
-                out.append(None)
             except OSError as e:
                 self._read_failed(path, e)
         self._record_reads(keys, [None if v is None else len(v) for v in out])
@@ -263,17 +269,17 @@ class DiskStore:
         for i, key in enumerate(keys):
             path = self._path(key)
             try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                sizes.append(None)
-                continue
+                opened = open_entry(path) if self._fan_ok(key) else None
             except OSError as e:
                 self._read_failed(path, e)
+            if opened is None:
+                sizes.append(None)
+                continue
+            fd, size = opened
             try:
-                size = os.fstat(fd).st_size
                 if size == size_ok:
                     parts = [rows[i]] if heads is None else [heads[i], rows[i]]
-                    _read_exactly(fd, [memoryview(p) for p in parts], size)
+                    read_exactly(fd, [memoryview(p) for p in parts], size)
             except OSError as e:
                 self._read_failed(path, e)
             finally:
@@ -295,7 +301,7 @@ class DiskStore:
             for key, size in zip(keys, sizes):
                 if size is None:
                     # another thread may have committed it since our read
-                    if key in self._index and not os.path.exists(self._path(key)):
+                    if key in self._index and not self._is_entry(key):
                         self._forget(key)
                     self._misses += 1
                     continue
@@ -309,14 +315,14 @@ class DiskStore:
                 self._make_room(0, keep=None)
         for path, stamp in touched:  # recency survives a restart through the mtime
             with contextlib.suppress(OSError):
-                os.utime(path, ns=(stamp, stamp))
+                os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each entry file exists (not a use: recency is unchanged)."""
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            return [os.path.exists(self._path(k)) for k in keys]
+            return [self._is_entry(k) for k in keys]
 
     def delete_many(self, keys: Sequence[str]) -> int:
         """Remove the entry files; return how many existed."""
@@ -330,16 +336,17 @@ class DiskStore:
         """Keys on disk starting with ``prefix`` (a fresh directory scan; temp files never)."""
         prefix = check_prefix(prefix)
         head = prefix[:2].replace(".", "_")
-        fans = [
-            d
-            for d in self._list(self._root)
-            if not d.endswith(_TMP) and _fan_head(d).startswith(head)
-        ]
         found = []
-        for fan in fans:
-            for name in self._list(os.path.join(self._root, fan)):
-                key = self._key_of(name)
-                if key is not None and key.startswith(prefix):
+        for fan in scandir(self._root):
+            if not (
+                is_fan(fan.name)
+                and fan_head(fan.name).startswith(head)
+                and fan.is_dir(follow_symlinks=False)
+            ):
+                continue
+            for entry in scandir(fan.path):
+                key = key_of(entry.name, fan.name)
+                if key is not None and key.startswith(prefix) and is_file(entry):
                     found.append(key)
         return iter(found)
 
@@ -384,23 +391,27 @@ class DiskStore:
     # -- internals ----------------------------------------------------------------
 
     def _path(self, key: str) -> str:
-        return os.path.join(self._root, _fan(key), key + _SUFFIX)
+        return os.path.join(self._root, fan_of(key), key + SUFFIX)
 
-    @staticmethod
-    def _key_of(name: str) -> str | None:
-        if not name.endswith(_SUFFIX):
-            return None
-        try:
-            return check_key(name[: -len(_SUFFIX)])
-        except ValueError:
-            return None
+    def _fan_ok(self, key: str) -> bool:
+        """Whether the key's fan directory is a real directory (a symlink that happens to
+        have a fan's name leads outside the store: no entry is read or written there)."""
+        fan = fan_of(key)
+        if fan in self._dirs:
+            return True
+        if atomic.is_real_dir(os.path.join(self._root, fan)):
+            self._dirs.add(fan)
+            return True
+        return False
 
-    @staticmethod
-    def _list(path: str) -> list[str]:
+    def _is_entry(self, key: str) -> bool:
+        """Whether the entry of ``key`` exists as a regular file."""
+        if not self._fan_ok(key):
+            return False
         try:
-            return os.listdir(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+            return stat.S_ISREG(os.lstat(self._path(key)).st_mode)
+        except OSError:
+            return False
 
     def _next_ns(self) -> int:
         # Strictly increasing, so the mtime order is the exact use order after a restart.
@@ -411,27 +422,29 @@ class DiskStore:
         """Rebuild the index from the directory, oldest mtime first; remove dead temps."""
         now = time.time()
         entries = []
-        for fan in self._list(self._root):
-            fan_path = os.path.join(self._root, fan)
-            if fan.endswith(_TMP):
-                self._remove_stale_tmp(fan_path, fan, now)
+        sweep = not self._read_only  # a read-only open removes nothing
+        for fan in scandir(self._root):
+            if atomic.temp_owner(fan.name) is not None:  # the probe's, or a future root write
+                if sweep:
+                    atomic.remove_stale_temp(fan, now)
                 continue
-            if not os.path.isdir(fan_path):
+            if not is_fan(fan.name) or not fan.is_dir(follow_symlinks=False):
                 continue
-            with os.scandir(fan_path) as it:
-                for entry in it:
-                    if entry.name.endswith(_TMP):
-                        self._remove_stale_tmp(entry.path, entry.name, now)
-                        continue
-                    key = self._key_of(entry.name)
-                    if key is None or _fan(key) != fan:
-                        continue
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
+            for entry in scandir(fan.path):
+                if atomic.temp_owner(entry.name) is not None:
+                    if sweep:
+                        atomic.remove_stale_temp(entry, now)
+                    continue
+                key = key_of(entry.name, fan.name)
+                if key is None:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
                     entries.append((st.st_mtime_ns, key, st.st_size))
-            self._dirs.add(fan)
+            self._dirs.add(fan.name)
         entries.sort()
         for mtime_ns, key, size in entries:
             self._index[key] = size
@@ -439,18 +452,6 @@ class DiskStore:
             self._last_ns = max(self._last_ns, mtime_ns)
         if not self._read_only:
             self._make_room(0, keep=None)  # the cap may have shrunk since the last open
-
-    def _remove_stale_tmp(self, path: str, name: str, now: float) -> None:
-        if self._read_only:
-            return
-        parts = name.rsplit(".", 3)  # <key>.<pid>.<random>.tmp
-        try:
-            pid = int(parts[1]) if len(parts) == 4 else -1
-            age = now - os.stat(path).st_mtime
-            if pid <= 0 or not pid_alive(pid) or age > _STALE_TMP_SECONDS:
-                os.unlink(path)
-        except (ValueError, OSError):
-            pass
 
     def _make_room(self, need: int, keep: str | None) -> None:
         while self._bytes_used + need > self._capacity and self._index:
@@ -464,13 +465,14 @@ class DiskStore:
             self._evictions += 1
 
     def _unlink(self, key: str) -> bool:
-        existed = True
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            existed = False
-        except OSError:
-            self._errors += 1  # the bytes stay on disk, but the cap is about what we track
+        existed = self._is_entry(key)  # a non-file of the entry's name is not ours
+        if existed:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                existed = False
+            except OSError:
+                self._errors += 1  # the bytes stay on disk, but the cap is about what we track
         self._forget(key)
         return existed
 
@@ -479,47 +481,40 @@ class DiskStore:
 
     def _write_temp(self, key: str, value: memoryview) -> str:
         """Write ``value`` to a fresh temp file next to the entry; return its path."""
-        fan = _fan(key)
+        fan = fan_of(key)
         directory = os.path.join(self._root, fan)
-        tmp = os.path.join(directory, f"{key}.{os.getpid()}.{secrets.token_hex(6)}{_TMP}")
         try:
             if fan not in self._dirs:
-                os.makedirs(directory, exist_ok=True)
+                atomic.make_dirs(directory, self._mode)
+                if not atomic.is_real_dir(directory):
+                    raise NotADirectoryError(
+                        errno.ENOTDIR,
+                        f"{directory!r} is not a directory the store made (a symlink or a "
+                        "file of that name is in the way); move it away",
+                    )
                 self._dirs.add(fan)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                written = 0
-                while written < len(value):
-                    written += os.write(fd, value[written:])
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            return atomic.write_temp(directory, [value], file_mode=self._mode, fsync=self._fsync)
         except OSError as e:
             self._dirs.discard(fan)
-            self._fail_write(tmp, key, e)
-        return tmp
+            self._fail_write(None, key, e)
 
     def _commit(self, tmp: str, key: str) -> None:
         """Stamp the temp file and rename it over the entry (under the lock)."""
         try:
             stamp = self._next_ns()
             os.utime(tmp, ns=(stamp, stamp))
-            os.replace(tmp, self._path(key))
-            if self._fsync:
-                dfd = os.open(os.path.dirname(tmp), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            # an indexed key is a regular file the store found or wrote: no need to look
+            known = key in self._index
+            atomic.commit(tmp, self._path(key), fsync=self._fsync, check=not known)
         except OSError as e:
             self._fail_write(tmp, key, e)
 
-    def _fail_write(self, tmp: str, key: str, e: OSError) -> NoReturn:
+    def _fail_write(self, tmp: str | None, key: str, e: OSError) -> NoReturn:
         with self._lock:
             self._errors += 1
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise StoreError(
             f"DiskStore: cannot write key {key!r} under {self._root!r}: {e.strerror or e}"
         ) from e

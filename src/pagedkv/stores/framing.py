@@ -128,6 +128,9 @@ class FramedStore:
         self._lock = threading.Lock()
         self._corrupt = 0
 
+    def __repr__(self) -> str:
+        return f"FramedStore({self._store!r})"
+
     @property
     def inner(self) -> BlockStore:
         """The wrapped store (values in it carry headers)."""

@@ -87,6 +87,12 @@ class MemoryStore:
         """Whether the slab is page-locked (CUDA pinned) memory."""
         return self._slab is not None and bool(self._slab.is_pinned())
 
+    def __repr__(self) -> str:
+        return (
+            f"MemoryStore(capacity_bytes={self._capacity}, slot_bytes={self._slot_bytes}, "
+            f"entries={len(self._index)})"
+        )
+
     # -- BlockStore ---------------------------------------------------------------
 
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:

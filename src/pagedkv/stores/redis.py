@@ -5,6 +5,14 @@ Keys are ``key_prefix + key``. Capacity and eviction belong to the server
 adds a sliding expiry (reset on every hit). Every connection problem surfaces as
 :class:`~pagedkv.errors.StoreUnavailable` after at most about two socket timeouts,
 so a tier can back off and treat the store as missing.
+
+Credentials (a password in the URL, in its query, or ``password=``) never appear in
+a repr, log line or error message: the store is shown by
+:func:`~pagedkv.stores.base.redact_url`, and server error texts are scrubbed of them.
+The commands sent are ``PING``, ``SET`` (``EX``), ``MGET``, ``GETEX``, ``EXISTS``,
+``DEL`` and ``SCAN`` (plus ``AUTH``/``HELLO``/``CLIENT SETINFO``/``SELECT`` when
+connecting), all on keys under ``key_prefix``: a Redis ACL user limited to
+``~<key_prefix>*`` and these commands is enough (README, "Redis ACLs").
 """
 
 from __future__ import annotations
@@ -12,10 +20,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pagedkv.errors import StoreError, StoreUnavailable
-from pagedkv.stores.base import Buffer, StoreStats, check_items, check_keys, check_prefix
+from pagedkv.stores.base import (
+    Buffer,
+    StoreStats,
+    check_items,
+    check_keys,
+    check_prefix,
+    redact_url,
+)
 
 T = TypeVar("T")
 
@@ -27,24 +42,51 @@ _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 def _check_url(url: object) -> tuple[str, str]:
     """Validate a redis URL; return (url, a printable form without the password)."""
     if not isinstance(url, str):
-        raise ValueError(f"RedisStore: url must be a str like redis://host:6379/0, got {url!r}")
+        raise ValueError(
+            f"RedisStore: url must be a str like redis://host:6379/0, got {type(url).__name__}"
+        )
+    shown = redact_url(url)
     try:
         parts = urlsplit(url)
-        port = parts.port or 6379
+        parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as e:
-        raise ValueError(f"RedisStore: malformed url ({e}); expected redis://host:6379/0") from e
+        raise ValueError(
+            f"RedisStore: malformed url {shown!r} ({e}); expected redis://host:6379/0"
+        ) from None
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(
             f"RedisStore: url scheme {parts.scheme!r} is not supported; use "
             "redis://[:password@]host[:port][/db] or rediss:// for TLS"
         )
     if not parts.hostname:
-        raise ValueError("RedisStore: url has no host; expected redis://host:6379/0")
+        raise ValueError(f"RedisStore: url {shown!r} has no host; expected redis://host:6379/0")
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
-        raise ValueError(f"RedisStore: database {db!r} in the url must be a number (/0, /1...)")
-    shown = f"{parts.scheme}://{parts.hostname}:{port}/{db or 0}"
+        raise ValueError(f"RedisStore: the database in url {shown!r} must be a number (/0, /1...)")
     return url, shown
+
+
+def _without_password(url: str) -> str:
+    """``url`` minus its password (user information and ``?password=``)."""
+    parts = urlsplit(url)
+    user, _, hostport = parts.netloc.rpartition("@")
+    user = user.partition(":")[0]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
+    netloc = f"{user}@{hostport}" if user else hostport
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _passwords(url: str, password: str | None) -> tuple[str, ...]:
+    """Every password the store may send, as written and decoded (to scrub texts of)."""
+    parts = urlsplit(url)
+    found = [password, parts.password]
+    found += [v for k, v in parse_qsl(parts.query) if k == "password"]
+    found += [
+        v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k == "password"
+    ]
+    out = {p for p in found if p}
+    out |= {unquote(p) for p in out}
+    return tuple(sorted(out, key=len, reverse=True))
 
 
 class RedisStore:
@@ -52,6 +94,8 @@ class RedisStore:
 
     ``url``: ``redis://[user][:password]@host[:port][/db]`` or ``rediss://`` (TLS).
     A bad scheme or URL raises ``ValueError``. ``password`` overrides the URL's.
+    ``key_prefix`` is put in front of every key (give each application its own, and
+    an ACL user limited to it: see the module docstring).
     ``socket_timeout``/``connect_timeout`` bound every round trip; a connection
     error or timeout raises :class:`StoreUnavailable`, a rejected password
     :class:`StoreError`. ``capacity_bytes`` is ``None``: the server's ``maxmemory``
@@ -69,6 +113,11 @@ class RedisStore:
         ttl_seconds: int | None = None,
     ) -> None:
         url, self._shown = _check_url(url)
+        if password is not None and not isinstance(password, str):
+            raise ValueError(
+                f"RedisStore: password must be a str or None, got {type(password).__name__}"
+            )
+        self._secrets = _passwords(url, password)
         if not isinstance(key_prefix, str):
             raise ValueError(f"RedisStore: key_prefix must be a str, got {key_prefix!r}")
         for name, t in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
@@ -94,12 +143,12 @@ class RedisStore:
             "socket_connect_timeout": float(connect_timeout),
         }
         if password is not None:  # redis-py lets the URL win; drop the URL's password
-            parts = urlsplit(url)
-            user, _, hostport = parts.netloc.rpartition("@")
-            user = user.partition(":")[0]
-            url = parts._replace(netloc=f"{user}@{hostport}" if user else hostport).geturl()
+            url = _without_password(url)
             kw["password"] = password
-        self._client = redis.Redis.from_url(url, **kw)
+        try:
+            self._client = redis.Redis.from_url(url, **kw)
+        except ValueError as e:  # a bad query option; the text names the option only
+            raise ValueError(f"RedisStore: url {self._shown!r}: {self._scrub(str(e))}") from None
         # One immediate retry on a dropped connection (a server restart leaves stale
         # pooled sockets), none on timeouts: the tier layer owns back-off.
         self._client.set_retry(Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
@@ -116,6 +165,14 @@ class RedisStore:
     def key_prefix(self) -> str:
         """Prefix prepended to every key in Redis."""
         return self._prefix
+
+    @property
+    def url(self) -> str:
+        """The server's URL with any password replaced by ``***`` (safe to print)."""
+        return self._shown
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._shown!r}, key_prefix={self._prefix!r})"
 
     def ping(self) -> bool:
         """Whether the server answers now; a rejected password raises :class:`StoreError`."""
@@ -244,17 +301,31 @@ class RedisStore:
                 raise
             with self._lock:
                 self._errors += 1
-            text = str(e)
-            if isinstance(e, (r.AuthenticationError, r.exceptions.NoPermissionError)) or any(
+            # The caller sees our message only (``from None``): redis-py's own texts hold
+            # no password, but the promise is ours to keep, so they are scrubbed first.
+            text = f"{type(e).__name__}: {self._scrub(str(e))}"
+            if isinstance(e, r.exceptions.NoPermissionError) or "NOPERM" in text:
+                raise StoreError(
+                    f"Redis at {self._shown} refused {what} for this user ({text}); an ACL "
+                    f"user needs the keys ~{self._prefix}* and the commands pagedkv sends "
+                    "(see the README, Redis ACLs)"
+                ) from None
+            if isinstance(e, r.AuthenticationError) or any(
                 s in text for s in ("NOAUTH", "WRONGPASS", "invalid password", "invalid username")
             ):
                 raise StoreError(
-                    f"Redis at {self._shown} rejected the credentials during {what}: {text} "
-                    "(check the password in the URL or the password= argument)"
-                ) from e
+                    f"Redis at {self._shown} rejected the credentials during {what} ({text}); "
+                    "check the password in the URL or the password= argument"
+                ) from None
             if isinstance(e, (r.ConnectionError, r.TimeoutError, OSError)):
                 raise StoreUnavailable(
                     f"Redis at {self._shown} is unavailable ({what} failed: {text}); "
                     "is redis-server running and reachable?"
-                ) from e
-            raise StoreError(f"Redis at {self._shown}: {what} failed: {text}") from e
+                ) from None
+            raise StoreError(f"Redis at {self._shown}: {what} failed ({text})") from None
+
+    def _scrub(self, text: str) -> str:
+        """``text`` with every password this store knows replaced by ``***``."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text

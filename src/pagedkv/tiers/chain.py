@@ -17,11 +17,20 @@ also verify the fingerprint on every read).
   path, write-back is not.
 - ``swap_out``/``swap_in``: a whole sequence's blocks to the CPU tier's swap area
   (never evicted) and back, bit-exact.
+
+A chain that is never closed is closed at interpreter exit: an ``atexit`` hook (it
+holds the chain weakly, so it keeps nothing alive) stores the pending write-backs
+(for up to :data:`AT_EXIT_FLUSH_S`, then drops the rest with one warning on
+``pagedkv.tiers``) and joins the writer thread, which must not be left running
+inside torch or a store when the interpreter tears down (that aborted it).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +47,23 @@ from pagedkv.tiers.writeback import Job, WriteBack
 
 # How many recently written-through keys are remembered (and not copied again).
 WRITTEN_THROUGH_MEMORY = 1 << 16
+# At exit, how long pending write-backs of an unclosed chain may take before the rest is
+# dropped (a block not stored is only a later miss).
+AT_EXIT_FLUSH_S = 30.0
+
+log = logging.getLogger("pagedkv.tiers")
+
+
+class _ExitHook:
+    """Closes a chain still open at interpreter exit; holds it weakly."""
+
+    def __init__(self, chain: TieredStore) -> None:
+        self._chain = weakref.ref(chain)
+
+    def __call__(self) -> None:
+        chain = self._chain()
+        if chain is not None:
+            chain._close(at_exit=True)
 
 
 class TieredStore:
@@ -107,6 +133,15 @@ class TieredStore:
         self._counts = dict.fromkeys(
             ("lookups", "promoted", "pending_hits", "demoted", "written_through"), 0
         )
+        self._closed = False
+        self._exit_hook = _ExitHook(self)
+        atexit.register(self._exit_hook)
+        # A chain collected unclosed (its writer idle) takes its hook along; not at exit,
+        # where unregistering would cancel hooks that have yet to run.
+        weakref.finalize(self, atexit.unregister, self._exit_hook).atexit = False
+
+    def __repr__(self) -> str:
+        return f"TieredStore({list(self.tiers)!r}, key_prefix={self.key_prefix!r})"
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -353,11 +388,32 @@ class TieredStore:
                 check()
 
     def close(self) -> None:
-        """Store the pending write-backs, drop swapped data and close every tier."""
-        self._writer.close()
+        """Store the pending write-backs, drop swapped data and close every tier.
+
+        Idempotent. Forgetting it is safe: the chain is then closed at exit.
+        """
+        self._close(at_exit=False)
+
+    def _close(self, *, at_exit: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._exit_hook)
+        pending = len(self._writer)
+        lost = self._writer.close(timeout=AT_EXIT_FLUSH_S if at_exit else None)
         self._swap.clear()
-        for level in self.levels:
-            level.close()
+        if not self._writer.running:  # a writer stuck past the timeout still uses them
+            for level in self.levels:
+                level.close()
+        if lost:
+            log.warning(
+                "pagedkv: %d demoted KV blocks could not be stored in the tiers%s; they will "
+                "be recomputed when needed (call KVCache.close() to flush them in time)",
+                lost,
+                " before exit" if at_exit else "",
+            )
+        elif at_exit and pending:
+            log.info("pagedkv: stored %d pending demoted KV blocks at exit", pending)
 
     def __enter__(self) -> TieredStore:
         return self

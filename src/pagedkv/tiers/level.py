@@ -57,6 +57,9 @@ class Level:
         self._lock = threading.Lock()
         self.hits = self.puts = self.spilled = self.corrupt = 0
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.store!r})"
+
     # -- index for spilling -------------------------------------------------------------
 
     def track(self, prefix: str) -> None:
@@ -131,7 +134,8 @@ class Level:
         """Store row ``i`` of ``rows`` under ``keys[i]``; returns how many were stored.
 
         ``pause()`` is called between batches of a long put (the chain uses it to let
-        a prefix lookup go first).
+        a prefix lookup go first, and to stop a put that ``close`` gave up on: then it
+        raises, and the put stops there).
         """
         n = self._guard(lambda: self._put(keys, rows, pause), 0)
         self.puts += n
@@ -174,6 +178,20 @@ class Level:
             return missing
         self.backoff.success()
         return result
+
+
+def _run_now(fn: Callable[[Any], T], a: Any) -> Callable[[], T]:
+    """``fn(a)`` run at once, as a result getter (raising what ``fn`` raised)."""
+    try:
+        value = fn(a)
+    except Exception as e:
+        error = e
+
+        def fail() -> T:
+            raise error
+
+        return fail
+    return lambda: value
 
 
 class MemoryLevel(Level):
@@ -221,10 +239,20 @@ class FramedLevel(Level):
         self._max_spare = self._threads * max(1, BATCH_BYTES // block_bytes)
 
     def _spawn(self, fn: Callable[[Any], T], args: Iterable[Any]) -> list[Callable[[], T]]:
-        """Start ``fn(a)`` for each of ``args`` on the framing threads; return result getters."""
+        """Start ``fn(a)`` for each of ``args`` on the framing threads; return result getters.
+
+        Once the interpreter is exiting, executors refuse work: ``fn`` then runs here, so
+        the write-backs an unclosed cache still stores at exit are not lost.
+        """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="pagedkv-frame")
-        return [self._executor.submit(fn, a).result for a in args]
+        getters = []
+        for a in args:
+            try:
+                getters.append(self._executor.submit(fn, a).result)
+            except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+                getters.append(_run_now(fn, a))
+        return getters
 
     def _batches(self, n: int) -> list[range]:
         # Round trips of ~BATCH_BYTES: I/O of one batch overlaps the framing of another.

@@ -103,11 +103,17 @@ class DiskTier:
     :class:`~pagedkv.errors.ResourceError`. One larger than its free space is
     accepted: entries of earlier runs may already fill part of the budget, and a
     full disk only costs misses (a failed write is a miss, never an error).
+    ``file_mode``: permission bits of the entry files (e.g. ``0o600``; directories get
+    search bits added); ``None`` (default) honours the umask. Entries hold KV bytes of
+    your prompts: on a host shared with other users, use ``0o600`` or a private ``path``.
+    Files in ``path`` that the tier did not write are never modified or deleted
+    (:class:`~pagedkv.stores.DiskStore` says what counts as its own).
     """
 
     path: str | os.PathLike[str]
     capacity_bytes: int
     fsync: bool = False
+    file_mode: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
@@ -115,6 +121,9 @@ class DiskTier:
         _check_bytes(self.capacity_bytes, "DiskTier", "capacity_bytes")
         if not isinstance(self.fsync, bool):
             raise TypeError(f"DiskTier: fsync must be a bool, got {self.fsync!r}")
+        from pagedkv.stores.atomic import check_file_mode
+
+        check_file_mode(self.file_mode, "DiskTier")
         path = os.path.abspath(os.fspath(self.path))
         probe = path
         while not os.path.exists(probe):  # the nearest existing ancestor must be writable
@@ -148,7 +157,9 @@ class DiskTier:
                 f"DiskTier: capacity_bytes={self.capacity_bytes} cannot hold one framed KV "
                 f"block of {entry} bytes; give at least that much"
             )
-        store = DiskStore(self.path, self.capacity_bytes, fsync=self.fsync)
+        store = DiskStore(
+            self.path, self.capacity_bytes, fsync=self.fsync, file_mode=self.file_mode
+        )
         return FramedLevel(
             "disk", store, block_bytes, fingerprint, capacity_blocks=self.capacity_bytes // entry
         )
@@ -164,7 +175,9 @@ class RedisTier:
     unreachable, slow (``timeout_s`` per round trip) or failing, the tier is
     treated as missing and retried after ``retry_initial_s``, doubling up to
     ``retry_max_s``; the first failure and the recovery are logged once on
-    ``pagedkv.tiers``. Construction never connects.
+    ``pagedkv.tiers``. Construction never connects. The repr, logs and errors show
+    the URL with its password as ``***``; ``password`` is never shown. Keys are
+    ``key_prefix + "kv-<namespace>-<hash>"`` (see the README on Redis ACLs).
     """
 
     url: str
@@ -178,7 +191,8 @@ class RedisTier:
     def __post_init__(self) -> None:
         if not isinstance(self.url, str):
             raise TypeError(
-                f"RedisTier: url must be a str like redis://host:6379/0, got {self.url!r}"
+                "RedisTier: url must be a str like redis://host:6379/0, got "
+                f"{type(self.url).__name__}"
             )
         _check_seconds(self.timeout_s, "RedisTier", "timeout_s")
         _check_seconds(self.retry_initial_s, "RedisTier", "retry_initial_s")
@@ -189,6 +203,16 @@ class RedisTier:
                 f"({self.retry_initial_s})"
             )
         self._store().close()  # the store validates url, prefix and ttl (no connection)
+
+    def __repr__(self) -> str:
+        from pagedkv.stores.base import redact_url
+
+        password = "" if self.password is None else ", password='***'"
+        return (
+            f"RedisTier(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r}"
+            f"{password}, ttl_seconds={self.ttl_seconds!r}, timeout_s={self.timeout_s!r}, "
+            f"retry_initial_s={self.retry_initial_s!r}, retry_max_s={self.retry_max_s!r})"
+        )
 
     def _store(self):  # noqa: ANN202 - RedisStore is imported lazily (redis-py is optional)
         from pagedkv.stores import RedisStore
@@ -204,12 +228,13 @@ class RedisTier:
 
     def open(self, block_bytes: int, fingerprint: str) -> Level:
         """Create the client (no round trip yet)."""
+        store = self._store()
         backoff = Backoff(
-            f"redis({self.url.rsplit('@', 1)[-1]})",
+            f"redis({store.url})",
             initial_s=self.retry_initial_s,
             max_s=self.retry_max_s,
         )
-        return FramedLevel("redis", self._store(), block_bytes, fingerprint, backoff=backoff)
+        return FramedLevel("redis", store, block_bytes, fingerprint, backoff=backoff)
 
 
 Tier = CPUTier | DiskTier | RedisTier

@@ -25,6 +25,13 @@ log = logging.getLogger("pagedkv.tiers")
 # An idle writer thread exits after this long, so a cache that is never closed
 # does not keep a thread (and, through it, the cache) alive forever.
 IDLE_EXIT_S = 2.0
+# After close(timeout) gave up and dropped the queue, the job being stored stops at its
+# next batch; this is how long close waits for that.
+DROP_GRACE_S = 5.0
+
+
+class JobDropped(Exception):
+    """Raised in the writer, between batches, when close() drops the remaining work."""
 
 
 @dataclass(eq=False)
@@ -63,12 +70,24 @@ class WriteBack:
         self._pending_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._drop = False  # close() gave up waiting: jobs not started are dropped
         self._readers = 0  # prefix lookups in progress
+        self.lost_blocks = 0  # blocks of jobs that failed or were dropped, never stored
 
     @property
     def pending_bytes(self) -> int:
         """Bytes staged and not yet stored."""
         return self._pending_bytes
+
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread is alive (storing, or idle before it exits)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def __len__(self) -> int:
+        """Blocks staged and not yet stored."""
+        return len(self._pending)
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; waits while the budget is full (a single job always fits)."""
@@ -108,6 +127,8 @@ class WriteBack:
         with self._cv:
             while self._readers and not self._stop:
                 self._cv.wait()
+            if self._drop:
+                raise JobDropped
 
     def find(self, key: str) -> tuple[Job, int] | None:
         """The staged ``(job, row)`` holding ``key``, if it is waiting to be stored."""
@@ -119,14 +140,26 @@ class WriteBack:
             while self._jobs:
                 self._cv.wait()
 
-    def close(self) -> None:
-        """Store what is queued, then stop the thread."""
+    def close(self, timeout: float | None = None) -> int:
+        """Store what is queued, then stop the thread; returns :attr:`lost_blocks`.
+
+        With ``timeout`` (seconds), the work not done by then is dropped (counted in
+        ``lost_blocks``): the job being stored stops at its next batch, within
+        :data:`DROP_GRACE_S` unless a store hangs.
+        """
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         thread = self._thread
         if thread is not None:
-            thread.join()
+            thread.join(timeout)
+            if thread.is_alive():
+                with self._cv:
+                    self._drop = True
+                    self._cv.notify_all()
+                thread.join(DROP_GRACE_S)
+        with self._cv:
+            return self.lost_blocks + (sum(len(j.keys) for j in self._jobs) if self._drop else 0)
 
     def _run(self) -> None:
         while True:
@@ -139,12 +172,23 @@ class WriteBack:
                 job = self._jobs[0]
             try:
                 self._sink(job)
+                stored = True
+            except JobDropped:
+                stored = False
             except Exception:  # the thread must survive anything: a lost write is a miss
                 log.exception("pagedkv.tiers: storing %d demoted blocks failed", len(job.keys))
+                stored = False
             with self._cv:
-                self._jobs.popleft()
-                self._pending_bytes -= job.nbytes
-                for key in job.keys:
-                    if self._pending.get(key, (None,))[0] is job:
-                        del self._pending[key]
+                self._finish(self._jobs.popleft(), stored)
+                while self._drop and self._jobs:
+                    self._finish(self._jobs.popleft(), False)
                 self._cv.notify_all()
+
+    def _finish(self, job: Job, stored: bool) -> None:
+        """Forget a job that was stored (or failed, or is dropped); under the lock."""
+        if not stored:
+            self.lost_blocks += len(job.keys)
+        self._pending_bytes -= job.nbytes
+        for key in job.keys:
+            if self._pending.get(key, (None,))[0] is job:
+                del self._pending[key]
