@@ -134,10 +134,11 @@ def _publish(tmp: Path, target: Path) -> None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``: CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``None``: CUDA when available, else CPU; a device this machine lacks raises
+    :class:`~pagedkv.errors.ResourceError` (see :func:`pagedkv._resources.resolve_device`)."""
+    from pagedkv._resources import resolve_device as resolve
+
+    return resolve(device)
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -163,13 +164,13 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = resolve_device(device)  # before converting or loading anything
     directory = default_model_dir() if path is None else Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"model directory {directory} does not exist (pagedkv loads local "
             "directories only, never from the hub)"
         )
-    dev = resolve_device(device)
     log.info("loading model from %s on %s", directory, dev)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=resolve_dtype(dtype, dev), local_files_only=True
