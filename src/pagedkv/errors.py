@@ -24,6 +24,10 @@ class UnsupportedModelError(PagedKVError, ValueError):
     """The model uses a feature pagedkv cannot run (the message names it)."""
 
 
+class EngineClosedError(PagedKVError, RuntimeError):
+    """The :class:`~pagedkv.Engine` was closed; build a new one to generate again."""
+
+
 class StoreError(PagedKVError):
     """A block store failed (I/O error, bad configuration, unreachable server)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +23,7 @@ from pagedkv.engine.request import (
 )
 from pagedkv.engine.sampling import make_generator
 from pagedkv.engine.scheduler import Scheduler
+from pagedkv.errors import EngineClosedError
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 
@@ -62,14 +64,20 @@ class Engine:
 
     ``model``: a transformers causal LM of a supported family (Llama, Qwen2, Mistral;
     :class:`~pagedkv.errors.UnsupportedModelError` otherwise), already on its device and
-    dtype; it is switched to attn_implementation "pagedkv". ``tokenizer`` is needed for
-    string prompts and ``.text``. The other options are :class:`EngineConfig`'s.
+    dtype. The model is not changed: each engine forward runs it on the "pagedkv"
+    attention for that forward only (in eval mode), so it keeps working with plain
+    transformers next to the engine, whatever attention it is set to.
+    ``tokenizer`` is needed for string prompts and ``.text``. The other options are
+    :class:`EngineConfig`'s.
     ``tiers``: forwarded to :class:`~pagedkv.KVCache` (needed by ``preemption="swap"``).
     ``snapshot_store``: where :meth:`snapshot` and :meth:`resume` save and load by
     default (a directory, a ``redis://`` URL or a :class:`~pagedkv.SnapshotStore`).
     ``model_version``: the weights' identity (e.g. a revision string); by default it is
     derived from the config and a sample of every weight tensor, so KV from another
     weight version (cached, in a tier or in a snapshot) is never reused.
+
+    :meth:`close` (or ``with Engine(...) as engine:``, or dropping the engine) flushes
+    and closes the KV cache's tiers; a closed engine refuses further requests.
     """
 
     def __init__(
@@ -90,7 +98,6 @@ class Engine:
         model_version: str | None = None,
     ) -> None:
         from pagedkv.cache import KVCache
-        from pagedkv.integrations.attention import use_paged_attention
         from pagedkv.storage import KVLayout
 
         self.config = EngineConfig(
@@ -102,8 +109,6 @@ class Engine:
         if preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
         check_model_supported(model)
-        model.eval()
-        use_paged_attention(model)
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -130,6 +135,36 @@ class Engine:
         self.snapshot_store = snapshot_store
         self._generated = self._steps = self._num_requests = 0
         self._step_seconds = 0.0
+        # Only what the engine built is released; the model has nothing to restore.
+        self._finalizer = weakref.finalize(self, self.cache.close)
+
+    # ------------------------------------------------------------------ life cycle
+    def close(self) -> None:
+        """Flush and close the KV cache's tiers and refuse further use (idempotent).
+
+        Requests still queued or running are dropped. The model is left as it was
+        given (nothing of it was changed). Also done when the engine is collected.
+        """
+        self._finalizer()
+        if self.runner.graphs is not None:  # their memory pool goes with them
+            self.runner.graphs = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise EngineClosedError(
+                "this Engine is closed: create a new Engine(model, ...) to generate again"
+            )
 
     @classmethod
     def from_pretrained(
@@ -149,6 +184,7 @@ class Engine:
         """Validate and queue one request; returns its id. Raises ``ValueError`` for bad
         input (nothing is queued; requests already in flight are unaffected).
         ``retain``: keep its sequence in the cache once finished, for :meth:`snapshot`."""
+        self._check_open()
         req = self._make_request(prompt, params or SamplingParams(), retain=retain)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
@@ -190,6 +226,7 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests that finished in it."""
+        self._check_open()
         t0 = time.perf_counter()
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -245,6 +282,7 @@ class Engine:
         raises ``ValueError`` naming its index and nothing is queued. ``retain``: keep
         each finished sequence in the cache for :meth:`snapshot` (or :meth:`release`).
         """
+        self._check_open()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts must be a list of prompts (strings or token-id lists)")
         if params is None or isinstance(params, SamplingParams):
@@ -275,6 +313,7 @@ class Engine:
     ) -> Iterator[StreamDelta]:
         """Yield the tokens of one request as they are generated (other queued requests
         are served in the same steps)."""
+        self._check_open()
         rid = self.add_request(prompt, params, retain=retain)
         return self._follow(self._requests[rid])
 
@@ -303,6 +342,7 @@ class Engine:
         """Save a finished request submitted with ``retain=True`` (its id or output) as
         snapshot ``name``, then release its sequence unless ``keep``. ``store`` overrides
         ``snapshot_store``; ``metadata``: your JSON. ``KeyError`` if it is not retained."""
+        self._check_open()
         return snapshots.save(self, request, name, store, metadata, keep, overwrite)
 
     def resume(
@@ -314,6 +354,7 @@ class Engine:
         the snapshot's. Greedy with batch-invariant kernels, token-identical to never
         having stopped. ``SnapshotError``: unknown name, other model or layout;
         ``OutOfBlocks``: no room now (nothing changed; the engine keeps serving)."""
+        self._check_open()
         req = snapshots.resume(self, name, more_prompt, params, store, retain)
         while req.finish_reason is None:
             self.step()
@@ -324,10 +365,12 @@ class Engine:
         store: Any = None, retain: bool = False,
     ) -> Iterator[StreamDelta]:  # fmt: skip
         """:meth:`resume`, yielding tokens as they are generated (like :meth:`stream`)."""
+        self._check_open()
         return self._follow(snapshots.resume(self, name, more_prompt, params, store, retain))
 
     def release(self, request: int | RequestOutput) -> None:
         """Free a retained request's sequence (``KeyError`` if it is not retained)."""
+        self._check_open()
         snapshots.release(self, request)
 
     # ------------------------------------------------------------------ reporting
