@@ -118,6 +118,17 @@ def test_plain_forward_after_paged_generate_is_unchanged():
     assert torch.equal(before, after)
 
 
+def test_positional_arguments_reach_the_cache():
+    model = tiny("llama")
+    ids, mask = padded_batch([6, 3])
+    ref = model(ids, mask, use_cache=False).logits
+    real = mask.bool()
+    cache = PagedCache(model, num_blocks=8)
+    out = model(ids, mask, None, cache).logits  # input_ids, attention_mask, position_ids, cache
+    assert cache._live.lens == [6, 3]
+    assert torch.allclose(out[real], ref[real], atol=1e-5)
+
+
 def test_cache_refuses_a_forward_it_cannot_page():
     """Passed to another model (or a submodule), the cache raises instead of letting
     that model's attention run over the current chunk only."""

@@ -313,7 +313,6 @@ class Engine:
     ) -> Iterator[StreamDelta]:
         """Yield the tokens of one request as they are generated (other queued requests
         are served in the same steps)."""
-        self._check_open()
         rid = self.add_request(prompt, params, retain=retain)
         return self._follow(self._requests[rid])
 

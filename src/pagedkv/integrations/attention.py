@@ -187,7 +187,7 @@ def _attention_configs(model: torch.nn.Module) -> list[Any]:
     """The distinct configs the model's modules read ``_attn_implementation`` from."""
     seen: dict[int, Any] = {}
     for m in model.modules():
-        cfg = getattr(m, "config", None)
+        cfg = m.__dict__.get("config")  # a plain attribute; skips Module.__getattr__
         if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
             seen.setdefault(id(cfg), cfg)
     if not seen:

@@ -20,6 +20,7 @@ dropping the cache, removes the hooks and frees the cache's sequences.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import weakref
 from typing import Any
@@ -126,10 +127,13 @@ class PagedCache(Cache):
             kv_cache = _make_kv_cache(model, num_blocks, block_size)
         else:
             _check_kv_cache(model, kv_cache)
+        self._setup(model, kv_cache, PagedAttention(model))
+
+    def _setup(self, model: Any, kv_cache: Any, paged: PagedAttention) -> None:
         super().__init__(layers=[_PagedLayer() for _ in range(model.config.num_hidden_layers)])
         self.kv_cache = kv_cache
         self._model = model
-        self._live = live = _Live(kv_cache, PagedAttention(model), next(_uids))
+        self._live = live = _Live(kv_cache, paged, next(_uids))
         self._seen = 0  # columns (padding included) processed so far
         self._broken: str | None = None  # why the cache cannot continue (failed forward)
         self._pending = 0  # columns of the forward in progress
@@ -197,7 +201,8 @@ class PagedCache(Cache):
         self._check_usable("deep-copied")
         if self._live.in_forward:
             raise RuntimeError("a PagedCache cannot be copied inside a forward")
-        twin = PagedCache(self._model, kv_cache=self.kv_cache)
+        twin = PagedCache.__new__(PagedCache)
+        twin._setup(self._model, self.kv_cache, self._live.paged)  # checked when made
         forked: list[str] = []
         try:
             for row, n in enumerate(self._live.lens):
@@ -259,7 +264,7 @@ class PagedCache(Cache):
             live.end_forward()
             self._broken = "its previous forward did not finish"
         self._check_usable("used for another forward")
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("input_ids")
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError("a PagedCache forward needs input_ids [B, L] or inputs_embeds")
@@ -355,9 +360,19 @@ def _forward_cache(kwargs: dict) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+@functools.cache
+def _forward_params(cls: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+
+
 def _before_forward(ref: weakref.ref, module, args: tuple, kwargs: dict):
     cache = ref()
-    if cache is None or _forward_cache(kwargs) is not cache:
+    if cache is None:
+        return None
+    if args:  # name positional arguments, so that the cache and mask are found
+        kwargs = {**dict(zip(_forward_params(type(module)), args)), **kwargs}
+        args = ()
+    if _forward_cache(kwargs) is not cache:
         return None  # not this cache's forward: untouched
     return cache._begin(args, kwargs)
 
