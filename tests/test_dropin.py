@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 import weakref
 
 import pytest
@@ -211,3 +212,56 @@ def test_suite_filter_fails_a_deprecated_cache_argument_in_pagedkv_forwards(monk
     assert model.config._attn_implementation == "sdpa"
     monkeypatch.undo()
     assert engine.generate(prompts_of((6,)), GREEDY)[0].finish_reason == "length"
+
+
+def test_threads_share_one_model_safely():
+    """Two engines stepping in two threads, and plain forwards in a third, on one model:
+    every result equals its single-threaded reference, and the last paged forward out
+    restores the model's attention (the switch is counted per config)."""
+    model = tiny("llama")
+    model.set_attn_implementation("eager")
+    prompts = prompts_of(seed=5)
+    ref = one_by_one(model, prompts)
+    batch = padded(prompts)
+    plain = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    ref_logits = model(**plain).logits
+    results, errors = {}, []
+
+    def serve(name):
+        try:
+            engine = Engine(model, num_blocks=64, block_size=8)
+            results[name] = [
+                [o.token_ids for o in engine.generate(prompts, GREEDY)] for _ in range(3)
+            ]
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    def forwards():
+        try:
+            results["plain"] = [torch.equal(model(**plain).logits, ref_logits) for _ in range(6)]
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(n,)) for n in ("a", "b")]
+    threads.append(threading.Thread(target=forwards))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results["a"] == results["b"] == [ref] * 3
+    assert all(results["plain"])
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_paged_inputs_fail_loudly_in_any_other_attention(impl):
+    """The safety net under the switch: should a paged forward's inputs ever reach
+    another attention function, its placeholder mask makes that an error, not garbage."""
+    from pagedkv.integrations.attention import PagedAttention
+
+    model = tiny("llama")
+    model.set_attn_implementation(impl)
+    ids = torch.tensor([prompts_of((7,))[0]])
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        model(input_ids=ids, attention_mask=PagedAttention(model).no_mask(ids.device))
