@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench gpu-check gpu-attention clean
+.PHONY: setup demo test test-compat lint format bench gpu-check gpu-attention clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,29 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The integration and engine tests on the oldest supported transformers (`make test` runs
+# the newest, pinned by .venv). .venv-compat is a thin venv over .venv's packages (a .pth
+# adds them after its own) holding only that transformers and the hub client it needs,
+# so it builds in seconds.
+COMPAT := .venv-compat
+COMPAT_TRANSFORMERS ?= 5.17.0
+COMPAT_STAMP := $(COMPAT)/.installed-$(COMPAT_TRANSFORMERS)
+COMPAT_TESTS := tests/test_integration_transformers.py tests/test_dropin.py \
+	tests/test_paged_cache_copies.py tests/test_engine*.py
+
+$(COMPAT_STAMP): $(STAMP)
+	rm -rf $(COMPAT)
+	$(BIN)/python -m venv --without-pip $(COMPAT)
+	base=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	own=$$($(COMPAT)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	echo "import site; site.addsitedir('$$base')" > "$$own/pagedkv-base-venv.pth"
+	$(COMPAT)/bin/python -m pip install -q "transformers==$(COMPAT_TRANSFORMERS)"
+	$(COMPAT)/bin/python -c "import transformers as t; assert t.__version__ == '$(COMPAT_TRANSFORMERS)', t.__file__"
+	touch $@
+
+test-compat: setup $(COMPAT_STAMP)
+	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -54,4 +77,4 @@ gpu-attention:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT) build *.egg-info src/*.egg-info .pytest_cache

@@ -58,3 +58,55 @@ def test_cuda_engine_swap_preemption(cuda_llama):
     assert [o.token_ids for o in outs] == ref
     assert engine.stats().preemptions > 0
     engine.cache.close()
+
+
+def test_cuda_graphs_ignore_the_models_attention_setting(cuda_llama):
+    """Switching the model's attention between engine calls reaches neither eager paged
+    forwards nor graph replays; the user's setting is kept and plain generate() works."""
+    model, prompts, ref = cuda_llama
+    engine = Engine(model, num_blocks=128, block_size=8)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.graphs and not graphs.disabled
+    try:
+        for impl in ("eager", "sdpa"):
+            model.set_attn_implementation(impl)
+            assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref
+            assert model.config._attn_implementation == impl and not graphs.disabled
+        p = prompts[0]
+        out = model.generate(
+            torch.tensor([p], device="cuda"), max_new_tokens=40, do_sample=False, pad_token_id=0
+        )
+        assert out[0, len(p) :].tolist() == ref[0]  # plain transformers next to the engine
+    finally:
+        model.set_attn_implementation("sdpa")
+    engine.close()
+    assert engine.runner.graphs is None
+
+
+def test_cuda_paged_cache_generate_and_prompt_reuse(cuda_llama):
+    import copy
+
+    from pagedkv.integrations.transformers import PagedCache, cache_kwarg
+
+    model, prompts, _ = cuda_llama
+    kw = cache_kwarg(model)
+    rows = [prompts[0][:20], prompts[1][:9]]
+    ids = torch.tensor([[0] * (20 - len(r)) + r for r in rows], device="cuda")
+    mask = torch.tensor([[0] * (20 - len(r)) + [1] * len(r) for r in rows], device="cuda")
+    gen = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **gen)
+    cache = PagedCache(model, num_blocks=64, block_size=8)
+    assert torch.equal(model.generate(ids, **gen, **{kw: cache}), ref)
+    # prompt reuse: prefix once, one copy-on-write copy per continuation
+    prefix = torch.tensor([prompts[0][:37]], device="cuda")
+    base = PagedCache(model, num_blocks=64, block_size=8)
+    with torch.no_grad():
+        model(input_ids=prefix, **{kw: base})
+    for extra in (prompts[2][:5], prompts[3][:11]):
+        full = torch.cat([prefix, torch.tensor([extra], device="cuda")], 1)
+        one = dict(attention_mask=torch.ones_like(full), max_new_tokens=16, do_sample=False,
+                   pad_token_id=0)  # fmt: skip
+        want = model.generate(full, **one)
+        assert torch.equal(model.generate(full, **one, **{kw: copy.deepcopy(base)}), want)
+    base.kv_cache.check_integrity()

@@ -37,6 +37,10 @@ class ResourceError(PagedKVError, ValueError):
     """
 
 
+class EngineClosedError(PagedKVError, RuntimeError):
+    """The :class:`~pagedkv.Engine` was closed; build a new one to generate again."""
+
+
 class StoreError(PagedKVError):
     """A block store failed (I/O error, bad configuration, unreachable server)."""
 

@@ -59,15 +59,14 @@ class DecodeGraphs:
         ids, pos, slots, lens = self._views(b)
         self.lens32[:b].copy_(lens)
         r = self.runner
-        r.paged.step = PagedAttentionMetadata(
+        # The metadata views the static buffers, so a replay reads the step's values;
+        # the attention switch is only needed while Python runs (warm-up, capture).
+        meta = PagedAttentionMetadata(
             kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b, :wb],
             seq_lens=self.lens32[:b], cu_seqlens_q=self.cu32[: b + 1], max_q_len=1,
             is_decode=True,
         )  # fmt: skip
-        out = r.model(
-            input_ids=ids[None], position_ids=pos[None], past_key_values=r.paged,
-            use_cache=True, logits_to_keep=self.rows[:b],
-        )  # fmt: skip
+        out = r.paged(meta, ids[None], position_ids=pos[None], logits_to_keep=self.rows[:b])
         return out.logits[0]
 
     def _capture(self, b: int, wb: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +24,7 @@ from pagedkv.engine.request import (
     StreamDelta,
 )
 from pagedkv.engine.scheduler import Scheduler
+from pagedkv.errors import EngineClosedError
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 
@@ -66,8 +68,11 @@ class Engine:
 
     ``model``: a transformers causal LM of a supported family (Llama, Qwen2, Mistral;
     :class:`~pagedkv.errors.UnsupportedModelError` otherwise), already on its device and
-    dtype; it is switched to attn_implementation "pagedkv". ``tokenizer`` is needed for
-    string prompts and ``.text``. The other options are :class:`EngineConfig`'s.
+    dtype. The model is not changed: each engine forward runs it on the "pagedkv"
+    attention for that forward only (in eval mode), so it keeps working with plain
+    transformers next to the engine, whatever attention it is set to.
+    ``tokenizer`` is needed for string prompts and ``.text``. The other options are
+    :class:`EngineConfig`'s.
     ``tiers``: forwarded to :class:`~pagedkv.KVCache` (needed by ``preemption="swap"``).
     ``snapshot_store``: where :meth:`snapshot` and :meth:`resume` save and load by
     default (a directory, a ``redis://`` URL or a :class:`~pagedkv.SnapshotStore`).
@@ -77,6 +82,8 @@ class Engine:
 
     Logs to ``logging.getLogger("pagedkv.engine")``: info when built, a warning when a
     batch or a request fails, debug on preemptions (never per token).
+    :meth:`close` (or ``with Engine(...) as engine:``, or dropping the engine) flushes
+    and closes the KV cache's tiers; a closed engine refuses further requests.
     """
 
     def __init__(
@@ -97,7 +104,6 @@ class Engine:
         model_version: str | None = None,
     ) -> None:
         from pagedkv.cache import KVCache
-        from pagedkv.integrations.attention import use_paged_attention
         from pagedkv.storage import KVLayout
 
         self.config = EngineConfig(
@@ -109,8 +115,6 @@ class Engine:
         if preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
         check_model_supported(model)
-        model.eval()
-        use_paged_attention(model)
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -142,6 +146,36 @@ class Engine:
             "preemption=%s", model.config.model_type, self.device, param.dtype, blocks,
             block_size, max_batch_tokens, preemption,
         )  # fmt: skip
+        # Only what the engine built is released; the model has nothing to restore.
+        self._finalizer = weakref.finalize(self, self.cache.close)
+
+    # ------------------------------------------------------------------ life cycle
+    def close(self) -> None:
+        """Flush and close the KV cache's tiers and refuse further use (idempotent).
+
+        Requests still queued or running are dropped. The model is left as it was
+        given (nothing of it was changed). Also done when the engine is collected.
+        """
+        self._finalizer()
+        if self.runner.graphs is not None:  # their memory pool goes with them
+            self.runner.graphs = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise EngineClosedError(
+                "this Engine is closed: create a new Engine(model, ...) to generate again"
+            )
 
     @classmethod
     def from_pretrained(
@@ -174,6 +208,7 @@ class Engine:
         ``chat``: ``prompt`` is a conversation (or one user message as a str) rendered
         with the tokenizer's chat template (see :meth:`chat`).
         """
+        self._check_open()
         req = submit.make_request(
             self, prompt, params, retain=retain, cache_salt=cache_salt, chat=chat
         )
@@ -202,6 +237,7 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests that finished in it."""
+        self._check_open()
         t0 = time.perf_counter()
         counters = self.scheduler.counters
         preempted = counters.preemptions
@@ -274,6 +310,7 @@ class Engine:
         queued. ``retain``: keep each finished sequence in the cache for
         :meth:`snapshot` (or :meth:`release`).
         """
+        self._check_open()
         reqs = submit.make_requests(self, prompts, params, cache_salt, retain=retain, chat=chat)
         self._queue(reqs)
         pending = {r.request_id for r in reqs}
@@ -367,6 +404,7 @@ class Engine:
         """Save a finished request submitted with ``retain=True`` (its id or output) as
         snapshot ``name``, then release its sequence unless ``keep``. ``store`` overrides
         ``snapshot_store``; ``metadata``: your JSON. ``KeyError`` if it is not retained."""
+        self._check_open()
         return snapshots.save(self, request, name, store, metadata, keep, overwrite)
 
     def resume(
@@ -379,6 +417,7 @@ class Engine:
         namespace). Greedy with batch-invariant kernels, token-identical to never
         having stopped. ``SnapshotError``: unknown name, other model, layout or salt;
         ``OutOfBlocks``: no room now (nothing changed; the engine keeps serving)."""
+        self._check_open()
         req = snapshots.resume(self, name, more_prompt, params, store, retain, cache_salt)
         while req.finish_reason is None:
             self.step()
@@ -389,11 +428,13 @@ class Engine:
         store: Any = None, retain: bool = False, cache_salt: CacheSalt = None,
     ) -> Iterator[StreamDelta]:  # fmt: skip
         """:meth:`resume`, yielding text deltas as they are generated (as :meth:`stream`)."""
+        self._check_open()
         req = snapshots.resume(self, name, more_prompt, params, store, retain, cache_salt)
         return self._follow(req)
 
     def release(self, request: int | RequestOutput) -> None:
         """Free a retained request's sequence (``KeyError`` if it is not retained)."""
+        self._check_open()
         snapshots.release(self, request)
 
     # ------------------------------------------------------------------ reporting

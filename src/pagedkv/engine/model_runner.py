@@ -14,8 +14,7 @@ import torch
 
 from pagedkv.engine.sampling import sample
 from pagedkv.engine.scheduler import Chunk
-from pagedkv.integrations.attention import PagedAttentionMetadata
-from pagedkv.integrations.cache import PagedCache
+from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
 
 
 def host_int64(values: list[int], pin: bool) -> torch.Tensor:
@@ -26,7 +25,12 @@ def host_int64(values: list[int], pin: bool) -> torch.Tensor:
 
 
 class ModelRunner:
-    """Owns the model forward of the engine (eager; CUDA graphs for decode buckets)."""
+    """Owns the model forward of the engine (eager; CUDA graphs for decode buckets).
+
+    Every forward goes through :class:`PagedAttention`: the model runs on the paged
+    attention for that forward only, with the step's metadata in its kwargs, whatever
+    attention implementation the model is set to between steps.
+    """
 
     def __init__(self, model, cache, block_table_of, *, cuda_graphs: bool = True) -> None:
         self.model = model
@@ -34,7 +38,7 @@ class ModelRunner:
         self.block_table_of = block_table_of
         self.block_size = cache.block_size
         self.device = cache.pool.kv.device
-        self.paged = PagedCache(kv_cache=cache, num_layers=cache.layout.num_layers)
+        self.paged = PagedAttention(model)
         self.pin = self.device.type == "cuda"
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
@@ -58,14 +62,7 @@ class ModelRunner:
 
     def forward(self, ids, pos, meta: PagedAttentionMetadata, logit_rows) -> torch.Tensor:
         """logits [n, V] of the rows ``logit_rows`` of the packed input."""
-        self.paged.step = meta
-        out = self.model(
-            input_ids=ids[None],
-            position_ids=pos[None],
-            past_key_values=self.paged,
-            use_cache=True,
-            logits_to_keep=logit_rows,
-        )
+        out = self.paged(meta, ids[None], position_ids=pos[None], logits_to_keep=logit_rows)
         return out.logits[0]
 
     def _sample(self, logits: torch.Tensor, chunks: list[Chunk]) -> list[int]:

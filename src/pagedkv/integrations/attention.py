@@ -1,4 +1,4 @@
-"""The "pagedkv" attention and mask functions registered with transformers.
+"""The "pagedkv" attention function, and how one forward of a model is run on it.
 
 The model's own attention module computes q/k/v (projections, RoPE, bias) and hands
 them to :func:`paged_attention_forward`, which writes the new K/V into the pool and
@@ -6,24 +6,35 @@ reads every key/value directly from the pages through :mod:`pagedkv.ops`
 (``paged_prefill`` for packed ragged chunks, ``paged_decode`` for one token per
 sequence). Nothing is gathered into contiguous K/V tensors.
 
-The per-forward metadata (slots, block tables, lengths, cu_seqlens) comes from a
-:class:`PagedAttentionMetadata` passed as the ``pagedkv_metadata`` model kwarg, or
-from the :class:`~pagedkv.integrations.cache.PagedCache` the model calls ``update`` on
-just before each attention call (it names itself in a ``ContextVar``, so nothing
-global has to be reset between models, threads or tests).
+Nothing is left switched on the user's model. transformers picks the attention function
+from ``config._attn_implementation`` at every layer call, so :class:`PagedAttention`
+switches it to "pagedkv" for the duration of one forward only (exception-safe,
+re-entrant, restored exactly) and the forward carries its
+:class:`PagedAttentionMetadata` as the ``pagedkv_metadata`` model kwarg, which
+transformers hands on to every attention call. The "pagedkv" functions run the paged
+path only when that kwarg is present; otherwise (a plain forward on a model whose
+config says "pagedkv": set by hand, or another thread's forward while a paged one
+runs) they delegate to the implementation the model had before ("sdpa" if unknown).
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+import functools
+import inspect
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from pagedkv import ops
 
 ATTN_NAME = "pagedkv"
+#: The attention used by a "pagedkv" model outside paged forwards when nothing else is
+#: known (transformers' own default).
+DEFAULT_FALLBACK = "sdpa"
 
 
 @dataclass
@@ -51,22 +62,6 @@ class PagedAttentionMetadata:
     token_index: torch.Tensor | None = None
 
 
-class MetadataSource(Protocol):
-    """What the attention function asks for the metadata of the current forward."""
-
-    def attention_metadata(
-        self, attention_mask: Any, batch_size: int, q_len: int, device: torch.device
-    ) -> PagedAttentionMetadata: ...
-
-
-_ACTIVE: ContextVar[MetadataSource | None] = ContextVar("pagedkv_active_cache", default=None)
-
-
-def set_active_source(source: MetadataSource) -> None:
-    """Name the cache whose metadata the next attention calls use (PagedCache.update)."""
-    _ACTIVE.set(source)
-
-
 def paged_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -77,30 +72,29 @@ def paged_attention_forward(
     dropout: float = 0.0,
     pagedkv_metadata: PagedAttentionMetadata | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, Any]:
     """transformers attention function over the paged KV pool.
 
     query: [B, Hq, L, D]; key, value: [B, Hkv, L, D] (RoPE applied). Returns
-    ``([B, L, Hq, D], None)`` like transformers' own attention functions.
+    ``([B, L, Hq, D], None)`` like transformers' own attention functions. Without
+    ``pagedkv_metadata`` (not a paged forward) the call goes to the fallback attention.
+    ``attention_mask`` and ``dropout`` are ignored on the paged path: the kernels mask
+    causally per sequence from the metadata, and paged forwards are inference only.
     """
-    bsz, hq, q_len, d = query.shape
     meta = pagedkv_metadata
     if meta is None:
-        source = _ACTIVE.get()
-        _ACTIVE.set(None)  # consumed: a later forward without the cache must not reuse it
-        if source is None:
-            raise RuntimeError(
-                "attn_implementation='pagedkv' needs a paged KV cache: pass "
-                "past_key_values=PagedCache(...) to generate()/forward, or run the model "
-                "through pagedkv.Engine"
-            )
-        meta = source.attention_metadata(attention_mask, bsz, q_len, query.device)
+        fallback = _fallback_attention(module)
+        return fallback(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    bsz, hq, q_len, d = query.shape
     layer = module.layer_idx
     hkv = key.shape[1]
-    # [B, H, L, D] -> [B*L, H, D]: token-major rows, as the ops expect.
+    # [B, H, L, D] -> [B*L, H, D]: token-major rows, as the ops expect. The pool never
+    # joins an autograd graph (a forward run with grad enabled must not make it one).
     q = query.transpose(1, 2).reshape(bsz * q_len, hq, d)
-    k = key.transpose(1, 2).reshape(bsz * q_len, hkv, d)
-    v = value.transpose(1, 2).reshape(bsz * q_len, hkv, d)
+    k = key.detach().transpose(1, 2).reshape(bsz * q_len, hkv, d)
+    v = value.detach().transpose(1, 2).reshape(bsz * q_len, hkv, d)
     if meta.token_index is not None:
         q, k, v = q[meta.token_index], k[meta.token_index], v[meta.token_index]
     k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
@@ -123,33 +117,28 @@ def paged_attention_forward(
     return out.view(bsz, q_len, hq, d), None
 
 
-def paged_mask(
-    batch_size: int = 1,
-    q_length: int = 1,
-    kv_length: int = 1,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """Mask function registered for "pagedkv".
+def paged_mask(**kwargs: Any) -> Any:
+    """Mask function registered for "pagedkv": the fallback implementation's mask.
 
-    Causality is enforced by the paged kernels themselves (each query row sees the
-    keys at positions <= its own), so no 4D mask is built. What the kernels cannot
-    know is padding: the 2D padding mask ``[B, kv_length]`` (True = real token) is
-    passed through, or ``None`` when there is no padding.
+    Paged forwards never reach it (they hand transformers a prepared 4D placeholder,
+    which is used as-is, see :data:`PagedAttention.no_mask`): causality and padding are
+    the kernels' job there. It runs only for plain forwards of a model whose config says
+    "pagedkv", which must get exactly the mask their fallback attention expects.
     """
-    if attention_mask is None:
-        return None
-    mask = attention_mask.to(torch.bool)
-    if mask.shape[-1] != kv_length:
-        mask = mask[..., -kv_length:]
-    return mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    impl = fallback_implementation(kwargs.get("config"))
+    if impl not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return None  # transformers builds no mask for such implementations either
+    return ALL_MASK_ATTENTION_FUNCTIONS[impl](**kwargs)
 
 
 def register() -> str:
     """Register the "pagedkv" attention and mask functions with transformers.
 
-    Idempotent. Returns the name to use with ``model.set_attn_implementation`` or
-    ``config._attn_implementation``.
+    Idempotent; returns the name. Registering changes no model: a model runs on the
+    paged path only inside :class:`PagedAttention` forwards (the engine's and
+    :class:`~pagedkv.integrations.cache.PagedCache`'s).
     """
     from transformers import AttentionInterface
 
@@ -163,10 +152,140 @@ def register() -> str:
     return ATTN_NAME
 
 
-def use_paged_attention(model: torch.nn.Module) -> None:
-    """Register the functions and switch ``model`` to attn_implementation "pagedkv"."""
-    name = register()
-    try:
-        model.set_attn_implementation(name)
-    except (ValueError, AttributeError, KeyError):
-        model.config._attn_implementation = name
+# -- the per-forward switch ---------------------------------------------------------
+# A config's implementation is switched by the first paged forward that enters and
+# restored by the last that leaves (two threads may run paged forwards of one model).
+# Entries exist only while a paged forward runs; the saved value is also what a plain
+# forward meeting "pagedkv" in the meantime delegates to.
+_switch_lock = threading.Lock()
+_switched: dict[int, list[Any]] = {}  # id(config) -> [config, saved implementation, depth]
+
+
+def fallback_implementation(config: Any) -> str:
+    """What a non-paged forward of a "pagedkv" model runs: the implementation the model
+    had before the paged forward now running switched it, else :data:`DEFAULT_FALLBACK`."""
+    entry = _switched.get(id(config))
+    saved = entry[1] if entry is not None else None
+    if saved is None or saved == ATTN_NAME or not isinstance(saved, str):
+        return DEFAULT_FALLBACK
+    return saved
+
+
+def _fallback_attention(module: torch.nn.Module) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = fallback_implementation(getattr(module, "config", None))
+    if impl == "eager":  # not registered: each modeling file has its own eager function
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+        impl = DEFAULT_FALLBACK
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _attention_configs(model: torch.nn.Module) -> list[Any]:
+    """The distinct configs the model's modules read ``_attn_implementation`` from."""
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = m.__dict__.get("config")  # a plain attribute; skips Module.__getattr__
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen.setdefault(id(cfg), cfg)
+    if not seen:
+        raise TypeError(
+            f"{type(model).__name__} has no transformers config: PagedAttention needs a "
+            "transformers PreTrainedModel"
+        )
+    return list(seen.values())
+
+
+class PagedAttention:
+    """Runs forwards of one transformers model on the "pagedkv" attention.
+
+    ``with paged:`` (or :meth:`enter` / :meth:`exit`) switches the model's
+    ``_attn_implementation`` to "pagedkv" and, if the model is in training mode, its
+    modules to eval; leaving restores both exactly, also on error. :meth:`__call__`
+    runs one whole paged forward. The model is never left changed between forwards, so
+    it keeps working with plain transformers and a later ``set_attn_implementation``
+    by the user cannot reach a paged forward.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        register()
+        self.model = model
+        self._configs = _attention_configs(model)
+        self._no_mask: dict[torch.device, torch.Tensor] = {}
+        self._flipped: list[list[torch.nn.Module]] = []  # per open scope
+
+    def no_mask(self, device: torch.device) -> torch.Tensor:
+        """The ``attention_mask`` a paged forward passes: an empty 4D tensor, which
+        transformers takes as a prepared mask (so it builds none), and which fails loudly
+        in any attention function other than the paged one."""
+        mask = self._no_mask.get(device)
+        if mask is None:
+            mask = self._no_mask[device] = torch.empty(
+                (0, 0, 0, 0), dtype=torch.bool, device=device
+            )
+        return mask
+
+    def enter(self) -> None:
+        """Switch the model to the paged attention (pair every call with :meth:`exit`)."""
+        with _switch_lock:
+            for cfg in self._configs:
+                entry = _switched.get(id(cfg))
+                if entry is None:
+                    _switched[id(cfg)] = [cfg, cfg._attn_implementation_internal, 1]
+                else:
+                    entry[2] += 1
+                cfg._attn_implementation_internal = ATTN_NAME
+        flipped: list[torch.nn.Module] = []
+        if self.model.training:  # paged forwards are inference: no dropout, no checkpointing
+            flipped = [m for m in self.model.modules() if m.training]
+            for m in flipped:
+                m.training = False
+        self._flipped.append(flipped)
+
+    def exit(self) -> None:
+        """Undo the matching :meth:`enter` (the last one out restores the config)."""
+        for m in self._flipped.pop() if self._flipped else ():
+            m.training = True
+        with _switch_lock:
+            for cfg in self._configs:
+                entry = _switched.get(id(cfg))
+                if entry is None:
+                    continue
+                entry[2] -= 1
+                if entry[2] == 0:
+                    cfg._attn_implementation_internal = entry[1]
+                    del _switched[id(cfg)]
+
+    def __enter__(self) -> PagedAttention:
+        self.enter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.exit()
+
+    def __call__(self, meta: PagedAttentionMetadata, input_ids: torch.Tensor, **kwargs: Any):
+        """One paged forward: ``model(input_ids, **kwargs)`` with the metadata, no
+        transformers cache (the pool is the cache) and no mask built."""
+        with self:
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=self.no_mask(input_ids.device),
+                use_cache=False,
+                pagedkv_metadata=meta,
+                **kwargs,
+            )
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name the installed transformers gives the cache argument of ``model``'s
+    ``forward`` and ``generate``: ``"cache"`` (5.24+), else ``"past_key_values"`` (the
+    old name, deprecated from 5.24). Looked up once per model class."""
+    return _cache_kwarg_of(type(model))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

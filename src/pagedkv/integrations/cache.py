@@ -1,32 +1,34 @@
 """PagedCache: a ``transformers.Cache`` whose K/V live in a pagedkv block pool.
 
-Two uses:
+``model.generate(..., cache=PagedCache(model))`` (``past_key_values=`` before
+transformers 5.24; :func:`~pagedkv.integrations.attention.cache_kwarg` says which) runs
+plain batched generation (greedy or sampling) on the pool. Each batch row is one paged
+sequence; left padding is neither stored nor attended, so outputs equal those of the
+default cache. ``copy.deepcopy`` forks every row (copy-on-write), for transformers'
+prompt-reuse recipe.
 
-* ``model.generate(..., past_key_values=PagedCache(model))`` for plain batched
-  generation (greedy or sampling). Each batch row is one paged sequence; left padding
-  is neither stored nor attended, so outputs equal those of the default cache.
-* The :class:`~pagedkv.Engine` hands the model a ``PagedCache`` bound to its own
-  :class:`~pagedkv.KVCache` and sets :attr:`PagedCache.step` before every forward.
-
-``update`` does not store anything itself: it names this cache as the active metadata
-source and returns k/v unchanged; the "pagedkv" attention function then writes them
-into the pool and attends over the pages (see :mod:`pagedkv.integrations.attention`).
+How a forward becomes paged: the cache puts a forward pre-hook and an always-called
+forward hook on the model it was made for. A forward of that model that carries *this*
+cache gets its :class:`~pagedkv.integrations.attention.PagedAttentionMetadata` built
+from the input and padding mask (blocks are reserved here), passed as the
+``pagedkv_metadata`` kwarg, and runs inside
+:class:`~pagedkv.integrations.attention.PagedAttention` (the model's attention is
+switched for that forward only). Every other forward is untouched. ``close()``, or
+dropping the cache, removes the hooks and frees the cache's sequences.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
+import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from pagedkv.integrations.attention import (
-    ATTN_NAME,
-    PagedAttentionMetadata,
-    set_active_source,
-    use_paged_attention,
-)
+from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 
 _uids = itertools.count()
@@ -58,58 +60,108 @@ class _PagedLayer(CacheLayerMixin):
         pass
 
 
+class _Live:
+    """What a PagedCache holds outside the pool: its rows' sequences, its hooks, an open
+    paged forward. Kept apart from the cache object so that its finalizer can release
+    them without a reference to the cache."""
+
+    def __init__(self, kv_cache: Any, paged: PagedAttention, uid: int) -> None:
+        self.kv_cache = kv_cache
+        self.paged = paged
+        self.uid = uid
+        self.lens: list[int] = []  # tokens stored per batch row
+        self.handles: list[Any] = []
+        self.in_forward = False
+
+    def seq_id(self, row: int) -> str:
+        return f"pagedcache-{self.uid}-{row}"
+
+    def end_forward(self) -> None:
+        if self.in_forward:
+            self.in_forward = False
+            self.paged.exit()
+
+    def free_rows(self) -> None:
+        for row, n in enumerate(self.lens):
+            if n > 0:
+                self.kv_cache.free(self.seq_id(row))
+        self.lens = []
+
+    def release(self) -> None:
+        self.end_forward()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.free_rows()
+
+
 class PagedCache(Cache):
     """A transformers ``Cache`` backed by a paged :class:`pagedkv.KVCache`.
 
-    ``PagedCache(model, num_blocks=None, block_size=16)`` checks the model is supported,
-    switches it to attn_implementation "pagedkv" and allocates a pool on the model's
-    device and dtype (``num_blocks`` defaults to 1024; the pool does not grow, so size
-    it for batch x ceil((prompt + new tokens) / block_size)). Raises
-    :class:`~pagedkv.errors.UnsupportedModelError` for unsupported models and
-    ``NotImplementedError`` for beam search (``num_beams > 1``), which needs cache
-    reordering. Call :meth:`reset` (or drop the object) to release the blocks.
+    ``PagedCache(model, num_blocks=None, block_size=16)`` checks the model is supported
+    and allocates a pool on the model's device and dtype (``num_blocks`` defaults to
+    1024; the pool does not grow, so size it for batch x ceil((prompt + new tokens) /
+    block_size)). ``kv_cache=``: use an existing :class:`~pagedkv.KVCache` of the same
+    geometry instead (its prefix caching must be off: token ids are not known here).
+    The model is not changed: its attention is switched only inside forwards that carry
+    this cache. Raises :class:`~pagedkv.errors.UnsupportedModelError` for unsupported
+    models and ``NotImplementedError`` for beam search (``num_beams > 1``), which needs
+    cache reordering. :meth:`reset` frees the sequences for a new ``generate()``;
+    :meth:`close` (or dropping the object) also detaches it from the model.
     """
 
     def __init__(
         self,
-        model: Any = None,
+        model: Any,
         *,
         num_blocks: int | None = None,
         block_size: int = 16,
         kv_cache: Any = None,
-        num_layers: int | None = None,
     ) -> None:
+        if model is None or not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"PagedCache needs the transformers model it serves, got {type(model).__name__}"
+            )
+        check_model_supported(model)
         if kv_cache is None:
-            if model is None:
-                raise ValueError("PagedCache needs a model (or an existing kv_cache)")
-            check_model_supported(model)
-            use_paged_attention(model)
             kv_cache = _make_kv_cache(model, num_blocks, block_size)
-            num_layers = model.config.num_hidden_layers
-        elif num_layers is None:
-            num_layers = kv_cache.layout.num_layers
-        super().__init__(layers=[_PagedLayer() for _ in range(num_layers)])
+        else:
+            _check_kv_cache(model, kv_cache)
+        self._setup(model, kv_cache, PagedAttention(model))
+
+    def _setup(self, model: Any, kv_cache: Any, paged: PagedAttention) -> None:
+        super().__init__(layers=[_PagedLayer() for _ in range(model.config.num_hidden_layers)])
         self.kv_cache = kv_cache
-        #: Engine mode: metadata of the current forward, set by the engine.
-        self.step: PagedAttentionMetadata | None = None
-        self._uid = next(_uids)
-        self._seen = 0  # columns (padding included) processed so far, generate mode
-        self._lens: list[int] = []  # tokens stored per batch row
-        self._meta: PagedAttentionMetadata | None = None
+        self._model = model
+        self._live = live = _Live(kv_cache, paged, next(_uids))
+        self._seen = 0  # columns (padding included) processed so far
+        self._broken: str | None = None  # why the cache cannot continue (failed forward)
+        self._pending = 0  # columns of the forward in progress
+        ref = weakref.ref(self)
+        live.handles = [
+            model.register_forward_pre_hook(
+                functools.partial(_before_forward, ref), with_kwargs=True
+            ),
+            model.register_forward_hook(functools.partial(_after_forward, ref), always_call=True),
+        ]
+        self._finalizer = weakref.finalize(self, live.release)
 
     # -- what transformers calls ------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Name this cache as the active metadata source; k/v are written by the
-        attention function (it knows which rows are padding)."""
-        if layer_idx == 0 and self.step is None:
-            self._meta = None
-            self._seen += key_states.shape[-2]
-        set_active_source(self)
+        """Return k/v unchanged: the paged attention function writes them into the pool
+        (it knows which rows are padding). Refuses forwards that are not paged."""
+        if not self._live.in_forward:
+            raise RuntimeError(
+                "this PagedCache is used in a forward that is not paged: pass it to the "
+                "model it was created with (model.generate(..., cache=...) or model(...)); "
+                "it cannot serve another model or a submodule"
+                + ("" if self._finalizer.alive else ", and it is closed")
+            )
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Columns processed so far (generate mode; 0 in engine mode)."""
-        return 0 if self.step is not None else self._seen
+        """Columns processed so far (padding included, as transformers counts them)."""
+        return self._seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -126,11 +178,58 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         """Free every sequence's blocks; the cache can be used for a new generate()."""
-        for b in range(len(self._lens)):
-            if self._lens[b] > 0:
-                self.kv_cache.free(self._seq_id(b))
-        self._lens, self._seen, self._meta = [], 0, None
+        self._live.end_forward()
+        self._live.free_rows()
+        self._seen, self._broken = 0, None
 
+    def close(self) -> None:
+        """Free the sequences and remove the hooks from the model (idempotent). The
+        same happens when the cache is garbage-collected."""
+        self._finalizer()
+
+    def __enter__(self) -> PagedCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- copies -----------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> PagedCache:
+        """An independent cache on the same pool whose rows fork this cache's sequences:
+        blocks are shared (no KV copied) until one side writes into a shared, partly
+        filled block (copy-on-write). This cache is unchanged."""
+        self._check_usable("deep-copied")
+        if self._live.in_forward:
+            raise RuntimeError("a PagedCache cannot be copied inside a forward")
+        twin = PagedCache.__new__(PagedCache)
+        twin._setup(self._model, self.kv_cache, self._live.paged)  # checked when made
+        forked: list[str] = []
+        try:
+            for row, n in enumerate(self._live.lens):
+                if n > 0:
+                    self.kv_cache.fork(self._live.seq_id(row), twin._live.seq_id(row))
+                    forked.append(twin._live.seq_id(row))
+        except BaseException:
+            for sid in forked:
+                self.kv_cache.free(sid)
+            twin._live.lens = []
+            twin.close()
+            raise
+        twin._live.lens = list(self._live.lens)
+        twin._seen = self._seen
+        memo[id(self)] = twin
+        return twin
+
+    def __copy__(self):
+        raise TypeError(
+            "a shallow copy of a PagedCache would share its sequences; use copy.deepcopy "
+            "(copy-on-write fork of every row)"
+        )
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a PagedCache cannot be pickled: its KV lives in a device pool")
+
+    # -- unsupported generation modes -------------------------------------------------
     def _unsupported(self, what: str):
         raise NotImplementedError(
             f"PagedCache does not support {what} (beam search / num_beams > 1, "
@@ -149,26 +248,57 @@ class PagedCache(Cache):
     def crop(self, max_length: int) -> None:
         self._unsupported("cropping")
 
-    # -- metadata for the attention function ----------------------------------------
-    def _seq_id(self, row: int) -> str:
-        return f"pagedcache-{self._uid}-{row}"
+    # -- one paged forward ------------------------------------------------------------
+    def _check_usable(self, what: str) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError(f"this PagedCache is closed and cannot be {what}")
+        if self._broken is not None:
+            raise RuntimeError(
+                f"this PagedCache cannot be {what}: {self._broken}; call reset() to reuse it"
+            )
 
-    def attention_metadata(
-        self, attention_mask: Any, batch_size: int, q_len: int, device: torch.device
-    ) -> PagedAttentionMetadata:
-        """Metadata of the current forward (engine mode: :attr:`step`)."""
-        if self.step is not None:
-            return self.step
-        if self._meta is None:
-            self._meta = self._build(attention_mask, batch_size, q_len, device)
-        return self._meta
+    def _begin(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Reserve this forward's slots, build its metadata, switch the attention."""
+        live = self._live
+        if live.in_forward:  # the previous forward was interrupted (KeyboardInterrupt)
+            live.end_forward()
+            self._broken = "its previous forward did not finish"
+        self._check_usable("used for another forward")
+        ids = kwargs.get("input_ids")
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("a PagedCache forward needs input_ids [B, L] or inputs_embeds")
+        bsz, q_len = x.shape[0], x.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError(
+                "PagedCache needs the 2D padding mask [batch, past + new tokens] (or none); "
+                "a prepared 4D mask cannot be run on the paged kernels"
+            )
+        meta = self._metadata(mask, bsz, q_len, x.device)
+        kwargs = dict(kwargs, attention_mask=live.paged.no_mask(x.device), pagedkv_metadata=meta)
+        self._pending = q_len
+        live.paged.enter()
+        live.in_forward = True
+        return args, kwargs
 
-    def _build(self, attention_mask, bsz: int, q_len: int, device) -> PagedAttentionMetadata:
-        if not self._lens:
-            self._lens = [0] * bsz
-        elif len(self._lens) != bsz:
-            self._unsupported(f"a batch size change ({len(self._lens)} -> {bsz})")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+    def _end(self, ok: bool) -> None:
+        live = self._live
+        if not live.in_forward:
+            return
+        live.end_forward()
+        if ok:
+            self._seen += self._pending
+        else:  # some layers may have written this step's KV, others not
+            self._broken = "a forward failed after reserving its KV slots"
+
+    def _metadata(self, attention_mask, bsz: int, q_len: int, device) -> PagedAttentionMetadata:
+        live = self._live
+        if not live.lens:
+            live.lens = [0] * bsz
+        elif len(live.lens) != bsz:
+            self._unsupported(f"a batch size change ({len(live.lens)} -> {bsz})")
+        if attention_mask is not None:
             real = attention_mask[:, -q_len:].to(torch.bool)
             counts = real.sum(1).tolist()
             token_index = None if all(c == q_len for c in counts) else real.flatten().nonzero()
@@ -177,20 +307,39 @@ class PagedCache(Cache):
         else:
             counts, token_index = [q_len] * bsz, None
         cache = self.kv_cache
+        need = sum(
+            -(-(live.lens[b] + n) // cache.block_size) - -(-live.lens[b] // cache.block_size)
+            for b, n in enumerate(counts)
+        )
+        if need > cache.num_free_blocks:
+            from pagedkv.errors import OutOfBlocks
+
+            raise OutOfBlocks(
+                f"PagedCache needs {need} more KV blocks for this step but the pool has "
+                f"{cache.num_free_blocks} free of {cache.num_blocks}; create it with a larger "
+                "num_blocks (batch x ceil((prompt + new tokens) / block_size))"
+            )
         slots: list[int] = []
-        for b, n in enumerate(counts):
-            if n == 0:
-                continue
-            sid, before = self._seq_id(b), self._lens[b]
-            # Token ids are unknown here (the attention sees hidden states only), and
-            # this pool has prefix caching off, so placeholder ids are harmless.
-            if before == 0:
-                cache.allocate(sid, [0] * n)
-            else:
-                cache.append(sid, [0] * n)
-            slots.extend(cache.slot_mapping(sid, before, before + n))
-            self._lens[b] = before + n
-        tables = [cache.block_table(self._seq_id(b)) if n else [] for b, n in enumerate(self._lens)]
+        grown = 0
+        try:
+            for b, n in enumerate(counts):
+                if n == 0:
+                    continue
+                sid, before = live.seq_id(b), live.lens[b]
+                # Token ids are unknown here (the attention sees hidden states only), and
+                # this pool has prefix caching off, so placeholder ids are harmless.
+                if before == 0:
+                    cache.allocate(sid, [0] * n)
+                else:
+                    cache.append(sid, [0] * n)
+                slots.extend(cache.slot_mapping(sid, before, before + n))
+                live.lens[b] = before + n
+                grown += 1
+        except BaseException:  # a copy-on-write copy did not fit: earlier rows grew
+            if grown:
+                self._broken = "a step ran out of KV blocks after some rows had grown"
+            raise
+        tables = [cache.block_table(live.seq_id(b)) if n else [] for b, n in enumerate(live.lens)]
         width = max(1, max(len(t) for t in tables))
         table_rows = [t + [0] * (width - len(t)) for t in tables]
         cu = [0, *itertools.accumulate(counts)]
@@ -198,11 +347,54 @@ class PagedCache(Cache):
             kv=cache.pool.kv,
             slots=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=torch.tensor(table_rows, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(self._lens, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(live.lens, dtype=torch.int32, device=device),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             max_q_len=max(counts) if counts else 0,
             is_decode=q_len == 1 and all(c == 1 for c in counts),
             token_index=token_index,
+        )
+
+
+def _forward_cache(kwargs: dict) -> Any:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+@functools.cache
+def _forward_params(cls: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+
+
+def _before_forward(ref: weakref.ref, module, args: tuple, kwargs: dict):
+    cache = ref()
+    if cache is None:
+        return None
+    if args:  # name positional arguments, so that the cache and mask are found
+        kwargs = {**dict(zip(_forward_params(type(module)), args)), **kwargs}
+        args = ()
+    if _forward_cache(kwargs) is not cache:
+        return None  # not this cache's forward: untouched
+    return cache._begin(args, kwargs)
+
+
+def _after_forward(ref: weakref.ref, module, args: tuple, output: Any):
+    cache = ref()
+    if cache is not None:
+        # An always-called hook gets no output when the forward raised.
+        cache._end(ok=output is not None)
+
+
+def _check_kv_cache(model: Any, kv_cache: Any) -> None:
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    lay = kv_cache.layout
+    if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (layers, kv_heads, head_dim):
+        raise ValueError(
+            f"kv_cache layout ({lay.num_layers} layers, {lay.num_kv_heads} KV heads, head_dim "
+            f"{lay.head_dim}) does not match the model ({layers}, {kv_heads}, {head_dim})"
+        )
+    if kv_cache.manager.prefix_caching:
+        raise ValueError(
+            "PagedCache needs a KVCache with prefix_caching=False (it does not see token ids)"
         )
 
 
@@ -218,4 +410,4 @@ def _make_kv_cache(model: Any, num_blocks: int | None, block_size: int):
     return KVCache(layout, num_blocks, device=param.device, prefix_caching=False)
 
 
-__all__ = ["ATTN_NAME", "PagedCache"]
+__all__ = ["PagedCache"]

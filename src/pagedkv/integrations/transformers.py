@@ -2,21 +2,24 @@
 the model support check.
 
 >>> from pagedkv.integrations.transformers import PagedCache
->>> out = model.generate(**inputs, past_key_values=PagedCache(model), max_new_tokens=32)
+>>> out = model.generate(**inputs, cache=PagedCache(model), max_new_tokens=32)
 
-Implementation lives in :mod:`.attention` (attention + mask functions, metadata),
-:mod:`.cache` (``PagedCache``) and :mod:`.support` (which models run).
+(``past_key_values=`` before transformers 5.24: ``cache_kwarg(model)`` gives the name.)
+Implementation lives in :mod:`.attention` (attention + mask functions, metadata, the
+per-forward switch), :mod:`.cache` (``PagedCache``) and :mod:`.support` (which models
+run).
 """
 
 from __future__ import annotations
 
 from pagedkv.integrations.attention import (
     ATTN_NAME,
+    PagedAttention,
     PagedAttentionMetadata,
+    cache_kwarg,
     paged_attention_forward,
     paged_mask,
     register,
-    use_paged_attention,
 )
 from pagedkv.integrations.cache import PagedCache
 from pagedkv.integrations.support import (
@@ -28,12 +31,13 @@ from pagedkv.integrations.support import (
 __all__ = [
     "ATTN_NAME",
     "SUPPORTED_MODEL_TYPES",
+    "PagedAttention",
     "PagedAttentionMetadata",
     "PagedCache",
+    "cache_kwarg",
     "check_model_supported",
     "kv_geometry",
     "paged_attention_forward",
     "paged_mask",
     "register",
-    "use_paged_attention",
 ]
