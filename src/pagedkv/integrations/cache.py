@@ -19,8 +19,8 @@ import itertools
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
+from pagedkv._extras import optional_imports
 from pagedkv.integrations.attention import (
     ATTN_NAME,
     PagedAttentionMetadata,
@@ -28,6 +28,9 @@ from pagedkv.integrations.attention import (
     use_paged_attention,
 )
 from pagedkv.integrations.support import check_model_supported, kv_geometry
+
+with optional_imports(__name__):
+    from transformers.cache_utils import Cache, CacheLayerMixin
 
 _uids = itertools.count()
 
