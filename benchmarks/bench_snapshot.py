@@ -141,8 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.replot:
         raise SystemExit(replot(plot, args.replot))
-    if args.size_mb < 1 or args.repeats < 1 or args.threads < 1 or args.torch_threads < 1:
-        ap.error("--size-mb, --repeats, --threads and --torch-threads must be >= 1")
+    if args.size_mb < 32:  # the fork measure needs 4 sequences of >= 8 blocks
+        ap.error(
+            f"--size-mb must be >= 32 (4 sequences of >= 8 one-MiB blocks), got {args.size_mb}"
+        )
+    if args.repeats < 1 or args.threads < 1 or args.torch_threads < 1:
+        ap.error("--repeats, --threads and --torch-threads must be >= 1")
     torch.set_num_threads(args.torch_threads)
 
     # 16 layers x 8 KV heads x 128 dim, bf16, 16-token blocks: 1 MiB pages (an 8B-class model)
