@@ -104,6 +104,16 @@ def test_a_missing_extra_is_one_clear_line(simulate, top, statement, message):
     assert len(lines) < 25, done.stderr
 
 
+def test_the_cli_prints_the_missing_extra_in_one_line():
+    code = NONE.format(top="transformers") + (
+        "sys.argv = ['pagedkv', 'demo']\nfrom pagedkv.cli import main\nmain()"
+    )
+    done = run_python(code)
+    assert done.returncode == 1
+    out = " ".join((done.stdout + done.stderr).split())
+    assert out == 'error: pagedkv.integrations.cache needs transformers: pip install "pagedkv[hf]"'
+
+
 def test_the_light_imports_need_no_extra():
     blocked = "".join(NONE.format(top=top) for top in OPTIONAL)
     done = run_python(blocked + "import pagedkv\nfrom pagedkv import BlockManager, KVCache\n"

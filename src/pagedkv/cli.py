@@ -157,7 +157,15 @@ def generate(
 
 def main() -> None:
     """Entry point of the ``pagedkv`` script."""
-    app()
+    from rich.markup import escape
+
+    from pagedkv._extras import MissingDependencyError
+
+    try:
+        app()
+    except MissingDependencyError as e:  # one line naming the extra, not a traceback
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
