@@ -38,7 +38,7 @@ def add_plot_arguments(ap: argparse.ArgumentParser) -> None:
 
 def figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (7.0, 4.5), title=""):
     """A new figure and its axes (a flat list), constrained layout."""
-    mfigure = require("matplotlib.figure", feature="benchmark plots")
+    mfigure = require("matplotlib.figure", feature="benchmark plotting")
     fig = mfigure.Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     if title:

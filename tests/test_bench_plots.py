@@ -143,7 +143,8 @@ def test_without_matplotlib_the_run_says_how_to_get_plots(tmp_path, monkeypatch,
     result = _attention_result(True)
     assert _plot.plot_result(bench_attention.plot, result, [tmp_path / "a.json"]) == []
     assert (
-        'benchmark plots needs matplotlib: pip install "pagedkv[bench]"' in capsys.readouterr().err
+        'benchmark plotting needs matplotlib: pip install "pagedkv[bench]"'
+        in capsys.readouterr().err
     )
     assert not (tmp_path / "a.png").exists()
 

@@ -124,9 +124,9 @@ def test_the_light_imports_need_no_extra():
 def test_require_names_the_feature_and_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError) as exc:
-        require("matplotlib", feature="benchmark plots")
+        require("matplotlib", feature="benchmark plotting")
     err = exc.value
-    assert str(err) == 'benchmark plots needs matplotlib: pip install "pagedkv[bench]"'
+    assert str(err) == 'benchmark plotting needs matplotlib: pip install "pagedkv[bench]"'
     assert isinstance(err, ModuleNotFoundError) and isinstance(err, ImportError)
     assert (err.name, err.distribution, err.extra, err.too_old) == (
         "matplotlib", "matplotlib", "bench", False)  # fmt: skip

@@ -6,9 +6,9 @@ one raises :class:`MissingDependencyError` (an ``ImportError``) whose one-line m
 names the feature, the package and the ``pip install`` command, instead of the chain of
 ``ModuleNotFoundError`` frames the import machinery would print::
 
-    mpl = require("matplotlib", feature="benchmark plots")   # the module, or raises
+    mpl = require("matplotlib", feature="benchmark plotting")  # the module, or raises
 
-    with optional_imports(__name__):                         # around import statements
+    with optional_imports(__name__):  # around import statements
         from transformers.cache_utils import Cache
 """
 
