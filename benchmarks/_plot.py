@@ -88,10 +88,11 @@ def write(fig, json_paths: Sequence[Path | str]) -> list[Path]:
 
 def plot_result(plot: Callable[[dict[str, Any]], Any], result: dict[str, Any],
                 json_paths: Sequence[Path | str]) -> list[Path]:  # fmt: skip
-    """Draw and save ``result``; without matplotlib say how to get it and go on."""
+    """Draw and save ``result``; without matplotlib (or rows to draw) say so and go on:
+    the JSON is written already, a missing picture must not fail the run."""
     try:
         fig = plot(result)
-    except MissingDependencyError as e:
+    except (MissingDependencyError, ValueError) as e:
         print(f"no plot: {e}", file=sys.stderr)
         return []
     pngs = write(fig, json_paths)

@@ -155,3 +155,9 @@ def test_progress_is_silent_off_a_terminal_and_when_quiet(capsys):
             for _ in range(3):
                 bar.done()
     assert capsys.readouterr().out == ""
+
+
+def test_a_result_with_nothing_to_draw_is_reported_not_raised(tmp_path, capsys):
+    empty = {"device": "x", "date": "2026-12-01", "configs": [{"B": 1, "L": 512, "error": "e"}]}
+    assert _plot.plot_result(bench_attention.plot, empty, [tmp_path / "a.json"]) == []
+    assert "no plot: no decode rows" in capsys.readouterr().err
