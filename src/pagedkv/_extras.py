@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import import_module
 from types import ModuleType
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
 
 class Install(NamedTuple):
@@ -106,24 +104,22 @@ def require(module: str, *, feature: str) -> ModuleType:
     """
     if module.partition(".")[0] not in OPTIONAL:
         raise ValueError(f"{module!r} is not an optional dependency of pagedkv: {sorted(OPTIONAL)}")
-    try:
+    with optional_imports(feature):
         return import_module(module)
-    except ModuleNotFoundError as e:
-        _reraise(e, feature)
 
 
-@contextmanager
-def optional_imports(feature: str) -> Iterator[None]:
+class optional_imports:  # lower case: used like a function, as contextlib's are
     """Around import statements of optional packages: a missing one raises
     :class:`MissingDependencyError` for ``feature``; other errors pass unchanged."""
-    try:
-        yield
-    except ModuleNotFoundError as e:
-        _reraise(e, feature)
 
+    def __init__(self, feature: str) -> None:
+        self.feature = feature
 
-def _reraise(error: ModuleNotFoundError, feature: str) -> NoReturn:
-    err = _missing(error, feature)
-    if err is None:
-        raise error
-    raise err from None  # one line for the user, not the import machinery's frames
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
+        if isinstance(error, ModuleNotFoundError):
+            err = _missing(error, self.feature)
+            if err is not None:
+                raise err from None  # one line for the user, not the import machinery's
