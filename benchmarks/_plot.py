@@ -18,6 +18,7 @@ from typing import Any
 from pagedkv._extras import MissingDependencyError, require
 
 RAW = "#8c8c8c"  # raw / peer ceilings are grey; pagedkv's own series are coloured
+LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.3}
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
 
@@ -65,7 +66,7 @@ def bars(ax, groups: Sequence[str], series: dict[str, Sequence[float | None]], *
             continue
         drawn = ax.bar([x for x, _ in pts], [v for _, v in pts], width, label=name, color=color)
         ax.bar_label(drawn, labels=[fmt(v) for _, v in pts], fontsize=7, padding=1,
-                     rotation=90 if crowded else 0)  # fmt: skip
+                     rotation=90 if crowded else 0, bbox=LABEL_BOX)  # fmt: skip
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     if log:

@@ -108,11 +108,12 @@ def plot(result: dict):
         f"{result.get('events', '?'):,} events ({result['machine']['cores']} cores, "
         f"{result['date']})"))  # fmt: skip
     series = {f"pagedkv, {r['hash_algo']}": [r[k] for k in OPS] for r in rows}
-    bars(ops, list(OPS.values()), series, ylabel="µs per operation (best replay)",
+    bars(ops, list(OPS.values()), series, ylabel="µs per operation (best replay, log)", log=True,
          fmt="{:.2f}".format)  # fmt: skip
     for i, k in enumerate(OPS):
         label = "target" if i == 0 else None
-        ops.hlines(TARGETS_US[k], i - 0.45, i + 0.45, colors="k", linestyles="--", label=label)
+        ops.hlines(TARGETS_US[k], i - 0.45, i + 0.45, colors="k", linestyles="--", label=label,
+                   zorder=1.5)  # fmt: skip
     ops.legend(fontsize=8, loc="upper left")
     ops.set_title("per operation (lower is better)", fontsize=10)
     names = ["reference simulation\n(trace.py)", *(f"pagedkv\n{r['hash_algo']}" for r in rows)]
