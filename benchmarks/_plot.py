@@ -47,6 +47,12 @@ def figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (7.0, 
     return fig, axes
 
 
+def load(result: dict[str, Any]) -> str:
+    """``", load avg 4.7"`` for a title when the result recorded the machine's load."""
+    avg = result.get("load_avg_1min")
+    return "" if avg is None else f", load avg {avg:.1f}"
+
+
 def bars(ax, groups: Sequence[str], series: dict[str, Sequence[float | None]], *,
          ylabel: str, log: bool = False, fmt: Callable[[float], str] = "{:.3g}".format,
          colors: dict[str, str] | None = None) -> None:  # fmt: skip

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _plot import add_plot_arguments, bars, figure, plot_result, replot
+from _plot import add_plot_arguments, bars, figure, load, plot_result, replot
 from _progress import add_quiet_argument, steps
 from pagedkv import BlockManager
 
@@ -105,7 +105,7 @@ def plot(result: dict):
     rows, ref = result["pagedkv"], result["reference"]
     fig, (ops, whole) = figure(1, 2, size=(5.5, 4.2), title=(
         f"BlockManager on the standard trace: {result.get('requests', '?')} requests, "
-        f"{result.get('events', '?'):,} events ({result['machine']['cores']} cores, "
+        f"{result.get('events', '?'):,} events ({result['machine']['cores']} cores{load(result)}, "
         f"{result['date']})"))  # fmt: skip
     series = {f"pagedkv, {r['hash_algo']}": [r[k] for k in OPS] for r in rows}
     bars(ops, list(OPS.values()), series, ylabel="µs per operation (best replay, log)", log=True,
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "manager",
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "load_avg_1min": os.getloadavg()[0],  # the machine may be shared: read with care
         "python": platform.python_version(),
         "trace_digest": trace.digest(),
         "requests": args.requests,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from _plot import add_plot_arguments, figure, plot_result, replot
+from _plot import add_plot_arguments, figure, load, plot_result, replot
 from _progress import add_quiet_argument, steps
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
@@ -367,7 +367,8 @@ def plot(result: dict):
         raise ValueError("no swap, disk or redis rows in this result to plot")
     mib = result["bytes_per_block"] / 2**20
     fig, axes = figure(1, len(sections), size=(4.8, 4.2), title=(
-        f"offload tiers, {result['device']} ({result['cpus']} CPUs), {result['date']}; "
+        f"offload tiers, {result['device']} ({result['cpus']} CPUs{load(result)}), "
+        f"{result['date']}; "
         f"{mib:g} MiB blocks"))  # fmt: skip
     for ax, key in zip(axes, sections):
         title, series = PANELS[key]
@@ -418,10 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--skip takes swap,disk,redis,ttft; block counts must be >= 1")
     layout = LAYOUT_7B
     result = {
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU {platform.machine()}",
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "load_avg_1min": os.getloadavg()[0],  # the machine may be shared: read with care
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "layout": str(layout),
         "bytes_per_block": layout.bytes_per_block,

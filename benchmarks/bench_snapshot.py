@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from _plot import RAW, add_plot_arguments, figure, plot_result, replot
+from _plot import RAW, add_plot_arguments, figure, load, plot_result, replot
 from _progress import add_quiet_argument, steps
 from pagedkv.cache import KVCache
 from pagedkv.snapshot import SnapshotStore, SyntheticPager
@@ -92,7 +92,8 @@ def plot(result: dict):
     durable = ", durable (fsync)" if result["fsync"] else ", page cache"
     fig, axes = figure(1, 2, size=(5.8, 4.4), title=(
         f"snapshot save / load of {result['bytes'] / 2**20:,.0f} MiB "
-        f"({result['page_bytes'] / 2**20:g} MiB pages){durable}\n{result['device']}, "
+        f"({result['page_bytes'] / 2**20:g} MiB pages){durable}\n{result['device']}"
+        f"{load(result)}, "
         f"{result['date']}"))  # fmt: skip
     panels = (
         ("save", "raw_write", "raw write\n(one file)", ["save", "save_syn"]),
