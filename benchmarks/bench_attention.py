@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _plot import add_plot_arguments, bars, figure, plot_result, replot
-from _progress import add_quiet_argument, steps
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))  # runs uninstalled
+from _plot import add_plot_arguments, bars, figure, plot_result, replot  # noqa: E402
+from _progress import add_quiet_argument, steps  # noqa: E402
 from pagedkv import ops  # noqa: E402
 from pagedkv.ops import triton_decode  # noqa: E402
 from pagedkv.storage import KVLayout, KVPool  # noqa: E402

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from _plot import RAW, add_plot_arguments, bars, figure, plot_result, replot
-from _progress import add_quiet_argument, steps
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs uninstalled
+from _plot import RAW, add_plot_arguments, bars, figure, plot_result, replot  # noqa: E402
+from _progress import add_quiet_argument, steps  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 WORKLOADS = ("a", "b")
 
 SHAPES = {
