@@ -9,7 +9,9 @@ graph), FlashInfer BatchDecodeWithPagedKVCacheWrapper on the same pool (if impor
 SDPA flash over a contiguous copy. Bandwidth = KV bytes read / time, as a fraction of the
 device-to-device copy bandwidth (read + write) measured in the same run. Then prefill with
 a cached prefix vs SDPA flash, batch-invariant cost, copy_blocks and swap gathers.
-Writes JSON to benchmarks/out/ and to $OUT when set.
+Writes JSON and a PNG (decode time over the shapes beside FlashInfer and SDPA, and the
+pagedkv / FlashInfer ratio) to benchmarks/out/ and to $OUT when set;
+``--replot bench_attention.json`` redraws the PNG of a saved run on any machine.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))  # runs uninstalled
+from _plot import add_plot_arguments, bars, figure, plot_result, replot  # noqa: E402
+from _progress import add_quiet_argument, steps  # noqa: E402
 from pagedkv import ops  # noqa: E402
 from pagedkv.ops import triton_decode  # noqa: E402
 from pagedkv.storage import KVLayout, KVPool  # noqa: E402
@@ -519,26 +523,73 @@ def bench_prefill_window(B, prefix, new, window):
     return rec
 
 
-def dump(name="bench_attention.json"):
-    for d in (os.path.join(os.path.dirname(__file__), "out"), os.environ.get("OUT")):
-        if d:
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, name), "w") as f:
-                json.dump(RES, f, indent=1)
+def json_paths(name: str = "bench_attention.json") -> list[str]:
+    dirs = (os.path.join(os.path.dirname(__file__), "out"), os.environ.get("OUT"))
+    return [os.path.join(d, name) for d in dirs if d]
+
+
+def dump(name: str = "bench_attention.json"):
+    for path in json_paths(name):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(RES, f, indent=1)
+
+
+def plot(res: dict):
+    """Decode time per shape (log µs) for pagedkv, FlashInfer and SDPA; the ratio below."""
+    rows = [r for r in res.get("configs", []) if "t_s" in r]
+    if not rows:
+        raise ValueError("no decode rows in this result to plot")
+    us_ = lambda r, k: None if r.get(k) is None else r[k] * 1e6  # noqa: E731
+    shapes = [f"B={r['B']}\nctx {r['L']}" for r in rows]
+    fig, (top, bottom) = figure(2, 1, size=(max(8.0, 1.1 * len(rows)), 4.0), title=(
+        f"paged decode attention, Hq {HQ} / Hkv {HKV}, D {D}, bf16, block {BS}: "
+        f"{res.get('device', '?')}, {res.get('date', '?')}"))  # fmt: skip
+    series = {
+        "pagedkv, CUDA graph": [us_(r, "t_graph_s") for r in rows],
+        "FlashInfer, CUDA graph": [us_(r, "fi_best_graph_s") for r in rows],
+        "pagedkv, eager": [us_(r, "t_s") for r in rows],
+        "FlashInfer, eager": [us_(r, "fi_best_s") for r in rows],
+        "SDPA flash, contiguous KV (eager)": [us_(r, "sdpa_s") for r in rows],
+    }
+    colors = dict(zip(series, ["#1f77b4", "#ff7f0e", "#9ecae1", "#fdd0a2", "#8c8c8c"]))
+    bars(top, shapes, series, ylabel="µs per decode call (log)", log=True,
+         fmt="{:.0f}".format, colors=colors)  # fmt: skip
+    top.set_title("time per call (lower is better)", fontsize=10)
+    ratios = {
+        "CUDA graph": [r["t_graph_s"] / r["fi_best_graph_s"] if r.get("fi_best_graph_s")
+                       else None for r in rows],
+        "eager": [r["t_s"] / r["fi_best_s"] if r.get("fi_best_s") else None for r in rows],
+    }  # fmt: skip
+    if any(v is not None for vs in ratios.values() for v in vs):
+        bars(bottom, shapes, ratios, ylabel="pagedkv time / FlashInfer time (log)", log=True,
+             fmt="{:.2f}".format, colors={"CUDA graph": "#1f77b4", "eager": "#9ecae1"})  # fmt: skip
+        bottom.axhline(1.0, color="k", lw=1, ls="--", label="parity (below: pagedkv faster)")
+        bottom.legend(fontsize=8)
+        bottom.set_title("pagedkv vs FlashInfer on the same pool and block tables", fontsize=10)
+    else:
+        bottom.text(0.5, 0.5, "FlashInfer did not run: " + res.get("flashinfer_error", "?")[:90],
+                    ha="center", va="center", transform=bottom.transAxes)  # fmt: skip
+        bottom.set_axis_off()
+    return fig
 
 
 def us(x):
     return "-" if x is None else f"{x * 1e6:8.1f}"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 shapes instead of 12")
+    ap.add_argument("--sweep", action="store_true", help="also the decode tile/split sweep")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--features", action="store_true",
                     help="only the sliding-window / softcap / sinks cases (issue 13)")  # fmt: skip
-    args = ap.parse_args()
+    add_plot_arguments(ap)
+    add_quiet_argument(ap)
+    args = ap.parse_args(argv)
+    if args.replot:
+        raise SystemExit(replot(plot, args.replot))
     RES.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
     RES["date"] = time.strftime("%F")
     d2d = d2d_bandwidth()
@@ -557,41 +608,51 @@ def main():
     batches, lens = ((1, 64), (512, 4096)) if args.quick else ((1, 16, 64, 128), (512, 4096, 16384))
     print(f"{'B':>4} {'ctx':>6} {'us':>8} {'graph':>8} {'%d2d':>5} {'%gr':>5} {'FI us':>8} "
           f"{'FI gr':>8} {'pk/FI':>6} {'gr/FIgr':>7} {'sdpa':>8}", flush=True)  # fmt: skip
-    for B in batches:
-        for L in lens:
+    total = len(batches) * len(lens) + 3 + 2 + 1  # decode shapes, prefill, invariant, memory
+    with steps(total, "attention benchmark", quiet=args.quiet) as bar:
+        for B in batches:
+            for L in lens:
+                try:
+                    r = bench_decode(B, L, d2d, not args.no_flashinfer)
+                except Exception as e:
+                    r = dict(B=B, L=L, error=repr(e)[:300], tb=traceback.format_exc()[-800:])
+                    print(r, flush=True)
+                    bar.done()
+                    continue
+                RES["configs"].append(r)
+                dump()
+                fi, fi_graph = r.get("fi_best_s"), r.get("fi_best_graph_s")
+                ratio = r["t_s"] / fi if fi else float("nan")
+                ratio_graph = r["t_graph_s"] / fi_graph if fi_graph else float("nan")
+                print(f"{B:>4} {L:>6} {us(r['t_s'])} {us(r['t_graph_s'])} "
+                      f"{100 * r['frac_d2d']:5.1f} {100 * r['frac_d2d_graph']:5.1f} {us(fi)} "
+                      f"{us(fi_graph)} {ratio:6.2f} {ratio_graph:7.2f} {us(r.get('sdpa_s'))}",
+                      flush=True)  # fmt: skip
+                bar.done()
+        for B, prefix, new in ((1, 0, 4096), (4, 3072, 1024), (8, 1536, 512)):
             try:
-                r = bench_decode(B, L, d2d, not args.no_flashinfer)
+                r = bench_prefill(B, prefix, new)
             except Exception as e:
-                r = dict(B=B, L=L, error=repr(e)[:300], tb=traceback.format_exc()[-800:])
-                print(r, flush=True)
-                continue
-            RES["configs"].append(r)
-            dump()
-            fi, fig = r.get("fi_best_s"), r.get("fi_best_graph_s")
-            print(f"{B:>4} {L:>6} {us(r['t_s'])} {us(r['t_graph_s'])} {100 * r['frac_d2d']:5.1f} "
-                  f"{100 * r['frac_d2d_graph']:5.1f} {us(fi)} {us(fig)} "
-                  f"{(r['t_s'] / fi) if fi else float('nan'):6.2f} "
-                  f"{(r['t_graph_s'] / fig) if fig else float('nan'):7.2f} {us(r.get('sdpa_s'))}",
-                  flush=True)  # fmt: skip
-    for B, prefix, new in ((1, 0, 4096), (4, 3072, 1024), (8, 1536, 512)):
+                r = dict(B=B, prefix=prefix, new=new, error=repr(e)[:300])
+            RES["prefill"].append(r)
+            print("prefill", json.dumps(r), flush=True)
+            bar.done()
+        for B, L in ((1, 4096), (64, 4096)):
+            r = bench_invariant(B, L, d2d)
+            RES["invariant"].append(r)
+            print("invariant", json.dumps(r), flush=True)
+            bar.done()
         try:
-            r = bench_prefill(B, prefix, new)
+            for r in bench_memory(d2d):
+                RES["memory"].append(r)
+                print("memory", json.dumps(r), flush=True)
         except Exception as e:
-            r = dict(B=B, prefix=prefix, new=new, error=repr(e)[:300])
-        RES["prefill"].append(r)
-        print("prefill", json.dumps(r), flush=True)
-    for B, L in ((1, 4096), (64, 4096)):
-        r = bench_invariant(B, L, d2d)
-        RES["invariant"].append(r)
-        print("invariant", json.dumps(r), flush=True)
-    try:
-        for r in bench_memory(d2d):
-            RES["memory"].append(r)
-            print("memory", json.dumps(r), flush=True)
-    except Exception as e:
-        RES["memory_error"] = repr(e)[:300]
-        print("memory error", repr(e), flush=True)
+            RES["memory_error"] = repr(e)[:300]
+            print("memory error", repr(e), flush=True)
+        bar.done()
     dump()
+    if args.plot:
+        plot_result(plot, RES, json_paths())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Llama-style shape), random weights, bf16 on CUDA / fp32 on CPU. Workloads (EOS i
 Plain generate() runs batch 64 on the (b) prompts.
 
 Usage: python benchmarks/bench_e2e.py [--tiny] [--device cpu|cuda] [--plan pk,tf,plain]
-Writes benchmarks/out/bench_e2e.json (and $OUT/bench_e2e.json when OUT is set).
+Writes benchmarks/out/bench_e2e.json (and $OUT/bench_e2e_<config>.json when OUT is set)
+and a PNG of tok/s per workload beside each; ``--replot RESULT.json`` redraws one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs uninstalled
+from _plot import RAW, add_plot_arguments, bars, figure, plot_result, replot  # noqa: E402
+from _progress import add_quiet_argument, steps  # noqa: E402
+
+WORKLOADS = ("a", "b")
 
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -36,7 +41,7 @@ SHAPES = {
 }  # fmt: skip
 
 
-def parse():
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small CPU-sized smoke run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,11 +56,65 @@ def parse():
         default=str(Path(__file__).parent / "out" / "bench_e2e.json"),
         help="JSON file, or a folder to write bench_e2e_<config>.json into",
     )
-    return ap.parse_args()
+    add_plot_arguments(ap)
+    add_quiet_argument(ap)
+    args = ap.parse_args(argv)
+    if not set(args.plan.split(",")) <= {"pk", "tf", "plain"}:
+        ap.error(f"--plan takes pk,tf,plain; got {args.plan!r}")
+    if not set(args.workloads.split(",")) <= set(WORKLOADS):
+        ap.error(f"--workloads takes a,b; got {args.workloads!r}")
+    if (args.requests is not None and args.requests < 1) or (args.num_blocks or 1) < 1:
+        ap.error("--requests and --num-blocks must be >= 1")
+    return args
 
 
-def main() -> None:
-    args = parse()
+def plot(res: dict):
+    """Generated tokens/s of pagedkv beside transformers' continuous batching and plain
+    generate(), per workload (log scale: the gap is an order of magnitude)."""
+    ws = [w for w in WORKLOADS if any(f"{p}_{w}" in res for p in ("pk", "tf", "plain"))]
+    prefix, unique = res.get("prefix", 0), res.get("unique", 0)
+    names = {"a": f"(a) shared {prefix:,}-token prefix\n+ {unique} unique tokens",
+             "b": f"(b) unrelated\n{prefix + unique:,}-token prompts"}  # fmt: skip
+    if not ws:
+        raise ValueError("no tok/s rows in this result to plot")
+    tok = lambda key: (res.get(key) or {}).get("tok_per_s")  # noqa: E731
+    series = {
+        "pagedkv Engine": [tok(f"pk_{w}") for w in ws],
+        "transformers generate_batch": [tok(f"tf_{w}") for w in ws],
+        f"plain generate(), batch {res.get('plain_b', {}).get('batch', '?')}": [
+            tok(f"plain_{w}") for w in ws
+        ],
+    }
+    series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+    for w in ws:
+        if res.get(f"ratio_{w}_pk_over_tf"):
+            names[w] += f"\npagedkv: {res[f'ratio_{w}_pk_over_tf']:.1f}x generate_batch"
+    shape = res.get("shape", res.get("config"))
+    fig, (ax,) = figure(size=(7.5, 4.8), title=(
+        f"end-to-end generation, {res['device_name']}, {res['date']}\n"
+        f"{shape} shape ({res.get('params_M', '?')} M params, {res.get('dtype')}), "
+        f"{res['requests']} requests x {res['new_tokens']} new tokens"))  # fmt: skip
+    colors = dict(zip(series, ["#1f77b4", RAW, "#c7c7c7"]))
+    bars(ax, [names[w] for w in ws], series, ylabel="generated tokens / s (log)", log=True,
+         fmt="{:,.0f}".format, colors=colors)  # fmt: skip
+    ax.margins(y=0.2)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.replot:
+        raise SystemExit(replot(plot, args.replot))
+    plan, ws = args.plan.split(","), args.workloads.split(",")
+    total = ("pk" in plan) * (1 + len(ws)) + ("tf" in plan) * (1 + len(ws)) + ("plain" in plan)
+    with steps(total, "end-to-end runs", quiet=args.quiet) as bar:
+        res, outs = run(args, bar)
+    if args.plot:
+        plot_result(plot, res, outs)
+
+
+def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
+    """Every run of the plan; ``bar.done()`` between them (outside the timed windows)."""
     import transformers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -69,6 +128,7 @@ def main() -> None:
     res: dict = dict(
         date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
         transformers=transformers.__version__, device=str(dev), config=args.config,
+        shape="tiny" if args.tiny else args.config,
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         requests=n_req, prefix=prefix_len, unique=uniq, new_tokens=new, dtype=str(dtype),
     )  # fmt: skip
@@ -147,6 +207,7 @@ def main() -> None:
             engine.generate(warm[:3], sp)
             sync()
             res["pk_setup_s"] = round(time.perf_counter() - t, 2)
+            bar.done()
             for w in args.workloads.split(","):
                 engine.cache.manager.reset_prefix_cache()
                 before = engine.stats()
@@ -174,6 +235,7 @@ def main() -> None:
                 )  # fmt: skip
                 print(f"pk_{w}", json.dumps(res[f"pk_{w}"]), flush=True)
                 dump()
+                bar.done()
             del engine, outs_pk
         except Exception as e:
             res["pk_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
@@ -196,6 +258,7 @@ def main() -> None:
             model.generate_batch(inputs=warm, generation_config=warm_cfg,
                                  continuous_batching_config=ContinuousBatchingConfig(),
                                  progress_bar=False)  # fmt: skip
+            bar.done()
             for w in args.workloads.split(","):
                 mem_reset()
                 sync()
@@ -216,6 +279,7 @@ def main() -> None:
                 )  # fmt: skip
                 print(f"tf_{w}", json.dumps(res[f"tf_{w}"]), flush=True)
                 dump()
+                bar.done()
         except Exception as e:
             res["tf_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
             print("tf error", traceback.format_exc(), flush=True)
@@ -240,6 +304,7 @@ def main() -> None:
                 tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib(),
             )  # fmt: skip
             print("plain_b", json.dumps(res["plain_b"]), flush=True)
+            bar.done()
         except Exception as e:
             res["plain_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
 
@@ -270,6 +335,7 @@ def main() -> None:
                       str(r.get("kv_peak_used_GiB", "")))  # fmt: skip
     Console().print(table)
     print({k: v for k, v in res.items() if k.startswith("ratio")}, flush=True)
+    return res, outs
 
 
 if __name__ == "__main__":

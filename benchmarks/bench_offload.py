@@ -12,7 +12,8 @@
   its model cannot be loaded).
 
 Layout: 7B-like (32 layers, 8 KV heads, head dim 128, block 16, bf16: 2 MiB/block).
-Prints a table; writes JSON to benchmarks/out/offload.json (and $OUT when set).
+Prints a table; writes JSON to benchmarks/out/offload.json (and $OUT when set) and a PNG
+of each tier's bandwidth against the batch size beside it.
 
     python benchmarks/bench_offload.py [--device cpu|cuda] [--swap-blocks 64,256]
         [--disk-blocks 16,64] [--redis-blocks 16,64] [--repeat 3] [--skip redis,ttft]
@@ -37,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from _plot import add_plot_arguments, figure, load, plot_result, replot
+from _progress import add_quiet_argument, steps
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 
@@ -76,7 +79,11 @@ def make_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> KVPool
 # -- swap --------------------------------------------------------------------------------
 
 
-def bench_swap(layout, sizes, device, repeat) -> list[dict]:
+def _nothing() -> None:
+    pass
+
+
+def bench_swap(layout, sizes, device, repeat, done: Callable[[], None] = _nothing) -> list[dict]:
     rows = []
     bpb = layout.bytes_per_block
     pool = make_pool(layout, max(sizes) + 64, device)
@@ -127,6 +134,7 @@ def bench_swap(layout, sizes, device, repeat) -> list[dict]:
                 "in_vs_raw": t_h2d / t_in,
             }
         )
+        done()
     return rows
 
 
@@ -165,7 +173,7 @@ def _ratios(n: int, nbytes: int, tier: list, raw: list, names: tuple[str, ...]) 
     }
 
 
-def bench_disk(layout, sizes, device, repeat, root: Path) -> list[dict]:
+def bench_disk(layout, sizes, device, repeat, root: Path, done=_nothing) -> list[dict]:
     """Tier and raw runs alternate, so both see the same page-cache / writeback state."""
     rows = []
     bpb = layout.bytes_per_block
@@ -197,6 +205,7 @@ def bench_disk(layout, sizes, device, repeat, root: Path) -> list[dict]:
                 raw.append((t1 - t0, t2 - t1))
         names = ("tier_write_GBps", "tier_read_GBps", "raw_write_GBps", "raw_read_GBps")
         rows.append(_ratios(n, nbytes, tier, raw, (*names, "write_vs_raw", "read_vs_raw")))
+        done()
     return rows
 
 
@@ -236,7 +245,7 @@ class LoopbackRedis:
         self.proc.wait()
 
 
-def bench_redis(layout, sizes, device, repeat, server: LoopbackRedis) -> list[dict]:
+def bench_redis(layout, sizes, device, repeat, server: LoopbackRedis, done=_nothing) -> list[dict]:
     """Tier and raw runs alternate; the raw run SETs / MGETs the same values, unframed."""
     rows = []
     bpb = layout.bytes_per_block
@@ -272,6 +281,7 @@ def bench_redis(layout, sizes, device, repeat, server: LoopbackRedis) -> list[di
         row["tier_put_blocks_s"] = row["tier_put_GBps"] * GB / bpb
         row["tier_get_blocks_s"] = row["tier_get_GBps"] * GB / bpb
         rows.append(row)
+        done()
     server.client.flushall()
     return rows
 
@@ -333,7 +343,54 @@ def table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+# section -> panel title, [(tier label, tier key, raw key, raw label)]
+PANELS = {
+    "swap": ("swap device <-> host (scattered blocks)", [
+        ("swap-out", "swap_out_GBps", "raw_d2h_GBps", "one contiguous copy out"),
+        ("swap-in", "swap_in_GBps", "raw_h2d_GBps", "one contiguous copy in"),
+    ]),
+    "disk": ("disk tier (page cache, no fsync)", [
+        ("demote (write)", "tier_write_GBps", "raw_write_GBps", "raw sequential write"),
+        ("promote (read)", "tier_read_GBps", "raw_read_GBps", "raw sequential read"),
+    ]),
+    "redis": ("Redis tier (loopback)", [
+        ("put", "tier_put_GBps", "raw_set_GBps", "redis-py pipelined SET"),
+        ("get", "tier_get_GBps", "raw_get_GBps", "redis-py MGET"),
+    ]),
+}  # fmt: skip
+
+
+def plot(result: dict):
+    """Each tier's GB/s against the batch size (solid) beside its raw ceiling (dashed)."""
+    sections = [k for k in PANELS if isinstance(result.get(k), list) and result[k]]
+    if not sections:
+        raise ValueError("no swap, disk or redis rows in this result to plot")
+    mib = result["bytes_per_block"] / 2**20
+    fig, axes = figure(1, len(sections), size=(4.8, 4.2), title=(
+        f"offload tiers, {result['device']} ({result['cpus']} CPUs{load(result)}), "
+        f"{result['date']}; "
+        f"{mib:g} MiB blocks"))  # fmt: skip
+    for ax, key in zip(axes, sections):
+        title, series = PANELS[key]
+        rows = result[key]
+        x = [r["blocks"] for r in rows]
+        for i, (label, tier_key, raw_key, raw_label) in enumerate(series):
+            color = ["#1f77b4", "#ff7f0e"][i]
+            ax.plot(x, [r[tier_key] for r in rows], "o-", color=color, label=label)
+            ax.plot(x, [r[raw_key] for r in rows], "s--", color=color, alpha=0.55,
+                    label=raw_label, markersize=4)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{n}\n{n * mib:g} MiB" for n in x])
+        ax.set_xlabel("batch size (blocks, and bytes)")
+        ax.set_ylabel("GB/s (median)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--swap-blocks", default=None, help="comma list; default by device")
@@ -343,7 +400,14 @@ def main() -> None:
     ap.add_argument("--ttft-tokens", type=int, default=1024)
     ap.add_argument("--skip", default="", help="comma list of swap,disk,redis,ttft")
     ap.add_argument("--dir", default=None, help="scratch directory for the disk runs")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=HERE / "out", help="folder for offload.json")
+    add_plot_arguments(ap)
+    add_quiet_argument(ap)
+    args = ap.parse_args(argv)
+    if args.replot:
+        raise SystemExit(replot(plot, args.replot))
+    if args.repeat < 1 or args.ttft_tokens < 17:
+        ap.error("--repeat must be >= 1 and --ttft-tokens >= 17 (more than one block)")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     ints = lambda s, d: [int(x) for x in (s or d).split(",")]  # noqa: E731
@@ -351,46 +415,58 @@ def main() -> None:
     disk_n = ints(args.disk_blocks, "64,256,1024" if cuda else "16,64")
     redis_n = ints(args.redis_blocks, "64,256" if cuda else "16,64")
     skip = set(filter(None, args.skip.split(",")))
+    if skip - {"swap", "disk", "redis", "ttft"} or min(swap_n + disk_n + redis_n) < 1:
+        ap.error("--skip takes swap,disk,redis,ttft; block counts must be >= 1")
     layout = LAYOUT_7B
     result = {
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU {platform.machine()}",
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "load_avg_1min": os.getloadavg()[0],  # the machine may be shared: read with care
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "layout": str(layout),
         "bytes_per_block": layout.bytes_per_block,
     }
     scratch = Path(tempfile.mkdtemp(prefix="pagedkv-bench-offload-", dir=args.dir))
     server = None
+    total = sum(len(n) for k, n in (("swap", swap_n), ("disk", disk_n), ("redis", redis_n))
+                if k not in skip) + ("ttft" not in skip)  # fmt: skip
     try:
-        if "swap" not in skip:
-            result["swap"] = bench_swap(layout, swap_n, device, args.repeat)
-            print(table("swap GPU<->CPU (scattered blocks vs one contiguous copy)", result["swap"]))
-        if "disk" not in skip:
-            result["disk"] = bench_disk(layout, disk_n, device, args.repeat, scratch)
-            print(table("\ndisk tier vs raw sequential file I/O (page cache)", result["disk"]))
-        if "redis" not in skip or "ttft" not in skip:
-            try:
-                server = LoopbackRedis(scratch)
-            except Exception as e:
-                result["redis"] = {"skipped": f"{type(e).__name__}: {e}"}
-        if "redis" not in skip and server is not None:
-            result["redis"] = bench_redis(layout, redis_n, device, args.repeat, server)
-            print(table("\nredis tier vs raw redis-py pipeline (loopback)", result["redis"]))
-        if "ttft" not in skip:
-            url = server.url if server is not None else None
-            result["ttft"] = bench_ttft(device, scratch, url, args.ttft_tokens)
-            print("\ntime to first token:", json.dumps(result["ttft"], indent=1))
+        with steps(total, "offload tiers", quiet=args.quiet) as bar:
+            if "swap" not in skip:
+                result["swap"] = bench_swap(layout, swap_n, device, args.repeat, bar.done)
+                print(table("swap GPU<->CPU (scattered blocks vs contiguous copy)", result["swap"]))
+            if "disk" not in skip:
+                result["disk"] = bench_disk(layout, disk_n, device, args.repeat, scratch, bar.done)
+                print(table("\ndisk tier vs raw sequential file I/O (page cache)", result["disk"]))
+            if "redis" not in skip or "ttft" not in skip:
+                try:
+                    server = LoopbackRedis(scratch)
+                except Exception as e:
+                    result["redis"] = {"skipped": f"{type(e).__name__}: {e}"}
+            if "redis" not in skip and server is not None:
+                result["redis"] = bench_redis(
+                    layout, redis_n, device, args.repeat, server, bar.done
+                )
+                print(table("\nredis tier vs raw redis-py pipeline (loopback)", result["redis"]))
+            if "ttft" not in skip:
+                url = server.url if server is not None else None
+                result["ttft"] = bench_ttft(device, scratch, url, args.ttft_tokens)
+                print("\ntime to first token:", json.dumps(result["ttft"], indent=1))
+                bar.done()
     finally:
         if server is not None:
             server.close()
         shutil.rmtree(scratch, ignore_errors=True)
     text = json.dumps(result, indent=2)
-    for d in filter(None, [HERE / "out", os.environ.get("OUT")]):
-        Path(d).mkdir(parents=True, exist_ok=True)
-        (Path(d) / "offload.json").write_text(text)
-    print(f"\nwrote {HERE / 'out' / 'offload.json'}")
+    paths = [Path(d) / "offload.json" for d in filter(None, [args.out, os.environ.get("OUT")])]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"\nwrote {paths[0]}")
+    if args.plot and any(isinstance(result.get(k), list) for k in PANELS):
+        plot_result(plot, result, paths)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Measures, on a CPU KVCache filled with random bf16 KV:
 
 Each measurement is repeated (``--repeats``) and interleaved with its raw
 counterpart; the best of each is reported (the machine may be shared). Prints a
-table and writes ``benchmarks/out/bench_snapshot.json``.
+table and writes ``benchmarks/out/bench_snapshot.json`` and a PNG plot beside it.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_snapshot.py [--size-mb 512] [--dir PATH]
 """
@@ -35,6 +35,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from _plot import RAW, add_plot_arguments, figure, load, plot_result, replot
+from _progress import add_quiet_argument, steps
 from pagedkv.cache import KVCache
 from pagedkv.snapshot import SnapshotStore, SyntheticPager
 from pagedkv.storage import KVLayout
@@ -84,7 +86,41 @@ def kv_split_dedup(rows: torch.Tensor, layout: KVLayout) -> tuple[int, int]:
     return len(together) * bpb, len(split) * bpb // 2
 
 
-def main() -> None:
+def plot(result: dict):
+    """Save and load GB/s beside a raw sequential write / read of the same bytes."""
+    gbps = result["best_gbps"]
+    durable = ", durable (fsync)" if result["fsync"] else ", page cache"
+    fig, axes = figure(1, 2, size=(5.8, 4.4), title=(
+        f"snapshot save / load of {result['bytes'] / 2**20:,.0f} MiB "
+        f"({result['page_bytes'] / 2**20:g} MiB pages){durable}\n{result['device']}"
+        f"{load(result)}, "
+        f"{result['date']}"))  # fmt: skip
+    panels = (
+        ("save", "raw_write", "raw write\n(one file)", ["save", "save_syn"]),
+        ("load", "raw_read", "raw read\n(one file)", ["load", "load_syn", "verify"]),
+    )
+    names = {"save": "save\nKVCache", "save_syn": "save\nSyntheticPager",
+             "load": "load\nKVCache", "load_syn": "load\nSyntheticPager",
+             "verify": "verify\n(read + sha256)"}  # fmt: skip
+    for ax, (what, raw, raw_name, keys) in zip(axes, panels):
+        labels = [raw_name, *(names[k] for k in keys)]
+        values = [gbps[raw], *(gbps[k] for k in keys)]
+        drawn = ax.bar(labels, values, color=[RAW] + ["#1f77b4"] * len(keys))
+        texts = [f"{values[0]:.2f}"] + [
+            f"{v:.2f}\n{v / values[0]:.0%} of raw" if k != "verify" else f"{v:.2f}"
+            for k, v in zip(keys, values[1:])
+        ]
+        ax.bar_label(drawn, labels=texts, fontsize=8)
+        ax.axhline(0.7 * values[0], color="k", ls="--", lw=1, label="target: 70 % of raw")
+        ax.set_ylabel("GB/s (best of repeats)")
+        ax.set_title(f"{what} vs {raw_name.splitlines()[0]}", fontsize=10)
+        ax.margins(y=0.2)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=512, help="KV bytes saved per run")
     ap.add_argument("--repeats", type=int, default=3)
@@ -101,7 +137,17 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=int, default=None, help="MiB in flight per save chunk")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_snapshot.json"))
-    args = ap.parse_args()
+    add_plot_arguments(ap)
+    add_quiet_argument(ap)
+    args = ap.parse_args(argv)
+    if args.replot:
+        raise SystemExit(replot(plot, args.replot))
+    if args.size_mb < 32:  # the fork measure needs 4 sequences of >= 8 blocks
+        ap.error(
+            f"--size-mb must be >= 32 (4 sequences of >= 8 one-MiB blocks), got {args.size_mb}"
+        )
+    if args.repeats < 1 or args.threads < 1 or args.torch_threads < 1:
+        ap.error("--repeats, --threads and --torch-threads must be >= 1")
     torch.set_num_threads(args.torch_threads)
 
     # 16 layers x 8 KV heads x 128 dim, bf16, 16-token blocks: 1 MiB pages (an 8B-class model)
@@ -132,61 +178,64 @@ def main() -> None:
 
     keys = ("raw_write", "save", "save_syn", "raw_read", "load", "load_syn", "verify", "pool_read")
     res: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(args.repeats):
-        t = time.perf_counter()
-        src.read_blocks(all_blocks)
-        res["pool_read"].append(time.perf_counter() - t)
-        for pager, suffix in ((src, ""), (syn, "_syn")):
-            run_dir = root / f"run{r}{suffix}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir()
-            res["raw_write"].append(raw_write(run_dir / "raw.bin", view, args.fsync))
-            chunk = {} if args.chunk_mb is None else {"chunk_bytes": args.chunk_mb << 20}
-            with SnapshotStore(
-                run_dir / "store",
-                durable=args.fsync,
-                threads=args.threads,
-                writers=args.writers,
-                **chunk,
-            ) as store:
-                info = store.save(pager, name="s")
-                assert info.written_bytes == nbytes, (info.written_bytes, nbytes)
-                res["save" + suffix].append(info.seconds)
-                res["raw_read"].append(raw_read(run_dir / "raw.bin"))
-                if pager is src:
-                    dst = make_cache(layout, n_blocks)
-                else:
-                    dst = SyntheticPager(layout, n_blocks, fingerprint=src.fingerprint)
-                loaded = store.load(dst, "s")
-                res["load" + suffix].append(loaded.seconds)
-                for old, new in loaded.items():  # spot-check bit-exactness
-                    a, b = pager.block_table(old)[-1], dst.block_table(new)[-1]
-                    assert torch.equal(pager.read_blocks([a]), dst.read_blocks([b]))
-                del dst
-                if pager is src:
-                    rep = store.verify("s")
-                    assert rep.ok
-                    res["verify"].append(rep.seconds)
-            shutil.rmtree(run_dir, ignore_errors=True)
+    with steps(2 * args.repeats + 1, "save / load / verify", quiet=args.quiet) as bar:
+        for r in range(args.repeats):
+            t = time.perf_counter()
+            src.read_blocks(all_blocks)
+            res["pool_read"].append(time.perf_counter() - t)
+            for pager, suffix in ((src, ""), (syn, "_syn")):
+                run_dir = root / f"run{r}{suffix}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir()
+                res["raw_write"].append(raw_write(run_dir / "raw.bin", view, args.fsync))
+                chunk = {} if args.chunk_mb is None else {"chunk_bytes": args.chunk_mb << 20}
+                with SnapshotStore(
+                    run_dir / "store",
+                    durable=args.fsync,
+                    threads=args.threads,
+                    writers=args.writers,
+                    **chunk,
+                ) as store:
+                    info = store.save(pager, name="s")
+                    assert info.written_bytes == nbytes, (info.written_bytes, nbytes)
+                    res["save" + suffix].append(info.seconds)
+                    res["raw_read"].append(raw_read(run_dir / "raw.bin"))
+                    if pager is src:
+                        dst = make_cache(layout, n_blocks)
+                    else:
+                        dst = SyntheticPager(layout, n_blocks, fingerprint=src.fingerprint)
+                    loaded = store.load(dst, "s")
+                    res["load" + suffix].append(loaded.seconds)
+                    for old, new in loaded.items():  # spot-check bit-exactness
+                        a, b = pager.block_table(old)[-1], dst.block_table(new)[-1]
+                        assert torch.equal(pager.read_blocks([a]), dst.read_blocks([b]))
+                    del dst
+                    if pager is src:
+                        rep = store.verify("s")
+                        assert rep.ok
+                        res["verify"].append(rep.seconds)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                bar.done("fork" if r == args.repeats - 1 and pager is syn else None)
 
-    # fork sharing 90 % of its prefix: a new sequence whose first 90 % of blocks hit
-    # the prefix cache (shared blocks), the rest is new KV
-    fork_dir = root / "fork"
-    shutil.rmtree(fork_dir, ignore_errors=True)
-    with SnapshotStore(fork_dir, threads=args.threads) as store:
-        parent = store.save(src, [0], name="parent")
-        shared = round(blocks_per_seq * 0.9)
-        tokens = src.token_ids(0)[: shared * layout.block_size]
-        tokens += [7_000_000 + t for t in range(tokens_per_seq - len(tokens))]
-        src.allocate("child", tokens)
-        assert src.block_table("child")[:shared] == src.block_table(0)[:shared]
-        fill(src, "child", start_block=shared, seed=99)
-        child = store.save(src, ["child"], name="child")
-        fork_frac = child.written_bytes / parent.unique_bytes
-        child_rows = src.read_blocks(src.block_table("child"))
-        parent_rows = src.read_blocks(src.block_table(0))
-        together, split = kv_split_dedup(torch.cat([parent_rows, child_rows]), layout)
-    shutil.rmtree(fork_dir, ignore_errors=True)
+        # fork sharing 90 % of its prefix: a new sequence whose first 90 % of blocks hit
+        # the prefix cache (shared blocks), the rest is new KV
+        fork_dir = root / "fork"
+        shutil.rmtree(fork_dir, ignore_errors=True)
+        with SnapshotStore(fork_dir, threads=args.threads) as store:
+            parent = store.save(src, [0], name="parent")
+            shared = round(blocks_per_seq * 0.9)
+            tokens = src.token_ids(0)[: shared * layout.block_size]
+            tokens += [7_000_000 + t for t in range(tokens_per_seq - len(tokens))]
+            src.allocate("child", tokens)
+            assert src.block_table("child")[:shared] == src.block_table(0)[:shared]
+            fill(src, "child", start_block=shared, seed=99)
+            child = store.save(src, ["child"], name="child")
+            fork_frac = child.written_bytes / parent.unique_bytes
+            child_rows = src.read_blocks(src.block_table("child"))
+            parent_rows = src.read_blocks(src.block_table(0))
+            together, split = kv_split_dedup(torch.cat([parent_rows, child_rows]), layout)
+        shutil.rmtree(fork_dir, ignore_errors=True)
+        bar.done()
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -244,6 +293,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
+    if args.plot:
+        plot_result(plot, out, [args.out])
 
 
 if __name__ == "__main__":

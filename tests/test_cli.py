@@ -102,3 +102,55 @@ def test_help_lists_the_snapshot_commands():
     assert result.exit_code == 0
     for name in ("ls", "show", "verify", "rm", "gc"):
         assert name in result.output
+
+
+def test_version():
+    from pagedkv import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"pagedkv {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["demo", "--turns", "-1"], "--turns"),
+        (["demo", "--turns", "0"], "--turns"),
+        (["demo", "--conversations", "0"], "--conversations"),
+        (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["demo", "--max-batch-tokens", "-5"], "--max-batch-tokens"),
+        (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
+        (["generate", "--temperature", "-0.5", "hi"], "--temperature"),
+        (["generate", "--top-k", "-1", "hi"], "--top-k"),
+        (["generate", "--top-p", "1.5", "hi"], "--top-p"),
+        (["generate", "--top-p", "-0.1", "hi"], "--top-p"),
+        (["generate", "--seed", "-1", "hi"], "--seed"),
+        (["generate", "--seed", str(2**64), "hi"], "--seed"),
+        (["snapshot", "gc", "--store", "unused-dir", "--grace", "-1"], "--grace"),
+    ],
+)
+def test_numeric_options_out_of_range_are_refused_before_anything_runs(
+    args, option, monkeypatch, tmp_path
+):
+    from pagedkv.engine import Engine
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded despite a bad option")
+
+    monkeypatch.setattr(Engine, "from_pretrained", must_not_load)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"Invalid value for '{option}'" in text
+    assert not (tmp_path / "unused-dir").exists()  # nothing created either
+
+
+def test_top_p_zero_is_refused_with_the_valid_range(monkeypatch):
+    from pagedkv.engine import Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    result = runner.invoke(app, ["generate", "--top-p", "0", "hi"])
+    assert result.exit_code == 2
+    assert "top_p must be in (0, 1]" in " ".join(result.output.split())

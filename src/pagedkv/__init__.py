@@ -2,6 +2,8 @@
 
 The block manager (pure Python, no torch) is imported eagerly; names that need
 torch are loaded on first use so ``from pagedkv import BlockManager`` stays light.
+A name whose optional dependency is missing raises an ``ImportError`` naming the extra
+to install (``pagedkv.Engine needs transformers: pip install "pagedkv[hf]"``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pagedkv.errors import (
 )
 from pagedkv.manager import BlockManager, CacheStats, MemoryPressure
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written (pyproject.toml reads it)
 
 # name -> module that defines it; imported lazily (these pull in torch).
 _LAZY = {

@@ -17,6 +17,26 @@ console = Console()
 app.add_typer(snapshot_app, name="snapshot")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from pagedkv import __version__
+
+        console.print(f"pagedkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """pagedkv: paged KV cache for LLM inference."""
+
+
 def _manager_demo() -> None:
     from pagedkv.manager import demo
 
@@ -28,15 +48,17 @@ def demo(
     manager: Annotated[
         bool, typer.Option("--manager", help="Run the block-manager-only demo instead.")
     ] = False,
-    conversations: Annotated[int, typer.Option(help="Chats sharing the system prompt.")] = 32,
-    turns: Annotated[int, typer.Option(help="User turns per chat.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
+    conversations: Annotated[
+        int, typer.Option(min=1, help="Chats sharing the system prompt.")
+    ] = 32,
+    turns: Annotated[int, typer.Option(min=1, help="User turns per chat.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 32,
     model: Annotated[str | None, typer.Option(help="Local model directory.")] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default: cuda if present).")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16.")] = None,
-    max_batch_tokens: Annotated[int, typer.Option(help="Tokens computed per step.")] = 2048,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens computed per step.")] = 2048,
 ) -> None:
     """Multi-turn chats on the default model (SmolLM2-135M-Instruct) with prefix caching."""
     if manager:
@@ -101,11 +123,11 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help="Local model directory (default: SmolLM2-135M-Instruct).")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
-    seed: Annotated[int | None, typer.Option()] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="In (0, 1]; 1.0 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(min=0, max=2**64 - 1)] = None,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = True,
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str | None, typer.Option()] = None,
@@ -131,7 +153,15 @@ def generate(
 
 def main() -> None:
     """Entry point of the ``pagedkv`` script."""
-    app()
+    from rich.markup import escape
+
+    from pagedkv._extras import MissingDependencyError
+
+    try:
+        app()
+    except MissingDependencyError as e:  # one line naming the extra, not a traceback
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pagedkv._extras import optional_imports
 from pagedkv.stores import atomic
 
 log = logging.getLogger("pagedkv.engine.model_loader")
@@ -58,7 +59,9 @@ def default_gguf() -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> None:
     """De-quantize the GGUF model ``gguf`` and save it (with its tokenizer) into ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with optional_imports("converting the default model"):
+        import gguf as _gguf  # noqa: F401  (transformers reads GGUF through it)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
@@ -162,7 +165,8 @@ def load_model(
     The tokenizer is ``None`` when the directory has none. Raises
     ``FileNotFoundError`` for a missing directory (no hub download is attempted).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with optional_imports("loading a model"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)  # before converting or loading anything
     directory = default_model_dir() if path is None else Path(path)

@@ -26,10 +26,13 @@ import weakref
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
+from pagedkv._extras import optional_imports
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
 from pagedkv.integrations.support import check_model_supported, kv_geometry
+
+with optional_imports(__name__):
+    from transformers.cache_utils import Cache, CacheLayerMixin
 
 _uids = itertools.count()
 

@@ -23,8 +23,12 @@ Offsets that multiply a block id or a row by a stride are int64.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 from pagedkv.ops.cascade_launch import Launch
 from pagedkv.ops.triton_decode import LOG2E, mma, needs_upcast

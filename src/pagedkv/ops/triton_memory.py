@@ -9,8 +9,12 @@ multiply a block id or slot by a stride are int64.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 CHUNK = 2048  # elements per program in the block kernels
 

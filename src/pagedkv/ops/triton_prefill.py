@@ -14,8 +14,12 @@ table; offsets that multiply a block id by a stride are int64.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 from pagedkv.ops.triton_decode import LOG2E, NO_WINDOW, logits, mma, needs_upcast, with_sink
 

@@ -194,7 +194,7 @@ def rm(name: str, store: StoreOption) -> None:
 def gc(
     store: StoreOption,
     grace: float = typer.Option(
-        None, help="Seconds a lease from another host protects its pages (default 3600)."
+        None, min=0.0, help="Seconds a lease from another host protects its pages (default 3600)."
     ),
     drop_damaged: bool = typer.Option(
         False,
