@@ -20,7 +20,7 @@ def prefix_values(tokens: list[int], salt: object) -> list[int]:
 def expected_kv(layout, tokens: list[int], salt: object, layer: int) -> torch.Tensor:
     """K/V of every token as a real model would have it, ``[n, 2, Hkv, D]``: a function of
     the token prefix, so a prefix hit holds exactly the bytes the sequence would write.
-    Small integers and eighths: exact in every float dtype the tests use."""
+    Writers and checkers both round through this function, so any dtype works."""
     values = torch.tensor(prefix_values(tokens, salt), dtype=torch.float32)
     lane = torch.arange(2 * layout.num_kv_heads * layout.head_dim, dtype=torch.float32) % 64
     kv = (values % 256)[:, None] + lane[None, :] / 8 + layer
