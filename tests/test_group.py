@@ -9,6 +9,7 @@ import torch
 from _groupcases import assert_kv, assert_same_state, group_state, write_kv
 from pagedkv import CacheIntegrityError, KVCache, KVCacheGroup, KVLayout, OutOfBlocks, PagedKVError
 from pagedkv.group import MoveResult
+from pagedkv.group.rebalance import next_move
 from pagedkv.storage import pool_copy
 
 BS = 4
@@ -48,7 +49,7 @@ def test_bad_members_are_refused():
         KVCacheGroup([])
     with pytest.raises(TypeError, match="must be a KVCache"):
         KVCacheGroup([a, "cpu"])
-    with pytest.raises(TypeError, match="mapping name -> KVCache or a sequence"):
+    with pytest.raises(TypeError, match="mapping name -> KVCache or a list"):
         KVCacheGroup(a)
     with pytest.raises(ValueError, match="same cache"):
         KVCacheGroup([a, a])
@@ -530,3 +531,11 @@ def test_routes_between_device_kinds():
     assert pool_copy.route(torch.device("cuda", 0), "cpu") == "d2h"
     assert pool_copy.route("cpu", "meta") == "staged"
     assert pool_copy.peer_access(torch.device("cpu"), torch.device("cpu")) is None
+
+
+def test_next_move_ties_go_to_member_order_and_the_oldest():
+    used, size = {"a": 8, "b": 8, "c": 0}, {"a": 16, "b": 16, "c": 16}
+    candidates = [("x", "b", 4), ("y", "a", 4), ("z", "a", 4)]
+    assert next_move(used, size, candidates, 0.1) == ("y", "a", "c")
+    assert next_move(used, size, [("w", "a", 16)], 0.1) is None  # it would only widen the gap
+    assert next_move({"a": 2, "b": 0}, {"a": 16, "b": 16}, candidates, 0.2) is None

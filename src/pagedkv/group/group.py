@@ -25,8 +25,9 @@ import torch
 
 from pagedkv.cache import KVCache
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
-from pagedkv.group_stats import Counters, DeviceStats, MoveResult
-from pagedkv.manager import CacheStats
+from pagedkv.group import members as _members
+from pagedkv.group.rebalance import next_move
+from pagedkv.group.results import Counters, DeviceStats, MoveResult
 from pagedkv.storage import KVLayout, pool_copy
 
 Device = str | torch.device
@@ -52,7 +53,7 @@ class KVCacheGroup:
         *,
         chunk_bytes: int = pool_copy.CHUNK_BYTES,
     ) -> None:
-        members = _named(caches)
+        members = _members.named(caches)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         first = next(iter(members.values()))
@@ -123,26 +124,7 @@ class KVCacheGroup:
         return dict(self._members)
 
     def _name(self, device: object) -> str:
-        """The member ``device`` names: a member name, or a device exactly one member has."""
-        if isinstance(device, str) and device in self._members:
-            return device
-        if not isinstance(device, (str, torch.device)):
-            raise TypeError(f"device must be a member name or a torch.device, got {device!r}")
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            dev = None
-        found = [
-            n
-            for n, c in self._members.items()
-            if dev is not None
-            and (c.device == dev or (dev.index is None and c.device.type == dev.type))
-        ]
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise ValueError(f"device {device!r} is ambiguous: name one of members {found}")
-        raise ValueError(f"unknown device {device!r}: members are {self.supported_devices()}")
+        return _members.resolve(self._members, device)
 
     def set_device_preference(self, devices: Sequence[Device]) -> None:
         """Rank members for placing new sequences: listed ones first, in this order, the
@@ -391,26 +373,15 @@ class KVCacheGroup:
         return moves
 
     def _next_move(self, spread: float, tried: set) -> tuple[Hashable, str, str] | None:
-        """(sequence, fullest, emptiest) for the next rebalancing move, or None."""
+        bs = self.layout.block_size
+        candidates = [
+            (sid, name, -(-self._members[name].num_tokens(sid) // bs))
+            for sid, name in self._where.items()
+            if sid not in self._pinned and sid not in tried
+        ]
         used = {n: c.manager.num_used_blocks for n, c in self._members.items()}
         size = {n: c.num_blocks for n, c in self._members.items()}
-        frac = {n: used[n] / size[n] for n in used}
-        names = list(self._members)
-        hi = max(names, key=lambda n: (frac[n], -names.index(n)))
-        lo = min(names, key=lambda n: (frac[n], names.index(n)))
-        gap = frac[hi] - frac[lo]
-        if gap <= spread:
-            return None
-        best, best_gap = None, gap
-        src, bs = self._members[hi], self.layout.block_size
-        for sid, where in self._where.items():
-            if where != hi or sid in self._pinned or sid in tried:
-                continue
-            b = -(-src.num_tokens(sid) // bs)
-            after = abs((used[hi] - b) / size[hi] - (used[lo] + b) / size[lo])
-            if after < best_gap:
-                best, best_gap = sid, after
-        return None if best is None else (best, hi, lo)
+        return next_move(used, size, candidates, spread)
 
     # ---------------------------------------------------------- stats, checks
 
@@ -419,7 +390,7 @@ class KVCacheGroup:
         out = {}
         bpb = self.layout.bytes_per_block
         for name, cache in self._members.items():
-            s: CacheStats = cache.stats()
+            s = cache.stats()
             c = self._counters[name]
             out[name] = DeviceStats(
                 name, str(cache.device), s, s.used_blocks * bpb, cache.pool.nbytes,
@@ -434,30 +405,9 @@ class KVCacheGroup:
         group's map disagrees with the members: every id in exactly one member's
         ``seq_ids()``, the one the map names; pins only on live ids; one layout and
         fingerprint throughout."""
-        problems = []
-        held: dict[Hashable, list[str]] = {}
-        for name, cache in self._members.items():
-            try:
-                cache.check_integrity()
-            except CacheIntegrityError as e:
-                problems.append(f"member {name!r}: {e}")
-            if cache.layout != self.layout or cache.fingerprint != self.fingerprint:
-                problems.append(f"member {name!r}: layout or fingerprint differs from the group's")
-            for sid in cache.seq_ids():
-                held.setdefault(sid, []).append(name)
-        for sid, names in held.items():
-            if len(names) > 1:
-                problems.append(f"sequence {sid!r} is live in members {names}")
-            if sid not in self._where:
-                problems.append(f"sequence {sid!r} is live in {names} but not in the group's map")
-        for sid, name in self._where.items():
-            if held.get(sid, [])[:1] != [name]:
-                problems.append(
-                    f"map puts {sid!r} on {name!r}; members holding it: {held.get(sid, [])}"
-                )
-        stray = [s for s in self._pinned if s not in self._where]
-        if stray:
-            problems.append(f"pinned ids {stray} are not live")
+        problems = _members.violations(
+            self._members, self._where, self._pinned, self.layout, self.fingerprint
+        )
         if problems:
             raise CacheIntegrityError("KVCacheGroup: " + "; ".join(problems))
 
@@ -471,32 +421,3 @@ class KVCacheGroup:
             f"{n}: {c.manager.num_used_blocks}/{c.num_blocks}" for n, c in self._members.items()
         )
         return f"KVCacheGroup({self.layout}, sequences={len(self._where)}, used={{{parts}}})"
-
-
-def _named(caches: object) -> dict[str, KVCache]:
-    """Members by name: a mapping as given, or caches named after their devices."""
-    if isinstance(caches, Mapping):
-        items = list(caches.items())
-        for name, _ in items:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"member names must be non-empty strings, got {name!r}")
-    elif isinstance(caches, Sequence) and not isinstance(caches, (str, bytes)):
-        devices = [str(getattr(c, "device", "?")) for c in caches]
-        seen: dict[str, int] = {}
-        items = []
-        for dev, cache in zip(devices, caches):
-            k = seen[dev] = seen.get(dev, -1) + 1
-            items.append((dev if devices.count(dev) == 1 else f"{dev}#{k}", cache))
-    else:
-        raise TypeError("caches must be a mapping name -> KVCache or a sequence of KVCaches")
-    if not items:
-        raise ValueError("a KVCacheGroup needs at least one member")
-    pools: dict[int, str] = {}
-    for name, cache in items:
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"member {name!r} must be a KVCache, got {type(cache).__name__}")
-        ptr = cache.pool.kv.data_ptr()
-        if ptr in pools:
-            raise ValueError(f"members {pools[ptr]!r} and {name!r} are the same cache (one pool)")
-        pools[ptr] = name
-    return dict(items)
