@@ -28,6 +28,7 @@ _LAZY = {
     "KVLayout": "pagedkv.storage",
     "KVPool": "pagedkv.storage",
     "KVCache": "pagedkv.cache",
+    "KVCacheGroup": "pagedkv.group",
     "SnapshotStore": "pagedkv.snapshot",
     "SnapshotInfo": "pagedkv.snapshot",
     "CPUTier": "pagedkv.tiers",

@@ -419,6 +419,16 @@ class KVCache:
             f"tiers={0 if self.tiers is None else len(self.tiers.tiers)})"
         )
 
+    def discard(self, seq_id: Hashable) -> None:
+        """Undo :meth:`allocate` of a sequence whose KV was never written (a failed copy).
+
+        Like :meth:`free`, but the blocks past its prefix hit that no other sequence holds
+        are forgotten instead of cached (see :meth:`BlockManager.discard`).
+        """
+        self._check_not_paused("discard()")
+        self.manager.discard(seq_id)
+        self._salts.pop(seq_id, None)
+
 
 def _fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
     """Identity of the KV bytes: the layout and the model that produced them."""

@@ -802,3 +802,25 @@ class BlockManager:
             f"used={s.used_blocks}, cached={s.cached_blocks}, free={s.free_blocks}, "
             f"sequences={s.num_sequences})"
         )
+
+    def discard(self, seq_id: Hashable) -> None:
+        """Free ``seq_id`` and forget, rather than cache, the blocks its KV never reached.
+
+        For undoing an :meth:`allocate` whose KV was never written (a copy into this
+        pool failed): like :meth:`free`, except that every block past the sequence's
+        prefix hit that no other sequence holds becomes free with its hash unregistered,
+        so no later prompt finds bytes that are not its tokens' KV. The prefix-hit blocks
+        are cached as after :meth:`free`. Unknown id -> ``KeyError``, nothing changed.
+        """
+        seq = self._seq(seq_id)
+        own = seq.blocks[seq.chain :]
+        self.free(seq_id)
+        for b in own:
+            if self._ref[b] > 0 or self._hash[b] is None:
+                continue  # still held by a fork, or already free
+            if b in self._pinned:
+                self._pinned.discard(b)
+            else:
+                self._policy.remove(b)
+            self._drop_registration(b)
+            self._free.append(b)

@@ -1,0 +1,33 @@
+#!/bin/bash
+# On a GPU machine with any number of GPUs, from the repository root: the KVCacheGroup
+# tests on the real devices (every ordered pair of cpu and cuda:i; two GPUs add
+# cuda:0 <-> cuda:1 and a three-member group), then the move benchmark (1 GiB per pair,
+# 8 GiB between two GPUs when memory allows), in one go.
+#   bash benchmarks/gpu_multi.sh [bench_move.py options]   (LIMIT=seconds, default 420)
+# Leaves NCCL / NVLink multicast settings as the machine has them (nothing here uses NCCL).
+set -u
+LIMIT="${LIMIT:-420}"; T0=$(date +%s)
+left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
+O="${OUT:-benchmarks/out}"; mkdir -p "$O"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee -a "$O/gpu_multi.log") 2>&1
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+nvidia-smi topo -m 2>/dev/null | head -12
+python3 - <<'PY'
+import os, torch
+n = torch.cuda.device_count()
+print("torch", torch.__version__, "gpus", n, "cpus", os.cpu_count(), "threads", torch.get_num_threads())
+for i in range(n):
+    for j in range(n):
+        if i != j:
+            print(f"peer access cuda:{i} -> cuda:{j}:", torch.cuda.can_device_access_peer(i, j))
+PY
+python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
+  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+echo "== group tests on the devices $(date -u +%T)"
+timeout "$(( $(left) / 2 ))" python3 -m pytest -q -p no:cacheprovider -rs -o addopts="" \
+  tests/test_group_gpu.py 2>&1 | tail -30
+echo "== move benchmark $(date -u +%T)"
+timeout "$(left)" python3 benchmarks/bench_move.py "$@"
+echo "== done in $(( $(date +%s) - T0 )) s"

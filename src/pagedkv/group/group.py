@@ -1,0 +1,423 @@
+"""KVCacheGroup: several KVCaches of one model on different devices, one namespace of ids.
+
+Each member is an ordinary :class:`~pagedkv.cache.KVCache` with a name (``"cuda:0"``,
+``"cpu"``; ``"cpu#0"``, ``"cpu#1"`` for two pools on one device). The group places new
+sequences (prefix affinity, then a preference list, then free blocks), moves a sequence
+between members bit-exactly, reusing the blocks of its prefix the target already caches,
+and evens out how full the members are. It calls only the members' public methods and
+keeps one map, sequence id -> member, which :meth:`KVCacheGroup.check_integrity` audits.
+
+Every operation is atomic: on bad input, :class:`~pagedkv.errors.OutOfBlocks` or a failed
+copy it raises and no member's sequences or KV change (a failed copy may leave cached
+blocks evicted on its target; see :meth:`KVCacheGroup.move`).
+
+Not thread-safe (like ``KVCache``): between a move's allocation on the target and the
+end of its copy, the target's new full blocks are already findable there, so no other
+call may run on that member meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+
+from pagedkv.cache import KVCache
+from pagedkv.errors import CacheIntegrityError, OutOfBlocks
+from pagedkv.group import members as _members
+from pagedkv.group.rebalance import next_move
+from pagedkv.group.results import Counters, DeviceStats, MoveResult
+from pagedkv.storage import KVLayout, pool_copy
+
+Device = str | torch.device
+
+
+class KVCacheGroup:
+    """KV caches of one layout and model fingerprint on several devices.
+
+    Args:
+        caches: the members: a mapping name -> :class:`KVCache`, or a sequence of caches
+            named after their devices (``"cuda:0"``; ``"cpu#0"``, ``"cpu#1"`` when several
+            share one). Sequences already live in them join the group.
+        chunk_bytes: staging granularity of moves (see :mod:`pagedkv.storage.pool_copy`).
+
+    Raises ``TypeError``/``ValueError`` for no members, a member that is not a
+    ``KVCache``, the same cache (or pool) twice, members whose layouts or model
+    fingerprints differ, or a sequence id live in two members.
+    """
+
+    def __init__(
+        self,
+        caches: Mapping[str, KVCache] | Sequence[KVCache],
+        *,
+        chunk_bytes: int = pool_copy.CHUNK_BYTES,
+    ) -> None:
+        members = _members.named(caches)
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        first = next(iter(members.values()))
+        self.layout: KVLayout = first.layout
+        self.fingerprint: str = first.fingerprint
+        where: dict[Hashable, str] = {}
+        for name, cache in members.items():
+            if cache.layout != self.layout:
+                raise ValueError(f"member {name!r} has layout {cache.layout}, not {self.layout}")
+            if cache.fingerprint != self.fingerprint:
+                raise ValueError(
+                    f"member {name!r} holds KV of model {cache.model_fingerprint!r}, not "
+                    f"{first.model_fingerprint!r} (fingerprints {cache.fingerprint} vs "
+                    f"{self.fingerprint}); a group serves one model"
+                )
+            for sid in [*cache.seq_ids(), *cache.swapped_ids()]:
+                if sid in where:
+                    raise ValueError(f"sequence {sid!r} is in members {where[sid]!r} and {name!r}")
+                where[sid] = name
+        self.chunk_bytes = chunk_bytes
+        self._members = members
+        self._where = {sid: n for sid, n in where.items() if sid in members[n]}  # live only
+        self._preference: list[str] = []
+        self._pinned: set[Hashable] = set()
+        self._counters = {name: Counters() for name in members}
+
+    @classmethod
+    def create(
+        cls,
+        layout: KVLayout,
+        num_blocks: int | Sequence[int],
+        devices: Sequence[Device],
+        *,
+        names: Sequence[str] | None = None,
+        model_fingerprint: str = "",
+        chunk_bytes: int = pool_copy.CHUNK_BYTES,
+        **cache_options: object,
+    ) -> KVCacheGroup:
+        """A group of new caches: one per entry of ``devices`` (a device may repeat),
+        ``num_blocks`` each (an int) or per device (a sequence); ``cache_options`` go to
+        every :class:`KVCache`."""
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
+            raise TypeError("devices must be a sequence, e.g. ['cuda:0', 'cuda:1'] or ['cpu'] * 2")
+        counts = [num_blocks] * len(devices) if isinstance(num_blocks, int) else list(num_blocks)
+        if len(counts) != len(devices):
+            raise ValueError(f"{len(counts)} num_blocks for {len(devices)} devices")
+        if names is not None and len(names) != len(devices):
+            raise ValueError(f"{len(names)} names for {len(devices)} devices")
+        caches = [
+            KVCache(layout, n, device=d, model_fingerprint=model_fingerprint, **cache_options)
+            for n, d in zip(counts, devices)
+        ]
+        members = caches if names is None else dict(zip(names, caches))
+        return cls(members, chunk_bytes=chunk_bytes)
+
+    # ------------------------------------------------------------------ members
+
+    def supported_devices(self) -> list[str]:
+        """Member names, in member order."""
+        return list(self._members)
+
+    def member(self, device: Device) -> KVCache:
+        """The member cache named (or on the device) ``device``."""
+        return self._members[self._name(device)]
+
+    def members(self) -> dict[str, KVCache]:
+        """Name -> cache of every member (a copy of the mapping)."""
+        return dict(self._members)
+
+    def _name(self, device: object) -> str:
+        return _members.resolve(self._members, device)
+
+    def set_device_preference(self, devices: Sequence[Device]) -> None:
+        """Rank members for placing new sequences: listed ones first, in this order, the
+        rest after them (a prefix hit still comes first; see :meth:`allocate`). An empty
+        list clears the preference. Unknown or repeated members raise ``ValueError``."""
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
+            raise TypeError("set_device_preference() takes a sequence of members")
+        names = [self._name(d) for d in devices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a member appears twice in the preference {names}")
+        self._preference = names
+
+    def device_preference(self) -> list[str]:
+        return list(self._preference)
+
+    # ---------------------------------------------------------------- sequences
+
+    def __contains__(self, seq_id: object) -> bool:
+        try:
+            return seq_id in self._where
+        except TypeError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def seq_ids(self) -> list:
+        """Live sequences of every member, oldest first (a move keeps a sequence's place)."""
+        return list(self._where)
+
+    def device_of(self, seq_id: Hashable) -> str:
+        """The member holding ``seq_id`` (``KeyError`` if none)."""
+        try:
+            return self._where[seq_id]
+        except KeyError:
+            raise KeyError(
+                f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
+            ) from None
+        except TypeError:
+            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
+
+    def cache_of(self, seq_id: Hashable) -> KVCache:
+        """The member cache holding ``seq_id``: its tensors and kernels serve the sequence."""
+        return self._members[self.device_of(seq_id)]
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        return self.cache_of(seq_id).block_table(seq_id)
+
+    def token_ids(self, seq_id: Hashable) -> list[int]:
+        return self.cache_of(seq_id).token_ids(seq_id)
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        return self.cache_of(seq_id).num_tokens(seq_id)
+
+    def salt(self, seq_id: Hashable) -> object:
+        return self.cache_of(seq_id).salt(seq_id)
+
+    def _check_new(self, seq_id: object, what: str) -> None:
+        try:
+            where = self._where.get(seq_id)
+        except TypeError:
+            raise TypeError(f"{what} must be hashable, got {type(seq_id).__name__}") from None
+        if where is not None:
+            raise ValueError(f"sequence {seq_id!r} is already live on {where!r}; use a new id")
+        for name, cache in self._members.items():
+            if seq_id in cache or seq_id in cache.swapped_ids():
+                raise ValueError(
+                    f"sequence {seq_id!r} is held by member {name!r} outside the group "
+                    "(allocated or swapped out there directly); use a new id"
+                )
+
+    def allocate(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        salt: object = None,
+        device: Device | None = None,
+    ) -> int:
+        """Start a sequence on one member; return how many prompt tokens already have KV.
+
+        With ``device=None`` the member is, in order of precedence: the one caching the
+        longest prefix of the prompt (prefix affinity), then the earliest in the
+        preference list, then the one with most free blocks, then member order; a
+        member without room is skipped. Raises ``ValueError`` for an id live anywhere in
+        the group, :class:`OutOfBlocks` when no member (or not ``device``) has room;
+        nothing changes then.
+        """
+        self._check_new(seq_id, "seq_id")
+        if device is not None:
+            order = [self._name(device)]
+        else:
+            hits = {n: c.manager.lookup(token_ids, salt) for n, c in self._members.items()}
+            rank = {n: i for i, n in enumerate(self._preference)}
+            index = {n: i for i, n in enumerate(self._members)}
+            order = sorted(
+                self._members,
+                key=lambda n: (
+                    -hits[n],
+                    rank.get(n, len(rank)),
+                    -self._members[n].num_free_blocks,
+                    index[n],
+                ),
+            )
+        refused = []
+        for name in order:
+            try:
+                cached = self._members[name].allocate(seq_id, token_ids, salt)
+            except OutOfBlocks:
+                if device is not None:
+                    raise
+                refused.append(f"{name} has {self._members[name].num_free_blocks}")
+                continue
+            self._where[seq_id] = name
+            counters = self._counters[name]
+            counters.placements += 1
+            if cached:
+                counters.prefix_hits += 1
+                counters.prefix_hit_tokens += cached
+            return cached
+        need = self.layout.num_blocks_for(len(token_ids))
+        raise OutOfBlocks(
+            f"allocate({seq_id!r}, {len(token_ids)} tokens) needs up to {need} blocks but no "
+            f"member has room ({', '.join(refused)} free or evictable); free or preempt "
+            "sequences, or add a member"
+        )
+
+    def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
+        """Reserve slots for more tokens on the sequence's member."""
+        self.cache_of(seq_id).append(seq_id, token_ids)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """A child sharing all of the parent's blocks, on the parent's member."""
+        cache = self.cache_of(parent_id)
+        self._check_new(child_id, "child_id")
+        cache.fork(parent_id, child_id)
+        self._where[child_id] = self._where[parent_id]
+
+    def free(self, seq_id: Hashable) -> None:
+        """Release a live sequence (and its pin)."""
+        self.cache_of(seq_id).free(seq_id)
+        del self._where[seq_id]
+        self._pinned.discard(seq_id)
+
+    def pin(self, seq_id: Hashable) -> None:
+        """Keep a live sequence on its member (it is busy, e.g. in a running step):
+        :meth:`move` refuses it and :meth:`rebalance` passes it over until :meth:`unpin`."""
+        self.device_of(seq_id)
+        self._pinned.add(seq_id)
+
+    def unpin(self, seq_id: Hashable) -> None:
+        """Undo :meth:`pin` (``KeyError`` if the sequence is not pinned)."""
+        if seq_id not in self._pinned:
+            raise KeyError(f"sequence {seq_id!r} is not pinned")
+        self._pinned.discard(seq_id)
+
+    def pinned(self) -> list:
+        """Pinned sequences, oldest first."""
+        return [s for s in self._where if s in self._pinned]
+
+    # -------------------------------------------------------------------- moves
+
+    def move(self, seq_id: Hashable, device: Device) -> MoveResult:
+        """Move a live sequence to another member, bit-exactly; returns what was copied.
+
+        The target allocates the sequence with its tokens and salt, so every leading full
+        block it already caches is reused, not copied, and its full blocks are registered
+        in the target's prefix index; the other blocks are copied (device to device
+        between GPUs, through pinned host memory between a GPU and the CPU), then the
+        source frees the sequence. Raises ``KeyError`` for an unknown sequence,
+        ``ValueError`` for an unknown member, the sequence's own member or a pinned
+        sequence, :class:`OutOfBlocks` when the target has no room; on any error,
+        a failed copy included, neither member's sequences, block tables or KV change.
+        The one trace a failed copy leaves: cached (unreferenced) blocks the target
+        evicted to make room stay evicted, as after any allocation there.
+        """
+        source = self.device_of(seq_id)
+        target = self._name(device)
+        if target == source:
+            raise ValueError(f"sequence {seq_id!r} is already on {target!r}")
+        if seq_id in self._pinned:
+            raise ValueError(f"sequence {seq_id!r} is pinned to {source!r}; unpin() it first")
+        return self._move(seq_id, source, target)
+
+    def _move(self, seq_id: Hashable, source: str, target: str) -> MoveResult:
+        t0 = time.perf_counter()
+        src, dst = self._members[source], self._members[target]
+        table = src.block_table(seq_id)
+        cached = dst.allocate(seq_id, src.token_ids(seq_id), src.salt(seq_id))
+        first = cached // self.layout.block_size
+        try:
+            done = pool_copy.copy_blocks_between(
+                src.pool,
+                table[first:],
+                dst.pool,
+                dst.block_table(seq_id)[first:],
+                chunk_bytes=self.chunk_bytes,
+            )
+            src.free(seq_id)
+        except BaseException:
+            dst.discard(seq_id)  # the target's new blocks never got their KV: forget them
+            raise
+        self._where[seq_id] = target
+        out, into = self._counters[source], self._counters[target]
+        out.moves_out += 1
+        into.moves_in += 1
+        into.blocks_copied_in += done.blocks
+        into.blocks_reused_in += first
+        return MoveResult(
+            seq_id, source, target, done.blocks, first, done.bytes,
+            time.perf_counter() - t0, done.route, done.peer,
+        )  # fmt: skip
+
+    def rebalance(self, target_spread: float = 0.1, *, max_moves: int | None = None) -> list:
+        """Move sequences from the fullest member to the emptiest until the used fractions
+        (blocks in use / blocks) of all members lie within ``target_spread``.
+
+        Deterministic: each round takes the fullest member (ties: first in member order)
+        and the emptiest (ties: first), and moves the sequence of the fullest whose block
+        count brings the two fractions closest together — only a sequence that narrows
+        their gap, is not pinned and has not moved in this call; ties go to the oldest.
+        It stops when the spread is reached, no sequence narrows the gap, or after
+        ``max_moves`` moves. Returns the :class:`MoveResult` of each move, in order. A
+        copy error propagates (the moves before it stay done; the failed one changed
+        nothing).
+        """
+        if isinstance(target_spread, bool) or not isinstance(target_spread, (int, float)):
+            raise TypeError(f"target_spread must be a number, got {target_spread!r}")
+        if not 0 <= target_spread < 1:
+            raise ValueError(f"target_spread must lie in [0, 1), got {target_spread}")
+        if max_moves is not None and (
+            isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0
+        ):
+            raise ValueError(f"max_moves must be a non-negative int or None, got {max_moves!r}")
+        moves: list[MoveResult] = []
+        tried: set[Hashable] = set()
+        while max_moves is None or len(moves) < max_moves:
+            pick = self._next_move(target_spread, tried)
+            if pick is None:
+                break
+            seq_id, source, target = pick
+            tried.add(seq_id)
+            try:
+                moves.append(self._move(seq_id, source, target))
+            except OutOfBlocks:
+                continue  # the target's room was smaller than its free count said
+        return moves
+
+    def _next_move(self, spread: float, tried: set) -> tuple[Hashable, str, str] | None:
+        bs = self.layout.block_size
+        candidates = [
+            (sid, name, -(-self._members[name].num_tokens(sid) // bs))
+            for sid, name in self._where.items()
+            if sid not in self._pinned and sid not in tried
+        ]
+        used = {n: c.manager.num_used_blocks for n, c in self._members.items()}
+        size = {n: c.num_blocks for n, c in self._members.items()}
+        return next_move(used, size, candidates, spread)
+
+    # ---------------------------------------------------------- stats, checks
+
+    def device_stats(self) -> dict[str, DeviceStats]:
+        """Per member: its :class:`CacheStats`, bytes used / total, and the group's counters."""
+        out = {}
+        bpb = self.layout.bytes_per_block
+        for name, cache in self._members.items():
+            s = cache.stats()
+            c = self._counters[name]
+            out[name] = DeviceStats(
+                name, str(cache.device), s, s.used_blocks * bpb, cache.pool.nbytes,
+                s.used_blocks / s.num_blocks, s.num_sequences, c.placements, c.prefix_hits,
+                c.prefix_hit_tokens, c.moves_in, c.moves_out, c.blocks_copied_in,
+                c.blocks_reused_in,
+            )  # fmt: skip
+        return out
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` when a member's own check fails or the
+        group's map disagrees with the members: every id in exactly one member's
+        ``seq_ids()``, the one the map names; pins only on live ids; one layout and
+        fingerprint throughout."""
+        problems = _members.violations(
+            self._members, self._where, self._pinned, self.layout, self.fingerprint
+        )
+        if problems:
+            raise CacheIntegrityError("KVCacheGroup: " + "; ".join(problems))
+
+    def close(self) -> None:
+        """Flush and close every member's tiers."""
+        for cache in self._members.values():
+            cache.close()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{n}: {c.manager.num_used_blocks}/{c.num_blocks}" for n, c in self._members.items()
+        )
+        return f"KVCacheGroup({self.layout}, sequences={len(self._where)}, used={{{parts}}})"
