@@ -8,7 +8,9 @@ only when a Triton kernel is first used, so the reference works without it.
 
 Batch-invariant mode (``batch_invariant=True``, :func:`set_batch_invariant`,
 :func:`batch_invariant_mode`) makes decode results for a sequence bit-identical
-whatever else shares its batch.
+whatever else shares its batch. :func:`batch_invariant_mode` (or :func:`invariant_forward`
+under the flag) also routes a model's own matmuls, reductions and softmax to the
+batch-invariant ops of :mod:`pagedkv.ops.invariant` (see :mod:`pagedkv.ops.invariant_mode`).
 
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
@@ -33,6 +35,7 @@ from pagedkv.ops._config import (
     set_batch_invariant,
     use_backend,
 )
+from pagedkv.ops.invariant_mode import invariant_forward
 from pagedkv.ops.plan import DecodePlan
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "decode_attention",
     "gather_blocks",
     "get_backend",
+    "invariant_forward",
     "is_batch_invariant",
     "paged_decode",
     "paged_prefill",
