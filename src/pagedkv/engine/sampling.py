@@ -42,9 +42,7 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return greedy
-    probs = probabilities(
-        logits, rows, params, batch_invariant=resolve_invariant(batch_invariant)
-    )
+    probs = probabilities(logits, rows, params, batch_invariant=resolve_invariant(batch_invariant))
     drawn = torch.stack(
         [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(rows)]
     )

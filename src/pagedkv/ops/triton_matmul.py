@@ -73,7 +73,9 @@ def _num_programs(device: torch.device) -> int:
 
 # M and everything derived from it are not specialized: one compiled kernel serves every M
 # (Triton would otherwise compile variants for M == 1 and M % 16 == 0).
-@triton.jit(do_not_specialize=["M", "num_tiles", "num_programs", "stride_ab", "stride_cb", "stride_zb"])
+@triton.jit(
+    do_not_specialize=["M", "num_tiles", "num_programs", "stride_ab", "stride_cb", "stride_zb"]
+)
 def _gemm_kernel(
     A, B, C, Bias,
     M, N, K, num_tiles, num_programs,
@@ -113,8 +115,12 @@ def _gemm_kernel(
             if EMULATE:  # the interpreter: see emulate_dot
                 prod = a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
                 acc += tl.sum(prod, axis=1)
-            else:
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            elif PRECISION == "ieee":
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            elif PRECISION == "tf32":
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:  # 16-bit inputs
+                acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         cm = offs_m.to(tl.int64)
@@ -158,7 +164,7 @@ def gemm(
     out = torch.empty((bt, m, n), dtype=out_dtype or a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    precision = float32_precision() if a.dtype == torch.float32 else "tf32"
+    precision = float32_precision() if a.dtype == torch.float32 else "native"
     cfg = config or default_config(a.dtype, n, k, precision)
     num_tiles = bt * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(_num_programs(a.device), num_tiles)
