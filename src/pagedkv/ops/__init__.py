@@ -8,7 +8,9 @@ only when a Triton kernel is first used, so the reference works without it.
 
 Batch-invariant mode (``batch_invariant=True``, :func:`set_batch_invariant`,
 :func:`batch_invariant_mode`) makes decode results for a sequence bit-identical
-whatever else shares its batch.
+whatever else shares its batch. :func:`batch_invariant_mode` (or :func:`invariant_forward`
+under the flag) also routes a model's own matmuls, reductions and softmax to the
+batch-invariant ops of :mod:`pagedkv.ops.invariant` (see :mod:`pagedkv.ops.invariant_mode`).
 
 Decode and prefill take keyword-only ``window`` (sliding window, tokens), ``softcap``
 (logit soft-capping) and ``sinks`` (per-head sink logits); any mix may be combined.
@@ -42,6 +44,7 @@ from pagedkv.ops._config import (
 )
 from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
 from pagedkv.ops.cascade_groups import shared_prefix_groups
+from pagedkv.ops.invariant_mode import invariant_forward
 from pagedkv.ops.plan import DecodePlan
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "decode_attention",
     "gather_blocks",
     "get_backend",
+    "invariant_forward",
     "is_batch_invariant",
     "paged_decode",
     "paged_prefill",

@@ -42,11 +42,14 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 def set_batch_invariant(enabled: bool) -> None:
-    """Turn batch-invariant mode on or off for this context.
+    """Turn batch-invariant mode on or off for this context (a flag, nothing else).
 
     In this mode the output for one sequence is bit-identical whatever other sequences
     share its batch and wherever it sits in it (fixed split size in tokens, fixed
-    reduction order). It costs some speed at small batch sizes.
+    reduction order). The flag switches pagedkv's own ops (attention kernels, the
+    engine's sampler); a model forward run under it is invariant as a whole only inside
+    :func:`pagedkv.ops.invariant_forward` (what :func:`batch_invariant_mode` and the
+    engine enter), which routes the model's matmuls and reductions to invariant kernels.
     """
     _invariant.set(bool(enabled))
 
@@ -58,10 +61,19 @@ def is_batch_invariant() -> bool:
 
 @contextlib.contextmanager
 def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
-    """Context manager form of :func:`set_batch_invariant`."""
+    """Batch-invariant mode for the block: :func:`set_batch_invariant` restored on exit,
+    and (when enabled) :func:`pagedkv.ops.invariant_forward`, so that a model forward run
+    inside computes every row — matmuls, norms, softmax, attention — independently of the
+    rest of its batch. ``batch_invariant_mode(False)`` inside turns both off again."""
     token = _invariant.set(bool(enabled))
     try:
-        yield
+        if enabled:
+            from pagedkv.ops.invariant_mode import invariant_forward
+
+            with invariant_forward():
+                yield
+        else:
+            yield
     finally:
         _invariant.reset(token)
 

@@ -1,0 +1,243 @@
+"""Batch-invariant matmul and row reductions (pagedkv.ops.invariant): the same function as
+torch within rounding, and bit-identical rows whatever the number of rows (M) and the
+row's position. Both backends: the torch path ("reference", CPU) and the Triton kernels
+(through the Triton interpreter without CUDA, on small shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedkv import ops
+from pagedkv.ops import invariant as inv
+from pagedkv.ops import reference_invariant as ref
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKENDS = ["reference", "triton"]
+# rel. error vs a float64 product: float32 accumulation, one rounding to the output dtype
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+MS = (1, 3, 7, 64, 129)
+F32 = torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_without_it(request):
+    spec = getattr(request.node, "callspec", None)
+    if spec is not None and spec.params.get("backend") == "triton":
+        pytest.importorskip("triton")
+
+
+def device(backend: str) -> str:
+    """The torch path is the CPU path (CUDA tensors take the Triton kernels)."""
+    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+
+
+def rel_err(x: torch.Tensor, ref64: torch.Tensor) -> float:
+    return ((x.double() - ref64).abs().max() / ref64.abs().max().clamp_min(1e-30)).item()
+
+
+def embed(row: torch.Tensor, m: int, at: int, gen: torch.Generator) -> torch.Tensor:
+    """``m`` random rows with ``row`` at index ``at``."""
+    x = torch.randn(m, *row.shape, generator=gen).to(row.dtype).to(row.device)
+    x[at] = row
+    return x
+
+
+def positions(m: int) -> list[int]:
+    return sorted({0, m // 2, m - 1})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 40, 37), (70, 64, 48), (129, 33, 17)], ids=str)
+def test_gemm_matches_torch(backend, dtype, shape):
+    m, k, n = shape
+    dev = device(backend)
+    g = torch.Generator().manual_seed(m * k + n)
+    x = torch.randn(m, k, generator=g).to(dtype).to(dev)
+    w = torch.randn(n, k, generator=g).to(dtype).to(dev)
+    b = torch.randn(n, generator=g).to(dtype).to(dev)
+    exact = x.double() @ w.double().t() + b.double()
+    with ops.use_backend(backend):
+        y = inv.linear(x, w, b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    err, err_torch = rel_err(y, exact), rel_err(torch.nn.functional.linear(x, w, b), exact)
+    assert err <= TOL[dtype], (
+        f"{backend} {dtype} {shape}: rel err {err:.2e} (torch: {err_torch:.2e})"
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gemm_rows_do_not_depend_on_m_or_position(backend, dtype):
+    k, n = (40, 37) if backend == "triton" and not HAS_CUDA else (576, 320)
+    dev = device(backend)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(n, k, generator=g).to(dtype).to(dev)
+    b = torch.randn(n, generator=g).to(dtype).to(dev)
+    row = torch.randn(k, generator=g).to(dtype).to(dev)
+    with ops.use_backend(backend):
+        alone = inv.linear(row[None], w, b)[0]
+        for m in MS:
+            for at in positions(m):
+                got = inv.linear(embed(row, m, at, g), w, b)[at]
+                assert torch.equal(got, alone), f"{backend} {dtype}: row {at} of M={m} differs"
+    torch_rows = [torch.nn.functional.linear(embed(row, m, 0, g), w, b)[0] for m in MS]
+    same = [torch.equal(r, torch_rows[0]) for r in torch_rows]
+    print(f"torch F.linear {dtype} K={k} N={n}: row identical to M=1 at M={MS}: {same}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matmul_and_bmm_follow_torch_semantics(backend):
+    dev = device(backend)
+    g = torch.Generator().manual_seed(3)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dev)
+
+    cases = [
+        (r(7), r(7)), (r(5, 7), r(7)), (r(7), r(7, 4)), (r(2, 3, 5, 7), r(7, 4)),
+        (r(2, 1, 5, 7), r(3, 7, 4)), (r(5, 7), r(2, 7, 4)), (r(2, 3, 0, 7), r(7, 4)),
+    ]  # fmt: skip
+    with ops.use_backend(backend):
+        for a, b in cases:
+            want = torch.matmul(a.double(), b.double())
+            got = inv.matmul(a, b)
+            assert got.shape == want.shape, f"{tuple(a.shape)} @ {tuple(b.shape)}"
+            assert got.numel() == 0 or rel_err(got, want) < 1e-5
+        bias = r(3, 5, 4)
+        a, b = r(3, 5, 6), r(3, 6, 4)
+        got = inv.gemm(a, b, bias, beta=0.5, alpha=2.0)
+        want = 2.0 * (a.double() @ b.double()) + 0.5 * bias.double()
+        assert rel_err(got, want) < 1e-5
+
+
+ROW_CASES = (
+    [("reference", dt, n) for dt in DTYPES for n in (1, 37, 1500)]
+    + [
+        ("reference", torch.float32, 49152),  # where torch's CPU mean changes with M
+    ]
+    + [("triton", dt, n) for dt in (torch.float32, torch.bfloat16) for n in (37, 1500)]
+)  # the interpreter runs ~10 ms per row program: few rows there
+
+
+@pytest.mark.parametrize("backend,dtype,n", ROW_CASES, ids=str)
+def test_row_reductions_do_not_depend_on_m_or_position(backend, dtype, n):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dev = device(backend)
+    ms = MS if backend == "reference" or HAS_CUDA else (1, 3, 8)
+    if n > 10_000:
+        ms = (1, 3, 64)
+    g = torch.Generator().manual_seed(n)
+    row = (torch.randn(n, generator=g) * 3).to(dtype).to(dev)
+    fns = {
+        "sum": lambda x: inv.reduce_sum(x, -1),
+        "mean": lambda x: inv.reduce_mean(x.float().pow(2), -1, keepdim=True),
+        "softmax": lambda x: inv.softmax(x, -1, dtype=torch.float32),
+        "log_softmax": lambda x: inv.log_softmax(x, -1),
+        "cumsum": lambda x: inv.cumsum(x, -1),
+    }
+    with ops.use_backend(backend):
+        for name, fn in fns.items():
+            alone = fn(row[None])[0]
+            for m in ms:
+                for at in positions(m):
+                    got = fn(embed(row, m, at, g))[at]
+                    assert torch.equal(got, alone), f"{name} {dtype} n={n}: row {at}/{m} differs"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_match_torch(backend):
+    dev = device(backend)
+    g = torch.Generator().manual_seed(11)
+    shape = (2, 3, 40) if backend == "triton" and not HAS_CUDA else (4, 6, 1100)
+    x = torch.randn(*shape, generator=g).to(dev)
+    checks = [
+        (inv.reduce_sum(x, -1), x.sum(-1)),
+        (inv.reduce_sum(x, (0, 2), keepdim=True), x.sum((0, 2), keepdim=True)),
+        (inv.reduce_mean(x, 1), x.mean(1)),
+        (inv.reduce_mean(x), x.mean()),
+        (inv.reduce_mean(x.half(), -1, dtype=torch.float32), x.half().mean(-1, dtype=F32)),
+        (inv.softmax(x, 1), x.softmax(1)),
+        (inv.log_softmax(x, -1), x.log_softmax(-1)),
+        (inv.softmax(x.half(), -1, dtype=torch.float32), x.half().softmax(-1, dtype=torch.float32)),
+        (inv.cumsum(x, 0), x.cumsum(0)),
+    ]  # fmt: skip
+    with ops.use_backend(backend):
+        for i, (got, want) in enumerate(checks):
+            assert got.shape == want.shape and got.dtype == want.dtype, f"check {i}"
+            err = (got.double() - want.double()).abs().max().item()
+            scale = want.double().abs().max().item()
+            assert err <= 2e-3 * max(scale, 1.0), f"check {i}: max abs err {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trailing_zeros_and_masked_columns_do_not_change_a_row(backend):
+    """A sum over a row padded with zeros, a softmax over a row padded with -inf (masked
+    keys of a right-padded batch) give the unpadded row's bits."""
+    dev = device(backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 37, generator=g).to(dev)
+    with ops.use_backend(backend):
+        for extra in (1, 27, 91, 1100) if backend == "reference" else (27, 1100):
+            zeros = torch.zeros(3, extra, device=dev)
+            padded = torch.cat([x, zeros], 1)
+            assert torch.equal(inv.reduce_sum(padded, -1), inv.reduce_sum(x, -1)), extra
+            p = inv.softmax(torch.cat([x, zeros - float("inf")], 1), -1)
+            assert torch.equal(p[:, :37], inv.softmax(x, -1)), extra
+            assert torch.equal(p[:, 37:], zeros)
+
+
+def test_cpu_activations_are_position_independent():
+    """torch's CPU silu differs between its vector loop and the scalar tail; ours does not."""
+    x = torch.randn(4099) * 4
+    for name, fn in (("silu", ref.silu), ("sigmoid", ref.sigmoid), ("gelu", ref.gelu)):
+        whole = fn(x)
+        parts = torch.cat([fn(x[i : i + 37]) for i in range(0, x.numel(), 37)])
+        single = torch.stack([fn(x[i : i + 1])[0] for i in range(0, x.numel(), 41)])
+        assert torch.equal(whole, parts) and torch.equal(whole[::41], single), name
+    silu_torch = torch.nn.functional.silu
+    torch_parts = torch.cat([silu_torch(x[i : i + 37]) for i in range(0, x.numel(), 37)])
+    print("torch silu: elements differing between chunkings:", (silu_torch(x) != torch_parts).sum())
+
+
+def test_reference_gemm_tile_rows_are_position_independent():
+    """The CPU path's premise: one fixed-shape torch.mm computes a row the same at every
+    position of the tile, whatever the other rows hold."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in DTYPES:
+        w = torch.randn(96, 2048, generator=g).to(dtype).t()  # W.T: [K=2048, N=96]
+        row = torch.randn(2048, generator=g).to(dtype)
+        first = None
+        for at in range(ref.TILE_M):
+            tile = torch.randn(ref.TILE_M, 2048, generator=g).to(dtype)
+            tile[at] = row
+            y = torch.mm(tile, w)[at]
+            first = y if first is None else first
+            assert torch.equal(y, first), f"{dtype}: row position {at} of a tile differs"
+
+
+def test_bad_arguments_raise_clear_errors():
+    a = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        inv.gemm(a, torch.randn(2, 5, 6))
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        inv.gemm(a.long(), a.long())
+    with pytest.raises(TypeError, match="cast one"):
+        inv.gemm(a, torch.randn(2, 4, 6).half())
+    with pytest.raises(ValueError, match="does not broadcast"):
+        inv.gemm(a, torch.randn(2, 4, 6), bias=torch.randn(5))
+    with pytest.raises(ValueError, match="batch sizes"):
+        inv.gemm(a, torch.randn(3, 4, 6))
+    with pytest.raises(ValueError, match="last dim must be K"):
+        inv.linear(a, torch.randn(6, 5))
+    with pytest.raises(ValueError, match="out of range"):
+        inv.reduce_sum(a, 3)
+    with pytest.raises(ValueError, match="twice"):
+        inv.reduce_mean(a, (1, -2))
+    with pytest.raises(ValueError, match="out of range"):
+        inv.softmax(a, -4)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        inv.rms_norm(a, (3,))
