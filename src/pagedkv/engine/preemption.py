@@ -26,7 +26,7 @@ built-ins simply sort the running requests.
 
 from __future__ import annotations
 
-import numbers
+import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -166,8 +166,13 @@ PolicySpec = str | SelectVictims | PreemptionPolicy
 
 def make_preemption_policy(spec: PolicySpec) -> PreemptionPolicy:
     """The policy for ``spec``: a registered name (``"newest"``, ``"oldest"``, ``"lru"``,
-    ``"fewest_blocks"``, ``"priority"``), an object with a ``select_victims`` method
-    (used as it is), or a function ``select_victims(running, blocks_needed)``."""
+    ``"fewest_blocks"``, ``"priority"``; any case), a function
+    ``select_victims(running, blocks_needed)``, or an object with such a method (and
+    optionally a str ``name`` for errors and logs).
+
+    ``ValueError`` for an unknown name (listing the known ones), ``TypeError`` for
+    anything else.
+    """
     if isinstance(spec, str):
         try:
             return POLICIES[spec.lower()]()
@@ -211,10 +216,10 @@ def check_victims(
     seen: set[int] = set()
     for k, item in enumerate(items):
         if not isinstance(item, RunningRequest):
-            what = f"int {item!r}" if isinstance(item, numbers.Integral) else type(item).__name__
             raise PreemptionPolicyError(
-                f"{where} returned a {what} at position {k}; return RunningRequest objects "
-                "taken from `running` (not request ids or copies)"
+                f"{where} returned {type(item).__name__} {reprlib.repr(item)} at position {k}, "
+                "not a running request; return RunningRequest objects taken from `running` "
+                "(not request ids or copies)"
             )
         i = position.get(id(item))
         if i is None:

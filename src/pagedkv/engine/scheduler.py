@@ -202,13 +202,7 @@ class Scheduler:
 
     def _select_victims(self, req: Request, short: int) -> list[Request]:
         bs = self.block_size
-        views = tuple(
-            RunningRequest(
-                r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
-                -(-r.num_allocated // bs), r.num_computed, r.num_tokens, r is req,
-            )  # fmt: skip
-            for r in self.running
-        )
+        views = tuple(_view(r, r is req, bs) for r in self.running)
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 
@@ -295,3 +289,11 @@ class Scheduler:
         except OutOfBlocks:
             return False
         return True
+
+
+def _view(r: Request, requesting: bool, block_size: int) -> RunningRequest:
+    """What a preemption policy may read of running request ``r``."""
+    return RunningRequest(
+        r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
+        -(-r.num_allocated // block_size), r.num_computed, r.num_tokens, requesting,
+    )  # fmt: skip
