@@ -73,12 +73,6 @@ class _Plan:
     needs: list[int] = field(default_factory=list)  # new blocks each chunk will reserve
     pending: int = 0  # their sum
 
-    def add(self, chunk: Chunk, need: int) -> None:
-        self.chunks.append(chunk)
-        self.needs.append(need)
-        self.pending += need
-        self.budget -= chunk.end - chunk.start
-
     def drop(self, req: Request) -> None:
         """Forget ``req``'s chunk if it has one (it is being preempted)."""
         for k, c in enumerate(self.chunks):
@@ -160,17 +154,24 @@ class Scheduler:
         self.preempted = []
         plan = _Plan(self.max_batch_tokens)
         running, bs = self.running, self.block_size
-        # every running request before position len(plan.chunks) is planned: a request
-        # is either planned or preempted (and then no longer running)
-        while len(plan.chunks) < len(running) and plan.budget > 0:
-            req = running[len(plan.chunks)]
-            end = min(req.num_tokens, req.num_computed + plan.budget)
+        planned, needs = plan.chunks, plan.needs
+        free = self.cache.num_free_blocks  # changes only when a victim is preempted
+        # every running request before position len(planned) is planned: a request is
+        # either planned or preempted (and then no longer running)
+        while len(planned) < len(running) and plan.budget > 0:
+            req = running[len(planned)]
+            start = req.num_computed
+            end = min(req.num_tokens, start + plan.budget)
             need = -(-end // bs) - -(-req.num_allocated // bs)
-            if need > self.cache.num_free_blocks - plan.pending and not self._make_room(
-                req, need, plan
-            ):
-                continue  # req itself was preempted
-            plan.add(Chunk(req, req.num_computed, end), need)
+            if need > free - plan.pending:
+                fits = self._make_room(req, need, plan)
+                free = self.cache.num_free_blocks
+                if not fits:
+                    continue  # req itself was preempted
+            planned.append(Chunk(req, start, end))
+            needs.append(need)
+            plan.pending += need
+            plan.budget -= end - start
         chunks = self._reserve_plan(plan)
         budget = plan.budget
         if not self.preempted:
