@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedkv.engine.preemption import PolicySpec, make_preemption_policy
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -15,7 +17,11 @@ class EngineConfig:
     ``gpu_memory_fraction`` on CUDA, and from :attr:`cpu_kv_bytes` on CPU.
     ``max_batch_tokens``: tokens computed per step (chunked prefill budget).
     ``max_num_seqs``: requests running at once. ``preemption``: ``"recompute"`` or
-    ``"swap"`` (needs tiers on the cache). ``cuda_graphs``: capture decode steps for
+    ``"swap"`` (needs tiers on the cache). ``preemption_policy``: which running requests
+    give up their blocks when a request needs more than are free: ``"newest"``
+    (default), ``"oldest"``, ``"lru"``, ``"fewest_blocks"``, ``"priority"``, or a
+    function ``select_victims(running, blocks_needed)`` (see
+    :mod:`pagedkv.engine.preemption`). ``cuda_graphs``: capture decode steps for
     fixed batch-size buckets on CUDA (eager otherwise).
     """
 
@@ -26,6 +32,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     prefix_caching: bool = True
     preemption: str = "recompute"
+    preemption_policy: PolicySpec = "newest"
     cuda_graphs: bool = True
     cpu_kv_bytes: int = 512 * 2**20
 
@@ -41,6 +48,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.preemption not in ("recompute", "swap"):
             raise ValueError(f"preemption must be 'recompute' or 'swap', got {self.preemption!r}")
+        make_preemption_policy(self.preemption_policy)  # raises for an unknown name or type
 
     def resolve_num_blocks(self, bytes_per_block: int, device: torch.device) -> int:
         """Blocks to allocate: ``num_blocks`` or what the device memory allows."""

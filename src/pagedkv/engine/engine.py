@@ -98,6 +98,7 @@ class Engine:
         preemption: str = "recompute",
         *,
         max_num_seqs: int = 256,
+        preemption_policy: str | Callable[..., Any] = "newest",
         cuda_graphs: bool = True,
         tiers: Any = None,
         snapshot_store: Any = None,
@@ -110,7 +111,7 @@ class Engine:
             num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
             block_size=block_size, max_batch_tokens=max_batch_tokens,
             max_num_seqs=max_num_seqs, prefix_caching=prefix_caching,
-            preemption=preemption, cuda_graphs=cuda_graphs,
+            preemption=preemption, preemption_policy=preemption_policy, cuda_graphs=cuda_graphs,
         )  # fmt: skip
         if preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
@@ -130,7 +131,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(
             self.cache, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
-            preemption=preemption,
+            preemption=preemption, policy=preemption_policy,
         )  # fmt: skip
         self.runner = ModelRunner(
             model, self.cache, self.scheduler.block_table, cuda_graphs=cuda_graphs
@@ -197,6 +198,7 @@ class Engine:
         retain: bool = False,
         cache_salt: CacheSalt = None,
         chat: bool = False,
+        priority: int = 0,
     ) -> int:
         """Validate and queue one request; returns its id. Bad input raises ``ValueError``
         or ``TypeError`` and queues nothing (requests in flight are unaffected).
@@ -206,12 +208,17 @@ class Engine:
         tenant id): KV is shared only between requests with equal salts, on the device,
         in the tiers and through snapshots (``None``: the shared namespace).
         ``chat``: ``prompt`` is a conversation (or one user message as a str) rendered
-        with the tokenizer's chat template (see :meth:`chat`).
+        with the tokenizer's chat template (see :meth:`chat`). ``priority``: an int,
+        higher is more important: waiting requests are admitted highest priority first
+        (FIFO within a level), and ``preemption_policy="priority"`` preempts the lowest
+        first (default 0). It is an argument of the request, not of
+        :class:`SamplingParams`: it says when the request runs, not how it samples.
         """
         self._check_open()
         req = submit.make_request(
-            self, prompt, params, retain=retain, cache_salt=cache_salt, chat=chat
-        )
+            self, prompt, params, retain=retain, cache_salt=cache_salt, chat=chat,
+            priority=priority,
+        )  # fmt: skip
         self._queue([req])
         return req.request_id
 
@@ -297,6 +304,7 @@ class Engine:
         retain: bool = False,
         cache_salt: CacheSalt | Sequence[CacheSalt] = None,
         chat: bool = False,
+        priority: int | Sequence[int] = 0,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in prompt order.
 
@@ -304,14 +312,16 @@ class Engine:
         (right for base models and for text you formatted yourself); with ``chat=True``,
         conversations (lists of ``{"role", "content"}`` dicts, or a str as one user
         message) rendered with the tokenizer's chat template, which instruct models
-        need (see :meth:`chat`). ``params`` and ``cache_salt``: one for all or one per
-        prompt (see :meth:`add_request`). Every prompt is validated before any runs: a
-        bad one raises ``ValueError``/``TypeError`` naming its index and nothing is
+        need (see :meth:`chat`). ``params``, ``cache_salt`` and ``priority``: one for all
+        or one per prompt (see :meth:`add_request`). Every prompt is validated before any
+        runs: a bad one raises ``ValueError``/``TypeError`` naming its index and nothing is
         queued. ``retain``: keep each finished sequence in the cache for
         :meth:`snapshot` (or :meth:`release`).
         """
         self._check_open()
-        reqs = submit.make_requests(self, prompts, params, cache_salt, retain=retain, chat=chat)
+        reqs = submit.make_requests(
+            self, prompts, params, cache_salt, retain=retain, chat=chat, priority=priority
+        )
         self._queue(reqs)
         pending = {r.request_id for r in reqs}
         while pending:
@@ -330,6 +340,7 @@ class Engine:
         on_finish: Callable[[RequestOutput], None] | None = None,
         retain: bool = False,
         cache_salt: CacheSalt | Sequence[CacheSalt] = None,
+        priority: int | Sequence[int] = 0,
     ) -> RequestOutput | list[RequestOutput]:
         """Answer a conversation (a list of ``{"role": ..., "content": ...}`` dicts, roles
         ``system``/``user``/``assistant``/``tool``) or a list of conversations, rendered
@@ -346,7 +357,7 @@ class Engine:
         conversations, single = as_conversations(messages)
         outs = self.generate(
             conversations, params, on_finish=on_finish, retain=retain, cache_salt=cache_salt,
-            chat=True,
+            chat=True, priority=priority,
         )  # fmt: skip
         return outs[0] if single else outs
 
@@ -358,6 +369,7 @@ class Engine:
         retain: bool = False,
         cache_salt: CacheSalt = None,
         chat: bool = False,
+        priority: int = 0,
     ) -> Iterator[StreamDelta]:
         """Yield one request's tokens as they are generated (other queued requests are
         served in the same steps); the arguments are :meth:`add_request`'s.
@@ -367,7 +379,9 @@ class Engine:
         joined equal the final decoding (``RequestOutput.text``); each step decodes
         only a few tokens. Closing the iterator early (``break``) aborts the request.
         """
-        rid = self.add_request(prompt, params, retain=retain, cache_salt=cache_salt, chat=chat)
+        rid = self.add_request(
+            prompt, params, retain=retain, cache_salt=cache_salt, chat=chat, priority=priority
+        )
         return self._follow(self._requests[rid])
 
     def _follow(self, req: Request) -> Iterator[StreamDelta]:

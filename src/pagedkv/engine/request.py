@@ -162,6 +162,14 @@ class Request:
     retain: bool = False
     #: prefix-cache namespace: only requests with an equal salt share KV blocks
     cache_salt: str | bytes | int | None = None
+    #: higher is more important: admitted first, and the "priority" preemption policy
+    #: preempts it last
+    priority: int = 0
+    #: admission sequence number (renewed at every admission, re-admissions included)
+    admitted: int = -1
+    #: the scheduler step, and time.monotonic(), that last scheduled it (record_access)
+    last_step: int = -1
+    last_time: float = 0.0
 
     @property
     def seq_id(self) -> int:
@@ -183,6 +191,11 @@ class Request:
         if start >= p:
             return self.output[start - p : end - p]
         return self.prompt[start:] + self.output[: end - p]
+
+    def record_access(self, step: int, now: float) -> None:
+        """The scheduler gave this request tokens in ``step`` (once per step, at its end)."""
+        self.last_step = step
+        self.last_time = now
 
     def stop_check(self, token: int) -> str | None:
         """Finish reason after appending ``token`` (already appended), or None."""

@@ -2,12 +2,20 @@
 
 Every step the scheduler spends a token budget (``max_batch_tokens``): first on the
 running requests in admission order (one token for a decoding request, the next chunk
-for one still in prefill), then on waiting requests (a prefix-cache lookup first, so
-cached blocks are reused and not recomputed; a long prompt gets a chunk and continues
-next step). When a running request needs a block and none is free, the most recently
-admitted request is preempted: its blocks are freed (``recompute``: its full blocks
-stay in the prefix cache, so the recompute is mostly hits) or swapped out to the
-cache's tiers (``swap``), and it goes back to the front of the queue.
+for one still in prefill), then on waiting requests, highest priority first and FIFO
+within a level (a prefix-cache lookup first, so cached blocks are reused and not
+recomputed; a long prompt gets a chunk and continues next step). When a running
+request needs more blocks than are free, the preemption policy
+(:mod:`pagedkv.engine.preemption`; default: the most recently admitted request) picks
+victims: their blocks are freed (``recompute``: their full blocks stay in the prefix
+cache, so the recompute is mostly hits) or swapped out to the cache's tiers
+(``swap``), and they go back to the front of their priority level in the queue.
+
+The running requests' chunks are planned first, counting the blocks each will take,
+and reserved only once the plan holds: a victim may be a request planned earlier in
+the same step, and its reservation must not have happened yet (the blocks it would
+have reserved are registered in the prefix cache, and their KV is written only by
+the step's forward).
 
 Blocks are reserved only for tokens computed in the same step: a full block becomes
 findable by other requests only once the step that writes its KV runs, and all K/V of
@@ -17,10 +25,17 @@ admitted in the same step may already share it.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
+from pagedkv.engine.preemption import (
+    PolicySpec,
+    RunningRequest,
+    check_victims,
+    make_preemption_policy,
+)
 from pagedkv.engine.request import Request, Status
+from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
 
 
@@ -49,12 +64,37 @@ class SchedulerCounters:
     peak_blocks: int = 0
 
 
+@dataclass(slots=True)
+class _Plan:
+    """The running requests' chunks of one step, before their blocks are reserved."""
+
+    budget: int
+    chunks: list[Chunk] = field(default_factory=list)
+    needs: list[int] = field(default_factory=list)  # new blocks each chunk will reserve
+    pending: int = 0  # their sum
+
+    def drop(self, req: Request) -> None:
+        """Forget ``req``'s chunk if it has one (it is being preempted)."""
+        for k, c in enumerate(self.chunks):
+            if c.req is req:
+                del self.chunks[k]
+                self.pending -= self.needs.pop(k)
+                self.budget += c.end - c.start
+                return
+
+
 class Scheduler:
-    """Decides each step's chunks; owns the waiting queue and the running list."""
+    """Decides each step's chunks; owns the waiting queue and the running list.
+
+    ``policy``: the preemption policy (a name or a function, see
+    :func:`~pagedkv.engine.preemption.make_preemption_policy`). ``preempted``: the
+    requests the last :meth:`schedule` preempted, in order.
+    """
 
     def __init__(
-        self, cache, *, max_batch_tokens: int, max_num_seqs: int, preemption: str = "recompute"
-    ) -> None:
+        self, cache, *, max_batch_tokens: int, max_num_seqs: int, preemption: str = "recompute",
+        policy: PolicySpec = "newest",
+    ) -> None:  # fmt: skip
         if preemption not in ("recompute", "swap"):
             raise ValueError(f"preemption must be 'recompute' or 'swap', got {preemption!r}")
         self.cache = cache
@@ -62,16 +102,25 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.preemption = preemption
-        self.waiting: deque[Request] = deque()
+        self.policy = make_preemption_policy(policy)
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
+        self.preempted: list[Request] = []
         #: the last schedule() ran nothing and admitted nothing although requests wait
         #: and none was preempted: only blocks held outside the queue can be the cause
         self.starved = False
+        self.steps = 0  # schedule() calls: the clock of Request.last_step
+        self._admissions = 0
         self._tables: dict[int, list[int]] = {}
 
-    def add(self, req: Request) -> None:
-        self.waiting.append(req)
+    def add(self, req: Request, *, front: bool = False) -> None:
+        """Queue ``req`` at the back of its priority level (``front``: at its front, for
+        a request that already holds its KV, e.g. one resumed from a snapshot)."""
+        if front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -98,30 +147,77 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> list[Chunk]:
-        budget = self.max_batch_tokens
-        chunks: list[Chunk] = []
-        preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            end = min(req.num_tokens, req.num_computed + budget)
-            while end > req.num_allocated and not self._reserve(req, end):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-            else:
-                chunks.append(Chunk(req, req.num_computed, end))
-                budget -= end - req.num_computed
-                i += 1
-                continue
-            break  # req itself was preempted: nothing behind it can run either
-        if not preempted:
+        """This step's chunks: the running requests' (preempting victims when blocks run
+        out), then admissions. A :class:`~pagedkv.engine.preemption.PreemptionPolicyError`
+        propagates before any block of the step is reserved."""
+        self.steps += 1
+        self.preempted = []
+        plan = _Plan(self.max_batch_tokens)
+        running, bs = self.running, self.block_size
+        planned, needs = plan.chunks, plan.needs
+        free = self.cache.num_free_blocks  # changes only when a victim is preempted
+        # every running request before position len(planned) is planned: a request is
+        # either planned or preempted (and then no longer running)
+        while len(planned) < len(running) and plan.budget > 0:
+            req = running[len(planned)]
+            start = req.num_computed
+            end = min(req.num_tokens, start + plan.budget)
+            need = -(-end // bs) - -(-req.num_allocated // bs)
+            if need > free - plan.pending:
+                fits = self._make_room(req, need, plan)
+                free = self.cache.num_free_blocks
+                if not fits:
+                    continue  # req itself was preempted
+            planned.append(Chunk(req, start, end))
+            needs.append(need)
+            plan.pending += need
+            plan.budget -= end - start
+        chunks = self._reserve_plan(plan)
+        budget = plan.budget
+        if not self.preempted:
             budget = self._admit(chunks, budget)
-        self.starved = not chunks and not preempted and bool(self.waiting)
+        self.starved = not chunks and not self.preempted and bool(self.waiting)
         used = self.cache.num_blocks - self.cache.num_free_blocks
         self.counters.peak_blocks = max(self.counters.peak_blocks, used)
+        now, step = time.monotonic(), self.steps
+        for c in chunks:
+            c.req.record_access(step, now)
+        return chunks
+
+    def _make_room(self, req: Request, need: int, plan: _Plan) -> bool:
+        """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
+        beside the plan's; False when ``req`` itself was preempted."""
+        while True:
+            short = need - (self.cache.num_free_blocks - plan.pending)
+            if short <= 0:
+                return True
+            for victim in self._select_victims(req, short):
+                plan.drop(victim)
+                self._preempt(victim)
+                if victim is req:
+                    return False
+                if need <= self.cache.num_free_blocks - plan.pending:
+                    return True
+            # the victims held enough blocks, but some are shared with requests still
+            # running (a common prefix), so fewer were freed: ask again
+
+    def _select_victims(self, req: Request, short: int) -> list[Request]:
+        bs = self.block_size
+        views = tuple(_view(r, r is req, bs) for r in self.running)
+        chosen = self.policy.select_victims(views, short)
+        return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
+
+    def _reserve_plan(self, plan: _Plan) -> list[Chunk]:
+        chunks = []
+        for c in plan.chunks:
+            if self._reserve(c.req, c.end):
+                chunks.append(c)
+            else:
+                # Only a copy-on-write of a shared partial last block (which the engine
+                # never creates) takes a block the plan did not count; the requests
+                # already reserved must not be preempted (their new blocks are
+                # registered, their KV not yet written), so this one gives way.
+                self._preempt(c.req)
         return chunks
 
     def _admit(self, chunks: list[Chunk], budget: int) -> int:
@@ -145,6 +241,8 @@ class Scheduler:
                     self.counters.cached_tokens += hit
             self.waiting.popleft()
             req.status = Status.RUNNING
+            req.admitted = self._admissions
+            self._admissions += 1
             self.running.append(req)
             end = min(req.num_tokens, req.num_computed + budget)
             if not self._reserve(req, end):  # only after a swap-in at the pool's edge
@@ -168,6 +266,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.counters.preemptions += 1
+        self.preempted.append(req)
         req.num_preemptions += 1
         if self.preemption == "swap" and req.num_computed > 0 and self._swap_out(req):
             req.status = Status.SWAPPED
@@ -191,3 +290,11 @@ class Scheduler:
         except OutOfBlocks:
             return False
         return True
+
+
+def _view(r: Request, requesting: bool, block_size: int) -> RunningRequest:
+    """What a preemption policy may read of running request ``r``."""
+    return RunningRequest(
+        r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
+        -(-r.num_allocated // block_size), r.num_computed, r.num_tokens, requesting,
+    )  # fmt: skip

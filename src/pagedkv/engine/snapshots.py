@@ -210,7 +210,7 @@ def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain, cac
     counters.cached_tokens += entry.num_tokens
     engine._requests[req.request_id] = req
     # to the front: it already holds its blocks, so it should use them rather than idle
-    engine.scheduler.waiting.appendleft(req)
+    engine.scheduler.add(req, front=True)
     engine._num_requests += 1
     return req
 

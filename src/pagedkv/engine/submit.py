@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 
 def make_request(
     engine: Engine, prompt: Any, params: Any, *, retain: bool = False, cache_salt: Any = None,
-    chat: bool = False,
+    chat: bool = False, priority: Any = 0,
 ) -> Request:  # fmt: skip
     """A checked request, not queued yet (``Engine._queue`` gives it its id)."""
     params = check_params(params)
     salt = validate_salt(cache_salt)
+    priority = validate_priority(priority)
     tokenizer = engine.tokenizer
     if chat:
         prompt = chat_prompt_ids(tokenizer, prompt)
@@ -46,22 +47,34 @@ def make_request(
         )
     gen = None if params.greedy else make_generator(params.seed, engine.device)
     eos = frozenset() if params.ignore_eos else engine.eos_token_ids
-    return Request(-1, ids, params, gen, eos, retain=bool(retain), cache_salt=salt)
+    return Request(
+        -1, ids, params, gen, eos, retain=bool(retain), cache_salt=salt, priority=priority
+    )
 
 
 def make_requests(
-    engine: Engine, prompts: Any, params: Any, cache_salt: Any, *, retain: bool, chat: bool
-) -> list[Request]:
-    """One checked request per prompt (``params``, ``cache_salt``: one or one each)."""
+    engine: Engine, prompts: Any, params: Any, cache_salt: Any, *, retain: bool, chat: bool,
+    priority: Any = 0,
+) -> list[Request]:  # fmt: skip
+    """One checked request per prompt (``params``, ``cache_salt``, ``priority``: one for
+    all or one each)."""
     prompts = prompt_list(prompts, chat)
     n = len(prompts)
     param_list = per_prompt(params, n, "params", (SamplingParams,))
     salts = per_prompt(cache_salt, n, "cache_salt", (str, bytes))
+    if isinstance(priority, (list, tuple)):
+        priorities = per_prompt(priority, n, "priority", ())
+    else:
+        priorities = [validate_priority(priority)] * n
     what = "conversation" if chat else "prompt"
     reqs = []
-    for i, (p, sp, salt) in enumerate(zip(prompts, param_list, salts)):
+    for i, (p, sp, salt, prio) in enumerate(zip(prompts, param_list, salts, priorities)):
         try:
-            reqs.append(make_request(engine, p, sp, retain=retain, cache_salt=salt, chat=chat))
+            reqs.append(
+                make_request(
+                    engine, p, sp, retain=retain, cache_salt=salt, chat=chat, priority=prio
+                )
+            )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{what} {i}: {exc}") from None
     return reqs
@@ -150,6 +163,20 @@ def validate_prompt(prompt: object, vocab_size: int) -> list[int]:
             f"e.g. {bad[:3]}"
         )
     return ids
+
+
+def validate_priority(priority: object) -> int:
+    """A request's ``priority``: any int (``bool`` refused), higher is more important.
+
+    Waiting requests are admitted highest priority first (FIFO within a level), and the
+    ``"priority"`` preemption policy preempts the lowest first; the default is 0.
+    """
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+        raise TypeError(
+            f"priority must be an int (higher is admitted first; default 0), got "
+            f"{type(priority).__name__} {priority!r}"
+        )
+    return int(priority)
 
 
 def validate_salt(salt: object) -> str | bytes | None:
