@@ -133,7 +133,10 @@ class CascadePlan:
             )
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"CascadePlan dtype must be a torch.dtype, got {dtype!r}")
-        self.device = torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" names the current device
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         self.backend = resolve(backend, self.device)
         self.batch_invariant = resolve_invariant(batch_invariant)
         self.shape = (num_q_heads, num_kv_heads, head_dim, block_size)
