@@ -22,8 +22,12 @@ import functools
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 from pagedkv.ops._config import interpreting
 

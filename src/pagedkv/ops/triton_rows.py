@@ -13,8 +13,12 @@ layout and split factor from the number of rows, which is why they are not used 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 BLOCK = 1024
 NUM_WARPS = 4
