@@ -30,9 +30,10 @@ with optional_imports(FEATURE):
 logger = logging.getLogger("pagedkv.metrics")
 
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-# Reads of stats() from the server's thread may meet a dict being resized by the thread
-# that runs the cache (pagedkv objects take no locks): such a read is simply repeated.
-_RACE = "changed size during iteration"
+# Reads of stats() from the server's thread may meet a dict or set being changed by the
+# thread that runs the cache (pagedkv objects take no locks): "dictionary changed size
+# during iteration", "dictionary keys changed during iteration". Such a read is repeated.
+_RACE = "during iteration"
 _READ_ATTEMPTS = 5
 
 
@@ -63,6 +64,7 @@ class PagedKVCollector:
                 continue
             for name, rows in samples.by_family.items():
                 families.setdefault(name, []).extend(rows)
+        assert families.keys() <= ALL.keys(), f"not in specs.py: {families.keys() - ALL.keys()}"
         out = []
         for spec in ALL.values():  # families without samples are left out
             rows = families.get(spec.name)
@@ -122,7 +124,9 @@ class Registration:
     the ``on_step`` hook).
     """
 
-    def __init__(self, registry: Any, collector: PagedKVCollector, entry: _Entry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, collector: PagedKVCollector, entry: _Entry
+    ) -> None:
         self.registry, self.namespace = registry, collector.namespace
         self.labels = dict(entry.labels)
         self._collector, self._entry = collector, entry
@@ -141,7 +145,8 @@ class Registration:
 
     @property
     def registered(self) -> bool:
-        return self._entry in self._collector._live()
+        """Registered and its object still alive."""
+        return self._entry in self._collector._live() and bool(self._entry.source.covers())
 
     def __enter__(self) -> Registration:
         return self

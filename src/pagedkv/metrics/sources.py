@@ -18,8 +18,6 @@ from pagedkv.metrics.latency import LatencyHistogram
 
 logger = logging.getLogger("pagedkv.metrics")
 
-Labels = tuple[tuple[str, str], ...]
-
 
 class Samples:
     """Samples of one scrape, by family name (see :mod:`pagedkv.metrics.specs`), each
