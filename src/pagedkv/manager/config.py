@@ -74,6 +74,25 @@ class ManagerConfig:
             raise ValueError(f"watermarks must be three increasing fractions in (0, 1], got {w!r}")
         set_field(self, "watermarks", (float(w[0]), float(w[1]), float(w[2])))
 
+    def override(
+        self,
+        *,
+        prefix_caching: bool | None = None,
+        eviction: str | None = None,
+        ttl_seconds: float | None = None,
+        hash_algo: str | None = None,
+        watermarks: tuple[float, float, float] | None = None,
+    ) -> ManagerConfig:
+        """This config with every option given (not ``None``) replaced, validated again."""
+        return ManagerConfig(
+            prefix_caching=self.prefix_caching if prefix_caching is None else prefix_caching,
+            eviction=self.eviction if eviction is None else eviction,
+            ttl_seconds=self.ttl_seconds if ttl_seconds is None else ttl_seconds,
+            extra_keys=self.extra_keys,
+            hash_algo=self.hash_algo if hash_algo is None else hash_algo,
+            watermarks=self.watermarks if watermarks is None else watermarks,
+        )
+
     def bookkeeping_bytes(self, num_blocks: int, block_size: int) -> int:
         """Host bytes a manager of this size and config holds with every block in use
         (an estimate; see :meth:`BlockManager.bookkeeping_bytes`)."""
