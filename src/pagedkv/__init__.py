@@ -9,6 +9,7 @@ from __future__ import annotations
 from pagedkv._lazy import lazy_getattr
 from pagedkv.errors import (
     CacheIntegrityError,
+    CachePausedError,
     OutOfBlocks,
     PagedKVError,
     ResourceError,
@@ -17,7 +18,7 @@ from pagedkv.errors import (
     StoreUnavailable,
     UnsupportedModelError,
 )
-from pagedkv.manager import BlockManager, CacheStats, MemoryPressure
+from pagedkv.manager import BlockManager, CacheStats, ManagerConfig, MemoryPressure
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,9 @@ __getattr__ = lazy_getattr(globals(), _LAZY)
 __all__ = [
     "BlockManager",
     "CacheIntegrityError",
+    "CachePausedError",
     "CacheStats",
+    "ManagerConfig",
     "MemoryPressure",
     "OutOfBlocks",
     "PagedKVError",

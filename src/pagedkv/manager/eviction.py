@@ -60,7 +60,6 @@ class EvictionPolicy(Protocol):
         """What disagrees in the policy's own bookkeeping (empty: all holds)."""
 
     def __len__(self) -> int: ...
-
     def __contains__(self, block: object) -> bool: ...
 
 
@@ -368,11 +367,9 @@ class TTLPolicy:
         return block in self.inner
 
 
-POLICIES: dict[str, type[LRUPolicy | FIFOPolicy | LFUPolicy]] = {
-    "lru": LRUPolicy,
-    "fifo": FIFOPolicy,
-    "lfu": LFUPolicy,
-}
+POLICIES: dict[str, type[LRUPolicy | _HeapPolicy]] = {
+    "lru": LRUPolicy, "fifo": FIFOPolicy, "lfu": LFUPolicy,
+}  # fmt: skip
 
 
 def policy_name(name: object) -> str:
