@@ -65,9 +65,10 @@ class ManagerConfig:
         namespace(None, self.extra_keys)  # each key's type (TypeError naming extra_keys)
         hash_function(check_str(self.hash_algo, "hash_algo"))
         w = self.watermarks
+        if not isinstance(w, (tuple, list)):
+            raise TypeError(f"watermarks must be three increasing fractions in (0, 1], got {w!r}")
         if (
-            not isinstance(w, (tuple, list))
-            or len(w) != 3
+            len(w) != 3
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
             or not 0 < w[0] < w[1] < w[2] <= 1
         ):
