@@ -165,3 +165,27 @@ def test_kvcache_discard_is_the_public_form(monkeypatch):
     with pytest.raises(KeyError, match="unknown sequence"):
         cache.discard("n")
     cache.check_integrity()
+
+
+@pytest.mark.gpu
+def test_failed_swap_in_on_cuda_caches_nothing_and_a_retry_is_bit_exact(monkeypatch):
+    layout = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, block_size=16,
+                      dtype=torch.bfloat16)  # fmt: skip
+    bpb = layout.bytes_per_block
+    cache = KVCache(layout, 32, device="cuda", tiers=[CPUTier(64 * bpb, swap_bytes=64 * bpb)])
+    prompt = list(range(10 * 16 + 3))
+    cache.allocate("s", prompt)
+    table = cache.block_table("s")
+    data = torch.randint(0, 256, (len(table), bpb), dtype=torch.uint8)
+    cache.write_blocks(table, data)
+    cache.swap_out("s")
+    assert cache.manager.reset_prefix_cache()
+    monkeypatch.setattr(cache.tiers, "swap_in", _boom)
+    with pytest.raises(OSError):
+        cache.swap_in("s")
+    assert cache.lookup(prompt) == 0 and cache.stats().cached_blocks == 0
+    monkeypatch.undo()
+    cache.swap_in("s")
+    assert torch.equal(cache.read_blocks(cache.block_table("s")), data)
+    cache.check_integrity()
+    cache.close()
