@@ -44,7 +44,7 @@ class CacheReads:
     _evicted: list[tuple[int, bytes]]
     _tier_hit_tokens: int
 
-    # ---------------------------------------------------------------- sequences
+    # ------------------------------------------------------------------- basics
 
     @property
     def block_size(self) -> int:
