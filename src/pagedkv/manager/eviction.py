@@ -367,7 +367,7 @@ class TTLPolicy:
         return block in self.inner
 
 
-POLICIES: dict[str, type[LRUPolicy | _HeapPolicy]] = {
+POLICIES: dict[str, type[LRUPolicy] | type[FIFOPolicy] | type[LFUPolicy]] = {
     "lru": LRUPolicy, "fifo": FIFOPolicy, "lfu": LFUPolicy,
 }  # fmt: skip
 
