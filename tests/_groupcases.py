@@ -56,7 +56,7 @@ def member_state(cache: KVCache) -> dict:
     """Everything observable about a member's sequences and blocks (not its counters):
     tables, tokens, salts, block states, and the bytes of every block in use or cached."""
     m = cache.manager
-    registered = sorted(b for b in range(m.num_blocks) if m._hash[b] is not None)
+    registered = sorted(b for b in range(m.num_blocks) if m._prefix.hashes[b])
     held = sorted({b for s in cache.seq_ids() for b in cache.block_table(s)} | set(registered))
     return {
         "seqs": {

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pagedkv import BlockManager, CacheIntegrityError, KVCache, KVLayout
+from pagedkv.manager.prefix_index import UNREGISTERED
 from pagedkv.snapshot.pager import SyntheticPager
 from pagedkv.storage import KVPool
 from pagedkv.tiers import CPUTier, DiskTier, TieredStore
@@ -55,12 +56,29 @@ def seq(m: BlockManager, sid: str):
     return m._seqs[sid]
 
 
+# The manager's tables (the mutations below plant damage in them).
+def free_stack(m: BlockManager) -> list[int]:
+    return m._alloc.free
+
+
+def pinned_set(m: BlockManager) -> set[int]:
+    return m._alloc.pins.blocks
+
+
+def pin_counts(m: BlockManager) -> dict[bytes, int]:
+    return m._alloc.pins.counts
+
+
+def hashes(m: BlockManager) -> list[bytes]:
+    return m._prefix.hashes
+
+
 def evictable(m: BlockManager) -> int:
     return m.eviction_order()[0]
 
 
 def pinned(m: BlockManager) -> int:
-    return next(iter(m._pinned))
+    return next(iter(pinned_set(m)))
 
 
 def in_use(m: BlockManager) -> int:
@@ -68,14 +86,14 @@ def in_use(m: BlockManager) -> int:
 
 
 def _dup_in_lru_batch(m):
-    _, blocks = m._policy._batches[-1]
+    _, blocks = m._alloc.policy._batches[-1]
     blocks.append(blocks[0])
-    m._policy._entries += 1
+    m._alloc.policy._entries += 1
 
 
 def _swap_index_keys(m):
-    (k1, b1), (k2, b2) = list(m._index.items())[:2]
-    m._index[k1], m._index[k2] = b2, b1
+    (k1, b1), (k2, b2) = list(m._prefix.by_key.items())[:2]
+    m._prefix.by_key[k1], m._prefix.by_key[k2] = b2, b1
 
 
 def _chain_of_other_blocks(m):
@@ -85,27 +103,27 @@ def _chain_of_other_blocks(m):
 
 def _register_partial(m):
     last = seq(m, "b").blocks[-1]
-    m._hash[last] = b"\x07" * 32
+    hashes(m)[last] = b"\x07" * 32
 
 
 def _unregister(m, block):
-    m._hash[block] = None
+    hashes(m)[block] = UNREGISTERED
 
 
 MANAGER_MUTATIONS = [
-    pytest.param(lambda m: m._free.append(m._free[0]), "free stack holds duplicates",
+    pytest.param(lambda m: free_stack(m).append(free_stack(m)[0]), "free stack holds duplicates",
                  id="free-stack-duplicate"),
-    pytest.param(lambda m: m._free.append(m.num_blocks), "free stack holds block ids outside",
+    pytest.param(lambda m: free_stack(m).append(m.num_blocks), "free stack holds block ids outside",
                  id="free-stack-id-out-of-range"),
     pytest.param(_dup_in_lru_batch, "eviction policy lists a block twice",
                  id="lru-lists-block-twice"),
-    pytest.param(lambda m: setattr(m._policy, "_len", m._policy._len + 1),
+    pytest.param(lambda m: setattr(m._alloc.policy, "_len", m._alloc.policy._len + 1),
                  "policy lists 4 blocks but counts 5", id="policy-count-off-by-one"),
-    pytest.param(lambda m: setattr(m._policy, "_entries", m._policy._entries + 1),
+    pytest.param(lambda m: setattr(m._alloc.policy, "_entries", m._alloc.policy._entries + 1),
                  "LRU holds 4 batch entries but counts 5", id="lru-entry-count"),
-    pytest.param(lambda m: m._policy._batches.reverse(), "LRU batch stamps",
+    pytest.param(lambda m: m._alloc.policy._batches.reverse(), "LRU batch stamps",
                  id="lru-batches-out-of-order"),
-    pytest.param(lambda m: setattr(m._policy, "_stamp", m._policy._stamp - 1),
+    pytest.param(lambda m: setattr(m._alloc.policy, "_stamp", m._alloc.policy._stamp - 1),
                  "LRU batch stamps", id="lru-stamp-beyond-counter"),
     pytest.param(lambda m: seq(m, "h").tokens.extend([1, 2, 3, 4, 5]),
                  "seq 'h': 3 blocks for 17 tokens (want 5)", id="17-tokens-in-3-blocks-of-4"),
@@ -119,45 +137,48 @@ MANAGER_MUTATIONS = [
                  "seq 'h' lists block ids outside", id="table-id-out-of-range"),
     pytest.param(lambda m: _unregister(m, seq(m, "h").blocks[1]),
                  "seq 'h': full block 1", id="full-block-unregistered"),
-    pytest.param(lambda m: m._hash.__setitem__(seq(m, "h").blocks[2], b"\x02" * 32),
+    pytest.param(lambda m: hashes(m).__setitem__(seq(m, "h").blocks[2], b"\x02" * 32),
                  "full block 2", id="full-block-under-another-hash"),
     pytest.param(lambda m: seq(m, "h").anonymous.append(seq(m, "h").blocks[0]),
                  "but listed anonymous", id="registered-block-listed-anonymous"),
-    pytest.param(lambda m: seq(m, "f").anonymous.append(m._free[0]),
+    pytest.param(lambda m: seq(m, "f").anonymous.append(free_stack(m)[0]),
                  "seq 'f': anonymous blocks", id="anonymous-block-not-in-table"),
     pytest.param(lambda m: seq(m, "f").anonymous.clear(), "seq 'f': full block 0",
                  id="anonymous-block-forgotten"),
     pytest.param(_register_partial, "partial last block", id="partial-block-registered"),
     pytest.param(_chain_of_other_blocks, "hit chain differs", id="chains-differ-same-tail"),
-    pytest.param(lambda m: m._chains.__setitem__(seq(m, "a").blocks[2], 3),
+    pytest.param(lambda m: m._alloc.chains.__setitem__(seq(m, "a").blocks[2], 3),
                  "chain holders", id="chain-holders-off-by-one"),
     pytest.param(lambda m: m._ref.__setitem__(in_use(m), 2), "ref counts disagree",
                  id="ref-count-one-too-high"),
     pytest.param(lambda m: m._ref.__setitem__(seq(m, "a").blocks[3], 1), "ref counts disagree",
                  id="ref-count-one-too-low"),
-    pytest.param(lambda m: m._free.pop(), "!= num_blocks(32)", id="free-used-cached-not-total"),
-    pytest.param(lambda m: m._free.append(in_use(m)), "free blocks [", id="free-block-in-use"),
-    pytest.param(lambda m: m._pinned.add(in_use(m)), "pinned blocks [", id="pinned-block-in-use"),
-    pytest.param(lambda m: m._ref.__setitem__(m._free[0], -1), "hold an LRU stamp",
+    pytest.param(lambda m: free_stack(m).pop(), "!= num_blocks(32)",
+                 id="free-used-cached-not-total"),
+    pytest.param(lambda m: free_stack(m).append(in_use(m)), "free blocks [",
+                 id="free-block-in-use"),
+    pytest.param(lambda m: pinned_set(m).add(in_use(m)), "pinned blocks [",
+                 id="pinned-block-in-use"),
+    pytest.param(lambda m: m._ref.__setitem__(free_stack(m)[0], -1), "hold an LRU stamp",
                  id="free-block-holds-lru-stamp"),
-    pytest.param(lambda m: m._free.append(evictable(m)), "in two of free / evictable / pinned",
-                 id="block-free-and-cached"),
-    pytest.param(lambda m: m._pinned.add(evictable(m)), "in two of free / evictable / pinned",
+    pytest.param(lambda m: free_stack(m).append(evictable(m)),
+                 "in two of free / evictable / pinned", id="block-free-and-cached"),
+    pytest.param(lambda m: pinned_set(m).add(evictable(m)), "in two of free / evictable / pinned",
                  id="block-evictable-and-pinned"),
-    pytest.param(lambda m: m._hash.__setitem__(m._free[0], b"\x03" * 32),
+    pytest.param(lambda m: hashes(m).__setitem__(free_stack(m)[0], b"\x03" * 32),
                  "a free block still has a registered hash", id="free-block-registered"),
     pytest.param(lambda m: _unregister(m, evictable(m)), "a cached block has no registered hash",
                  id="cached-block-unregistered"),
-    pytest.param(lambda m: m._pins.pop(m._hash[pinned(m)]), "its hash is not pinned",
+    pytest.param(lambda m: pin_counts(m).pop(hashes(m)[pinned(m)]), "its hash is not pinned",
                  id="pinned-set-without-pin"),
-    pytest.param(lambda m: m._pins.__setitem__(m._hash[evictable(m)], 1),
+    pytest.param(lambda m: pin_counts(m).__setitem__(hashes(m)[evictable(m)], 1),
                  "a pinned prefix block is evictable", id="pin-without-pinned-set"),
-    pytest.param(lambda m: m._pins.__setitem__(m._hash[pinned(m)], 0), "pin counts must be >= 1",
-                 id="pin-count-zero"),
-    pytest.param(lambda m: m._index.__setitem__(b"stray", in_use(m)),
+    pytest.param(lambda m: pin_counts(m).__setitem__(hashes(m)[pinned(m)], 0),
+                 "pin counts must be >= 1", id="pin-count-zero"),
+    pytest.param(lambda m: m._prefix.by_key.__setitem__(b"stray", in_use(m)),
                  "index has 13 entries but 12 blocks", id="index-entry-without-registration"),
     pytest.param(_swap_index_keys, "does not match the block's key", id="index-vs-block-key"),
-    pytest.param(lambda m: m._hash.__setitem__(evictable(m), b"\x04" * 32),
+    pytest.param(lambda m: hashes(m).__setitem__(evictable(m), b"\x04" * 32),
                  "registered hash is not the digest of its index key",
                  id="index-vs-registered-hash"),
 ]  # fmt: skip
@@ -172,16 +193,16 @@ def test_block_manager_check_fires(mutate, message):
 
 
 def _heap_dup(m):
-    m._policy._heap.append(m._policy._heap[0])
+    m._alloc.policy._heap.append(m._alloc.policy._heap[0])
 
 
 HEAP_MUTATIONS = [
-    pytest.param(lambda m: m._policy.add(in_use(m)), "evictable blocks [",
+    pytest.param(lambda m: m._alloc.policy.add(in_use(m)), "evictable blocks [",
                  id="evictable-block-in-use"),
-    pytest.param(lambda m: m._ref.__setitem__(m._free[0], -1), "hold an LRU stamp",
+    pytest.param(lambda m: m._ref.__setitem__(free_stack(m)[0], -1), "hold an LRU stamp",
                  id="lru-stamp-under-heap-policy"),
     pytest.param(_heap_dup, "eviction policy lists a block twice", id="heap-lists-block-twice"),
-    pytest.param(lambda m: m._policy._blocks.__setitem__(m._free[0], 10**6),
+    pytest.param(lambda m: m._alloc.policy._blocks.__setitem__(free_stack(m)[0], 10**6),
                  "policy lists 4 blocks but counts 5", id="heap-member-without-entry"),
 ]  # fmt: skip
 
@@ -197,7 +218,7 @@ def test_heap_policy_checks_fire(eviction, mutate, message):
 
 def test_registration_without_prefix_caching_fires():
     m = rich_manager(prefix_caching=False)
-    m._hash[in_use(m)] = b"\x05" * 32
+    hashes(m)[in_use(m)] = b"\x05" * 32
     with pytest.raises(CacheIntegrityError, match="prefix caching is off but 1 blocks"):
         m.check_integrity()
 
@@ -252,7 +273,7 @@ CACHE_MUTATIONS = [
                  id="pool-vs-manager-size"),
     pytest.param(lambda c: c._evicted.append((0, b"\x00" * 32)), "never demoted",
                  id="eviction-not-demoted"),
-    pytest.param(lambda c: c.manager._chains.__setitem__(c.manager._seqs["x"].blocks[0], 1),
+    pytest.param(lambda c: c.manager._alloc.chains.__setitem__(c.manager._seqs["x"].blocks[0], 1),
                  "chain holders", id="manager-problem-surfaces"),
     pytest.param(lambda c: setattr(c.tiers._swap, "used_bytes", 0), "SwapArea",
                  id="tier-problem-surfaces"),

@@ -176,7 +176,7 @@ def test_hits_share_one_reference_per_chain_and_last_holder_caches_it():
     assert m.allocate("b", prompt + [102]) == 12  # the same chain: one more holder
     assert m.allocate("c", prompt[:8] + [7, 7, 7, 7, 103]) == 8  # a shorter chain 0-1
     m.fork("b", "b2")  # the child holds b's chain too
-    assert m._chains == {2: 3, 1: 1}
+    assert m._alloc.chains == {2: 3, 1: 1}
     m.check_integrity()
     for sid in ("a", "b", "b2"):
         m.free(sid)
@@ -186,7 +186,7 @@ def test_hits_share_one_reference_per_chain_and_last_holder_caches_it():
     assert m.stats().used_blocks == 2 + 2  # c: chain 0-1 + its own 2 blocks
     m.free("c")
     assert m.eviction_order()[-2:] == [1, 0]  # tail first, as in one release
-    assert m._chains == {} and m.stats().used_blocks == 0
+    assert m._alloc.chains == {} and m.stats().used_blocks == 0
     cycle(m)
 
 

@@ -22,7 +22,7 @@ def test_discard_forgets_the_new_blocks_and_keeps_the_hits(eviction):
     m.discard("a")
     assert "a" not in m and m.num_free_blocks == free_before
     assert sorted(m.eviction_order()) == cached_before  # the hits stay cached
-    assert all(m._hash[b] is None for b in new)  # the new blocks are not findable
+    assert not any(m._prefix.hashes[b] for b in new)  # the new blocks are not findable
     assert m.lookup(system + list(range(50, 62))) == 8
     m.check_integrity()
 

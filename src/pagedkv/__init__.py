@@ -11,6 +11,7 @@ from __future__ import annotations
 from pagedkv._lazy import lazy_getattr
 from pagedkv.errors import (
     CacheIntegrityError,
+    CachePausedError,
     OutOfBlocks,
     PagedKVError,
     ResourceError,
@@ -19,7 +20,7 @@ from pagedkv.errors import (
     StoreUnavailable,
     UnsupportedModelError,
 )
-from pagedkv.manager import BlockManager, CacheStats, MemoryPressure
+from pagedkv.manager import BlockManager, CacheStats, ManagerConfig, MemoryPressure
 
 __version__ = "0.1.0"  # the one place it is written (pyproject.toml reads it)
 
@@ -48,7 +49,9 @@ __getattr__ = lazy_getattr(globals(), _LAZY)
 __all__ = [
     "BlockManager",
     "CacheIntegrityError",
+    "CachePausedError",
     "CacheStats",
+    "ManagerConfig",
     "MemoryPressure",
     "OutOfBlocks",
     "PagedKVError",

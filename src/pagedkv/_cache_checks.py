@@ -1,21 +1,22 @@
 """KVCache's own checks: does it fit before it allocates, and does its state agree after.
 
 Kept apart from :mod:`pagedkv.cache` as the manager keeps its audit in
-:mod:`pagedkv.manager.integrity`; both read the cache's private state on purpose.
+:mod:`pagedkv.manager.integrity`. The cache hands its tables over as arguments;
+nothing here reads another object's private state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pagedkv import _resources
-from pagedkv.manager import BlockManager
+from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
+from pagedkv.tiers import CPUTier, TieredStore
 
 if TYPE_CHECKING:
     import torch
-
-    from pagedkv.cache import KVCache
 
 
 def check_fits(
@@ -23,24 +24,17 @@ def check_fits(
     num_blocks: int,
     device: torch.device,
     tiers: object,
-    manager_options: dict[str, object],
+    config: ManagerConfig,
 ) -> None:
     """Raise :class:`~pagedkv.errors.ResourceError` if the cache cannot fit this machine.
 
     The pool goes on ``device``; the block bookkeeping, the CPU tiers' slabs and a pool
     on the CPU all come out of the same host memory, so they are added up.
     """
-    bookkeeping = BlockManager.bookkeeping_bytes(
-        num_blocks,
-        layout.block_size,
-        prefix_caching=bool(manager_options.get("prefix_caching", True)),
-        hash_algo=manager_options.get("hash_algo", "sha256"),  # type: ignore[arg-type]
-    )
+    bookkeeping = config.bookkeeping_bytes(num_blocks, layout.block_size)
     pool = KVPool.bytes_needed(layout, num_blocks)
     cpu_tiers = 0
     if isinstance(tiers, (list, tuple)):
-        from pagedkv.tiers import CPUTier
-
         cpu_tiers = sum(t.capacity_bytes for t in tiers if isinstance(t, CPUTier))
     on_host = device.type == "cpu"
     if not on_host:
@@ -60,28 +54,35 @@ def check_fits(
     )  # fmt: skip
 
 
-def violations(cache: KVCache) -> list[str]:
-    """What disagrees between the cache's parts (the manager and tiers check themselves)."""
+def violations(
+    manager: BlockManager,
+    pool: KVPool,
+    tiers: TieredStore | None,
+    swapped: Mapping[Hashable, object],
+    salts: Mapping[Hashable, object],
+    evicted: Sequence[tuple[int, bytes]],
+) -> list[str]:
+    """What disagrees between the cache's parts (the manager and tiers check themselves):
+    its swapped-out sequences, recorded salts and evictions not yet demoted."""
     problems = []
-    manager, swapped = cache.manager, cache._swapped
     both = [sid for sid in swapped if sid in manager]
     if both:
         problems.append(f"sequences {both[:5]} are both resident and swapped out")
-    if cache.tiers is None and swapped:
+    if tiers is None and swapped:
         problems.append(f"{len(swapped)} sequences are swapped out but there are no tiers")
-    if cache.tiers is not None:
-        held = cache.tiers.stats()["swapped_sequences"]
+    if tiers is not None:
+        held = tiers.stats()["swapped_sequences"]
         if held != len(swapped):
             problems.append(
                 f"the tiers hold {held} swapped-out sequences, the cache lists {len(swapped)}"
             )
     live = set(manager.seq_ids())
-    if set(cache._salts) != live:
-        stray = [s for s in cache._salts if s not in live][:5]
-        missing = [s for s in live if s not in cache._salts][:5]
+    if set(salts) != live:
+        stray = [s for s in salts if s not in live][:5]
+        missing = [s for s in live if s not in salts][:5]
         problems.append(f"salts recorded for dead sequences {stray} / missing for {missing}")
-    if cache.pool.num_blocks != manager.num_blocks:
-        problems.append(f"pool has {cache.pool.num_blocks} blocks, manager {manager.num_blocks}")
-    if cache._evicted:
-        problems.append(f"{len(cache._evicted)} evicted blocks were never demoted to the tiers")
+    if pool.num_blocks != manager.num_blocks:
+        problems.append(f"pool has {pool.num_blocks} blocks, manager {manager.num_blocks}")
+    if evicted:
+        problems.append(f"{len(evicted)} evicted blocks were never demoted to the tiers")
     return problems

@@ -138,7 +138,9 @@ def require_memory(
         available = available_host_bytes()
         kind = kind or "host"
     else:
-        available = free_device_bytes(device)  # type: ignore[arg-type]
+        import torch  # not at import time: the pure-Python manager imports this module
+
+        available = free_device_bytes(torch.device(device))
         kind = kind or str(device)
     if available is None or asked <= available.bytes:
         return

@@ -16,6 +16,14 @@ class OutOfBlocks(PagedKVError):
     """Not enough free or evictable KV blocks for the request; nothing was changed."""
 
 
+class CachePausedError(PagedKVError, RuntimeError):
+    """A cache (or pager) refused a mutation while it is paused for a snapshot that is
+    reading it; retry after the ``paused()`` block ends. Nothing was changed.
+
+    A ``RuntimeError`` too: the call was valid, the cache's state refused it for now.
+    """
+
+
 class CacheIntegrityError(PagedKVError):
     """An internal invariant does not hold; the message names the numbers that disagree."""
 

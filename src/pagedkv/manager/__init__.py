@@ -1,18 +1,24 @@
 """Paged KV bookkeeping in pure Python: blocks, ref counts, prefix index, eviction.
 
 Nothing here imports torch; the storage layer executes what the manager decides.
+One concept per module: ``config`` (options), ``sequence`` (per-sequence record),
+``prefix_index``, ``eviction`` (policies, TTL), ``pins``, ``pressure``, ``hashing``,
+``stats``, ``integrity`` (the checker) and ``block_manager`` (the hot operations).
 """
 
 from pagedkv.manager.block_manager import BlockManager
+from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.eviction import POLICIES, EvictionPolicy
 from pagedkv.manager.hashing import chain_hashes, namespace
-from pagedkv.manager.stats import CacheStats, MemoryPressure
+from pagedkv.manager.pressure import MemoryPressure
+from pagedkv.manager.stats import CacheStats
 
 __all__ = [
     "POLICIES",
     "BlockManager",
     "CacheStats",
     "EvictionPolicy",
+    "ManagerConfig",
     "MemoryPressure",
     "chain_hashes",
     "namespace",

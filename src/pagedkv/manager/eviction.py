@@ -2,17 +2,26 @@
 
 Every policy keeps its blocks in the order they became cached, with O(1) add and
 O(1) (amortized) removal from the middle (a cached block hit by a new prompt leaves
-the policy without a scan); the head is the block cached longest ago (what TTL
-expiry needs). LRU evicts that head; FIFO and LFU keep a heap of candidates on top.
-All three delete lazily: an entry whose block left the policy (or came back later)
-is stale and skipped when it surfaces.
+the policy without a scan); the head is the block cached longest ago. LRU evicts
+that head; FIFO and LFU keep a heap of candidates on top. All three delete lazily:
+an entry whose block left the policy (or came back later) is stale and skipped when
+it surfaces. TTL is a wrapper around any of them (:class:`TTLPolicy`).
+
+Besides add/remove/pop, a policy answers three hooks the manager calls once per
+operation, never per block of a loop: :meth:`~EvictionPolicy.usable` (how much of a
+prefix match may be used), :meth:`~EvictionPolicy.on_hits` (blocks a prompt reused)
+and :meth:`~EvictionPolicy.expire` (blocks to drop before blocks are handed out).
+They do nothing unless a policy needs them (LFU counts hits; TTL cuts and expires).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from typing import Protocol
+
+_NOTHING: tuple[int, ...] = ()
 
 
 class EvictionPolicy(Protocol):
@@ -36,8 +45,21 @@ class EvictionPolicy(Protocol):
     def order(self) -> list[int]:
         """Blocks in the order they would be evicted (for tests and debugging)."""
 
-    def __len__(self) -> int: ...
+    def usable(self, hits: list[int]) -> list[int]:
+        """The leading part of a prefix match (blocks in use or listed here) that may be
+        reused; changes nothing."""
 
+    def on_hits(self, hits: list[int]) -> None:
+        """A prompt reused ``hits`` (they already left the policy if they were in it)."""
+
+    def expire(self) -> Sequence[int]:
+        """Remove and return the blocks that must be dropped before blocks are handed out
+        (not evictions: their bytes are not worth keeping)."""
+
+    def violations(self) -> list[str]:
+        """What disagrees in the policy's own bookkeeping (empty: all holds)."""
+
+    def __len__(self) -> int: ...
     def __contains__(self, block: object) -> bool: ...
 
 
@@ -47,6 +69,8 @@ class BlockMeta:
     ``ref`` holds each block's reference count (> 0: in use). A block the LRU policy
     lists holds a negative value there instead, the stamp of the batch it was
     listed in (see :class:`LRUPolicy`); every other block not in use holds 0.
+    ``hits`` and ``registered_at`` are reset when a block is registered (LFU and
+    FIFO rank by them).
     """
 
     __slots__ = ("ref", "hits", "registered_at")
@@ -57,7 +81,29 @@ class BlockMeta:
         self.registered_at = [0] * num_blocks  # registration sequence number
 
 
-class LRUPolicy:
+class _NoHooks:
+    """The hooks of a policy that neither counts hits nor expires blocks."""
+
+    def usable(self, hits: list[int]) -> list[int]:
+        return hits
+
+    def on_hits(self, hits: list[int]) -> None:
+        return None
+
+    def expire(self) -> Sequence[int]:
+        return _NOTHING
+
+
+def _stray_stamps(ref: list[int], listed: set[int], policy: str) -> list[str]:
+    stray = [b for b, r in enumerate(ref) if r < 0 and b not in listed]
+    if not stray:
+        return []
+    return [
+        f"blocks {stray[:5]} hold an LRU stamp (ref < 0) but the {policy} policy does not list them"
+    ]
+
+
+class LRUPolicy(_NoHooks):
     """Least recently used: the block released (or hit) longest ago goes first.
 
     Blocks are listed in batches, in the order they were released: ``add_many`` of a
@@ -144,6 +190,19 @@ class LRUPolicy:
     def order(self) -> list[int]:
         return [b for _, blocks in self._live() for b in blocks]
 
+    def violations(self) -> list[str]:
+        problems = []
+        held = sum(len(blocks) for _, blocks in self._batches) - self._pos
+        if held != self._entries:
+            problems.append(f"LRU holds {held} batch entries but counts {self._entries}")
+        stamps = [stamp for stamp, _ in self._batches]
+        if stamps != sorted(set(stamps)) or (stamps and stamps[-1] > self._stamp):
+            problems.append(
+                f"LRU batch stamps {stamps[:5]}... are not increasing up to the last "
+                f"({self._stamp})"
+            )
+        return problems + _stray_stamps(self._ref, set(self.order()), "LRU")
+
     def __len__(self) -> int:
         return self._len
 
@@ -151,10 +210,13 @@ class LRUPolicy:
         return isinstance(block, int) and 0 <= block < len(self._ref) and self._ref[block] < 0
 
 
-class _HeapPolicy:
+class _HeapPolicy(_NoHooks):
     """Shared machinery of FIFO and LFU: ranked heap + OrderedDict of members."""
 
-    def __init__(self, rank: list[int]) -> None:
+    NAME = ""
+
+    def __init__(self, meta: BlockMeta, rank: list[int]) -> None:
+        self._ref = meta.ref
         self._rank = rank  # per-block primary sort key, kept current by the manager
         self._blocks: OrderedDict[int, int] = OrderedDict()  # block -> version
         self._heap: list[tuple[int, int, int]] = []  # (rank, version, block)
@@ -193,6 +255,9 @@ class _HeapPolicy:
         live = sorted(e for e in self._heap if self._blocks.get(e[2]) == e[1])
         return [e[2] for e in live]
 
+    def violations(self) -> list[str]:
+        return _stray_stamps(self._ref, set(), self.NAME)  # stamps are LRU's alone
+
     def __len__(self) -> int:
         return len(self._blocks)
 
@@ -203,8 +268,10 @@ class _HeapPolicy:
 class FIFOPolicy(_HeapPolicy):
     """First in, first out: the block registered earliest goes first."""
 
+    NAME = "FIFO"
+
     def __init__(self, meta: BlockMeta) -> None:
-        super().__init__(meta.registered_at)
+        super().__init__(meta, meta.registered_at)
 
 
 class LFUPolicy(_HeapPolicy):
@@ -214,21 +281,120 @@ class LFUPolicy(_HeapPolicy):
     among blocks with equal hits the one released longest ago goes first.
     """
 
+    NAME = "LFU"
+
     def __init__(self, meta: BlockMeta) -> None:
-        super().__init__(meta.hits)
+        super().__init__(meta, meta.hits)
+
+    def on_hits(self, hits: list[int]) -> None:
+        counts = self._rank
+        for b in hits:
+            counts[b] += 1
 
 
-POLICIES: dict[str, type] = {"lru": LRUPolicy, "fifo": FIFOPolicy, "lfu": LFUPolicy}
+class TTLPolicy:
+    """Any policy, plus expiry: a cached block idle longer than ``ttl_seconds`` is never
+    matched again and is dropped (made free, not evicted: ``on_evict`` is not called)
+    before any block is handed out.
+
+    Idle time counts from when the block was last added (its last reference dropped or
+    its pin released); ``clock`` gives seconds (monotonic).
+    """
+
+    def __init__(
+        self,
+        inner: EvictionPolicy,
+        num_blocks: int,
+        ttl_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.inner = inner
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._cached_at = [0.0] * num_blocks
+
+    def add(self, block: int) -> None:
+        self._cached_at[block] = self._clock()
+        self.inner.add(block)
+
+    def add_many(self, blocks: list[int]) -> None:
+        now, cached_at = self._clock(), self._cached_at
+        for b in blocks:
+            cached_at[b] = now
+        self.inner.add_many(blocks)
+
+    def remove(self, block: int) -> None:
+        self.inner.remove(block)
+
+    def pop(self) -> int:
+        return self.inner.pop()
+
+    def oldest(self) -> int | None:
+        return self.inner.oldest()
+
+    def order(self) -> list[int]:
+        return self.inner.order()
+
+    def usable(self, hits: list[int]) -> list[int]:
+        # Blocks in use never expire; a cached one listed here expires once idle too long.
+        deadline = self._clock() - self.ttl_seconds
+        inner, cached_at = self.inner, self._cached_at
+        for i, b in enumerate(hits):
+            if b in inner and cached_at[b] < deadline:
+                return hits[:i]
+        return self.inner.usable(hits)
+
+    def on_hits(self, hits: list[int]) -> None:
+        self.inner.on_hits(hits)
+
+    def expire(self) -> list[int]:
+        deadline = self._clock() - self.ttl_seconds
+        inner, out = self.inner, list[int]()
+        while True:
+            block = inner.oldest()
+            if block is None or self._cached_at[block] >= deadline:
+                return out
+            inner.remove(block)
+            out.append(block)
+
+    def violations(self) -> list[str]:
+        return self.inner.violations()
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.inner
 
 
-def make_policy(name: str, meta: BlockMeta) -> EvictionPolicy:
-    """Build the policy registered as ``name`` (``"lru"``, ``"fifo"`` or ``"lfu"``)."""
+POLICIES: dict[str, type[LRUPolicy] | type[FIFOPolicy] | type[LFUPolicy]] = {
+    "lru": LRUPolicy, "fifo": FIFOPolicy, "lfu": LFUPolicy,
+}  # fmt: skip
+
+
+def policy_name(name: object) -> str:
+    """``name`` as a registered policy name (lower case); ``TypeError``/``ValueError`` if not."""
     if not isinstance(name, str):
         raise TypeError(f"eviction must be a policy name (str), got {type(name).__name__}")
-    try:
-        cls = POLICIES[name.lower()]
-    except KeyError:
+    if name.lower() not in POLICIES:
         raise ValueError(
             f"eviction={name!r} is not a known policy; choose one of {sorted(POLICIES)}"
-        ) from None
-    return cls(meta)
+        )
+    return name.lower()
+
+
+def make_policy(
+    name: str,
+    meta: BlockMeta,
+    *,
+    ttl_seconds: float | None = None,
+    clock: Callable[[], float] | None = None,
+) -> EvictionPolicy:
+    """Build the policy registered as ``name`` (``"lru"``, ``"fifo"`` or ``"lfu"``),
+    wrapped in a :class:`TTLPolicy` when ``ttl_seconds`` is given (``clock`` then too)."""
+    policy: EvictionPolicy = POLICIES[policy_name(name)](meta)
+    if ttl_seconds is None:
+        return policy
+    if clock is None:
+        raise TypeError("make_policy(ttl_seconds=...) needs a clock (e.g. time.monotonic)")
+    return TTLPolicy(policy, len(meta.ref), ttl_seconds, clock)

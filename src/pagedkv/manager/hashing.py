@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 
 #: Parent of the first block of every sequence.
 ROOT = b"\x00" * 16
@@ -76,8 +76,8 @@ def as_token_array(token_ids: object, name: str = "token_ids") -> array:
             return array("I", token_ids) if not _BIG_ENDIAN else _le(array("I", token_ids))
         except (TypeError, OverflowError):
             pass  # fall through to name the bad element
-    if isinstance(token_ids, (str, bytes, bytearray, memoryview)) or not hasattr(
-        token_ids, "__len__"
+    if isinstance(token_ids, (str, bytes, bytearray, memoryview)) or not (
+        isinstance(token_ids, Sized) and isinstance(token_ids, Iterable)
     ):
         raise TypeError(
             f"{name} must be a sequence of non-negative ints (e.g. a list), "

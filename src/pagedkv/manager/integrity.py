@@ -1,32 +1,52 @@
 """The block manager's invariants, as an executable check.
 
-Kept apart from :mod:`block_manager` so the hot paths read without it; it reads the
-manager's private state on purpose (it is the manager's own audit). Every check
-below has a test that plants the damage it guards against and watches it fire
-(``tests/test_integrity_mutations.py``).
+Kept apart from :mod:`block_manager` so the hot paths read without it. The manager
+hands its tables over as a :class:`ManagerState` (by reference; nothing here writes
+them), so this module imports nothing of the manager itself. Each component checks
+its own bookkeeping (the policy, the prefix index, the pins: their ``violations()``);
+this module checks what ties them together. Every check has a test that plants the
+damage it guards against and watches it fire (``tests/test_integrity_mutations.py``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
-from pagedkv.manager.eviction import LRUPolicy
+from pagedkv.manager.eviction import EvictionPolicy
 from pagedkv.manager.hashing import ROOT, chain_hashes
+from pagedkv.manager.pins import Pins
+from pagedkv.manager.prefix_index import PrefixIndex
+from pagedkv.manager.sequence import SeqRecord
 
-if TYPE_CHECKING:
-    from pagedkv.manager.block_manager import BlockManager, _Seq
+
+@dataclass(frozen=True)
+class ManagerState:
+    """What the checker reads of a block manager: its size and its tables."""
+
+    num_blocks: int
+    block_size: int
+    prefix_caching: bool
+    digest: Callable[[bytes], bytes]
+    free: Sequence[int]  # the free stack
+    refs: Sequence[int]  # per block: > 0 in use, < 0 an LRU stamp, else 0
+    chains: Mapping[int, int]  # tail block of a held hit chain -> holders
+    seqs: Mapping[Hashable, SeqRecord]
+    policy: EvictionPolicy
+    pins: Pins
+    prefix: PrefixIndex
 
 
-def violations(m: BlockManager) -> list[str]:
+def violations(m: ManagerState) -> list[str]:
     """Every violated invariant, each naming the numbers that disagree (empty: all hold)."""
     problems: list[str] = []
     n = m.num_blocks
     free = _free_blocks(m, problems)
     evictable = _policy_blocks(m, problems)
-    pinned = m._pinned
+    pinned = m.pins.blocks
     expected = [0] * n  # references the block tables imply
     chains: dict[int, tuple[int, list[int]]] = {}  # tail -> (holders, chain blocks)
-    for sid, seq in m._seqs.items():
+    for sid, seq in m.seqs.items():
         if not _sequence_ok(m, sid, seq, problems):
             continue
         for b in seq.blocks[seq.chain :]:
@@ -41,15 +61,15 @@ def violations(m: BlockManager) -> list[str]:
         for b in blocks:
             expected[b] += 1
     counted = {tail: holders for tail, (holders, _) in chains.items()}
-    if counted != m._chains:
-        problems.append(f"chain holders {m._chains} disagree with the tables' {counted}")
+    if counted != dict(m.chains):
+        problems.append(f"chain holders {dict(m.chains)} disagree with the tables' {counted}")
 
-    refs = [max(r, 0) for r in m._ref]  # < 0: an LRU stamp on a cached block
+    refs = [max(r, 0) for r in m.refs]  # < 0: an LRU stamp on a cached block
     if expected != refs:
         bad = [b for b in range(n) if expected[b] != refs[b]][:5]
         problems.append(
             "ref counts disagree with block tables at blocks "
-            + ", ".join(f"{b} (ref {m._ref[b]}, tables {expected[b]})" for b in bad)
+            + ", ".join(f"{b} (ref {m.refs[b]}, tables {expected[b]})" for b in bad)
         )
     in_use = sum(1 for r in refs if r > 0)
     if len(free) + in_use + len(evictable) + len(pinned) != n:
@@ -61,27 +81,25 @@ def violations(m: BlockManager) -> list[str]:
         busy = sorted(b for b in group if refs[b])
         if busy:
             problems.append(f"{name} blocks {busy[:5]} have ref > 0")
-    stamped = [b for b in range(n) if m._ref[b] < 0]
-    if m.eviction != "lru" or not set(stamped) <= evictable:
-        stray = [b for b in stamped if m.eviction != "lru" or b not in evictable]
-        if stray:
-            problems.append(
-                f"blocks {stray[:5]} hold an LRU stamp (ref < 0) but the LRU policy "
-                "does not list them"
-            )
     if free & evictable or free & pinned or evictable & pinned:
         problems.append("a block is in two of free / evictable / pinned")
-    _registration_problems(m, free, evictable, pinned, problems)
+    hashes = m.prefix.hashes
+    if any(hashes[b] for b in free):
+        problems.append("a free block still has a registered hash")
+    if any(not hashes[b] for b in evictable | pinned):
+        problems.append("a cached block has no registered hash")
+    problems += m.pins.violations(hashes, evictable)
+    problems += m.prefix.violations(m.prefix_caching)
     return problems
 
 
-def _free_blocks(m: BlockManager, problems: list[str]) -> set[int]:
+def _free_blocks(m: ManagerState, problems: list[str]) -> set[int]:
     """The free stack as a set (ids outside the pool dropped and reported)."""
     n = m.num_blocks
-    free = set(m._free)
-    if len(free) != len(m._free):
+    free = set(m.free)
+    if len(free) != len(m.free):
         problems.append(
-            f"free stack holds duplicates ({len(m._free)} entries, {len(free)} distinct)"
+            f"free stack holds duplicates ({len(m.free)} entries, {len(free)} distinct)"
         )
     outside = [b for b in free if not (type(b) is int and 0 <= b < n)]
     if outside:
@@ -90,28 +108,19 @@ def _free_blocks(m: BlockManager, problems: list[str]) -> set[int]:
     return free
 
 
-def _policy_blocks(m: BlockManager, problems: list[str]) -> set[int]:
-    """The evictable blocks, after checking the policy's own bookkeeping."""
-    order = m._policy.order()
+def _policy_blocks(m: ManagerState, problems: list[str]) -> set[int]:
+    """The evictable blocks, after the policy checked its own bookkeeping."""
+    order = m.policy.order()
     evictable = set(order)
     if len(order) != len(evictable):
         problems.append(f"eviction policy lists a block twice ({len(order)} entries)")
-    if len(evictable) != len(m._policy):
-        problems.append(f"policy lists {len(evictable)} blocks but counts {len(m._policy)}")
-    p = m._policy
-    if isinstance(p, LRUPolicy):
-        held = sum(len(blocks) for _, blocks in p._batches) - p._pos
-        if held != p._entries:
-            problems.append(f"LRU holds {held} batch entries but counts {p._entries}")
-        stamps = [stamp for stamp, _ in p._batches]
-        if stamps != sorted(set(stamps)) or (stamps and stamps[-1] > p._stamp):
-            problems.append(
-                f"LRU batch stamps {stamps[:5]}... are not increasing up to the last ({p._stamp})"
-            )
+    if len(evictable) != len(m.policy):
+        problems.append(f"policy lists {len(evictable)} blocks but counts {len(m.policy)}")
+    problems += m.policy.violations()
     return evictable
 
 
-def _sequence_ok(m: BlockManager, sid: object, seq: _Seq, problems: list[str]) -> bool:
+def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[str]) -> bool:
     """Check one sequence's table against its tokens; False if its ids are unusable."""
     n, bs = m.num_blocks, m.block_size
     if any(not (type(b) is int and 0 <= b < n) for b in seq.blocks):
@@ -132,7 +141,7 @@ def _sequence_ok(m: BlockManager, sid: object, seq: _Seq, problems: list[str]) -
         return False
     if not m.prefix_caching:
         return True
-    chain = chain_hashes(seq.tokens, bs, seq.ns, m._digest)
+    chain = chain_hashes(seq.tokens, bs, seq.ns, m.digest)
     if seq.last_hash != (chain[-1] if chain else ROOT):
         problems.append(f"seq {sid!r}: its last block hash is not its tokens' hash")
     anonymous = set(seq.anonymous)
@@ -141,45 +150,16 @@ def _sequence_ok(m: BlockManager, sid: object, seq: _Seq, problems: list[str]) -
             f"seq {sid!r}: anonymous blocks {sorted(anonymous)[:5]} are not among its own "
             "full blocks"
         )
+    hashes = m.prefix.hashes
     for i, b in enumerate(seq.blocks[: len(chain)]):
-        h = m._hash[b]
-        if (h is None) != (b in anonymous) or (h is not None and h != chain[i]):
+        h = hashes[b]
+        if (not h) != (b in anonymous) or (h and h != chain[i]):
             problems.append(
                 f"seq {sid!r}: full block {i} (block {b}) is "
-                + ("registered under another hash" if h is not None else "unregistered")
+                + ("registered under another hash" if h else "unregistered")
                 + (" but listed anonymous" if b in anonymous else "")
             )
             break
-    if len(seq.blocks) > len(chain) and m._hash[seq.blocks[-1]] is not None:
+    if len(seq.blocks) > len(chain) and hashes[seq.blocks[-1]]:
         problems.append(f"seq {sid!r}: its partial last block {seq.blocks[-1]} is registered")
     return True
-
-
-def _registration_problems(
-    m: BlockManager, free: set[int], evictable: set[int], pinned: set[int], problems: list[str]
-) -> None:
-    if any(m._hash[b] is not None for b in free):
-        problems.append("a free block still has a registered hash")
-    if any(m._hash[b] is None for b in evictable | pinned):
-        problems.append("a cached block has no registered hash")
-    if any(m._hash[b] not in m._pins for b in pinned):
-        problems.append("a block is held pinned but its hash is not pinned")
-    if any(m._hash[b] in m._pins for b in evictable):
-        problems.append("a pinned prefix block is evictable")
-    if any(count < 1 for count in m._pins.values()):
-        problems.append(f"pin counts must be >= 1, got {sorted(set(m._pins.values()))[:5]}")
-    registered = [b for b, h in enumerate(m._hash) if h is not None]
-    if registered and not m.prefix_caching:
-        problems.append(f"prefix caching is off but {len(registered)} blocks are registered")
-    if len(registered) != len(m._index):
-        problems.append(
-            f"index has {len(m._index)} entries but {len(registered)} blocks are registered"
-        )
-    for key, b in m._index.items():
-        if m._key[b] != key:
-            problems.append(f"index entry for block {b} does not match the block's key")
-            break
-    for b in registered:
-        if m._key[b] is None or m._digest(m._key[b]) != m._hash[b]:
-            problems.append(f"block {b}: its registered hash is not the digest of its index key")
-            break

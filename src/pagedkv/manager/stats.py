@@ -1,18 +1,14 @@
-"""Named results of the block manager: cache statistics and memory-pressure levels."""
+"""Named results of the block manager: its counters and the :class:`CacheStats` snapshot."""
 
 from __future__ import annotations
 
-import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pagedkv.manager.pressure import MemoryPressure
+from pagedkv.manager.sequence import SeqRecord
 
-class MemoryPressure(enum.IntEnum):
-    """How full the pool is with blocks in use (cached blocks are reclaimable)."""
-
-    LOW = 0
-    MEDIUM = 1
-    HIGH = 2
-    CRITICAL = 3
+__all__ = ["CacheStats", "Counters", "MemoryPressure", "unused_slots"]
 
 
 @dataclass(frozen=True)
@@ -40,3 +36,26 @@ class CacheStats:
     utilization: float
     fragmentation: float
     pressure: MemoryPressure
+
+
+class Counters:
+    """Running totals since the manager was built (bumped once per operation)."""
+
+    __slots__ = ("query_tokens", "hit_tokens", "evictions", "cow_copies", "blocks_allocated")
+
+    def __init__(self) -> None:
+        self.query_tokens = 0  # prompt tokens allocated
+        self.hit_tokens = 0  # of which found in the prefix cache
+        self.evictions = 0  # cached blocks reclaimed (evicted or expired)
+        self.cow_copies = 0
+        self.blocks_allocated = 0  # blocks handed out
+
+
+def unused_slots(seqs: Iterable[SeqRecord], block_size: int) -> int:
+    """Token slots left empty in the partly filled last blocks (shared ones once)."""
+    partial: dict[int, int] = {}
+    for seq in seqs:
+        fill = len(seq.tokens) % block_size
+        if fill:
+            partial[seq.blocks[-1]] = fill
+    return sum(block_size - fill for fill in partial.values())

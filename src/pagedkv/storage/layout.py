@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedkv._validate import check_int
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -28,13 +30,7 @@ class KVLayout:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"KVLayout.{name} must be an int, got {type(value).__name__} {value!r}"
-                )
-            if value <= 0:
-                raise ValueError(f"KVLayout.{name} must be positive, got {value}")
+            check_int(getattr(self, name), f"KVLayout.{name}", minimum=1)
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(
                 f"KVLayout.dtype must be a torch.dtype (e.g. torch.bfloat16), got {self.dtype!r}"

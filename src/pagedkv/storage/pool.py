@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pagedkv import _resources, ops
-from pagedkv.ops import _checks
-from pagedkv.ops._config import resolve
+from pagedkv import _resources, _tensor_checks, ops
+from pagedkv._validate import check_int
 from pagedkv.storage.host import HostRowCache
 from pagedkv.storage.layout import KVLayout
 
@@ -39,10 +38,7 @@ class KVPool:
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-            raise TypeError(f"num_blocks must be an int, got {type(num_blocks).__name__}")
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        check_int(num_blocks, "num_blocks", minimum=1)
         device = _resources.resolve_device(device)
         _resources.require_memory(
             "KVPool", "num_blocks", num_blocks, self.bytes_needed(layout, num_blocks), device,
@@ -89,8 +85,7 @@ class KVPool:
         return self.kv[self._layer(layer), 1]
 
     def _layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        check_int(layer, "layer")
         if not 0 <= layer < self.layout.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.layout.num_layers})")
         return layer
@@ -115,7 +110,7 @@ class KVPool:
         """The first ``num_tokens`` tokens of a sequence as contiguous (k, v), each
         [num_tokens, Hkv, D]; ``block_table`` lists its blocks in order."""
         k_cache, v_cache = self.k(layer), self.v(layer)
-        ids = _checks.block_ids(block_table, self.num_blocks, self.device, "block_table")
+        ids = _tensor_checks.block_ids(block_table, self.num_blocks, self.device, "block_table")
         bs = self.layout.block_size
         if not 0 <= num_tokens <= ids.numel() * bs:
             raise ValueError(
@@ -145,8 +140,8 @@ class KVPool:
                 f"pairs must be a list of (src, dst) pairs, got shape {tuple(pt.shape)}"
             )
         cpu = torch.device("cpu")  # check on the host: one transfer, no device sync
-        src = _checks.block_ids(pt[:, 0].cpu(), self.num_blocks, cpu, "copy_blocks src")
-        dst = _checks.block_ids(pt[:, 1].cpu(), self.num_blocks, cpu, "copy_blocks dst")
+        src = _tensor_checks.block_ids(pt[:, 0].cpu(), self.num_blocks, cpu, "copy_blocks src")
+        dst = _tensor_checks.block_ids(pt[:, 1].cpu(), self.num_blocks, cpu, "copy_blocks dst")
         s, d = src.tolist(), dst.tolist()
         src, dst = src.to(self.device), dst.to(self.device)
         if len(set(d)) == len(d) and not set(d) & set(s):
@@ -168,7 +163,7 @@ class KVPool:
         ``non_blocking=True`` and a pinned ``out`` the copy is only enqueued on the current
         stream (usable from a side stream): synchronize that stream before reading ``out``.
         """
-        ids = _checks.block_ids(block_ids, self.num_blocks, self.device)
+        ids = _tensor_checks.block_ids(block_ids, self.num_blocks, self.device)
         n = ids.numel()
         if out is not None:
             self._check_bytes(out, n, "out")
@@ -195,7 +190,7 @@ class KVPool:
         """Exact inverse of :meth:`read_blocks`: ``data`` uint8 [n, bytes_per_block] (CPU or
         the pool's device) into the distinct blocks ``block_ids``. With ``non_blocking=True``
         a pinned ``data`` must stay untouched until the current stream has run the copy."""
-        ids = _checks.block_ids(block_ids, self.num_blocks, self.device)
+        ids = _tensor_checks.block_ids(block_ids, self.num_blocks, self.device)
         n = ids.numel()
         self._check_bytes(data, n, "data")
         if data.device.type != "cpu" and data.device != self.device:
@@ -225,7 +220,7 @@ class KVPool:
         ``out``) makes three passes at ~0.3 GB/s; one strided copy per block runs at
         memcpy speed.
         """
-        return self.device.type == "cpu" and resolve(self.backend, self.device) == "reference"
+        return self.device.type == "cpu" and ops.resolve(self.backend, self.device) == "reference"
 
     def _rows_u8(self) -> torch.Tensor:
         """The pool as bytes ``[L*2, num_blocks, bytes of one block's K (or V) of a layer]``."""
@@ -233,7 +228,7 @@ class KVPool:
         return self.kv.view(torch.uint8).view(lay.num_layers * 2, self.num_blocks, -1)
 
     def _check_bytes(self, t: torch.Tensor, n: int, name: str) -> None:
-        _checks.tensor(t, name)
+        _tensor_checks.tensor(t, name)
         bpb = self.layout.bytes_per_block
         if t.dtype != torch.uint8:
             raise TypeError(f"{name} must be a uint8 tensor, got {t.dtype}")

@@ -1,0 +1,212 @@
+"""KVCache's reads: queries that change nothing, attention over the pool, the audit.
+
+:class:`CacheReads` is the read-only half of :class:`~pagedkv.KVCache` (which
+subclasses it and sets the attributes declared below); every method that changes the
+cache is in :mod:`pagedkv.cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from pagedkv import _cache_checks, ops
+from pagedkv._validate import check_int
+from pagedkv.errors import CacheIntegrityError
+from pagedkv.manager import BlockManager, CacheStats
+from pagedkv.storage import KVLayout, KVPool
+
+if TYPE_CHECKING:
+    from pagedkv.tiers import TieredStore
+
+
+class Swapped(NamedTuple):
+    """A swapped-out sequence: what it held, and where the tiers keep its bytes."""
+
+    tokens: list[int]
+    salt: object
+    key: str
+
+
+class CacheReads:
+    """Queries over a KV cache (see :class:`~pagedkv.KVCache`)."""
+
+    layout: KVLayout
+    manager: BlockManager
+    pool: KVPool
+    device: torch.device
+    backend: str | None
+    tiers: TieredStore | None
+    _salts: dict[Hashable, object]
+    _swapped: dict[Hashable, Swapped]
+    _evicted: list[tuple[int, bytes]]
+    _tier_hit_tokens: int
+
+    # ------------------------------------------------------------------- basics
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.manager.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.manager.num_free_blocks
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether a new sequence of ``num_tokens`` fits without prefix hits."""
+        return self.manager.can_allocate(num_tokens)
+
+    def lookup(self, token_ids: Sequence[int], salt: object = None) -> int:
+        """Tokens of ``token_ids`` a new :meth:`allocate` would find in the device's prefix
+        cache (tier hits are not counted); changes nothing, allowed while paused."""
+        return self.manager.lookup(token_ids, salt)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.manager
+
+    def seq_ids(self) -> list:
+        """Live sequences (resident on the device), oldest first."""
+        return self.manager.seq_ids()
+
+    # Reads of a live sequence raise KeyError for any other id; one that is swapped out
+    # gets a message saying so (built only on that error path).
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        try:
+            return self.manager.block_table(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
+    def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
+        try:
+            return self.manager.slot_mapping(seq_id, start, stop)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        try:
+            return self.manager.num_tokens(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
+    def token_ids(self, seq_id: Hashable) -> list[int]:
+        try:
+            return self.manager.token_ids(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
+    def salt(self, seq_id: Hashable) -> object:
+        """The salt the sequence was allocated with."""
+        self.num_tokens(seq_id)  # KeyError for an id that is not live
+        return self._salts.get(seq_id)
+
+    def _not_live(self, seq_id: Hashable) -> KeyError:
+        """The KeyError for an id that is not a live sequence, saying if it is swapped out."""
+        try:
+            swapped = seq_id in self._swapped
+        except TypeError:
+            return KeyError(f"seq_id must be hashable, got {type(seq_id).__name__}")
+        if swapped:
+            return KeyError(f"sequence {seq_id!r} is swapped out; swap_in() it first")
+        return KeyError(
+            f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
+        )
+
+    def _swapped_out(self, seq_id: Hashable, name: str) -> bool:
+        """Whether ``seq_id`` is swapped out; ``TypeError`` naming ``name`` if unhashable."""
+        try:
+            return seq_id in self._swapped
+        except TypeError:
+            raise TypeError(f"{name} must be hashable, got {type(seq_id).__name__}") from None
+
+    def stats(self) -> CacheStats:
+        return self.manager.stats()
+
+    def tier_stats(self) -> dict:
+        """Hits, demotions and bytes per tier (empty without tiers)."""
+        if self.tiers is None:
+            return {}
+        return {"tier_hit_tokens": self._tier_hit_tokens, **self.tiers.stats()}
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` when any bookkeeping disagrees.
+
+        Checks the manager, the tiers, and what ties them together: no sequence both
+        live and swapped out, one swap-area entry per swapped-out sequence, a salt
+        recorded for exactly the live sequences, the pool as large as the manager, and
+        no eviction left undemoted between operations.
+        """
+        self.manager.check_integrity()
+        problems = _cache_checks.violations(
+            self.manager, self.pool, self.tiers, self._swapped, self._salts, self._evicted
+        )
+        if problems:
+            raise CacheIntegrityError("KVCache: " + "; ".join(problems))
+        if self.tiers is not None:
+            self.tiers.check_integrity()
+
+    def swapped_ids(self) -> list:
+        """Sequences currently swapped out."""
+        return list(self._swapped)
+
+    # ------------------------------------------------------------------ tensors
+
+    def block_tables_tensor(
+        self, seq_ids: Sequence[Hashable], width: int | None = None
+    ) -> torch.Tensor:
+        """Block tables of ``seq_ids`` as int32 ``[B, width]`` on the cache's device (0-padded)."""
+        try:
+            tables = [self.manager.block_table(s) for s in seq_ids]
+        except KeyError:
+            bad = next(s for s in seq_ids if s not in self.manager)
+            raise self._not_live(bad) from None
+        longest = max((len(t) for t in tables), default=0)
+        width = longest if width is None else check_int(width, "width", minimum=0)
+        if width < longest:
+            raise ValueError(f"width={width} is smaller than the longest block table ({longest})")
+        width = max(width, 1)
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width).to(self.device)
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        layer: int,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Paged decode attention over ``layer`` (see :func:`pagedkv.ops.paged_decode`)."""
+        return ops.paged_decode(
+            q, self.pool, layer, block_tables, seq_lens, scale, backend=self.backend
+        )
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        layer: int,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Paged causal prefill over ``layer`` (see :func:`pagedkv.ops.paged_prefill`)."""
+        return ops.paged_prefill(
+            q, cu_seqlens_q, self.pool, layer, block_tables, seq_lens, scale, backend=self.backend
+        )
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Bytes of blocks as uint8 ``[n, bytes_per_block]`` on the CPU."""
+        return self.pool.read_blocks(block_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCache({self.layout}, num_blocks={self.num_blocks}, device={self.device}, "
+            f"tiers={0 if self.tiers is None else len(self.tiers.tiers)})"
+        )

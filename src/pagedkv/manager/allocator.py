@@ -1,0 +1,237 @@
+"""The block allocator: reference counts (per block and per hit chain), the free stack,
+and the cached blocks to reclaim.
+
+A block not in use is free (on the stack, handed out most recently freed first) or
+cached: registered in the prefix index and either evictable (listed by the eviction
+policy) or pinned (held by :class:`~pagedkv.manager.pins.Pins`).
+
+Reference counts of prefix hits are shared per *chain*: the blocks a prompt found
+cached (a path from the root of the prefix tree, named by its last block) hold one
+reference each for all live sequences that found that same chain, counted in
+``chains``. Requests that share a system prompt then take and drop that prompt's
+blocks in O(1); only the first to find the chain and the last to free it touch
+every block. So ``ref[b]`` = sequences holding ``b`` outside a chain + live chains
+through ``b``, and a block is in use exactly when some live sequence's table holds it.
+
+The block manager decides which blocks a sequence holds; this module keeps the
+pool's side of it, one call per operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pagedkv.errors import OutOfBlocks
+from pagedkv.manager.eviction import BlockMeta, EvictionPolicy
+from pagedkv.manager.pins import Pins
+from pagedkv.manager.prefix_index import PrefixIndex
+from pagedkv.manager.stats import Counters
+
+EvictCallback = Callable[[int, bytes], None]
+
+
+class BlockAllocator:
+    """The ``num_blocks`` blocks of one pool and what state each is in.
+
+    ``ref`` (shared with the policies through ``meta``) holds each block's reference
+    count, > 0 while in use; ``chains`` the holders of each held hit chain (by its
+    last block); ``free`` is the free stack; ``policy`` lists evictable cached blocks;
+    ``pins.blocks`` the pinned cached ones. ``ref`` and ``free`` are changed in place,
+    never replaced, so a holder of either stays current.
+    """
+
+    def __init__(
+        self,
+        meta: BlockMeta,
+        prefix: PrefixIndex,
+        new_policy: Callable[[], EvictionPolicy],
+        counters: Counters,
+        on_evict: EvictCallback | None,
+        *,
+        prefix_caching: bool,
+    ) -> None:
+        self.num_blocks = len(meta.ref)
+        self.prefix_caching = prefix_caching
+        self.ref = meta.ref  # > 0: in use; < 0: listed by LRU (see LRUPolicy); else 0
+        self.chains: dict[int, int] = {}  # last block of a held hit chain -> sequences
+        self.free = list(range(self.num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
+        self.pins = Pins()
+        self._new_policy = new_policy
+        self.policy = new_policy()
+        self._prefix = prefix
+        self._counters = counters
+        self._on_evict = on_evict
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now: free + evictable cached."""
+        return len(self.free) + len(self.policy)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks with ref count > 0."""
+        return self.num_blocks - len(self.free) - len(self.policy) - len(self.pins.blocks)
+
+    def out_of_blocks(self, need: int, what: str) -> OutOfBlocks:
+        """The error for ``what`` needing ``need`` blocks more than :attr:`num_free`."""
+        return OutOfBlocks(
+            f"{what} needs {need} new block(s) but only {self.num_free} are free or "
+            f"evictable ({self.num_used} of {self.num_blocks} in use, "
+            f"{len(self.pins.blocks)} pinned); free or preempt a sequence, unpin prefixes, "
+            f"or use a larger pool"
+        )
+
+    # ---------------------------------------------------------------- taking
+
+    def reclaimed_by(self, hits: list[int]) -> int:
+        """How many blocks :meth:`hold_chain` of ``hits`` would take out of
+        :attr:`num_free` (the evictable ones of a chain nobody holds yet)."""
+        if not hits or hits[-1] in self.chains:  # a held chain's blocks are all in use
+            return 0
+        ref, pinned = self.ref, self.pins.blocks
+        return sum(1 for b in hits if ref[b] <= 0 and b not in pinned)
+
+    def hold_chain(self, hits: list[int]) -> None:
+        """One more sequence holds the prefix hit chain ``hits`` (not empty)."""
+        tail, chains = hits[-1], self.chains
+        if tail in chains:
+            chains[tail] += 1
+        else:
+            chains[tail] = 1
+            ref, pinned, policy = self.ref, self.pins.blocks, self.policy
+            for b in hits:
+                if ref[b] <= 0:
+                    if b in pinned:
+                        pinned.discard(b)
+                    else:
+                        policy.remove(b)  # leaves ref 0
+                ref[b] += 1
+        self.policy.on_hits(hits)
+
+    def share(self, blocks: list[int], chain: int) -> None:
+        """A fork: one more holder of a table whose first ``chain`` blocks are a chain."""
+        if chain:
+            self.chains[blocks[chain - 1]] += 1
+        ref = self.ref
+        for b in blocks[chain:]:
+            ref[b] += 1
+
+    def take(self, n: int) -> list[int]:
+        """Hand out ``n`` blocks (the caller checked :attr:`num_free`), ref 1 each: free
+        ones first (most recently freed first), then evicted cached ones."""
+        expired = self.policy.expire()  # a hook call, not a TTL flag: () without expiry
+        if expired:
+            self._drop_expired(expired)
+        free = self.free
+        if n <= len(free):
+            cut = len(free) - n
+            taken = free[cut:]
+            del free[cut:]
+            taken.reverse()
+        else:
+            taken = free[::-1]
+            free.clear()
+            taken += self._evict(n - len(taken))
+        ref = self.ref
+        for b in taken:
+            ref[b] = 1
+        self._counters.blocks_allocated += n
+        return taken
+
+    def _evict(self, n: int) -> list[int]:
+        policy, prefix, on_evict = self.policy, self._prefix, self._on_evict
+        out = []
+        for _ in range(n):
+            block = policy.pop()
+            evicted_hash = prefix.drop(block)
+            if on_evict is not None:
+                on_evict(block, evicted_hash)
+            out.append(block)
+        self._counters.evictions += n
+        return out
+
+    def expire(self) -> None:
+        """Drop the cached blocks the policy says have expired (they become free)."""
+        expired = self.policy.expire()
+        if expired:
+            self._drop_expired(expired)
+
+    def _drop_expired(self, blocks: Sequence[int]) -> None:
+        for block in blocks:
+            self._prefix.drop(block)
+        self.free.extend(blocks)
+        self._counters.evictions += len(blocks)  # expiry counts as an eviction
+
+    # ------------------------------------------------------------- releasing
+
+    def release(
+        self, blocks: list[int], chain: int, unregistered: list[int], partial: bool
+    ) -> None:
+        """Drop one sequence's references to its table ``blocks``.
+
+        ``blocks[:chain]`` are held through their chain; a block left unreferenced is
+        cached if registered and free otherwise. Which are registered is told, not
+        looked up (a look at each block's hash is a cache miss): every full block but
+        those in ``unregistered`` (``partial``: the last block is not full).
+        """
+        ref, free = self.ref, self.free
+        cached: list[int] = []
+        # Tail blocks first: within one release the tail becomes least recently used,
+        # so eviction takes a sequence's unique suffix before its (shared) prefix.
+        for b in reversed(blocks[chain:] if chain else blocks):
+            r = ref[b] - 1
+            ref[b] = r
+            if not r:
+                cached.append(b)
+        if cached and not self.prefix_caching:  # nothing is registered
+            free.extend(cached)
+            cached = []
+        elif cached:
+            if partial and cached[0] == blocks[-1]:
+                free.append(cached.pop(0))
+            if unregistered:
+                skip = set(unregistered)
+                free.extend(b for b in cached if b in skip)
+                cached = [b for b in cached if b not in skip]
+        if chain:
+            chains, tail = self.chains, blocks[chain - 1]
+            holders = chains[tail] - 1
+            if holders:
+                chains[tail] = holders
+            else:  # the chain's last holder: its blocks drop their shared reference
+                del chains[tail]
+                for b in reversed(blocks[:chain]):
+                    r = ref[b] - 1
+                    ref[b] = r
+                    if not r:
+                        cached.append(b)  # a hit block is always registered
+        if cached:
+            if self.pins.counts:  # pinned content is held out of the policy
+                cached = self.pins.hold(cached, self._prefix.hashes)
+            self.policy.add_many(cached)
+
+    def unregister(self, blocks: Sequence[int]) -> None:
+        """Drop the registrations of blocks in use (their content is not to be found)."""
+        for b in blocks:
+            self._prefix.drop(b)
+
+    # ------------------------------------------------------------ pins, reset
+
+    def pin(self, keys: list[tuple[bytes, bytes]]) -> int:
+        """Pin a prefix (see :meth:`Pins.pin`) after dropping expired blocks, which a pin
+        must not revive."""
+        self.expire()
+        return self.pins.pin(keys, self._prefix, self.policy)
+
+    def unpin(self, keys: list[tuple[bytes, bytes]]) -> None:
+        """Release one pin of a pinned prefix; blocks whose last pin went are evictable."""
+        self.policy.add_many(self.pins.unpin(keys, self._prefix))
+
+    def reset(self) -> None:
+        """Forget every cached block (nothing is in use): all free, as when new."""
+        for block in [*self.policy.order(), *self.pins.blocks]:
+            self._prefix.drop(block)
+        self.free[:] = range(self.num_blocks - 1, -1, -1)
+        self.ref[:] = [0] * self.num_blocks  # clears LRU stamps
+        self.policy = self._new_policy()
+        self.pins.blocks.clear()

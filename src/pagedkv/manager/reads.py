@@ -1,0 +1,183 @@
+"""The block manager's reads: queries that change nothing, statistics, the audit.
+
+:class:`ManagerReads` is the read-only half of
+:class:`~pagedkv.manager.BlockManager` (which subclasses it and sets the attributes
+declared below); every method that changes state is in :mod:`block_manager`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+
+from pagedkv._validate import check_int
+from pagedkv.errors import CacheIntegrityError
+from pagedkv.manager import integrity
+from pagedkv.manager.allocator import BlockAllocator
+from pagedkv.manager.config import ManagerConfig
+from pagedkv.manager.hashing import as_token_array
+from pagedkv.manager.prefix_index import PrefixIndex
+from pagedkv.manager.pressure import MemoryPressure, pressure_level
+from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
+from pagedkv.manager.stats import CacheStats, Counters, unused_slots
+
+
+class ManagerReads:
+    """Queries over a block manager's state (see :class:`~pagedkv.manager.BlockManager`)."""
+
+    config: ManagerConfig
+    num_blocks: int
+    block_size: int
+    prefix_caching: bool
+    _digest: Callable[[bytes], bytes]
+    _ref: list[int]
+    _seqs: dict[Hashable, SeqRecord]
+    _alloc: BlockAllocator
+    _prefix: PrefixIndex
+    _counters: Counters
+
+    @property
+    def eviction(self) -> str:
+        """The eviction policy's name (lower case)."""
+        return self.config.eviction
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        """Idle time after which a cached block expires (``None``: never)."""
+        return self.config.ttl_seconds
+
+    @property
+    def hash_algo(self) -> str:
+        """The block hash (``"sha256"`` or ``"xxh3_128"``)."""
+        return self.config.hash_algo
+
+    @property
+    def watermarks(self) -> tuple[float, float, float]:
+        """Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."""
+        return self.config.watermarks
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now: never used + evictable cached."""
+        return self._alloc.num_free
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks with ref count > 0."""
+        return self._alloc.num_used
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether a new sequence of ``num_tokens`` fits without prefix hits."""
+        check_int(num_tokens, "num_tokens", minimum=0)
+        return -(-num_tokens // self.block_size) <= self.num_free_blocks
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def seq_ids(self) -> list[Hashable]:
+        """Live sequence ids, oldest first."""
+        return list(self._seqs)
+
+    def _seq(self, seq_id: Hashable) -> SeqRecord:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KeyError(
+                f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
+            ) from None
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        """Physical block of each logical block of the sequence (a copy)."""
+        return list(self._seq(seq_id).blocks)
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        """Tokens the sequence holds slots for."""
+        return len(self._seq(seq_id).tokens)
+
+    def token_ids(self, seq_id: Hashable) -> list[int]:
+        """Every token id of the sequence."""
+        return self._seq(seq_id).tokens.tolist()
+
+    def block_hashes(
+        self, seq_id: Hashable, start: int = 0, stop: int | None = None
+    ) -> list[bytes]:
+        """Chained hash of full blocks ``start..stop`` (default: all of them; empty
+        without prefix caching)."""
+        seq = self._seq(seq_id)
+        start, stop = full_block_range(seq, self.block_size, start, stop)
+        if not self.prefix_caching or start >= stop:
+            return []
+        return self._prefix.block_hashes(seq, start, stop)
+
+    def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
+        """``block_id * block_size + offset`` of tokens ``start..stop`` of the sequence."""
+        return slot_mapping(self._seq(seq_id), self.block_size, start, stop)
+
+    def hash_blocks(self, token_ids: Sequence[int], salt: object = None) -> list[bytes]:
+        """Chained hashes of the full blocks of ``token_ids`` in ``salt``'s namespace."""
+        return [h for _, h in self._prefix.prefix_keys(token_ids, salt)]
+
+    def lookup(self, token_ids: Sequence[int], salt: object = None) -> int:
+        """Tokens a new :meth:`allocate` of ``token_ids`` would find cached (no change)."""
+        arr = as_token_array(token_ids)
+        ns = self._prefix.namespace(salt)
+        if not self.prefix_caching or not arr:
+            return 0
+        hits = self._prefix.match(arr.tobytes(), ns, (len(arr) - 1) // self.block_size)
+        return len(self._alloc.policy.usable(hits) if hits else hits) * self.block_size
+
+    @property
+    def pressure(self) -> MemoryPressure:
+        """Current level from the fraction of blocks in use."""
+        return pressure_level(self.num_used_blocks, self.num_blocks, self.config.watermarks)
+
+    def stats(self) -> CacheStats:
+        """Counters and occupancy (see :class:`CacheStats`)."""
+        used, bs, c = self.num_used_blocks, self.block_size, self._counters
+        pinned = len(self._alloc.pins.blocks)
+        return CacheStats(
+            num_blocks=self.num_blocks,
+            block_size=bs,
+            used_blocks=used,
+            cached_blocks=len(self._alloc.policy) + pinned,
+            free_blocks=len(self._alloc.free),
+            pinned_blocks=pinned,
+            num_sequences=len(self._seqs),
+            query_tokens=c.query_tokens,
+            hit_tokens=c.hit_tokens,
+            hit_rate=c.hit_tokens / c.query_tokens if c.query_tokens else 0.0,
+            evictions=c.evictions,
+            cow_copies=c.cow_copies,
+            blocks_allocated=c.blocks_allocated,
+            utilization=used / self.num_blocks,
+            fragmentation=unused_slots(self._seqs.values(), bs) / (used * bs) if used else 0.0,
+            pressure=self.pressure,
+        )
+
+    def eviction_order(self) -> list[int]:
+        """Evictable cached blocks in the order they would be evicted."""
+        return self._alloc.policy.order()
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` naming the numbers that disagree."""
+        state = integrity.ManagerState(
+            num_blocks=self.num_blocks, block_size=self.block_size,
+            prefix_caching=self.prefix_caching, digest=self._digest, free=self._alloc.free,
+            refs=self._ref, chains=self._alloc.chains, seqs=self._seqs, policy=self._alloc.policy,
+            pins=self._alloc.pins, prefix=self._prefix,
+        )  # fmt: skip
+        problems = integrity.violations(state)
+        if problems:
+            raise CacheIntegrityError("; ".join(problems))
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+            f"used={s.used_blocks}, cached={s.cached_blocks}, free={s.free_blocks}, "
+            f"sequences={s.num_sequences})"
+        )
