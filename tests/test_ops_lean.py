@@ -177,36 +177,61 @@ def test_launcher_binds_the_compiled_kernel_then_calls_it(monkeypatch):
     driver = _launch._Driver(lambda: device[0], lambda dev: 1000 + dev, runtime)
     monkeypatch.setattr(_launch, "_DRIVER", [driver])
     kern = _Kernel(_Compiled())
-    la = _launch.Launcher(kern, 2, (3, "C"), num_warps=4)
+    la = _launch.Launcher(kern, 2, 1, (3, "C"), num_warps=4)  # 2 pointers, 1 specialized int
     la._fast = True  # the interpreter turns it off
     a, b = torch.zeros(8), torch.zeros(8)
 
-    la((2, 1, 1), a, b, 9)  # first launch: Triton's path, then bound
-    assert kern.slow == [((2, 1, 1), (a, b, 9, 3, "C"), {"num_warps": 4})]
+    la((2, 1, 1), a, b, 32, 9)  # first launch: Triton's path, then bound
+    assert kern.slow == [((2, 1, 1), (a, b, 32, 9, 3, "C"), {"num_warps": 4})]
     assert la.bound_devices == (0,)
-    la((5, 2, 1), a, b, 11)  # bound: raw pointers, per-call scalars, then the fixed tail
+    la((5, 2, 1), a, b, 48, 11)  # bound: raw pointers, the per-call ints, the fixed tail
     assert len(kern.slow) == 1
     assert kern.compiled.calls == [
-        (5, 2, 1, 1000, 7, (4, 1, 0), None, None, None, a.data_ptr(), b.data_ptr(), 11, 3, "C")
+        (
+            5,
+            2,
+            1,
+            1000,
+            7,
+            (4, 1, 0),
+            None,
+            None,
+            None,
+            a.data_ptr(),
+            b.data_ptr(),
+            48,
+            11,
+            3,
+            "C",
+        )  # fmt: skip
     ]
     odd = torch.zeros(9)[1:]  # 4 bytes past an aligned start: Triton specializes on that
-    la((1, 1, 1), odd, b, 1)
-    assert len(kern.slow) == 2 and len(kern.compiled.calls) == 1
+    la((1, 1, 1), odd, b, 16, 1)
+    for other in (40, 1, 2**31, -16):  # not a multiple of 16 / 1 / i64 / negative
+        la((1, 1, 1), a, b, other, 1)
+    assert len(kern.slow) == 6 and len(kern.compiled.calls) == 1
     runtime.launch_enter_hook.calls.append(print)  # a profiler's hook: Triton's path
-    la((1, 1, 1), a, b, 1)
-    assert len(kern.slow) == 3 and len(kern.compiled.calls) == 1
+    la((1, 1, 1), a, b, 16, 1)
+    assert len(kern.slow) == 7 and len(kern.compiled.calls) == 1
     runtime.launch_enter_hook.calls.clear()
     device[0] = 1  # another device: its own compiled kernel
-    la((1, 1, 1), a, b, 1)
-    assert len(kern.slow) == 4 and la.bound_devices == (0, 1)
-    la((1, 1, 1), a, b, 1)
-    assert len(kern.slow) == 4 and kern.compiled.calls[-1][3] == 1001
+    la((1, 1, 1), a, b, 16, 1)
+    assert len(kern.slow) == 8 and la.bound_devices == (0, 1)
+    la((1, 1, 1), a, b, 16, 1)
+    assert len(kern.slow) == 8 and kern.compiled.calls[-1][3] == 1001
+    assert kern.compiled.calls[-1][-4:] == (16, 1, 3, "C")
+
+    fresh = _Kernel(_Compiled())  # a first launch outside the bound class binds nothing
+    la = _launch.Launcher(fresh, 1, 1, ())
+    la._fast = True
+    la((1,), a, 40)
+    assert not la.bound_devices
 
     class Old:  # a Triton whose compiled kernels lack the attributes: always Triton's path
         run = None
 
     old = _Kernel(Old())
-    la = _launch.Launcher(old, 1, ())
+    la = _launch.Launcher(old, 1, 0, ())
     la._fast = True
     la((1,), a)
     la((1,), a)

@@ -8,15 +8,18 @@ the ints that stay specialized, the dtypes of the pointers, the options) when it
 made; its first launch goes through ``kernel[grid]`` and keeps the compiled kernel,
 later ones call that kernel's launcher with raw pointers.
 
-Soundness rests on the caller: every int argument that may change between calls is
-annotated ``tl.int32`` and listed in ``do_not_specialize`` (so Triton gives it one
-specialization whatever its value), and every other non-constexpr argument of a
-Launcher is the same on every call (in ``tail``) or a tensor of a fixed dtype. Pointer
-alignment (Triton specializes on 16-byte alignment) is checked per call: a misaligned
-pointer takes the ordinary path. So does every call while a Triton launch hook (a
-profiler) is installed, or where the fast path is unavailable (the interpreter, a
-Triton whose compiled kernels lack the ``run`` / ``function`` / ``packed_metadata``
-attributes of 3.x).
+Soundness rests on the caller, who lays a kernel's parameters out as: pointers (tensors
+of a dtype fixed per Launcher), then ints that stay specialized (strides that make loads
+vector-wide), then per-call scalars whose specialization never changes (floats, and ints
+annotated ``tl.int32`` / ``tl.int64`` and listed in ``do_not_specialize``), then the
+fixed ``tail`` (ints that are the same on every call, constexprs). Triton specializes a
+pointer on 16-byte alignment and an int on being 1 or a multiple of 16 (and on its
+width): the bound kernel is the variant where every pointer is 16-byte aligned and every
+specialized int a multiple of 16 below 2**31, and only calls of that class take the fast
+path. Any other call takes the ordinary path (Triton picks or compiles its variant), as
+does every call while a Triton launch hook (a profiler) is installed, or where the fast
+path is unavailable (the interpreter, or a Triton whose compiled kernels lack the
+``run`` / ``function`` / ``packed_metadata`` attributes of 3.x).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from pagedkv.ops._config import interpreting
 
 ALIGN_MASK = 15  # Triton specializes pointers on 16-byte alignment
+INT_MASK = ~0x7FFFFFF0  # an int of the bound class: 0 <= x < 2**31, x % 16 == 0
 
 
 class _Bound(NamedTuple):
@@ -70,16 +74,17 @@ def _hook_idle(hook) -> bool:
 class Launcher:
     """Launch ``kernel`` over ``grid`` with ``(*args, *tail)`` as its parameters in order.
 
-    ``args`` (per call): the first ``n_ptrs`` are tensors, then the per-call scalars.
-    ``tail`` (fixed): the ints that stay specialized and the constexpr values.
-    ``options``: ``num_warps`` / ``num_stages``.
+    ``args`` (per call): ``n_ptrs`` tensors, ``n_ints`` specialized ints, then scalars
+    that are never specialized. ``tail`` (fixed): ints the same on every call, and the
+    constexpr values. ``options``: ``num_warps`` / ``num_stages``.
     """
 
-    __slots__ = ("kernel", "n_ptrs", "tail", "options", "_bound", "_fast")
+    __slots__ = ("kernel", "n_ptrs", "n_ints", "tail", "options", "_bound", "_fast")
 
-    def __init__(self, kernel, n_ptrs: int, tail: tuple, **options) -> None:
+    def __init__(self, kernel, n_ptrs: int, n_ints: int, tail: tuple, **options) -> None:
         self.kernel = kernel
         self.n_ptrs = n_ptrs
+        self.n_ints = n_ints
         self.tail = tail
         self.options = options
         self._bound: dict[int, _Bound] = {}  # current device -> compiled kernel
@@ -91,17 +96,18 @@ class Launcher:
             dev = drv.current_device()
             bound = self._bound.get(dev)
             if bound is not None:
-                ptrs = [a.data_ptr() for a in args[: self.n_ptrs]]
+                n = self.n_ptrs
+                ptrs = [a.data_ptr() for a in args[:n]]
                 rt = drv.runtime
                 if (
                     not reduce(or_, ptrs) & ALIGN_MASK
+                    and not reduce(or_, args[n : n + self.n_ints], 0) & INT_MASK
                     and _hook_idle(rt.launch_enter_hook)
                     and _hook_idle(rt.launch_exit_hook)
                 ):
                     bound.run(
                         grid[0], grid[1], grid[2], drv.current_stream(dev), bound.function,
-                        bound.metadata, None, None, None, *ptrs, *args[self.n_ptrs :],
-                        *self.tail,
+                        bound.metadata, None, None, None, *ptrs, *args[n:], *self.tail,
                     )  # fmt: skip
                     return
         compiled = self.kernel[grid](*args, *self.tail, **self.options)
@@ -116,8 +122,12 @@ class Launcher:
         if function is None or metadata is None or drv is None:
             self._fast = False  # not a Triton whose compiled kernels we can call
             return
-        if reduce(or_, [a.data_ptr() for a in args[: self.n_ptrs]]) & ALIGN_MASK:
-            return  # Triton compiled (or reused) the variant for misaligned pointers
+        n = self.n_ptrs
+        if (
+            reduce(or_, [a.data_ptr() for a in args[:n]]) & ALIGN_MASK
+            or reduce(or_, args[n : n + self.n_ints], 0) & INT_MASK
+        ):
+            return  # Triton launched another variant than the one calls are checked for
         self._bound[drv.current_device()] = _Bound(compiled.run, function, metadata)
 
     @property

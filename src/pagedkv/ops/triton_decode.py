@@ -40,12 +40,13 @@ from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split p
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # full attention, as the kernels see it (int32 arithmetic)
-# Integer arguments that change from call to call (view strides, table width, split size,
-# window): one specialization whatever their value (see pagedkv.ops._launch).
-DECODE_DYNAMIC = ("window", "stride_qb", "stride_qh", "stride_btb", "stride_ob", "stride_oh",
-                  "stride_os", "stride_lb", "stride_lh", "lse_off", "split_tokens")  # fmt: skip
-MERGE_DYNAMIC = ("stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "lse_off",
-                 "stride_outb", "stride_outh", "split_tokens", "window")  # fmt: skip
+# Integer arguments that change from call to call and whose divisibility no load or store
+# relies on (table width, split size, window, log-sum-exp offsets): one specialization
+# whatever their value. The strides of q / out / partials stay specialized (they make
+# row loads and stores vector-wide); they are multiples of 16 in every common layout.
+# See pagedkv.ops._launch for how the kernels are launched.
+DECODE_DYNAMIC = ("window", "stride_btb", "stride_lb", "stride_lh", "lse_off", "split_tokens")
+MERGE_DYNAMIC = ("stride_lb", "stride_lh", "lse_off", "split_tokens", "window")
 
 
 def needs_upcast(dtype: torch.dtype) -> bool:
@@ -107,9 +108,8 @@ def split_base(seq_len, window, split_tokens, ALIGNED: tl.constexpr):
 @triton.jit(do_not_specialize=DECODE_DYNAMIC)
 def _decode_split_kernel(
     Q, K, V, BT, SL, Sinks, Out, LSE,
-    qk_scale, cap_log2, window: tl.int32,
-    stride_qb: tl.int32, stride_qh: tl.int32, stride_btb: tl.int32,
-    stride_ob: tl.int32, stride_oh: tl.int32, stride_os: tl.int32,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_os,
+    qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32,
     stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64, split_tokens: tl.int32,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -178,9 +178,8 @@ def _decode_split_kernel(
 @triton.jit(do_not_specialize=MERGE_DYNAMIC)
 def _decode_merge_kernel(
     Opart, LSE, SL, OUT,
-    stride_ob: tl.int32, stride_oh: tl.int32, stride_os: tl.int32,
+    stride_ob, stride_oh, stride_os, stride_outb, stride_outh,
     stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64,
-    stride_outb: tl.int32, stride_outh: tl.int32,
     split_tokens: tl.int32, window: tl.int32,
     D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
@@ -250,8 +249,9 @@ class DecodeKernels:
                  sinks_dtype is not None)  # IEEE, UPCAST, ALIGNED, SOFTCAP, HAS_SINKS  # fmt: skip
         opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         strides = (*kstr[:3], *vstr[:3])
-        self.direct = Launcher(_decode_split_kernel, 8, (*strides, *shape, True, *flags), **opts)
-        self.parts = Launcher(_decode_split_kernel, 8, (*strides, *shape, False, *flags), **opts)
+        tail = (*strides, *shape)
+        self.direct = Launcher(_decode_split_kernel, 8, 5, (*tail, True, *flags), **opts)
+        self.parts = Launcher(_decode_split_kernel, 8, 5, (*tail, False, *flags), **opts)
         self._merges: dict[int, Launcher] = {}
         self._plans: dict[tuple, tuple[SplitPlan, int]] = {}
 
@@ -260,7 +260,7 @@ class DecodeKernels:
         m = self._merges.get(s_pad)
         if m is None:
             tail = (self.d, self._d_pad, s_pad, self.invariant)
-            m = Launcher(_decode_merge_kernel, 4, tail, num_warps=4 if s_pad >= 32 else 1)
+            m = Launcher(_decode_merge_kernel, 4, 5, tail, num_warps=4 if s_pad >= 32 else 1)
             self._merges[s_pad] = m
         return m
 
@@ -302,6 +302,8 @@ class DecodeKernels:
         hq, d = self.hq, self.d
         if out is None:
             out = q.new_empty((bsz, hq, d))
+        else:
+            assert out.dtype == q.dtype and out.stride(2) == 1, "out: q's dtype, last dim dense"
         if bsz == 0:
             return out
         if q.stride(2) != 1:
@@ -318,12 +320,11 @@ class DecodeKernels:
         split_tokens, n_splits = splits.split_tokens, splits.num_splits
         sinks_arg = q if sinks is None else sinks.contiguous()  # a dummy pointer without sinks
         grid = (bsz, self.hkv, n_splits)
-        qs, bts = q.stride(), block_tables.stride(0)
+        qs, bts, os_ = q.stride(), block_tables.stride(0), out.stride()
         if n_splits == 1 and not self.invariant:
-            os_ = out.stride()
             self.direct(
-                grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, out, *scalars,
-                qs[0], qs[1], bts, os_[0], os_[1], 0, 0, 0, 0, split_tokens,
+                grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, out, qs[0],
+                qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
             )  # fmt: skip
             return out
         if workspace is None:
@@ -336,12 +337,11 @@ class DecodeKernels:
             assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
             ost, lst = o_part.stride()[:3], (*lse.stride()[:2], 0)
         self.parts(
-            grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, o_part, lse, *scalars,
-            qs[0], qs[1], bts, *ost, *lst, split_tokens,
+            grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, o_part, lse, qs[0],
+            qs[1], *ost, *scalars, bts, *lst, split_tokens,
         )  # fmt: skip
-        os_ = out.stride()
         self.merge(s_pad)(
-            (bsz, hq), o_part, lse, seq_lens, out, *ost, *lst, os_[0], os_[1], split_tokens,
+            (bsz, hq), o_part, lse, seq_lens, out, *ost, os_[0], os_[1], *lst, split_tokens,
             scalars[2],
         )  # fmt: skip
         return out

@@ -17,10 +17,10 @@ from pagedkv.ops._launch import Launcher
 CHUNK = 2048  # elements per program in the block kernels
 
 
-@triton.jit(do_not_specialize=("stride_kn", "stride_kh", "stride_vn", "stride_vh"))
+@triton.jit
 def _write_kv_kernel(
     K, V, KC, VC, SLOTS,
-    stride_kn: tl.int32, stride_kh: tl.int32, stride_vn: tl.int32, stride_vh: tl.int32,
+    stride_kn, stride_kh, stride_vn, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
@@ -68,7 +68,7 @@ class WriteKernels:
     def __init__(self, key: tuple) -> None:
         _, (bs, h, d), kcs, vcs, *_ = key
         tail = (*kcs[:3], *vcs[:3], h, d, triton.next_power_of_2(h), triton.next_power_of_2(d), bs)
-        self.launch = Launcher(_write_kv_kernel, 5, tail)
+        self.launch = Launcher(_write_kv_kernel, 5, 4, tail)
 
     def run(self, k_cache, v_cache, slots, k, v) -> None:
         """Scatter k, v [N, Hkv, D] into slots (-1 skips); arguments checked by the caller."""

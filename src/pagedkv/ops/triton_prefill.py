@@ -62,16 +62,15 @@ def _tile(
     return acc, m_new, l_i
 
 
-# Integer arguments that change from call to call: one specialization whatever their value
-PREFILL_DYNAMIC = ("window", "stride_qt", "stride_qh", "stride_btb", "stride_ot", "stride_oh",
-                   "n_m_tiles")  # fmt: skip
+# Integer arguments that change from call to call and whose divisibility no load or store
+# relies on: one specialization whatever their value (the q / out strides stay specialized)
+PREFILL_DYNAMIC = ("window", "stride_btb", "n_m_tiles")
 
 
 @triton.jit(do_not_specialize=PREFILL_DYNAMIC)
 def _prefill_kernel(
-    Q, K, V, BT, SL, CU, Sinks, OUT, qk_scale, cap_log2, window: tl.int32,
-    stride_qt: tl.int32, stride_qh: tl.int32, stride_btb: tl.int32, stride_ot: tl.int32,
-    stride_oh: tl.int32, n_m_tiles: tl.int32,
+    Q, K, V, BT, SL, CU, Sinks, OUT, stride_qt, stride_qh, stride_ot, stride_oh,
+    qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32, n_m_tiles: tl.int32,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -166,7 +165,8 @@ class PrefillKernels:
         la = self._launchers.get(key)
         if la is None:
             tail = (*self._strides, *self._shape, block_m, block_n, *self._flags)
-            la = Launcher(_prefill_kernel, 8, tail, num_warps=num_warps, num_stages=num_stages)
+            opts = dict(num_warps=num_warps, num_stages=num_stages)
+            la = Launcher(_prefill_kernel, 8, 4, tail, **opts)
             self._launchers[key] = la
         return la
 
@@ -204,8 +204,8 @@ class PrefillKernels:
         qs = q.stride()
         self.launcher(bm, bn, cfg["num_warps"], cfg["num_stages"])(
             (bsz * n_m_tiles, self.hq), q, k_cache, v_cache, block_tables, seq_lens,
-            cu_seqlens_q, q if sinks is None else sinks.contiguous(), out, *scalars, qs[0],
-            qs[1], block_tables.stride(0), out.stride(0), out.stride(1), n_m_tiles,
+            cu_seqlens_q, q if sinks is None else sinks.contiguous(), out, qs[0], qs[1],
+            out.stride(0), out.stride(1), *scalars, block_tables.stride(0), n_m_tiles,
         )  # fmt: skip
         return out
 

@@ -19,7 +19,7 @@ import torch
 from pagedkv.ops import _checks
 from pagedkv.ops._config import resolve, resolve_invariant
 from pagedkv.ops._specs import triton_module
-from pagedkv.ops.decode_splits import MAX_VECTOR_MERGE, MIN_SPLIT_TOKENS, SplitPlan, _sm_count
+from pagedkv.ops.decode_splits import MIN_SPLIT_TOKENS, SplitPlan, _sm_count
 
 
 class WarmupResult(NamedTuple):
@@ -98,8 +98,8 @@ def warmup(
                     n += _prefill(q, kd, vd, table, sk, softcap, i32)
         if write:
             slots = torch.full((1,), -1, dtype=slot_dtype, device=dev)  # -1: nothing written
-            kern = triton_module("memory").write_kernels(kd, vd, slots, q[:, :hkv])
-            kern.run(kd, vd, slots, q[:, :hkv], q[:, :hkv])
+            kn = torch.zeros(1, hkv, d, dtype=k_cache.dtype, device=dev)
+            triton_module("memory").write_kernels(kd, vd, slots, kn).run(kd, vd, slots, kn, kn)
             n += 1
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -126,17 +126,17 @@ def _decode(q, k, v, table, lens, sinks, softcap, modes, windows, max_seq_len) -
     n = 0
     for inv in modes:
         kern = td.kernels(q, k, v, table, lens, sinks, softcap, inv)
-        if inv:
-            counts = [1]
-        else:
-            most = max(_max_splits(kern, hkv, w, max_seq_len) for w in windows)
-            pads = sorted({kern.s_pad(c) for c in range(2, most + 1)})
-            # one split count per merge variant (S_PAD 0 stands for more than the cap)
-            counts = [1] + [p if p else MAX_VECTOR_MERGE + 1 for p in pads]
-        for c in counts:  # seq_len 0: the kernels read no key
-            splits = SplitPlan(MIN_SPLIT_TOKENS, c, inv)
-            kern.run(q, k, v, table, lens, sinks, scal, None, splits=splits)
-            n += 1 if c == 1 and not inv else 2
+        most = 16 if inv else max(_max_splits(kern, hkv, w, max_seq_len) for w in windows)
+        # Each merge variant (S_PAD), and within it split counts of every residue mod 16:
+        # the partials' strides (S * D, Hq * S * D) are specialized on divisibility by 16.
+        per_pad: dict[int, int] = {}
+        for c in range(1, most + 1):
+            pad = -1 if c == 1 and not inv else kern.s_pad(c)  # -1: the direct kernel
+            if per_pad.setdefault(pad, 0) < 16:
+                per_pad[pad] += 1
+                splits = SplitPlan(MIN_SPLIT_TOKENS, c, inv)  # seq_len 0: no key is read
+                kern.run(q, k, v, table, lens, sinks, scal, None, splits=splits)
+                n += 1 if pad == -1 else 2
     return n
 
 
