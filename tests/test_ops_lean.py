@@ -274,9 +274,10 @@ def _workload(k, v, hq, sinks, dtype):
         plan.run(q, k, v, bt, sl, check=False)
 
 
-def _warm(k, v, hq):
+def _warm(k, v, hq, blocks=False):
     return ops.warmup(k, v, hq, windows=(None, 10), softcaps=(None, 30.0),
-                      sinks=(None, torch.float32), batch_invariant=(False, True))  # fmt: skip
+                      sinks=(None, torch.float32), batch_invariant=(False, True),
+                      blocks=blocks)  # fmt: skip
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="counts rebuilt keys under the interpreter; see the gpu test")
@@ -312,17 +313,24 @@ def test_no_compiles_after_warmup(monkeypatch):
 @pytest.mark.gpu
 def test_no_compiles_after_warmup_cuda():
     """Triton's JIT cache does not grow once ops.warmup has run (real compiles)."""
+    from pagedkv.storage import KVLayout, KVPool
+
     hq, hkv, d, bs, dtype = 8, 2, 64, 16, torch.bfloat16
-    k, v, _, _ = paged_case([48 * bs], hq, hkv, d, bs, dtype, DEV, spare_blocks=16)
+    pool = KVPool(KVLayout(2, hkv, d, bs, dtype), 64, DEV)
+    pool.kv.normal_()
+    k, v = pool.k(1), pool.v(1)
     sinks = torch.randn(hq, device=DEV)
     dev = torch.cuda.current_device()
+    kernels = [*KERNELS, tm._block_rows_kernel]
 
     def compiled():
-        return sum(len(kern.device_caches[dev][0]) for kern in KERNELS)
+        return sum(len(kern.device_caches[dev][0]) for kern in kernels)
 
-    _warm(k, v, hq)
+    _warm(k, v, hq, blocks=True)
     before = compiled()
     _workload(k, v, hq, sinks, dtype)
+    pool.copy_blocks([(3, 9), (4, 10)])  # the swap / copy-on-write kernels, on the real pool
+    pool.write_blocks([11, 12], pool.read_blocks([1, 2]))
     torch.cuda.synchronize()
     assert compiled() == before
 
@@ -341,3 +349,27 @@ def test_warmup_validates_and_is_a_noop_on_the_reference():
         ops.warmup(k, v, 4, windows=(0,))
     with pytest.raises(ValueError, match="same shape"):
         ops.warmup(k, v[:, :2], 4)
+
+
+@pytest.mark.gpu
+def test_eager_split_decode_in_a_cuda_graph_survives_scratch_reuse():
+    """Captured eager calls get their own split workspace: eager calls between replays
+    (which reuse, and here grow, the shared scratch buffer) do not disturb the graph."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    k, v, bt, sl = paged_case([3000, 40, 1], hq, hkv, d, bs, torch.bfloat16, DEV)
+    q = torch.randn(3, hq, d, device=DEV).to(torch.bfloat16)
+    ops.decode_attention(q, k, v, bt, sl, check=False)  # compile and bind outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.decode_attention(q, k, v, bt, sl, check=False)
+    kb, vb, btb, slb = paged_case([5000] * 8, hq, hkv, d, bs, torch.bfloat16, DEV)
+    qb = torch.randn(8, hq, d, device=DEV).to(torch.bfloat16)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        eager = ops.decode_attention(qb, kb, vb, btb, slb, check=False)  # more splits
+        g.replay()
+        ref = ops.decode_attention(q, k, v, bt, sl, backend="reference")
+        assert_close(out, ref, 3e-2, what="graph replay")
+        ref_b = ops.decode_attention(qb, kb, vb, btb, slb, backend="reference")
+        assert_close(eager, ref_b, 3e-2, what="eager between replays")

@@ -45,6 +45,7 @@ def warmup(
     decode: bool = True,
     prefill: bool = True,
     write: bool = True,
+    blocks: bool = True,
     backend: str | None = None,
 ) -> WarmupResult:
     """Compile the decode, prefill and KV-write kernels for one layer layout.
@@ -58,10 +59,14 @@ def warmup(
     ``batch_invariant``: the mode(s) to cover (default: the current one).
     ``index_dtype``: dtype of block tables, sequence lengths and cu_seqlens;
     ``slot_dtype``: dtype of the slots given to :func:`pagedkv.ops.write_kv`.
+    ``decode``, ``prefill``, ``write``, ``blocks`` (block copy / gather / scatter, the
+    swap and copy-on-write kernels of a contiguous KVPool): which kernels to cover.
 
     Covers every kernel :func:`pagedkv.ops.decode_attention`, ``prefill_attention``,
     ``write_kv`` and :class:`pagedkv.ops.DecodePlan` launch for such calls, whatever the
-    batch size, lengths, table width, window size or scale. A no-op on the torch
+    batch size, lengths, table width, window size or scale, for q, k and v whose last
+    dimension is dense (views of a wider projection included where their strides are
+    multiples of 16 elements, as in every common layout). A no-op on the torch
     reference backend. Returns a :class:`WarmupResult`.
     """
     t0 = time.perf_counter()
@@ -101,6 +106,8 @@ def warmup(
             kn = torch.zeros(1, hkv, d, dtype=k_cache.dtype, device=dev)
             triton_module("memory").write_kernels(kd, vd, slots, kn).run(kd, vd, slots, kn, kn)
             n += 1
+        if blocks:
+            n += _blocks(k_cache.dtype, k_cache.shape[1:], dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return WarmupResult(n, time.perf_counter() - t0)
@@ -148,6 +155,18 @@ def _max_splits(kern, hkv: int, window: int | None, max_seq_len: int | None) -> 
     if window is not None:
         span = min(span, window)
     return max(1, min(want, -(-span // MIN_SPLIT_TOKENS)))
+
+
+def _blocks(dtype: torch.dtype, block_shape, dev: torch.device) -> int:
+    """Copy, gather, scatter on a two-block pool [1, 2, 2, block_size, Hkv, D]: the same
+    variants as on a real pool (its row strides, num_blocks x block elements, stay
+    multiples of 16 when a block's elements are)."""
+    tm = triton_module("memory")
+    kv = torch.zeros(1, 2, 2, *block_shape, dtype=dtype, device=dev)
+    first = torch.zeros(1, dtype=torch.int64, device=dev)
+    tm.copy_blocks(kv, first, first + 1)
+    tm.scatter_blocks(kv, first + 1, tm.gather_blocks(kv, first))
+    return 3
 
 
 def _prefill(q, k, v, table, sinks, softcap, i32) -> int:
