@@ -65,6 +65,7 @@ def _tile(
 # Integer arguments that change from call to call and whose divisibility no load or store
 # relies on: one specialization whatever their value (the q / out strides stay specialized)
 PREFILL_DYNAMIC = ("window", "stride_btb", "n_m_tiles")
+SHORT_Q = 16  # up to this many queries per sequence, short tiles (see config)
 
 
 @triton.jit(do_not_specialize=PREFILL_DYNAMIC)
@@ -138,7 +139,7 @@ def config(head_dim: int, dtype: torch.dtype, max_q_len: int) -> dict:
     """Tile sizes and launch options (H100-tuned for head_dim 128, bf16/fp16)."""
     if dtype == torch.float32 or head_dim > 128:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if max_q_len <= 16:
+    if max_q_len <= SHORT_Q:
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
@@ -158,6 +159,12 @@ class PrefillKernels:
         self._flags = (dtype == torch.float32, needs_upcast(dtype), softcap,
                        sinks_dtype is not None)  # IEEE, UPCAST, SOFTCAP, HAS_SINKS  # fmt: skip
         self._launchers: dict[tuple, Launcher] = {}
+        # (launcher, BLOCK_M) of config()'s two choices: short queries, long ones
+        self._default = [self._bind(config(d, dtype, q)) for q in (1, SHORT_Q + 1)]
+
+    def _bind(self, cfg: dict) -> tuple[Launcher, int]:
+        la = self.launcher(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+        return la, cfg["BLOCK_M"]
 
     def launcher(self, block_m: int, block_n: int, num_warps: int, num_stages: int) -> Launcher:
         """The kernel bound for one tile config."""
@@ -172,7 +179,7 @@ class PrefillKernels:
 
     def tile_configs(self) -> list[dict]:
         """Every config :func:`config` can pick for this class (warm-up covers them)."""
-        cfgs = [config(self.d, self.dtype, 1), config(self.d, self.dtype, 1 << 20)]
+        cfgs = [config(self.d, self.dtype, 1), config(self.d, self.dtype, SHORT_Q + 1)]
         return [c for i, c in enumerate(cfgs) if c not in cfgs[:i]]
 
     def run(
@@ -192,8 +199,10 @@ class PrefillKernels:
             return out
         if max_q_len is None:
             max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-        cfg = {**config(self.d, self.dtype, max_q_len), **(cfg or {})}
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        if cfg is None:
+            la, bm = self._default[max_q_len > SHORT_Q]
+        else:
+            la, bm = self._bind({**config(self.d, self.dtype, max_q_len), **cfg})
         if block_tables.stride(1) != 1:
             block_tables = block_tables.contiguous()
         if seq_lens.stride(0) != 1:
@@ -202,7 +211,7 @@ class PrefillKernels:
             cu_seqlens_q = cu_seqlens_q.contiguous()
         n_m_tiles = -(-max(max_q_len, 1) // bm)
         qs = q.stride()
-        self.launcher(bm, bn, cfg["num_warps"], cfg["num_stages"])(
+        la(
             (bsz * n_m_tiles, self.hq), q, k_cache, v_cache, block_tables, seq_lens,
             cu_seqlens_q, q if sinks is None else sinks.contiguous(), out, qs[0], qs[1],
             out.stride(0), out.stride(1), *scalars, block_tables.stride(0), n_m_tiles,
@@ -252,11 +261,10 @@ def prefill(
     """
     kern = kernels(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, sinks,
                    softcap is not None)  # fmt: skip
-    cfg = {}
-    if block_m is not None:
-        cfg["BLOCK_M"] = block_m
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
+    cfg = None
+    if block_m is not None or block_n is not None:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        cfg = {k: v for k, v in cfg.items() if v is not None}
     return kern.run(
         q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, sinks,
         scalars(scale, softcap, window), max_q_len, cfg,
