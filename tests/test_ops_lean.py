@@ -373,3 +373,35 @@ def test_eager_split_decode_in_a_cuda_graph_survives_scratch_reuse():
         assert_close(out, ref, 3e-2, what="graph replay")
         ref_b = ops.decode_attention(qb, kb, vb, btb, slb, backend="reference")
         assert_close(eager, ref_b, 3e-2, what="eager between replays")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width_pad, feats", [(0, {}), (7, dict(window=100, softcap=20.0))])
+def test_unspecialized_ints_change_no_bits(monkeypatch, width_pad, feats):
+    """The same kernels jitted without ``do_not_specialize`` (every int specialized on
+    == 1 / % 16, as before issue 14) give the same bits: only index arithmetic differs."""
+    import triton
+
+    hq, hkv, d, bs = 32, 8, 128, 16
+    lens = [1, 16, 700, 2048]
+    k, v, bt, sl = paged_case(lens, hq, hkv, d, bs, torch.bfloat16, DEV, pad_cols=width_pad)
+    q = torch.randn(len(lens), hq, d, device=DEV).to(torch.bfloat16)
+    cu = torch.tensor([0, 1, 17, 33, 49], dtype=torch.int32, device=DEV)
+    qp = torch.randn(49, hq, d, device=DEV).to(torch.bfloat16)
+
+    def run():
+        for mod, name in ((td, "_KERNELS"), (tp, "_KERNELS"), (_specs, "_DECODE"),
+                          (_specs, "_PREFILL")):  # fmt: skip
+            monkeypatch.setattr(mod, name, {})
+        return [
+            ops.decode_attention(q, k, v, bt, sl, check=False, batch_invariant=inv, **feats)
+            for inv in (False, True)
+        ] + [ops.prefill_attention(qp, cu, k, v, bt, sl, max_q_len=16, check=False, **feats)]
+
+    lean = run()
+    for mod, name in ((td, "_decode_split_kernel"), (td, "_decode_merge_kernel"),
+                      (tp, "_prefill_kernel")):  # fmt: skip
+        monkeypatch.setattr(mod, name, triton.JITFunction(getattr(mod, name).fn))
+    plain = run()
+    for a, b in zip(lean, plain):
+        assert torch.equal(a, b)
