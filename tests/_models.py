@@ -15,7 +15,8 @@ SEEDS = {"llama": 0, "qwen2": 1, "mistral": 2}
 def tiny(family: str = "llama", *, layers: int = 2, seed: int | None = None):
     """A float32 tiny model; the same (family, layers, seed) always gets the same weights.
 
-    Qwen2 has q/k/v bias; Mistral is built without sliding window (pagedkv refuses it).
+    Qwen2 has q/k/v bias; Mistral is built without sliding window (the windowed families
+    are in :data:`FAMILIES`).
     EOS is disabled so generations run to their length.
     """
     torch.manual_seed(SEEDS[family] if seed is None else seed)
@@ -77,6 +78,39 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "GptOssConfig",
         dict(num_hidden_layers=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
              sliding_window=WINDOW, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    ),  # fmt: skip
+    # -- more plain causal decoders over the attention interface ----------------------
+    "gemma": ("GemmaConfig", dict(num_hidden_layers=2, head_dim=32)),
+    "cohere2": (  # 3 windowed RoPE layers : 1 global NoPE layer, logit_scale
+        "Cohere2Config", dict(num_hidden_layers=4, sliding_window=WINDOW, logit_scale=0.5),
+    ),  # fmt: skip
+    "starcoder2": ("Starcoder2Config", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "olmo3": ("Olmo3Config", dict(num_hidden_layers=4, sliding_window=WINDOW)),
+    "ministral": ("MinistralConfig", dict(num_hidden_layers=2, head_dim=16, sliding_window=WINDOW)),
+    "exaone4": ("Exaone4Config", dict(num_hidden_layers=4, sliding_window=WINDOW)),
+    "vaultgemma": (
+        "VaultGemmaConfig",
+        dict(num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
+             attn_logit_softcapping=0.05),
+    ),  # fmt: skip
+    "mixtral": (  # MoE, all layers windowed
+        "MixtralConfig",
+        dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+             sliding_window=WINDOW),
+    ),  # fmt: skip
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48),
+    ),  # fmt: skip
+    "olmoe": ("OlmoeConfig", dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)),
+    "glm4": ("Glm4Config", dict(num_hidden_layers=2, head_dim=32)),  # partial RoPE
+    "helium": ("HeliumConfig", dict(num_hidden_layers=2, head_dim=16)),
+    "seed_oss": ("SeedOssConfig", dict(num_hidden_layers=2, head_dim=32)),
+    "phi": ("PhiConfig", dict(num_hidden_layers=2)),  # partial RoPE, parallel block
+    "gpt_neox": ("GPTNeoXConfig", dict(num_hidden_layers=2, num_key_value_heads=4)),  # no GQA
+    "gpt2": (  # learned positions, Conv1D projections, no GQA
+        "GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, n_positions=512, num_key_value_heads=4),
     ),  # fmt: skip
 }
 

@@ -18,7 +18,7 @@ from pagedkv import ops
 from pagedkv.cache import KVCache
 from pagedkv.engine import Engine, SamplingParams
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
-from pagedkv.integrations.support import check_model_supported
+from pagedkv.integrations.support import TESTED_MODEL_TYPES, check_model_supported
 from pagedkv.storage import KVLayout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -156,16 +156,18 @@ def test_family_features_are_what_the_config_says(family):
     name, model, _, _ = family
     support = check_model_supported(model)
     assert support.tested and support.model_type == name
-    cfg = model.config
-    assert support.head_dim == getattr(cfg, "head_dim", None) or cfg.hidden_size // 4
+    assert support.head_dim == (getattr(model.config, "head_dim", None) or 16)
+    w = WINDOW
     expected = {
-        "mistral": (WINDOW,) * 2,
-        "phi3": (WINDOW,) * 2,
-        "qwen2": (None, WINDOW, WINDOW),
-        "gemma2": (WINDOW, None) * 2,
-        "gemma3_text": (WINDOW,) * 5 + (None,),
-        "gpt_oss": (WINDOW, None),
-    }.get(name, (None,) * cfg.num_hidden_layers)
+        "mistral": (w, w), "phi3": (w, w), "starcoder2": (w, w), "ministral": (w, w),
+        "mixtral": (w, w), "qwen2": (None, w, w), "gemma2": (w, None) * 2,
+        "vaultgemma": (w, None), "gpt_oss": (w, None), "gemma3_text": (w,) * 5 + (None,),
+        "cohere2": (w, w, w, None), "olmo3": (w, w, w, None), "exaone4": (w, w, w, None),
+    }.get(name, (None,) * model.config.num_hidden_layers)  # fmt: skip
     assert support.windows == expected
     assert support.sinks == (name == "gpt_oss")
-    assert support.softcap == (0.05 if name == "gemma2" else None)
+    assert support.softcap == (0.05 if name in ("gemma2", "vaultgemma") else None)
+
+
+def test_the_tested_list_is_the_tested_families():
+    assert TESTED_MODEL_TYPES == set(FAMILIES)

@@ -27,8 +27,9 @@ log = logging.getLogger("pagedkv.integrations")
 TESTED_MODEL_TYPES = frozenset(
     {
         "llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3",
-        "olmo2", "granite", "smollm3", "gpt_oss", "gemma", "cohere2", "starcoder2",
-        "olmo3", "mixtral", "qwen2_moe", "glm4", "helium",
+        "olmo2", "granite", "smollm3", "gpt_oss", "gemma", "cohere2", "starcoder2", "olmo3",
+        "ministral", "exaone4", "vaultgemma", "mixtral", "qwen2_moe", "olmoe", "glm4",
+        "helium", "seed_oss", "phi", "gpt_neox", "gpt2",
     }
 )  # fmt: skip
 #: Deprecated alias (the families pagedkv is tested on).
@@ -149,7 +150,7 @@ def check_model_supported(model_or_config: Any) -> ModelSupport:
     if v_dim is not None and v_dim != head_dim:
         raise refuse(f"a value head_dim ({v_dim}) different from the key head_dim ({head_dim})")
     if model is not None:
-        _check_attention_modules(model, num_layers, head_dim, refuse)
+        _check_attention_modules(model, num_layers, kv_heads, head_dim, refuse)
 
     support = ModelSupport(
         model_type=model_type, num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
@@ -217,7 +218,9 @@ def _attention_modules(model: Any) -> list[Any]:
     ]
 
 
-def _check_attention_modules(model: Any, num_layers: int, head_dim: int, refuse) -> None:
+def _check_attention_modules(
+    model: Any, num_layers: int, kv_heads: int, head_dim: int, refuse
+) -> None:
     mods = _attention_modules(model)
     layers = sorted({m.layer_idx for m in mods})
     if layers != list(range(num_layers)):
@@ -235,6 +238,13 @@ def _check_attention_modules(model: Any, num_layers: int, head_dim: int, refuse)
         if isinstance(d, int) and d != head_dim:
             raise refuse(
                 f"a head_dim of {d} in layer {m.layer_idx} where its config gives {head_dim}"
+            )
+        groups = getattr(m, "num_key_value_groups", None)
+        heads = getattr(model.config, "num_attention_heads", None)
+        if isinstance(groups, int) and isinstance(heads, int) and heads // groups != kv_heads:
+            raise refuse(
+                f"{heads // groups} KV heads in layer {m.layer_idx} where its config gives "
+                f"{kv_heads}"
             )
 
 
