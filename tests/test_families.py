@@ -81,12 +81,13 @@ def _metadata(cache, seqs, q_lens, is_decode) -> PagedAttentionMetadata:
         total = cache.num_tokens(i)
         slots += cache.slot_mapping(i, total - n, total)
         cu.append(cu[-1] + n)
+    i32 = dict(dtype=torch.int32, device=cache.device)
     return PagedAttentionMetadata(
         kv=cache.pool.kv,
-        slots=torch.tensor(slots),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        seq_lens=torch.tensor([cache.num_tokens(i) for i in seqs], dtype=torch.int32),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        slots=torch.tensor(slots, device=cache.device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], **i32),
+        seq_lens=torch.tensor([cache.num_tokens(i) for i in seqs], **i32),
+        cu_seqlens_q=torch.tensor(cu, **i32),
         max_q_len=max(q_lens),
         is_decode=is_decode,
     )
@@ -94,26 +95,29 @@ def _metadata(cache, seqs, q_lens, is_decode) -> PagedAttentionMetadata:
 
 def paged_logits(model, prompts, next_tokens) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(logits of every prompt token, from one packed paged prefill of all prompts;
-    logits [B, V] of one paged decode step of ``next_tokens`` after them)."""
+    logits [B, V] of one paged decode step of ``next_tokens`` after them). On the
+    model's device and dtype."""
     support = check_model_supported(model)
+    param = next(model.parameters())
     layout = KVLayout(support.num_layers, support.num_kv_heads, support.head_dim, BLOCK,
-                      torch.float64)  # fmt: skip
-    cache = KVCache(layout, 64, prefix_caching=False)
+                      param.dtype)  # fmt: skip
+    cache = KVCache(layout, 64, device=param.device, prefix_caching=False)
     paged = PagedAttention(model)
     seqs = list(range(len(prompts)))
     for i, p in zip(seqs, prompts):
         cache.allocate(i, p)
     meta = _metadata(cache, seqs, [len(p) for p in prompts], is_decode=False)
-    ids = torch.tensor([t for p in prompts for t in p])[None]
-    pos = torch.cat([torch.arange(len(p)) for p in prompts])[None]
+    dev = param.device
+    ids = torch.tensor([t for p in prompts for t in p], device=dev)[None]
+    pos = torch.cat([torch.arange(len(p), device=dev) for p in prompts])[None]
     with torch.no_grad():
         prefill = paged(meta, ids, position_ids=pos).logits[0]
         for i, t in zip(seqs, next_tokens):
             cache.append(i, [t])
         meta = _metadata(cache, seqs, [1] * len(seqs), is_decode=True)
-        pos = torch.tensor([len(p) for p in prompts])[None]
-        decode = paged(meta, torch.tensor(next_tokens)[None], position_ids=pos).logits[0]
-    return list(prefill.split([len(p) for p in prompts])), decode
+        pos = torch.tensor([len(p) for p in prompts], device=dev)[None]
+        decode = paged(meta, torch.tensor(next_tokens, device=dev)[None], position_ids=pos)
+    return list(prefill.split([len(p) for p in prompts])), decode.logits[0]
 
 
 def eager_logits(model, prompt) -> torch.Tensor:
