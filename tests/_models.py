@@ -42,48 +42,49 @@ FAMILY_SHAPE = dict(
     vocab_size=256, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
     eos_token_id=2, tie_word_embeddings=False,
 )  # fmt: skip
+# fmt: off
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(num_hidden_layers=2)),
     "qwen2": (  # q/k/v bias; layers >= max_window_layers are windowed
         "Qwen2Config",
         dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW,
              max_window_layers=1),
-    ),  # fmt: skip
+    ),
     "mistral": ("MistralConfig", dict(num_hidden_layers=2, sliding_window=WINDOW)),
     "qwen3": ("Qwen3Config", dict(num_hidden_layers=2, head_dim=32)),  # q/k norm
     "qwen3_moe": (
         "Qwen3MoeConfig",
         dict(num_hidden_layers=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
              moe_intermediate_size=32),
-    ),  # fmt: skip
+    ),
     "gemma2": (  # alternating windows, attention + final logit softcaps, own scaling
         "Gemma2Config",
         dict(num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
              attn_logit_softcapping=0.05, final_logit_softcapping=0.5),
-    ),  # fmt: skip
+    ),
     "gemma3_text": (  # 5 local : 1 global, two RoPE bases, query_pre_attn_scalar
         "Gemma3TextConfig",
         dict(num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=20,
              sliding_window=WINDOW),
-    ),  # fmt: skip
+    ),
     "phi3": ("Phi3Config", dict(num_hidden_layers=2, sliding_window=WINDOW)),  # fused qkv
     "olmo2": ("Olmo2Config", dict(num_hidden_layers=2)),  # q/k norm over all heads
     "granite": (
         "GraniteConfig",
         dict(num_hidden_layers=2, embedding_multiplier=3.0, attention_multiplier=0.2,
              residual_multiplier=0.5, logits_scaling=2.0),
-    ),  # fmt: skip
+    ),
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, no_rope_layer_interval=2)),  # NoPE
     "gpt_oss": (  # sinks, MoE, alternating windows
         "GptOssConfig",
         dict(num_hidden_layers=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
              sliding_window=WINDOW, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
-    ),  # fmt: skip
+    ),
     # -- more plain causal decoders over the attention interface ----------------------
     "gemma": ("GemmaConfig", dict(num_hidden_layers=2, head_dim=32)),
     "cohere2": (  # 3 windowed RoPE layers : 1 global NoPE layer, logit_scale
         "Cohere2Config", dict(num_hidden_layers=4, sliding_window=WINDOW, logit_scale=0.5),
-    ),  # fmt: skip
+    ),
     "starcoder2": ("Starcoder2Config", dict(num_hidden_layers=2, sliding_window=WINDOW)),
     "olmo3": ("Olmo3Config", dict(num_hidden_layers=4, sliding_window=WINDOW)),
     "ministral": ("MinistralConfig", dict(num_hidden_layers=2, head_dim=16, sliding_window=WINDOW)),
@@ -92,17 +93,17 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "VaultGemmaConfig",
         dict(num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
              attn_logit_softcapping=0.05),
-    ),  # fmt: skip
+    ),
     "mixtral": (  # MoE, all layers windowed
         "MixtralConfig",
         dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
              sliding_window=WINDOW),
-    ),  # fmt: skip
+    ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
              shared_expert_intermediate_size=48),
-    ),  # fmt: skip
+    ),
     "olmoe": ("OlmoeConfig", dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)),
     "glm4": ("Glm4Config", dict(num_hidden_layers=2, head_dim=32)),  # partial RoPE
     "helium": ("HeliumConfig", dict(num_hidden_layers=2, head_dim=16)),
@@ -110,9 +111,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "phi": ("PhiConfig", dict(num_hidden_layers=2)),  # partial RoPE, parallel block
     "gpt_neox": ("GPTNeoXConfig", dict(num_hidden_layers=2, num_key_value_heads=4)),  # no GQA
     "gpt2": (  # learned positions, Conv1D projections, no GQA
-        "GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, n_positions=512, num_key_value_heads=4),
-    ),  # fmt: skip
+        "GPT2Config",
+        dict(n_layer=2, n_embd=64, n_head=4, n_positions=512, num_key_value_heads=4),
+    ),
 }
+# fmt: on
 
 
 def family_config(family: str):

@@ -156,9 +156,21 @@ def test_paged_logits_equal_eager_attention_and_every_feature_matters(family, mo
             assert gap > 1e-4, f"{name}: {op} without {feature} changes nothing ({gap})"
 
 
-def test_family_features_are_what_the_config_says(family):
-    name, model, _, _ = family
+def test_family_features_are_what_the_config_says(family, monkeypatch):
+    """ModelSupport (read from the config) says what each layer's attention call passes
+    the kernels, and what the tiny config was built with."""
+    name, model, prompts, _ = family
     support = check_model_supported(model)
+    calls = []
+    real = ops.prefill_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["window"], kwargs["softcap"], kwargs["sinks"] is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "prefill_attention", spy)
+    paged_logits(model, prompts[:1], [3])
+    assert calls == [(w, support.softcap, support.sinks) for w in support.windows]
     assert support.tested and support.model_type == name
     assert support.head_dim == (getattr(model.config, "head_dim", None) or 16)
     w = WINDOW
@@ -174,4 +186,4 @@ def test_family_features_are_what_the_config_says(family):
 
 
 def test_the_tested_list_is_the_tested_families():
-    assert TESTED_MODEL_TYPES == set(FAMILIES)
+    assert set(FAMILIES) == TESTED_MODEL_TYPES

@@ -2,10 +2,11 @@
 left-padded batch gives exactly the tokens of the default cache (float64, greedy).
 
 The reference is each prompt generated alone (default cache, eager attention) and, for
-families whose features transformers' SDPA attention computes, its own left-padded batch on SDPA. Not eager
-on the padded batch: in float64, transformers' eager attention turns the fully masked
-padding rows into NaN, which then leaks into the real rows (its outputs are wrong, not
-pagedkv's; SDPA and the per-prompt runs agree with each other and with PagedCache).
+families whose features transformers' SDPA attention computes, its own left-padded batch
+on SDPA. Not eager on the padded batch: in float64, transformers' eager attention turns
+the fully masked padding rows into NaN, which then leaks into the real rows (its outputs
+are wrong, not pagedkv's; SDPA and the per-prompt runs agree with each other and with
+PagedCache).
 """
 
 from __future__ import annotations

@@ -115,8 +115,10 @@ def test_layers_without_attention_modules_are_refused():
 
 
 def test_bert_as_a_decoder_without_causal_attention_is_refused():
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, vocab_size=64, is_decoder=False)  # fmt: skip
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=64, is_decoder=False,
+    )  # fmt: skip
     with pytest.raises(UnsupportedModelError, match="bidirectional"):
         check_model_supported(transformers.BertLMHeadModel(cfg))
 

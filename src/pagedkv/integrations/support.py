@@ -104,37 +104,7 @@ def check_model_supported(model_or_config: Any) -> ModelSupport:
         except RuntimeError:  # transformers' per-layer configs refuse a global read
             raise refuse(f"per-layer values of {name!r} (a heterogeneous config)") from None
 
-    if get("is_encoder_decoder", False):
-        raise refuse("an encoder-decoder architecture (encoder-decoder models are refused)")
-    if get("add_cross_attention", False):
-        raise refuse("cross-attention")
-    if _text_config(config) is not config:
-        raise refuse(
-            "a multimodal wrapper config",
-            "; load its text-only causal LM (e.g. Gemma3ForCausalLM) instead",
-        )
-    if get("kv_lora_rank") or get("q_lora_rank"):
-        raise refuse(f"multi-latent attention (kv_lora_rank={get('kv_lora_rank')})")
-    if get("use_bidirectional_attention", False) or get("is_causal", True) is False:
-        raise refuse("bidirectional (non-causal) attention")
-    if get("attention_chunk_size"):
-        raise refuse(f"chunked attention (attention_chunk_size={get('attention_chunk_size')})")
-    if get("num_kv_shared_layers", 0):
-        raise refuse(f"KV shared across layers (num_kv_shared_layers={get('num_kv_shared_layers')})")
-    if get("alibi", False):
-        raise refuse("ALiBi position biases")
-    if get("lambda_std_dev") is not None:
-        raise refuse("differential attention (two softmax maps per layer)")
-    layer_types = list(get("layer_types") or [])
-    other = [t for t in dict.fromkeys(layer_types) if t not in SUPPORTED_LAYER_TYPES]
-    if other:
-        feats = sorted({_LAYER_FEATURES.get(str(t), f"{t!r} layers") for t in other})
-        raise refuse(f"{' and '.join(feats)} (layer_types contains {other})")
-    for attr in _PATTERN_ATTRS:
-        if get(attr) is not None:
-            raise refuse(f"a hybrid layer pattern ({attr}={get(attr)!r})")
-    if any(k.startswith(("mamba_", "ssm_")) for k in vars(config)):
-        raise refuse("state-space (Mamba) mixers")
+    layer_types = _check_config_features(config, get, refuse)
     cls = type(model) if model is not None else _causal_lm_class(config)
     if cls is not None and not _backend_compatible(cls):
         raise refuse(
@@ -167,6 +137,43 @@ def check_model_supported(model_or_config: Any) -> ModelSupport:
     return support
 
 
+def _check_config_features(config: Any, get, refuse) -> list:
+    """Refuse what the config alone shows pagedkv cannot run; return its layer types."""
+    if get("is_encoder_decoder", False):
+        raise refuse("an encoder-decoder architecture")
+    if get("add_cross_attention", False):
+        raise refuse("cross-attention")
+    if _text_config(config) is not config:
+        raise refuse(
+            "a multimodal wrapper config",
+            "; load its text-only causal LM (e.g. Gemma3ForCausalLM) instead",
+        )
+    if get("kv_lora_rank") or get("q_lora_rank"):
+        raise refuse(f"multi-latent attention (kv_lora_rank={get('kv_lora_rank')})")
+    if get("use_bidirectional_attention", False) or get("is_causal", True) is False:
+        raise refuse("bidirectional (non-causal) attention")
+    if get("attention_chunk_size"):
+        raise refuse(f"chunked attention (attention_chunk_size={get('attention_chunk_size')})")
+    if get("num_kv_shared_layers", 0):
+        shared = get("num_kv_shared_layers")
+        raise refuse(f"KV shared across layers (num_kv_shared_layers={shared})")
+    if get("alibi", False):
+        raise refuse("ALiBi position biases")
+    if get("lambda_std_dev") is not None:
+        raise refuse("differential attention (two softmax maps per layer)")
+    layer_types = list(get("layer_types") or [])
+    other = [t for t in dict.fromkeys(layer_types) if t not in SUPPORTED_LAYER_TYPES]
+    if other:
+        feats = sorted({_LAYER_FEATURES.get(str(t), f"{t!r} layers") for t in other})
+        raise refuse(f"{' and '.join(feats)} (layer_types contains {other})")
+    for attr in _PATTERN_ATTRS:
+        if get(attr) is not None:
+            raise refuse(f"a hybrid layer pattern ({attr}={get(attr)!r})")
+    if any(k.startswith(("mamba_", "ssm_")) for k in getattr(config, "__dict__", {})):
+        raise refuse("state-space (Mamba) mixers")
+    return layer_types
+
+
 def kv_geometry(config: Any) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a model's KV cache. ``head_dim`` is the
     config's own when set (Qwen3, Gemma: it need not be hidden_size / heads)."""
@@ -188,7 +195,10 @@ def _text_config(config: Any) -> Any:
 
 
 def _layer_windows(window: Any, layer_types: list, num_layers: int) -> tuple[int | None, ...]:
-    if not layer_types:  # Mistral, Phi-3, Starcoder2: every layer windowed when set
+    """Each layer's window as the config gives it: ``sliding_window`` on the
+    "sliding_attention" layers of ``layer_types``, or on every layer without layer types
+    (Mistral, Phi-3, Starcoder2). (The kernels get each call's own ``sliding_window``.)"""
+    if not layer_types:
         return (window,) * num_layers
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
