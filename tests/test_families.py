@@ -187,3 +187,21 @@ def test_family_features_are_what_the_config_says(family, monkeypatch):
 
 def test_the_tested_list_is_the_tested_families():
     assert set(FAMILIES) == TESTED_MODEL_TYPES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_engine_on_the_triton_kernels_matches_generate(name):
+    """The Triton kernels (the interpreter on CPU; compiled on CUDA in
+    test_families_gpu.py) with windows + softcap (Gemma 2) and windows + sinks (gpt-oss),
+    in float32, through the engine with preemption and prefix hits."""
+    skip_if_missing(name)
+    model = tiny_family(name, dtype=torch.float32)
+    prompts = family_prompts()[:4]
+    ref = reference(model, prompts)
+    with ops.use_backend("triton"):
+        engine = Engine(model, num_blocks=11, block_size=BLOCK, max_batch_tokens=40)
+        outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.cached_tokens >= PREFIX, stats
