@@ -66,7 +66,8 @@ class EngineStats:
 class Engine:
     """Serve many generation requests at once on one model.
 
-    ``model``: a transformers causal LM of a supported family (Llama, Qwen2, Mistral;
+    ``model``: a transformers causal LM that ``check_model_supported`` accepts (Llama,
+    Qwen2/3, Mistral, Gemma 2/3, Phi-3, gpt-oss, ... : see README;
     :class:`~pagedkv.errors.UnsupportedModelError` otherwise), already on its device and
     dtype. The model is not changed: each engine forward runs it on the "pagedkv"
     attention for that forward only (in eval mode), so it keeps working with plain
