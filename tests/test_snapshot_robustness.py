@@ -217,7 +217,7 @@ def test_a_newer_version_manifest_is_never_dropped_and_blocks_gc(store):
 
 
 def test_a_copied_manifest_and_an_unreadable_entry_are_damaged(store, monkeypatch):
-    from pagedkv.stores import disk
+    from pagedkv.stores import disk_layout
 
     raw = store.backend.get_many([MANIFEST_PREFIX + "good"])[0]
     store.backend.put_many([(MANIFEST_PREFIX + "copy", raw), (MANIFEST_PREFIX + "dir", raw)])
@@ -225,14 +225,14 @@ def test_a_copied_manifest_and_an_unreadable_entry_are_damaged(store, monkeypatc
     # object, never read nor reported; DiskStore layout: <fan>/<key>.v)
     os.makedirs(os.path.join(store.backend.path, "snr", MANIFEST_PREFIX + "foreign.v"))
     # an entry that cannot be read at all (an I/O or permission error on open)
-    real_open = disk.open_entry
+    real_open = disk_layout.open_regular
 
     def failing_open(path):
         if path.endswith(MANIFEST_PREFIX + "dir.v"):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path)
 
-    monkeypatch.setattr(disk, "open_entry", failing_open)
+    monkeypatch.setattr(disk_layout, "open_regular", failing_open)
     cat = store.catalogue()
     errors = {d.name: d.error for d in cat.damaged}
     assert set(errors) == {"copy", "dir"}, errors

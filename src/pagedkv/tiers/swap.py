@@ -15,7 +15,7 @@ from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 
 
 class SwapArea:
-    """``key -> (uint8 [n, block_bytes] host rows, CUDA event or None)``, holding at most
+    """``key -> (uint8 [n, bytes_per_block] host rows, CUDA event or None)``, holding at most
     ``capacity_bytes`` of rows. The event completes when the swap-out copy has."""
 
     def __init__(self, capacity_bytes: int) -> None:

@@ -25,8 +25,8 @@ class Transfer:
 
     def __init__(self, pool: KVPool, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.pool = pool
-        self.block_bytes = pool.layout.bytes_per_block
-        self.chunk = max(1, chunk_bytes // self.block_bytes)  # blocks per copy
+        self.bytes_per_block = pool.layout.bytes_per_block
+        self.chunk = max(1, chunk_bytes // self.bytes_per_block)  # blocks per copy
         self.cuda = pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
 
