@@ -36,8 +36,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pagedkv.cache import KVCache
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.storage import KVLayout
+from pagedkv.testing import SyntheticPager
 
 
 def make_cache(layout: KVLayout, num_blocks: int) -> KVCache:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pagedkv import BlockManager, CacheIntegrityError, KVCache, KVLayout
-from pagedkv.snapshot.pager import SyntheticPager
 from pagedkv.storage import KVPool
+from pagedkv.testing import SyntheticPager
 from pagedkv.tiers import CPUTier, DiskTier, TieredStore
 
 BS = 4

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pagedkv.errors import OutOfBlocks, SnapshotError
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.leases import new_lease
 from pagedkv.snapshot.manifest import parse_manifest
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
+from pagedkv.testing import SyntheticPager
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float16)
 BPB = LAYOUT.bytes_per_block  # 512

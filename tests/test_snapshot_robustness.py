@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from pagedkv.errors import SnapshotError, SnapshotVersionError
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.leases import new_lease, parse_lease
 from pagedkv.snapshot.manifest import _checksum, parse_manifest
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
+from pagedkv.testing import SyntheticPager
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype=torch.float16)
 DIGEST = "ab" * 32
@@ -484,7 +485,7 @@ def test_parse_location_is_the_one_parser():
 
 
 def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monkeypatch):
-    import pagedkv.snapshot.plan as plan_module
+    import pagedkv.snapshot.save as save_module
 
     s = SnapshotStore(tmp_path / "new")
     pager = SyntheticPager(LAYOUT, 8)
@@ -496,7 +497,7 @@ def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monke
     with pytest.raises(ValueError, match="64 bits"):
         s.save(pager)
     pager = _pager()
-    monkeypatch.setattr(plan_module, "MAX_DOC_BYTES", 500)
+    monkeypatch.setattr(save_module, "MAX_DOC_BYTES", 500)
     with pytest.raises(ValueError, match="several snapshots"):
         s.save(pager)
     assert not os.path.exists(tmp_path / "new")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+
 from pagedkv.stores.base import Buffer
 
 PAGE_SUFFIX = ".pg"
@@ -18,7 +20,7 @@ PAGE_KEY_LEN = DIGEST_HEX_LEN + len(PAGE_SUFFIX)
 _HEX = frozenset("0123456789abcdef")
 
 
-def sha256_hex(data: Buffer) -> str:
+def sha256_hex(data: Buffer | np.ndarray) -> str:
     """The SHA-256 hex digest of ``data``: a page's content address. Releases the GIL,
     so rows hash in parallel on threads."""
     return hashlib.sha256(data).hexdigest()
