@@ -128,7 +128,7 @@ def _drop(backend: BlockStore, scan: ManifestScan) -> tuple[list[DamagedSnapshot
         return kept, []
     keys = [manifest_key(d.name) for d in doomed]
     backend.delete_many(keys)
-    dropped = []
+    dropped: list[DamagedSnapshot] = []
     for d, present in zip(doomed, backend.contains_many(keys)):
         (kept if present else dropped).append(d)  # one we could not delete still blocks
     if dropped:

@@ -36,7 +36,7 @@ class Workers:
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.io = ThreadPoolExecutor(1) if self.threads > 1 else None
 
-    def digests(self, rows: Sequence[Buffer | np.ndarray]) -> list[str]:
+    def digests(self, rows: Sequence[Buffer] | np.ndarray) -> list[str]:
         """The sha256 hex digest of each row, on the digest threads when they pay off."""
         if self.pool is None or len(rows) < 2:
             return [sha256_hex(r) for r in rows]

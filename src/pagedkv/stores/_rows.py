@@ -8,7 +8,7 @@ stays free of it (the CLI and the model loader's file helpers import the package
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def tensor_rows(t: Any, n: int, who: str, name: str) -> torch.Tensor:
+def tensor_rows(t: object, n: int, who: str, name: str) -> torch.Tensor:
     """``t`` if it is a ``uint8 [n, w]`` tensor; else ``ValueError`` naming ``who``."""
     import torch
 
@@ -28,7 +28,7 @@ def tensor_rows(t: Any, n: int, who: str, name: str) -> torch.Tensor:
     return t
 
 
-def byte_rows(x: Any, n: int, name: str, who: str) -> np.ndarray:
+def byte_rows(x: torch.Tensor | np.ndarray, n: int, name: str, who: str) -> np.ndarray:
     """``x`` (a tensor or array) as a numpy ``uint8 [n, w]`` view with contiguous rows.
 
     Raises ``ValueError`` naming ``who`` (the calling method) and ``name`` otherwise.

@@ -21,12 +21,13 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 # redact_url lives with the location parser; importable from here, where it was first.
 from pagedkv.stores.locations import redact_url as redact_url
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Buffer = bytes | bytearray | memoryview
@@ -109,7 +110,13 @@ class BlockStore(Protocol):
 class ReadsInto(Protocol):
     """Capability: read values straight into rows the caller owns."""
 
-    def get_into(self, keys: Sequence[str], out: Any, *, head: Any = None) -> list[bool]:
+    def get_into(
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor | np.ndarray,
+        *,
+        head: torch.Tensor | np.ndarray | None = None,
+    ) -> list[bool]:
         """Read the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, host tensor or
         array with contiguous rows); with ``head`` (``uint8 [n, h]``) its first ``h`` bytes
         go to ``head[i]`` and the next ``w`` to ``out[i]``. A key is found (and counts as

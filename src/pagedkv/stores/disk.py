@@ -21,7 +21,9 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+import numpy as np
 
 from pagedkv.errors import StoreError
 from pagedkv.stores import atomic
@@ -37,6 +39,9 @@ from pagedkv.stores.base import (
     check_prefix,
 )
 from pagedkv.stores.disk_layout import EntryFiles, list_keys, scan
+
+if TYPE_CHECKING:
+    import torch
 
 # put_many writes a batch on the writer threads only when its values average at least
 # this many bytes: per-file syscalls of small values convoy on the GIL in threads.
@@ -199,7 +204,13 @@ class DiskStore:
         self._record_reads(keys, [None if v is None else len(v) for v in out])
         return out
 
-    def get_into(self, keys: Sequence[str], out: Any, *, head: Any = None) -> list[bool]:
+    def get_into(
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor | np.ndarray,
+        *,
+        head: torch.Tensor | np.ndarray | None = None,
+    ) -> list[bool]:
         """Read the value of ``keys[i]`` straight into ``out[i]`` (host ``uint8 [n, w]``,
         a tensor or array with contiguous rows), with no intermediate ``bytes``.
 

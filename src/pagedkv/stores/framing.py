@@ -379,7 +379,7 @@ class FramedStore:
             buf = self._spare.pop() if self._spare else None
         if buf is None or len(buf) != size:
             buf = bytearray(size)
-        pack_into(buf, row, fingerprint=self._fingerprint)
+        pack_into(buf, row.data, fingerprint=self._fingerprint)
         return buf
 
     def _drop_corrupt(self, keys: list[str], *, hits: int) -> None:

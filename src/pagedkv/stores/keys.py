@@ -23,7 +23,7 @@ _HEX = frozenset("0123456789abcdef")
 def sha256_hex(data: Buffer | np.ndarray) -> str:
     """The SHA-256 hex digest of ``data``: a page's content address. Releases the GIL,
     so rows hash in parallel on threads."""
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data.data if isinstance(data, np.ndarray) else data).hexdigest()
 
 
 def page_key(digest: str) -> str:

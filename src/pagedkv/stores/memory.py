@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.stores._lru import ByteLRU
 from pagedkv.stores._rows import copy_rows, tensor_rows
+
+if TYPE_CHECKING:
+    import torch
+
 from pagedkv.stores.base import (
     Buffer,
     StoreStats,
@@ -218,7 +222,7 @@ class MemoryStore:
     # -- tensor fast path (RowStore) ----------------------------------------------
 
     def put_tensor_rows(
-        self, keys: Sequence[str], rows: Any, *, pause: Callable[[], None] | None = None
+        self, keys: Sequence[str], rows: torch.Tensor, *, pause: Callable[[], None] | None = None
     ) -> int:
         """Store row ``i`` of ``rows`` (``uint8 [n, w]``, ``w <= slot_bytes``) under ``keys[i]``.
 
@@ -260,7 +264,12 @@ class MemoryStore:
             return len(slots)
 
     def get_into(
-        self, keys: Sequence[str], out: Any, *, head: Any = None, non_blocking: bool = False
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor,
+        *,
+        head: torch.Tensor | None = None,
+        non_blocking: bool = False,
     ) -> list[bool]:
         """Copy the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, host or CUDA).
 
@@ -287,12 +296,13 @@ class MemoryStore:
             found, rows, slots = [], [], []
             for i, key in enumerate(keys):
                 slot = self._slot_of.get(key)
-                ok = slot is not None and lru.size(key) == h + width
-                found.append(ok)
-                if ok:
-                    lru.touch(key)
-                    rows.append(i)
-                    slots.append(slot)
+                if slot is None or lru.size(key) != h + width:
+                    found.append(False)
+                    continue
+                found.append(True)
+                lru.touch(key)
+                rows.append(i)
+                slots.append(slot)
             self._hits += len(rows)
             self._misses += len(keys) - len(rows)
             if rows and head is not None:

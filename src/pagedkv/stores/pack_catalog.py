@@ -120,8 +120,8 @@ class PackCatalog:
                     f"PackStore: page {key} is listed in packs {holders} (none, or one twice)"
                 )
             for name in holders:
-                index = self._packs.get(name)
-                if index is None or key not in index.entries:
+                holder = self._packs.get(name)
+                if holder is None or key not in holder.entries:
                     raise CacheIntegrityError(
                         f"PackStore: page {key} is listed in pack {name}, which does not hold it"
                     )

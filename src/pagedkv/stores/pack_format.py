@@ -46,10 +46,11 @@ class PackIndex(NamedTuple):
 
 
 class PackImage(NamedTuple):
-    """A pack to write: its file contents as buffers, back to back, and its index."""
+    """A pack to write: its file ``contents`` as buffers, back to back, and its ``table``
+    (the index it holds)."""
 
-    views: list[memoryview]
-    index: PackIndex
+    contents: list[memoryview]
+    table: PackIndex
 
 
 def new_pack_name() -> str:

@@ -30,7 +30,9 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pagedkv.errors import StoreError
 from pagedkv.stores import atomic, pack_format
@@ -41,6 +43,9 @@ from pagedkv.stores.disk import DiskStore
 from pagedkv.stores.keys import is_page_key
 from pagedkv.stores.pack_catalog import PackCatalog
 from pagedkv.stores.pack_format import PACK_DIR
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PACK_DIR", "PackStore"]
 
@@ -186,7 +191,13 @@ class PackStore:
         self._count([v is not None for v in out])
         return out
 
-    def get_into(self, keys: Sequence[str], out: Any, *, head: Any = None) -> list[bool]:
+    def get_into(
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor | np.ndarray,
+        *,
+        head: torch.Tensor | np.ndarray | None = None,
+    ) -> list[bool]:
         """Read each value straight into row ``i`` of ``out`` (host ``uint8 [n, w]``).
 
         A key is found when its value holds exactly ``w`` bytes; other rows are left
@@ -207,7 +218,7 @@ class PackStore:
         self._count(found)
         return found
 
-    def _read_runs(self, keys: list[str], rows: Any) -> list[bool]:
+    def _read_runs(self, keys: list[str], rows: np.ndarray) -> list[bool]:
         """Pages into rows, one ``preadv`` per run of pages stored back to back.
 
         A restore asks for pages in the order a save wrote them, so a chunk is
@@ -362,7 +373,7 @@ class PackStore:
         try:
             atomic.atomic_write(
                 os.path.join(self._dir, name),
-                image.views,
+                image.contents,
                 file_mode=self._mode,
                 fsync=self._durable,
             )
@@ -371,8 +382,8 @@ class PackStore:
                 f"PackStore: cannot write pack {name!r} in {self._dir!r}: {e.strerror or e}"
             ) from e
         with self._lock:
-            self._catalog.add(name, image.index)
-            self._puts += len(image.index.entries)
+            self._catalog.add(name, image.table)
+            self._puts += len(image.table.entries)
 
     def _know(self, keys: list[str]) -> None:
         """Rescan the pack directory once if a page key is not indexed (a new pack)."""

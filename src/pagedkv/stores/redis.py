@@ -212,6 +212,7 @@ class RedisStore:
         if not keys:
             return []
         full = [self._prefix + k for k in keys]
+        out: list[Any]  # bytes or None: the client does not decode responses
         if self._ttl is None:
             out = self._call("MGET", lambda: self._client.mget(full))
         else:

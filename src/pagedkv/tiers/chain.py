@@ -313,12 +313,12 @@ class TieredStore:
                 ok[j] = f
         loaded = next((j for j, f in enumerate(ok) if not f), run)
         for j in range(loaded):
-            li = level_of[j]
-            if li is None:  # staged: counted as the first tier's, where it is going
+            held_by = level_of[j]
+            if held_by is None:  # staged: counted as the first tier's, where it is going
                 self._pending_hits += 1
                 self.levels[0].hits += 1
             else:
-                self.levels[li].hits += 1
+                self.levels[held_by].hits += 1
         if loaded:
             xfer.scatter(block_ids[:loaded], rows[:loaded])
             self._promoted += loaded

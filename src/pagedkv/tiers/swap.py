@@ -41,7 +41,7 @@ class SwapArea:
                 "free other sequences first"
             )
 
-    def add(self, key: str, rows: torch.Tensor, event: Any = None) -> None:
+    def add(self, key: str, rows: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
         """Hold ``rows`` under ``key`` (after :meth:`check_fits`)."""
         self._rows[key] = (rows, event)
         self.used_bytes += rows.numel()

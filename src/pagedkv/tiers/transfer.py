@@ -56,7 +56,13 @@ class Transfer:
         current.wait_event(event)  # a later write into these blocks cannot overtake the copy
         return rows, event
 
-    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor, *, after: Any = None) -> None:
+    def scatter(
+        self,
+        block_ids: Sequence[int],
+        rows: torch.Tensor,
+        *,
+        after: torch.cuda.Event | None = None,
+    ) -> None:
         """Write host rows into pool blocks on the current stream (async from pinned rows;
         torch's pinned allocator keeps them alive until the copy has run). ``after``: the
         event of the :meth:`gather` that filled ``rows``, if the current stream may not

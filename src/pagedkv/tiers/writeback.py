@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -46,7 +46,7 @@ class Job:
 
     keys: list[str]
     rows: torch.Tensor
-    event: Any = None
+    event: torch.cuda.Event | None = None
     all_levels: bool = False
     nbytes: int = field(init=False)
 
