@@ -60,6 +60,31 @@ class StoreStats:
     corrupt: int = 0
 
 
+@dataclass
+class Counters:
+    """The running counts behind a store's :class:`StoreStats` (updated under its lock)."""
+
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    errors: int = 0
+
+    def reads(self, found: int, asked: int) -> None:
+        """Count ``asked`` keys read, ``found`` of them hits."""
+        self.hits += found
+        self.misses += asked - found
+
+    def stats(
+        self, entries: int | None, bytes_used: int | None, capacity_bytes: int | None
+    ) -> StoreStats:
+        """These counts with the store's size, as :class:`StoreStats`."""
+        return StoreStats(
+            entries, bytes_used, capacity_bytes, self.hits, self.misses, self.puts,
+            self.evictions, self.errors,
+        )  # fmt: skip
+
+
 @runtime_checkable
 class BlockStore(Protocol):
     """Bytes keyed by ``str`` keys of ``[0-9A-Za-z._-]``, 1-200 characters.

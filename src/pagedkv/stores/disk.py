@@ -32,6 +32,7 @@ from pagedkv.stores._rows import byte_rows
 from pagedkv.stores._threads import in_order
 from pagedkv.stores.base import (
     Buffer,
+    Counters,
     StoreStats,
     check_capacity,
     check_items,
@@ -100,7 +101,7 @@ class DiskStore:
         self._lock = threading.RLock()
         self._last_ns = 0
         self._files = EntryFiles(self._root, self._mode, self._fsync)
-        self._hits = self._misses = self._puts = self._evictions = self._errors = 0
+        self._counts = Counters()
         self._closed = False
         if not self._read_only:
             try:
@@ -166,7 +167,7 @@ class DiskStore:
             self._make_room(size - (self._lru.size(key) or 0), keep=key)
             self._commit(tmp, key)
             self._lru.add(key, size)
-            self._puts += 1
+            self._counts.puts += 1
 
     def _put_parallel(self, checked: list[tuple[str, memoryview]]) -> None:
         """Write temp files on the writer threads (at most ``2 * writers`` ahead of the
@@ -239,7 +240,7 @@ class DiskStore:
 
     def _read_failed(self, key: str, e: OSError) -> NoReturn:
         with self._lock:
-            self._errors += 1
+            self._counts.errors += 1
         path = self._files.path(key)
         raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
 
@@ -253,10 +254,10 @@ class DiskStore:
                     # another thread may have committed it since our read
                     if key in lru and not self._files.is_entry(key):
                         lru.pop(key)
-                    self._misses += 1
+                    self._counts.misses += 1
                     continue
                 lru.add(key, size)
-                self._hits += 1
+                self._counts.hits += 1
                 touched.append(key)
             if lru.bytes_used > lru.capacity_bytes and not self._read_only:
                 # read entries another process wrote
@@ -316,16 +317,7 @@ class DiskStore:
     def stats(self) -> StoreStats:
         """Counters over the entries this process knows."""
         with self._lock:
-            return StoreStats(
-                entries=len(self._lru),
-                bytes_used=self._lru.bytes_used,
-                capacity_bytes=self.capacity_bytes,
-                hits=self._hits,
-                misses=self._misses,
-                puts=self._puts,
-                evictions=self._evictions,
-                errors=self._errors,
-            )
+            return self._counts.stats(len(self._lru), self._lru.bytes_used, self.capacity_bytes)
 
     def close(self) -> None:
         """Mark the store closed (entries stay on disk for the next open)."""
@@ -367,14 +359,14 @@ class DiskStore:
     def _make_room(self, need: int, keep: str | None) -> None:
         for victim in self._lru.victims(need, keep=() if keep is None else (keep,)):
             self._unlink(victim)
-            self._evictions += 1
+            self._counts.evictions += 1
 
     def _unlink(self, key: str) -> bool:
         try:
             existed = self._files.unlink(key)
         except OSError:
             existed = True
-            self._errors += 1  # the bytes stay on disk, but the cap is about what we track
+            self._counts.errors += 1  # the bytes stay on disk, but the cap is about what we track
         self._lru.pop(key)
         return existed
 
@@ -394,7 +386,7 @@ class DiskStore:
 
     def _fail_write(self, tmp: str | None, key: str, e: OSError) -> NoReturn:
         with self._lock:
-            self._errors += 1
+            self._counts.errors += 1
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

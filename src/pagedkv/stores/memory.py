@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 from pagedkv.stores.base import (
     Buffer,
+    Counters,
     StoreStats,
     check_capacity,
     check_items,
@@ -68,7 +69,7 @@ class MemoryStore:
         self._np: Any = None  # numpy view of the slab for bytes-level access
         self._slot_bytes = 0  # 0 until fixed by the first put
         self._num_slots = 0
-        self._hits = self._misses = self._puts = self._evictions = 0
+        self._counts = Counters()
         self._closed = False
         self._reads_done: Any = None  # CUDA event after the last async get_into
         if slot_bytes is not None:
@@ -131,7 +132,7 @@ class MemoryStore:
                 n = len(value)
                 self._np[slot, :n] = np.frombuffer(value, dtype=np.uint8)
                 self._lru.add(key, n)
-            self._puts += len(checked)
+            self._counts.puts += len(checked)
             return len(checked)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -148,9 +149,7 @@ class MemoryStore:
                     continue
                 lru.touch(key)
                 out.append(self._np[slot, : lru.size(key)].tobytes())
-            hits = sum(v is not None for v in out)
-            self._hits += hits
-            self._misses += len(out) - hits
+            self._counts.reads(sum(v is not None for v in out), len(out))
             return out
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
@@ -176,15 +175,7 @@ class MemoryStore:
     def stats(self) -> StoreStats:
         """Counters; ``bytes_used`` is the sum of value lengths, not slots taken."""
         with self._lock:
-            return StoreStats(
-                entries=len(self._slot_of),
-                bytes_used=self._lru.bytes_used,
-                capacity_bytes=self._capacity,
-                hits=self._hits,
-                misses=self._misses,
-                puts=self._puts,
-                evictions=self._evictions,
-            )
+            return self._counts.stats(len(self._slot_of), self._lru.bytes_used, self._capacity)
 
     def close(self) -> None:
         """Drop the index and release the slab."""
@@ -260,7 +251,7 @@ class MemoryStore:
                 import torch
 
                 torch.cuda.current_stream(rows.device).synchronize()
-            self._puts += len(slots)
+            self._counts.puts += len(slots)
             return len(slots)
 
     def get_into(
@@ -303,8 +294,7 @@ class MemoryStore:
                 lru.touch(key)
                 rows.append(i)
                 slots.append(slot)
-            self._hits += len(rows)
-            self._misses += len(keys) - len(rows)
+            self._counts.reads(len(rows), len(keys))
             if rows and head is not None:
                 picked = self._np[slots]  # [n, slot_bytes]: a copy, then split
                 head.numpy()[rows] = picked[:, :h]
@@ -377,7 +367,7 @@ class MemoryStore:
         if not self._free:
             victim = next(iter(self._lru))
             self._drop(victim)
-            self._evictions += 1
+            self._counts.evictions += 1
         slot = self._free.pop()
         self._slot_of[key] = slot
         return slot

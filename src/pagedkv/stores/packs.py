@@ -38,7 +38,7 @@ from pagedkv.errors import StoreError
 from pagedkv.stores import atomic, pack_format
 from pagedkv.stores._files import IOV_MAX, pread, preadv_all
 from pagedkv.stores._rows import byte_rows
-from pagedkv.stores.base import Buffer, StoreStats, check_items, check_keys, check_prefix
+from pagedkv.stores.base import Buffer, Counters, StoreStats, check_items, check_keys, check_prefix
 from pagedkv.stores.disk import DiskStore
 from pagedkv.stores.keys import is_page_key
 from pagedkv.stores.pack_catalog import PackCatalog
@@ -93,7 +93,7 @@ class PackStore:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
         self._catalog = PackCatalog()  # under self._lock
-        self._hits = self._misses = self._puts = 0
+        self._counts = Counters()  # of the packs (the DiskStore counts its own)
         self.refresh()
 
     # -- properties --------------------------------------------------------------
@@ -313,9 +313,9 @@ class PackStore:
                 entries=(disk.entries or 0) + len(self._catalog),
                 bytes_used=(disk.bytes_used or 0) + self._catalog.page_bytes,
                 capacity_bytes=None,
-                hits=disk.hits + self._hits + old.hits,
-                misses=disk.misses + self._misses + old.misses,
-                puts=disk.puts + self._puts,
+                hits=disk.hits + self._counts.hits + old.hits,
+                misses=disk.misses + self._counts.misses + old.misses,
+                puts=disk.puts + self._counts.puts,
                 errors=disk.errors + old.errors,
             )
 
@@ -383,7 +383,7 @@ class PackStore:
             ) from e
         with self._lock:
             self._catalog.add(name, image.table)
-            self._puts += len(image.table.entries)
+            self._counts.puts += len(image.table.entries)
 
     def _know(self, keys: list[str]) -> None:
         """Rescan the pack directory once if a page key is not indexed (a new pack)."""
@@ -435,6 +435,4 @@ class PackStore:
 
     def _count(self, found: list[bool]) -> None:
         with self._lock:
-            hits = sum(found)
-            self._hits += hits
-            self._misses += len(found) - hits
+            self._counts.reads(sum(found), len(found))
