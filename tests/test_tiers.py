@@ -555,3 +555,37 @@ def test_kvcache_serves_with_redis_unreachable_from_the_start(caplog):
     assert not st["available"] and st["hits"] == 0 and st["errors"] >= 1
     assert sum("redis" in r.getMessage() for r in caplog.records) == 1  # logged once
     cache.close()
+
+
+def test_redis_tier_takes_seconds_names_and_their_older_s_names():
+    import dataclasses
+
+    new = RedisTier("redis://localhost", timeout_seconds=0.2, retry_initial_seconds=0.1,
+                    retry_max_seconds=3.0)  # fmt: skip
+    old = RedisTier("redis://localhost", timeout_s=0.2, retry_initial_s=0.1, retry_max_s=3.0)
+    assert new == old and old.timeout_seconds == 0.2 and old.retry_max_seconds == 3.0
+    assert RedisTier("redis://localhost").retry_initial_seconds == 0.5  # defaults unchanged
+    assert dataclasses.replace(old, timeout_seconds=1.0).timeout_seconds == 1.0
+    assert "timeout_seconds=0.2" in repr(old)
+    with pytest.raises(TypeError, match="timeout_seconds or timeout_s"):
+        RedisTier("redis://localhost", timeout_seconds=1.0, timeout_s=1.0)
+    with pytest.raises(ValueError, match="retry_initial_seconds"):
+        RedisTier("redis://localhost", retry_initial_s=-1)
+
+
+def test_stats_are_dataclasses_read_as_mappings_too():
+    from pagedkv.tiers import ChainStats, TierStats
+
+    ts = chain([CPUTier(8 * BPB)])
+    evict_into(ts, [0, 1], hashes(2))
+    ts.flush()
+    st = ts.stats()
+    assert isinstance(st, ChainStats) and isinstance(st.tiers["cpu"], TierStats)
+    assert st.demoted == st["demoted"] == 2 and st.tiers["cpu"].puts == st["tiers"]["cpu"]["puts"]
+    assert st.lost_blocks == 0 and st["pending_bytes"] == 0
+    as_dict = {"extra": 1, **st}  # how KVCache.tier_stats() merges them
+    assert as_dict["tiers"]["cpu"]["entries"] == 2 and set(st) <= set(as_dict)
+    assert dict(st.tiers["cpu"]) == st.tiers["cpu"]  # equal to the dict of its fields
+    with pytest.raises(KeyError):
+        st["no-such-counter"]
+    ts.close()

@@ -131,10 +131,15 @@ class PackCatalog:
         for key, (off, length) in sorted(index.entries.items(), key=lambda kv: kv[1]):
             if not is_page_key(key):
                 raise CacheIntegrityError(f"PackStore: pack {name} holds {key!r}, not a page key")
-            if off < end or length < 0 or off + length > index.data_bytes:
+            if off < end or length < 0:
                 raise CacheIntegrityError(
                     f"PackStore: pack {name} page {key} at ({off}, {length}) overlaps the page "
-                    f"before it (ending at {end}) or the index (at {index.data_bytes})"
+                    f"before it (ending at {end})"
+                )
+            if off + length > index.data_bytes:
+                raise CacheIntegrityError(
+                    f"PackStore: pack {name} page {key} at ({off}, {length}) runs into the "
+                    f"index (at {index.data_bytes})"
                 )
             if name not in self._where.get(key, ()):
                 raise CacheIntegrityError(
