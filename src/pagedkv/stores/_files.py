@@ -83,6 +83,28 @@ def pread(path: str, offset: int, length: int, into: memoryview | None = None) -
     return b"" if into is not None else bytes(buf)
 
 
+def pread_runs(runs: Sequence[tuple[str, int, list[memoryview]]]) -> list[int]:
+    """For each ``(path, offset, views)``: fill ``views`` from that offset of that file
+    (:func:`preadv_all`, each file opened once); return the bytes read per run (0 for a
+    file that is gone). Raises other ``OSError``."""
+    fds: dict[str, int | None] = {}
+    got = []
+    try:
+        for path, offset, views in runs:
+            if path not in fds:
+                try:
+                    fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fds[path] = None
+            fd = fds[path]
+            got.append(0 if fd is None else preadv_all(fd, views, offset))
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    return got
+
+
 def open_regular(path: str) -> tuple[int, int] | None:
     """``(fd, size)`` of the regular file at ``path``; ``None`` if there is none (absent,
     or a symlink, FIFO, socket or directory: not a file a store wrote). Other errors

@@ -22,7 +22,7 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 from pagedkv.stores.base import Buffer
@@ -111,6 +111,29 @@ def read_index(path: str) -> PackIndex | None:
             return None
         entries[page_key(d.hex())] = (off, length)
     return PackIndex(entries, at)
+
+
+def list_packs(directory: str) -> set[str]:
+    """The names of the packs in ``directory`` (none if it is missing). Other names are
+    not packs, whatever they end with. Raises ``OSError`` if it cannot be listed."""
+    try:
+        return {n for n in os.listdir(directory) if is_pack_name(n)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def read_pages(path: str, index: PackIndex, *, skip: Collection[str]) -> list[tuple[str, Buffer]]:
+    """The pages of the pack at ``path`` (holding ``index``) other than ``skip``, in index
+    order. A page the file no longer holds whole (truncated under us) is left out: it
+    could not be read anyway, and ``verify`` reports it missing. Raises ``OSError``."""
+    kept: list[tuple[str, Buffer]] = []
+    with open(path, "rb") as f:
+        for key, (off, length) in index.entries.items():
+            if key not in skip:
+                data = os.pread(f.fileno(), length, off)
+                if len(data) == length:
+                    kept.append((key, data))
+    return kept
 
 
 def split(

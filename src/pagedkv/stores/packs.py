@@ -36,7 +36,7 @@ import numpy as np
 
 from pagedkv.errors import StoreError
 from pagedkv.stores import atomic, pack_format
-from pagedkv.stores._files import IOV_MAX, pread, preadv_all
+from pagedkv.stores._files import IOV_MAX, pread, pread_runs
 from pagedkv.stores._rows import byte_rows
 from pagedkv.stores.base import Buffer, Counters, StoreStats, check_items, check_keys, check_prefix
 from pagedkv.stores.disk import DiskStore
@@ -121,9 +121,7 @@ class PackStore:
     def refresh(self) -> None:
         """Pick up packs other processes wrote and forget those they removed."""
         try:
-            names = {n for n in os.listdir(self._dir) if pack_format.is_pack_name(n)}
-        except (FileNotFoundError, NotADirectoryError):
-            names = set()
+            names = pack_format.list_packs(self._dir)
         except OSError as e:
             raise StoreError(f"PackStore: cannot list {self._dir!r}: {e.strerror or e}") from e
         with self._lock:
@@ -227,24 +225,14 @@ class PackStore:
         width = rows.shape[1]
         with self._lock:
             runs = self._catalog.runs(keys, width, IOV_MAX)
+        views = [
+            (os.path.join(self._dir, name), off, [memoryview(rows[k]) for k in rng])
+            for name, off, rng in runs
+        ]
         found = [False] * len(keys)
-        fds: dict[str, int | None] = {}
-        try:
-            for name, off, rng in runs:
-                if name not in fds:
-                    try:
-                        fds[name] = os.open(os.path.join(self._dir, name), os.O_RDONLY)
-                    except FileNotFoundError:
-                        fds[name] = None
-                fd = fds[name]
-                if fd is not None:
-                    got = preadv_all(fd, [memoryview(rows[k]) for k in rng], off)
-                    for k in rng[: got // width]:
-                        found[k] = True
-        finally:
-            for fd in fds.values():
-                if fd is not None:
-                    os.close(fd)
+        for (_, _, rng), got in zip(runs, pread_runs(views)):
+            for k in rng[: got // width]:
+                found[k] = True
         return found
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
@@ -414,19 +402,9 @@ class PackStore:
         return None
 
     def _kept_pages(self, name: str, gone: set[str]) -> list[tuple[str, Buffer]]:
-        """The pages of pack ``name`` other than ``gone``, read for its rewrite.
-
-        A page the file no longer holds whole (truncated under us) is dropped: it
-        could not be read anyway, and ``verify`` reports it missing.
-        """
-        kept: list[tuple[str, Buffer]] = []
-        with open(os.path.join(self._dir, name), "rb") as f:
-            for key, (off, length) in self._catalog.index(name).entries.items():
-                if key not in gone:
-                    data = os.pread(f.fileno(), length, off)
-                    if len(data) == length:
-                        kept.append((key, data))
-        return kept
+        """The pages of pack ``name`` other than ``gone``, read for its rewrite."""
+        path = os.path.join(self._dir, name)
+        return pack_format.read_pages(path, self._catalog.index(name), skip=gone)
 
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from pagedkv.storage import KVLayout, KVPool
-from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier
+from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier, check_tiers, open_levels
 from pagedkv.tiers.level import Level
 from pagedkv.tiers.stats import ChainStats
 from pagedkv.tiers.swap import SwapArea
@@ -84,16 +84,7 @@ class TieredStore:
         *,
         max_pending_bytes: int = 256 << 20,
     ) -> None:
-        if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Sequence) or not tiers:
-            raise TypeError(
-                "tiers must be a non-empty list such as "
-                f"[CPUTier(8 << 30), DiskTier(path, 64 << 30)], got {tiers!r}"
-            )
-        for t in tiers:
-            if not isinstance(t, (CPUTier, DiskTier, RedisTier)):
-                raise TypeError(
-                    f"tiers must be CPUTier, DiskTier or RedisTier objects, got {type(t).__name__}"
-                )
+        check_tiers(tiers)
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if not isinstance(fingerprint, str):
@@ -110,25 +101,7 @@ class TieredStore:
         self._frame_fp = f"pagedkv-tiers-v1|{layout!r}|{fingerprint}"
         ns = hashlib.sha256(self._frame_fp.encode()).hexdigest()[:16]
         self.key_prefix = f"kv-{ns}-"
-        self.levels: list[Level] = []
-        try:
-            for t in tiers:
-                self.levels.append(t.open(self.bytes_per_block, self._frame_fp))
-            for level in self.levels[:-1]:
-                if level.capacity_blocks is None:
-                    raise ValueError(
-                        f"tier {level.name} has no capacity, so it cannot spill to the tier "
-                        "below it; put it last in the tiers list"
-                    )
-        except BaseException:
-            for level in self.levels:
-                level.close()
-            raise
-        seen: dict[str, int] = {}
-        for level in self.levels:  # "disk", "disk2", ... when a kind repeats
-            seen[level.name] = seen.get(level.name, 0) + 1
-            if seen[level.name] > 1:
-                level.name = f"{level.name}{seen[level.name]}"
+        self.levels: list[Level] = open_levels(tiers, self.bytes_per_block, self._frame_fp)
         self._swap = SwapArea(tiers[0].swap_budget if isinstance(tiers[0], CPUTier) else 0)
         self._writer = WriteBack(self._store_job, max_pending_bytes)
         self._xfer: Transfer | None = None
@@ -350,18 +323,8 @@ class TieredStore:
         hold these bytes). Raises ``KeyError`` for an unknown key and ``ValueError``
         for a wrong count or ``skip``; nothing changes then.
         """
-        rows, event = self._swap.get(key)
-        if len(block_ids) != rows.shape[0]:
-            raise ValueError(
-                f"swap_in({key!r}): {rows.shape[0]} blocks were swapped out, "
-                f"got {len(block_ids)} block ids"
-            )
-        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= len(rows):
-            raise ValueError(f"swap_in({key!r}): skip must be an int in [0, {len(rows)}]")
-        ids = list(block_ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"swap_in({key!r}): block ids must be distinct, got {ids}")
-        self._transfer.scatter(ids[skip:], rows[skip:], after=event)
+        ids, rows, event = self._swap.check_swap_in(key, block_ids, skip)
+        self._transfer.scatter(ids, rows, after=event)
         self.discard_swap(key)
 
     def discard_swap(self, key: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -299,3 +300,44 @@ def _one_of(new: float | None, old: float | None, stem: str, default: float) -> 
 
 
 Tier = CPUTier | DiskTier | RedisTier
+
+
+def check_tiers(tiers: object) -> None:
+    """``TypeError`` unless ``tiers`` is a non-empty list of tier configs."""
+    if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Sequence) or not tiers:
+        raise TypeError(
+            "tiers must be a non-empty list such as "
+            f"[CPUTier(8 << 30), DiskTier(path, 64 << 30)], got {tiers!r}"
+        )
+    for t in tiers:
+        if not isinstance(t, (CPUTier, DiskTier, RedisTier)):
+            raise TypeError(
+                f"tiers must be CPUTier, DiskTier or RedisTier objects, got {type(t).__name__}"
+            )
+
+
+def open_levels(tiers: Sequence[Tier], bytes_per_block: int, fingerprint: str) -> list[Level]:
+    """Open every tier for blocks of ``bytes_per_block`` under ``fingerprint``, fastest
+    first; a kind that repeats is named ``disk``, ``disk2`` ... Every tier but the last
+    must have a capacity (it spills to the one below). On an error the levels opened so
+    far are closed."""
+    levels: list[Level] = []
+    try:
+        for t in tiers:
+            levels.append(t.open(bytes_per_block, fingerprint))
+        for level in levels[:-1]:
+            if level.capacity_blocks is None:
+                raise ValueError(
+                    f"tier {level.name} has no capacity, so it cannot spill to the tier "
+                    "below it; put it last in the tiers list"
+                )
+    except BaseException:
+        for level in levels:
+            level.close()
+        raise
+    seen: dict[str, int] = {}
+    for level in levels:
+        seen[level.name] = seen.get(level.name, 0) + 1
+        if seen[level.name] > 1:
+            level.name = f"{level.name}{seen[level.name]}"
+    return levels
