@@ -281,17 +281,17 @@ def _parse_layout(f: Fields) -> dict[str, Any]:
         )
     dims = {k: f.integer(k, 1, INT32) for k in _LAYOUT_KEYS[:4]}
     dtype = f.text("dtype", _DTYPE_RE, expected="a torch dtype name such as 'bfloat16'")
-    bpb = f.integer("bytes_per_block", 1, MAX_BYTES_PER_BLOCK)
+    bytes_per_block = f.integer("bytes_per_block", 1, MAX_BYTES_PER_BLOCK)
     elements = 2 * dims["num_layers"] * dims["num_kv_heads"] * dims["head_dim"]
     elements *= dims["block_size"]
-    if bpb not in (elements, 2 * elements, 4 * elements, 8 * elements):
+    if bytes_per_block not in (elements, 2 * elements, 4 * elements, 8 * elements):
         raise f.fail(
             "bytes_per_block",
             f"2 x num_layers x num_kv_heads x head_dim x block_size = {elements} elements "
             "times an element size of 1, 2, 4 or 8 bytes",
-            bpb,
+            bytes_per_block,
         )
-    return {**dims, "dtype": dtype, "bytes_per_block": bpb}
+    return {**dims, "dtype": dtype, "bytes_per_block": bytes_per_block}
 
 
 def _parse_sequence(f: Fields, block_size: int) -> SequenceEntry:
