@@ -588,4 +588,7 @@ def test_stats_are_dataclasses_read_as_mappings_too():
     assert dict(st.tiers["cpu"]) == st.tiers["cpu"]  # equal to the dict of its fields
     with pytest.raises(KeyError):
         st["no-such-counter"]
+    import json
+
+    assert json.loads(json.dumps(st.to_dict())) == st  # plain dicts all the way down
     ts.close()

@@ -13,7 +13,7 @@ from pagedkv.errors import SnapshotError, SnapshotVersionError
 from pagedkv.snapshot.keys import MANIFEST_PREFIX, manifest_key
 from pagedkv.snapshot.manifest import Manifest, parse_manifest
 from pagedkv.snapshot.pipeline import read_each
-from pagedkv.snapshot.reports import DamagedSnapshot
+from pagedkv.snapshot.reports import Catalogue, DamagedSnapshot, SnapshotInfo
 from pagedkv.snapshot.schema import NAME_RE
 from pagedkv.stores.base import BlockStore
 
@@ -68,3 +68,27 @@ def scan_manifests(backend: BlockStore) -> ManifestScan:
             scan.damaged.append(DamagedSnapshot(name, str(e), newer_version=newer))
             scan.raws[name] = raw
     return scan
+
+
+def read_manifest(backend: BlockStore, name: str, where: str) -> Manifest:
+    """The manifest of snapshot ``name``; ``SnapshotError`` if it is missing (naming the
+    store ``where`` and the snapshots it has) or cannot be used."""
+    raw = read_each(backend, [manifest_key(name)])[0]
+    if raw is None:
+        known = ", ".join(manifest_names(backend)[:10]) or "none"
+        raise SnapshotError(f"no snapshot named {name!r} in {where} (have: {known})")
+    return parse_stored(name, raw)
+
+
+def catalogue_of(scan: ManifestScan) -> Catalogue:
+    """The catalogue of a scan: readable snapshots oldest first, the damaged ones, and the
+    distinct pages the readable ones need together."""
+    sizes = {d: m.layout["bytes_per_block"] for m in scan.manifests for d in m.page_digests()}
+    infos = sorted(
+        map(SnapshotInfo.from_manifest, scan.manifests), key=lambda i: (i.created, i.name)
+    )
+    return Catalogue(infos, scan.damaged, len(sizes), sum(sizes.values()))
+
+
+def _by_age(info: SnapshotInfo) -> tuple[float, str]:
+    return info.created, info.name

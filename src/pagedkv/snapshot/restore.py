@@ -32,6 +32,16 @@ class Fetched(NamedTuple):
     corrupt: list[str]
 
 
+class Checked(NamedTuple):
+    """What a verify found: ``pages`` distinct pages asked for, the digests ``missing``
+    (sorted) and ``corrupt``, and the bytes read and checked."""
+
+    pages: int
+    missing: list[str]
+    corrupt: list[str]
+    bytes_checked: int
+
+
 class PageReader:
     """Reads pages of ``bytes_per_block`` from ``backend`` in chunks of ``chunk_bytes``,
     hashing them on ``threads`` threads while the next chunk is read."""
@@ -94,6 +104,15 @@ class PageReader:
                         corrupt.append(names[k])
                 bar(len(part) * size)
         return Fetched(rows, missing, corrupt)
+
+    def check(self, digests: list[str]) -> Checked:
+        """Read back and check every page of ``digests`` (distinct), keeping none: which
+        are missing (asked the store first, then read) and which are corrupt."""
+        present = self.backend.contains_many([page_key(d) for d in digests]) if digests else []
+        _, missing, corrupt = self.fetch([d for d, p in zip(digests, present) if p], keep=False)
+        missing = sorted([d for d, p in zip(digests, present) if not p] + missing)
+        checked = (len(digests) - len(missing)) * self.bytes_per_block
+        return Checked(len(digests), missing, corrupt, checked)
 
     def _read(self, digests: list[str], out: torch.Tensor) -> list[int | None]:
         """Pages into ``out`` rows; per page the bytes found (``None``: missing).

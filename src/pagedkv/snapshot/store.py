@@ -37,12 +37,11 @@ from pagedkv.snapshot.args import (
     seq_id_list,
 )
 from pagedkv.snapshot.backends import open_backend
-from pagedkv.snapshot.catalogue import manifest_names, parse_stored, scan_manifests
+from pagedkv.snapshot.catalogue import catalogue_of, manifest_names, read_manifest, scan_manifests
 from pagedkv.snapshot.gc import collect
 from pagedkv.snapshot.keys import MANIFEST_PREFIX, PAGE_SUFFIX, manifest_key, page_key
 from pagedkv.snapshot.manifest import Manifest, validate_name
 from pagedkv.snapshot.pager import CachePager
-from pagedkv.snapshot.pipeline import read_each
 from pagedkv.snapshot.reports import Catalogue, GcReport, LoadResult, SnapshotInfo, VerifyReport
 from pagedkv.snapshot.save import Saver
 from pagedkv.stores.base import BlockStore
@@ -274,20 +273,16 @@ class SnapshotStore:
         check_flag("progress", progress)
         try:
             manifest = self.manifest(name)
-            reader = self._reader(manifest, progress)
-            uniq = sorted(manifest.page_digests())
-            present = self.backend.contains_many([page_key(d) for d in uniq]) if uniq else []
-            _, missing, corrupt = reader.fetch([d for d, p in zip(uniq, present) if p], keep=False)
+            checked = self._reader(manifest, progress).check(sorted(manifest.page_digests()))
         except StoreUnavailable:
             raise
         except (SnapshotError, StoreError) as e:
             log.warning("snapshot %r in %s failed verification: %s", name, self.location, e)
             return VerifyReport(name, ok=False, error=str(e), seconds=time.perf_counter() - t0)
-        missing = sorted([d for d, p in zip(uniq, present) if not p] + missing)
+        missing, corrupt = checked.missing, checked.corrupt
         report = VerifyReport(
-            name, ok=not missing and not corrupt, num_pages=len(uniq), missing=missing,
-            corrupt=corrupt, bytes_checked=(len(uniq) - len(missing)) * reader.bytes_per_block,
-            seconds=time.perf_counter() - t0,
+            name, ok=not missing and not corrupt, num_pages=checked.pages, missing=missing,
+            corrupt=corrupt, bytes_checked=checked.bytes_checked, seconds=time.perf_counter() - t0,
         )  # fmt: skip
         if report.ok:
             log.info(
@@ -297,7 +292,7 @@ class SnapshotStore:
         else:
             log.warning(
                 "snapshot %r in %s failed verification: %d missing, %d corrupt of %d pages",
-                *(name, self.location, len(missing), len(corrupt), len(uniq)),
+                *(name, self.location, len(missing), len(corrupt), checked.pages),
             )
         return report
 
@@ -311,12 +306,8 @@ class SnapshotStore:
     def manifest(self, name: str) -> Manifest:
         """The parsed manifest of ``name``; ``SnapshotError`` if missing or damaged."""
         validate_name(name)
-        raw = read_each(self.backend, [manifest_key(name)])[0]
-        if raw is None:
-            known = ", ".join(self.names()[:10]) or "none"
-            where = self.location if self.exists else f"{self.location} (no store there yet)"
-            raise SnapshotError(f"no snapshot named {name!r} in {where} (have: {known})")
-        return parse_stored(name, raw)
+        where = self.location if self.exists else f"{self.location} (no store there yet)"
+        return read_manifest(self.backend, name, where)
 
     def info(self, name: str) -> SnapshotInfo:
         """What snapshot ``name`` holds (``SnapshotError`` if missing or damaged)."""
@@ -332,10 +323,7 @@ class SnapshotStore:
 
         Never raises on a damaged entry (an unreachable store still raises).
         """
-        scan = scan_manifests(self.backend)
-        sizes = {d: m.layout["bytes_per_block"] for m in scan.manifests for d in m.page_digests()}
-        infos = sorted(map(SnapshotInfo.from_manifest, scan.manifests), key=_by_age)
-        return Catalogue(infos, scan.damaged, len(sizes), sum(sizes.values()))
+        return catalogue_of(scan_manifests(self.backend))
 
     def list(self) -> list[SnapshotInfo]:
         """Info of every readable snapshot, oldest first.
@@ -379,7 +367,3 @@ class SnapshotStore:
         if not self.exists:
             return GcReport(0, 0, 0, 0, 0, 0.0)
         return collect(self.backend, grace, drop_damaged=drop_damaged, where=self.location)
-
-
-def _by_age(info: SnapshotInfo) -> tuple[float, str]:
-    return info.created, info.name

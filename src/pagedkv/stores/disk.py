@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
+import pagedkv.stores.atomic as atomic
 from pagedkv.errors import StoreError
-from pagedkv.stores import atomic
 from pagedkv.stores._lru import ByteLRU
 from pagedkv.stores._rows import byte_rows
 from pagedkv.stores._threads import in_order

@@ -25,7 +25,7 @@ import stat
 import time
 from typing import NamedTuple
 
-from pagedkv.stores import atomic
+import pagedkv.stores.atomic as atomic
 from pagedkv.stores._files import open_regular, read_exactly
 from pagedkv.stores.base import check_key
 

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import pagedkv.stores.atomic as atomic
+import pagedkv.stores.pack_format as pack_format
 from pagedkv.errors import StoreError
-from pagedkv.stores import atomic, pack_format
 from pagedkv.stores._files import IOV_MAX, pread, pread_runs
 from pagedkv.stores._rows import byte_rows
 from pagedkv.stores.base import Buffer, Counters, StoreStats, check_items, check_keys, check_prefix

@@ -3,13 +3,13 @@ the chain. Frozen dataclasses that are also read-only mappings of their fields, 
 ``stats.tiers["cpu"].hits`` and ``stats["tiers"]["cpu"]["hits"]`` (the dict form
 these stats had before, and the form ``KVCache.tier_stats()`` merges) both work, as
 do ``dict(stats)`` and ``**stats``. Compared with ``==`` they are equal to the dict of
-their fields.
+their fields; :meth:`to_dict` gives plain (JSON-ready) dicts all the way down.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
 
@@ -28,6 +28,10 @@ class _FieldMapping(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._names())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain dicts, nested stats included (e.g. for ``json.dumps``)."""
+        return asdict(cast(Any, self))
 
     def _names(self) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cast(Any, self)))
