@@ -70,7 +70,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     # as a plain float checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    # transformers declares no `hf_quantizer` attribute, so type checkers take
+    # nn.Module.__setattr__'s Tensor | Module for it
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -179,7 +181,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=resolve_dtype(dtype, dev), local_files_only=True
     )
-    model = model.to(dev).eval()
+    # transformers' decorator on PreTrainedModel.to hides its signature from type checkers
+    model = model.to(dev).eval()  # type: ignore[arg-type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError):
