@@ -116,6 +116,8 @@ def test_unknown_options_and_a_positional_option_are_type_errors(model):
         Engine(model, None, {"num_blocks": 8})
     with pytest.raises(TypeError, match="unknown engine option"):
         Engine(model, config=EngineConfig(), policy="lru")  # derived, not an option
+    with pytest.raises(TypeError, match="second argument of Engine is the tokenizer"):
+        Engine(model, EngineConfig(num_blocks=8))
     assert model.config._attn_implementation == impl
 
 

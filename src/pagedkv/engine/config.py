@@ -4,8 +4,8 @@
 (:func:`resolve_config`), and the command line builds one flag per field from the same
 metadata (``pagedkv.cli``), so a default, a limit or a help text exists once. Each field
 declares its limits in its metadata (:func:`option`); :meth:`EngineConfig.__post_init__`
-checks every field against them (:func:`check_option`, which the CLI also calls), so a
-config that exists is valid.
+checks every field against them (:func:`check_option`; the CLI checks a flag by
+building a config of its value), so a config that exists is valid.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class EngineConfig:
         "newest", "Which running requests give up their blocks when a request needs more "
         f"than are free: one of {', '.join(POLICIES)}, or (in Python) a function "
         "select_victims(running, blocks_needed); see pagedkv.engine.preemption.",
-        choices=tuple(POLICIES),
     )  # fmt: skip
     cuda_graphs: bool = option(
         True, "Capture decode steps as CUDA graphs for fixed batch-size buckets (CUDA only)."
@@ -84,7 +83,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.init and f.name != "preemption_policy":
+            if f.init and f.name != "preemption_policy":  # (a name or a function: below)
                 object.__setattr__(self, f.name, check_option(f, getattr(self, f.name)))
         # raises for an unknown name or type; the scheduler uses the policy built here
         object.__setattr__(self, "policy", make_preemption_policy(self.preemption_policy))

@@ -73,6 +73,11 @@ class Engine:
         model_version: str | None = None,
         **options: Any,
     ) -> None:
+        if isinstance(tokenizer, EngineConfig):
+            raise TypeError(
+                "the second argument of Engine is the tokenizer; pass a config as "
+                "Engine(model, tokenizer, config) or Engine(model, config=config)"
+            )
         self.config = config = resolve_config(config, options)
         if config.preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
