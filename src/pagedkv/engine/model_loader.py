@@ -75,7 +75,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     # as a plain float checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    # transformers declares no `hf_quantizer` attribute, so type checkers take
+    # nn.Module.__setattr__'s Tensor | Module for it
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -203,7 +205,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         directory, config=config, dtype=dt, local_files_only=True, **extra
     )
-    model = model.to(dev).eval()
+    # transformers' decorator on PreTrainedModel.to hides its signature from type checkers
+    model = model.to(dev).eval()  # type: ignore[arg-type]
     tokenizer = None
     # Only a directory with tokenizer files has a tokenizer: without them, transformers
     # may build an empty one from the model type (vocab_size 1), which would turn every
