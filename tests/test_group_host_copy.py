@@ -74,6 +74,23 @@ def test_gather_then_scatter_round_trips(ids, threads, layers):
     assert not dst.read_blocks(others).any()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_pool_to_pool_copy_is_bit_exact(threads):
+    src, dst, want = random_pool(seed=4), random_pool(seed=5), random_pool(seed=5)
+    s, d = [3, 9, 0, 15, 4], [7, 1, 12, 2, 8]
+    with HostThreads(threads) as h:
+        h.copy(src, s, dst, d)
+    want.write_blocks(d, src.read_blocks(s))
+    assert torch.equal(dst.kv.view(torch.uint8), want.kv.view(torch.uint8))
+    with pytest.raises(ValueError, match="distinct"):
+        h.copy(src, [0, 1], dst, [2, 2])
+    with pytest.raises(ValueError, match="distinct KVPools"):
+        h.copy(src, [0], src, [1])
+    with pytest.raises(ValueError, match="layouts differ"):
+        h.copy(src, [0], KVPool(KVLayout(1, 1, 4, 2), 4), [1])
+    assert torch.equal(dst.kv.view(torch.uint8), want.kv.view(torch.uint8))
+
+
 def test_shares_cover_every_segment_once():
     for total, n in [(1, 1), (6, 4), (7, 3), (42, 5), (5, 5), (64, 64)]:
         shares = host_threads._shares(total, n)
@@ -115,11 +132,11 @@ def test_bad_arguments_raise_and_change_nothing():
 def test_a_failing_share_raises_only_after_every_share_has_finished(monkeypatch):
     pool, finished, real = random_pool(), [], host_threads._copy
 
-    def copy(planes, ids, rows_, share, gather):
+    def copy(src, s, dst, d, share):
         if share[0] == 0:  # the caller's share fails at once
             raise RuntimeError("injected share failure")
         time.sleep(0.05)
-        real(planes, ids, rows_, share, gather)
+        real(src, s, dst, d, share)
         finished.append(share)
 
     monkeypatch.setattr(host_threads, "_copy", copy)
@@ -135,10 +152,10 @@ def test_a_failing_share_raises_only_after_every_share_has_finished(monkeypatch)
 def test_a_failing_worker_is_reported(monkeypatch):
     pool, real = random_pool(), host_threads._copy
 
-    def copy(planes, ids, rows_, share, gather):
+    def copy(src, s, dst, d, share):
         if share[0] > 0:
             raise OSError("injected worker failure")
-        real(planes, ids, rows_, share, gather)
+        real(src, s, dst, d, share)
 
     monkeypatch.setattr(host_threads, "_copy", copy)
     with HostThreads(3) as h, pytest.raises(OSError, match="injected worker"):

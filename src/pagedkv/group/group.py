@@ -45,8 +45,8 @@ class KVCacheGroup:
         staging: how moves between a CPU and a CUDA member go: ``"auto"`` (pitched copies
             pool to pool on the copy engine when the CPU pool is page-locked, else host
             threads through pinned rows), ``"direct"`` or ``"host"``.
-        host_threads: threads that gather / scatter a CPU pool's blocks for ``"host"``
-            staging (default: the cores here, at most 8).
+        host_threads: threads that copy a CPU pool's blocks: ``"host"`` staging, and
+            moves between two CPU members (default: the cores here, at most 8).
         pin_host: page-lock the CPU members' pools (``cudaHostRegister``) for direct
             copies: ``None`` (default) when the group also has a CUDA member, falling
             back to host staging if the lock fails; ``True`` always, raising
@@ -131,7 +131,7 @@ class KVCacheGroup:
 
     @property
     def host_threads(self) -> int:
-        """Threads of host staging."""
+        """Threads that copy CPU pools' blocks (host staging, CPU to CPU)."""
         return self._transport.threads.threads
 
     # ------------------------------------------------------------------ members

@@ -27,7 +27,8 @@ class Transport:
         chunk_bytes: staging granularity (:func:`pool_copy.copy_blocks_between`).
         staging: ``"auto"`` (direct where the CPU pool is page-locked, else host threads),
             ``"direct"`` or ``"host"``.
-        host_threads: threads of the host staging (``None``: :func:`default_threads`).
+        host_threads: threads of the host staging and of CPU<->CPU copies (``None``:
+            :func:`default_threads`).
         pin_host: page-lock the CPU members' pools: ``None`` when the group also has a
             CUDA member and the CUDA runtime can be bound (a failure then only means host
             staging), ``True`` always (a failure raises), ``False`` never.

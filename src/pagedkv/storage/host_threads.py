@@ -1,4 +1,5 @@
-"""HostThreads: whole blocks between a CPU KVPool and byte rows, copied by several threads.
+"""HostThreads: whole blocks between a CPU KVPool and byte rows (or another CPU pool), copied
+by several threads.
 
 A block of a pool ``[L, 2, num_blocks, block_size, Hkv, D]`` is ``2 L`` segments, one per
 (layer, K/V) plane, ``num_blocks`` segments apart. One thread copying them (pageable pool
@@ -63,7 +64,7 @@ class HostThreads:
         ``[n, bytes_per_block]``, CPU, contiguous), each row ordered as
         :meth:`KVPool.read_blocks` orders it; returns ``out``."""
         ids = self._check(pool, block_ids, out, "out")
-        self._run(_planes(pool), ids, _rows(pool, out), gather=True)
+        self._run(_planes(pool), ids, _rows(pool, out), list(range(len(ids))))
         return out
 
     def scatter(self, pool: KVPool, block_ids: Sequence[int], rows: torch.Tensor) -> None:
@@ -72,7 +73,20 @@ class HostThreads:
         if len(set(ids)) != len(ids):
             twice = next(b for b in ids if ids.count(b) > 1)
             raise ValueError(f"block_ids must be distinct (block {twice} appears twice)")
-        self._run(_planes(pool), ids, _rows(pool, rows), gather=False)
+        self._run(_rows(pool, rows), list(range(len(ids))), _planes(pool), ids)
+
+    def copy(self, src: KVPool, src_ids: Sequence[int], dst: KVPool, dst_ids: Sequence[int]):
+        """Blocks ``src_ids[i]`` of the CPU pool ``src`` into blocks ``dst_ids[i]`` of the CPU
+        pool ``dst`` (same layout, distinct targets, not the same pool), bit-exact."""
+        if not isinstance(dst, KVPool) or not isinstance(src, KVPool) or src is dst:
+            raise ValueError("copy() takes two distinct KVPools")
+        if src.layout != dst.layout:
+            raise ValueError(f"pool layouts differ: {src.layout} vs {dst.layout}")
+        s = self._check(src, src_ids, None, "")
+        d = self._check(dst, dst_ids, None, "")
+        if len(s) != len(d) or len(set(d)) != len(d):
+            raise ValueError("dst_ids must be distinct and as many as src_ids")
+        self._run(_planes(src), s, _planes(dst), d)
 
     def close(self) -> None:
         """Join the worker threads (idempotent; the next copy starts new ones)."""
@@ -87,7 +101,7 @@ class HostThreads:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check(self, pool: KVPool, block_ids: Sequence[int], t: torch.Tensor, name: str):
+    def _check(self, pool: KVPool, block_ids: Sequence[int], t: torch.Tensor | None, name: str):
         if not isinstance(pool, KVPool) or pool.device.type != "cpu":
             where = f" on {pool.device}" if isinstance(pool, KVPool) else ""
             raise ValueError(f"pool must be a KVPool on the CPU, got {type(pool).__name__}{where}")
@@ -95,6 +109,8 @@ class HostThreads:
         bad = [b for b in ids if not 0 <= b < pool.num_blocks]
         if bad:
             raise ValueError(f"block id {bad[0]} out of range [0, {pool.num_blocks})")
+        if t is None:
+            return ids
         shape = (len(ids), pool.layout.bytes_per_block)
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be a uint8 tensor of shape {list(shape)}")
@@ -102,15 +118,15 @@ class HostThreads:
             raise ValueError(f"{name} must be a contiguous CPU tensor")
         return ids
 
-    def _run(self, planes: np.ndarray, ids: list[int], rows: np.ndarray, gather: bool) -> None:
-        total = len(ids) * planes.shape[0]
+    def _run(self, src: np.ndarray, s: list[int], dst: np.ndarray, d: list[int]) -> None:
+        total = len(s) * src.shape[0]
         shares = _shares(total, max(1, min(self.threads, total)))
         futures: list[Future] = []
         if len(shares) > 1:
             workers = self._workers()
-            futures = [workers.submit(_copy, planes, ids, rows, s, gather) for s in shares[1:]]
+            futures = [workers.submit(_copy, src, s, dst, d, share) for share in shares[1:]]
         try:
-            _copy(planes, ids, rows, shares[0], gather)
+            _copy(src, s, dst, d, shares[0])
         finally:
             wait(futures)  # even when our own share failed: nobody writes after we return
         for f in futures:
@@ -130,8 +146,9 @@ def _planes(pool: KVPool) -> np.ndarray:
 
 
 def _rows(pool: KVPool, t: torch.Tensor) -> np.ndarray:
-    """Rows ``[n, bytes_per_block]`` as ``[n, 2 L, segment]`` (a view)."""
-    return t.numpy().reshape(t.shape[0], pool.layout.num_layers * 2, -1)
+    """Rows ``[n, bytes_per_block]`` as planes ``[2 L, n, segment]`` (a view): row ``i`` is
+    block ``i`` of a pool of ``n`` blocks."""
+    return t.numpy().reshape(t.shape[0], pool.layout.num_layers * 2, -1).transpose(1, 0, 2)
 
 
 def _shares(total: int, n: int) -> list[tuple[int, int]]:
@@ -140,17 +157,13 @@ def _shares(total: int, n: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, 0)]
 
 
-def _copy(
-    planes: np.ndarray, ids: list[int], rows: np.ndarray, share: tuple[int, int], gather: bool
-) -> None:
-    """Copy segments ``share`` (flat index ``row * 2L + plane``) between pool and rows."""
+def _copy(src: np.ndarray, s: list[int], dst: np.ndarray, d: list[int], share) -> None:
+    """Copy segments ``share`` (flat index ``i * 2L + plane``) of blocks ``s[i]`` of ``src``
+    into blocks ``d[i]`` of ``dst``, both planes ``[2L, blocks, segment]``."""
     first, stop = share
-    per = planes.shape[0]
+    per = src.shape[0]
     while first < stop:
         i, p = divmod(first, per)
         q = min(per, p + stop - first)
-        if gather:
-            np.copyto(rows[i, p:q], planes[p:q, ids[i]])
-        else:
-            np.copyto(planes[p:q, ids[i]], rows[i, p:q])
+        np.copyto(dst[p:q, d[i]], src[p:q, s[i]])
         first += q - p
