@@ -120,9 +120,10 @@ def copy_blocks_between(
 
     Both pools must have the same layout and be distinct; ids are in range, ``dst_ids``
     distinct. ``staging`` (``"auto"``, ``"direct"``, ``"host"``) chooses how a CPU<->CUDA
-    copy goes (see :func:`staging_for`); ``host`` are the threads a ``"host"`` staging
-    copies with (default: threads started for this call, :func:`default_threads` of
-    them). Arguments are checked before any byte moves (``TypeError``/``ValueError``).
+    copy goes (see :func:`staging_for`); ``host`` are the threads that copy CPU pools'
+    blocks (``"host"`` staging, CPU to CPU; default: threads started for this call,
+    :func:`default_threads` of them). Arguments are checked before any byte moves
+    (``TypeError``/``ValueError``).
     """
     _check(src, src_ids, dst, dst_ids, chunk_bytes)
     if host is not None and not isinstance(host, HostThreads):
