@@ -258,8 +258,10 @@ def test_auto_staging_page_locks_the_cpu_pool_until_close(pair):
     assert not cudart.is_page_locked(cpu.kv) and not g.device_stats()["cpu"].page_locked
     assert g.move("s", a).staging == "host"  # still works after close: staged by host threads
     assert torch.equal(blocks_of(g, "s"), before)
+    threads = g._transport.threads
+    assert threads.running
     g.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
+    assert not threads.running and not threads.workers()
 
 
 def test_page_lock_of_memory_pinned_already_owns_nothing():
@@ -301,6 +303,7 @@ def test_direct_staging_is_refused_before_anything_changes(monkeypatch):
     assert torch.equal(cpu.read_blocks([1]), target)
     assert locked.move("s", "cpu").staging == "host"  # auto falls back
     locked.close()
+    g.close()
     assert not cudart.is_page_locked(cpu.kv)
 
 
@@ -309,16 +312,21 @@ def test_host_threads_are_joined_on_close():
     scattered(g, "cpu", "s", 9 * 16)
     g.move("s", "cuda:0")
     g.move("s", "cpu")
-    assert 1 <= len([t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]) <= 3
+    threads = g._transport.threads
+    assert 1 <= len(threads.workers()) <= 3
+    assert all(t.name.startswith(THREAD_NAME) for t in threads.workers())
     g.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
+    assert not threads.running and not threads.workers()
 
 
 def test_copy_blocks_between_starts_and_joins_its_own_threads():
     g = group_for(["cpu", "cuda:0"], pin_host=False)
     cpu, gpu = g.member("cpu").pool, g.member("cuda:0").pool
     cpu.kv.view(torch.uint8).random_()
+    before = {t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME)}
     done = pool_copy.copy_blocks_between(cpu, [5, 2, 9], gpu, [0, 7, 3], chunk_bytes=CHUNK)
     assert (done.route, done.staging) == ("h2d", "host")
     assert torch.equal(gpu.read_blocks([0, 7, 3]), cpu.read_blocks([5, 2, 9]))
-    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
+    after = {t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME)}
+    assert after <= before  # the threads it started for the call are joined
+    g.close()

@@ -5,7 +5,6 @@ options of a group and of copy_blocks_between are checked before anything moves.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -31,10 +30,6 @@ def random_pool(num_blocks: int = 16, seed: int = 0, layout: KVLayout = LAYOUT) 
 
 def rows(n: int, layout: KVLayout = LAYOUT) -> torch.Tensor:
     return torch.full((n, layout.bytes_per_block), 0xAB, dtype=torch.uint8)
-
-
-def live_workers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(host_threads.THREAD_NAME)]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5, 40])
@@ -165,19 +160,20 @@ def test_a_failing_worker_is_reported(monkeypatch):
 def test_close_joins_the_threads_and_a_later_copy_starts_them_again():
     pool = random_pool()
     h = HostThreads(3)
-    assert not h.running and not live_workers()
+    assert not h.running and not h.workers()
     h.gather(pool, [0, 1, 2], rows(3))
-    assert h.running and 1 <= len(live_workers()) <= 2
+    assert h.running and 1 <= len(h.workers()) <= 2
+    assert all(t.name.startswith(host_threads.THREAD_NAME) for t in h.workers())
     h.close()
     h.close()  # idempotent
-    assert not h.running and not live_workers()
+    assert not h.running and not h.workers()
     assert torch.equal(h.gather(pool, [4, 9], rows(2)), pool.read_blocks([4, 9]))
     with h:
         assert h.running
-    assert not h.running and not live_workers()
+    assert not h.running and not h.workers()
     with HostThreads(1) as one:  # the caller copies alone: no thread at all
         one.gather(pool, list(range(16)), rows(16))
-        assert not one.running and not live_workers()
+        assert not one.running and not one.workers()
 
 
 def test_runs_merge_blocks_consecutive_on_both_sides():
@@ -195,8 +191,10 @@ def test_copy_options_are_checked_before_any_byte_moves():
     with pytest.raises(TypeError, match="HostThreads"):
         pool_copy.copy_blocks_between(a, [0], b, [1], host=4)
     assert not b.kv.any()
-    done = pool_copy.copy_blocks_between(a, [2], b, [3], staging="direct", host=HostThreads(2))
+    with HostThreads(2) as h:
+        done = pool_copy.copy_blocks_between(a, [2], b, [3], staging="direct", host=h)
     assert (done.route, done.staging) == ("host", None)  # no CPU<->CUDA pair: nothing staged
+    assert torch.equal(b.read_blocks([3]), a.read_blocks([2]))
     assert pool_copy.staging_for(a, b, "host") is None
     assert not cudart.is_page_locked(a.kv)
 
@@ -218,5 +216,7 @@ def test_group_copy_options_are_checked():
     g.allocate("s", list(range(9)), device="cpu#0")
     r = g.move("s", "cpu#1")
     assert (r.route, r.staging) == ("host", None)
+    threads = g._transport.threads
+    assert threads.running and threads.threads == 3
     g.close()
-    assert not live_workers()
+    assert not threads.running and not threads.workers()

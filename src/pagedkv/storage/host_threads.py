@@ -48,11 +48,17 @@ class HostThreads:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
+        self.thread_name = f"{THREAD_NAME}-{id(self):x}"  # its workers: <thread_name>_<i>
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"HostThreads(threads={self.threads}, running={self.running})"
+
+    def workers(self) -> list[threading.Thread]:
+        """The worker threads alive now."""
+        mine = self.thread_name + "_"
+        return [t for t in threading.enumerate() if t.name.startswith(mine)]
 
     @property
     def running(self) -> bool:
@@ -135,7 +141,9 @@ class HostThreads:
     def _workers(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix=THREAD_NAME)
+                self._pool = ThreadPoolExecutor(
+                    self.threads - 1, thread_name_prefix=self.thread_name
+                )
             return self._pool
 
 
