@@ -53,7 +53,7 @@ MS = (1, 16, 64, 256, 1024, 4096)
 EXTRA = (  # candidates outside the ladder (BLOCK_M 16: mma.sync instead of wgmma)
     GemmConfig(128, 256, 64, num_warps=8, num_stages=3),
     GemmConfig(128, 64, 64, num_warps=4, num_stages=4, per_sm=2),
-    GemmConfig(64, 16, 256, num_warps=4, num_stages=5),  # deeper loads for decode GEMVs
+    GemmConfig(64, 16, 128, num_warps=4, num_stages=4, per_sm=2),
     GemmConfig(64, 8, 256, num_warps=4, num_stages=4),
     GemmConfig(16, 64, 128, num_warps=4, num_stages=4, per_sm=2),
     GemmConfig(16, 16, 256, num_warps=4, num_stages=6, per_sm=2),
@@ -235,10 +235,16 @@ def main() -> None:
     ms = (1, 64, 1024) if args.quick else MS
     t0 = time.time()
     bench_gemm(ms, args.eager)
+    _save()  # after each part: a run cut short by a time limit keeps what it measured
     bench_rows()
+    _save()
     if args.sweep:
         bench_sweep(ms)
+        _save()
     print(f"\ndone in {time.time() - t0:.0f} s")
+
+
+def _save() -> None:
     for d in {os.path.join(os.path.dirname(__file__), "out"), os.environ.get("OUT") or ""} - {""}:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "bench_invariant.json"), "w") as f:

@@ -120,3 +120,46 @@ def test_operand_layouts_do_not_change_a_rows_bits(backend):
         batched = inv.gemm(a3, b3)  # distinct B per item: the batched kernel
         for i in range(3):
             assert torch.equal(batched[i], inv.gemm(a3[i : i + 1], b3[i : i + 1])[0]), i
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on CUDA every test runs this path")
+def test_the_gpu_code_path_computes_the_product(monkeypatch):
+    """The BLOCK_K loop that CUDA runs (tl.dot, K and edge masks, the bias, batched and
+    folded addressing), run by the interpreter's numpy dot: the product within float32
+    rounding. (The other interpreter tests use the emulated, bit-faithful dot.)"""
+    monkeypatch.setattr(triton_matmul, "emulate_dot", lambda: False)
+    g = torch.Generator().manual_seed(8)
+    cfg = gs.GemmConfig(16, 16, 32, group_m=2, num_warps=1, num_stages=1)  # K=40: 2 steps
+    a = torch.randn(2, 21, K, generator=g)
+    b = torch.randn(2, K, N, generator=g)
+    bias = torch.randn(N, generator=g)
+    cases = {
+        "folded + bias": (a, b[:1].expand(2, K, N), bias.expand(2, 21, N)),
+        "batched": (a, b, None),
+        "batched + full bias": (a, b, torch.randn(2, 21, N, generator=g)),
+    }
+    for name, (x, w, z) in cases.items():
+        got = triton_matmul.gemm(x, w, z, config=cfg)
+        want = x.double() @ w.double() + (0 if z is None else z.double())
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), name
+
+
+def test_a_config_that_cannot_run_is_refused_and_the_default_serves(caplog):
+    """A candidate that raises (on a GPU: out of shared memory, a compiler limit) is
+    recorded as unusable, logged once, and the default computes the call."""
+    m, n, k = TWO_TILES
+    x, w = _operands(torch.bfloat16, m, n, k)
+    default = gs.ladder(torch.bfloat16, "native")[0]
+
+    def run(a, b, cfg):
+        if cfg != default:
+            raise RuntimeError("out of resources: shared memory")
+        return triton_matmul._run_2d(a, b, cfg)
+
+    sel = gs.GemmSelector(run)
+    with caplog.at_level(logging.WARNING, logger="pagedkv.ops"):
+        got = [_gemm(x[:1], w, selector=sel) for _ in range(2)]
+    assert list(sel.verdicts().values()) == [False]
+    assert sum("failed" in r.getMessage() for r in caplog.records) == 1
+    want = _gemm(x[:1], w, config=default)
+    assert all(torch.equal(g, want) for g in got)
