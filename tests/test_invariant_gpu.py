@@ -86,8 +86,10 @@ def test_every_gemm_config_is_m_invariant_on_cuda(dtype, index, shape):
             got = tm.gemm(_embed(row, m, at)[None], w.t()[None], config=cfg)[0, at]
             assert torch.equal(got, alone), f"{cfg.tag} {dtype} K={k} N={n}: row {at} of {m}"
     x = torch.randn(192, k, device="cuda").to(dtype)
+    f32 = torch.float32  # the accumulators, before any rounding
     same = torch.equal(
-        tm.gemm(x[None], w.t()[None], config=cfg), tm.gemm(x[None], w.t()[None], config=configs[0])
+        tm.gemm(x[None], w.t()[None], config=cfg, out_dtype=f32),
+        tm.gemm(x[None], w.t()[None], config=configs[0], out_dtype=f32),
     )
     print(f"{cfg.tag} {dtype} K={k} N={n}: M-invariant; same bits as {configs[0].tag}: {same}")
 
@@ -110,7 +112,11 @@ def test_the_selector_agrees_with_what_it_checks_on_cuda(dtype):
         assert torch.equal(got, want[:m]), f"{dtype}: M={m} differs from the default's rows"
     for key, same in sel.verdicts().items():
         cfg = next(c for c in configs if c.tag == key[-1])
-        direct = torch.equal(tm.gemm(x[None], w.t()[None], config=cfg)[0], want)
+        f32 = torch.float32  # the selector compares accumulators, before any rounding
+        direct = torch.equal(
+            tm.gemm(x[None], w.t()[None], config=cfg, out_dtype=f32),
+            tm.gemm(x[None], w.t()[None], config=configs[0], out_dtype=f32),
+        )
         assert same == direct, f"{key}: verdict {same}, direct comparison {direct}"
     print(f"{dtype} K={k} N={n}: configs used by M {sorted(used)}, verdicts {sel.verdicts()}")
 

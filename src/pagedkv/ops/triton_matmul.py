@@ -32,8 +32,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 from pagedkv.ops._config import interpreting
 from pagedkv.ops.gemm_select import GemmConfig, GemmSelector
@@ -182,9 +186,10 @@ def _launch(a, b, c, z, z_strides, cfg: GemmConfig, precision: str, bt: int) -> 
 
 
 def _run_2d(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
-    """[R, K] @ [K, N] with one configuration, no bias (the selector's check)."""
+    """[R, K] @ [K, N] with one configuration, no bias, the float32 accumulators unrounded
+    (the selector's check: equal accumulators give equal bits in every output dtype)."""
     precision = float32_precision() if a.dtype == torch.float32 else "native"
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
     _launch(_aligned_rows(a), b, out, None, None, cfg, precision, bt=1)
     return out
 

@@ -32,8 +32,12 @@ padded with -inf chunks agree exactly.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedkv._extras import optional_imports
+
+with optional_imports(__name__):
+    import triton
+    import triton.language as tl
 
 from pagedkv.ops._config import interpreting
 
