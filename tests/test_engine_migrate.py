@@ -59,6 +59,18 @@ def reference(model, p: list[int], sp: SamplingParams, **kw) -> list[int]:
     return engine(model, **kw).generate([p], sp)[0].token_ids
 
 
+def kv_tokens(e: Engine, request_id: int) -> torch.Tensor:
+    """The K and V of every token of retained request ``request_id`` (its blocks' written
+    slots only), every layer: ``[layers, 2, tokens, heads, head_dim]``."""
+    seq = e.core.retained[request_id].seq_id
+    n, table, pool = e.cache.num_tokens(seq), e.cache.block_table(seq), e.cache.pool
+    rows = [
+        torch.stack([pool.k(layer)[table], pool.v(layer)[table]]).flatten(1, 2)[:, :n]
+        for layer in range(e.cache.layout.num_layers)
+    ]
+    return torch.stack(rows)
+
+
 def check_clean(*engines: Engine) -> None:
     for e in engines:
         e.cache.check_integrity()
@@ -74,10 +86,14 @@ def test_migrated_request_is_token_identical_with_others_on_both_sides(
     p, sp = prompt(23), params(kind)
     others_a, others_b = [prompt(9, 1), prompt(14, 2)], [prompt(30, 3)]
     ref = reference(model, p, sp)
+    # its KV, bit for bit, as an unmigrated run with the same first prefill chunk computes it
+    # (that chunk's length changes the bits of layer 1 on, not the tokens)
+    alone = engine(model, max_batch_tokens=8)
+    ref_kv = kv_tokens(alone, alone.generate([p], sp, retain=True)[0].request_id)
     ref_others = [reference(model, q, params(SEEDED, 12)) for q in others_a + others_b]
     # chunked prefill (8 tokens a step) so that "mid-prefill" is a state that exists
     a, b = engine(model, max_batch_tokens=8), engine(model)
-    rid = a.add_request(p, sp)
+    rid = a.add_request(p, sp, retain=True)
     ids_a = [a.add_request(q, params(SEEDED, 12)) for q in others_a]
     ids_b = [b.add_request(q, params(SEEDED, 12)) for q in others_b]
     steps = 1 if when == "mid-prefill" else 6
@@ -109,6 +125,8 @@ def test_migrated_request_is_token_identical_with_others_on_both_sides(
     assert rid not in a.core.requests
     outs_a, outs_b = serve(a, b)
     assert outs_b[res.target_request_id] == ref
+    assert torch.equal(kv_tokens(b, res.target_request_id), ref_kv)
+    b.release(res.target_request_id)
     got = [outs_a[i] for i in ids_a] + [outs_b[i] for i in ids_b]
     assert got == ref_others
     check_clean(a, b)

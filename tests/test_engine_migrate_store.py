@@ -1,6 +1,7 @@
 """Engine.migrate(..., store=) and Engine.resume_migrated: a request parked in a snapshot
 store mid-prefill, mid-decode or waiting continues on another engine — in this process
-or another one — token-identically to never having moved (batch-invariant mode)."""
+or another one (spawned; a directory store or a real redis-server) — token-identically to
+never having moved (batch-invariant mode)."""
 
 from __future__ import annotations
 
@@ -72,13 +73,17 @@ def test_parked_requests_continue_on_another_engine(model, tmp_path):
 
 
 @pytest.mark.slow
-def test_migration_across_two_processes(model, tmp_path):
-    a, _, cases, _ = parked_engine(model, str(tmp_path))
+@pytest.mark.parametrize(
+    "kind", ["directory", pytest.param("redis", marks=pytest.mark.redis)]
+)  # fmt: skip
+def test_migration_across_two_processes(model, tmp_path, kind, request):
+    store = str(tmp_path) if kind == "directory" else request.getfixturevalue("redis_url")
+    a, _, cases, _ = parked_engine(model, store)
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     other = prompt(30, 54)
-    child = ctx.Process(target=resume_all, args=(str(tmp_path), [f"req-{k}" for k in cases],
-                                                 other, out))  # fmt: skip
+    child = ctx.Process(target=resume_all, args=(store, [f"req-{k}" for k in cases], other,
+                                                 out))  # fmt: skip
     child.start()
     status, got, blocks = out.get(timeout=240)
     child.join(60)
@@ -87,6 +92,8 @@ def test_migration_across_two_processes(model, tmp_path):
     for k, (p, sp) in cases.items():
         assert got[f"req-{k}"] == reference(model, p, sp), k
     assert got["mine"] == reference(model, other, params(GREEDY, 6))
+    with SnapshotStore(store) as left:
+        assert left.names() == []  # the other process deleted what it resumed
 
 
 def test_keep_and_the_errors_of_the_slow_path(model, tmp_path):
