@@ -321,21 +321,25 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     t0 = time.perf_counter()
-    rows = [run_pair(p, args) for p in args.pairs]
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     out = dict(date=time.strftime("%Y-%m-%d"), host=platform.node(), torch=torch.__version__,
                devices=devices or ["cpu"], invariant_option=HAS_INVARIANT_OPTION,
-               seconds=time.perf_counter() - t0, pairs=rows)  # fmt: skip
+               seconds=0.0, pairs=[])  # fmt: skip
+    paths = [Path(args.out)] + ([Path(os.environ["OUT"]) / "migrate.json"]
+                                if os.environ.get("OUT") else [])  # fmt: skip
+    rows = out["pairs"]
+    for pair in args.pairs:
+        rows.append(run_pair(pair, args))
+        out["seconds"] = time.perf_counter() - t0
+        for p in paths:  # after each pair: a run cut short by a time limit keeps what it did
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(out, indent=1))
+        print(table(rows[-1:]), flush=True)
     print(table(rows))
     print(
         f"({out['seconds']:.0f} s; one thread steps A then B; pause = last token on A to "
         "first on B, round = the ordinary gap between two tokens)"
     )
-    paths = [Path(args.out)] + ([Path(os.environ["OUT"]) / "migrate.json"]
-                                if os.environ.get("OUT") else [])  # fmt: skip
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(out, indent=1))
     bad = [r["pair"] for r in rows if r["identity_expected"] and (
         r["moved_identical"] != r["move"] or r["others_identical"] != r["others"])]  # fmt: skip
     if bad:
