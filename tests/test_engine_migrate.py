@@ -192,6 +192,39 @@ def test_a_request_preempted_during_the_copy_is_copied_again(model):
     check_clean(a, b)
 
 
+def test_a_full_target_keeps_the_request_waiting_with_its_kv(model):
+    p, sp = prompt(18, 12), params(SEEDED, 10)
+    ref = reference(model, p, sp)
+    a, b = engine(model), engine(model, max_num_seqs=1)
+    busy = b.add_request(prompt(7, 13), params(GREEDY, 6))
+    b.step()
+    rid = a.add_request(p, sp)
+    for _ in range(3):
+        a.step()
+    res = a.migrate(rid, b)
+    moved = b.core.requests[res.target_request_id]
+    # b runs one request at a time: ours waits, its KV resident (nothing to recompute)
+    assert moved.status is Status.WAITING and moved.num_computed == res.num_tokens > 0
+    assert b.cache.num_tokens(moved.seq_id) == res.num_tokens
+    prefill_before = b.stats().prefill_tokens
+    outs = serve(a, b)[1]
+    assert outs[res.target_request_id] == ref and len(outs[busy]) == 6
+    assert b.stats().prefill_tokens == prefill_before  # its prompt was not computed again
+    check_clean(a, b)
+
+
+def test_a_request_aborted_on_the_source_during_the_copy_is_not_migrated(model):
+    a, b = engine(model), engine(model)
+    rid = a.add_request(prompt(17, 14), params(GREEDY, 8))
+    a.step()
+    m = a.migrate(rid, b, background=True)
+    a.abort(rid)
+    with pytest.raises(MigrationError, match="was aborted"):
+        m.finish()
+    assert m.state == "aborted" and not a.has_unfinished() and not b.has_unfinished()
+    check_clean(a, b)
+
+
 def test_many_requests_move_over_one_migrator(model):
     ps = [prompt(11 + i, 20 + i) for i in range(4)]
     sp = params(SEEDED, 12)
