@@ -7,6 +7,7 @@ import hashlib
 import logging
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,7 +141,7 @@ def test_colocated_keys_share_one_master(redis_cluster):
 def test_stale_slot_map_moved_and_migrating_slot_ask_are_followed(redis_cluster):
     store = RedisClusterStore(redis_cluster.url, colocate=("grp.",))
     store.put_many([("grp.a", b"A"), ("grp.b", b"B")])
-    client = store._cluster("test")
+    client = store.masters.client("test")
     from redis.crc import key_slot
 
     slot = key_slot(store.redis_key("grp.a").encode())
@@ -269,9 +270,7 @@ def test_master_killed_mid_workload_misses_only_its_slots_then_recovers(redis_cl
 
 
 def owner_of(ts: TieredStore, h: bytes) -> int:
-    store = ts.levels[-1].store.inner
-    node = store._node_of(store._cluster("test"), store.redis_key(ts.key(h)))
-    return node.port
+    return ts.levels[-1].store.inner.node_of(ts.key(h)).port
 
 
 def test_every_master_down_is_a_tier_outage_then_recovery(redis_cluster, caplog):
@@ -399,3 +398,52 @@ def test_tls_cluster_tier_and_snapshot_round_trip():
             RedisClusterStore(plain, socket_timeout=0.5, connect_timeout=0.5).get_many(["k"])
     finally:
         cluster.stop()
+
+
+def test_the_readme_acl_user_with_the_cluster_commands_can_do_everything(redis_cluster):
+    import secrets
+
+    import redis
+
+    from test_stores_redis import _readme_acl
+
+    extra = ["+cluster|slots", "+command", "+asking"]
+    with open(Path(__file__).resolve().parents[1] / "README.md") as f:
+        readme = f.read()
+    assert "`+cluster|slots +command`" in readme and "`+asking`" in readme  # as documented
+    user, password = "pagedkv-cluster-acl", secrets.token_hex(8)
+    args = [user] + [f">{password}" if a == ">CHANGE-ME" else a for a in _readme_acl()[1:]]
+    raws = [redis.Redis(port=p, password=redis_cluster.password) for p in redis_cluster.ports]
+    for raw in raws:
+        raw.execute_command("ACL", "SETUSER", *args, *extra)
+        raw.execute_command("ACL", "LOG", "RESET")
+    hosts = ",".join(f"127.0.0.1:{p}" for p in redis_cluster.ports)
+    url = f"redis+cluster://{user}:{password}@{hosts}"
+    try:
+        store = RedisClusterStore(url, ttl_seconds=60)
+        assert store.ping()
+        store.put_many([(f"k{i}", b"v") for i in range(30)])
+        assert store.get_many(["k1", "zz"]) == [b"v", None] and len(list(store.keys())) == 30
+        assert store.contains_many(["k2"]) == [True] and store.delete_many(["k2"]) == 1
+        store.close()
+        cache = KVCache(LAYOUT, 4, tiers=[CPUTier(2 * BPB), RedisTier(url)])
+        for i in range(6):
+            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
+            cache.free(i)
+        cache.flush()
+        assert cache.allocate("again", list(range(9))) == 8
+        cache.close()
+        pager = SyntheticPager(LAYOUT, 16, fingerprint="fp")
+        pager.allocate("a", list(range(13)))
+        pager.fill_random("a", torch.Generator().manual_seed(0))
+        with SnapshotStore(url) as snaps:
+            snaps.save(pager, name="s")
+            snaps.fork("s", "s2")
+            assert snaps.verify("s2").ok
+            snaps.delete("s")
+            snaps.gc()
+        assert all(raw.acl_log() == [] for raw in raws)  # nothing pagedkv sent was denied
+    finally:
+        for raw in raws:
+            raw.execute_command("ACL", "DELUSER", user)
+            raw.close()

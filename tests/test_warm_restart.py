@@ -107,6 +107,21 @@ def test_persist_needs_a_persistent_tier_and_changes_nothing_otherwise(tmp_path)
     disk.close()  # closing again is fine
 
 
+def test_engine_close_persist_without_a_persistent_tier_leaves_it_open():
+    engine = Engine(tiny("llama"), num_blocks=32, block_size=BS, tiers=[CPUTier(1 << 20)])
+    batch = prompts(2, 9, seed=5)
+    first = engine.generate(batch, GREEDY)
+    with pytest.raises(ValueError, match="DiskTier or RedisTier"):
+        engine.close(persist=True)
+    assert not engine.closed
+    again = engine.generate(batch, GREEDY)  # still serving, and still caching
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
+    assert all(o.num_cached_tokens > 0 for o in again)
+    engine.close()
+    assert engine.closed
+    engine.close(persist=True)  # closed already: nothing to do (idempotent)
+
+
 def test_persist_into_a_full_disk_tier_keeps_the_most_recent(tmp_path):
     bpb = LAYOUT.bytes_per_block
     from pagedkv.stores.framing import HEADER_BYTES
