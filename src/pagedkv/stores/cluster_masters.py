@@ -34,6 +34,8 @@ class Down(Exception):
 
 
 DOWN = Down()
+# In the outage notes of a batch: some master failed just now (not only skipped).
+_FAILED = "(failed now)"
 
 
 class Masters:
@@ -208,7 +210,7 @@ class Masters:
         exc = self._redis.exceptions
         health = self._node_health(node.name) if self._degrade else None
         if health is not None and not health.ready():
-            down[node.name] = "in back-off after failing"
+            down.setdefault(node.name, "in back-off after failing")
             return [DOWN] * len(commands)
         try:
             got = self.call(client, node, what, commands, asking)
@@ -220,6 +222,7 @@ class Masters:
                 raise StoreUnavailable(f"{node.name} answered {type(trouble).__name__}")
         except StoreUnavailable as e:
             down[node.name] = str(e)
+            down[_FAILED] = ""
             if health is not None:
                 health.failure(e)
             return [DOWN] * len(commands)
@@ -241,10 +244,12 @@ class Masters:
             return health
 
     def _after_outage(self, client: Any, what: str, down: dict[str, str]) -> None:
-        """Some masters could not answer a batch: refresh the slot map (a failover may
-        have moved their slots), then raise unless ``degrade`` and a master is healthy."""
-        with contextlib.suppress(StoreUnavailable):  # all startup nodes down: raised below
-            self.refresh(client)
+        """Some masters could not answer a batch: after a fresh failure (not a skip in
+        back-off) refresh the slot map (a failover may have moved their slots), then
+        raise unless ``degrade`` and a master is healthy."""
+        if down.pop(_FAILED, None) is not None:
+            with contextlib.suppress(StoreUnavailable):  # no startup node answers: see below
+                self.refresh(client)
         if self._degrade and any(
             not self._node_health(n.name).down for n in client.get_primaries()
         ):
