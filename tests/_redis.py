@@ -30,15 +30,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too (both below 65536)."""
+# Cluster node ports: clients on [10000, 20000), their cluster bus (+10000) on [20000,
+# 30000). The two ranges are disjoint (one node's bus port is never another's client
+# port) and below Linux's ephemeral range (32768+), where outgoing connections would
+# take ports at random.
+_CLUSTER_PORTS = (10000, 20000)
+_BUS_OFFSET = 10000
+
+
+def _free_cluster_port(taken: set[int]) -> int:
+    """A port free now, with its cluster bus port, and not in ``taken``."""
     rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 55000)
+    for _ in range(500):
+        port = rng.randrange(*_CLUSTER_PORTS)
+        if port in taken:
+            continue
         try:
             with socket.socket() as a, socket.socket() as b:
                 a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
+                b.bind(("127.0.0.1", port + _BUS_OFFSET))
         except OSError:
             continue
         return port
@@ -103,7 +113,7 @@ class RedisServer:
             except OSError:
                 pass
             time.sleep(0.02)
-        log = self._log_tail()
+        log = _tail(os.path.join(self.dir, "redis.log"))
         self.stop()
         raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
 
@@ -143,13 +153,6 @@ class RedisServer:
         """Kill the server and remove its directory."""
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "redis.log")) as f:
-                return "".join(f.readlines()[-20:])
-        except OSError:
-            return "(no log)"
 
 
 @pytest.fixture(scope="session")
@@ -195,34 +198,51 @@ class RedisClusterNodes:
     def __init__(self, binary: str, cli: str, masters: int = 3, *, tls: bool = False) -> None:
         self.binary, self.cli = binary, cli
         self.password = secrets.token_hex(12)
-        self.ports = [_free_cluster_port() for _ in range(masters)]
-        self.dirs = [tempfile.mkdtemp(prefix="pagedkv-rcluster-") for _ in self.ports]
+        self.ports: list[int] = []
+        self.dirs = [tempfile.mkdtemp(prefix="pagedkv-rcluster-") for _ in range(masters)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * masters
-        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
         self.tls: ssl.SSLContext | None = None
         self.certs = ""
         try:
             if tls:
                 self.certs = _make_certs(self.dirs[0])
                 self.tls = ssl.create_default_context(cafile=f"{self.certs}/ca.crt")
-                self.url = (
-                    f"rediss+cluster://:{self.password}@{hosts}?ssl_ca_certs={self.certs}/ca.crt"
-                )
-            else:
-                self.url = f"redis+cluster://:{self.password}@{hosts}"
             for i in range(masters):
-                self.start(i)
+                self._start_new(i)
+            hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+            self.url = f"redis+cluster://:{self.password}@{hosts}"
+            if tls:
+                self.url = f"rediss+cluster://:{self.password}@{hosts}"
+                self.url += f"?ssl_ca_certs={self.certs}/ca.crt"
             tls_args = ["--tls", "--cacert", f"{self.certs}/ca.crt"] if tls else []
-            subprocess.run(
+            created = subprocess.run(
                 [cli, *tls_args, "-a", self.password, "--no-auth-warning", "--cluster", "create",
                  *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0",
                  "--cluster-yes"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30,
             )  # fmt: skip
+            if created.returncode != 0:
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed: {created.stderr.decode(errors='replace')}"
+                )
             self.wait_ok()
         except BaseException:
             self.stop()
             raise
+
+    def _start_new(self, i: int, attempts: int = 5) -> None:
+        """Start node ``i`` on a fresh port pair; another port when the chosen one was
+        taken between the check and the start (other test runs share the machine)."""
+        for attempt in range(attempts):
+            port = _free_cluster_port(set(self.ports))
+            self.ports.append(port)
+            try:
+                self.start(i)
+                return
+            except _NodeExited:
+                self.ports.pop()
+                if attempt == attempts - 1:
+                    raise
 
     def start(self, i: int, timeout: float = 10.0) -> None:
         """Start node ``i`` (again: same port, same ``nodes.conf``) and wait for PING."""
@@ -252,18 +272,26 @@ class RedisClusterNodes:
             "--daemonize", "no",
             "--logfile", os.path.join(d, "redis.log"),
         ]  # fmt: skip
-        self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = os.path.join(d, "redis.log")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(log)  # so that a failure shows this start's log only
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs[i] = proc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.procs[i].poll() is not None:
-                break
+            if proc.poll() is not None:
+                raise _NodeExited(f"cluster node on port {port} exited:\n{_tail(log)}")
             try:
                 if b"+PONG" in _ask(port, self.password, b"PING", tls=self.tls):
                     return
             except OSError:
                 pass
             time.sleep(0.02)
-        raise RuntimeError(f"cluster node on port {port} did not start")
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(
+            f"cluster node on port {port} did not answer in {timeout} s:\n{_tail(log)}"
+        )
 
     def cluster_state(self, i: int) -> str:
         """``cluster_state`` of node ``i``'s CLUSTER INFO (``ok`` or ``fail``)."""
@@ -316,10 +344,22 @@ class RedisClusterNodes:
 
     def stop(self) -> None:
         """Kill every node and remove their directories."""
-        for i in range(len(self.ports)):
+        for i in range(len(self.procs)):
             self.kill(i)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class _NodeExited(RuntimeError):
+    """A cluster node's process ended while starting (its port taken, most often)."""
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _make_certs(directory: str) -> str:
@@ -347,7 +387,10 @@ def redis_cluster_nodes():
     redis-cli; ``make test`` installs both)."""
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if binary is None or cli is None:
-        pytest.skip("redis-server and redis-cli are needed for Redis Cluster tests (make test)")
+        pytest.fail(
+            "redis-server and redis-cli are not both on PATH: run `make test` (it installs "
+            "the Debian packages) or `apt-get install redis-server redis-tools`"
+        )
     cluster = RedisClusterNodes(binary, cli)
     try:
         yield cluster

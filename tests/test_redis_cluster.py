@@ -373,7 +373,7 @@ def test_snapshot_store_round_trip_metadata_on_one_master(redis_cluster):
 def test_tls_cluster_tier_and_snapshot_round_trip():
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if binary is None or cli is None or shutil.which("openssl") is None:
-        pytest.skip("needs redis-server, redis-cli and openssl")
+        pytest.fail("needs redis-server, redis-cli and openssl on PATH (make setup installs them)")
     cluster = RedisClusterNodes(binary, cli, tls=True)
     try:
         assert cluster.url.startswith("rediss+cluster://")
