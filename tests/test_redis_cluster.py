@@ -326,6 +326,33 @@ def test_two_processes_share_the_cluster_tier(redis_cluster):
     assert other["cached"] == 0 and other["redis_hits"] == 0  # another model: no hit
 
 
+def test_warm_restart_persists_the_device_blocks_into_the_cluster(redis_cluster):
+    """close(persist=True) writes the device's cached blocks across the masters; a new
+    cache (as a new process would) hits every full block, bit-exact."""
+    seqs = {f"p{i}": list(range(i * 100, i * 100 + 13)) for i in range(4)}  # 3 full blocks
+    a = KVCache(LAYOUT, 16, model_fingerprint="m", tiers=[RedisTier(redis_cluster.url, **FAST)])
+    g = torch.Generator().manual_seed(7)
+    written = {}
+    for sid, toks in seqs.items():
+        a.allocate(sid, toks)
+        table = a.block_table(sid)
+        data = torch.randint(0, 256, (len(table), BPB), dtype=torch.uint8, generator=g)
+        a.write_blocks(table, data)
+        written[sid] = data[:3]
+        a.free(sid)
+    assert a.tier_stats()["tiers"]["redis"]["puts"] == 0  # all still on the device
+    a.close(persist=True)
+    assert a.tier_stats()["persisted"] == 12
+    assert min(redis_cluster.dbsize(i) for i in range(3)) >= 1  # spread over the masters
+    b = KVCache(LAYOUT, 16, model_fingerprint="m", tiers=[RedisTier(redis_cluster.url, **FAST)])
+    for sid, toks in seqs.items():
+        assert b.allocate(sid, toks) == 12, sid
+        assert torch.equal(b.read_blocks(b.block_table(sid)[:3]), written[sid]), sid
+    assert b.tier_stats()["tiers"]["redis"]["hits"] == 12
+    b.check_integrity()
+    b.close()
+
+
 # -- the snapshot store ------------------------------------------------------------------
 
 
