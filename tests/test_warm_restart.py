@@ -163,11 +163,12 @@ SERVE = textwrap.dedent(
     print(json.dumps({"tokens": [o.token_ids for o in outs],
                       "cached": [o.num_cached_tokens for o in outs],
                       "demoted": stats["demoted"]}), flush=True)
-    if slow == "slow":  # each disk entry takes 30 ms to commit: time to kill us midway
+    if slow == "slow":  # each disk entry takes 80 ms to commit: time to kill us midway,
+        # even when the test process is starved on a loaded machine (60 entries: 4.8 s)
         from pagedkv.stores import disk_layout
         commit = disk_layout.EntryFiles.commit
         def slow_commit(self, *args, **kw):
-            time.sleep(0.03)
+            time.sleep(0.08)
             return commit(self, *args, **kw)
         disk_layout.EntryFiles.commit = slow_commit
         print("persisting", flush=True)
@@ -181,7 +182,7 @@ def _process_a(
     kind: str, where: str, num_blocks: int, batch: list[list[int]], others=(), slow: bool = False
 ) -> subprocess.Popen[str]:
     """Process A: serve ``batch`` then ``others`` on a tiny engine, print the outputs,
-    close with ``persist=True`` (``slow``: each disk entry takes 30 ms)."""
+    close with ``persist=True`` (``slow``: each disk entry takes 80 ms)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS])}
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE, kind, where, str(num_blocks), "slow" if slow else "-"],
@@ -229,7 +230,7 @@ def test_process_b_hits_every_full_block_and_generates_the_same(kind, tmp_path, 
 @pytest.mark.slow
 def test_sigkill_during_persist_leaves_only_complete_entries(tmp_path):
     where = tmp_path / "kv"
-    batch = prompts(10, 45, seed=4)  # 60 full blocks to persist, 30 ms each
+    batch = prompts(10, 45, seed=4)  # 60 full blocks to persist, 80 ms each
     a = _process_a("disk", str(where), 512, batch, slow=True)
     try:
         served = json.loads(a.stdout.readline())
