@@ -26,7 +26,9 @@ pytestmark = pytest.mark.redis
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.bfloat16)
 BPB = LAYOUT.bytes_per_block
-FAST = {"timeout_seconds": 0.3, "retry_initial_seconds": 0.05, "retry_max_seconds": 0.2}
+# Quick retries; a killed master refuses connections at once, so the round-trip timeout
+# can stay generous (a live master slowed by a loaded CI machine is not "down").
+FAST = {"timeout_seconds": 2.0, "retry_initial_seconds": 0.05, "retry_max_seconds": 0.2}
 
 
 def hashes(n: int, tag: str = "a") -> list[bytes]:
@@ -271,6 +273,58 @@ def test_master_killed_mid_workload_misses_only_its_slots_then_recovers(redis_cl
 
 def owner_of(ts: TieredStore, h: bytes) -> int:
     return ts.levels[-1].store.inner.node_of(ts.key(h)).port
+
+
+def test_master_killed_while_a_cache_writes_back_costs_exactly_its_blocks(redis_cluster):
+    """A KVCache runs prompts (evictions written back by its thread, never flushed)
+    and a master is SIGKILLed in the middle: no exception; a fresh cache then finds
+    each prompt's leading full blocks up to the first one the dead master owned. After
+    the master returns, a second round is stored whole."""
+    tier = RedisTier(redis_cluster.url, **FAST)
+    a = KVCache(LAYOUT, 8, model_fingerprint="m", tiers=[tier])
+    victim, dead = 0, redis_cluster.ports[0]
+
+    def run(prompts: list[list[int]], kill_at: int | None = None) -> None:
+        for i, toks in enumerate(prompts):
+            if i == kill_at:
+                redis_cluster.kill(victim)  # write-backs to it may be in flight
+            a.allocate("p", toks)
+            a.free("p")
+        a.allocate("sweep", list(range(90000, 90032)))  # evicts every cached block
+        a.free("sweep")
+        a.flush()
+        a.check_integrity()
+
+    def live_prefix(toks: list[int]) -> int:
+        ports = [owner_of(a.tiers, h) for h in a.manager.hash_blocks(toks)]
+        return 4 * next((j for j, p in enumerate(ports) if p == dead), len(ports))
+
+    def found(prompts: list[list[int]]) -> list[int]:
+        b = KVCache(LAYOUT, 64, model_fingerprint="m", tiers=[tier])
+        hits = []
+        for toks in prompts:
+            hits.append(b.allocate("q", toks))
+            b.free("q")
+        b.close()
+        return hits
+
+    first = [list(range(i * 100, i * 100 + 9)) for i in range(24)]  # 2 full blocks each
+    run(first, kill_at=8)
+    expected = [live_prefix(t) for t in first]
+    assert 0 < sum(expected) < 8 * len(first)  # the victim owned some, not all
+    assert found(first) == expected
+    assert a.tier_stats()["tiers"]["redis"]["available"]  # a partial outage, not the tier's
+    redis_cluster.restart(victim)
+    deadline = time.monotonic() + 10
+    for round_ in range(1, 1000):
+        again = [list(range(round_ * 10000 + i * 100, round_ * 10000 + i * 100 + 9))
+                 for i in range(6)]  # fmt: skip
+        run(again)
+        if found(again) == [8] * 6:
+            break
+        assert time.monotonic() < deadline, "the restarted master's slots did not come back"
+        time.sleep(0.05)
+    a.close()
 
 
 def test_every_master_down_is_a_tier_outage_then_recovery(redis_cluster, caplog):
