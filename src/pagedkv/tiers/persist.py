@@ -98,12 +98,12 @@ def persist_blocks(
         fresh = fresh[: level.capacity_blocks]
         in_process = in_process[: max(0, level.capacity_blocks - len(fresh))]
     for a in range(0, len(fresh), step):
-        chunk = fresh[a : a + step]
-        put(target, [k for k, _ in chunk], gather([b for _, b in chunk]))
+        blocks = fresh[a : a + step]
+        put(target, [k for k, _ in blocks], gather([b for _, b in blocks]))
     for a in range(0, len(in_process), step):
-        chunk = in_process[a : a + step]
-        for source in dict.fromkeys(lv for lv, _ in chunk):
-            keys = [k for lv, k in chunk if lv is source]
+        entries = in_process[a : a + step]
+        for source in dict.fromkeys(lv for lv, _ in entries):
+            keys = [k for lv, k in entries if lv is source]
             rows = torch.empty((len(keys), level.bytes_per_block), dtype=torch.uint8)
             found = [j for j, ok in enumerate(source.load(keys, rows)) if ok]
             if found:
