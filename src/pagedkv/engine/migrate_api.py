@@ -5,7 +5,7 @@ delegate: between engines to :mod:`pagedkv.engine.migration`, through a store to
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from pagedkv.engine import migration_store, sessions
 from pagedkv.engine.core import EngineCore
@@ -20,7 +20,11 @@ class MigrationAPI:
     core: EngineCore
     vocab_size: int
     snapshot_store: StoreSpec | None
-    closed: bool
+
+    if TYPE_CHECKING:  # Engine's read-only property
+
+        @property
+        def closed(self) -> bool: ...
 
     @overload
     def migrate(

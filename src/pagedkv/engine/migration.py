@@ -164,9 +164,11 @@ class Migrator:
         if source is target:
             raise ValueError("source and target are the same engine: migrate between two")
         check_compatible(source.cache, target.cache, "engines")
-        options = dict(chunk_bytes=chunk_bytes, staging=staging, host_threads=host_threads)
         self.source, self.target = source, target
-        self._lanes = CopyLane(**options), CopyLane(**options)  # (copy thread, caller)
+        self._lanes = tuple(  # (copy thread, caller)
+            CopyLane(chunk_bytes=chunk_bytes, staging=staging, host_threads=host_threads)
+            for _ in range(2)
+        )
         self._executor: ThreadPoolExecutor | None = None
 
     def start(self, request_id: int) -> Migration:

@@ -150,6 +150,8 @@ def _request(
         if any(type(t) is not int or not 0 <= t < vocab for t in tokens):
             raise ValueError(f"token ids must be ints in [0, {vocab})")
         salt = decode_salt(meta["cache_salt"], f"request snapshot {name!r}", "cache_salt")
+        if salt is not None and not isinstance(salt, (str, bytes, int)):
+            raise ValueError(f"cache_salt must be a str, bytes or int, got {salt!r:.60}")
         req = Request(
             new_id, tokens[:prompt_len], params, None,
             frozenset(int(t) for t in meta["eos_token_ids"]), output=tokens[prompt_len:],
