@@ -86,8 +86,10 @@ def test_migrated_request_is_token_identical_with_others_on_both_sides(
     p, sp = prompt(23), params(kind)
     others_a, others_b = [prompt(9, 1), prompt(14, 2)], [prompt(30, 3)]
     ref = reference(model, p, sp)
-    # its KV, bit for bit, as an unmigrated run with the same first prefill chunk computes it
-    # (that chunk's length changes the bits of layer 1 on, not the tokens)
+    # its KV, bit for bit, as an unmigrated run with the same prefill chunks computes it
+    # (attention without the chunk-invariant kernels of EngineConfig.batch_invariant gives
+    # a first chunk of 8 tokens other last bits from layer 1 on than one of 23: the tokens
+    # are the same, the KV not)
     alone = engine(model, max_batch_tokens=8)
     ref_kv = kv_tokens(alone, alone.generate([p], sp, retain=True)[0].request_id)
     ref_others = [reference(model, q, params(SEEDED, 12)) for q in others_a + others_b]
