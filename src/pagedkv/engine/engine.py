@@ -14,6 +14,7 @@ from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
 from pagedkv.engine.detokenize import Detokenizer
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
+from pagedkv.engine.migrate_api import MigrationAPI
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
@@ -33,7 +34,7 @@ CacheSalt = str | bytes | None
 logger = logging.getLogger("pagedkv.engine")
 
 
-class Engine:
+class Engine(MigrationAPI):
     """Serve many generation requests at once on one model.
 
     ``model``: a transformers causal LM that ``check_model_supported`` accepts (Llama,
