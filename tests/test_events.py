@@ -85,11 +85,14 @@ def test_a_skipped_block_splits_the_stored_runs_and_names_its_parent():
     f = A + B + C + [60]
     assert m.allocate("f", f) == 0  # A is gone, so nothing is a prefix hit
     h_y = m.hash_blocks(y)
-    assert batches[-1] == [
-        BlockRemoved(h_y[:3]),  # FIFO: the oldest registrations go first, B survives
-        stored(m, A, 0),
-        stored(m, f[:12], 2),  # C, chained to B's hash (held by g's old block)
-    ]
+    assert (
+        batches[-1]
+        == [
+            BlockRemoved(h_y[:3]),  # FIFO: the oldest registrations go first, B survives
+            stored(m, A, 0),
+            stored(m, f[:12], 2),  # C, chained to B's hash (held by g's old block)
+        ]
+    )
     m.check_integrity()
 
 

@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Union
+from typing import IO
 
 log = logging.getLogger("pagedkv.events")
 
@@ -85,7 +85,7 @@ class AllBlocksCleared:
     medium: str = DEVICE
 
 
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 Subscriber = Callable[[list[KVEvent]], None]
 
 
@@ -181,8 +181,9 @@ class JsonlWriter:
         if not isinstance(append, bool):
             raise TypeError(f"JsonlWriter: append must be a bool, got {append!r}")
         self.path = os.fspath(path)
+        mode = "a" if append else "x"  # "x": never write into a file that exists
         try:
-            self._file: IO[str] | None = open(self.path, "a" if append else "x", encoding="utf-8")  # noqa: SIM115
+            self._file: IO[str] | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
         except FileExistsError:
             raise FileExistsError(
                 f"JsonlWriter: {self.path!r} exists; pass append=True to add to it, or "

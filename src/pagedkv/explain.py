@@ -141,9 +141,7 @@ def explain_prefix(
 def format_report(report: PrefixReport) -> str:
     """``report`` as lines of text: runs of blocks with their status, then the totals."""
     bs = report.block_size
-    lines = [
-        f"prompt: {report.num_tokens} tokens, {len(report.blocks)} full blocks of {bs} tokens"
-    ]
+    lines = [f"prompt: {report.num_tokens} tokens, {len(report.blocks)} full blocks of {bs} tokens"]
     start = 0
     for i in range(1, len(report.blocks) + 1):
         if i == len(report.blocks) or report.blocks[i] != report.blocks[start]:
@@ -151,7 +149,7 @@ def format_report(report: PrefixReport) -> str:
             note = ""
             if report.first_miss is not None and start <= report.first_miss < i:
                 note = f"   <- first miss: block {report.first_miss}"
-            lines.append(f"  blocks {span:>9}  {report.blocks[start]}{note}")
+            lines.append(f"  blocks {span}: {report.blocks[start]}{note}")
             start = i
     got = [f"{report.device_tokens} from the device"]
     got += [f"{t} from {name}" for name, t in report.tier_tokens.items()]

@@ -112,9 +112,7 @@ class Pins:
         self.blocks.update(keep)
         return [b for b in released if hashes[b] not in counts]
 
-    def violations(
-        self, hashes: list[bytes], evictable: set[int], block_size: int
-    ) -> list[str]:
+    def violations(self, hashes: list[bytes], evictable: set[int], block_size: int) -> list[str]:
         """What disagrees between the pins, the held blocks and the registrations."""
         problems = []
         if any(hashes[b] not in self.counts for b in self.blocks):
@@ -124,14 +122,14 @@ class Pins:
         if any(count < 1 for count in self.counts.values()):
             problems.append(f"pin counts must be >= 1, got {sorted(set(self.counts.values()))[:5]}")
         if self.sources.keys() != self.counts.keys():
-            problems.append(
-                f"{len(self.sources)} pin sources for {len(self.counts)} pinned hashes"
-            )
+            problems.append(f"{len(self.sources)} pin sources for {len(self.counts)} pinned hashes")
         else:
             seen = {ROOT}
             for h, (key, _) in self.sources.items():
                 if key[: len(key) - 16 - 4 * block_size] not in seen:
-                    problems.append("a pinned block's parent is neither the root nor pinned before it")
+                    problems.append(
+                        "a pinned block's parent is neither the root nor pinned before it"
+                    )
                     break
                 seen.add(h)
         return problems
