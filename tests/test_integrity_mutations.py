@@ -452,8 +452,10 @@ def _reorder_pin_sources(m):
 
 
 GENERATION_MUTATIONS = [
-    pytest.param(lambda m: setattr(m._alloc.ghosts, "_count", 2),
-                 "ghost list holds 1 hashes but counts 2", id="ghost-count"),
+    pytest.param(lambda m: setattr(m._alloc.ghosts, "_sealed", 2),
+                 "ghost list holds 0 hashes in sealed chunks but counts 2", id="ghost-count"),
+    pytest.param(lambda m: setattr(m._alloc.ghosts, "_open", []),
+                 "ghost list holds 0 hashes in sealed chunks but counts 0", id="ghost-open-chunk"),
     pytest.param(lambda m: setattr(m._alloc.ghosts, "max_entries", 0),
                  "over its cap of 0", id="ghosts-over-cap"),
     pytest.param(lambda m: _ghost_reason(m, "stolen"), "neither evicted nor expired",

@@ -15,9 +15,9 @@ through ``b``, and a block is in use exactly when some live sequence's table hol
 
 The block manager decides which blocks a sequence holds; this module keeps the
 pool's side of it, one call per operation. Every registered block it drops goes
-through one boundary per operation (``_dropped``): the ghost list
-(evictions and expiries, for ``explain``), the model generations' counts and, when
-someone subscribes, a :class:`~pagedkv.events.BlockRemoved` event.
+through one boundary per operation: the ghost list (evictions and expiries, for
+``explain``), then ``_dropped``: the model generations' counts and, when someone
+subscribes, a :class:`~pagedkv.events.BlockRemoved` event.
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ class BlockAllocator:
             out.append(block)
             gone.append(evicted_hash)
         self._counters.evictions += n
-        self._dropped(out, gone, EVICTED)
+        self.ghosts.add(gone, EVICTED)
+        if self.generations.active or self.events is not None:
+            self._dropped(out, gone)
         return out
 
     def expire(self) -> None:
@@ -177,13 +179,12 @@ class BlockAllocator:
         gone = [drop(block) for block in blocks]
         self.free.extend(blocks)
         self._counters.evictions += len(blocks)  # expiry counts as an eviction
-        self._dropped(blocks, gone, EXPIRED)
+        self.ghosts.add(gone, EXPIRED)
+        self._dropped(blocks, gone)
 
-    def _dropped(self, blocks: Sequence[int], hashes: list[bytes], reason: str | None) -> None:
-        """Registered ``blocks`` (with ``hashes``) were just unregistered, for ``reason``
-        (``None``: their KV never existed, so no ghost remembers them)."""
-        if reason is not None:
-            self.ghosts.add(hashes, reason)
+    def _dropped(self, blocks: Sequence[int], hashes: list[bytes]) -> None:
+        """Registered ``blocks`` (with ``hashes``) were just unregistered (the caller told
+        the ghost list, if their KV existed)."""
         if self.generations.active:
             self.generations.dropped(blocks, self.registered_at)
         if self.events is not None:
@@ -241,7 +242,7 @@ class BlockAllocator:
         """Drop the registrations of blocks in use (their content is not to be found)."""
         if blocks:
             drop = self._prefix.drop
-            self._dropped(blocks, [drop(b) for b in blocks], None)
+            self._dropped(blocks, [drop(b) for b in blocks])
 
     # ------------------------------------------------------------ pins, reset
 

@@ -112,6 +112,9 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
         self._copies: list[tuple[int, int]] = []
         self._watch: PressureWatch | None = None  # created by the first on_pressure()
         self._events: EventHub | None = None  # while someone subscribes
+        # Whether an operation has anyone to tell (pressure callbacks, KV events): the one
+        # check a finished operation makes.
+        self._observed = False
 
     @classmethod
     def from_config(
@@ -199,15 +202,12 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
         counters = self._counters
         counters.query_tokens += n
         counters.hit_tokens += len(hits) * bs
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
-        hub = self._events
-        if hub is not None:
-            if self.prefix_caching:
-                hub.pending += stored_events(
+        if self._observed:
+            if self._events is not None and self.prefix_caching:
+                self._events.pending += stored_events(
                     prefix, blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
                 )
-            hub.end()
+            self._after()
         return len(hits) * bs
 
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
@@ -245,28 +245,23 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
         tokens.extend(arr)
         first, stop = n // bs, (n + k) // bs
         if self.prefix_caching and stop > first:
-            raw = tokens[first * bs : stop * bs].tobytes()
-            parent, anonymous, hub = seq.last_hash, seq.anonymous, self._events
+            parent = seq.last_hash
             if seq.gen != self._gens.number:  # its KV mixes models: cache none of it
-                seq.last_hash = chain_hashes(tokens[first * bs : stop * bs], bs, seq.ns,
-                                             self._digest, parent)[-1]  # fmt: skip
-                anonymous += blocks[first:stop]
+                full = tokens[first * bs : stop * bs]
+                seq.last_hash = chain_hashes(full, bs, seq.ns, self._digest, parent)[-1]
+                seq.anonymous += blocks[first:stop]
             else:
-                mark = len(anonymous)
+                raw = tokens[first * bs : stop * bs].tobytes()
                 seq.last_hash = self._prefix.register_blocks(
-                    blocks, first, stop, raw, first, seq.ns, parent, anonymous
+                    blocks, first, stop, raw, first, seq.ns, parent, seq.anonymous
                 )
-                if hub is not None:
-                    hub.pending += stored_events(
+                if self._events is not None:
+                    self._events.pending += stored_events(
                         self._prefix, blocks, first, stop, raw, first, seq.ns, parent,
-                        anonymous[mark:],
+                        seq.anonymous,
                     )  # fmt: skip
-            if hub is not None:
-                hub.end()
-        elif (new_blocks or cow) and self._events is not None:  # take() may have evicted
-            self._events.end()
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:
+            self._after()
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` a sequence with the parent's tokens, sharing every block.
@@ -282,8 +277,8 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
             raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
         self._alloc.share(parent.blocks, parent.chain)
         self._seqs[child_id] = parent.fork()
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:
+            self._after()
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's references.
@@ -299,8 +294,15 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
             ) from None
         partial = len(seq.tokens) % self.block_size != 0
         self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
+        if self._observed:
+            self._after()
+
+    def _after(self) -> None:
+        """An operation finished: pressure callbacks, then the KV events it caused."""
         if self._watch is not None:
             self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._events is not None:
+            self._events.end()
 
     def discard(self, seq_id: Hashable) -> None:
         """Release a sequence whose KV was never (fully) written, caching nothing of it.
@@ -317,9 +319,7 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
             own = [b for b in seq.blocks[seq.chain :] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks
-        self.free(seq_id)
-        if self._events is not None:
-            self._events.end()
+        self.free(seq_id)  # delivers the removals too
 
     def take_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies ``(src_block, dst_block)`` owed to storage since last call.
@@ -382,5 +382,6 @@ class BlockManager(ManagerReads, EventSource, ModelChanges):
             raise TypeError("on_pressure() takes a callable (MemoryPressure) -> None")
         if self._watch is None:
             self._watch = PressureWatch(self.config.watermarks, self.pressure)
+            self._observed = True
         self._watch.callbacks.append(callback)
         self._watch.level = self.pressure

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 EVICTED = "evicted"
 EXPIRED = "expired"
 
-# Entries of one chunk: appends extend the newest chunk of the same reason up to this
-# many, so the deque holds few objects however small the eviction runs are.
+# Entries of one chunk at most: appends extend the newest chunk of the same reason, so
+# the deque holds few objects however small the eviction runs are, and the oldest go a
+# whole chunk at a time (dropping entries from a list's front would move the rest).
 _CHUNK = 4096
 # Host bytes per remembered hash besides the digest itself: a list slot (8) and the
 # bytes object's header (33 for CPython 3.11, 64-bit).
@@ -29,49 +30,51 @@ class Ghosts:
     """Recently dropped block hashes with why they went (``EVICTED`` or ``EXPIRED``).
 
     ``max_bytes`` caps the host bytes held (0: remember nothing); ``digest_bytes`` is
-    the length of one hash.
+    the length of one hash. The oldest records go a chunk (1/16 of the cap) at a time,
+    so at least 7/8 of the last ``max_entries`` hashes are remembered, never more.
     """
 
-    __slots__ = ("max_entries", "_chunks", "_count")
+    __slots__ = ("max_entries", "_chunk", "_chunks", "_sealed", "_open", "_reason")
 
     def __init__(self, max_bytes: int, digest_bytes: int) -> None:
         self.max_entries = max_bytes // (_SLOT_BYTES + digest_bytes)
-        self._chunks: deque[tuple[str, list[bytes]]] = deque()  # oldest first
-        self._count = 0
+        self._chunk = min(_CHUNK, self.max_entries // 16) or min(1, self.max_entries)
+        self._chunks: deque[tuple[str, list[bytes]]] = deque()  # oldest first; last: open
+        self._sealed = 0  # entries in the chunks before the open one
+        self._open: list[bytes] = []  # the newest chunk, filling up
+        self._reason = ""  # the open chunk's reason
 
     def __len__(self) -> int:
-        return self._count
+        return self._sealed + len(self._open)
 
     def add(self, hashes: list[bytes], reason: str) -> None:
         """Remember ``hashes`` (dropped just now, for ``reason``)."""
-        if not self.max_entries or not hashes:
+        open_ = self._open
+        if reason is self._reason and len(open_) + len(hashes) <= self._chunk:
+            open_ += hashes  # the eviction path: one check and an extend
+        else:
+            self._start(hashes, reason)
+
+    def _start(self, hashes: list[bytes], reason: str) -> None:
+        """Seal the open chunk and open new ones holding ``hashes`` (a large run, e.g. a
+        reset, in chunks of the usual size); drop the oldest so that the open chunk can
+        fill without passing the cap."""
+        size = self._chunk
+        if not size or not hashes:
             return
         chunks = self._chunks
-        if chunks and chunks[-1][0] == reason and len(chunks[-1][1]) < _CHUNK:
-            chunks[-1][1].extend(hashes)
-        else:
-            chunks.append((reason, list(hashes)))
-        self._count += len(hashes)
-        if self._count > self.max_entries:
-            self._trim()
-
-    def _trim(self) -> None:
-        chunks, over = self._chunks, self._count - self.max_entries
-        while over > 0:
-            oldest = chunks[0][1]
-            if len(oldest) <= over:
-                chunks.popleft()
-                over -= len(oldest)
-                self._count -= len(oldest)
-            else:
-                del oldest[:over]
-                self._count -= over
-                over = 0
+        for i in range(0, len(hashes), size):
+            self._sealed += len(self._open)
+            self._open, self._reason = hashes[i : i + size], reason
+            chunks.append((reason, self._open))
+        while self._sealed + size > self.max_entries and len(chunks) > 1:
+            self._sealed -= len(chunks.popleft()[1])
 
     def clear(self) -> None:
         """Forget everything."""
         self._chunks.clear()
-        self._count = 0
+        self._sealed = 0
+        self._open, self._reason = [], ""
 
     def reasons(self, hashes: Sequence[bytes]) -> list[str | None]:
         """Why each hash was dropped (its latest record), ``None`` where not remembered."""
@@ -84,12 +87,17 @@ class Ghosts:
 
     def violations(self) -> list[str]:
         """What disagrees in the bookkeeping (empty: all holds)."""
-        held = sum(len(chunk) for _, chunk in self._chunks)
         problems = []
-        if held != self._count:
-            problems.append(f"ghost list holds {held} hashes but counts {self._count}")
-        if held > self.max_entries:
-            problems.append(f"ghost list holds {held} hashes, over its cap of {self.max_entries}")
-        if any(reason not in (EVICTED, EXPIRED) for reason, _ in self._chunks):
+        chunks = list(self._chunks)
+        sealed = sum(len(chunk) for _, chunk in chunks[:-1])
+        if sealed != self._sealed or (chunks and chunks[-1][1] is not self._open):
+            problems.append(
+                f"ghost list holds {sealed} hashes in sealed chunks but counts {self._sealed}"
+            )
+        if len(self) > self.max_entries:
+            problems.append(
+                f"ghost list holds {len(self)} hashes, over its cap of {self.max_entries}"
+            )
+        if any(reason not in (EVICTED, EXPIRED) for reason, _ in chunks):
             problems.append("ghost list holds a record that is neither evicted nor expired")
         return problems

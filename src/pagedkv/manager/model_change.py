@@ -24,7 +24,6 @@ from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.generations import Generations
 from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes
 from pagedkv.manager.prefix_index import PrefixIndex
-from pagedkv.manager.pressure import PressureWatch
 from pagedkv.manager.sequence import SeqRecord
 
 
@@ -41,7 +40,8 @@ class ModelChanges:
     _prefix: PrefixIndex
     _gens: Generations
     _events: EventHub | None
-    _watch: PressureWatch | None
+    _observed: bool
+    _after: Callable[[], None]
 
     @property
     def generation(self) -> int:
@@ -114,7 +114,5 @@ class ModelChanges:
         seq = SeqRecord(blocks, arr, chain[-1] if chain else ROOT, ns, 0, -1)
         seq.anonymous = blocks[: len(chain)]
         self._seqs[seq_id] = seq
-        if self._watch is not None:
-            self._watch.update(self._alloc.num_used, self.num_blocks)
-        if self._events is not None:  # blocks it took may have been evicted
-            self._events.end()
+        if self._observed:  # pressure callbacks; events of blocks it took by evicting
+            self._after()

@@ -2,8 +2,8 @@
 
 :class:`EventSource` is the part of :class:`~pagedkv.manager.BlockManager` that hands
 out subscriptions (it subclasses it). The hub exists only while someone subscribes:
-every operation checks ``self._events is not None`` once, and that is all events cost
-without subscribers. What the events mean is in :mod:`pagedkv.events`.
+a finished operation checks one flag (``_observed``: pressure callbacks or events),
+and that is all events cost without subscribers. What the events mean is in :mod:`pagedkv.events`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pagedkv._validate import check_callable
 from pagedkv.events import EventHub, KVEvent, Subscriber
 from pagedkv.manager.allocator import BlockAllocator
+from pagedkv.manager.pressure import PressureWatch
 
 
 class EventSource:
@@ -21,6 +22,8 @@ class EventSource:
 
     _events: EventHub | None
     _alloc: BlockAllocator
+    _watch: PressureWatch | None
+    _observed: bool
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(events)`` after each operation that stored or removed blocks.
@@ -35,6 +38,7 @@ class EventSource:
         hub = self._events
         if hub is None:
             hub = self._events = self._alloc.events = EventHub()
+            self._observed = True
         hub.subscribers.append(callback)
         done = False
 
@@ -52,6 +56,7 @@ class EventSource:
         # batch is open (its end() still comes).
         if hub is self._events and not hub.subscribers and not hub.depth:
             self._events = self._alloc.events = None
+            self._observed = self._watch is not None
 
     @property
     def subscribers(self) -> int:
