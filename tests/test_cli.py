@@ -59,6 +59,16 @@ def test_chat_demo_on_a_tiny_model(tiny_dir):
     assert "dense per-request cache" in result.output
 
 
+def test_chat_demo_serves_metrics_while_it_runs(tiny_dir):
+    args = ["demo", "--model", str(tiny_dir), "--conversations", "2", "--turns", "1",
+            "--max-new-tokens", "2", "--device", "cpu", "--metrics-port", "0"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Prometheus metrics at http://127.0.0.1:" in result.output
+    result = runner.invoke(app, [*args[:-1], "65536"])
+    assert result.exit_code == 2 and "--metrics-port" in result.output
+
+
 def test_manager_demo_is_wired():
     result = runner.invoke(app, ["manager-demo"])
     assert result.exit_code == 0, result.output

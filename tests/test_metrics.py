@@ -32,7 +32,6 @@ from pagedkv.tiers import CPUTier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-HOOK = hasattr(Engine, "on_step")  # the engine's latency hook (patches/issue19-engine-hook.diff)
 LAYOUT = KVLayout(2, 2, 8, 4, torch.float32)
 
 
@@ -195,18 +194,17 @@ def test_a_scrape_after_a_workload_equals_stats(served):
     assert e.preemptions > 0 and s.hit_tokens > 0 and ts["tier_hit_tokens"] > 0
     assert s.evictions > 0 and ts["tiers"]["cpu"]["hits"] > 0
     expected = cache_series(s, ts) | engine_series(e)
-    if HOOK:
-        expected[("pagedkv_engine_running_requests", ())] = e.running_requests
-        expected[("pagedkv_engine_waiting_requests", ())] = e.waiting_requests
+    expected[("pagedkv_engine_running_requests", ())] = e.running_requests
+    expected[("pagedkv_engine_waiting_requests", ())] = e.waiting_requests
     hist = {k: v for k, v in got.items() if "_seconds_" in k[0] and "step" not in k[0]}
     assert {k: v for k, v in got.items() if k not in hist} == pytest.approx(expected)
     names = {name for name, _ in got}
     assert names >= REQUIRED
-    assert (names >= HOOKED) == HOOK and handle.latency_histograms == HOOK
-    if HOOK:  # one first token per request, the other tokens are inter-token gaps
-        assert hist[("pagedkv_engine_time_to_first_token_seconds_count", ())] == e.requests
-        itl = hist[("pagedkv_engine_inter_token_latency_seconds_count", ())]
-        assert itl == e.generated_tokens - e.requests
+    assert names >= HOOKED and handle.latency_histograms
+    # one first token per request, the other tokens are inter-token gaps
+    assert hist[("pagedkv_engine_time_to_first_token_seconds_count", ())] == e.requests
+    itl = hist[("pagedkv_engine_inter_token_latency_seconds_count", ())]
+    assert itl == e.generated_tokens - e.requests
     assert sum(v for (n, _), v in got.items() if n == "pagedkv_cache_blocks") == s.num_blocks
 
 
@@ -218,7 +216,6 @@ def test_the_hit_rate_is_the_ratio_of_the_two_counters(served):
     assert hit / query == engine.cache.stats().hit_rate > 0
 
 
-@pytest.mark.xfail(not HOOK, strict=True, reason="needs Engine.on_step (patches/ in this branch)")
 def test_the_engine_hook_feeds_latency_histograms_and_queue_gauges():
     registry = CollectorRegistry()
     engine = workload_engine()
@@ -247,7 +244,6 @@ def test_the_engine_hook_feeds_latency_histograms_and_queue_gauges():
     engine.close()
 
 
-@pytest.mark.xfail(not HOOK, strict=True, reason="needs Engine.on_step (patches/ in this branch)")
 def test_on_step_drops_a_raising_callback_and_unsubscribes(caplog):
     engine = Engine(tiny("llama"), num_blocks=32, block_size=4)
     seen, bad_calls = [], []

@@ -104,6 +104,15 @@ def demo(
         str | None, typer.Option(help="cpu or cuda (default: cuda if present).")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16.")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the demo "
+            "runs (0: a free port; needs pagedkv[metrics]).",
+        ),
+    ] = None,
     *,
     config: EngineConfig,
 ) -> None:
@@ -123,13 +132,23 @@ def demo(
         f"({engine.model.dtype}); KV pool: {engine.cache.num_blocks} blocks x "
         f"{engine.cache.block_size} tokens"
     )
+    server = None
+    if metrics_port is not None:
+        from pagedkv.metrics import serve_for
+
+        server = serve_for(engine, metrics_port)
+        console.print(f"Prometheus metrics at {server.url}")
     columns = (TextColumn("chat turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("turns", total=conversations * turns)
-        report = run_chat_demo(
-            engine, conversations=conversations, turns=turns, max_new_tokens=max_new_tokens,
-            progress=lambda done, total: bar.update(task, completed=done),
-        )  # fmt: skip
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("turns", total=conversations * turns)
+            report = run_chat_demo(
+                engine, conversations=conversations, turns=turns, max_new_tokens=max_new_tokens,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )  # fmt: skip
+    finally:
+        if server is not None:
+            server.close()
     for question, answer in report.samples:
         console.print(f"[bold cyan]Q:[/] {question}\n[bold green]A:[/] {answer.strip()}\n")
     mib = report.bytes_per_block / 2**20

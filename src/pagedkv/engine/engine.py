@@ -18,14 +18,14 @@ from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.engine.sessions import StoreSpec
-from pagedkv.engine.stats import EngineStats
+from pagedkv.engine.stats import EngineStats, StepLatencies
 from pagedkv.engine.submit import RequestFactory
 from pagedkv.errors import EngineClosedError
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 from pagedkv.storage import KVLayout
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["Engine", "EngineStats", "StepLatencies"]
 
 Prompt = str | Sequence[int]
 CacheSalt = str | bytes | None
@@ -207,6 +207,18 @@ class Engine:
         """Run one batch; return the requests that finished in it."""
         self._check_open()
         return self.core.step()
+
+    def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
+        """Call ``callback(StepLatencies)`` after every step that generated tokens, in the
+        thread running :meth:`step`; returns a function that unsubscribes it. A callback
+        that raises is logged and dropped: it never fails a step. ``TypeError`` for a
+        non-callable. (What :mod:`pagedkv.metrics` feeds its latency histograms from.)"""
+        return self.core.on_step(callback)
+
+    def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
+        """Subscribe to the KV cache's events (:meth:`KVCache.subscribe`): one batch per
+        step; returns a function that unsubscribes."""
+        return self.cache.subscribe(callback)
 
     def generate(
         self,

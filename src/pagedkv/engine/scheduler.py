@@ -146,10 +146,11 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         req.status = Status.FINISHED
 
-    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Request]:
+    def update(self, chunks: list[Chunk], tokens: list[int], now: float) -> list[Request]:
         """Record a step's results: every chunk's tokens now have KV, and ``tokens`` (one
-        per sampling chunk, in order) are appended to their requests. Returns the
-        requests that finished (a retained one keeps its sequence in the cache)."""
+        per sampling chunk, in order, sampled at ``now``: ``time.perf_counter()``) are
+        appended to their requests. Returns the requests that finished (a retained one
+        keeps its sequence in the cache)."""
         counters = self.counters
         finished = []
         it = iter(tokens)
@@ -165,6 +166,7 @@ class Scheduler:
                 continue
             token = next(it)
             output.append(token)
+            req.last_token_time = now
             generated += 1
             reason = req.stop_check(token)
             if reason is not None:
