@@ -226,12 +226,12 @@ class Engine:
         model's names; ``None``: you changed the weights already) and switch the cache's
         model fingerprint in O(1): no KV of the old weights is used again (device, tiers,
         snapshots; see :meth:`KVCache.set_model_fingerprint`). ``model_version``: the new
-        weights' identity (processes loading the same one share tier entries and
-        snapshots); default: derived from the weights and made unique (never shared). ``running="recompute"`` restarts requests
-        holding KV (tokens generated so far stay); ``"continue"``: they go on over their
-        old KV. Retained requests keep theirs, which :meth:`snapshot` refuses. Returns
-        whether the fingerprint changed (``False``: the current ``model_version`` and no
-        state dict). Bad arguments raise before anything is loaded."""
+        weights' identity (processes loading the same one share tier entries); default:
+        derived from the weights and made unique. ``running="recompute"`` restarts the
+        requests holding KV (tokens generated so far stay); ``"continue"``: they go on
+        over their old KV. Retained requests keep theirs, which :meth:`snapshot` refuses.
+        Returns whether the fingerprint changed (``False``: the current ``model_version``
+        and no state dict). Bad arguments raise before anything is loaded."""
         self._check_open()
         return weights.update(
             self.model, self.cache, self.scheduler, state_dict, model_version, running
