@@ -218,7 +218,7 @@ def test_events_of_another_thread_go_out_with_the_next_batch():
     t.join()
     assert batches == []  # delivered on the cache's thread, not the publisher's
     m.allocate("a", A + [1])
-    assert batches == [[tier_event, stored(m, A, 0)]]
+    assert batches == [[stored(m, A, 0), tier_event]]
     m.publish_events([BlockRemoved([b"\x01" * 32], medium="cpu")])
     m.deliver_events()
     assert batches[-1] == [BlockRemoved([b"\x01" * 32], medium="cpu")]

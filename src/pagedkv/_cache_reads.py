@@ -141,8 +141,20 @@ class CacheReads:
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(events)`` with the KV events of each operation (see
         :mod:`pagedkv.events`); returns a function that unsubscribes. Subscribers see
-        the token ids of every salt's prompts: an operator-side feed."""
-        return self.manager.subscribe(callback)
+        the token ids of every salt's prompts: an operator-side feed. The tiers report
+        theirs (``medium`` ``"cpu"``, ...) with the next batch, or at :meth:`flush`."""
+        unsubscribe = self.manager.subscribe(callback)
+        tiers, manager = self.tiers, self.manager
+        if tiers is None:
+            return unsubscribe
+        tiers.set_event_sink(manager.publish_events)
+
+        def unsubscribe_all() -> None:
+            unsubscribe()
+            if not manager.subscribers:  # the last one: the levels stop reporting
+                tiers.set_event_sink(None)
+
+        return unsubscribe_all
 
     def stats(self) -> CacheStats:
         return self.manager.stats()

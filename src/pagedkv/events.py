@@ -117,13 +117,14 @@ class EventHub:
             self.deliver()
 
     def deliver(self) -> None:
-        """Send what is pending to every subscriber now (nothing if nothing is)."""
-        batch: list[KVEvent] = []
+        """Send what is pending to every subscriber now (nothing if nothing is): the
+        operations' own events, then those other threads handed over, in their order (a
+        tier's write lands on its thread after, or while, the eviction that caused it)."""
+        batch = self.pending
+        self.pending = []
         foreign = self._foreign
         while foreign:
             batch.append(foreign.popleft())
-        batch += self.pending
-        self.pending = []
         if not batch:
             return
         for callback in list(self.subscribers):  # a callback may (un)subscribe
