@@ -443,7 +443,9 @@ def test_bad_register_arguments_are_clear_and_register_nothing(kwargs, error, ma
 
 
 def test_register_refuses_what_it_cannot_read():
-    with pytest.raises(TypeError, match="takes a KVCache, an Engine or a KVCacheGroup, got dict"):
+    with pytest.raises(
+        TypeError, match="takes a KVCache, an Engine, a KVCacheGroup or a SnapshotStore, got dict"
+    ):
         metrics.register({}, CollectorRegistry())
     with pytest.raises(TypeError, match="CollectorRegistry"):
         metrics.register(small_cache(), registry="global")
@@ -655,3 +657,38 @@ def test_without_prometheus_client_the_import_error_is_one_line():
         "MissingDependencyError",
         'pagedkv.metrics needs prometheus-client: pip install "pagedkv[metrics]"',
     ]
+
+
+# ------------------------------------------------------------------ SnapshotStore
+def test_a_snapshot_store_exports_its_saves_loads_and_bytes(tmp_path):
+    from pagedkv.snapshot import SnapshotStore
+
+    registry = CollectorRegistry()
+    store = SnapshotStore(tmp_path / "snaps")
+    cache = small_cache()
+    cache.allocate("a", list(range(10)))
+    with metrics.register(store, registry):
+        assert local(registry)[("pagedkv_snapshot_saves_total", ())] == 0
+        saved = store.save(cache, ["a"], "one")
+        store.save(cache, ["a"], "two")  # the same pages: nothing new written
+        loaded = store.load(small_cache(), "one")
+        got, s = local(registry), store.stats()
+    assert (s.saves, s.loads) == (2, 1) and s.written_bytes == saved.written_bytes > 0
+    assert s.read_bytes == loaded.bytes > 0 and s.save_seconds > 0 and s.load_seconds > 0
+    assert got == {
+        ("pagedkv_snapshot_saves_total", ()): 2,
+        ("pagedkv_snapshot_loads_total", ()): 1,
+        ("pagedkv_snapshot_written_bytes_total", ()): s.written_bytes,
+        ("pagedkv_snapshot_read_bytes_total", ()): s.read_bytes,
+        ("pagedkv_snapshot_save_seconds_total", ()): pytest.approx(s.save_seconds),
+        ("pagedkv_snapshot_load_seconds_total", ()): pytest.approx(s.load_seconds),
+    }
+    # an engine built with a SnapshotStore object exports its counters too, and covers it
+    engine = Engine(tiny("llama"), num_blocks=32, block_size=4, snapshot_store=store)
+    out = engine.generate([list(range(3, 12))], SamplingParams(max_new_tokens=2), retain=True)
+    engine.snapshot(out[0], "engine")
+    with metrics.register(engine, registry):
+        assert local(registry)[("pagedkv_snapshot_saves_total", ())] == 3
+        with pytest.raises(ValueError, match="already registered"):
+            metrics.register(store, registry)
+    engine.close()
