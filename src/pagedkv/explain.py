@@ -125,8 +125,8 @@ def explain_prefix(
             where[i] = name
             if name is not None and statuses[i] != DEVICE:
                 statuses[i] = f"tier:{name}"
-        while served < limit and where[served] is not None:
-            tier_tokens[where[served]] += bs
+        while served < limit and (found := where[served]) is not None:
+            tier_tokens[found] += bs
             served += 1
     return PrefixReport(
         num_tokens=n,

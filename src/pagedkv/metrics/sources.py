@@ -249,7 +249,7 @@ class EngineSource(Source):
             out.histogram("engine_time_to_first_token_seconds", self.latency.ttft)
             out.histogram("engine_inter_token_latency_seconds", self.latency.itl)
         read_cache(out, engine.cache)
-        store = getattr(engine, "snapshot_store", None)
+        store: Any = getattr(engine, "snapshot_store", None)
         if _is_snapshot_store(store):  # (a path is opened per call: nothing to count)
             read_snapshot_store(out, store.stats())
 
