@@ -85,6 +85,7 @@ def cache_series(s, ts, **labels) -> dict:
         key("pagedkv_cache_allocated_blocks_total"): s.blocks_allocated,
         key("pagedkv_cache_fragmentation_ratio"): s.fragmentation,
         key("pagedkv_cache_memory_pressure"): int(s.pressure),
+        key("pagedkv_cache_invalidated_blocks"): s.invalidated_blocks,
     }
     if not ts:
         return exp

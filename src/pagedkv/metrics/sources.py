@@ -69,6 +69,7 @@ def read_cache_stats(out: Samples, s: Any, **labels: str) -> None:
     out.add("cache_allocated_blocks", s.blocks_allocated, **labels)
     out.add("cache_fragmentation_ratio", s.fragmentation, **labels)
     out.add("cache_memory_pressure", int(s.pressure), **labels)
+    out.add("cache_invalidated_blocks", s.invalidated_blocks, **labels)
 
 
 # tier_stats() per-tier key -> family; then chain-wide keys -> family

@@ -53,6 +53,9 @@ CACHE = _specs(
          "Unused token slots in used blocks / token slots in used blocks."),
     Spec("cache_memory_pressure", GAUGE,
          "Memory pressure of blocks in use: 0 low, 1 medium, 2 high, 3 critical."),
+    Spec("cache_invalidated_blocks", GAUGE,
+         "Blocks still registered under an earlier model fingerprint (never hit again; "
+         "evicted lazily)."),
 )  # fmt: skip
 
 TIERS = _specs(
