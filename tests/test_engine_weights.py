@@ -173,8 +173,8 @@ def test_bad_arguments_change_nothing():
         ({**good, name: [1.0]}, {}, TypeError, "must be a torch.Tensor"),
         ([1, 2], {}, TypeError, "must be a mapping"),
         (good, {"running": "later"}, ValueError, "running must be one of"),
-        (good, {"model_version": 3}, TypeError, "model_version must be"),
-        (good, {"model_version": ""}, TypeError, "model_version must be"),
+        (good, {"model_version": 3}, TypeError, "model_version must be a str"),
+        (good, {"model_version": ""}, ValueError, "must not be empty"),
     ]
     for state_dict, kwargs, error, match in bad:
         with pytest.raises(error, match=match):
@@ -185,3 +185,20 @@ def test_bad_arguments_change_nothing():
     engine.close()
     with pytest.raises(Exception, match="closed"):
         engine.update_weights(good)
+
+
+def test_a_load_that_fails_midway_still_retires_the_old_kv(monkeypatch):
+    engine = Engine(tiny("llama", seed=OLD_SEED), num_blocks=32, block_size=8)
+    engine.generate([SYSTEM[:24]], NEW)
+    before = engine.cache.model_fingerprint
+    good = new_weights()
+
+    def copy_then_fail(model, tensors):  # as if the copy died after some tensors
+        raise RuntimeError("out of memory loading the last tensor")
+
+    monkeypatch.setattr("pagedkv.engine.weights.load_in_place", copy_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.update_weights(good)
+    assert engine.cache.model_fingerprint != before  # some weights changed: nothing reused
+    assert engine.generate([SYSTEM[:24]], NEW)[0].num_cached_tokens == 0
+    engine.close()

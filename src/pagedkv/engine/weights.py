@@ -32,8 +32,10 @@ def update(
     keep the requests holding KV, switch the fingerprint; whether it changed."""
     if running not in RUNNING_POLICIES:
         raise ValueError(f"running must be one of {RUNNING_POLICIES}, got {running!r}")
-    if model_version is not None and (not isinstance(model_version, str) or not model_version):
-        raise TypeError(f"model_version must be a non-empty str or None, got {model_version!r}")
+    if model_version is not None and not isinstance(model_version, str):
+        raise TypeError(f"model_version must be a str or None, got {model_version!r}")
+    if model_version == "":
+        raise ValueError("model_version must not be empty (None: derive it from the weights)")
     tensors = None if state_dict is None else check_state_dict(model, state_dict)
     current = cache.model_fingerprint
     if model_version is not None:  # independent of the weights: known before loading
@@ -46,14 +48,22 @@ def update(
                 )
             return False
     if tensors:
-        load_in_place(model, tensors)
+        try:
+            load_in_place(model, tensors)
+        except BaseException:  # some tensors may be new: no KV cached so far may be reused
+            _switch(cache, scheduler, f"{current}+{uuid.uuid4().hex[:16]}", running)
+            raise
     if model_version is None:
         # Never one used before: the weights' sample may miss a partial update, or come
         # back to an earlier fingerprint whose blocks are still registered.
         fp = f"{model_fingerprint(model)}+{uuid.uuid4().hex[:16]}"
+    return _switch(cache, scheduler, fp, running)
+
+
+def _switch(cache: KVCache, scheduler: Scheduler, fingerprint: str, running: str) -> bool:
     if running == "recompute":
         scheduler.recompute_all()
-    return cache.set_model_fingerprint(fp)
+    return cache.set_model_fingerprint(fingerprint)
 
 
 def check_state_dict(model: Any, state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
