@@ -202,3 +202,23 @@ def test_a_load_that_fails_midway_still_retires_the_old_kv(monkeypatch):
     assert engine.cache.model_fingerprint != before  # some weights changed: nothing reused
     assert engine.generate([SYSTEM[:24]], NEW)[0].num_cached_tokens == 0
     engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_update_weights_on_cuda_keeps_captured_graphs_valid(cuda_graphs):
+    """Weights are copied into the model's own storage, so CUDA graphs captured before
+    the update compute with the new weights (no re-capture needed)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = prompts_of((20, 13, 30), seed=6)
+    engine = Engine(tiny("llama", seed=OLD_SEED).cuda(), num_blocks=128, block_size=8,
+                    cuda_graphs=cuda_graphs)  # fmt: skip
+    engine.generate(prompts, NEW)  # captures the decode graphs under the old weights
+    engine.update_weights({k: v.cuda() for k, v in new_weights().items()})
+    outs = engine.generate(prompts, NEW)
+    fresh = Engine(tiny("llama", seed=NEW_SEED).cuda(), num_blocks=128, block_size=8,
+                   cuda_graphs=cuda_graphs)  # fmt: skip
+    assert [o.token_ids for o in outs] == [o.token_ids for o in fresh.generate(prompts, NEW)]
+    assert all(o.num_cached_tokens == 0 for o in outs)
+    engine.close()
+    fresh.close()
