@@ -115,12 +115,16 @@ class Engine:
         self._finalizer = weakref.finalize(self, self.cache.close)
 
     # ------------------------------------------------------------------ life cycle
-    def close(self) -> None:
+    def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
         Requests still queued or running are dropped. The model is left as it was
         given (nothing of it was changed). Also done when the engine is collected.
+        ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
+        finished requests are written to the persistent tier first).
         """
+        if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
+            self.cache.close(persist=True)
         self._finalizer()
         if self.runner.graphs is not None:  # their memory pool goes with them
             self.runner.graphs = None
@@ -209,9 +213,8 @@ class Engine:
         return self.core.step()
 
     def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
-        """Call ``callback(StepLatencies)`` after every step that generated tokens, in the
-        thread running :meth:`step`; returns a function that unsubscribes it. A callback
-        that raises is logged and dropped: it never fails a step."""
+        """Call ``callback(StepLatencies)`` after each step that generated tokens (on its
+        thread); returns an unsubscribe function. One that raises is logged and dropped."""
         return self.core.on_step(callback)
 
     def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
