@@ -15,13 +15,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pagedkv.cache import KVCache
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, Status
 from pagedkv.engine.scheduler import Scheduler
-from pagedkv.engine.stats import EngineStats
+from pagedkv.engine.stats import EngineStats, StepLatencies
 
 logger = logging.getLogger("pagedkv.engine")
 
@@ -45,6 +46,7 @@ class EngineCore:
         self._ids = itertools.count()
         self._num_requests = self._steps = 0
         self._step_seconds = 0.0
+        self._step_observers: list[Callable[[StepLatencies], None]] = []
 
     # ------------------------------------------------------------------ requests
     def new_id(self) -> int:
@@ -120,7 +122,14 @@ class EngineCore:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the requests that finished in it."""
+        """Run one batch; return the requests that finished in it. KV event subscribers
+        get the step's events as one batch."""
+        if self.cache.manager.subscribers:
+            with self.cache.manager.event_batch():
+                return self._step()
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         scheduler = self.scheduler
         preempted = scheduler.counters.preemptions
@@ -142,13 +151,57 @@ class EngineCore:
             for c in chunks:
                 scheduler.fail(c.req, f"{type(exc).__name__}: {exc}")
             return [self.output(c.req) for c in chunks]
-        finished = scheduler.update(chunks, tokens)
+        now = time.perf_counter()
+        # Latencies are computed only for subscribers, before update() stamps the tokens.
+        event = self._latencies(chunks, now) if self._step_observers else None
+        finished = scheduler.update(chunks, tokens, now)
         for req in finished:
             if req.retain:
                 self.retained[req.request_id] = req
         self._steps += 1
         self._step_seconds += time.perf_counter() - t0
+        if event is not None and tokens:
+            self._notify(event)
         return [self.output(req) for req in finished]
+
+    # ------------------------------------------------------------------ step observers
+    def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
+        """Call ``callback(StepLatencies)`` after every step that generated tokens (see
+        :meth:`Engine.on_step`); returns a function that unsubscribes it (idempotent)."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        observers = self._step_observers
+        observers.append(callback)
+
+        def unsubscribe() -> None:  # holds the list, not the core
+            for i, cb in enumerate(observers):
+                if cb is callback:
+                    del observers[i]
+                    return
+
+        return unsubscribe
+
+    @staticmethod
+    def _latencies(chunks: list, now: float) -> StepLatencies:
+        """The latencies of the tokens ``chunks`` sample at ``now`` (one per sampling
+        chunk: a first token if its request has none yet)."""
+        ttft, itl = [], []
+        for c in chunks:
+            if c.sample:
+                req = c.req
+                if req.output:
+                    itl.append(now - req.last_token_time)
+                else:
+                    ttft.append(now - req.queued_time)
+        return StepLatencies(now, tuple(ttft), tuple(itl))
+
+    def _notify(self, event: StepLatencies) -> None:
+        for cb in list(self._step_observers):
+            try:
+                cb(event)
+            except Exception:
+                logger.warning("an on_step callback raised; it was removed", exc_info=True)
+                self._step_observers[:] = [c for c in self._step_observers if c is not cb]
 
     def _fail_starved(self) -> list[RequestOutput]:
         """Fail the head of the queue: nothing runs and the pool cannot admit it (only
@@ -197,5 +250,6 @@ class EngineCore:
             steps=self._steps, preemptions=c.preemptions,
             blocks_in_use=cache.num_blocks - cache.num_free_blocks, blocks_peak=c.peak_blocks,
             num_blocks=cache.num_blocks, block_size=cache.block_size,
-            retained_seqs=len(self.retained),
+            retained_seqs=len(self.retained), running_requests=len(self.scheduler.running),
+            waiting_requests=len(self.scheduler.waiting),
         )  # fmt: skip

@@ -4,29 +4,29 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pagedkv.cache import KVCache
-from pagedkv.engine import sessions
+from pagedkv.engine import sessions, weights
 from pagedkv.engine.chat import Conversation, Message, as_conversations
 from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
-from pagedkv.engine.detokenize import Detokenizer
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
 from pagedkv.engine.migrate_api import MigrationAPI
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.engine.sessions import StoreSpec
-from pagedkv.engine.stats import EngineStats
+from pagedkv.engine.stats import EngineStats, StepLatencies
+from pagedkv.engine.streaming import follow
 from pagedkv.engine.submit import RequestFactory
 from pagedkv.errors import EngineClosedError
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 from pagedkv.storage import KVLayout
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["Engine", "EngineStats", "StepLatencies"]
 
 Prompt = str | Sequence[int]
 CacheSalt = str | bytes | None
@@ -213,6 +213,34 @@ class Engine(MigrationAPI):
         self._check_open()
         return self.core.step()
 
+    def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
+        """Call ``callback(StepLatencies)`` after each step that generated tokens (on its
+        thread); returns an unsubscribe function. One that raises is logged and dropped."""
+        return self.core.on_step(callback)
+
+    def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
+        """:meth:`KVCache.subscribe` on the engine's cache: one event batch per step."""
+        return self.cache.subscribe(callback)
+
+    def update_weights(
+        self, state_dict: Mapping[str, Any] | None = None, *, model_version: str | None = None,
+        running: str = "recompute",
+    ) -> bool:  # fmt: skip
+        """New weights between steps: load ``state_dict`` in place (some or all of the
+        model's names; ``None``: you changed the weights already) and switch the cache's
+        model fingerprint in O(1): no KV of the old weights is used again (device, tiers,
+        snapshots; see :meth:`KVCache.set_model_fingerprint`). ``model_version``: the new
+        weights' identity (processes loading the same one share tier entries); default:
+        derived from the weights and made unique. ``running="recompute"`` restarts the
+        requests holding KV (tokens generated so far stay); ``"continue"``: they go on
+        over their old KV. Retained requests keep theirs, which :meth:`snapshot` refuses.
+        Returns whether the fingerprint changed (``False``: the current ``model_version``
+        and no state dict). Bad arguments raise before anything is loaded."""
+        self._check_open()
+        return weights.update(
+            self.model, self.cache, self.scheduler, state_dict, model_version, running
+        )
+
     def generate(
         self,
         prompts: Sequence[Prompt] | Sequence[Conversation],
@@ -302,32 +330,7 @@ class Engine(MigrationAPI):
             prompt, params, retain=retain, cache_salt=cache_salt, chat=chat, priority=priority
         )
         self.core.queue([req])
-        return self._follow(req)
-
-    def _follow(self, req: Request) -> Iterator[StreamDelta]:
-        rid = req.request_id
-        detok = None if self.tokenizer is None else Detokenizer(self.tokenizer)
-        try:
-            while True:
-                self.step()
-                done = req.finish_reason is not None
-                if len(req.output) > req.streamed or done:
-                    new = req.output[req.streamed :]
-                    req.streamed = len(req.output)
-                    text = None
-                    if detok is not None:
-                        text = detok.push(new)
-                        if done:
-                            final = self.core.text(req.output)
-                            assert final is not None  # a Detokenizer implies a tokenizer
-                            text += detok.finish(final)
-                    yield StreamDelta(rid, new, text, req.finish_reason)
-                if done:
-                    self.core.requests.pop(rid, None)
-                    return
-        finally:
-            if req.finish_reason is None:  # the caller stopped iterating: stop serving it
-                self.abort(rid)
+        return follow(self.core, self.step, self.abort, req)
 
     # ------------------------------------------------------------------ snapshots
     # Parking and resuming conversations; the contract is in pagedkv.engine.sessions.
@@ -371,7 +374,7 @@ class Engine(MigrationAPI):
         """:meth:`resume`, yielding text deltas as they are generated (as :meth:`stream`)."""
         self._check_open()
         req = self._resume(name, more_prompt, params, store, retain, cache_salt)
-        return self._follow(req)
+        return follow(self.core, self.step, self.abort, req)
 
     def _resume(
         self, name: str, more_prompt: Prompt, params: SamplingParams | None,

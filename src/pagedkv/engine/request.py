@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -170,6 +171,9 @@ class Request:
     #: the scheduler step, and time.monotonic(), that last scheduled it (record_access)
     last_step: int = -1
     last_time: float = 0.0
+    #: time.perf_counter() at submission and at its latest generated token (latencies)
+    queued_time: float = field(default_factory=time.perf_counter)
+    last_token_time: float = 0.0
 
     @property
     def seq_id(self) -> int:

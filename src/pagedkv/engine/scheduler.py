@@ -161,10 +161,11 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         req.status = Status.FINISHED
 
-    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Request]:
+    def update(self, chunks: list[Chunk], tokens: list[int], now: float) -> list[Request]:
         """Record a step's results: every chunk's tokens now have KV, and ``tokens`` (one
-        per sampling chunk, in order) are appended to their requests. Returns the
-        requests that finished (a retained one keeps its sequence in the cache)."""
+        per sampling chunk, in order, sampled at ``now``: ``time.perf_counter()``) are
+        appended to their requests. Returns the requests that finished (a retained one
+        keeps its sequence in the cache)."""
         counters = self.counters
         finished = []
         it = iter(tokens)
@@ -180,6 +181,7 @@ class Scheduler:
                 continue
             token = next(it)
             output.append(token)
+            req.last_token_time = now
             generated += 1
             reason = req.stop_check(token)
             if reason is not None:
@@ -326,6 +328,24 @@ class Scheduler:
             req.status = Status.WAITING
         self._tables.pop(req.seq_id, None)
         self.waiting.appendleft(req)
+
+    def recompute_all(self) -> int:
+        """Make every request holding KV compute it again from its first token (the
+        weights changed): the running ones, then swapped-out or resumed ones waiting
+        with their KV, go back to the front of the queue holding no blocks, in that
+        order. Returns how many; they do not count as preemptions."""
+        held = [r for r in self.waiting if r.status is Status.SWAPPED or r.num_allocated]
+        for req in held:
+            self.waiting.remove(req)
+        restart, self.running = self.running + held, []
+        for req in reversed(restart):
+            if req.status is Status.SWAPPED or req.num_allocated:
+                self.cache.free(req.seq_id)  # also discards a swapped-out copy
+            req.num_computed = req.num_allocated = 0
+            req.status = Status.WAITING
+            self._tables.pop(req.seq_id, None)
+            self.waiting.appendleft(req)
+        return len(restart)
 
     def _swap_out(self, req: Request) -> bool:
         try:
