@@ -166,8 +166,9 @@ class EngineCore:
 
     # ------------------------------------------------------------------ step observers
     def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
-        """Call ``callback(StepLatencies)`` after every step that generated tokens (see
-        :meth:`Engine.on_step`); returns a function that unsubscribes it (idempotent)."""
+        """Call ``callback(StepLatencies)`` after every step that generated tokens, on the
+        stepping thread (one that raises is logged and dropped); returns a function that
+        unsubscribes it (idempotent). :meth:`Engine.on_step` is the public form."""
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         observers = self._step_observers

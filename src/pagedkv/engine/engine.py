@@ -214,8 +214,7 @@ class Engine(MigrationAPI):
         return self.core.step()
 
     def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
-        """Call ``callback(StepLatencies)`` after each step that generated tokens (on its
-        thread); returns an unsubscribe function. One that raises is logged and dropped."""
+        """``callback(StepLatencies)`` after each step that made tokens; returns an unsubscribe."""
         return self.core.on_step(callback)
 
     def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
