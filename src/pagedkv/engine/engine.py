@@ -14,7 +14,7 @@ from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
 from pagedkv.engine.detokenize import Detokenizer
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
-from pagedkv.engine.model_runner import ModelRunner
+from pagedkv.engine.model_runner import EngineWarmup, ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.engine.sessions import StoreSpec
@@ -25,7 +25,7 @@ from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 from pagedkv.storage import KVLayout
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["Engine", "EngineStats", "EngineWarmup"]
 
 Prompt = str | Sequence[int]
 CacheSalt = str | bytes | None
@@ -82,7 +82,7 @@ class Engine:
         self.config = config = resolve_config(config, options)
         if config.preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
-        check_model_supported(model)
+        support = check_model_supported(model)
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -97,14 +97,12 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
-        self.runner = ModelRunner(
-            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs
-        )
+        self.runner = ModelRunner(model, self.cache, self.scheduler.block_table, config, support)
         self._factory = RequestFactory(
             tokenizer, self.vocab_size, config.block_size, blocks, self.device, self.eos_token_ids
         )
         #: the request table and the step loop (what this class adds is the user API)
-        self.core = EngineCore(self.cache, self.scheduler, self.runner, tokenizer)
+        self.core = EngineCore(self.cache, self.scheduler, self.runner, tokenizer, config.overlap)
         self.snapshot_store = snapshot_store
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_batch_tokens=%d, "
@@ -113,6 +111,15 @@ class Engine:
         )  # fmt: skip
         # Only what the engine built is released; the model has nothing to restore.
         self._finalizer = weakref.finalize(self, self.cache.close)
+        if config.warmup:
+            self.warmup()
+
+    def warmup(self) -> EngineWarmup:
+        """Compile every kernel, run the eager forward shapes and capture every CUDA graph
+        bucket now (see :meth:`ModelRunner.warmup`): no later step pays for them."""
+        self._check_open()
+        self.core.drain()
+        return self.runner.warmup()
 
     # ------------------------------------------------------------------ life cycle
     def close(self) -> None:
@@ -122,8 +129,7 @@ class Engine:
         given (nothing of it was changed). Also done when the engine is collected.
         """
         self._finalizer()
-        if self.runner.graphs is not None:  # their memory pool goes with them
-            self.runner.graphs = None
+        self.runner.graphs = None  # their memory pool goes with them
 
     @property
     def closed(self) -> bool:
