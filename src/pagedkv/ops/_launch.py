@@ -105,8 +105,9 @@ class Launcher:
                     and _hook_idle(rt.launch_enter_hook)
                     and _hook_idle(rt.launch_exit_hook)
                 ):
+                    gx, gy, gz = (*grid, 1, 1)[:3]  # a 1-D or 2-D grid is padded as Triton does
                     bound.run(
-                        grid[0], grid[1], grid[2], drv.current_stream(dev), bound.function,
+                        gx, gy, gz, drv.current_stream(dev), bound.function,
                         bound.metadata, None, None, None, *ptrs, *args[n:], *self.tail,
                     )  # fmt: skip
                     return
