@@ -288,8 +288,11 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
                         engine.cache.manager.reset_prefix_cache()
                         return engine.generate(workloads[w], sp)
 
-                    r["breakdown"] = device_breakdown(profiled, dev, lambda: engine.stats().steps)
-                    r["breakdown"]["new_tokens"] = prof_sp.max_new_tokens
+                    try:  # a profiler failure loses the breakdown, not the run
+                        bd = device_breakdown(profiled, dev, lambda: engine.stats().steps)
+                        r["breakdown"] = dict(bd, new_tokens=prof_sp.max_new_tokens)
+                    except Exception as exc:
+                        r["breakdown"] = dict(error=repr(exc))
                 print(f"pk_{w}", json.dumps(r), flush=True)
                 dump()
                 bar.done()
