@@ -132,3 +132,24 @@ def test_warmup_compiles_without_touching_the_cache(case):
     assert engine.stats().blocks_in_use == stats.blocks_in_use == 0
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
     assert [o.token_ids for o in engine.generate(prompts[:2], params)] == ref[:2]
+
+
+def test_a_retained_request_parks_and_resumes_the_same_with_overlap(case, tmp_path):
+    """A request that stops (EOS-like stop token) while its next row is already launched:
+    the snapshot holds exactly its counted tokens, and resuming continues identically."""
+    model, prompts, ref = case
+    stop = SamplingParams(max_new_tokens=NEW, stop_token_ids=[ref[1][4]], ignore_eos=True)
+    cut = ref[1].index(ref[1][4]) + 1
+    results = []
+    for overlap in (False, True):
+        engine = Engine(model, num_blocks=64, block_size=8, overlap=overlap,
+                        snapshot_store=tmp_path / str(overlap))  # fmt: skip
+        first = engine.generate([prompts[1]], stop, retain=True)[0]
+        assert first.token_ids == ref[1][:cut] and first.finish_reason == "stop"
+        info = engine.snapshot(first, "s")
+        assert info.num_tokens == len(prompts[1]) + cut - 1  # the last token has no KV yet
+        rest = engine.resume("s", [], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert engine.stats().blocks_in_use == 0
+        engine.cache.check_integrity()
+        results.append(rest.token_ids)
+    assert results[0] == results[1]
