@@ -155,3 +155,15 @@ def test_cuda_warmup_captures_every_graph_the_run_needs(cuda_llama):
     engine.generate(prompts[:1], GREEDY)
     engine.generate(prompts[1:], GREEDY)
     assert set(engine.runner.graphs.graphs) == held, "a step captured a graph after warmup()"
+
+
+@pytest.mark.slow
+def test_cuda_torch_compile_keeps_the_tokens(cuda_llama):
+    """torch_compile=True: the model compiled around the paged attention (a graph break),
+    in eager steps and inside the CUDA graphs; still generate()'s tokens, no fallback."""
+    model, prompts, ref = cuda_llama
+    engine = Engine(model, num_blocks=128, block_size=8, torch_compile=True)
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    assert engine.runner.compiled is not None, "torch.compile fell back to eager"
+    assert not engine.runner.graphs.disabled
