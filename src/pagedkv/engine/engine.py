@@ -122,12 +122,18 @@ class Engine:
         return self.runner.warmup()
 
     # ------------------------------------------------------------------ life cycle
-    def close(self) -> None:
+    def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
         Requests still queued or running are dropped. The model is left as it was
         given (nothing of it was changed). Also done when the engine is collected.
+        ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
+        finished requests are written to the persistent tier first).
         """
+        if self._finalizer.alive:  # a step still in flight (overlap) writes its KV first
+            self.core.drain()
+        if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
+            self.cache.close(persist=True)
         self._finalizer()
         self.runner.graphs = None  # their memory pool goes with them
 
