@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from pagedkv.cache import KVCache
-from pagedkv.engine.model_runner import ModelRunner, SampledTokens
+from pagedkv.engine.model_runner import EngineWarmup, ModelRunner, SampledTokens
 from pagedkv.engine.request import Request, RequestOutput, Status
 from pagedkv.engine.scheduler import Chunk, Scheduler
 from pagedkv.engine.stats import EngineStats
@@ -158,6 +158,11 @@ class EngineCore:
         prev, self._inflight = self._inflight, None
         if prev is not None:
             self._resolve(*prev)
+
+    def warmup(self) -> EngineWarmup:
+        """:meth:`drain`, then :meth:`ModelRunner.warmup` (kernels, forwards, graphs)."""
+        self.drain()
+        return self.runner.warmup()
 
     def _schedule(self) -> list[Chunk]:
         """The scheduler's chunks of a step that waits for no result (may preempt)."""

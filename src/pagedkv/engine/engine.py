@@ -47,9 +47,8 @@ class Engine:
     Options: ``config`` (an :class:`EngineConfig`; default ``EngineConfig()``) and
     ``**options``, keyword overrides of its fields (``Engine(model, tok, num_blocks=64,
     block_size=16)``; an unknown name raises ``TypeError`` listing them). The result is
-    :attr:`config`. Three keywords are objects rather than options, so they are not
-    config fields (a config is plain values that can be copied, compared and reused for
-    another engine; these are resources or identities of this one):
+    :attr:`config`. Three keywords are not config fields (a config is plain values to
+    copy, compare and reuse for another engine; these are resources of this one):
     ``tiers``: forwarded to :class:`~pagedkv.KVCache` (needed by ``preemption="swap"``).
     ``snapshot_store``: where :meth:`snapshot` and :meth:`resume` save and load by
     default (a directory, a ``redis://`` URL or a :class:`~pagedkv.SnapshotStore`).
@@ -115,23 +114,20 @@ class Engine:
             self.warmup()
 
     def warmup(self) -> EngineWarmup:
-        """Compile every kernel, run the eager forward shapes and capture every CUDA graph
-        bucket now (see :meth:`ModelRunner.warmup`): no later step pays for them."""
+        """Compile every kernel, capture every CUDA-graph bucket now (no step pays later)."""
         self._check_open()
-        self.core.drain()
-        return self.runner.warmup()
+        return self.core.warmup()
 
     # ------------------------------------------------------------------ life cycle
     def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
-        Requests still queued or running are dropped. The model is left as it was
-        given (nothing of it was changed). Also done when the engine is collected.
+        Queued and running requests are dropped; the model is left as it was given.
+        Also done when the engine is collected.
         ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
         finished requests are written to the persistent tier first).
         """
-        if self._finalizer.alive:  # a step still in flight (overlap) writes its KV first
-            self.core.drain()
+        self.core.drain()  # a step still in flight (overlap) writes its KV first
         if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
             self.cache.close(persist=True)
         self._finalizer()
@@ -240,8 +236,7 @@ class Engine:
         need (see :meth:`chat`). ``params``, ``cache_salt`` and ``priority``: one for all
         or one per prompt (see :meth:`add_request`). Every prompt is validated before any
         runs: a bad one raises ``ValueError``/``TypeError`` naming its index and nothing is
-        queued. ``retain``: keep each finished sequence in the cache for
-        :meth:`snapshot` (or :meth:`release`).
+        queued. ``retain``: keep each finished sequence for :meth:`snapshot` / :meth:`release`.
         """
         self._check_open()
         reqs = self._factory.make_requests(
