@@ -26,6 +26,7 @@ PRIVATE = [3, 13, 0, 17, 9, 9, 4, 0, 0]
 
 
 def _case(dtype, hkv, d, bs):
+    torch.manual_seed(0)  # the case and the queries drawn after it
     k, v, bt, sl, groups = grouped_case([3, 2, 1], GROUP_OF, PRIVATE, hkv, d, bs, dtype, DEV)
     sl[7:] = 0
     return k, v, bt, sl, [grp for grp in groups if 7 not in grp[0]]
