@@ -14,7 +14,7 @@ from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
 from pagedkv.engine.migrate_api import MigrationAPI
-from pagedkv.engine.model_runner import ModelRunner
+from pagedkv.engine.model_runner import EngineWarmup, ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.engine.sessions import StoreSpec
@@ -26,7 +26,7 @@ from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 from pagedkv.storage import KVLayout
 
-__all__ = ["Engine", "EngineStats", "StepLatencies"]
+__all__ = ["Engine", "EngineStats", "EngineWarmup", "StepLatencies"]
 
 Prompt = str | Sequence[int]
 CacheSalt = str | bytes | None
@@ -48,9 +48,8 @@ class Engine(MigrationAPI):
     Options: ``config`` (an :class:`EngineConfig`; default ``EngineConfig()``) and
     ``**options``, keyword overrides of its fields (``Engine(model, tok, num_blocks=64,
     block_size=16)``; an unknown name raises ``TypeError`` listing them). The result is
-    :attr:`config`. Three keywords are objects rather than options, so they are not
-    config fields (a config is plain values that can be copied, compared and reused for
-    another engine; these are resources or identities of this one):
+    :attr:`config`. Three keywords are not config fields (a config is plain values to
+    copy, compare and reuse for another engine; these are resources of this one):
     ``tiers``: forwarded to :class:`~pagedkv.KVCache` (needed by ``preemption="swap"``).
     ``snapshot_store``: where :meth:`snapshot` and :meth:`resume` save and load by
     default (a directory, a ``redis://`` URL or a :class:`~pagedkv.SnapshotStore`).
@@ -83,7 +82,7 @@ class Engine(MigrationAPI):
         self.config = config = resolve_config(config, options)
         if config.preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
-        check_model_supported(model)
+        support = check_model_supported(model)
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -98,14 +97,12 @@ class Engine(MigrationAPI):
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
-        self.runner = ModelRunner(
-            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs
-        )
+        self.runner = ModelRunner(model, self.cache, self.scheduler.block_table, config, support)
         self._factory = RequestFactory(
             tokenizer, self.vocab_size, config.block_size, blocks, self.device, self.eos_token_ids
         )
         #: the request table and the step loop (what this class adds is the user API)
-        self.core = EngineCore(self.cache, self.scheduler, self.runner, tokenizer)
+        self.core = EngineCore(self.cache, self.scheduler, self.runner, tokenizer, config.overlap)
         self.snapshot_store = snapshot_store
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_batch_tokens=%d, "
@@ -114,21 +111,28 @@ class Engine(MigrationAPI):
         )  # fmt: skip
         # Only what the engine built is released; the model has nothing to restore.
         self._finalizer = weakref.finalize(self, self.cache.close)
+        if config.warmup:
+            self.warmup()
+
+    def warmup(self) -> EngineWarmup:
+        """Compile every kernel, capture every CUDA-graph bucket now (no step pays later)."""
+        self._check_open()
+        return self.core.warmup()
 
     # ------------------------------------------------------------------ life cycle
     def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
-        Requests still queued or running are dropped. The model is left as it was
-        given (nothing of it was changed). Also done when the engine is collected.
+        Queued and running requests are dropped; the model is left as it was given.
+        Also done when the engine is collected.
         ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
         finished requests are written to the persistent tier first).
         """
+        self.core.drain()  # a step still in flight (overlap) writes its KV first
         if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
             self.cache.close(persist=True)
         self._finalizer()
-        if self.runner.graphs is not None:  # their memory pool goes with them
-            self.runner.graphs = None
+        self.runner.graphs = None  # their memory pool goes with them
 
     @property
     def closed(self) -> bool:
@@ -260,8 +264,7 @@ class Engine(MigrationAPI):
         need (see :meth:`chat`). ``params``, ``cache_salt`` and ``priority``: one for all
         or one per prompt (see :meth:`add_request`). Every prompt is validated before any
         runs: a bad one raises ``ValueError``/``TypeError`` naming its index and nothing is
-        queued. ``retain``: keep each finished sequence in the cache for
-        :meth:`snapshot` (or :meth:`release`).
+        queued. ``retain``: keep each finished sequence for :meth:`snapshot` / :meth:`release`.
         """
         self._check_open()
         reqs = self._factory.make_requests(

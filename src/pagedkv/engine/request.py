@@ -154,6 +154,9 @@ class Request:
     num_computed: int = 0
     #: tokens allocated in the block manager for this sequence
     num_allocated: int = 0
+    #: sampled tokens not yet in ``output``: a launched step's result still on the device
+    #: (0 or 1; with overlap its KV may already be computed by the next step)
+    pending: int = 0
     num_cached_tokens: int = -1
     finish_reason: str | None = None
     error: str | None = None
