@@ -82,7 +82,7 @@ class Engine:
         self.config = config = resolve_config(config, options)
         if config.preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
-        check_model_supported(model)
+        support = check_model_supported(model)
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -97,6 +97,7 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
+        self.scheduler.window = support.release_window  # all layers windowed: release
         self.runner = ModelRunner(
             model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs
         )
