@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _models import WINDOW, tiny_family
+from pagedkv.cache import KVCache
 from pagedkv.engine import Engine, SamplingParams
 from pagedkv.tiers import CPUTier
 from test_families import family_prompts, reference, skip_if_missing
@@ -51,9 +52,17 @@ def test_long_generation_holds_the_window_not_the_context(mistral):
     assert engine.stats().blocks_in_use == 0
 
 
-def test_prefix_hits_and_swap_preemption_with_released_blocks(mistral):
+def test_prefix_hits_and_swap_preemption_with_released_blocks(mistral, monkeypatch):
     prompts = family_prompts()
     ref = reference(mistral, prompts)
+    swapped_released = []
+    real = KVCache.swap_out
+
+    def swap_out(cache, seq_id):
+        swapped_released.append(cache.num_released(seq_id))
+        return real(cache, seq_id)
+
+    monkeypatch.setattr(KVCache, "swap_out", swap_out)
     engine = Engine(
         mistral, num_blocks=22, block_size=BS, max_batch_tokens=STEP_TOKENS * 2,
         preemption="swap", tiers=[CPUTier(1 << 20, swap_bytes=4 << 20)],
@@ -62,6 +71,7 @@ def test_prefix_hits_and_swap_preemption_with_released_blocks(mistral):
     assert [o.token_ids for o in outs] == ref
     stats = engine.stats()
     assert stats.preemptions > 0 and stats.cached_tokens > 0, stats
+    assert any(swapped_released), swapped_released  # victims swapped with released blocks
     engine.cache.check_integrity()
     engine.close()
 
