@@ -8,6 +8,9 @@ with a full-attention layer keep every block.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,3 +94,16 @@ def test_models_with_a_full_attention_layer_keep_every_block(family):
     skip_if_missing(family)
     engine = Engine(tiny_family(family), num_blocks=32, block_size=BS)
     assert engine.scheduler.window is None
+
+
+def test_released_memory_benchmark_holds_the_window(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kv_memory_released as kvr
+
+    r = kvr.replay(8192, 1000, 16)
+    assert r.full_blocks == 512
+    assert r.held_blocks == 512 - (8192 - 1000 + 1) // 16 == 63  # tokens 7184..8191
+    assert r.held_bytes < 1.02 * r.needed_bytes
+    assert r.held_blocks < r.peak_blocks <= r.held_blocks + 512 // 16 + 1  # a prefill chunk
+    assert kvr.main(["--context", "4096", "--window", "1024", "--out", str(tmp_path)]) == 0
+    assert "every block kept" in capsys.readouterr().out
