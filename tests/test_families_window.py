@@ -17,6 +17,7 @@ import torch
 from _models import WINDOW, tiny_family
 from pagedkv.cache import KVCache
 from pagedkv.engine import Engine, SamplingParams
+from pagedkv.integrations.support import ModelSupport
 from pagedkv.tiers import CPUTier
 from test_families import family_prompts, reference, skip_if_missing
 
@@ -107,3 +108,10 @@ def test_released_memory_benchmark_holds_the_window(tmp_path, capsys):
     assert r.held_blocks < r.peak_blocks <= r.held_blocks + 512 // 16 + 1  # a prefill chunk
     assert kvr.main(["--context", "4096", "--window", "1024", "--out", str(tmp_path)]) == 0
     assert "every block kept" in capsys.readouterr().out
+
+
+def test_release_window_is_the_largest_layer_window():
+    # a layer with a wider window still reads keys a narrower one skips
+    all_windowed = ModelSupport("x", 3, 2, 8, (8, 32, 16), None, False, True)
+    mixed = ModelSupport("x", 2, 2, 8, (8, None), None, False, True)
+    assert all_windowed.release_window == 32 and mixed.release_window is None

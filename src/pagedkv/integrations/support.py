@@ -80,13 +80,14 @@ class ModelSupport:
 
     @property
     def release_window(self) -> int | None:
-        """The window after which an engine releases old blocks: the smallest layer
-        window when every layer is windowed; None (keep every block) otherwise. A model
-        with a full-attention layer keeps one block table for all layers, so its
-        windowed layers only skip the old blocks."""
+        """The window before which an engine releases old blocks when every layer is
+        windowed: the *largest* layer window (a layer with a wider window still reads
+        keys a narrower one skips); None (keep every block) otherwise. A model with a
+        full-attention layer keeps one block table for all layers, so its windowed
+        layers only skip the old blocks."""
         if not self.all_windowed:
             return None
-        return min(w for w in self.windows if w is not None)
+        return max(w for w in self.windows if w is not None)
 
 
 def check_model_supported(model_or_config: Any) -> ModelSupport:
