@@ -408,8 +408,9 @@ class KVCacheGroup:
 
     def _next_move(self, spread: float, tried: set) -> tuple[Hashable, str, str] | None:
         bs = self.layout.block_size
-        candidates = [
-            (sid, name, -(-self._members[name].num_tokens(sid) // bs))
+        m = self._members
+        candidates = [  # blocks each sequence holds (those released outside a window not)
+            (sid, name, -(-m[name].num_tokens(sid) // bs) - m[name].num_released(sid))
             for sid, name in self._where.items()
             if sid not in self._pinned and sid not in tried
         ]
