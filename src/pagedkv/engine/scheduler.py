@@ -61,6 +61,9 @@ class Scheduler:
         self.steps = 0  # schedule() calls: the clock of Request.last_step
         self._admissions = 0
         self._tables: dict[int, list[int]] = {}
+        #: the smallest window of a model whose every layer is windowed (None: keep every
+        #: block): blocks no later query reads are released after each step
+        self.window: int | None = None
 
     def add(self, req: Request, *, front: bool = False) -> None:
         """Queue ``req`` at the back of its priority level (``front``: at its front)."""
@@ -161,7 +164,22 @@ class Scheduler:
                 self.cache.append(req.seq_id, [token])
                 req.num_allocated += 1
         counters.generated_tokens += generated
+        if self.window is not None:
+            self._release_outside_window(chunks)
         return finished
+
+    def _release_outside_window(self, chunks: list[Chunk]) -> None:
+        """Release the blocks before every layer's window of each request still running.
+
+        A query at position p >= ``num_computed`` reads keys from ``p - window + 1`` on.
+        Retained requests keep every block (a snapshot needs them all)."""
+        w, cache = self.window, self.cache
+        assert w is not None
+        for c in chunks:
+            req = c.req
+            live = c.end >= w and req.status is Status.RUNNING and not req.retain
+            if live and cache.release_before(req.seq_id, c.end - w + 1):
+                self._tables.pop(req.seq_id, None)  # refreshed at the next read
 
     def fail(self, req: Request, error: str) -> None:
         """Finish ``req`` with ``finish_reason="error"`` and ``error`` (its blocks freed)."""
@@ -269,7 +287,8 @@ class Scheduler:
 
     def _select_victims(self, req: Request, short: int) -> list[Request]:
         bs = self.block_size
-        views = tuple(_view(r, r is req, bs) for r in self.running)
+        held = self.cache.num_released if self.window is not None else None
+        views = tuple(_view(r, r is req, bs, held(r.seq_id) if held else 0) for r in self.running)
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 
@@ -376,9 +395,10 @@ class Scheduler:
         return True
 
 
-def _view(r: Request, requesting: bool, block_size: int) -> RunningRequest:
-    """What a preemption policy may read of running request ``r``."""
+def _view(r: Request, requesting: bool, block_size: int, released: int) -> RunningRequest:
+    """What a preemption policy may read of running request ``r`` (``released``: its
+    blocks released outside the window, not held)."""
     return RunningRequest(
         r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
-        -(-r.num_allocated // block_size), r.num_computed, r.num_tokens, requesting,
+        -(-r.num_allocated // block_size) - released, r.num_computed, r.num_tokens, requesting,
     )  # fmt: skip

@@ -39,11 +39,12 @@ from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
 from pagedkv.manager.stats import Counters
 from pagedkv.manager.subscriptions import EventSource
+from pagedkv.manager.window import WindowOps, held_blocks
 
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(ManagerReads, Registration, EventSource, ModelChanges):
+class BlockManager(ManagerReads, Registration, EventSource, ModelChanges, WindowOps):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
@@ -276,7 +277,7 @@ class BlockManager(ManagerReads, Registration, EventSource, ModelChanges):
             raise TypeError(f"child_id must be hashable, got {type(child_id).__name__}") from None
         if live:
             raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
-        self._alloc.share(parent.blocks, parent.chain)
+        self._alloc.share(held_blocks(parent), parent.chain)
         self._seqs[child_id] = parent.fork()
         if self._observed:
             self._after()
@@ -294,7 +295,8 @@ class BlockManager(ManagerReads, Registration, EventSource, ModelChanges):
                 f"unknown sequence {seq_id!r}: it was never allocated or is already freed"
             ) from None
         partial = len(seq.tokens) % self.block_size != 0
-        self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
+        blocks = seq.blocks if not seq.released else held_blocks(seq)
+        self._alloc.release(blocks, seq.chain, seq.anonymous, partial)
         if self._observed:
             self._after()
 
@@ -317,7 +319,7 @@ class BlockManager(ManagerReads, Registration, EventSource, ModelChanges):
         seq = self._seq(seq_id)
         if self.prefix_caching:
             ref, hashes = self._ref, self._prefix.hashes
-            own = [b for b in seq.blocks[seq.chain :] if ref[b] == 1 and hashes[b]]
+            own = [b for b in seq.blocks[seq.chain or seq.released :] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks
         self.free(seq_id)  # delivers the removals too

@@ -16,7 +16,7 @@ from pagedkv.manager import integrity
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.generations import Generations
-from pagedkv.manager.hashing import as_token_array
+from pagedkv.manager.hashing import as_token_array, chain_hashes
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
@@ -129,6 +129,8 @@ class ManagerReads:
         start, stop = full_block_range(seq, self.block_size, start, stop)
         if not self.prefix_caching or start >= stop:
             return []
+        if start < seq.released:  # placeholders hold no hash: from the tokens
+            return chain_hashes(seq.tokens, self.block_size, seq.ns, self._digest)[start:stop]
         return self._prefix.block_hashes(seq, start, stop)
 
     def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
