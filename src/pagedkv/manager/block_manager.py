@@ -34,7 +34,6 @@ from pagedkv.manager.kv_events import stored_events
 from pagedkv.manager.model_change import ModelChanges
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.pressure import PressureCallback, PressureWatch
-from pagedkv.manager.reads import ManagerReads
 from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
 from pagedkv.manager.stats import Counters
@@ -44,7 +43,7 @@ from pagedkv.manager.window import WindowOps, held_blocks
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(ManagerReads, Registration, EventSource, ModelChanges, WindowOps):
+class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
