@@ -92,9 +92,8 @@ def _check_rows(
         alone = {p: _decode_row(q_all, k, v, bt, sl, p, [], backend, opts) for p in positions}
         batched = {p: _decode_row(q_all, k, v, bt, sl, p, batch, backend, opts)
                    for p in positions}  # fmt: skip
-        prefilled = [
-            _prefill_rows(q_all, k, v, bt, sl, chunks, packed, backend, opts) for chunks in chunkings
-        ]
+        prefilled = [_prefill_rows(q_all, k, v, bt, sl, c, packed, backend, opts)
+                     for c in chunkings]  # fmt: skip
     for p in positions:
         assert torch.equal(alone[p], batched[p]), f"decode row {p}: alone != in a batch"
         for chunks, rows in zip(chunkings, prefilled):
@@ -147,7 +146,8 @@ def test_triton_rows_are_the_same_by_decode_and_by_prefill(dtype, feature):
 def test_triton_rows_across_the_invariant_split_boundary():
     pytest.importorskip("triton")
     chunkings = [[(509, 515)], [(509, 512), (512, 515)], [(509, 514), (514, 515)]]
-    _check_rows("triton", torch.bfloat16, 16, "plain", 515, range(509, 515), chunkings, 0, (3,), (3,))
+    rows = range(509, 515)
+    _check_rows("triton", torch.bfloat16, 16, "plain", 515, rows, chunkings, 0, (3,), (3,))
 
 
 def test_rows_as_sequences_gives_each_row_its_position_and_table():
