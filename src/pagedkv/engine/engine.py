@@ -98,8 +98,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
         self.runner = ModelRunner(
-            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs
-        )
+            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs,
+            batch_invariant=config.batch_invariant,
+        )  # fmt: skip
         self._factory = RequestFactory(
             tokenizer, self.vocab_size, config.block_size, blocks, self.device, self.eos_token_ids
         )
@@ -108,8 +109,9 @@ class Engine:
         self.snapshot_store = snapshot_store
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_batch_tokens=%d, "
-            "preemption=%s", model.config.model_type, self.device, param.dtype, blocks,
-            config.block_size, config.max_batch_tokens, config.preemption,
+            "preemption=%s, batch_invariant=%s", model.config.model_type, self.device,
+            param.dtype, blocks, config.block_size, config.max_batch_tokens, config.preemption,
+            config.batch_invariant,
         )  # fmt: skip
         # Only what the engine built is released; the model has nothing to restore.
         self._finalizer = weakref.finalize(self, self.cache.close)
@@ -122,8 +124,7 @@ class Engine:
         given (nothing of it was changed). Also done when the engine is collected.
         """
         self._finalizer()
-        if self.runner.graphs is not None:  # their memory pool goes with them
-            self.runner.graphs = None
+        self.runner.close_graphs()  # their memory pools go with them
 
     @property
     def closed(self) -> bool:

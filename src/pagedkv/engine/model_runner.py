@@ -9,8 +9,11 @@ host sync of a step.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from pagedkv import ops
 from pagedkv.engine.cuda_graphs import DecodeGraphs
 from pagedkv.engine.host import host_int64
 from pagedkv.engine.sampling import sample
@@ -24,30 +27,57 @@ class ModelRunner:
     Every forward goes through :class:`PagedAttention`: the model runs on the paged
     attention for that forward only, with the step's metadata in its kwargs, whatever
     attention implementation the model is set to between steps.
+
+    ``batch_invariant``: every step (forward, sampling, graph capture) runs inside
+    :func:`pagedkv.ops.batch_invariant_mode`; False: only when the calling context has
+    the mode on. Decode graphs are kept per mode: a graph replays the kernels it
+    captured, so one captured in the other mode is never replayed.
     """
 
-    def __init__(self, model, cache, block_table_of, *, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, model, cache, block_table_of, *, cuda_graphs: bool = True,
+        batch_invariant: bool = False,
+    ) -> None:  # fmt: skip
         self.model = model
+        self.invariant = batch_invariant
         self.cache = cache
         self.block_table_of = block_table_of
         self.block_size = cache.block_size
         self.device = cache.pool.kv.device
         self.paged = PagedAttention(model)
         self.pin = self.device.type == "cuda"
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: DecodeGraphs | None = None  # captured in the runner's own mode
+        self._graphs_other_mode: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self)
+
+    def close_graphs(self) -> None:
+        """Drop every captured graph (and the graphs' memory pools)."""
+        self.graphs = self._graphs_other_mode = None
+
+    def _graphs_of(self, invariant: bool) -> DecodeGraphs | None:
+        if self.graphs is None or invariant == self.invariant:
+            return self.graphs
+        if self._graphs_other_mode is None:
+            self._graphs_other_mode = DecodeGraphs(self)
+        return self._graphs_other_mode
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> list[int]:
         """Compute the chunks; return the next token of each chunk that samples."""
+        invariant = self.invariant or ops.is_batch_invariant()
+        mode = ops.batch_invariant_mode() if invariant else contextlib.nullcontext()
+        with mode:
+            return self._execute(chunks, self._graphs_of(invariant))
+
+    def _execute(self, chunks: list[Chunk], graphs: DecodeGraphs | None) -> list[int]:
         is_decode = all(c.end - c.start == 1 for c in chunks)
-        if is_decode and self.graphs is not None:
-            logits = self.graphs.run(chunks)
+        if is_decode and graphs is not None:
+            logits = graphs.run(chunks)
             if logits is not None:
                 return self._sample(logits, chunks)
-        if self.graphs is not None:  # tables may change (preemption) while eager
-            self.graphs.invalidate_tables()
+        if graphs is not None:  # tables may change (preemption) while eager
+            graphs.invalidate_tables()
         meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
         logits = self.forward(ids, pos, meta, logit_rows)
         return self._sample(logits, chunks)
