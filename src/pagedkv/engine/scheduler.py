@@ -263,7 +263,7 @@ class Scheduler:
                     break
             elif not req.num_allocated:  # (a resumed request's KV is already resident)
                 tokens = req.all_tokens
-                hit = self.cache.manager.lookup(tokens, req.cache_salt)
+                hit = self.cache.lookup(tokens, req.cache_salt)
                 end = min(len(tokens), hit + budget)
                 try:
                     hit = self.cache.allocate(req.seq_id, tokens[:end], req.cache_salt)
