@@ -49,6 +49,7 @@ from pagedkv.ops._config import (
     resolve_invariant,
     set_backend,
     set_batch_invariant,
+    suspend_hook,
     use_backend,
 )
 from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
@@ -128,10 +129,11 @@ def decode_attention(
         return spec.kernels.run(
             q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, spec.window
         )
-    return reference.decode(
-        q, k_cache, v_cache, block_tables, seq_lens, spec.scale, invariant, window=spec.window,
-        softcap=spec.softcap, sinks=sinks,
-    )  # fmt: skip
+    with suspend_hook():  # invariant by itself: one sequence at a time
+        return reference.decode(
+            q, k_cache, v_cache, block_tables, seq_lens, spec.scale, invariant,
+            window=spec.window, softcap=spec.softcap, sinks=sinks,
+        )  # fmt: skip
 
 
 def paged_decode(

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from pagedkv.ops import _checks, invariant_attention, reference, reference_cascade
-from pagedkv.ops._config import resolve, resolve_invariant
+from pagedkv.ops._config import resolve, resolve_invariant, suspend_hook
 from pagedkv.ops.cascade_launch import plan_launch
 
 
@@ -351,7 +351,9 @@ def _plain(q, k_cache, v_cache, block_tables, seq_lens, plan, scale, out):
             q, k_cache, v_cache, block_tables, seq_lens, scale, batch_invariant=True,
             max_seq_len=plan.max_seq_len, out=out,
         )  # fmt: skip
-    return out.copy_(reference.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, True))
+    with suspend_hook():  # invariant by itself: one sequence at a time
+        res = reference.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, True)
+    return out.copy_(res)
 
 
 def cascade_decode(

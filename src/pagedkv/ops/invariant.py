@@ -16,15 +16,14 @@ they can also be called directly. Inputs must be float32, float16 or bfloat16.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode_temporarily
 
 from pagedkv.ops import reference_invariant as _ref
 from pagedkv.ops._config import resolve
+from pagedkv.ops._config import suspend_hook as _suspend_hook
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NEG_INF = float("-inf")
@@ -36,15 +35,6 @@ def _backend(device: torch.device):
 
         return triton_matmul, triton_rows
     return _ref, _ref
-
-
-def _suspend_hook():
-    """Our dispatch mode, popped while these functions run their own torch ops (so that a
-    direct call inside ``batch_invariant_mode()`` does not route its inner ops again)."""
-    stack = _get_current_dispatch_mode_stack()
-    if stack and getattr(stack[-1], "pagedkv_invariant", False):
-        return _pop_mode_temporarily()
-    return contextlib.nullcontext()
 
 
 def _check(t: torch.Tensor, name: str) -> None:
