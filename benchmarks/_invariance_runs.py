@@ -12,7 +12,9 @@ requests: their prompt lengths, sampling settings and generation lengths vary, s
 share the target's system prefix, so the batches, the chunks and the decode steps the
 target shares change all along. What each copy really got is measured, not assumed: a
 copy's state is what its own counters say (prefix tokens served from the cache, tier
-hits during its round).
+hits during its round). Under a chunk budget shorter than the prompt, only the blocks of
+the first chunk come back from the tier (the scheduler allocates chunk by chunk, and
+only ``KVCache.allocate`` asks the tiers); the rest is computed.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE.parent / "src"))  # runs uninstalled
 sys.path.insert(0, str(HERE))
 from _invariance_runs import Rounds, Setup  # noqa: E402
 from pagedkv.engine import Engine, SamplingParams  # noqa: E402
+from pagedkv.integrations.support import kv_geometry  # noqa: E402
 
 SMOLLM2 = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -123,22 +124,24 @@ def part_runs(args, model, vocab: int, tmp: str) -> dict:
     sys_len, own = (256, 32) if not args.tiny else (40, 13)
     system = rand_ids(rng, sys_len, vocab)
     bs = 16
-    # room for half the largest round at once (the rest waits its turn), at least 64 blocks
-    blocks = max(64, args.max_batch * -(-(sys_len + own + 2 * args.new) // bs) // 2)
-    kv = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * bs * (
-        model.config.hidden_size // model.config.num_attention_heads
-    ) * next(model.parameters()).element_size()  # fmt: skip
+    # room for a quarter of the largest round at once (the rest waits its turn): a small
+    # pool keeps the flood that pushes a prefix to the CPU tier short
+    blocks = max(64, args.max_batch * -(-(sys_len + own + 2 * args.new) // bs) // 4)
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    kv = 2 * layers * kv_heads * head_dim * bs * next(model.parameters()).element_size()
     setup = Setup(
         model, vocab, system, system + rand_ids(rng, own, vocab), args.new, args.seed + 1,
-        args.max_batch, args.budgets, blocks, bs, 4 * blocks * kv, tmp,
+        args.max_batch, args.budgets, blocks, bs, 2 * blocks * kv, tmp,
         cuda_graphs=not args.no_graphs,
     )  # fmt: skip
     res = {"num_blocks": blocks, "prompt_tokens": len(setup.target), "new_tokens": args.new}
+    reserve = 0 if args.tiny else 90  # seconds kept for the 32 prompts and the cost
     for inv, runs in ((True, args.runs), (False, args.default_runs)):
         if runs <= 0:
             continue
-        share = 0.75 if inv else 1.0  # leave time for the default mode and the parts after
-        deadline = time.perf_counter() + share * max(0.0, left(args) - 100 * (not args.tiny))
+        # the invariant runs first, with all the time there is; the default ones get 30 s
+        span = max(0.0, left(args) - reserve)
+        deadline = time.perf_counter() + (span if inv or args.tiny else min(30.0, span))
         tally = Rounds(setup, inv, random.Random(args.seed + inv)).run(runs, deadline)
         key = "invariant" if inv else "default"
         res[key] = tally.summary() | {"complete": len(tally.runs) >= runs}
@@ -158,7 +161,7 @@ def part_prompts32(args, model, vocab: int) -> dict:
               for i in range(32)]  # fmt: skip
     res = {}
     for inv in (False, True):
-        e = Engine(model, batch_invariant=inv, num_blocks=64 * 32 + 64, block_size=16,
+        e = Engine(model, batch_invariant=inv, num_blocks=128 * 32, block_size=16,
                    cuda_graphs=not args.no_graphs)  # fmt: skip
         first = [o.token_ids for o in e.generate(prompts, params, cache_salt="batch")]
         again = [o.token_ids for o in e.generate(prompts, params, cache_salt="batch")]

@@ -143,13 +143,18 @@ def batches(model, pr, inv, rec, budgets) -> dict[str, Run]:
 
 
 def snapshot(model, pr, inv, rec, path) -> Run:
-    """Half the tokens, parked in a snapshot, the rest resumed by a fresh engine."""
+    """Half the tokens, parked in a snapshot, the rest resumed by a fresh engine in a
+    batch with three other requests."""
     half = NEW // 2
     a = engine(model, inv, snapshot_store=path)
     first = a.generate([pr.target], params(half), retain=True)[0]
     a.snapshot(first, "parked")
     b = engine(model, inv, snapshot_store=path)
+    ids = [b.add_request(o, params(seed=i)) for i, o in enumerate(pr.others[4:])]
     rest = b.resume("parked", [], params(NEW - half))
+    while b.has_unfinished():
+        b.step()
+    assert all(b.core.take(i).finished for i in ids)
     return rec.take(first.token_ids + rest.token_ids)
 
 
