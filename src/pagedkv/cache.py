@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from pagedkv import _cache_checks, _resources
+from pagedkv._cache_persist import cached_blocks
 from pagedkv._cache_reads import CacheReads, Swapped
 from pagedkv._validate import check_bool
 from pagedkv.errors import CachePausedError, PagedKVError
@@ -300,8 +301,26 @@ class KVCache(CacheReads):
         if self.tiers is not None:
             self.tiers.flush()
 
-    def close(self) -> None:
-        """Flush and close the tiers (pending demotions are written)."""
+    def close(self, *, persist: bool = False) -> None:
+        """Flush and close the tiers (pending demotions are written).
+
+        ``persist=True`` (a warm restart): first write the device's cached blocks (those
+        no live sequence holds; least recently used first) and the CPU tier's entries to
+        the first persistent tier (a :class:`DiskTier` or :class:`RedisTier`), so a new
+        process with the same tiers and model fingerprint finds them. Each entry is
+        written atomically and verified when read: a process killed meanwhile leaves
+        only complete entries (:mod:`pagedkv.tiers.persist`). Without a persistent tier
+        it raises ``ValueError`` and closes nothing. Free (or finish) sequences first:
+        the blocks of live ones are not written.
+        """
+        check_bool(persist, "persist")
+        if persist:
+            if self.tiers is None:
+                raise ValueError(
+                    "close(persist=True) needs tiers=[..., DiskTier(...) or RedisTier(...)] "
+                    "on the KVCache: without a persistent tier there is nowhere to write"
+                )
+            self.tiers.persist(cached_blocks(self.manager))
         if self.tiers is not None:
             self.tiers.close()
 

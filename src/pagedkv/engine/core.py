@@ -66,6 +66,23 @@ class EngineCore:
         self._num_requests += 1
         self.scheduler.add_resident(req)
 
+    def detach(self, request_id: int) -> Request:
+        """Hand a queued or running request over to another engine: it leaves this core
+        (finished here, ``finish_reason="migrated"``) without its sequence being freed;
+        the caller moves or frees it."""
+        req = self.requests.pop(request_id)
+        self.scheduler.finish(req, keep=True)
+        req.finish_reason = "migrated"
+        return req
+
+    def adopt(self, req: Request) -> None:
+        """Serve a request taken over from another engine, under its (new) id from
+        :meth:`new_id`, its KV (if any) already in this cache
+        (:meth:`Scheduler.adopt <pagedkv.engine.scheduler.Scheduler.adopt>`)."""
+        self.requests[req.request_id] = req
+        self._num_requests += 1
+        self.scheduler.adopt(req)
+
     def take(self, request_id: int) -> RequestOutput:
         """The output of a finished request, which the core then forgets."""
         return self.output(self.requests.pop(request_id))

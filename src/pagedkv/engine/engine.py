@@ -14,6 +14,7 @@ from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
 from pagedkv.engine.detokenize import Detokenizer
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
+from pagedkv.engine.migrate_api import MigrationAPI
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
@@ -33,7 +34,7 @@ CacheSalt = str | bytes | None
 logger = logging.getLogger("pagedkv.engine")
 
 
-class Engine:
+class Engine(MigrationAPI):
     """Serve many generation requests at once on one model.
 
     ``model``: a transformers causal LM that ``check_model_supported`` accepts (Llama,
@@ -117,12 +118,16 @@ class Engine:
         self._finalizer = weakref.finalize(self, self.cache.close)
 
     # ------------------------------------------------------------------ life cycle
-    def close(self) -> None:
+    def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
         Requests still queued or running are dropped. The model is left as it was
         given (nothing of it was changed). Also done when the engine is collected.
+        ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
+        finished requests are written to the persistent tier first).
         """
+        if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
+            self.cache.close(persist=True)
         self._finalizer()
         self.runner.close_graphs()  # their memory pools go with them
 

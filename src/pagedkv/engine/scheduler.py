@@ -123,6 +123,21 @@ class Scheduler:
         self.counters.cached_tokens += req.num_computed
         self.waiting.appendleft(req)
 
+    def adopt(self, req: Request) -> None:
+        """Take over a request another engine served (a live migration): one holding the
+        KV of its first ``req.num_allocated`` tokens in this cache runs from the next step
+        if ``max_num_seqs`` allows (else it waits at the front of its level, KV resident);
+        one without KV queues at the back of its level (at the front if it was preempted).
+        Counted in no admission statistics: its engine counted it."""
+        if req.num_allocated and len(self.running) < self.max_num_seqs:
+            req.status = Status.RUNNING
+            req.admitted = self._admissions
+            self._admissions += 1
+            self.running.append(req)
+        else:
+            req.status = Status.WAITING
+            self.add(req, front=bool(req.num_allocated) or req.num_preemptions > 0)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -27,13 +27,14 @@ from pagedkv.manager.hashing import ROOT, as_token_array, hash_function
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.pressure import PressureCallback, PressureWatch
 from pagedkv.manager.reads import ManagerReads
+from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
 from pagedkv.manager.stats import Counters
 
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(ManagerReads):
+class BlockManager(ManagerReads, Registration):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
