@@ -49,11 +49,11 @@ from pagedkv.ops._config import (
     resolve_invariant,
     set_backend,
     set_batch_invariant,
-    suspend_hook,
     use_backend,
 )
 from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
 from pagedkv.ops.cascade_groups import shared_prefix_groups
+from pagedkv.ops.invariant import suspend_hook
 from pagedkv.ops.invariant_mode import invariant_forward
 from pagedkv.ops.plan import DecodePlan
 from pagedkv.ops.warmup import WarmupResult, warmup

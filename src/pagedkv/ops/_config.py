@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode_temporarily
 
 BACKENDS = ("reference", "triton")
 
@@ -98,18 +97,6 @@ def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
             yield
     finally:
         _invariant.reset(token)
-
-
-def suspend_hook() -> contextlib.AbstractContextManager:
-    """Pop :func:`pagedkv.ops.invariant_forward`'s dispatch mode for the block when it is
-    the innermost mode (a no-op otherwise). pagedkv's own invariant ops (the
-    :mod:`pagedkv.ops.invariant` functions, the attention reference) run their torch ops
-    under it: they are batch-invariant by construction, and routing their inner matmuls
-    again would compute the same thing through many slower calls."""
-    stack = _get_current_dispatch_mode_stack()
-    if stack and getattr(stack[-1], "pagedkv_invariant", False):
-        return _pop_mode_temporarily()
-    return contextlib.nullcontext()
 
 
 def _check_backend(name: str | None) -> str | None:

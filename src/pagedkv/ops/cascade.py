@@ -49,8 +49,9 @@ from typing import NamedTuple
 import torch
 
 from pagedkv.ops import _checks, invariant_attention, reference, reference_cascade
-from pagedkv.ops._config import resolve, resolve_invariant, suspend_hook
+from pagedkv.ops._config import resolve, resolve_invariant
 from pagedkv.ops.cascade_launch import plan_launch
+from pagedkv.ops.invariant import suspend_hook
 
 
 class CascadeGroup(NamedTuple):

@@ -16,14 +16,15 @@ they can also be called directly. Inputs must be float32, float16 or bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode_temporarily
 
 from pagedkv.ops import reference_invariant as _ref
 from pagedkv.ops._config import resolve
-from pagedkv.ops._config import suspend_hook as _suspend_hook
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NEG_INF = float("-inf")
@@ -35,6 +36,18 @@ def _backend(device: torch.device):
 
         return triton_matmul, triton_rows
     return _ref, _ref
+
+
+def suspend_hook() -> contextlib.AbstractContextManager:
+    """Pop :func:`pagedkv.ops.invariant_forward`'s dispatch mode for the block when it is
+    the innermost mode (a no-op otherwise). pagedkv's own invariant ops (the
+    :mod:`pagedkv.ops.invariant` functions, the attention reference) run their torch ops
+    under it: they are batch-invariant by construction, and routing their inner matmuls
+    again would compute the same thing through many slower calls."""
+    stack = _get_current_dispatch_mode_stack()
+    if stack and getattr(stack[-1], "pagedkv_invariant", False):
+        return _pop_mode_temporarily()
+    return contextlib.nullcontext()
 
 
 def _check(t: torch.Tensor, name: str) -> None:
@@ -98,7 +111,7 @@ def gemm(
                 f"bias of shape {tuple(bias.shape)} does not broadcast to [{bt}, {m}, {n}]"
             ) from None
     mm, _ = _backend(a.device)
-    with _suspend_hook():
+    with suspend_hook():
         if mm is _ref:
             return _ref.gemm(a, b, z, beta=beta, alpha=alpha, out_dtype=out_dtype)
         if z is None or (beta == 1 and alpha == 1):
@@ -174,7 +187,7 @@ def _reduce(x, dim, keepdim: bool, dtype, mean: bool) -> torch.Tensor:
     n = math.prod(x.shape[d] for d in dims)
     x2 = x.permute(*kept, *dims).reshape(-1, n)  # [R, N]: the reduced dims last
     _, rows = _backend(x.device)
-    with _suspend_hook():
+    with suspend_hook():
         r = rows.row_sum(x2, float(n) if mean else 1.0, out_dtype)
     if keepdim:
         return r.reshape([1 if d in dims else s for d, s in enumerate(x.shape)])
@@ -210,7 +223,7 @@ def _softmax(x, dim: int, dtype, log: bool, out_dtype=None) -> torch.Tensor:
         _check(x, "x")
     out_dtype = out_dtype or x.dtype
     _, rows = _backend(x.device)
-    with _suspend_hook():
+    with suspend_hook():
         return _along(x, dim, lambda x2: rows.softmax(x2, log, out_dtype))
 
 
@@ -231,7 +244,7 @@ def cumsum(x: torch.Tensor, dim: int = -1, *, dtype=None) -> torch.Tensor:
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
     _, rows = _backend(x.device)
-    with _suspend_hook():
+    with suspend_hook():
         return _along(x, dim, lambda x2: rows.cumsum(x2, out_dtype))
 
 
