@@ -127,6 +127,9 @@ class Rounds:
         size = max(1, min(s.max_batch, round(math.exp(rng.uniform(0, math.log(s.max_batch))))))
         reserve = max(0, len(STATES) - 1 - self.tally.rounds)  # every state gets a round
         copies = min(max(1, left - reserve), rng.randint(1, min(size, 64)))
+        if state == "snapshot":  # each resumed copy loads its history into its own blocks
+            per_copy = -(-(len(s.target) + s.new) // s.block_size)
+            copies = max(1, min(copies, s.num_blocks // (2 * per_copy)))
         salt = self.prepare(e, budget, state)
         others = [self.other() for _ in range(size - copies)]
         order = ["t"] * copies + ["o"] * len(others)
@@ -148,6 +151,9 @@ class Rounds:
         while e.has_unfinished():
             for out in e.step():
                 rid = out.request_id
+                if out.error is not None:
+                    raise RuntimeError(f"request {rid} failed in round {self.tally.rounds}: "
+                                       f"{out.error}")  # fmt: skip
                 e.core.take(rid)  # the engine forgets it: nothing piles up over the rounds
                 if rid in ids:
                     got[rid] = out
