@@ -228,3 +228,16 @@ def test_tokens_survive_small_chunks_and_preemption(family, dtype, recorder, tmp
         if not inv:
             runs["snapshot"] = snapshot(model, pr, inv, recorder, tmp_path / "snap")
         (assert_all_alike if inv else report_differences)(family, dtype, runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", EXPENSIVE)
+def test_on_cuda_through_the_triton_kernels_and_decode_graphs(family, recorder, tmp_path):
+    """The same cases on CUDA in bf16: Triton GEMM / row / attention kernels, decode
+    steps replayed from CUDA graphs captured in the mode, the CPU tier over a CUDA pool."""
+    model, pr = _model(family, torch.bfloat16).cuda(), prompts_for(family)
+    runs = alone_hit_tier(model, pr, True, recorder)
+    runs |= batches(model, pr, True, recorder, BUDGETS + MORE_BUDGETS)
+    runs["preempted"] = preempted(model, pr, True, recorder)
+    runs["snapshot"] = snapshot(model, pr, True, recorder, tmp_path / "snap")
+    assert_all_alike(family, "cuda bf16", runs)
