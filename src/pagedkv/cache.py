@@ -126,8 +126,15 @@ class KVCache(CacheReads):
         Counts blocks shared from the device's prefix cache and blocks loaded back
         from the tiers; the caller computes (and writes) the KV of the rest. If loading
         from the tiers fails the sequence is not created (and nothing it registered
-        stays cached) before the error propagates.
+        stays cached) before the error propagates. Subscribers get its KV events as one
+        batch (a failed load's removals included).
         """
+        if self.manager.subscribers:
+            with self.manager.event_batch():
+                return self._allocate(seq_id, token_ids, salt)
+        return self._allocate(seq_id, token_ids, salt)
+
+    def _allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object) -> int:
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
@@ -141,6 +148,24 @@ class KVCache(CacheReads):
             raise
         self._salts[seq_id] = salt
         return cached
+
+    def allocate_released(
+        self, seq_id: Hashable, token_ids: Sequence[int], released: int, salt: object = None
+    ) -> None:
+        """Start a sequence whose first ``released`` blocks are already released (a
+        windowed sequence moved here): fresh blocks for the rest, no prefix hits; the
+        caller writes the KV of every block from ``released`` on. Raises as
+        :meth:`allocate` and :meth:`BlockManager.allocate_released`."""
+        self._check_not_paused("allocate_released()")
+        if self._swapped_out(seq_id, "seq_id"):
+            raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
+        self.manager.allocate_released(seq_id, token_ids, released, salt)
+        try:
+            self._flush_evictions()
+        except BaseException:
+            self.manager.discard(seq_id)
+            raise
+        self._salts[seq_id] = salt
 
     def _tier_exchange(self, tiers: TieredStore, seq_id: Hashable, cached: int) -> int:
         """Write device hits through (if asked) and load the next blocks from the tiers.
@@ -205,6 +230,23 @@ class KVCache(CacheReads):
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
 
+    def release_before(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Release the sequence's whole blocks before token ``num_tokens``; returns how
+        many were released now.
+
+        For a model whose every layer is windowed (``window`` tokens): after the KV of
+        tokens ``[0, p)`` is written, ``release_before(seq_id, p - window + 1)`` keeps
+        only the blocks a later query can read. Released blocks go back to the prefix
+        cache (or are freed) as :meth:`free` would leave them; their table entries hold
+        a placeholder no windowed kernel reads (see :mod:`pagedkv.manager.window`).
+        Raises as :meth:`BlockManager.release_before`; nothing changes on error.
+        """
+        self._check_not_paused("release_before()")
+        try:
+            return self.manager.release_before(seq_id, num_tokens)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
     def discard(self, seq_id: Hashable) -> None:
         """Release a live sequence whose KV was never (fully) written, caching none of it.
 
@@ -242,38 +284,58 @@ class KVCache(CacheReads):
             raise PagedKVError("swap_out() needs tiers=[CPUTier(...), ...] on the KVCache")
         tokens = self.token_ids(seq_id)  # KeyError unless live (says so if swapped out)
         key = f"swap-{uuid.uuid4().hex}"
-        self.tiers.swap_out(key, self.manager.block_table(seq_id))
+        released = self.manager.num_released(seq_id)  # only the held blocks are copied
+        self.tiers.swap_out(key, self.manager.block_table(seq_id)[released:])
         salt = self._salts.get(seq_id)
+        generation = self.manager.generation_of(seq_id)
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
-        self._swapped[seq_id] = Swapped(tokens, salt, key)
+        self._swapped[seq_id] = Swapped(tokens, salt, key, generation, released)
 
     def swap_in(self, seq_id: Hashable) -> None:
         """Bring a swapped-out sequence back into fresh device blocks, bit-exact.
 
         Raises :class:`OutOfBlocks` (and stays swapped out) when the pool is full; if
         the copy from the tiers fails it stays swapped out too, and the blocks it was
-        given are released without caching any of them.
+        given are released without caching any of them. A sequence swapped out before a
+        :meth:`set_model_fingerprint` comes back on blocks that share nothing.
         """
         self._check_not_paused("swap_in()")
         try:
-            tokens, salt, key = self._swapped[seq_id]
+            tokens, salt, key, generation, released = self._swapped[seq_id]
         except KeyError:
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
         except TypeError:
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
-        cached = self.manager.allocate(seq_id, tokens, salt)
+        if generation == self.manager.generation:
+            cached = self._allocate_held(seq_id, tokens, salt, released)
+        else:  # its KV is an earlier model's: it must neither reuse nor be reused
+            self.manager.allocate_unshared(seq_id, tokens, salt)
+            if released:  # the tiers hold only its blocks from `released` on
+                self.manager.release_before(seq_id, released * self.block_size)
+            cached = 0
         try:
             self._flush_evictions()
-            blocks = self.manager.block_table(seq_id)
+            blocks = self.manager.block_table(seq_id)[released:]
             self.tiers.swap_in(key, blocks, skip=cached // self.block_size)
         except BaseException:
             self.manager.discard(seq_id)  # registered blocks whose KV never arrived
             raise
         del self._swapped[seq_id]
         self._salts[seq_id] = salt
+
+    def _allocate_held(
+        self, seq_id: Hashable, tokens: Sequence[int], salt: object, released: int
+    ) -> int:
+        """Allocate a sequence to be filled from a copy of its held blocks; returns the
+        tokens found cached (none when ``released``: a windowed sequence takes fresh
+        blocks for all it holds). The caller flushes evictions and discards on error."""
+        if not released:
+            return self.manager.allocate(seq_id, tokens, salt)
+        self.manager.allocate_released(seq_id, tokens, released, salt)
+        return 0
 
     # ------------------------------------------------------------- tensors
 
@@ -284,6 +346,34 @@ class KVCache(CacheReads):
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Inverse of :meth:`read_blocks`."""
         self.pool.write_blocks(block_ids, data)
+
+    # ---------------------------------------------------------- weight updates
+
+    def set_model_fingerprint(self, model_fingerprint: str) -> bool:
+        """Declare new weights: from now on no KV computed under the old fingerprint is
+        used. O(1): no block is touched, whatever the cache holds.
+
+        The cache fingerprint (:attr:`fingerprint`) changes, and with it every block
+        hash, so: device blocks of the old one are never matched again and are evicted
+        lazily (``stats().invalidated_blocks`` counts them meanwhile); tier entries
+        written under it are never hit (their keys hold the old hashes); snapshots saved
+        under it are refused on restore. Live sequences keep their KV (recompute them if
+        that matters), but the blocks they fill from now on are never cached, and a
+        sequence swapped out before comes back sharing nothing. Subscribers hear
+        :class:`~pagedkv.events.AllBlocksCleared`. Pins carry over to the same tokens.
+
+        Returns ``False``, changing nothing, for the current fingerprint. ``TypeError``
+        for a non-str; :class:`~pagedkv.errors.CachePausedError` while paused.
+        """
+        if not isinstance(model_fingerprint, str):
+            raise TypeError("model_fingerprint must be a str (e.g. 'llama-3-8b@step-42')")
+        self._check_not_paused("set_model_fingerprint()")
+        if model_fingerprint == self.model_fingerprint:
+            return False
+        fingerprint = _fingerprint(self.layout, model_fingerprint)
+        self.manager.set_extra_keys((fingerprint,))
+        self.model_fingerprint, self.fingerprint = model_fingerprint, fingerprint
+        return True
 
     # ------------------------------------------------------ snapshot support
 
@@ -297,9 +387,11 @@ class KVCache(CacheReads):
             self._paused -= 1
 
     def flush(self) -> None:
-        """Wait until every block demoted to the tiers has been stored."""
+        """Wait until every block demoted to the tiers has been stored (and deliver the
+        KV events queued meanwhile)."""
         if self.tiers is not None:
             self.tiers.flush()
+        self.manager.deliver_events()
 
     def close(self, *, persist: bool = False) -> None:
         """Flush and close the tiers (pending demotions are written).

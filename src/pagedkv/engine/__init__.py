@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the names as type checkers and readers see them
     from pagedkv.engine.migration import Migration, MigrationResult, Migrator
     from pagedkv.engine.preemption import PreemptionPolicyError, RunningRequest
     from pagedkv.engine.request import RequestOutput, SamplingParams, StreamDelta
-    from pagedkv.engine.stats import EngineStats
+    from pagedkv.engine.stats import EngineStats, StepLatencies
 
 _LAZY = {
     "Engine": "pagedkv.engine.engine",
@@ -30,6 +30,7 @@ _LAZY = {
     "RequestOutput": "pagedkv.engine.request",
     "RunningRequest": "pagedkv.engine.preemption",
     "SamplingParams": "pagedkv.engine.request",
+    "StepLatencies": "pagedkv.engine.stats",
     "StreamDelta": "pagedkv.engine.request",
 }
 
@@ -46,5 +47,6 @@ __all__ = [
     "RequestOutput",
     "RunningRequest",
     "SamplingParams",
+    "StepLatencies",
     "StreamDelta",
 ]

@@ -26,59 +26,14 @@ admitted in the same step may already share it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from pagedkv.cache import KVCache
+from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.preemption import RunningRequest, check_victims
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
-
-
-@dataclass(slots=True)
-class Chunk:
-    """Tokens ``all_tokens[start:end]`` of ``req`` are computed this step; ``sample``:
-    the chunk ends the known tokens, so its last logits give the next token."""
-
-    req: Request
-    start: int
-    end: int
-
-    @property
-    def sample(self) -> bool:
-        return self.end == self.req.num_tokens
-
-
-@dataclass
-class SchedulerCounters:
-    """Cumulative counts the engine reports in ``stats()``."""
-
-    preemptions: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    peak_blocks: int = 0
-
-
-@dataclass(slots=True)
-class _Plan:
-    """The running requests' chunks of one step, before their blocks are reserved."""
-
-    budget: int
-    chunks: list[Chunk] = field(default_factory=list)
-    needs: list[int] = field(default_factory=list)  # new blocks each chunk will reserve
-    pending: int = 0  # their sum
-
-    def drop(self, req: Request) -> None:
-        """Forget ``req``'s chunk if it has one (it is being preempted)."""
-        for k, c in enumerate(self.chunks):
-            if c.req is req:
-                del self.chunks[k]
-                self.pending -= self.needs.pop(k)
-                self.budget += c.end - c.start
-                return
 
 
 class Scheduler:
@@ -106,6 +61,9 @@ class Scheduler:
         self.steps = 0  # schedule() calls: the clock of Request.last_step
         self._admissions = 0
         self._tables: dict[int, list[int]] = {}
+        #: the smallest window of a model whose every layer is windowed (None: keep every
+        #: block): blocks no later query reads are released after each step
+        self.window: int | None = None
 
     def add(self, req: Request, *, front: bool = False) -> None:
         """Queue ``req`` at the back of its priority level (``front``: at its front)."""
@@ -161,33 +119,67 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         req.status = Status.FINISHED
 
-    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Request]:
-        """Record a step's results: every chunk's tokens now have KV, and ``tokens`` (one
-        per sampling chunk, in order) are appended to their requests. Returns the
-        requests that finished (a retained one keeps its sequence in the cache)."""
+    def commit(self, chunks: list[Chunk]) -> None:
+        """The step of ``chunks`` was launched: their tokens count as computed (their KV is
+        written before anything launched later reads it); a sampling chunk's request has
+        a pending token until :meth:`update`."""
+        counters = self.counters
+        for c in chunks:
+            req = c.req
+            decode = (req.output or req.pending) and c.start == req.num_tokens + req.pending - 1
+            if not decode:
+                counters.prefill_tokens += c.end - c.start
+            req.num_computed = c.end
+            if c.sample:
+                req.pending += 1
+
+    def update(self, chunks: list[Chunk], tokens: list[int], now: float) -> list[Request]:
+        """Record a committed step's sampled ``tokens`` (one per sampling chunk, in order,
+        read at ``now``: ``time.perf_counter()``):
+        each is appended to its request, which may finish; returns those that finished (a
+        retained one keeps its sequence). With overlap a request may be in the next step
+        already (its input this token, on the device): the token enters the cache now.
+        One that finished or was aborted meanwhile is skipped (never emitted)."""
         counters = self.counters
         finished = []
         it = iter(tokens)
         generated = 0
         for c in chunks:
-            req, start, end = c.req, c.start, c.end
-            output = req.output
-            num_tokens = len(req.prompt) + len(output)
-            if not (output and start == num_tokens - 1):
-                counters.prefill_tokens += end - start
-            req.num_computed = end
-            if end != num_tokens:  # not c.sample
+            if not c.sample:
                 continue
             token = next(it)
-            output.append(token)
+            req = c.req
+            if req.status is not Status.RUNNING or not req.pending:
+                continue
+            req.pending -= 1
+            req.output.append(token)
+            req.last_token_time = now
             generated += 1
             reason = req.stop_check(token)
             if reason is not None:
                 req.finish_reason = reason
                 self.finish(req, keep=req.retain)
                 finished.append(req)
+            elif req.pending:  # the next step computes its KV (it has the slot already)
+                self.cache.append(req.seq_id, [token])
+                req.num_allocated += 1
         counters.generated_tokens += generated
+        if self.window is not None:
+            self._release_outside_window(chunks)
         return finished
+
+    def _release_outside_window(self, chunks: list[Chunk]) -> None:
+        """Release the blocks before every layer's window of each request still running.
+
+        A query at position p >= ``num_computed`` reads keys from ``p - window + 1`` on.
+        Retained requests keep every block (a snapshot needs them all)."""
+        w, cache = self.window, self.cache
+        assert w is not None
+        for c in chunks:
+            req = c.req
+            live = c.end >= w and req.status is Status.RUNNING and not req.retain
+            if live and cache.release_before(req.seq_id, c.end - w + 1):
+                self._tables.pop(req.seq_id, None)  # refreshed at the next read
 
     def fail(self, req: Request, error: str) -> None:
         """Finish ``req`` with ``finish_reason="error"`` and ``error`` (its blocks freed)."""
@@ -196,13 +188,27 @@ class Scheduler:
         self.finish(req)
 
     # ------------------------------------------------------------------ scheduling
-    def schedule(self) -> list[Chunk]:
+    def schedule(self, *, ahead: bool = False) -> list[Chunk] | None:
         """This step's chunks: the running requests' (preempting victims when blocks run
         out), then admissions. A :class:`~pagedkv.engine.preemption.PreemptionPolicyError`
-        propagates before any block of the step is reserved."""
+        propagates before any block of the step is reserved.
+
+        ``ahead``: the previous step still runs, its sampled tokens pending (overlap). A
+        request decodes its pending token from the device when the token's slot is
+        allocated; one needing a new block for it waits a step (the cache must know the
+        token id first); one finishing by length on it is not scheduled. None, changing
+        nothing, when the step would preempt (decided with the previous step's results).
+        """
+        if ahead:
+            plan = self._plan_ahead()
+            if plan is None:
+                return None
+            self.steps += 1
+            self.preempted = []
+            return self._finish_schedule(self._reserve_plan(plan), plan.budget)
         self.steps += 1
         self.preempted = []
-        plan = _Plan(self.max_batch_tokens)
+        plan = StepPlan(self.max_batch_tokens)
         running, bs = self.running, self.block_size
         planned, needs = plan.chunks, plan.needs
         free = self.cache.num_free_blocks  # changes only when a victim is preempted
@@ -222,9 +228,10 @@ class Scheduler:
             needs.append(need)
             plan.pending += need
             plan.budget -= end - start
-        chunks = self._reserve_plan(plan)
-        budget = plan.budget
-        if not self.preempted:
+        return self._finish_schedule(self._reserve_plan(plan), plan.budget)
+
+    def _finish_schedule(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
+        if not self.preempted:  # admissions in what is left of the budget
             budget = self._admit(chunks, budget)
         self.starved = not chunks and not self.preempted and bool(self.waiting)
         used = self.cache.num_blocks - self.cache.num_free_blocks
@@ -234,7 +241,34 @@ class Scheduler:
             c.req.record_access(step, now)
         return chunks
 
-    def _make_room(self, req: Request, need: int, plan: _Plan) -> bool:
+    def _plan_ahead(self) -> StepPlan | None:
+        """The running requests' chunks while the previous step runs (:meth:`schedule`)."""
+        plan = StepPlan(self.max_batch_tokens)
+        bs, free = self.block_size, self.cache.num_free_blocks
+        for req in self.running:
+            if plan.budget <= 0:
+                break
+            if req.pending:
+                m = req.num_tokens  # the pending token's position; its KV is computed now
+                if len(req.output) + req.pending >= req.params.max_new_tokens:
+                    continue  # it finishes on that token
+                if m >= -(-req.num_allocated // bs) * bs:
+                    continue  # a new block: next step, once the cache knows the token
+                chunk, need = Chunk(req, m, m + 1), 0
+            else:
+                start = req.num_computed
+                end = min(req.num_tokens, start + plan.budget)
+                need = -(-end // bs) - -(-req.num_allocated // bs)
+                if need > free - plan.pending:
+                    return None
+                chunk = Chunk(req, start, end)
+            plan.chunks.append(chunk)
+            plan.needs.append(need)
+            plan.pending += need
+            plan.budget -= chunk.end - chunk.start
+        return plan
+
+    def _make_room(self, req: Request, need: int, plan: StepPlan) -> bool:
         """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
         beside the plan's; False when ``req`` itself was preempted."""
         while True:
@@ -253,14 +287,15 @@ class Scheduler:
 
     def _select_victims(self, req: Request, short: int) -> list[Request]:
         bs = self.block_size
-        views = tuple(_view(r, r is req, bs) for r in self.running)
+        held = self.cache.num_released if self.window is not None else None
+        views = tuple(_view(r, r is req, bs, held(r.seq_id) if held else 0) for r in self.running)
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 
-    def _reserve_plan(self, plan: _Plan) -> list[Chunk]:
+    def _reserve_plan(self, plan: StepPlan) -> list[Chunk]:
         chunks = []
         for c in plan.chunks:
-            if self._reserve(c.req, c.end):
+            if c.from_device or self._reserve(c.req, c.end):
                 chunks.append(c)
             else:
                 # Only a copy-on-write of a shared partial last block (which the engine
@@ -327,6 +362,24 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         self.waiting.appendleft(req)
 
+    def recompute_all(self) -> int:
+        """Make every request holding KV compute it again from its first token (the
+        weights changed): the running ones, then swapped-out or resumed ones waiting
+        with their KV, go back to the front of the queue holding no blocks, in that
+        order. Returns how many; they do not count as preemptions."""
+        held = [r for r in self.waiting if r.status is Status.SWAPPED or r.num_allocated]
+        for req in held:
+            self.waiting.remove(req)
+        restart, self.running = self.running + held, []
+        for req in reversed(restart):
+            if req.status is Status.SWAPPED or req.num_allocated:
+                self.cache.free(req.seq_id)  # also discards a swapped-out copy
+            req.num_computed = req.num_allocated = 0
+            req.status = Status.WAITING
+            self._tables.pop(req.seq_id, None)
+            self.waiting.appendleft(req)
+        return len(restart)
+
     def _swap_out(self, req: Request) -> bool:
         try:
             self.cache.swap_out(req.seq_id)
@@ -342,9 +395,10 @@ class Scheduler:
         return True
 
 
-def _view(r: Request, requesting: bool, block_size: int) -> RunningRequest:
-    """What a preemption policy may read of running request ``r``."""
+def _view(r: Request, requesting: bool, block_size: int, released: int) -> RunningRequest:
+    """What a preemption policy may read of running request ``r`` (``released``: its
+    blocks released outside the window, not held)."""
     return RunningRequest(
         r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
-        -(-r.num_allocated // block_size), r.num_computed, r.num_tokens, requesting,
+        -(-r.num_allocated // block_size) - released, r.num_computed, r.num_tokens, requesting,
     )  # fmt: skip

@@ -14,10 +14,12 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pagedkv.manager.eviction import EvictionPolicy
+from pagedkv.manager.generations import Generations
+from pagedkv.manager.ghosts import Ghosts
 from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pins import Pins
 from pagedkv.manager.prefix_index import PrefixIndex
-from pagedkv.manager.sequence import SeqRecord
+from pagedkv.manager.sequence import NULL_BLOCK, SeqRecord
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class ManagerState:
     policy: EvictionPolicy
     pins: Pins
     prefix: PrefixIndex
+    ghosts: Ghosts
+    generations: Generations
+    registered_at: Sequence[int]  # registration stamp of each block (its generation)
 
 
 def violations(m: ManagerState) -> list[str]:
@@ -49,7 +54,7 @@ def violations(m: ManagerState) -> list[str]:
     for sid, seq in m.seqs.items():
         if not _sequence_ok(m, sid, seq, problems):
             continue
-        for b in seq.blocks[seq.chain :]:
+        for b in seq.blocks[seq.chain or seq.released :]:
             expected[b] += 1
         if seq.chain:
             prefix = seq.blocks[: seq.chain]
@@ -88,8 +93,10 @@ def violations(m: ManagerState) -> list[str]:
         problems.append("a free block still has a registered hash")
     if any(not hashes[b] for b in evictable | pinned):
         problems.append("a cached block has no registered hash")
-    problems += m.pins.violations(hashes, evictable)
+    problems += m.pins.violations(hashes, evictable, m.block_size)
     problems += m.prefix.violations(m.prefix_caching)
+    problems += m.ghosts.violations()
+    problems += m.generations.violations(hashes, m.registered_at)
     return problems
 
 
@@ -131,7 +138,12 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
         problems.append(
             f"seq {sid!r}: {len(seq.blocks)} blocks for {len(seq.tokens)} tokens (want {want})"
         )
-    if len(set(seq.blocks)) != len(seq.blocks):
+    released = _released_violations(sid, seq, bs)
+    if released:
+        problems += released
+        return False
+    held = seq.blocks[seq.released :]
+    if len(set(held)) != len(held):
         problems.append(f"seq {sid!r} lists a block twice")
     if not 0 <= seq.chain <= min(len(seq.blocks), (len(seq.tokens) - 1) // bs):
         problems.append(
@@ -139,19 +151,34 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
             "(a hit leaves at least one token to compute)"
         )
         return False
+    gens = m.generations
+    if not -1 <= seq.gen <= gens.number:
+        problems.append(f"seq {sid!r}: generation {seq.gen} outside [-1, {gens.number}]")
     if not m.prefix_caching:
         return True
+    # A sequence registers only in its own generation and hits only what was registered
+    # by then: no block it holds was registered later (-1: it holds none registered).
+    later = [
+        b for b in seq.blocks
+        if m.prefix.hashes[b] and gens.generation_of(m.registered_at[b]) > seq.gen
+    ]  # fmt: skip
+    if later:
+        problems.append(
+            f"seq {sid!r} of generation {seq.gen} holds blocks {later[:5]} registered in a "
+            "later one"
+        )
     chain = chain_hashes(seq.tokens, bs, seq.ns, m.digest)
     if seq.last_hash != (chain[-1] if chain else ROOT):
         problems.append(f"seq {sid!r}: its last block hash is not its tokens' hash")
     anonymous = set(seq.anonymous)
-    if not anonymous <= set(seq.blocks[seq.chain : len(chain)]):
+    if not anonymous <= set(seq.blocks[seq.chain or seq.released : len(chain)]):
         problems.append(
             f"seq {sid!r}: anonymous blocks {sorted(anonymous)[:5]} are not among its own "
             "full blocks"
         )
     hashes = m.prefix.hashes
-    for i, b in enumerate(seq.blocks[: len(chain)]):
+    for i in range(seq.released, min(len(chain), len(seq.blocks))):
+        b = seq.blocks[i]
         h = hashes[b]
         if (not h) != (b in anonymous) or (h and h != chain[i]):
             problems.append(
@@ -163,3 +190,20 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     if len(seq.blocks) > len(chain) and hashes[seq.blocks[-1]]:
         problems.append(f"seq {sid!r}: its partial last block {seq.blocks[-1]} is registered")
     return True
+
+
+def _released_violations(sid: object, seq: SeqRecord, block_size: int) -> list[str]:
+    """What is wrong with ``seq``'s released prefix (empty: all holds)."""
+    released, n = seq.released, len(seq.tokens)
+    if type(released) is not int or not 0 <= released <= n // block_size:
+        return [f"seq {sid!r}: released={released!r} is not in [0, {n // block_size}]"]
+    if not released:
+        return []
+    problems = []
+    if seq.chain:
+        problems.append(f"seq {sid!r}: {released} released blocks but a hit chain of {seq.chain}")
+    if any(b != NULL_BLOCK for b in seq.blocks[:released]):
+        problems.append(
+            f"seq {sid!r}: a released entry of its table is not NULL_BLOCK ({NULL_BLOCK})"
+        )
+    return problems

@@ -6,19 +6,33 @@ from array import array
 
 from pagedkv._validate import check_int
 
+#: The id a released block's entry holds in a block table (see
+#: :mod:`~pagedkv.manager.window`): in range, so tables stay valid, and never read.
+NULL_BLOCK = 0
+
 
 class SeqRecord:
     """One sequence: its block table, its tokens and where its hash chain stands.
 
     ``blocks[:chain]`` are a prefix hit held through the manager's per-chain count
     (named by ``blocks[chain - 1]``: one shared reference per block for every live
-    sequence that found that chain); ``blocks[chain:]`` hold a reference each.
+    sequence that found that chain); ``blocks[chain:]`` hold a reference each, except
+    ``blocks[:released]``: placeholders of blocks released outside a sliding window
+    (then ``chain == 0``). ``gen``: the model generation it was allocated in; it
+    registers the blocks it fills only while that is the manager's (``-1``: never, its
+    KV came from another model).
     """
 
-    __slots__ = ("blocks", "tokens", "last_hash", "ns", "chain", "anonymous")
+    __slots__ = ("blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "gen", "released")
 
     def __init__(
-        self, blocks: list[int], tokens: array, last_hash: bytes, ns: bytes, chain: int = 0
+        self,
+        blocks: list[int],
+        tokens: array,
+        last_hash: bytes,
+        ns: bytes,
+        chain: int = 0,
+        gen: int = 0,
     ) -> None:
         self.blocks = blocks  # physical block of each logical block
         self.chain = chain
@@ -32,13 +46,19 @@ class SeqRecord:
         # filled); every other full block is registered while the sequence holds it,
         # so free() needs no per-block hash lookup. Usually empty.
         self.anonymous: list[int] = []
+        self.gen = gen
+        # Leading blocks released outside a sliding window (placeholders in ``blocks``,
+        # held by no reference; see :mod:`~pagedkv.manager.window`). Usually 0.
+        self.released = 0
 
     def fork(self) -> SeqRecord:
         """A record sharing this one's blocks (the caller takes the references)."""
         child = SeqRecord(
-            list(self.blocks), array("I", self.tokens), self.last_hash, self.ns, self.chain
-        )
+            list(self.blocks), array("I", self.tokens), self.last_hash, self.ns, self.chain,
+            self.gen,
+        )  # fmt: skip
         child.anonymous = list(self.anonymous)
+        child.released = self.released
         return child
 
 
@@ -53,6 +73,11 @@ def slot_mapping(seq: SeqRecord, block_size: int, start: int, stop: int | None) 
         raise ValueError(f"stop={stop} is past the sequence's {n} tokens")
     if start > stop:
         raise ValueError(f"start={start} is after stop={stop}")
+    if start < seq.released * block_size and start < stop:
+        raise ValueError(
+            f"start={start}: tokens before {seq.released * block_size} are in blocks "
+            "released outside the sliding window (they have no slots)"
+        )
     bs, blocks = block_size, seq.blocks
     out: list[int] = []
     pos = start
