@@ -25,14 +25,19 @@ def check_fits(
     device: torch.device,
     tiers: object,
     config: ManagerConfig,
+    side_pools: Sequence[tuple[KVLayout, int]] = (),
 ) -> None:
     """Raise :class:`~pagedkv.errors.ResourceError` if the cache cannot fit this machine.
 
-    The pool goes on ``device``; the block bookkeeping, the CPU tiers' slabs and a pool
-    on the CPU all come out of the same host memory, so they are added up.
+    The pool (and the compressed side pools, ``side_pools``: (layout, num_blocks)) go on
+    ``device``; the block bookkeeping, the CPU tiers' slabs and pools on the CPU all come
+    out of the same host memory, so they are added up.
     """
     bookkeeping = config.bookkeeping_bytes(num_blocks, layout.block_size)
     pool = KVPool.bytes_needed(layout, num_blocks)
+    for lay, n in side_pools:
+        bookkeeping += config.bookkeeping_bytes(n, lay.block_size)
+        pool += KVPool.bytes_needed(lay, n)
     cpu_tiers = 0
     if isinstance(tiers, (list, tuple)):
         cpu_tiers = sum(t.capacity_bytes for t in tiers if isinstance(t, CPUTier))

@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 import uuid
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 
-from pagedkv import _cache_checks, _resources
+from pagedkv import _cache_checks, _cache_compress, _resources
+from pagedkv._kv_formats import dtype_name
+from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_reads import CacheReads, Swapped
 from pagedkv._validate import check_bool
 from pagedkv.errors import CachePausedError, PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
+
+
+__all__ = ["CompressionStats", "KVCache"]
 
 
 class KVCache(CacheReads):
@@ -45,6 +51,9 @@ class KVCache(CacheReads):
         prefix_caching, eviction, ttl_seconds, hash_algo, watermarks: override the
             same fields of ``manager`` (``None``: as there, by default as in
             :class:`~pagedkv.manager.ManagerConfig`).
+        compressed_blocks: side caches for :meth:`compress`, ``{kv_dtype: num_blocks}``
+            (e.g. ``{"fp8": 4096}``): one KVCache per quantized format on the same device,
+            same geometry, model and manager options (:mod:`pagedkv._cache_compress`).
 
     Before allocating anything the constructor resolves ``device`` and checks that the
     pool, the block bookkeeping and the CPU tiers fit in the free device and host
@@ -68,6 +77,7 @@ class KVCache(CacheReads):
         ttl_seconds: float | None = None,
         hash_algo: str | None = None,
         watermarks: tuple[float, float, float] | None = None,
+        compressed_blocks: Mapping[str | torch.dtype, int] | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
@@ -86,8 +96,10 @@ class KVCache(CacheReads):
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
             hash_algo=hash_algo, watermarks=watermarks,
         )  # fmt: skip
+        side_specs = _cache_compress.parse_specs(compressed_blocks, layout)
         device = _resources.resolve_device(device)
-        _cache_checks.check_fits(layout, num_blocks, device, tiers, config)
+        sides = _cache_compress.side_layouts(layout, side_specs)
+        _cache_checks.check_fits(layout, num_blocks, device, tiers, config, sides)
         self.layout = layout
         self.model_fingerprint = model_fingerprint
         self.fingerprint = _fingerprint(layout, model_fingerprint)
@@ -110,6 +122,15 @@ class KVCache(CacheReads):
         if tiers:
             self.tiers = TieredStore(list(tiers), layout, self.fingerprint)
             self.tiers.attach(self.pool)
+        self._compressed = _cache_compress.CompressedArea(
+            {
+                lay.kv_dtype: KVCache(
+                    lay, n, device=self.device, model_fingerprint=model_fingerprint,
+                    backend=backend, manager=config,
+                )  # fmt: skip
+                for lay, n in sides
+            }
+        )
 
     # ----------------------------------------------------------- sequences
 
@@ -130,6 +151,8 @@ class KVCache(CacheReads):
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
+        if self._compressed.holds(seq_id):
+            raise ValueError(f"sequence {seq_id!r} is compressed; decompress() it or free() it")
         cached = self.manager.allocate(seq_id, token_ids, salt)
         try:
             self._flush_evictions()
@@ -182,10 +205,10 @@ class KVCache(CacheReads):
         swapped out (``ValueError``); nothing changes on error.
         """
         self._check_not_paused("fork()")
-        if self._swapped_out(child_id, "child_id"):
+        if self._swapped_out(child_id, "child_id") or self._compressed.holds(child_id):
             raise ValueError(
-                f"sequence {child_id!r} is swapped out; fork into a new id "
-                "(or free() the swapped-out one first)"
+                f"sequence {child_id!r} is swapped out or compressed; fork into a new id "
+                "(or free() that one first)"
             )
         try:
             self.manager.fork(parent_id, child_id)
@@ -194,12 +217,15 @@ class KVCache(CacheReads):
         self._salts[child_id] = self._salts.get(parent_id)
 
     def free(self, seq_id: Hashable) -> None:
-        """Release a live sequence, or discard a swapped-out one."""
+        """Release a live sequence, or discard a swapped-out or compressed one."""
         self._check_not_paused("free()")
         if self._swapped_out(seq_id, "seq_id"):
             key = self._swapped.pop(seq_id).key
             assert self.tiers is not None  # a sequence is swapped out only into tiers
             self.tiers.discard_swap(key)
+            return
+        if self._compressed.holds(seq_id):
+            self._compressed.free(seq_id)
             return
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
@@ -274,6 +300,57 @@ class KVCache(CacheReads):
         del self._swapped[seq_id]
         self._salts[seq_id] = salt
 
+    # ---------------------------------------------------------- compression
+
+    def compress(self, seq_id: Hashable, kv_dtype: str | torch.dtype = "fp8") -> None:
+        """Move a live sequence into the compressed side cache of ``kv_dtype`` ("fp8",
+        "fp8_e5m2", "int8"; see ``compressed_blocks``): its KV is quantized there (blocks
+        another compressed sequence brought with the same prefix are shared), its blocks
+        here are released. Call it between steps, when the sequence's KV is written.
+        It then lives in :meth:`compressed` until :meth:`decompress` or :meth:`free`.
+        ``KeyError`` unless live here, ``ValueError`` without such a side cache,
+        :class:`OutOfBlocks` when that is full; nothing changes on error.
+        """
+        self._check_not_paused("compress()")
+        t0 = time.perf_counter()
+        side = self._compressed.side(kv_dtype)
+        tokens, salt, table = self.token_ids(seq_id), self.salt(seq_id), self.block_table(seq_id)
+        cached = side.allocate(seq_id, tokens, salt)  # OutOfBlocks: nothing changed
+        try:
+            dst = side.block_table(seq_id)
+            _cache_compress.copy_converted(self, table, side, dst, cached, len(tokens))
+        except BaseException:
+            side.discard(seq_id)  # its fresh blocks never got their KV
+            raise
+        self.manager.free(seq_id)
+        self._salts.pop(seq_id, None)
+        self._compressed.record(seq_id, side.layout.kv_dtype, time.perf_counter() - t0)
+
+    def compressed(self, kv_dtype: str | torch.dtype = "fp8") -> KVCache:
+        """The side cache of ``kv_dtype``, where its compressed sequences live: append,
+        decode, read them there; compress, decompress and free them through this cache."""
+        return self._compressed.side(kv_dtype)
+
+    def decompress(self, seq_id: Hashable) -> None:
+        """Bring a compressed sequence back into this cache's own format (dequantized;
+        blocks of its prefix still cached here are reused as they are). ``KeyError``
+        unless compressed, :class:`OutOfBlocks` when the pool is full (it stays compressed)."""
+        self._check_not_paused("decompress()")
+        side = self._compressed.side_of(seq_id)
+        tokens, salt = side.token_ids(seq_id), side.salt(seq_id)
+        cached = self.manager.allocate(seq_id, tokens, salt)  # OutOfBlocks: nothing changed
+        try:
+            self._flush_evictions()
+            dst = self.manager.block_table(seq_id)
+            _cache_compress.copy_converted(side, side.block_table(seq_id), self, dst, cached,
+                                           len(tokens))  # fmt: skip
+        except BaseException:
+            self.manager.discard(seq_id)
+            raise
+        side.free(seq_id)
+        self._compressed.forget(seq_id)
+        self._salts[seq_id] = salt
+
     # ------------------------------------------------------------- tensors
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -307,10 +384,13 @@ class KVCache(CacheReads):
 
 
 def _fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
-    """Identity of the KV bytes: the layout and the model that produced them."""
+    """Identity of the KV bytes: the layout (its storage format too) and the model that
+    produced them."""
     desc = (
         f"L{layout.num_layers}-H{layout.num_kv_heads}-D{layout.head_dim}"
         f"-B{layout.block_size}-{str(layout.dtype).removeprefix('torch.')}"
     )
+    if layout.quantized:  # unquantized layouts keep the fingerprint they always had
+        desc += f"-kv_{dtype_name(layout.kv_dtype)}-{layout.kv_scale}"
     digest = hashlib.sha256(f"{desc}|{model_fingerprint}".encode()).hexdigest()[:16]
     return f"{desc}-{digest}"

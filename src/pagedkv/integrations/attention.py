@@ -50,6 +50,9 @@ class PagedAttentionMetadata:
     ``token_index``: None when the model input is the packed ``[1, T]`` sequence;
     otherwise the rows of the flattened ``[B * L]`` input that are real tokens (the
     others are padding, neither written nor attended).
+    ``kv_scales``: a quantized (fp8 / int8) pool's scales ``[num_layers, 2, num_blocks,
+    Hkv]`` float32 (``pool.scales``), None otherwise; ``static_kv_scales``: per layer
+    ``(k_scale, v_scale)`` of a static-scale pool (``pool.layout.static_scales``).
     """
 
     kv: torch.Tensor
@@ -60,6 +63,8 @@ class PagedAttentionMetadata:
     max_q_len: int
     is_decode: bool
     token_index: torch.Tensor | None = None
+    kv_scales: torch.Tensor | None = None
+    static_kv_scales: tuple[tuple[float, float], ...] | None = None
 
 
 def paged_attention_forward(
@@ -98,17 +103,26 @@ def paged_attention_forward(
     if meta.token_index is not None:
         q, k, v = q[meta.token_index], k[meta.token_index], v[meta.token_index]
     k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
-    if k.dtype != k_cache.dtype:
+    ks = vs = static = None
+    if meta.kv_scales is not None:  # a quantized pool: write_kv quantizes k, v as they are
+        ks, vs = meta.kv_scales[layer, 0], meta.kv_scales[layer, 1]
+        if meta.static_kv_scales is not None:
+            static = meta.static_kv_scales[layer]
+    elif k.dtype != k_cache.dtype:
         k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
-    ops.write_kv(k_cache, v_cache, meta.slots, k, v, check=False)
+    ops.write_kv(
+        k_cache, v_cache, meta.slots, k, v, k_scales=ks, v_scales=vs, static_scales=static,
+        check=False,
+    )  # fmt: skip
     if meta.is_decode:
         out = ops.decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, check=False
-        )
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, k_scales=ks,
+            v_scales=vs, check=False,
+        )  # fmt: skip
     else:
         out = ops.prefill_attention(
             q, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling,
-            max_q_len=meta.max_q_len, check=False,
+            k_scales=ks, v_scales=vs, max_q_len=meta.max_q_len, check=False,
         )  # fmt: skip
     if meta.token_index is not None:
         full = out.new_zeros(bsz * q_len, hq, d)

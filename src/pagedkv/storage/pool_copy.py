@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedkv import ops
 from pagedkv.storage.pool import KVPool
 
 CHUNK_BYTES = 64 << 20
@@ -122,6 +121,8 @@ def _copy_host(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -
     skv, dkv = src.kv, dst.kv
     for a, b in zip(s, d):  # [L, 2, block_size, Hkv, D] each; torch splits it over threads
         dkv[:, :, b].copy_(skv[:, :, a])
+    if src.scales is not None:  # a block's scales travel with it
+        dst.scales[:, :, d] = src.scales[:, :, s]
 
 
 def _copy_staged(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
@@ -132,13 +133,6 @@ def _copy_staged(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int)
 def _ids(ids: list[int], device: torch.device) -> torch.Tensor:
     """Block ids as int64 on ``device``, copied on the current stream without a sync."""
     return torch.tensor(ids, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-
-
-def _blocks(t: torch.Tensor, pool: KVPool, k: int) -> torch.Tensor:
-    """The first ``k`` rows of a uint8 ``[n, bytes_per_block]`` buffer as block tensors."""
-    lay = pool.layout
-    shape = (k, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
-    return t[:k].view(lay.dtype).view(shape)
 
 
 def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -172,9 +166,12 @@ def _copy_device(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int)
     try:
         with torch.cuda.device(dev), torch.cuda.stream(st):
             s_t, d_t = _ids(s, dev), _ids(d, dev)
+            k_max = min(per, len(s))
+            staged = torch.empty((k_max, src.layout.bytes_per_block), dtype=torch.uint8, device=dev)
             for a in range(0, len(s), per):
-                staged = ops.gather_blocks(src.kv, s_t[a : a + per], backend=src.backend)
-                ops.scatter_blocks(dst.kv, d_t[a : a + per], staged, backend=dst.backend)
+                k = min(per, len(s) - a)
+                src.gather_rows(s_t[a : a + k], staged[:k])
+                dst.scatter_rows(d_t[a : a + k], staged[:k])
     finally:
         _finish([st], [cur])
 
@@ -200,9 +197,7 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -
             with torch.cuda.device(a_dev), torch.cuda.stream(gather_s):
                 if sent[j] is not None:
                     gather_s.wait_event(sent[j])  # a_buf[j] has left for the target
-                ops.gather_blocks(
-                    src.kv, s_t[a : a + k], out=_blocks(a_buf[j], src, k), backend=src.backend
-                )
+                src.gather_rows(s_t[a : a + k], a_buf[j][:k])
                 gathered[j] = _event(gather_s)
             # torch issues a cross-device copy on the source's current stream, fenced with
             # the target's current stream; the events below order it either way.
@@ -216,9 +211,7 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -
             with torch.cuda.device(b_dev), torch.cuda.stream(scatter_s):
                 scatter_s.wait_event(sent[j])
                 scatter_s.wait_event(received[j])
-                ops.scatter_blocks(
-                    dst.kv, d_t[a : a + k], _blocks(b_buf[j], dst, k), backend=dst.backend
-                )
+                dst.scatter_rows(d_t[a : a + k], b_buf[j][:k])
                 scattered[j] = _event(scatter_s)
     finally:
         _finish([gather_s, send_s, recv_s, scatter_s], [cur_a, cur_b])
@@ -241,9 +234,7 @@ def _copy_h2d(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) ->
                 src.read_blocks(s[a : a + k], out=pinned[j][:k])  # the host gathers meanwhile
                 staged[:k].copy_(pinned[j][:k], non_blocking=True)
                 copied[j] = _event(st)
-                ops.scatter_blocks(
-                    dst.kv, d_t[a : a + k], _blocks(staged, dst, k), backend=dst.backend
-                )
+                dst.scatter_rows(d_t[a : a + k], staged[:k])
     finally:
         _finish([st], [cur])
 
@@ -264,9 +255,7 @@ def _copy_d2h(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) ->
             a, j = starts[i], i % 2
             k = min(per, n - a)
             with torch.cuda.device(dev), torch.cuda.stream(st):
-                ops.gather_blocks(
-                    src.kv, s_t[a : a + k], out=_blocks(staged, src, k), backend=src.backend
-                )
+                src.gather_rows(s_t[a : a + k], staged[:k])
                 pinned[j][:k].copy_(staged[:k], non_blocking=True)
                 landed[j] = _event(st)
 
