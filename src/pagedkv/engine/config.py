@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedkv._kv_formats import parse_kv_dtype
 from pagedkv.engine.preemption import PolicySpec, make_preemption_policy
 
 
@@ -22,7 +23,10 @@ class EngineConfig:
     (default), ``"oldest"``, ``"lru"``, ``"fewest_blocks"``, ``"priority"``, or a
     function ``select_victims(running, blocks_needed)`` (see
     :mod:`pagedkv.engine.preemption`). ``cuda_graphs``: capture decode steps for
-    fixed batch-size buckets on CUDA (eager otherwise).
+    fixed batch-size buckets on CUDA (eager otherwise). ``kv_dtype``: how the KV pool
+    stores K and V, ``None`` (the model's dtype) or a compressed format, ``"fp8"``
+    (e4m3), ``"fp8_e5m2"``, ``"int8"`` (:class:`~pagedkv.storage.KVLayout`); a pool sized
+    from memory then holds about twice the blocks (each is about half the bytes).
     """
 
     num_blocks: int | None = None
@@ -35,6 +39,7 @@ class EngineConfig:
     preemption_policy: PolicySpec = "newest"
     cuda_graphs: bool = True
     cpu_kv_bytes: int = 512 * 2**20
+    kv_dtype: str | torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -49,6 +54,8 @@ class EngineConfig:
         if self.preemption not in ("recompute", "swap"):
             raise ValueError(f"preemption must be 'recompute' or 'swap', got {self.preemption!r}")
         make_preemption_policy(self.preemption_policy)  # raises for an unknown name or type
+        if self.kv_dtype is not None:
+            parse_kv_dtype(self.kv_dtype)  # raises for an unknown format
 
     def resolve_num_blocks(self, bytes_per_block: int, device: torch.device) -> int:
         """Blocks to allocate: ``num_blocks`` or what the device memory allows."""

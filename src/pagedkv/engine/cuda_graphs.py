@@ -64,7 +64,8 @@ class DecodeGraphs:
         meta = PagedAttentionMetadata(
             kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b, :wb],
             seq_lens=self.lens32[:b], cu_seqlens_q=self.cu32[: b + 1], max_q_len=1,
-            is_decode=True,
+            is_decode=True, kv_scales=r.cache.pool.scales,
+            static_kv_scales=r.cache.layout.static_scales,
         )  # fmt: skip
         out = r.paged(meta, ids[None], position_ids=pos[None], logits_to_keep=self.rows[:b])
         return out.logits[0]

@@ -79,6 +79,8 @@ class Engine:
     ``model_version``: the weights' identity (e.g. a revision string); by default it is
     derived from the config and a sample of every weight tensor, so KV from another
     weight version (cached, in a tier or in a snapshot) is never reused.
+    ``kv_dtype``: store the KV pool compressed, ``"fp8"`` / ``"fp8_e5m2"`` / ``"int8"``
+    (see :class:`EngineConfig`); the kernels read it directly.
 
     Logs to ``logging.getLogger("pagedkv.engine")``: info when built, a warning when a
     batch or a request fails, debug on preemptions (never per token).
@@ -103,6 +105,7 @@ class Engine:
         tiers: Any = None,
         snapshot_store: Any = None,
         model_version: str | None = None,
+        kv_dtype: Any = None,
     ) -> None:
         from pagedkv.cache import KVCache
         from pagedkv.storage import KVLayout
@@ -112,6 +115,7 @@ class Engine:
             block_size=block_size, max_batch_tokens=max_batch_tokens,
             max_num_seqs=max_num_seqs, prefix_caching=prefix_caching,
             preemption=preemption, preemption_policy=preemption_policy, cuda_graphs=cuda_graphs,
+            kv_dtype=kv_dtype,
         )  # fmt: skip
         if preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
@@ -120,7 +124,7 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         layers, kv_heads, head_dim = kv_geometry(model.config)
-        layout = KVLayout(layers, kv_heads, head_dim, block_size, param.dtype)
+        layout = KVLayout(layers, kv_heads, head_dim, block_size, param.dtype, kv_dtype=kv_dtype)
         blocks = self.config.resolve_num_blocks(layout.bytes_per_block, self.device)
         self.cache = KVCache(
             layout, blocks, device=self.device,

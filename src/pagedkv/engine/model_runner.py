@@ -122,5 +122,7 @@ class ModelRunner:
             cu_seqlens_q=d_cu.to(torch.int32),
             max_q_len=max(c.end - c.start for c in chunks),
             is_decode=is_decode,
+            kv_scales=self.cache.pool.scales,
+            static_kv_scales=self.cache.layout.static_scales,
         )
         return meta, d_ids, d_pos, d_rows

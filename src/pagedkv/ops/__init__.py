@@ -63,6 +63,7 @@ __all__ = [
     "batch_invariant_mode",
     "cascade_decode",
     "cascade_prefill",
+    "check_kv_readable",
     "copy_blocks",
     "decode_attention",
     "dequantize_blocks",
@@ -289,6 +290,14 @@ def write_kv(
         spec.kernels.run(pool_k, pool_v, slots, k, v)
     else:
         reference.write_kv(pool_k, pool_v, slots, k, v)
+
+
+def check_kv_readable(kv_dtype: torch.dtype, device: torch.device, backend: str | None = None) -> None:
+    """Raise ``ValueError`` when the backend chosen for ``device`` (``backend``, the global
+    setting, or the default) cannot read KV stored as ``kv_dtype`` there (Triton reads
+    float8_e4m3fn only on compute capability 8.9+). Pools call it before allocating."""
+    if is_quantized(kv_dtype) and resolve(backend, device) == "triton":
+        _checks.triton_reads(kv_dtype, device)
 
 
 def _pool_tensor(kv: torch.Tensor) -> None:

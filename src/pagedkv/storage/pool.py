@@ -44,6 +44,7 @@ class KVPool:
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
         check_int(num_blocks, "num_blocks", minimum=1)
         device = _resources.resolve_device(device)
+        ops.check_kv_readable(layout.kv_dtype, device, backend)  # before a byte is allocated
         _resources.require_memory(
             "KVPool", "num_blocks", num_blocks, self.bytes_needed(layout, num_blocks), device,
             unit_bytes=layout.bytes_per_block, detail=f"{layout.bytes_per_block} bytes per block",

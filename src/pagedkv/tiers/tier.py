@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedkv import _resources
 from pagedkv.errors import ResourceError
@@ -40,6 +41,15 @@ def _check_host_memory(who: str, capacity_bytes: int) -> None:
     )  # fmt: skip
 
 
+def _check_kv_dtype(tier: object, who: str) -> None:
+    """Normalise ``kv_dtype`` (a name such as ``"fp8"``, or a torch.dtype) in place."""
+    value = getattr(tier, "kv_dtype")
+    if value is not None:
+        from pagedkv._kv_formats import parse_kv_dtype
+
+        object.__setattr__(tier, "kv_dtype", parse_kv_dtype(value, f"{who}: kv_dtype"))
+
+
 def _check_seconds(value: object, who: str, field: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{who}: {field} must be a positive number of seconds, got {value!r}")
@@ -60,12 +70,20 @@ class CPUTier:
     :class:`~pagedkv.errors.ResourceError` here and again when the tier is opened
     (memory may have gone meanwhile), before the slab is allocated. The swap budget
     is not checked: its buffers come and go with the swapped sequences.
+
+    ``kv_dtype`` (every tier type has it): the format the tier stores blocks in,
+    ``None`` (the pool's) or e.g. ``"fp8"`` / ``"int8"``, about half the bytes of a bf16
+    block: demotion quantizes, promotion dequantizes (one rounding, within the format's
+    bound; :func:`pagedkv.storage.convert_rows`). All tiers of one cache share it.
+    Swapped-out sequences stay in the pool's format (bit-exact).
     """
 
     capacity_bytes: int
     swap_bytes: int | None = None
+    kv_dtype: Any = None
 
     def __post_init__(self) -> None:
+        _check_kv_dtype(self, "CPUTier")
         _check_bytes(self.capacity_bytes, "CPUTier", "capacity_bytes")
         if self.swap_bytes is not None:
             _check_bytes(self.swap_bytes, "CPUTier", "swap_bytes", allow_zero=True)
@@ -114,8 +132,10 @@ class DiskTier:
     capacity_bytes: int
     fsync: bool = False
     file_mode: int | None = None
+    kv_dtype: Any = None
 
     def __post_init__(self) -> None:
+        _check_kv_dtype(self, "DiskTier")
         if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
             raise TypeError(f"DiskTier: path must be a directory path, got {self.path!r}")
         _check_bytes(self.capacity_bytes, "DiskTier", "capacity_bytes")
@@ -187,8 +207,10 @@ class RedisTier:
     timeout_s: float = 0.5
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
+    kv_dtype: Any = None
 
     def __post_init__(self) -> None:
+        _check_kv_dtype(self, "RedisTier")
         if not isinstance(self.url, str):
             raise TypeError(
                 "RedisTier: url must be a str like redis://host:6379/0, got "
@@ -211,7 +233,8 @@ class RedisTier:
         return (
             f"RedisTier(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r}"
             f"{password}, ttl_seconds={self.ttl_seconds!r}, timeout_s={self.timeout_s!r}, "
-            f"retry_initial_s={self.retry_initial_s!r}, retry_max_s={self.retry_max_s!r})"
+            f"retry_initial_s={self.retry_initial_s!r}, retry_max_s={self.retry_max_s!r}"
+            f"{'' if self.kv_dtype is None else f', kv_dtype={self.kv_dtype}'})"
         )
 
     def _store(self):  # noqa: ANN202 - RedisStore is imported lazily (redis-py is optional)
