@@ -351,6 +351,13 @@ class KVCache(CacheReads):
         self._compressed.forget(seq_id)
         self._salts[seq_id] = salt
 
+    def fingerprint_for(self, layout: KVLayout) -> str:
+        """The fingerprint a cache of this model would have with ``layout`` (a snapshot
+        saved from the same model in a compressed format checks against it)."""
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        return _fingerprint(layout, self.model_fingerprint)
+
     # ------------------------------------------------------------- tensors
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

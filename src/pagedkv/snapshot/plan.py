@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pagedkv._kv_formats import dtype_name
 from pagedkv.errors import OutOfBlocks, SnapshotError
 from pagedkv.snapshot.args import seq_id_list
 from pagedkv.snapshot.jsondoc import MAX_DOC_BYTES
@@ -25,6 +26,7 @@ from pagedkv.snapshot.manifest import (
     layout_dict,
 )
 from pagedkv.snapshot.pager import CachePager
+from pagedkv.storage import KVLayout
 
 
 def plan_save(pager: CachePager, ids: list[int | str] | None, meta_bytes: int) -> tuple:
@@ -79,19 +81,30 @@ def read_units(pager: CachePager, units: Sequence[tuple[int, int]]) -> torch.Ten
     for i, (_, fill) in enumerate(units):
         if fill < lay.block_size:
             # row bytes are ordered (layer, k/v, token, head, dim): zero tokens >= fill
-            arr[i].reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
+            # (a compressed layout's scales follow the payload and stay)
+            pay = arr[i][: lay.payload_bytes]
+            pay.reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
     return rows
 
 
-def check_compatible(m: Manifest, pager: CachePager) -> None:
+def check_compatible(m: Manifest, pager: CachePager) -> KVLayout | None:
+    """Raise ``SnapshotError`` unless the snapshot loads into ``pager``. Returns the
+    snapshot's layout when its pages must be converted first (a compressed snapshot into
+    an unquantized cache of the same model: dequantized), else None (bit-exact)."""
     mine = layout_dict(pager.layout)
+    expected = str(pager.fingerprint)
+    source = None
     if m.layout != mine:
-        raise SnapshotError(
-            f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but the "
-            f"cache has layout [{describe_layout(mine)}]; restore it into a cache built with "
-            "the snapshot's layout"
-        )
-    if m.fingerprint != str(pager.fingerprint):
+        source = _dequantizable(m, pager.layout)
+        fingerprint_for = getattr(pager, "fingerprint_for", None)
+        if source is None or fingerprint_for is None:
+            raise SnapshotError(
+                f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but "
+                f"the cache has layout [{describe_layout(mine)}]; restore it into a cache "
+                "built with the snapshot's layout" + _format_hint(m.layout, mine)
+            )
+        expected = str(fingerprint_for(source))
+    if m.fingerprint != expected:
         theirs, ours = model_of(pager), m.model
         raise SnapshotError(
             f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r}"
@@ -100,6 +113,34 @@ def check_compatible(m: Manifest, pager: CachePager) -> None:
             + (f" (model {theirs!r})" if theirs else "")
             + "; KV is only valid for the model and layout that computed it"
         )
+    return source
+
+
+def _dequantizable(m: Manifest, lay: KVLayout) -> KVLayout | None:
+    """The snapshot's KVLayout if it is a compressed one of ``lay``'s geometry and dtype
+    and ``lay`` is unquantized (a wider format: its pages load dequantized), else None."""
+    d = m.layout
+    if "kv_dtype" not in d or lay.quantized:
+        return None
+    same = all(d[k] == getattr(lay, k) for k in ("num_layers", "num_kv_heads", "head_dim",
+                                                  "block_size"))  # fmt: skip
+    if not same or d["dtype"] != dtype_name(lay.dtype):
+        return None
+    return lay.with_kv_dtype(d["kv_dtype"])
+
+
+def _format_hint(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    a, b = theirs.get("kv_dtype"), mine.get("kv_dtype")
+    if a == b:
+        return ""
+    if a is not None and b is not None:
+        return (
+            f" (a {a} snapshot loads into a {a} cache bit-exactly, or dequantized into an "
+            f"unquantized {theirs['dtype']} one; not into {b}, which would round it twice)"
+        )
+    if b is not None:
+        return f" (an unquantized snapshot does not load into a {b} cache)"
+    return ""
 
 
 def model_of(pager: CachePager) -> str | None:

@@ -83,6 +83,7 @@ from pagedkv.snapshot.plan import (
     select,
 )
 from pagedkv.snapshot.reports import Catalogue, GcReport, SnapshotInfo, VerifyReport
+from pagedkv.storage import convert_rows
 from pagedkv.stores import Location, known_schemes, parse_location
 
 log = logging.getLogger("pagedkv.snapshot")
@@ -387,7 +388,10 @@ class SnapshotStore:
 
         ``seq_ids`` maps the saved ids to restore onto new ids (only those are
         restored; a list or a ``str`` raises ``TypeError``); by default every sequence
-        is restored under ``"<name>:<old id>"``. The layout and fingerprint are
+        is restored under ``"<name>:<old id>"``. A compressed (fp8 / int8) snapshot
+        loads bit-exactly into a cache of its format, or dequantized into an unquantized
+        cache of the same model (the pager needs ``fingerprint_for``, as KVCache has);
+        any other format pair is refused. The layout and fingerprint are
         checked and every page is read and verified before anything is installed: a
         mismatch, a damaged manifest, a missing or corrupt page raises
         ``SnapshotError`` and leaves the pager untouched. Pages whose blocks the
@@ -401,7 +405,7 @@ class SnapshotStore:
         wanted = id_mapping(seq_ids)
         check_flag("progress", progress)
         manifest = self.manifest(name)
-        check_compatible(manifest, pager)
+        source = check_compatible(manifest, pager)
         entries, mapping = select(manifest, pager, wanted)
         uniq = list(dict.fromkeys(d for e in entries for d in e.pages))
         bpb = int(manifest.layout["bytes_per_block"])
@@ -421,6 +425,8 @@ class SnapshotStore:
                 f"pages (first: {(missing + corrupt)[0]}); nothing was restored. "
                 f"`pagedkv snapshot verify {name}` lists them"
             )
+        if source is not None:  # a compressed snapshot into an unquantized cache
+            pages = convert_rows(pages, source, pager.layout)
         result = LoadResult()
         result.shared_blocks = install(pager, name, entries, mapping, pages, uniq)
         result.update((e.seq_id, mapping[e.seq_id]) for e in entries)
