@@ -8,6 +8,7 @@ Llama-style shape), random weights, bf16 on CUDA / fp32 on CPU. Workloads (EOS i
 Plain generate() runs batch 64 on the (b) prompts.
 
 Usage: python benchmarks/bench_e2e.py [--tiny] [--device cpu|cuda] [--plan pk,tf,plain]
+       [--kv-dtype fp8]  (pagedkv's pool stored as fp8 / int8)
 Writes benchmarks/out/bench_e2e.json (and $OUT/bench_e2e_<config>.json when OUT is set)
 and a PNG of tok/s per workload beside each; ``--replot RESULT.json`` redraws one.
 """
@@ -51,6 +52,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--kv-dtype", default=None, help="pagedkv's KV pool format: fp8, int8, ...")
     ap.add_argument(
         "--out",
         default=str(Path(__file__).parent / "out" / "bench_e2e.json"),
@@ -66,6 +68,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.requests is not None and args.requests < 1) or (args.num_blocks or 1) < 1:
         ap.error("--requests and --num-blocks must be >= 1")
     return args
+
+
+def _kv_tag(args: argparse.Namespace) -> str:
+    return f"_kv_{args.kv_dtype}" if args.kv_dtype else ""
 
 
 def plot(res: dict):
@@ -131,13 +137,15 @@ def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
         shape="tiny" if args.tiny else args.config,
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         requests=n_req, prefix=prefix_len, unique=uniq, new_tokens=new, dtype=str(dtype),
+        kv_dtype=args.kv_dtype,
     )  # fmt: skip
     out = Path(args.out)
     if out.is_dir() or not out.suffix:  # a folder: name the file after the run
-        out = out / f"bench_e2e_{args.config}.json"
+        out = out / f"bench_e2e_{args.config}{_kv_tag(args)}.json"
     outs = [out] + (
-        [Path(os.environ["OUT"]) / f"bench_e2e_{args.config}.json"] if os.environ.get("OUT") else []
-    )
+        [Path(os.environ["OUT"]) / f"bench_e2e_{args.config}{_kv_tag(args)}.json"]
+        if os.environ.get("OUT") else []
+    )  # fmt: skip
 
     def dump():
         for p in outs:
@@ -200,6 +208,7 @@ def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
             engine = Engine(
                 model, num_blocks=blocks, block_size=16, max_batch_tokens=8192,
                 max_num_seqs=max(n_req, 16), cuda_graphs=not args.no_graphs,
+                kv_dtype=args.kv_dtype,
             )  # fmt: skip
             sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
             warm_sp = SamplingParams(max_new_tokens=warm_new, ignore_eos=True)

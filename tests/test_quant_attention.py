@@ -58,7 +58,9 @@ CASES = [
 
 
 def _ids(c):
-    return f"{str(c[0])[6:]}-{str(c[1])[6:]}-g{c[2]}-bs{c[3]}-d{c[4]}-w{c[5]}-cap{c[6]}-s{int(c[7])}"
+    return (
+        f"{str(c[0])[6:]}-{str(c[1])[6:]}-g{c[2]}-bs{c[3]}-d{c[4]}-w{c[5]}-cap{c[6]}-s{int(c[7])}"
+    )
 
 
 def _kw(case, hq):
@@ -186,7 +188,6 @@ def test_warmup_covers_quantized_variants(monkeypatch):
     """After ops.warmup of a quantized layer, writes, decode and prefill of any batch
     launch only kernel variants the warm-up launched (no Triton cache key is new)."""
     import _triton_keys as keys
-
     from pagedkv.ops import triton_quant
 
     kernels = [triton_decode._decode_split_kernel, triton_decode._decode_merge_kernel,

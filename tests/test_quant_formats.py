@@ -28,8 +28,7 @@ def test_layout_defaults_keep_the_old_identity():
     assert lay == KVLayout(32, 8, 128, 16, BF16, kv_dtype="bf16")
     # tier frames and benchmark JSON carry repr(layout): unchanged for unquantized layouts
     assert repr(lay) == (
-        "KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, "
-        "dtype=torch.bfloat16)"
+        "KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16)"
     )
     q = KVLayout(32, 8, 128, 16, BF16, kv_dtype="fp8")
     assert "kv_dtype=torch.float8_e4m3fn" in repr(q) and q != lay and hash(q) != hash(lay)
@@ -81,8 +80,10 @@ def test_block_bytes_are_half_of_bf16_plus_the_scales(fmt):
     assert q.scale_bytes == 8 * 30 * 3  # a float32 for K and one for V per (layer, head)
     assert q.bytes_per_block == bf.bytes_per_block // 2 + q.scale_bytes
     overhead = q.scale_bytes / q.payload_bytes
-    print(f"{fmt}: {q.bytes_per_block} bytes/block vs bf16 {bf.bytes_per_block}; scales add "
-          f"{q.scale_bytes} bytes ({overhead:.2%} of the payload, 4 / (block_size * D))")  # fmt: skip
+    print(
+        f"{fmt}: {q.bytes_per_block} bytes/block vs bf16 {bf.bytes_per_block}; scales add "
+        f"{q.scale_bytes} bytes ({overhead:.2%} of the payload, 4 / (block_size * D))"
+    )
     assert overhead == pytest.approx(4 / (16 * 64))
     pool = KVPool(q, 5)  # what is allocated is what is counted
     held = pool.kv.numel() * pool.kv.element_size() + pool.scales.numel() * 4

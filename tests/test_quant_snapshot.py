@@ -41,8 +41,14 @@ def filled(layout: KVLayout, seed: int = 0) -> tuple[KVCache, dict]:
 
 
 def state(cache: KVCache) -> tuple:
-    return (sorted(map(str, cache.seq_ids())), cache.num_free_blocks,
-            cache.pool.kv.clone(), None if cache.pool.scales is None else cache.pool.scales.clone())  # fmt: skip
+    scales = cache.pool.scales
+    ids = sorted(map(str, cache.seq_ids()))
+    return (
+        ids,
+        cache.num_free_blocks,
+        cache.pool.kv.clone(),
+        None if scales is None else scales.clone(),
+    )
 
 
 def same_state(a: tuple, b: tuple) -> bool:
@@ -136,8 +142,11 @@ def test_a_corrupted_scale_is_detected_like_a_corrupted_payload(tmp_path, where)
 
 @pytest.mark.parametrize(
     ("edit", "words"),
-    [({"kv_dtype": "float4"}, "kv_dtype"), ({"bytes_per_block": 1 << 10}, "bytes_per_block"),
-     ({"kv_dtype": None}, "bytes_per_block")],  # fmt: skip
+    [
+        ({"kv_dtype": "float4"}, "kv_dtype"),
+        ({"bytes_per_block": 1 << 10}, "bytes_per_block"),
+        ({"kv_dtype": None}, "bytes_per_block"),
+    ],  # fmt: skip
 )
 def test_manifest_layout_of_a_compressed_cache_is_checked(tmp_path, edit, words):
     """A compressed layout edited by hand (checksum and all) is refused, naming the field."""

@@ -78,7 +78,7 @@ def test_partial_write_keeps_headroom_and_later_tokens_grow_the_scale(dtype):
     if dtype == I8:  # one more rounding, of at most half the new step
         assert ((new - old).abs() <= st[2][2][:, None] * 0.5).all()
     else:  # relative: half an ulp of the format, plus the subnormal step
-        tol = old.abs() * 2.0 ** -fmt.mbits + st[2][2][:, None] * 2.0 ** (fmt.emin - fmt.mbits)
+        tol = old.abs() * 2.0**-fmt.mbits + st[2][2][:, None] * 2.0 ** (fmt.emin - fmt.mbits)
         assert ((new - old).abs() <= tol).all()
 
 
@@ -103,7 +103,13 @@ def test_static_scales_write_the_layer_scale():
 
 # ---- Triton == reference, byte for byte ----------------------------------------------------
 CALLS = [  # prefill of 6 tokens over two blocks, decode appends, padding, a fresh block
-    [8, 9, 10, 11, 12, 13], [14, 20], [15, 21], [-1, 22, 23, -1], [0, 1], [2], [3, 16, 17],
+    [8, 9, 10, 11, 12, 13],
+    [14, 20],
+    [15, 21],
+    [-1, 22, 23, -1],
+    [0, 1],
+    [2],
+    [3, 16, 17],
 ]
 
 
@@ -182,8 +188,10 @@ def test_write_checks_leave_the_cache_unchanged(backend):
         args = dict(slots=sl, k=k, k_scales=ks, static_scales=None)
         args.update(over)
         with pytest.raises(exc, match=words):
-            ops.write_kv(kc, vc, args["slots"], args["k"], k, k_scales=args["k_scales"],
-                         v_scales=vs, static_scales=args["static_scales"], backend=backend)  # fmt: skip
+            ops.write_kv(
+                kc, vc, args["slots"], args["k"], k, k_scales=args["k_scales"], v_scales=vs,
+                static_scales=args["static_scales"], backend=backend,
+            )  # fmt: skip
         assert same_bytes(st, snap)
     with pytest.raises(TypeError, match="quantized"):  # scales for a bf16 cache
         b = torch.zeros(6, 4, 2, 8, dtype=BF16, device=DEV)

@@ -1,4 +1,5 @@
-"""KVCache's own checks: does it fit before it allocates, and does its state agree after.
+"""KVCache's own checks: does it fit before it allocates, and does its state agree after;
+its fingerprint (the identity of its KV bytes).
 
 Kept apart from :mod:`pagedkv.cache` as the manager keeps its audit in
 :mod:`pagedkv.manager.integrity`. The cache hands its tables over as arguments;
@@ -7,10 +8,12 @@ nothing here reads another object's private state.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pagedkv import _resources
+from pagedkv._kv_formats import dtype_name
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, TieredStore
@@ -91,3 +94,16 @@ def violations(
     if evicted:
         problems.append(f"{len(evicted)} evicted blocks were never demoted to the tiers")
     return problems
+
+
+def fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
+    """Identity of the KV bytes: the layout (its storage format too) and the model that
+    produced them."""
+    desc = (
+        f"L{layout.num_layers}-H{layout.num_kv_heads}-D{layout.head_dim}"
+        f"-B{layout.block_size}-{str(layout.dtype).removeprefix('torch.')}"
+    )
+    if layout.quantized:  # unquantized layouts keep the fingerprint they always had
+        desc += f"-kv_{dtype_name(layout.kv_dtype)}-{layout.kv_scale}"
+    digest = hashlib.sha256(f"{desc}|{model_fingerprint}".encode()).hexdigest()[:16]
+    return f"{desc}-{digest}"

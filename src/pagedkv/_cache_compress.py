@@ -29,7 +29,6 @@ from pagedkv._validate import check_int
 from pagedkv.storage import KVLayout, convert_blocks
 
 
-
 class CompressionStats(NamedTuple):
     """What :meth:`KVCache.compression_stats` reports.
 

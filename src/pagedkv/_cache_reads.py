@@ -164,6 +164,13 @@ class CacheReads:
         for side in self._compressed.caches.values():
             side.check_integrity()
 
+    def fingerprint_for(self, layout: KVLayout) -> str:
+        """The fingerprint a cache of this model would have with ``layout`` (a snapshot
+        saved from the same model in a compressed format checks against it)."""
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        return _cache_checks.fingerprint(layout, self.model_fingerprint)
+
     def swapped_ids(self) -> list:
         """Sequences currently swapped out."""
         return list(self._swapped)

@@ -10,7 +10,6 @@ overwrite them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 import uuid
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -19,7 +18,6 @@ from contextlib import contextmanager
 import torch
 
 from pagedkv import _cache_checks, _cache_compress, _resources
-from pagedkv._kv_formats import dtype_name
 from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_reads import CacheReads, Swapped
 from pagedkv._validate import check_bool
@@ -27,7 +25,6 @@ from pagedkv.errors import CachePausedError, PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
-
 
 __all__ = ["CompressionStats", "KVCache"]
 
@@ -102,7 +99,7 @@ class KVCache(CacheReads):
         _cache_checks.check_fits(layout, num_blocks, device, tiers, config, sides)
         self.layout = layout
         self.model_fingerprint = model_fingerprint
-        self.fingerprint = _fingerprint(layout, model_fingerprint)
+        self.fingerprint = _cache_checks.fingerprint(layout, model_fingerprint)
         self._evicted: list[tuple[int, bytes]] = []
         self.manager = BlockManager.from_config(
             num_blocks,
@@ -125,8 +122,12 @@ class KVCache(CacheReads):
         self._compressed = _cache_compress.CompressedArea(
             {
                 lay.kv_dtype: KVCache(
-                    lay, n, device=self.device, model_fingerprint=model_fingerprint,
-                    backend=backend, manager=config,
+                    lay,
+                    n,
+                    device=self.device,
+                    model_fingerprint=model_fingerprint,
+                    backend=backend,
+                    manager=config,
                 )  # fmt: skip
                 for lay, n in sides
             }
@@ -351,13 +352,6 @@ class KVCache(CacheReads):
         self._compressed.forget(seq_id)
         self._salts[seq_id] = salt
 
-    def fingerprint_for(self, layout: KVLayout) -> str:
-        """The fingerprint a cache of this model would have with ``layout`` (a snapshot
-        saved from the same model in a compressed format checks against it)."""
-        if not isinstance(layout, KVLayout):
-            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
-        return _fingerprint(layout, self.model_fingerprint)
-
     # ------------------------------------------------------------- tensors
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -388,16 +382,3 @@ class KVCache(CacheReads):
         """Flush and close the tiers (pending demotions are written)."""
         if self.tiers is not None:
             self.tiers.close()
-
-
-def _fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
-    """Identity of the KV bytes: the layout (its storage format too) and the model that
-    produced them."""
-    desc = (
-        f"L{layout.num_layers}-H{layout.num_kv_heads}-D{layout.head_dim}"
-        f"-B{layout.block_size}-{str(layout.dtype).removeprefix('torch.')}"
-    )
-    if layout.quantized:  # unquantized layouts keep the fingerprint they always had
-        desc += f"-kv_{dtype_name(layout.kv_dtype)}-{layout.kv_scale}"
-    digest = hashlib.sha256(f"{desc}|{model_fingerprint}".encode()).hexdigest()[:16]
-    return f"{desc}-{digest}"

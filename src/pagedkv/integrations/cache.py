@@ -105,8 +105,9 @@ class PagedCache(Cache):
     and allocates a pool on the model's device and dtype (``num_blocks`` defaults to
     1024; the pool does not grow, so size it for batch x ceil((prompt + new tokens) /
     block_size)); ``kv_dtype="fp8"`` (or ``"fp8_e5m2"``, ``"int8"``) stores the KV
-    quantized (:class:`~pagedkv.storage.KVLayout`). ``kv_cache=``: use an existing :class:`~pagedkv.KVCache` of the same
-    geometry instead (its prefix caching must be off: token ids are not known here).
+    quantized (:class:`~pagedkv.storage.KVLayout`). ``kv_cache=``: use an existing
+    :class:`~pagedkv.KVCache` of the same geometry instead (its prefix caching must be
+    off: token ids are not known here).
     The model is not changed: its attention is switched only inside forwards that carry
     this cache. Raises :class:`~pagedkv.errors.UnsupportedModelError` for unsupported
     models and ``NotImplementedError`` for beam search (``num_beams > 1``), which needs

@@ -292,7 +292,9 @@ def write_kv(
         reference.write_kv(pool_k, pool_v, slots, k, v)
 
 
-def check_kv_readable(kv_dtype: torch.dtype, device: torch.device, backend: str | None = None) -> None:
+def check_kv_readable(
+    kv_dtype: torch.dtype, device: torch.device, backend: str | None = None
+) -> None:
     """Raise ``ValueError`` when the backend chosen for ``device`` (``backend``, the global
     setting, or the default) cannot read KV stored as ``kv_dtype`` there (Triton reads
     float8_e4m3fn only on compute capability 8.9+). Pools call it before allocating."""

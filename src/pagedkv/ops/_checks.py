@@ -88,9 +88,7 @@ def query(q: object, name: str, k_cache: torch.Tensor, ndim: int) -> tuple[int, 
     return q.shape[0], q.shape[1]
 
 
-def kv_scales(
-    k_cache: torch.Tensor, k_scales: object, v_scales: object, backend: str
-) -> bool:
+def kv_scales(k_cache: torch.Tensor, k_scales: object, v_scales: object, backend: str) -> bool:
     """The scales that go with one layer's caches: float32 ``[num_blocks, Hkv]`` each, on
     the cache's device, for a quantized (fp8 / int8) cache; None for any other. Also
     refuses a quantized cache the chosen backend cannot read. Returns whether it is

@@ -354,8 +354,8 @@ class DecodeKernels:
         qs, bts, os_ = q.stride(), block_tables.stride(0), out.stride()
         if n_splits == 1 and not self.invariant:
             self.direct(
-                grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, out, out, qs[0],
-                qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
+                grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, out,
+                out, qs[0], qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
             )  # fmt: skip
             return out
         if workspace is None:
@@ -368,8 +368,8 @@ class DecodeKernels:
             assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
             ost, lst = o_part.stride()[:3], (*lse.stride()[:2], 0)
         self.parts(
-            grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, o_part, lse, qs[0],
-            qs[1], *ost, *scalars, bts, *lst, split_tokens,
+            grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, o_part,
+            lse, qs[0], qs[1], *ost, *scalars, bts, *lst, split_tokens,
         )  # fmt: skip
         self.merge(s_pad)(
             (bsz, hq), o_part, lse, seq_lens, out, *ost, os_[0], os_[1], *lst, split_tokens,

@@ -2,8 +2,8 @@
 
 The pool tensor ``kv: [L, 2, num_blocks, block_size, Hkv, D]`` (or a quantized pool's
 scales ``[L, 2, num_blocks, Hkv]``) is seen as ``[L * 2, num_blocks, E]`` with ``E``
-contiguous elements per block and layer-half; every program copies a chunk of one such row. Offsets that
-multiply a block id or slot by a stride are int64.
+contiguous elements per block and layer-half; every program copies a chunk of one such
+row. Offsets that multiply a block id or slot by a stride are int64.
 """
 
 from __future__ import annotations

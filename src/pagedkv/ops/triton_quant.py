@@ -216,4 +216,3 @@ def write_kv(k_cache, v_cache, k_scales, v_scales, slots, k, v, static_scales=No
     """Quantize k, v into their slots (see :class:`QuantWriteKernels`)."""
     kern = write_kernels(k_cache, v_cache, k_scales, v_scales, slots, static_scales is not None)
     kern.run(k_cache, v_cache, k_scales, v_scales, slots, k, v, static_scales)
-

@@ -229,14 +229,18 @@ class KVPool:
         and scales, as :meth:`read_blocks` orders them. No checks: for the copy paths."""
         ops.gather_blocks(self.kv, ids, out=payload_view(rows, self.layout), backend=self.backend)
         if self.scales is not None:
-            ops.gather_blocks(self.scales, ids, out=scale_view(rows, self.layout), backend=self.backend)
+            ops.gather_blocks(
+                self.scales, ids, out=scale_view(rows, self.layout), backend=self.backend
+            )
 
     def scatter_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Inverse of :meth:`gather_rows`: byte rows on the pool's device into blocks ``ids``
         (distinct)."""
         ops.scatter_blocks(self.kv, ids, payload_view(rows, self.layout), backend=self.backend)
         if self.scales is not None:
-            ops.scatter_blocks(self.scales, ids, scale_view(rows, self.layout), backend=self.backend)
+            ops.scatter_blocks(
+                self.scales, ids, scale_view(rows, self.layout), backend=self.backend
+            )
 
     def write_blocks(
         self, block_ids: BlockIds, data: torch.Tensor, *, non_blocking: bool = False

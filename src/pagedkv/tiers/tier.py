@@ -43,7 +43,7 @@ def _check_host_memory(who: str, capacity_bytes: int) -> None:
 
 def _check_kv_dtype(tier: object, who: str) -> None:
     """Normalise ``kv_dtype`` (a name such as ``"fp8"``, or a torch.dtype) in place."""
-    value = getattr(tier, "kv_dtype")
+    value = tier.kv_dtype
     if value is not None:
         from pagedkv._kv_formats import parse_kv_dtype
 
