@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-compat lint format bench gpu-check gpu-attention clean
+.PHONY: setup demo test test-compat typecheck lint format bench gpu-check gpu-attention clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,7 +41,7 @@ COMPAT := .venv-compat
 COMPAT_TRANSFORMERS ?= 5.17.0
 COMPAT_STAMP := $(COMPAT)/.installed-$(COMPAT_TRANSFORMERS)
 COMPAT_TESTS := tests/test_integration_transformers.py tests/test_dropin.py \
-	tests/test_paged_cache_copies.py tests/test_engine*.py
+	tests/test_paged_cache_copies.py tests/test_engine*.py tests/test_families*.py
 
 $(COMPAT_STAMP): $(STAMP)
 	rm -rf $(COMPAT)
@@ -55,6 +55,9 @@ $(COMPAT_STAMP): $(STAMP)
 
 test-compat: setup $(COMPAT_STAMP)
 	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS)
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy src/pagedkv
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

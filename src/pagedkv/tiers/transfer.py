@@ -34,10 +34,10 @@ class Transfer:
         self, pool: KVPool, chunk_bytes: int = CHUNK_BYTES, tier_layout: KVLayout | None = None
     ) -> None:
         self.pool = pool
-        self.block_bytes = pool.layout.bytes_per_block
+        self.bytes_per_block = pool.layout.bytes_per_block
         # the tiers' format, when it is not the pool's (None: rows are the pool's bytes)
         self.encoded = None if tier_layout in (None, pool.layout) else tier_layout
-        self.chunk = max(1, chunk_bytes // self.block_bytes)  # blocks per copy
+        self.chunk = max(1, chunk_bytes // self.bytes_per_block)  # blocks per copy
         self.cuda = pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
 
@@ -67,7 +67,13 @@ class Transfer:
         current.wait_event(event)  # a later write into these blocks cannot overtake the copy
         return rows, event
 
-    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor, *, after: Any = None) -> None:
+    def scatter(
+        self,
+        block_ids: Sequence[int],
+        rows: torch.Tensor,
+        *,
+        after: torch.cuda.Event | None = None,
+    ) -> None:
         """Write host rows into pool blocks on the current stream (async from pinned rows;
         torch's pinned allocator keeps them alive until the copy has run). ``after``: the
         event of the :meth:`gather` that filled ``rows``, if the current stream may not
@@ -101,7 +107,7 @@ class Transfer:
         with torch.cuda.stream(stream) if stream is not None else _nullcontext():
             for a in range(0, n, step):
                 part = ids[a : a + step]
-                staged = torch.empty((part.numel(), self.block_bytes), dtype=torch.uint8,
+                staged = torch.empty((part.numel(), self.bytes_per_block), dtype=torch.uint8,
                                      device=pool.device)  # fmt: skip
                 pool.gather_rows(part, staged)
                 conv = convert_rows(staged, pool.layout, lay)
