@@ -14,6 +14,12 @@ LAY = KVLayout(2, 2, 8, 4, BF16)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (unseeded draws included)."""
+    torch.manual_seed(0)
+
+
 def make(num_blocks=16, side=None, **kw):
     return KVCache(LAY, num_blocks, compressed_blocks=side or {"fp8": 16, "int8": 8}, **kw)
 

@@ -13,6 +13,12 @@ from pagedkv.storage import KVLayout
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (unseeded draws included)."""
+    torch.manual_seed(0)
+
+
 def prompts_of(n: int, length: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 256, (length,), generator=g).tolist() for _ in range(n)]

@@ -25,6 +25,12 @@ TOL = {F32: 2e-5, F16: 5e-3, BF16: 3e-2}
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (unseeded draws included)."""
+    torch.manual_seed(0)
+
+
 def quant_case(lens, hq, hkv, d, bs, kv_dtype, dtype, poison=True):
     """Random quantized caches (+ scales) holding ``lens`` tokens, and q of ``dtype``.
     Slots past each length and the spare blocks hold NaN (fp8) / junk with NaN scales."""

@@ -24,6 +24,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (unseeded draws included)."""
+    torch.manual_seed(0)
+
+
 def filled(fmt, backend="reference", nb=8, layers=2, seed=0):
     """A quantized pool whose blocks 0..5 hold written tokens (dynamic scales)."""
     torch.manual_seed(seed)

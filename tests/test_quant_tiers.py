@@ -22,6 +22,12 @@ BOUND = {"fp8": 2.0**-4 + 2.0**-8, "int8": 0.5 / 127 + 2.0**-8}
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (unseeded draws included)."""
+    torch.manual_seed(0)
+
+
 def hashes(n: int, tag: str = "a") -> list[bytes]:
     return [hashlib.sha256(f"{tag}{i}".encode()).digest() for i in range(n)]
 

@@ -23,6 +23,12 @@ FORMATS = [FP8, E5M2, I8]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (unseeded draws included)."""
+    torch.manual_seed(0)
+
+
 def caches(dtype, nb=6, bs=4, h=2, d=8):
     kc = torch.zeros(nb, bs, h, d, dtype=dtype, device=DEV)
     ks = torch.zeros(nb, h, device=DEV)
