@@ -19,6 +19,7 @@ caches, which sequence lives where, the block conversion and the statistics.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -158,3 +159,61 @@ def copy_converted(src: Any, src_table, dst: Any, dst_table, cached: int, n: int
     hit = cached // bs
     fills = [min(bs, n - i * bs) for i in range(hit, len(dst_table))]
     convert_blocks(src.pool, src_table[hit:], dst.pool, dst_table[hit:], fills=fills)
+
+
+class CompressionMethods:
+    """KVCache's compress / compressed / decompress (a mixin: ``self`` is the KVCache;
+    kept here beside the side caches they move sequences into)."""
+
+    _compressed: CompressedArea
+    manager: Any
+    _salts: dict
+
+    def compress(self, seq_id: Hashable, kv_dtype: str | torch.dtype = "fp8") -> None:
+        """Move a live sequence into the compressed side cache of ``kv_dtype`` ("fp8",
+        "fp8_e5m2", "int8"; see ``compressed_blocks``): its KV is quantized there (blocks
+        another compressed sequence brought with the same prefix are shared), its blocks
+        here are released. Call it between steps, when the sequence's KV is written.
+        It then lives in :meth:`compressed` until :meth:`decompress` or :meth:`free`.
+        ``KeyError`` unless live here, ``ValueError`` without such a side cache,
+        :class:`OutOfBlocks` when that is full; nothing changes on error.
+        """
+        self._check_not_paused("compress()")
+        t0 = time.perf_counter()
+        side = self._compressed.side(kv_dtype)
+        tokens, salt, table = self.token_ids(seq_id), self.salt(seq_id), self.block_table(seq_id)
+        cached = side.allocate(seq_id, tokens, salt)  # OutOfBlocks: nothing changed
+        try:
+            dst = side.block_table(seq_id)
+            copy_converted(self, table, side, dst, cached, len(tokens))
+        except BaseException:
+            side.discard(seq_id)  # its fresh blocks never got their KV
+            raise
+        self.manager.free(seq_id)
+        self._salts.pop(seq_id, None)
+        self._compressed.record(seq_id, side.layout.kv_dtype, time.perf_counter() - t0)
+
+    def compressed(self, kv_dtype: str | torch.dtype = "fp8") -> Any:
+        """The side cache of ``kv_dtype``, where its compressed sequences live: append,
+        decode, read them there; compress, decompress and free them through this cache."""
+        return self._compressed.side(kv_dtype)
+
+    def decompress(self, seq_id: Hashable) -> None:
+        """Bring a compressed sequence back into this cache's own format (dequantized;
+        blocks of its prefix still cached here are reused as they are). ``KeyError``
+        unless compressed, :class:`OutOfBlocks` when the pool is full (it stays compressed)."""
+        self._check_not_paused("decompress()")
+        side = self._compressed.side_of(seq_id)
+        tokens, salt = side.token_ids(seq_id), side.salt(seq_id)
+        cached = self.manager.allocate(seq_id, tokens, salt)  # OutOfBlocks: nothing changed
+        try:
+            self._flush_evictions()
+            dst = self.manager.block_table(seq_id)
+            copy_converted(side, side.block_table(seq_id), self, dst, cached,
+                                           len(tokens))  # fmt: skip
+        except BaseException:
+            self.manager.discard(seq_id)
+            raise
+        side.free(seq_id)
+        self._compressed.forget(seq_id)
+        self._salts[seq_id] = salt

@@ -10,7 +10,6 @@ overwrite them.
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import torch
 
 from pagedkv import _cache_checks, _cache_compress, _resources
 from pagedkv._cache_compress import CompressionStats
+from pagedkv._cache_persist import cached_blocks
 from pagedkv._cache_reads import CacheReads, Swapped
 from pagedkv._validate import check_bool
 from pagedkv.errors import CachePausedError, PagedKVError
@@ -29,7 +29,7 @@ from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 __all__ = ["CompressionStats", "KVCache"]
 
 
-class KVCache(CacheReads):
+class KVCache(CacheReads, _cache_compress.CompressionMethods):
     """Paged KV cache of one model on one device.
 
     Args:
@@ -147,8 +147,15 @@ class KVCache(CacheReads):
         Counts blocks shared from the device's prefix cache and blocks loaded back
         from the tiers; the caller computes (and writes) the KV of the rest. If loading
         from the tiers fails the sequence is not created (and nothing it registered
-        stays cached) before the error propagates.
+        stays cached) before the error propagates. Subscribers get its KV events as one
+        batch (a failed load's removals included).
         """
+        if self.manager.subscribers:
+            with self.manager.event_batch():
+                return self._allocate(seq_id, token_ids, salt)
+        return self._allocate(seq_id, token_ids, salt)
+
+    def _allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object) -> int:
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
@@ -270,27 +277,33 @@ class KVCache(CacheReads):
         key = f"swap-{uuid.uuid4().hex}"
         self.tiers.swap_out(key, self.manager.block_table(seq_id))
         salt = self._salts.get(seq_id)
+        generation = self.manager.generation_of(seq_id)
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
-        self._swapped[seq_id] = Swapped(tokens, salt, key)
+        self._swapped[seq_id] = Swapped(tokens, salt, key, generation)
 
     def swap_in(self, seq_id: Hashable) -> None:
         """Bring a swapped-out sequence back into fresh device blocks, bit-exact.
 
         Raises :class:`OutOfBlocks` (and stays swapped out) when the pool is full; if
         the copy from the tiers fails it stays swapped out too, and the blocks it was
-        given are released without caching any of them.
+        given are released without caching any of them. A sequence swapped out before a
+        :meth:`set_model_fingerprint` comes back on blocks that share nothing.
         """
         self._check_not_paused("swap_in()")
         try:
-            tokens, salt, key = self._swapped[seq_id]
+            tokens, salt, key, generation = self._swapped[seq_id]
         except KeyError:
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
         except TypeError:
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
-        cached = self.manager.allocate(seq_id, tokens, salt)
+        if generation == self.manager.generation:
+            cached = self.manager.allocate(seq_id, tokens, salt)
+        else:  # its KV is an earlier model's: it must neither reuse nor be reused
+            self.manager.allocate_unshared(seq_id, tokens, salt)
+            cached = 0
         try:
             self._flush_evictions()
             blocks = self.manager.block_table(seq_id)
@@ -299,57 +312,6 @@ class KVCache(CacheReads):
             self.manager.discard(seq_id)  # registered blocks whose KV never arrived
             raise
         del self._swapped[seq_id]
-        self._salts[seq_id] = salt
-
-    # ---------------------------------------------------------- compression
-
-    def compress(self, seq_id: Hashable, kv_dtype: str | torch.dtype = "fp8") -> None:
-        """Move a live sequence into the compressed side cache of ``kv_dtype`` ("fp8",
-        "fp8_e5m2", "int8"; see ``compressed_blocks``): its KV is quantized there (blocks
-        another compressed sequence brought with the same prefix are shared), its blocks
-        here are released. Call it between steps, when the sequence's KV is written.
-        It then lives in :meth:`compressed` until :meth:`decompress` or :meth:`free`.
-        ``KeyError`` unless live here, ``ValueError`` without such a side cache,
-        :class:`OutOfBlocks` when that is full; nothing changes on error.
-        """
-        self._check_not_paused("compress()")
-        t0 = time.perf_counter()
-        side = self._compressed.side(kv_dtype)
-        tokens, salt, table = self.token_ids(seq_id), self.salt(seq_id), self.block_table(seq_id)
-        cached = side.allocate(seq_id, tokens, salt)  # OutOfBlocks: nothing changed
-        try:
-            dst = side.block_table(seq_id)
-            _cache_compress.copy_converted(self, table, side, dst, cached, len(tokens))
-        except BaseException:
-            side.discard(seq_id)  # its fresh blocks never got their KV
-            raise
-        self.manager.free(seq_id)
-        self._salts.pop(seq_id, None)
-        self._compressed.record(seq_id, side.layout.kv_dtype, time.perf_counter() - t0)
-
-    def compressed(self, kv_dtype: str | torch.dtype = "fp8") -> KVCache:
-        """The side cache of ``kv_dtype``, where its compressed sequences live: append,
-        decode, read them there; compress, decompress and free them through this cache."""
-        return self._compressed.side(kv_dtype)
-
-    def decompress(self, seq_id: Hashable) -> None:
-        """Bring a compressed sequence back into this cache's own format (dequantized;
-        blocks of its prefix still cached here are reused as they are). ``KeyError``
-        unless compressed, :class:`OutOfBlocks` when the pool is full (it stays compressed)."""
-        self._check_not_paused("decompress()")
-        side = self._compressed.side_of(seq_id)
-        tokens, salt = side.token_ids(seq_id), side.salt(seq_id)
-        cached = self.manager.allocate(seq_id, tokens, salt)  # OutOfBlocks: nothing changed
-        try:
-            self._flush_evictions()
-            dst = self.manager.block_table(seq_id)
-            _cache_compress.copy_converted(side, side.block_table(seq_id), self, dst, cached,
-                                           len(tokens))  # fmt: skip
-        except BaseException:
-            self.manager.discard(seq_id)
-            raise
-        side.free(seq_id)
-        self._compressed.forget(seq_id)
         self._salts[seq_id] = salt
 
     # ------------------------------------------------------------- tensors
@@ -361,6 +323,34 @@ class KVCache(CacheReads):
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Inverse of :meth:`read_blocks`."""
         self.pool.write_blocks(block_ids, data)
+
+    # ---------------------------------------------------------- weight updates
+
+    def set_model_fingerprint(self, model_fingerprint: str) -> bool:
+        """Declare new weights: from now on no KV computed under the old fingerprint is
+        used. O(1): no block is touched, whatever the cache holds.
+
+        The cache fingerprint (:attr:`fingerprint`) changes, and with it every block
+        hash, so: device blocks of the old one are never matched again and are evicted
+        lazily (``stats().invalidated_blocks`` counts them meanwhile); tier entries
+        written under it are never hit (their keys hold the old hashes); snapshots saved
+        under it are refused on restore. Live sequences keep their KV (recompute them if
+        that matters), but the blocks they fill from now on are never cached, and a
+        sequence swapped out before comes back sharing nothing. Subscribers hear
+        :class:`~pagedkv.events.AllBlocksCleared`. Pins carry over to the same tokens.
+
+        Returns ``False``, changing nothing, for the current fingerprint. ``TypeError``
+        for a non-str; :class:`~pagedkv.errors.CachePausedError` while paused.
+        """
+        if not isinstance(model_fingerprint, str):
+            raise TypeError("model_fingerprint must be a str (e.g. 'llama-3-8b@step-42')")
+        self._check_not_paused("set_model_fingerprint()")
+        if model_fingerprint == self.model_fingerprint:
+            return False
+        fingerprint = _cache_checks.fingerprint(self.layout, model_fingerprint)
+        self.manager.set_extra_keys((fingerprint,))
+        self.model_fingerprint, self.fingerprint = model_fingerprint, fingerprint
+        return True
 
     # ------------------------------------------------------ snapshot support
 
@@ -374,11 +364,31 @@ class KVCache(CacheReads):
             self._paused -= 1
 
     def flush(self) -> None:
-        """Wait until every block demoted to the tiers has been stored."""
+        """Wait until every block demoted to the tiers has been stored (and deliver the
+        KV events queued meanwhile)."""
         if self.tiers is not None:
             self.tiers.flush()
+        self.manager.deliver_events()
 
-    def close(self) -> None:
-        """Flush and close the tiers (pending demotions are written)."""
+    def close(self, *, persist: bool = False) -> None:
+        """Flush and close the tiers (pending demotions are written).
+
+        ``persist=True`` (a warm restart): first write the device's cached blocks (those
+        no live sequence holds; least recently used first) and the CPU tier's entries to
+        the first persistent tier (a :class:`DiskTier` or :class:`RedisTier`), so a new
+        process with the same tiers and model fingerprint finds them. Each entry is
+        written atomically and verified when read: a process killed meanwhile leaves
+        only complete entries (:mod:`pagedkv.tiers.persist`). Without a persistent tier
+        it raises ``ValueError`` and closes nothing. Free (or finish) sequences first:
+        the blocks of live ones are not written.
+        """
+        check_bool(persist, "persist")
+        if persist:
+            if self.tiers is None:
+                raise ValueError(
+                    "close(persist=True) needs tiers=[..., DiskTier(...) or RedisTier(...)] "
+                    "on the KVCache: without a persistent tier there is nowhere to write"
+                )
+            self.tiers.persist(cached_blocks(self.manager))
         if self.tiers is not None:
             self.tiers.close()

@@ -85,6 +85,25 @@ class EngineConfig:
         "a pool sized from memory holds ~2x the tokens).",
         choices=("fp8", "fp8_e5m2", "int8"), none="for the model's dtype",
     )  # fmt: skip
+    overlap: bool | None = option(
+        None, "Schedule and launch step n+1 while step n runs on the device; step n's "
+        "tokens are read after that (one copy per step). None: on for CUDA, off on CPU "
+        "(True runs the same pipeline on CPU, for tests).", none="to decide by device",
+    )  # fmt: skip
+    cascade: bool = option(
+        True, "Decode rows sharing cached prefix blocks read them once per group (cascade "
+        "attention); off in batch-invariant mode.",
+    )  # fmt: skip
+    torch_compile: bool = option(
+        False, "Run the model through torch.compile (the norms, RoPE and MLP fused; the "
+        "paged attention stays a call of its own). Compiles at the first steps or in "
+        "warmup(): seconds to minutes.",
+    )  # fmt: skip
+    warmup: bool = option(
+        False, "Call Engine.warmup() when the engine is built: compile every kernel and "
+        "capture every CUDA graph bucket up front (seconds on CUDA), so no request pays "
+        "for them.",
+    )  # fmt: skip
     policy: PreemptionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -39,15 +39,21 @@ from pagedkv.errors import OutOfBlocks
 @dataclass(slots=True)
 class Chunk:
     """Tokens ``all_tokens[start:end]`` of ``req`` are computed this step; ``sample``:
-    the chunk ends the known tokens, so its last logits give the next token."""
+    the chunk ends the request's tokens, so its last logits give the next token.
+    ``from_device``: its (one) token is the request's pending sample, not yet known on
+    the host: the runner takes it from the previous step's sampled ids on the device.
+    Both are fixed when the chunk is made."""
 
     req: Request
     start: int
     end: int
+    sample: bool = field(init=False)
+    from_device: bool = field(init=False)
 
-    @property
-    def sample(self) -> bool:
-        return self.end == self.req.num_tokens
+    def __post_init__(self) -> None:
+        known = self.req.num_tokens
+        self.sample = self.end == known + self.req.pending
+        self.from_device = self.end > known
 
 
 @dataclass
@@ -123,6 +129,21 @@ class Scheduler:
         self.counters.cached_tokens += req.num_computed
         self.waiting.appendleft(req)
 
+    def adopt(self, req: Request) -> None:
+        """Take over a request another engine served (a live migration): one holding the
+        KV of its first ``req.num_allocated`` tokens in this cache runs from the next step
+        if ``max_num_seqs`` allows (else it waits at the front of its level, KV resident);
+        one without KV queues at the back of its level (at the front if it was preempted).
+        Counted in no admission statistics: its engine counted it."""
+        if req.num_allocated and len(self.running) < self.max_num_seqs:
+            req.status = Status.RUNNING
+            req.admitted = self._admissions
+            self._admissions += 1
+            self.running.append(req)
+        else:
+            req.status = Status.WAITING
+            self.add(req, front=bool(req.num_allocated) or req.num_preemptions > 0)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -146,31 +167,50 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         req.status = Status.FINISHED
 
-    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Request]:
-        """Record a step's results: every chunk's tokens now have KV, and ``tokens`` (one
-        per sampling chunk, in order) are appended to their requests. Returns the
-        requests that finished (a retained one keeps its sequence in the cache)."""
+    def commit(self, chunks: list[Chunk]) -> None:
+        """The step of ``chunks`` was launched: their tokens count as computed (their KV is
+        written before anything launched later reads it); a sampling chunk's request has
+        a pending token until :meth:`update`."""
+        counters = self.counters
+        for c in chunks:
+            req = c.req
+            decode = (req.output or req.pending) and c.start == req.num_tokens + req.pending - 1
+            if not decode:
+                counters.prefill_tokens += c.end - c.start
+            req.num_computed = c.end
+            if c.sample:
+                req.pending += 1
+
+    def update(self, chunks: list[Chunk], tokens: list[int], now: float) -> list[Request]:
+        """Record a committed step's sampled ``tokens`` (one per sampling chunk, in order,
+        read at ``now``: ``time.perf_counter()``):
+        each is appended to its request, which may finish; returns those that finished (a
+        retained one keeps its sequence). With overlap a request may be in the next step
+        already (its input this token, on the device): the token enters the cache now.
+        One that finished or was aborted meanwhile is skipped (never emitted)."""
         counters = self.counters
         finished = []
         it = iter(tokens)
         generated = 0
         for c in chunks:
-            req, start, end = c.req, c.start, c.end
-            output = req.output
-            num_tokens = len(req.prompt) + len(output)
-            if not (output and start == num_tokens - 1):
-                counters.prefill_tokens += end - start
-            req.num_computed = end
-            if end != num_tokens:  # not c.sample
+            if not c.sample:
                 continue
             token = next(it)
-            output.append(token)
+            req = c.req
+            if req.status is not Status.RUNNING or not req.pending:
+                continue
+            req.pending -= 1
+            req.output.append(token)
+            req.last_token_time = now
             generated += 1
             reason = req.stop_check(token)
             if reason is not None:
                 req.finish_reason = reason
                 self.finish(req, keep=req.retain)
                 finished.append(req)
+            elif req.pending:  # the next step computes its KV (it has the slot already)
+                self.cache.append(req.seq_id, [token])
+                req.num_allocated += 1
         counters.generated_tokens += generated
         return finished
 
@@ -181,10 +221,24 @@ class Scheduler:
         self.finish(req)
 
     # ------------------------------------------------------------------ scheduling
-    def schedule(self) -> list[Chunk]:
+    def schedule(self, *, ahead: bool = False) -> list[Chunk] | None:
         """This step's chunks: the running requests' (preempting victims when blocks run
         out), then admissions. A :class:`~pagedkv.engine.preemption.PreemptionPolicyError`
-        propagates before any block of the step is reserved."""
+        propagates before any block of the step is reserved.
+
+        ``ahead``: the previous step still runs, its sampled tokens pending (overlap). A
+        request decodes its pending token from the device when the token's slot is
+        allocated; one needing a new block for it waits a step (the cache must know the
+        token id first); one finishing by length on it is not scheduled. None, changing
+        nothing, when the step would preempt (decided with the previous step's results).
+        """
+        if ahead:
+            plan = self._plan_ahead()
+            if plan is None:
+                return None
+            self.steps += 1
+            self.preempted = []
+            return self._finish_schedule(self._reserve_plan(plan), plan.budget)
         self.steps += 1
         self.preempted = []
         plan = _Plan(self.max_batch_tokens)
@@ -207,9 +261,10 @@ class Scheduler:
             needs.append(need)
             plan.pending += need
             plan.budget -= end - start
-        chunks = self._reserve_plan(plan)
-        budget = plan.budget
-        if not self.preempted:
+        return self._finish_schedule(self._reserve_plan(plan), plan.budget)
+
+    def _finish_schedule(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
+        if not self.preempted:  # admissions in what is left of the budget
             budget = self._admit(chunks, budget)
         self.starved = not chunks and not self.preempted and bool(self.waiting)
         used = self.cache.num_blocks - self.cache.num_free_blocks
@@ -218,6 +273,33 @@ class Scheduler:
         for c in chunks:
             c.req.record_access(step, now)
         return chunks
+
+    def _plan_ahead(self) -> _Plan | None:
+        """The running requests' chunks while the previous step runs (:meth:`schedule`)."""
+        plan = _Plan(self.max_batch_tokens)
+        bs, free = self.block_size, self.cache.num_free_blocks
+        for req in self.running:
+            if plan.budget <= 0:
+                break
+            if req.pending:
+                m = req.num_tokens  # the pending token's position; its KV is computed now
+                if len(req.output) + req.pending >= req.params.max_new_tokens:
+                    continue  # it finishes on that token
+                if m >= -(-req.num_allocated // bs) * bs:
+                    continue  # a new block: next step, once the cache knows the token
+                chunk, need = Chunk(req, m, m + 1), 0
+            else:
+                start = req.num_computed
+                end = min(req.num_tokens, start + plan.budget)
+                need = -(-end // bs) - -(-req.num_allocated // bs)
+                if need > free - plan.pending:
+                    return None
+                chunk = Chunk(req, start, end)
+            plan.chunks.append(chunk)
+            plan.needs.append(need)
+            plan.pending += need
+            plan.budget -= chunk.end - chunk.start
+        return plan
 
     def _make_room(self, req: Request, need: int, plan: _Plan) -> bool:
         """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
@@ -245,7 +327,7 @@ class Scheduler:
     def _reserve_plan(self, plan: _Plan) -> list[Chunk]:
         chunks = []
         for c in plan.chunks:
-            if self._reserve(c.req, c.end):
+            if c.from_device or self._reserve(c.req, c.end):
                 chunks.append(c)
             else:
                 # Only a copy-on-write of a shared partial last block (which the engine
@@ -311,6 +393,24 @@ class Scheduler:
             req.status = Status.WAITING
         self._tables.pop(req.seq_id, None)
         self.waiting.appendleft(req)
+
+    def recompute_all(self) -> int:
+        """Make every request holding KV compute it again from its first token (the
+        weights changed): the running ones, then swapped-out or resumed ones waiting
+        with their KV, go back to the front of the queue holding no blocks, in that
+        order. Returns how many; they do not count as preemptions."""
+        held = [r for r in self.waiting if r.status is Status.SWAPPED or r.num_allocated]
+        for req in held:
+            self.waiting.remove(req)
+        restart, self.running = self.running + held, []
+        for req in reversed(restart):
+            if req.status is Status.SWAPPED or req.num_allocated:
+                self.cache.free(req.seq_id)  # also discards a swapped-out copy
+            req.num_computed = req.num_allocated = 0
+            req.status = Status.WAITING
+            self._tables.pop(req.seq_id, None)
+            self.waiting.appendleft(req)
+        return len(restart)
 
     def _swap_out(self, req: Request) -> bool:
         try:

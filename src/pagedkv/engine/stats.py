@@ -1,4 +1,4 @@
-"""What the engine reports about itself: :class:`EngineStats`."""
+"""What the engine reports about itself: :class:`EngineStats`, :class:`StepLatencies`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ class EngineStats:
     counts tokens computed for prompts (recomputes after preemption included);
     ``tokens_per_s`` = generated tokens / seconds spent in :meth:`Engine.step`;
     ``retained_seqs``: finished requests kept in the cache (``retain=True``) until
-    snapshotted or released (their blocks count in ``blocks_in_use``).
+    snapshotted or released (their blocks count in ``blocks_in_use``);
+    ``running_requests`` / ``waiting_requests``: being served now / queued (preempted
+    ones included).
     """
 
     requests: int
@@ -32,3 +34,20 @@ class EngineStats:
     num_blocks: int
     block_size: int
     retained_seqs: int = 0
+    running_requests: int = 0
+    waiting_requests: int = 0
+
+
+@dataclass(frozen=True)
+class StepLatencies:
+    """What one :meth:`Engine.step` generated, for :meth:`Engine.on_step` subscribers.
+
+    ``time``: ``time.perf_counter()`` when its tokens were sampled; ``time_to_first_token``:
+    seconds from submission to the first token, one per request whose first token came
+    in this step; ``inter_token``: seconds since the request's previous token, one per
+    other token of this step (a preemption's wait included).
+    """
+
+    time: float
+    time_to_first_token: tuple[float, ...]
+    inter_token: tuple[float, ...]

@@ -23,7 +23,7 @@ import functools
 import inspect
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,11 @@ class PagedAttentionMetadata:
     ``kv_scales``: a quantized (fp8 / int8) pool's scales ``[num_layers, 2, num_blocks,
     Hkv]`` float32 (``pool.scales``), None otherwise; ``static_kv_scales``: per layer
     ``(k_scale, v_scale)`` of a static-scale pool (``pool.layout.static_scales``).
+    ``cascade``: a decode :class:`~pagedkv.ops.CascadePlan` of this batch (rows sharing
+    cached prefix blocks): full-attention layers without softcap or sinks then run
+    :func:`pagedkv.ops.cascade_decode`, the others plain decode.
+    ``layers``: per layer, its ``(k_cache, v_cache)`` views of ``kv`` (made once by the
+    caller; None: sliced from ``kv`` at each call).
     """
 
     kv: torch.Tensor
@@ -65,6 +70,14 @@ class PagedAttentionMetadata:
     token_index: torch.Tensor | None = None
     kv_scales: torch.Tensor | None = None
     static_kv_scales: tuple[tuple[float, float], ...] | None = None
+    cascade: ops.CascadePlan | None = None
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def layer_views(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(k_cache, v_cache)`` of every layer of a pool tensor ``kv``, for
+    :attr:`PagedAttentionMetadata.layers` (views: made once, valid while ``kv`` lives)."""
+    return [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
 
 
 def paged_attention_forward(
@@ -97,6 +110,13 @@ def paged_attention_forward(
     (gpt-oss's per-head sink logits [Hq]).
     """
     meta = pagedkv_metadata
+    if meta is not None and torch.compiler.is_compiling():
+        # under torch.compile (EngineConfig.torch_compile) the paged path is a graph break:
+        # the code around it (norms, RoPE, MLP) is compiled, the kernels run as they are
+        return _paged_eager(
+            module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap,
+            s_aux, kwargs,
+        )  # fmt: skip
     if meta is None:
         fallback = _fallback_attention(module)
         feats = {
@@ -108,6 +128,14 @@ def paged_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             **feats, **kwargs,
         )  # fmt: skip
+    return _paged(
+        module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap, s_aux,
+        kwargs,
+    )  # fmt: skip
+
+
+def _paged(module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap,
+           s_aux, kwargs):  # fmt: skip
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     _refuse_unknown_features(module, query, key, value, attention_mask, kwargs)
     bsz, hq, q_len, d = query.shape
@@ -120,7 +148,10 @@ def paged_attention_forward(
     v = value.detach().transpose(1, 2).reshape(bsz * q_len, hkv, d)
     if meta.token_index is not None:
         q, k, v = q[meta.token_index], k[meta.token_index], v[meta.token_index]
-    k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
+    if meta.layers is not None:
+        k_cache, v_cache = meta.layers[layer]
+    else:
+        k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
     ks = vs = static = None
     if meta.kv_scales is not None:  # a quantized pool: write_kv quantizes k, v as they are
         ks, vs = meta.kv_scales[layer, 0], meta.kv_scales[layer, 1]
@@ -138,7 +169,13 @@ def paged_attention_forward(
     )  # fmt: skip
     feats = dict(window=sliding_window, softcap=softcap, sinks=sinks, k_scales=ks, v_scales=vs,
                  check=False)  # fmt: skip
-    if meta.is_decode:
+    plan = meta.cascade
+    plain = sliding_window is None and softcap is None and sinks is None and ks is None
+    if meta.is_decode and plan is not None and plain and q.dtype == k_cache.dtype:
+        out = ops.cascade_decode(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, plan, scaling, check=False
+        )
+    elif meta.is_decode:
         out = ops.decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, **feats
         )
@@ -152,6 +189,11 @@ def paged_attention_forward(
         full[meta.token_index] = out
         out = full
     return out.view(bsz, q_len, hq, d), None
+
+
+# The paged path as one opaque call for torch.compile (a graph break): Dynamo does not
+# trace the ops' Python (memoised specs, bound launchers) nor guard on the metadata.
+_paged_eager = torch.compiler.disable(_paged)
 
 
 # Attention kwargs that change what a layer computes in ways the paged kernels do not
@@ -350,11 +392,19 @@ class PagedAttention:
     def __exit__(self, *exc: object) -> None:
         self.exit()
 
-    def __call__(self, meta: PagedAttentionMetadata, input_ids: torch.Tensor, **kwargs: Any):
+    def __call__(
+        self,
+        meta: PagedAttentionMetadata,
+        input_ids: torch.Tensor,
+        *,
+        forward: Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ):
         """One paged forward: ``model(input_ids, **kwargs)`` with the metadata, no
-        transformers cache (the pool is the cache) and no mask built."""
+        transformers cache (the pool is the cache) and no mask built. ``forward``: what
+        to call instead of the model (e.g. ``torch.compile(model.forward)``)."""
         with self:
-            return self.model(
+            return (forward or self.model)(
                 input_ids=input_ids,
                 attention_mask=self.no_mask(input_ids.device),
                 use_cache=False,

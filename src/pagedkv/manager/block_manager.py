@@ -11,6 +11,9 @@ fork, free). The pool's side (reference counts, per-chain references of prefix h
 the free stack, eviction, pins) is :mod:`~pagedkv.manager.allocator`; the prefix
 index, policies, pressure and counters have their own modules. Each is called once
 per operation, never per block of a loop.
+KV events cost one attribute check per operation while nobody subscribes
+(:mod:`~pagedkv.manager.subscriptions`); model changes are
+:mod:`~pagedkv.manager.model_change`.
 """
 
 from __future__ import annotations
@@ -20,27 +23,34 @@ from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv import _resources
 from pagedkv._validate import check_callable, check_int
+from pagedkv.events import EventHub
 from pagedkv.manager.allocator import BlockAllocator, EvictCallback
 from pagedkv.manager.config import ManagerConfig, bookkeeping_bytes
 from pagedkv.manager.eviction import BlockMeta, EvictionPolicy, make_policy
-from pagedkv.manager.hashing import ROOT, as_token_array, hash_function
+from pagedkv.manager.generations import Generations
+from pagedkv.manager.ghosts import Ghosts
+from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes, hash_function
+from pagedkv.manager.kv_events import stored_events
+from pagedkv.manager.model_change import ModelChanges
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.pressure import PressureCallback, PressureWatch
 from pagedkv.manager.reads import ManagerReads
+from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
 from pagedkv.manager.stats import Counters
+from pagedkv.manager.subscriptions import EventSource
 
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(ManagerReads):
+class BlockManager(ManagerReads, Registration, EventSource, ModelChanges):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
         num_blocks: physical blocks in the pool (> 0).
         block_size: tokens per block (> 0).
-        prefix_caching, eviction, ttl_seconds, extra_keys, hash_algo, watermarks: the
-            options of :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build
+        prefix_caching, eviction, ttl_seconds, extra_keys, hash_algo, watermarks,
+        ghost_bytes: the options of :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build
             the manager with :meth:`from_config`).
         on_evict: called as ``on_evict(block_id, block_hash)`` when a cached block is
             evicted, before it is handed out again (tiers copy the bytes out there).
@@ -62,6 +72,7 @@ class BlockManager(ManagerReads):
         extra_keys: Sequence[object] = _DEFAULT.extra_keys,
         hash_algo: str = _DEFAULT.hash_algo,
         watermarks: tuple[float, float, float] = _DEFAULT.watermarks,
+        ghost_bytes: int = _DEFAULT.ghost_bytes,
         on_evict: EvictCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -70,6 +81,7 @@ class BlockManager(ManagerReads):
         config = ManagerConfig(
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
             extra_keys=extra_keys, hash_algo=hash_algo, watermarks=watermarks,
+            ghost_bytes=ghost_bytes,
         )  # fmt: skip
         if on_evict is not None:
             check_callable(on_evict, "on_evict", "(block_id, block_hash) -> None")
@@ -90,14 +102,20 @@ class BlockManager(ManagerReads):
             num_blocks, block_size, self._digest, tuple(config.extra_keys), meta
         )
         self._counters = Counters()
+        self._gens = Generations(tuple(config.extra_keys))
         self._alloc = BlockAllocator(
             meta, self._prefix, lambda: self._new_policy(meta), self._counters, on_evict,
             prefix_caching=config.prefix_caching,
+            ghosts=Ghosts(config.ghost_bytes, len(self._digest(b""))), generations=self._gens,
         )  # fmt: skip
         self._ref = meta.ref  # the allocator's ref counts (changed in place, never replaced)
         self._seqs: dict[Hashable, SeqRecord] = {}
         self._copies: list[tuple[int, int]] = []
         self._watch: PressureWatch | None = None  # created by the first on_pressure()
+        self._events: EventHub | None = None  # while someone subscribes
+        # Whether an operation has anyone to tell (pressure callbacks, KV events): the one
+        # check a finished operation makes.
+        self._observed = False
 
     @classmethod
     def from_config(
@@ -116,7 +134,8 @@ class BlockManager(ManagerReads):
             num_blocks, block_size, prefix_caching=config.prefix_caching,
             eviction=config.eviction, ttl_seconds=config.ttl_seconds,
             extra_keys=config.extra_keys, hash_algo=config.hash_algo,
-            watermarks=config.watermarks, on_evict=on_evict, clock=clock,
+            watermarks=config.watermarks, ghost_bytes=config.ghost_bytes, on_evict=on_evict,
+            clock=clock,
         )  # fmt: skip
 
     def _new_policy(self, meta: BlockMeta) -> EvictionPolicy:
@@ -176,7 +195,7 @@ class BlockManager(ManagerReads):
             alloc.hold_chain(hits)
         blocks = hits + alloc.take(need)
         parent = prefix.hashes[hits[-1]] if hits else ROOT
-        seq = self._seqs[seq_id] = SeqRecord(blocks, arr, parent, ns, len(hits))
+        seq = self._seqs[seq_id] = SeqRecord(blocks, arr, parent, ns, len(hits), self._gens.number)
         if self.prefix_caching:
             seq.last_hash = prefix.register_blocks(
                 blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
@@ -184,8 +203,12 @@ class BlockManager(ManagerReads):
         counters = self._counters
         counters.query_tokens += n
         counters.hit_tokens += len(hits) * bs
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:
+            if self._events is not None and self.prefix_caching:
+                self._events.pending += stored_events(
+                    prefix, blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
+                )
+            self._after()
         return len(hits) * bs
 
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
@@ -223,12 +246,23 @@ class BlockManager(ManagerReads):
         tokens.extend(arr)
         first, stop = n // bs, (n + k) // bs
         if self.prefix_caching and stop > first:
-            raw = tokens[first * bs : stop * bs].tobytes()
-            seq.last_hash = self._prefix.register_blocks(
-                blocks, first, stop, raw, first, seq.ns, seq.last_hash, seq.anonymous
-            )
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+            parent = seq.last_hash
+            if seq.gen != self._gens.number:  # its KV mixes models: cache none of it
+                full = tokens[first * bs : stop * bs]
+                seq.last_hash = chain_hashes(full, bs, seq.ns, self._digest, parent)[-1]
+                seq.anonymous += blocks[first:stop]
+            else:
+                raw = tokens[first * bs : stop * bs].tobytes()
+                seq.last_hash = self._prefix.register_blocks(
+                    blocks, first, stop, raw, first, seq.ns, parent, seq.anonymous
+                )
+                if self._events is not None:
+                    self._events.pending += stored_events(
+                        self._prefix, blocks, first, stop, raw, first, seq.ns, parent,
+                        seq.anonymous,
+                    )  # fmt: skip
+        if self._observed:
+            self._after()
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` a sequence with the parent's tokens, sharing every block.
@@ -244,8 +278,8 @@ class BlockManager(ManagerReads):
             raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
         self._alloc.share(parent.blocks, parent.chain)
         self._seqs[child_id] = parent.fork()
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:
+            self._after()
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's references.
@@ -261,8 +295,15 @@ class BlockManager(ManagerReads):
             ) from None
         partial = len(seq.tokens) % self.block_size != 0
         self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
+        if self._observed:
+            self._after()
+
+    def _after(self) -> None:
+        """An operation finished: pressure callbacks, then the KV events it caused."""
         if self._watch is not None:
             self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._events is not None:
+            self._events.end()
 
     def discard(self, seq_id: Hashable) -> None:
         """Release a sequence whose KV was never (fully) written, caching nothing of it.
@@ -279,7 +320,7 @@ class BlockManager(ManagerReads):
             own = [b for b in seq.blocks[seq.chain :] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks
-        self.free(seq_id)
+        self.free(seq_id)  # delivers the removals too
 
     def take_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies ``(src_block, dst_block)`` owed to storage since last call.
@@ -304,7 +345,10 @@ class BlockManager(ManagerReads):
                 f"token_ids has no full block (block_size={self.block_size}); "
                 "only full blocks are cached and can be pinned"
             )
-        return self._alloc.pin(keys)
+        resident = self._alloc.pin(keys, salt)
+        if self._events is not None:  # expired blocks were dropped first
+            self._events.end()
+        return resident
 
     def unpin(self, token_ids: Sequence[int], salt: object = None) -> int:
         """Undo one :meth:`pin` of this prefix; returns the number of blocks unpinned.
@@ -327,6 +371,8 @@ class BlockManager(ManagerReads):
         if self.num_used_blocks:
             return False
         self._alloc.reset()
+        if self._events is not None:
+            self._events.end()
         return True
 
     # ---------------------------------------------------------------- pressure
@@ -337,5 +383,6 @@ class BlockManager(ManagerReads):
             raise TypeError("on_pressure() takes a callable (MemoryPressure) -> None")
         if self._watch is None:
             self._watch = PressureWatch(self.config.watermarks, self.pressure)
+            self._observed = True
         self._watch.callbacks.append(callback)
         self._watch.level = self.pressure

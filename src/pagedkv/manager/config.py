@@ -40,6 +40,9 @@ class ManagerConfig:
             ``bytes`` or ``int``; kept as a tuple.
         hash_algo: ``"sha256"`` (default) or ``"xxh3_128"``.
         watermarks: used-fraction thresholds of MEDIUM / HIGH / CRITICAL pressure.
+        ghost_bytes: host bytes for the hashes of recently evicted / expired blocks
+            (``explain`` tells them from blocks never seen): about 73 bytes each with
+            SHA-256, so the default 4 MiB remembers the last ~57,000; 0 keeps none.
 
     Raises ``TypeError`` for a value of the wrong type and ``ValueError`` for a wrong
     value, naming the field.
@@ -51,6 +54,7 @@ class ManagerConfig:
     extra_keys: Sequence[object] = ()
     hash_algo: str = "sha256"
     watermarks: tuple[float, float, float] = (0.6, 0.8, 0.95)
+    ghost_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         check_bool(self.prefix_caching, "prefix_caching")
@@ -74,6 +78,7 @@ class ManagerConfig:
         ):
             raise ValueError(f"watermarks must be three increasing fractions in (0, 1], got {w!r}")
         set_field(self, "watermarks", (float(w[0]), float(w[1]), float(w[2])))
+        check_int(self.ghost_bytes, "ghost_bytes", minimum=0)
 
     def override(
         self,
@@ -83,6 +88,7 @@ class ManagerConfig:
         ttl_seconds: float | None = None,
         hash_algo: str | None = None,
         watermarks: tuple[float, float, float] | None = None,
+        ghost_bytes: int | None = None,
     ) -> ManagerConfig:
         """This config with every option given (not ``None``) replaced, validated again."""
         return ManagerConfig(
@@ -92,6 +98,7 @@ class ManagerConfig:
             extra_keys=self.extra_keys,
             hash_algo=self.hash_algo if hash_algo is None else hash_algo,
             watermarks=self.watermarks if watermarks is None else watermarks,
+            ghost_bytes=self.ghost_bytes if ghost_bytes is None else ghost_bytes,
         )
 
     def bookkeeping_bytes(self, num_blocks: int, block_size: int) -> int:

@@ -13,12 +13,20 @@ class SeqRecord:
     ``blocks[:chain]`` are a prefix hit held through the manager's per-chain count
     (named by ``blocks[chain - 1]``: one shared reference per block for every live
     sequence that found that chain); ``blocks[chain:]`` hold a reference each.
+    ``gen``: the model generation it was allocated in; it registers the blocks it fills
+    only while that is the manager's (``-1``: never, its KV came from another model).
     """
 
-    __slots__ = ("blocks", "tokens", "last_hash", "ns", "chain", "anonymous")
+    __slots__ = ("blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "gen")
 
     def __init__(
-        self, blocks: list[int], tokens: array, last_hash: bytes, ns: bytes, chain: int = 0
+        self,
+        blocks: list[int],
+        tokens: array,
+        last_hash: bytes,
+        ns: bytes,
+        chain: int = 0,
+        gen: int = 0,
     ) -> None:
         self.blocks = blocks  # physical block of each logical block
         self.chain = chain
@@ -32,12 +40,14 @@ class SeqRecord:
         # filled); every other full block is registered while the sequence holds it,
         # so free() needs no per-block hash lookup. Usually empty.
         self.anonymous: list[int] = []
+        self.gen = gen
 
     def fork(self) -> SeqRecord:
         """A record sharing this one's blocks (the caller takes the references)."""
         child = SeqRecord(
-            list(self.blocks), array("I", self.tokens), self.last_hash, self.ns, self.chain
-        )
+            list(self.blocks), array("I", self.tokens), self.last_hash, self.ns, self.chain,
+            self.gen,
+        )  # fmt: skip
         child.anonymous = list(self.anonymous)
         return child
 

@@ -17,7 +17,9 @@ class CacheStats:
 
     ``hit_rate`` = hit_tokens / query_tokens (prompt tokens served from the prefix
     cache); ``utilization`` = used_blocks / num_blocks; ``fragmentation`` = unused
-    slots in used blocks / slots in used blocks.
+    slots in used blocks / slots in used blocks. ``invalidated_blocks``: blocks (cached
+    or in use) holding KV of an earlier model fingerprint, never matched again and
+    reclaimed by eviction as any cached block is.
     """
 
     num_blocks: int
@@ -36,6 +38,7 @@ class CacheStats:
     utilization: float
     fragmentation: float
     pressure: MemoryPressure
+    invalidated_blocks: int = 0
 
 
 class Counters:

@@ -73,7 +73,8 @@ class ChainStats(_FieldMapping):
     yet; ``lost_blocks``: demoted blocks that could not be stored (a failed or dropped
     write-back: each is only a later miss). ``kv_dtype`` / ``block_bytes``: the format a
     block is stored in by the tiers (``CPUTier(..., kv_dtype="fp8")``; else the pool's)
-    and its bytes.
+    and its bytes. ``persisted``: entries written by
+    :meth:`~pagedkv.tiers.TieredStore.persist` (a warm restart's ``close(persist=True)``).
     """
 
     tiers: dict[str, TierStats]
@@ -89,3 +90,4 @@ class ChainStats(_FieldMapping):
     lost_blocks: int
     kv_dtype: str = ""
     block_bytes: int = 0
+    persisted: int = 0
