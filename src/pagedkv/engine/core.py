@@ -27,9 +27,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pagedkv.cache import KVCache
+from pagedkv.engine.chunks import Chunk
 from pagedkv.engine.model_runner import EngineWarmup, ModelRunner, SampledTokens
 from pagedkv.engine.request import Request, RequestOutput, Status
-from pagedkv.engine.scheduler import Chunk, Scheduler
+from pagedkv.engine.scheduler import Scheduler
 from pagedkv.engine.stats import EngineStats, StepLatencies
 
 logger = logging.getLogger("pagedkv.engine")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pagedkv.cache import KVCache
-from pagedkv.engine import sessions, weights
+from pagedkv.engine import sessions
 from pagedkv.engine.chat import Conversation, Message, as_conversations
 from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
@@ -21,6 +21,7 @@ from pagedkv.engine.sessions import StoreSpec
 from pagedkv.engine.stats import EngineStats, StepLatencies
 from pagedkv.engine.streaming import follow
 from pagedkv.engine.submit import RequestFactory
+from pagedkv.engine.weights import WeightsAPI
 from pagedkv.errors import EngineClosedError
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
@@ -34,7 +35,7 @@ CacheSalt = str | bytes | None
 logger = logging.getLogger("pagedkv.engine")
 
 
-class Engine(MigrationAPI):
+class Engine(MigrationAPI, WeightsAPI):
     """Serve many generation requests at once on one model.
 
     ``model``: a transformers causal LM that ``check_model_supported`` accepts (Llama,
@@ -225,25 +226,6 @@ class Engine(MigrationAPI):
     def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
         """:meth:`KVCache.subscribe` on the engine's cache: one event batch per step."""
         return self.cache.subscribe(callback)
-
-    def update_weights(
-        self, state_dict: Mapping[str, Any] | None = None, *, model_version: str | None = None,
-        running: str = "recompute",
-    ) -> bool:  # fmt: skip
-        """New weights between steps: load ``state_dict`` in place (some or all of the
-        model's names; ``None``: you changed the weights already) and switch the cache's
-        model fingerprint in O(1): no KV of the old weights is used again (device, tiers,
-        snapshots; see :meth:`KVCache.set_model_fingerprint`). ``model_version``: the new
-        weights' identity (processes loading the same one share tier entries); default:
-        derived from the weights and made unique. ``running="recompute"`` restarts the
-        requests holding KV (tokens generated so far stay); ``"continue"``: they go on
-        over their old KV. Retained requests keep theirs, which :meth:`snapshot` refuses.
-        Returns whether the fingerprint changed (``False``: the current ``model_version``
-        and no state dict). Bad arguments raise before anything is loaded."""
-        self._check_open()
-        return weights.update(
-            self.model, self.cache, self.scheduler, state_dict, model_version, running
-        )
 
     def generate(
         self,

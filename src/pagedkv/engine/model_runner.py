@@ -27,12 +27,12 @@ from typing import Any, NamedTuple
 import torch
 
 from pagedkv import ops
+from pagedkv.engine.chunks import Chunk
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.cuda_graphs import DecodeGraphs
 from pagedkv.engine.host import host_int64
 from pagedkv.engine.prefix_groups import PrefixGroups
 from pagedkv.engine.sampling import sample
-from pagedkv.engine.scheduler import Chunk
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
 from pagedkv.integrations.support import ModelSupport, check_model_supported
 from pagedkv.ops.cascade_fixed import CascadeGrouping, FixedCascadePlan

@@ -26,65 +26,14 @@ admitted in the same step may already share it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from pagedkv.cache import KVCache
+from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.preemption import RunningRequest, check_victims
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
-
-
-@dataclass(slots=True)
-class Chunk:
-    """Tokens ``all_tokens[start:end]`` of ``req`` are computed this step; ``sample``:
-    the chunk ends the request's tokens, so its last logits give the next token.
-    ``from_device``: its (one) token is the request's pending sample, not yet known on
-    the host: the runner takes it from the previous step's sampled ids on the device.
-    Both are fixed when the chunk is made."""
-
-    req: Request
-    start: int
-    end: int
-    sample: bool = field(init=False)
-    from_device: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        known = self.req.num_tokens
-        self.sample = self.end == known + self.req.pending
-        self.from_device = self.end > known
-
-
-@dataclass
-class SchedulerCounters:
-    """Cumulative counts the engine reports in ``stats()``."""
-
-    preemptions: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    peak_blocks: int = 0
-
-
-@dataclass(slots=True)
-class _Plan:
-    """The running requests' chunks of one step, before their blocks are reserved."""
-
-    budget: int
-    chunks: list[Chunk] = field(default_factory=list)
-    needs: list[int] = field(default_factory=list)  # new blocks each chunk will reserve
-    pending: int = 0  # their sum
-
-    def drop(self, req: Request) -> None:
-        """Forget ``req``'s chunk if it has one (it is being preempted)."""
-        for k, c in enumerate(self.chunks):
-            if c.req is req:
-                del self.chunks[k]
-                self.pending -= self.needs.pop(k)
-                self.budget += c.end - c.start
-                return
 
 
 class Scheduler:
@@ -241,7 +190,7 @@ class Scheduler:
             return self._finish_schedule(self._reserve_plan(plan), plan.budget)
         self.steps += 1
         self.preempted = []
-        plan = _Plan(self.max_batch_tokens)
+        plan = StepPlan(self.max_batch_tokens)
         running, bs = self.running, self.block_size
         planned, needs = plan.chunks, plan.needs
         free = self.cache.num_free_blocks  # changes only when a victim is preempted
@@ -274,9 +223,9 @@ class Scheduler:
             c.req.record_access(step, now)
         return chunks
 
-    def _plan_ahead(self) -> _Plan | None:
+    def _plan_ahead(self) -> StepPlan | None:
         """The running requests' chunks while the previous step runs (:meth:`schedule`)."""
-        plan = _Plan(self.max_batch_tokens)
+        plan = StepPlan(self.max_batch_tokens)
         bs, free = self.block_size, self.cache.num_free_blocks
         for req in self.running:
             if plan.budget <= 0:
@@ -301,7 +250,7 @@ class Scheduler:
             plan.budget -= chunk.end - chunk.start
         return plan
 
-    def _make_room(self, req: Request, need: int, plan: _Plan) -> bool:
+    def _make_room(self, req: Request, need: int, plan: StepPlan) -> bool:
         """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
         beside the plan's; False when ``req`` itself was preempted."""
         while True:
@@ -324,7 +273,7 @@ class Scheduler:
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 
-    def _reserve_plan(self, plan: _Plan) -> list[Chunk]:
+    def _reserve_plan(self, plan: StepPlan) -> list[Chunk]:
         chunks = []
         for c in plan.chunks:
             if c.from_device or self._reserve(c.req, c.end):

@@ -109,3 +109,32 @@ def load_in_place(model: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)
+
+
+class WeightsAPI:
+    """The Engine's :meth:`update_weights` (a part of :class:`~pagedkv.Engine`)."""
+
+    model: Any
+    cache: KVCache
+    scheduler: Scheduler
+
+    if TYPE_CHECKING:  # Engine's
+
+        def _check_open(self) -> None: ...
+
+    def update_weights(
+        self, state_dict: Mapping[str, Any] | None = None, *, model_version: str | None = None,
+        running: str = "recompute",
+    ) -> bool:  # fmt: skip
+        """New weights between steps: load ``state_dict`` in place (some or all of the
+        model's names; ``None``: you changed the weights already) and switch the cache's
+        model fingerprint in O(1): no KV of the old weights is used again (device, tiers,
+        snapshots; see :meth:`KVCache.set_model_fingerprint`). ``model_version``: the new
+        weights' identity (processes loading the same one share tier entries); default:
+        derived from the weights and made unique. ``running="recompute"`` restarts the
+        requests holding KV (tokens generated so far stay); ``"continue"``: they go on
+        over their old KV. Retained requests keep theirs, which :meth:`snapshot` refuses.
+        Returns whether the fingerprint changed (``False``: the current ``model_version``
+        and no state dict). Bad arguments raise before anything is loaded."""
+        self._check_open()
+        return update(self.model, self.cache, self.scheduler, state_dict, model_version, running)
