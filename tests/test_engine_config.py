@@ -25,7 +25,8 @@ def test_every_option_has_a_default_a_type_and_help():
     assert names == [
         "num_blocks", "gpu_memory_fraction", "block_size", "max_batch_tokens", "max_num_seqs",
         "prefix_caching", "preemption", "preemption_policy", "cuda_graphs", "cpu_kv_bytes",
-        "batch_invariant", "overlap", "cascade", "torch_compile", "warmup",
+        "batch_invariant", "kv_dtype",
+        "overlap", "cascade", "torch_compile", "warmup",
     ]  # fmt: skip
     for f in option_fields():
         assert f.default is not dataclasses.MISSING, f.name
@@ -38,7 +39,7 @@ def test_every_option_has_a_default_a_type_and_help():
         256, True, "recompute", True,
     )  # fmt: skip
     assert c.preemption_policy == "newest" and c.policy.name == "newest"
-    assert c.cpu_kv_bytes == 512 * 2**20 and c.batch_invariant is False
+    assert c.cpu_kv_bytes == 512 * 2**20 and c.batch_invariant is False and c.kv_dtype is None
     assert (c.overlap, c.cascade, c.torch_compile, c.warmup) == (None, True, False, False)
 
 

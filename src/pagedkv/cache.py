@@ -10,14 +10,14 @@ overwrite them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import uuid
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 
-from pagedkv import _cache_checks, _resources
+from pagedkv import _cache_checks, _cache_compress, _resources
+from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_persist import cached_blocks
 from pagedkv._cache_reads import CacheReads, Swapped
 from pagedkv._validate import check_bool
@@ -26,8 +26,10 @@ from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 
+__all__ = ["CompressionStats", "KVCache"]
 
-class KVCache(CacheReads):
+
+class KVCache(CacheReads, _cache_compress.CompressionMethods):
     """Paged KV cache of one model on one device.
 
     Args:
@@ -46,6 +48,9 @@ class KVCache(CacheReads):
         prefix_caching, eviction, ttl_seconds, hash_algo, watermarks: override the
             same fields of ``manager`` (``None``: as there, by default as in
             :class:`~pagedkv.manager.ManagerConfig`).
+        compressed_blocks: side caches for :meth:`compress`, ``{kv_dtype: num_blocks}``
+            (e.g. ``{"fp8": 4096}``): one KVCache per quantized format on the same device,
+            same geometry, model and manager options (:mod:`pagedkv._cache_compress`).
 
     Before allocating anything the constructor resolves ``device`` and checks that the
     pool, the block bookkeeping and the CPU tiers fit in the free device and host
@@ -69,6 +74,7 @@ class KVCache(CacheReads):
         ttl_seconds: float | None = None,
         hash_algo: str | None = None,
         watermarks: tuple[float, float, float] | None = None,
+        compressed_blocks: Mapping[str | torch.dtype, int] | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
@@ -87,11 +93,13 @@ class KVCache(CacheReads):
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
             hash_algo=hash_algo, watermarks=watermarks,
         )  # fmt: skip
+        side_specs = _cache_compress.parse_specs(compressed_blocks, layout)
         device = _resources.resolve_device(device)
-        _cache_checks.check_fits(layout, num_blocks, device, tiers, config)
+        sides = _cache_compress.side_layouts(layout, side_specs)
+        _cache_checks.check_fits(layout, num_blocks, device, tiers, config, sides)
         self.layout = layout
         self.model_fingerprint = model_fingerprint
-        self.fingerprint = _fingerprint(layout, model_fingerprint)
+        self.fingerprint = _cache_checks.fingerprint(layout, model_fingerprint)
         self._evicted: list[tuple[int, bytes]] = []
         self.manager = BlockManager.from_config(
             num_blocks,
@@ -111,6 +119,19 @@ class KVCache(CacheReads):
         if tiers:
             self.tiers = TieredStore(list(tiers), layout, self.fingerprint)
             self.tiers.attach(self.pool)
+        self._compressed = _cache_compress.CompressedArea(
+            {
+                lay.kv_dtype: KVCache(
+                    lay,
+                    n,
+                    device=self.device,
+                    model_fingerprint=model_fingerprint,
+                    backend=backend,
+                    manager=config,
+                )  # fmt: skip
+                for lay, n in sides
+            }
+        )
 
     # ----------------------------------------------------------- sequences
 
@@ -138,6 +159,8 @@ class KVCache(CacheReads):
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
+        if self._compressed.holds(seq_id):
+            raise ValueError(f"sequence {seq_id!r} is compressed; decompress() it or free() it")
         cached = self.manager.allocate(seq_id, token_ids, salt)
         try:
             self._flush_evictions()
@@ -208,10 +231,10 @@ class KVCache(CacheReads):
         swapped out (``ValueError``); nothing changes on error.
         """
         self._check_not_paused("fork()")
-        if self._swapped_out(child_id, "child_id"):
+        if self._swapped_out(child_id, "child_id") or self._compressed.holds(child_id):
             raise ValueError(
-                f"sequence {child_id!r} is swapped out; fork into a new id "
-                "(or free() the swapped-out one first)"
+                f"sequence {child_id!r} is swapped out or compressed; fork into a new id "
+                "(or free() that one first)"
             )
         try:
             self.manager.fork(parent_id, child_id)
@@ -220,12 +243,15 @@ class KVCache(CacheReads):
         self._salts[child_id] = self._salts.get(parent_id)
 
     def free(self, seq_id: Hashable) -> None:
-        """Release a live sequence, or discard a swapped-out one."""
+        """Release a live sequence, or discard a swapped-out or compressed one."""
         self._check_not_paused("free()")
         if self._swapped_out(seq_id, "seq_id"):
             key = self._swapped.pop(seq_id).key
             assert self.tiers is not None  # a sequence is swapped out only into tiers
             self.tiers.discard_swap(key)
+            return
+        if self._compressed.holds(seq_id):
+            self._compressed.free(seq_id)
             return
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
@@ -370,7 +396,7 @@ class KVCache(CacheReads):
         self._check_not_paused("set_model_fingerprint()")
         if model_fingerprint == self.model_fingerprint:
             return False
-        fingerprint = _fingerprint(self.layout, model_fingerprint)
+        fingerprint = _cache_checks.fingerprint(self.layout, model_fingerprint)
         self.manager.set_extra_keys((fingerprint,))
         self.model_fingerprint, self.fingerprint = model_fingerprint, fingerprint
         return True
@@ -415,13 +441,3 @@ class KVCache(CacheReads):
             self.tiers.persist(cached_blocks(self.manager))
         if self.tiers is not None:
             self.tiers.close()
-
-
-def _fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
-    """Identity of the KV bytes: the layout and the model that produced them."""
-    desc = (
-        f"L{layout.num_layers}-H{layout.num_kv_heads}-D{layout.head_dim}"
-        f"-B{layout.block_size}-{str(layout.dtype).removeprefix('torch.')}"
-    )
-    digest = hashlib.sha256(f"{desc}|{model_fingerprint}".encode()).hexdigest()[:16]
-    return f"{desc}-{digest}"
