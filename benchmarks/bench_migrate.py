@@ -265,6 +265,9 @@ def summarize(ref: Run, mig: Run, rounds: slice, results, moved, pair, copy_done
     pauses = [mig.first_b[i] - mig.last_a[i] for i in moved if i in mig.first_b]
     stops = [r.pause_seconds for r in results]
     ms = lambda xs, q: 1e3 * statistics.quantiles(xs, n=10)[q] if len(xs) > 1 else 1e3 * xs[0]  # noqa: E731
+    if not pauses:  # no moved request made a token on the target (reported, not hidden)
+        print(f"  {pair}: no moved request produced a token on the target", file=sys.stderr)
+        pauses = [float("nan")]
     same = sum(
         mig.outputs[0].get(rid) == ref.outputs[0][rid]
         for rid in ref.ids_a

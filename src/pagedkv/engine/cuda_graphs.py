@@ -23,6 +23,7 @@ its eager path.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Any
 
@@ -125,8 +126,18 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            self.logits[:b].copy_(self._forward(b, wb, cascade))
+        # No garbage collection while capturing: a finalizer run then (an engine or cache
+        # of the user's being collected: unregistering pages, closing tiers, freeing a
+        # graph pool) would make a CUDA call the capture forbids, and the process aborts
+        # (seen on the H200). torch.cuda.graph collects once before it starts.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self.mempool):
+                self.logits[:b].copy_(self._forward(b, wb, cascade))
+        finally:
+            if enabled:
+                gc.enable()
         self.graphs[key] = graph
         self._tables_key = None  # resend every row after a capture
 
