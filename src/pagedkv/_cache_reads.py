@@ -7,6 +7,7 @@ cache is in :mod:`pagedkv.cache`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -16,6 +17,7 @@ from pagedkv import _cache_checks, ops
 from pagedkv._validate import check_int
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.manager import BlockManager, CacheStats
+from pagedkv.manager.stats import SeqStats
 from pagedkv.storage import KVLayout, KVPool
 
 if TYPE_CHECKING:
@@ -28,6 +30,23 @@ class Swapped(NamedTuple):
     tokens: list[int]
     salt: object
     key: str
+    private: bool = False  # allocated with share_prefix=False (or below min_prefix_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class GcStats:
+    """What one :meth:`KVCache.gc <pagedkv.KVCache.gc>` pass freed.
+
+    ``blocks_freed``: device blocks that became free (expired, or evicted over
+    ``max_cached_blocks``); ``bytes_freed``: their KV bytes; ``tier_entries_freed``:
+    entries deleted from the tiers (over a tier's capacity); ``seconds``: how long the
+    pass took (wall time).
+    """
+
+    blocks_freed: int
+    bytes_freed: int
+    tier_entries_freed: int
+    seconds: float
 
 
 class CacheReads:
@@ -127,6 +146,15 @@ class CacheReads:
 
     def stats(self) -> CacheStats:
         return self.manager.stats()
+
+    def seq_stats(self, seq_id: Hashable) -> SeqStats:
+        """The manager's :meth:`~pagedkv.manager.BlockManager.seq_stats` of a live
+        sequence, with ``bytes`` = its blocks × the layout's bytes per block."""
+        try:
+            s = self.manager.seq_stats(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+        return dataclasses.replace(s, bytes=s.blocks * self.layout.bytes_per_block)
 
     def tier_stats(self) -> dict:
         """Hits, demotions and bytes per tier (empty without tiers)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 import uuid
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from pagedkv import _cache_checks, _resources
-from pagedkv._cache_reads import CacheReads, Swapped
+from pagedkv._cache_reads import CacheReads, GcStats, Swapped
 from pagedkv._validate import check_bool
 from pagedkv.errors import CachePausedError, PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
@@ -42,9 +43,10 @@ class KVCache(CacheReads):
         backend: kernel backend of :mod:`pagedkv.ops` (``None``: chosen per device).
         manager: the block manager's options (:class:`~pagedkv.manager.ManagerConfig`;
             its ``extra_keys`` stay empty: the cache folds ``model_fingerprint`` in).
-        prefix_caching, eviction, ttl_seconds, hash_algo, watermarks: override the
-            same fields of ``manager`` (``None``: as there, by default as in
-            :class:`~pagedkv.manager.ManagerConfig`).
+        prefix_caching, eviction, ttl_seconds, hash_algo, watermarks, min_prefix_tokens,
+        max_cached_blocks: override the same fields of ``manager`` (``None``: as
+            there, by default as in :class:`~pagedkv.manager.ManagerConfig`; so a cap
+            the ``manager`` config sets cannot be lifted here).
 
     Before allocating anything the constructor resolves ``device`` and checks that the
     pool, the block bookkeeping and the CPU tiers fit in the free device and host
@@ -68,6 +70,8 @@ class KVCache(CacheReads):
         ttl_seconds: float | None = None,
         hash_algo: str | None = None,
         watermarks: tuple[float, float, float] | None = None,
+        min_prefix_tokens: int | None = None,
+        max_cached_blocks: int | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
@@ -84,7 +88,8 @@ class KVCache(CacheReads):
             )
         config = manager.override(
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
-            hash_algo=hash_algo, watermarks=watermarks,
+            hash_algo=hash_algo, watermarks=watermarks, min_prefix_tokens=min_prefix_tokens,
+            max_cached_blocks=max_cached_blocks,
         )  # fmt: skip
         device = _resources.resolve_device(device)
         _cache_checks.check_fits(layout, num_blocks, device, tiers, config)
@@ -119,21 +124,33 @@ class KVCache(CacheReads):
                 f"{what} is not allowed while the cache is paused (a snapshot is reading it)"
             )
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object = None) -> int:
+    def allocate(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        salt: object = None,
+        *,
+        share_prefix: bool = True,
+    ) -> int:
         """Start a sequence; return how many prompt tokens already have their KV.
 
         Counts blocks shared from the device's prefix cache and blocks loaded back
         from the tiers; the caller computes (and writes) the KV of the rest. If loading
         from the tiers fails the sequence is not created (and nothing it registered
         stays cached) before the error propagates.
+
+        ``share_prefix=False`` (or a prompt shorter than ``min_prefix_tokens``): a
+        private sequence — no device or tier hit, none of its blocks ever registered,
+        cached or demoted to the tiers (see :meth:`BlockManager.allocate`); it stays
+        private across swap-out / swap-in.
         """
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
-        cached = self.manager.allocate(seq_id, token_ids, salt)
+        cached = self.manager.allocate(seq_id, token_ids, salt, share_prefix=share_prefix)
         try:
             self._flush_evictions()
-            if self.tiers is not None:
+            if self.tiers is not None and self.manager.shares_prefix(seq_id):
                 cached += self._tier_exchange(self.tiers, seq_id, cached)
         except BaseException:
             self.manager.discard(seq_id)  # its fresh blocks hold no KV: cache none of them
@@ -193,6 +210,31 @@ class KVCache(CacheReads):
             raise self._not_live(parent_id) from None
         self._salts[child_id] = self._salts.get(parent_id)
 
+    def share_prefix(self, src_id: Hashable, dst_id: Hashable, num_tokens: int) -> None:
+        """Make ``dst_id`` a new sequence holding the first ``num_tokens`` tokens of ``src_id``.
+
+        Full blocks are shared (as by :meth:`fork`); a partly covered last block is
+        copied on the pool now (see :meth:`BlockManager.share_prefix`). ``dst_id`` gets
+        the source's salt. ``src_id`` must be live (``KeyError``), ``dst_id`` neither
+        live nor swapped out (``ValueError``), ``0 < num_tokens <= num_tokens(src_id)``;
+        :class:`OutOfBlocks` when the copy finds no block. Nothing changes on error.
+        """
+        self._check_not_paused("share_prefix()")
+        if self._swapped_out(dst_id, "dst_id"):
+            raise ValueError(
+                f"sequence {dst_id!r} is swapped out; share into a new id "
+                "(or free() the swapped-out one first)"
+            )
+        try:
+            self.manager.share_prefix(src_id, dst_id, num_tokens)
+        except KeyError:
+            raise self._not_live(src_id) from None
+        self._flush_evictions()  # before the copy overwrites an evicted block
+        copies = self.manager.take_copies()
+        if copies:
+            self.pool.copy_blocks(copies)
+        self._salts[dst_id] = self._salts.get(src_id)
+
     def free(self, seq_id: Hashable) -> None:
         """Release a live sequence, or discard a swapped-out one."""
         self._check_not_paused("free()")
@@ -203,6 +245,7 @@ class KVCache(CacheReads):
             return
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
+        self._flush_evictions()  # blocks over max_cached_blocks were evicted
 
     def discard(self, seq_id: Hashable) -> None:
         """Release a live sequence whose KV was never (fully) written, caching none of it.
@@ -217,6 +260,38 @@ class KVCache(CacheReads):
         except KeyError:
             raise self._not_live(seq_id) from None
         self._salts.pop(seq_id, None)
+        self._flush_evictions()
+
+    def evict(self, n: int) -> int:
+        """Evict up to ``n`` cached device blocks by the policy; returns how many.
+
+        They are demoted to the tiers (when there are tiers) and become free; see
+        :meth:`BlockManager.evict`.
+        """
+        self._check_not_paused("evict()")
+        evicted = self.manager.evict(n)
+        self._flush_evictions()
+        return evicted
+
+    def gc(self) -> GcStats:
+        """A collection pass over the device cache and the tiers; returns what it freed.
+
+        Drops the expired cached blocks (TTL), evicts cached blocks over
+        ``max_cached_blocks`` (demoted to the tiers) — both otherwise happen lazily —
+        and deletes tier entries over a tier's capacity (only entries other processes
+        sharing a disk directory wrote can be; see :meth:`TieredStore.trim`).
+        """
+        self._check_not_paused("gc()")
+        start = time.perf_counter()
+        blocks = self.manager.gc()
+        self._flush_evictions()
+        entries = self.tiers.trim() if self.tiers is not None else 0
+        return GcStats(
+            blocks_freed=blocks,
+            bytes_freed=blocks * self.layout.bytes_per_block,
+            tier_entries_freed=entries,
+            seconds=time.perf_counter() - start,
+        )
 
     def _note_eviction(self, block: int, block_hash: bytes) -> None:
         self._evicted.append((block, block_hash))
@@ -243,9 +318,11 @@ class KVCache(CacheReads):
         key = f"swap-{uuid.uuid4().hex}"
         self.tiers.swap_out(key, self.manager.block_table(seq_id))
         salt = self._salts.get(seq_id)
+        private = not self.manager.shares_prefix(seq_id) and self.manager.prefix_caching
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
-        self._swapped[seq_id] = Swapped(tokens, salt, key)
+        self._swapped[seq_id] = Swapped(tokens, salt, key, private)
+        self._flush_evictions()
 
     def swap_in(self, seq_id: Hashable) -> None:
         """Bring a swapped-out sequence back into fresh device blocks, bit-exact.
@@ -256,14 +333,14 @@ class KVCache(CacheReads):
         """
         self._check_not_paused("swap_in()")
         try:
-            tokens, salt, key = self._swapped[seq_id]
+            tokens, salt, key, private = self._swapped[seq_id]
         except KeyError:
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
         except TypeError:
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
-        cached = self.manager.allocate(seq_id, tokens, salt)
+        cached = self.manager.allocate(seq_id, tokens, salt, share_prefix=not private)
         try:
             self._flush_evictions()
             blocks = self.manager.block_table(seq_id)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv import _resources
-from pagedkv._validate import check_callable, check_int
+from pagedkv._validate import check_bool, check_callable, check_int
 from pagedkv.manager.allocator import BlockAllocator, EvictCallback
 from pagedkv.manager.config import ManagerConfig, bookkeeping_bytes
 from pagedkv.manager.eviction import BlockMeta, EvictionPolicy, make_policy
@@ -39,13 +39,15 @@ class BlockManager(ManagerReads):
     Args:
         num_blocks: physical blocks in the pool (> 0).
         block_size: tokens per block (> 0).
-        prefix_caching, eviction, ttl_seconds, extra_keys, hash_algo, watermarks: the
-            options of :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build
-            the manager with :meth:`from_config`).
+        prefix_caching, eviction, ttl_seconds, extra_keys, hash_algo, watermarks,
+        min_prefix_tokens, max_cached_blocks: the options of
+            :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build the manager
+            with :meth:`from_config`).
         on_evict: called as ``on_evict(block_id, block_hash)`` when a cached block is
             evicted, before it is handed out again (tiers copy the bytes out there).
             It must not raise.
-        clock: time source for TTL (seconds, monotonic); for tests.
+        clock: time source for TTL and :meth:`seq_stats`'s ``last_access`` (seconds,
+            monotonic); for tests.
 
     Every operation is atomic: on bad input or when blocks run out it raises and
     leaves the state exactly as it was.
@@ -62,6 +64,8 @@ class BlockManager(ManagerReads):
         extra_keys: Sequence[object] = _DEFAULT.extra_keys,
         hash_algo: str = _DEFAULT.hash_algo,
         watermarks: tuple[float, float, float] = _DEFAULT.watermarks,
+        min_prefix_tokens: int = _DEFAULT.min_prefix_tokens,
+        max_cached_blocks: int | None = _DEFAULT.max_cached_blocks,
         on_evict: EvictCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -70,6 +74,7 @@ class BlockManager(ManagerReads):
         config = ManagerConfig(
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
             extra_keys=extra_keys, hash_algo=hash_algo, watermarks=watermarks,
+            min_prefix_tokens=min_prefix_tokens, max_cached_blocks=max_cached_blocks,
         )  # fmt: skip
         if on_evict is not None:
             check_callable(on_evict, "on_evict", "(block_id, block_hash) -> None")
@@ -83,6 +88,7 @@ class BlockManager(ManagerReads):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = config.prefix_caching
+        self._min_prefix_tokens = config.min_prefix_tokens
         self._clock = clock
         self._digest = hash_function(config.hash_algo)
         meta = BlockMeta(num_blocks)
@@ -92,7 +98,7 @@ class BlockManager(ManagerReads):
         self._counters = Counters()
         self._alloc = BlockAllocator(
             meta, self._prefix, lambda: self._new_policy(meta), self._counters, on_evict,
-            prefix_caching=config.prefix_caching,
+            prefix_caching=config.prefix_caching, max_cached=config.max_cached_blocks,
         )  # fmt: skip
         self._ref = meta.ref  # the allocator's ref counts (changed in place, never replaced)
         self._seqs: dict[Hashable, SeqRecord] = {}
@@ -116,7 +122,8 @@ class BlockManager(ManagerReads):
             num_blocks, block_size, prefix_caching=config.prefix_caching,
             eviction=config.eviction, ttl_seconds=config.ttl_seconds,
             extra_keys=config.extra_keys, hash_algo=config.hash_algo,
-            watermarks=config.watermarks, on_evict=on_evict, clock=clock,
+            watermarks=config.watermarks, min_prefix_tokens=config.min_prefix_tokens,
+            max_cached_blocks=config.max_cached_blocks, on_evict=on_evict, clock=clock,
         )  # fmt: skip
 
     def _new_policy(self, meta: BlockMeta) -> EvictionPolicy:
@@ -136,7 +143,14 @@ class BlockManager(ManagerReads):
 
     # -------------------------------------------------------------- allocation
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object = None) -> int:
+    def allocate(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        salt: object = None,
+        *,
+        share_prefix: bool = True,
+    ) -> int:
         """Start sequence ``seq_id`` with its prompt; return how many tokens are cached.
 
         Reserves ``ceil(len / block_size)`` blocks, reusing (with a reference) the
@@ -146,9 +160,16 @@ class BlockManager(ManagerReads):
         findable at once; the caller writes their KV in the same step (or drops the
         sequence with :meth:`discard` if it cannot).
 
+        ``share_prefix=False`` (for privacy-sensitive requests), like a prompt shorter
+        than ``min_prefix_tokens``, makes the sequence private: it reuses no cached
+        block and none of its blocks (prompt or appended) is ever registered, so no
+        other prompt can find them; they become free, never cached, when released.
+        Its forks and :meth:`share_prefix` sequences are private too.
+
         Raises ``ValueError`` for a live ``seq_id`` or an empty prompt, ``TypeError``/
-        ``ValueError`` for bad token ids, :class:`OutOfBlocks` when the pool is full;
-        nothing changes in any of these cases.
+        ``ValueError`` for bad token ids or a non-bool ``share_prefix``,
+        :class:`OutOfBlocks` when the pool is full; nothing changes in any of these
+        cases (but the ``allocation_failures`` counter).
         """
         try:
             live = seq_id in self._seqs
@@ -156,6 +177,8 @@ class BlockManager(ManagerReads):
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         if live:
             raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
+        if share_prefix is not True and share_prefix is not False:
+            check_bool(share_prefix, "share_prefix")
         arr = as_token_array(token_ids)
         n = len(arr)
         if n == 0:
@@ -164,24 +187,32 @@ class BlockManager(ManagerReads):
         ns = prefix.namespace(salt)
         bs = self.block_size
         raw = arr.tobytes()
-        hits = prefix.match(raw, ns, (n - 1) // bs) if self.prefix_caching else []
+        private = not share_prefix or n < self._min_prefix_tokens
+        shares = self.prefix_caching and not private
+        hits = prefix.match(raw, ns, (n - 1) // bs) if shares else []
         if hits:
             hits = alloc.policy.usable(hits)
         need = -(-n // bs) - len(hits)
         if need > alloc.num_free - (alloc.reclaimed_by(hits) if hits else 0):
+            self._counters.allocation_failures += 1
             raise alloc.out_of_blocks(need, f"allocate({seq_id!r}, {n} tokens)")
 
         # Commit: nothing below can fail (on_evict must not raise).
+        counters = self._counters
         if hits:
             alloc.hold_chain(hits)
+            counters.requests_with_hit += 1
+        else:
+            counters.requests_without_hit += 1
         blocks = hits + alloc.take(need)
         parent = prefix.hashes[hits[-1]] if hits else ROOT
-        seq = self._seqs[seq_id] = SeqRecord(blocks, arr, parent, ns, len(hits))
-        if self.prefix_caching:
+        seq = self._seqs[seq_id] = SeqRecord(
+            blocks, arr, parent, ns, len(hits), private, self._clock()
+        )
+        if shares:
             seq.last_hash = prefix.register_blocks(
                 blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
             )
-        counters = self._counters
         counters.query_tokens += n
         counters.hit_tokens += len(hits) * bs
         if self._watch is not None:
@@ -210,6 +241,7 @@ class BlockManager(ManagerReads):
         if new_blocks or cow:
             alloc = self._alloc
             if new_blocks + cow > alloc.num_free:
+                self._counters.allocation_failures += 1
                 raise alloc.out_of_blocks(new_blocks + cow, f"append({seq_id!r}, {k} tokens)")
             taken = alloc.take(new_blocks + cow)
             if cow:
@@ -219,10 +251,12 @@ class BlockManager(ManagerReads):
                 self._copies.append((src, dst))
                 self._counters.cow_copies += 1
             blocks.extend(taken)
+            # Stamped only when the table changes: a clock read per token costs ~15 %.
+            seq.last_access = self._clock()
         tokens = seq.tokens
         tokens.extend(arr)
         first, stop = n // bs, (n + k) // bs
-        if self.prefix_caching and stop > first:
+        if stop > first and self.prefix_caching and not seq.private:
             raw = tokens[first * bs : stop * bs].tobytes()
             seq.last_hash = self._prefix.register_blocks(
                 blocks, first, stop, raw, first, seq.ns, seq.last_hash, seq.anonymous
@@ -234,18 +268,79 @@ class BlockManager(ManagerReads):
         """Make ``child_id`` a sequence with the parent's tokens, sharing every block.
 
         The first append to a shared, partly filled last block copies it on write.
+        A private parent has a private child.
         """
         parent = self._seq(parent_id)
-        try:
-            live = child_id in self._seqs
-        except TypeError:
-            raise TypeError(f"child_id must be hashable, got {type(child_id).__name__}") from None
-        if live:
-            raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
+        self._check_new(child_id, "child_id")
         self._alloc.share(parent.blocks, parent.chain)
-        self._seqs[child_id] = parent.fork()
+        self._seqs[child_id] = parent.fork(self._clock())
+        self._counters.forks += 1
         if self._watch is not None:
             self._watch.update(self.num_used_blocks, self.num_blocks)
+
+    def share_prefix(self, src_id: Hashable, dst_id: Hashable, num_tokens: int) -> None:
+        """Make ``dst_id`` a new sequence holding the first ``num_tokens`` tokens of ``src_id``.
+
+        Its full blocks are the source's, shared and ref-counted as a fork shares them.
+        When ``num_tokens`` is not a multiple of ``block_size`` the block holding its
+        last tokens is copied into a fresh block (``(src_block, dst_block)`` is queued
+        for :meth:`take_copies`; storage copies it before ``dst`` is written), so two
+        sequences never share a partly filled block they fill differently.
+        ``num_tokens == num_tokens(src_id)`` is :meth:`fork`. ``dst`` has the source's
+        namespace (salt) and privacy; later appends to either are independent.
+
+        Raises ``KeyError`` for an unknown ``src_id``, ``ValueError`` for a live
+        ``dst_id``, ``TypeError``/``ValueError`` unless ``0 < num_tokens <=
+        num_tokens(src_id)``, :class:`OutOfBlocks` when the copy finds no block;
+        nothing changes in any of these cases (but ``allocation_failures``).
+        """
+        src = self._seq(src_id)
+        self._check_new(dst_id, "dst_id")
+        check_int(num_tokens, "num_tokens", minimum=1)
+        n = len(src.tokens)
+        if num_tokens > n:
+            raise ValueError(
+                f"num_tokens={num_tokens} is more than sequence {src_id!r} holds ({n} tokens)"
+            )
+        if num_tokens == n:
+            self.fork(src_id, dst_id)
+            return
+        bs, alloc = self.block_size, self._alloc
+        full, rest = divmod(num_tokens, bs)
+        if rest and not alloc.num_free:
+            self._counters.allocation_failures += 1
+            raise alloc.out_of_blocks(1, f"share_prefix({src_id!r}, {dst_id!r}, {num_tokens})")
+        shared = src.blocks[:full]
+        chain = src.chain if full >= src.chain else 0  # a cut chain: per-block references
+        last_hash = ROOT
+        if full and self.prefix_caching and not src.private:
+            last_hash = self._prefix.block_hashes(src, full - 1, full)[0]
+        alloc.share(shared, chain)
+        blocks = list(shared)
+        if rest:
+            (copy,) = alloc.take(1)
+            self._copies.append((src.blocks[full], copy))
+            self._counters.cow_copies += 1
+            blocks.append(copy)
+        seq = SeqRecord(
+            blocks, src.tokens[:num_tokens], last_hash, src.ns, chain, src.private, self._clock()
+        )
+        if src.anonymous:
+            mine = set(shared)
+            seq.anonymous = [b for b in src.anonymous if b in mine]
+        self._seqs[dst_id] = seq
+        self._counters.forks += 1
+        if self._watch is not None:
+            self._watch.update(self.num_used_blocks, self.num_blocks)
+
+    def _check_new(self, seq_id: Hashable, name: str) -> None:
+        """Raise unless ``seq_id`` is a hashable id of no live sequence."""
+        try:
+            live = seq_id in self._seqs
+        except TypeError:
+            raise TypeError(f"{name} must be hashable, got {type(seq_id).__name__}") from None
+        if live:
+            raise ValueError(f"sequence {seq_id!r} is already live; use a new {name}")
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's references.
@@ -259,8 +354,12 @@ class BlockManager(ManagerReads):
             raise KeyError(
                 f"unknown sequence {seq_id!r}: it was never allocated or is already freed"
             ) from None
-        partial = len(seq.tokens) % self.block_size != 0
-        self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
+        if seq.private:
+            self._alloc.release_private(seq.blocks)
+        else:
+            partial = len(seq.tokens) % self.block_size != 0
+            self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
+        self._counters.deallocations += 1
         if self._watch is not None:
             self._watch.update(self.num_used_blocks, self.num_blocks)
 
@@ -319,15 +418,68 @@ class BlockManager(ManagerReads):
         self._alloc.unpin(keys)
         return len(keys)
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached block (they become free). Pins are kept.
+    def reset_prefix_cache(self, *, force: bool = False) -> bool:
+        """Forget every cached block: cached blocks (pinned ones too) become free and no
+        prompt finds anything registered before. Pins are kept (they protect content
+        registered later). Neither ``on_evict`` is called (tiers keep what they hold)
+        nor are the counters reset.
 
-        Returns False, changing nothing, while any block is in use.
+        While any block is in use this returns False and changes nothing, unless
+        ``force=True``: then the blocks in use are kept, with their KV, by their
+        sequences, which go on unchanged, but they are unregistered — no prompt finds
+        them, and they become free, not cached, when released; blocks those sequences
+        fill later are registered as usual. Returns True when it reset.
         """
+        check_bool(force, "force")
         if self.num_used_blocks:
-            return False
+            if not force:
+                return False
+            self._unregister_in_use()
         self._alloc.reset()
         return True
+
+    def _unregister_in_use(self) -> None:
+        """Make every block in use unregistered (recorded anonymous by its holders)."""
+        alloc, ref, bs = self._alloc, self._ref, self.block_size
+        # Hit chains must be registered (their last holder releases them as cached), so
+        # each chain's shared reference becomes one reference per holder.
+        seen: set[int] = set()
+        for seq in self._seqs.values():
+            if seq.chain:
+                tail = seq.blocks[seq.chain - 1]
+                if tail not in seen:
+                    seen.add(tail)
+                    extra = alloc.chains[tail] - 1
+                    for b in seq.blocks[: seq.chain]:
+                        ref[b] += extra
+                seq.chain = 0
+        alloc.chains.clear()
+        hashes = self._prefix.hashes
+        registered = {
+            b
+            for seq in self._seqs.values()
+            for b in seq.blocks[: len(seq.tokens) // bs]
+            if hashes[b]
+        }
+        for seq in self._seqs.values():
+            seq.anonymous += [b for b in seq.blocks[: len(seq.tokens) // bs] if b in registered]
+        alloc.unregister(list(registered))
+
+    def evict(self, n: int) -> int:
+        """Evict up to ``n`` cached blocks, in the policy's order; returns how many.
+
+        Each becomes free (unregistered), ``on_evict`` is called for it (tiers demote
+        it); pinned blocks and blocks in use are never evicted. Expired blocks (TTL)
+        are dropped first, as before any block is handed out, and are not counted.
+        """
+        check_int(n, "n", minimum=0)
+        return self._alloc.evict_cached(n)
+
+    def gc(self) -> int:
+        """A collection pass: drop the expired cached blocks (TTL) and evict those over
+        ``max_cached_blocks`` (both are otherwise done lazily, when blocks are handed
+        out or released). Returns how many blocks became free."""
+        return self._alloc.expire() + self._alloc.trim()
 
     # ---------------------------------------------------------------- pressure
 

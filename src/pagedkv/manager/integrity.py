@@ -18,6 +18,7 @@ from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pins import Pins
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.sequence import SeqRecord
+from pagedkv.manager.stats import Counters
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class ManagerState:
     policy: EvictionPolicy
     pins: Pins
     prefix: PrefixIndex
+    max_cached: int  # cap on evictable blocks (sys.maxsize: none)
+    counters: Counters
+    now: float  # the manager's clock when the check started
 
 
 def violations(m: ManagerState) -> list[str]:
@@ -88,8 +92,13 @@ def violations(m: ManagerState) -> list[str]:
         problems.append("a free block still has a registered hash")
     if any(not hashes[b] for b in evictable | pinned):
         problems.append("a cached block has no registered hash")
+    if len(evictable) > m.max_cached:
+        problems.append(
+            f"{len(evictable)} evictable cached blocks exceed max_cached_blocks ({m.max_cached})"
+        )
     problems += m.pins.violations(hashes, evictable)
     problems += m.prefix.violations(m.prefix_caching)
+    problems += m.counters.violations(len(m.seqs), m.block_size)
     return problems
 
 
@@ -139,6 +148,12 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
             "(a hit leaves at least one token to compute)"
         )
         return False
+    stamp = seq.last_access
+    if not isinstance(stamp, (int, float)) or not stamp <= m.now:  # NaN fails too
+        problems.append(f"seq {sid!r}: last_access {stamp!r} is not a clock time <= now ({m.now})")
+    if seq.private:
+        _private_ok(m, sid, seq, problems)
+        return True
     if not m.prefix_caching:
         return True
     chain = chain_hashes(seq.tokens, bs, seq.ns, m.digest)
@@ -163,3 +178,15 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     if len(seq.blocks) > len(chain) and hashes[seq.blocks[-1]]:
         problems.append(f"seq {sid!r}: its partial last block {seq.blocks[-1]} is registered")
     return True
+
+
+def _private_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[str]) -> None:
+    """A private sequence takes no part in prefix caching: no hit chain, no registered
+    block, no hash chain."""
+    hashes = m.prefix.hashes
+    registered = [b for b in seq.blocks if hashes[b]]
+    if seq.chain or registered or seq.anonymous or seq.last_hash != ROOT:
+        problems.append(
+            f"seq {sid!r} is private but has a hit chain of {seq.chain}, registered blocks "
+            f"{registered[:5]}, {len(seq.anonymous)} anonymous ones or a last block hash"
+        )
