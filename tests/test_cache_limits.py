@@ -126,9 +126,7 @@ def test_gc_drops_expired_blocks_and_reports_bytes():
 
 def test_gc_deletes_tier_entries_over_capacity_written_by_another_cache(tmp_path):
     entry = BPB + HEADER_BYTES
-    caches = [
-        KVCache(LAYOUT, 16, tiers=[DiskTier(tmp_path / "kv", 4 * entry)]) for _ in range(2)
-    ]
+    caches = [KVCache(LAYOUT, 16, tiers=[DiskTier(tmp_path / "kv", 4 * entry)]) for _ in range(2)]
     for i, cache in enumerate(caches):  # each demotes 3 blocks of its own prompt
         cache.allocate("x", list(range(100 * i, 100 * i + 12)) + [0])
         cache.free("x")

@@ -181,3 +181,17 @@ def test_call_counters_exact():
     assert (s.allocation_failures, s.deallocations) == (2, 2)
     assert (s.query_tokens, s.hit_tokens) == (14 + 9 + 9, 8)
     m.check_integrity()
+
+
+def test_share_prefix_ending_at_a_hit_chain_holds_per_block_references():
+    m = BlockManager(16, BS)
+    m.allocate("a", A[:4] + [5])
+    m.free("a")  # block 0 cached
+    assert m.allocate("b", A[:4] + [9]) == 4  # b: a hit chain of 1 block + 1 token
+    m.share_prefix("b", "d", 4)  # exactly the chain: no token past it
+    assert m.block_table("d") == [0] and m.seq_stats("b").shared_blocks == 1
+    m.check_integrity()
+    m.free("b")
+    m.free("d")
+    assert m.stats().cached_blocks == 1 and m.stats().used_blocks == 0
+    m.check_integrity()

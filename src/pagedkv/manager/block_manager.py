@@ -311,7 +311,9 @@ class BlockManager(ManagerReads):
             self._counters.allocation_failures += 1
             raise alloc.out_of_blocks(1, f"share_prefix({src_id!r}, {dst_id!r}, {num_tokens})")
         shared = src.blocks[:full]
-        chain = src.chain if full >= src.chain else 0  # a cut chain: per-block references
+        # The source's hit chain is kept if dst holds all of it and a token more (as any
+        # hit leaves one token); else dst holds its blocks with per-block references.
+        chain = src.chain if src.chain <= (num_tokens - 1) // bs else 0
         last_hash = ROOT
         if full and self.prefix_caching and not src.private:
             last_hash = self._prefix.block_hashes(src, full - 1, full)[0]
