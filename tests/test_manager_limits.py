@@ -279,3 +279,14 @@ def test_reset_force_must_be_a_bool():
     with pytest.raises(TypeError, match="force"):
         m.reset_prefix_cache(force=1)  # type: ignore[arg-type]
     assert_unchanged(m, before)
+
+
+def test_the_manager_demo_shows_pins_limits_and_evict(capsys):
+    from pagedkv.manager import demo
+
+    r = demo.run(num_requests=60, max_live=8, decode_tokens=16, max_cached_blocks=40)
+    assert "evict(n) at the end" in capsys.readouterr().out
+    assert r["pinned_blocks"] > 0 and 0 < r["peak_cached"] <= 40
+    # ids 9, 19, ..., 59 private; 24 and 49 short (49 is both)
+    assert r["private_requests"] == 7
+    assert 0 < r["evicted_on_demand"] <= 40
