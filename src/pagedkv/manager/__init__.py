@@ -3,7 +3,8 @@
 Nothing here imports torch; the storage layer executes what the manager decides.
 One concept per module: ``config`` (options), ``sequence`` (per-sequence record),
 ``prefix_index``, ``eviction`` (policies, TTL), ``pins``, ``pressure``, ``hashing``,
-``stats``, ``integrity`` (the checker) and ``block_manager`` (the hot operations).
+``stats``, ``integrity`` (the checker), ``block_manager`` (the hot operations) and
+``prefix_ops`` (share_prefix, evict, gc).
 """
 
 from pagedkv.manager.block_manager import BlockManager
