@@ -279,6 +279,9 @@ class BlockAllocator:
         for block in cached:
             self._prefix.drop(block)
             ref[block] = 0  # clears an LRU stamp
-        self.free[:] = sorted({*self.free, *cached}, reverse=True)
+        if len(self.free) + len(cached) == self.num_blocks:  # nothing in use: as when new
+            self.free[:] = range(self.num_blocks - 1, -1, -1)
+        else:
+            self.free[:] = sorted({*self.free, *cached}, reverse=True)
         self.policy = self._new_policy()
         self.pins.blocks.clear()

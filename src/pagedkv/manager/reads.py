@@ -159,7 +159,8 @@ class ManagerReads:
         return [h for _, h in self._prefix.prefix_keys(token_ids, salt)]
 
     def lookup(self, token_ids: Sequence[int], salt: object = None) -> int:
-        """Tokens a new :meth:`allocate` of ``token_ids`` would find cached (no change)."""
+        """Tokens a new :meth:`allocate` of ``token_ids`` would find cached (no change;
+        0 for a prompt shorter than ``min_prefix_tokens``)."""
         arr = as_token_array(token_ids)
         ns = self._prefix.namespace(salt)
         if not self.prefix_caching or not arr or len(arr) < self._min_prefix_tokens:
