@@ -41,7 +41,7 @@ COMPAT := .venv-compat
 COMPAT_TRANSFORMERS ?= 5.17.0
 COMPAT_STAMP := $(COMPAT)/.installed-$(COMPAT_TRANSFORMERS)
 COMPAT_TESTS := tests/test_integration_transformers.py tests/test_dropin.py \
-	tests/test_paged_cache_copies.py tests/test_engine*.py
+	tests/test_paged_cache_copies.py tests/test_engine*.py tests/test_families*.py
 
 $(COMPAT_STAMP): $(STAMP)
 	rm -rf $(COMPAT)

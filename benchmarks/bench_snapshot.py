@@ -38,8 +38,9 @@ from rich.table import Table
 from _plot import RAW, add_plot_arguments, figure, load, plot_result, replot
 from _progress import add_quiet_argument, steps
 from pagedkv.cache import KVCache
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.storage import KVLayout
+from pagedkv.testing import SyntheticPager
 
 
 def make_cache(layout: KVLayout, num_blocks: int) -> KVCache:

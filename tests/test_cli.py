@@ -154,3 +154,87 @@ def test_top_p_zero_is_refused_with_the_valid_range(monkeypatch):
     result = runner.invoke(app, ["generate", "--top-p", "0", "hi"])
     assert result.exit_code == 2
     assert "top_p must be in (0, 1]" in " ".join(result.output.split())
+
+
+# ------------------------------------------------------------------ engine options
+def _engine_params(command):
+    """The click parameters of a command that come from EngineConfig, by name."""
+    import typer.main
+
+    from pagedkv.engine.config import option_fields
+
+    names = {f.name for f in option_fields()}
+    cmd = typer.main.get_command(app).commands[command]
+    return {p.name: p for p in cmd.params if p.name in names}
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_engine_flags_are_the_config_fields_with_their_defaults_and_help(command):
+    from pagedkv.engine.config import EngineConfig, option_fields
+
+    params = _engine_params(command)
+    offered = [f for f in option_fields() if f.metadata["cli"]]
+    assert sorted(params) == sorted(f.name for f in offered)
+    assert "preemption" not in params  # "swap" needs tiers, which the CLI cannot build
+    defaults = EngineConfig()
+    for f in offered:
+        p = params[f.name]
+        assert p.default == getattr(defaults, f.name), f.name  # one default, the config's
+        assert f.metadata["help"].split(";")[0] in p.help, f.name
+        assert f"--{f.name.replace('_', '-')}" in p.opts, f.name
+    assert params["max_batch_tokens"].default == 8192
+
+
+@pytest.fixture
+def captured_config(monkeypatch):
+    """The EngineConfig the CLI passes to Engine.from_pretrained (which then stops)."""
+    from pagedkv.engine import Engine
+
+    seen = []
+
+    def fake(path=None, *, device=None, dtype=None, config=None, **kw):
+        seen.append(config)
+        raise FileNotFoundError("stopped after the options")
+
+    monkeypatch.setattr(Engine, "from_pretrained", fake)
+    return seen
+
+
+def test_the_cli_passes_the_config_it_built(captured_config):
+    from pagedkv.engine.config import EngineConfig
+
+    assert runner.invoke(app, ["generate", "hi"]).exit_code == 2
+    args = ["generate", "--max-batch-tokens", "1024", "--no-prefix-caching", "--num-blocks",
+            "64", "--preemption-policy", "lru", "--gpu-memory-fraction", "0.5", "hi"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "stopped after the options" in result.output
+    assert captured_config == [
+        EngineConfig(),
+        EngineConfig(
+            max_batch_tokens=1024, prefix_caching=False, num_blocks=64, preemption_policy="lru",
+            gpu_memory_fraction=0.5,
+        ),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "says"),
+    [
+        (["--gpu-memory-fraction", "0"], "--gpu-memory-fraction", "must be in (0, 1], got 0.0"),
+        (["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction", "must be in (0, 1]"),
+        (["--num-blocks", "0"], "--num-blocks", "num_blocks must be >= 1"),
+        (["--block-size", "0"], "--block-size", "block_size must be >= 1, got 0"),
+        (["--max-num-seqs", "-2"], "--max-num-seqs", "max_num_seqs must be >= 1"),
+        (["--preemption-policy", "nope"], "--preemption-policy", "'nope' is not a known policy"),
+    ],
+)
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_bad_engine_flags_are_refused_with_the_configs_message(
+    command, args, option, says, captured_config
+):
+    tail = ["hi"] if command == "generate" else []
+    result = runner.invoke(app, [command, *args, *tail])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # rich wraps it in a box
+    assert f"Invalid value for '{option}'" in text and says in text, text
+    assert captured_config == []  # nothing was loaded

@@ -36,7 +36,7 @@ def state(engine: Engine) -> tuple:
     """Everything a failed submission must leave as it was."""
     s = engine.scheduler
     return (
-        engine.stats(), dict(engine._requests), list(s.waiting), list(s.running),
+        engine.stats(), dict(engine.core.requests), list(s.waiting), list(s.running),
         engine.cache.num_free_blocks, engine.cache.seq_ids(), engine.cache.stats(),
     )  # fmt: skip
 
@@ -165,7 +165,7 @@ def test_breaking_out_of_a_stream_aborts_the_request(engine):
     for delta in engine.stream(p, GREEDY):
         assert delta.text is None  # no tokenizer: tokens only
         break
-    assert not engine.has_unfinished() and not engine._requests
+    assert not engine.has_unfinished() and not engine.core.requests
     assert engine.stats().blocks_in_use == 0
     engine.cache.check_integrity()
 
@@ -221,7 +221,7 @@ def test_a_swapped_out_request_keeps_its_salt(model):
         engine.add_request(p, sp, cache_salt="a"): "a",
         engine.add_request(q, sp, cache_salt="b"): "b",
     }
-    reqs = [engine._requests[rid] for rid in ids]
+    reqs = [engine.core.requests[rid] for rid in ids]
     seen, outs = set(), {}
     while engine.has_unfinished():
         for o in engine.step():

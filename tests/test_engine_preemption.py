@@ -118,7 +118,8 @@ def test_waiting_queue_is_priority_first_fifo_within_a_level():
 def scheduler(policy, num_blocks=13, prefix_caching=False):
     layout = KVLayout(1, 1, 2, BS, torch.float32)
     cache = KVCache(layout, num_blocks, model_fingerprint="t", prefix_caching=prefix_caching)
-    return Scheduler(cache, max_batch_tokens=64, max_num_seqs=16, policy=policy)
+    config = EngineConfig(max_batch_tokens=64, max_num_seqs=16, preemption_policy=policy)
+    return Scheduler(cache, config)
 
 
 def sreq(rid, prompt, priority=0):
@@ -354,7 +355,7 @@ def engine_state(engine: Engine) -> tuple:
     s = engine.scheduler
     reqs = [
         (r.request_id, r.status, r.num_computed, r.num_allocated, list(r.output))
-        for r in engine._requests.values()
+        for r in engine.core.requests.values()
     ]
     return (
         engine.stats(), reqs, [r.request_id for r in s.waiting],
@@ -451,7 +452,7 @@ def test_waiting_requests_are_admitted_by_priority_fifo_within_a_level(model):
 def test_one_priority_for_all_prompts_and_through_every_entry_point(model):
     engine = Engine(model, num_blocks=64, block_size=BS)
     rid = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=2), priority=-3)
-    assert engine._requests[rid].priority == -3
+    assert engine.core.requests[rid].priority == -3
     engine.abort(rid)
     outs = engine.generate([[5, 6], [7, 8]], SamplingParams(max_new_tokens=2), priority=4)
     assert all(o.finish_reason == "length" for o in outs)

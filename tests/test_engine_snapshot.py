@@ -142,7 +142,7 @@ def test_errors_are_clear_and_the_engine_keeps_serving(model, tmp_path):
         deeper.resume("p")
     with SnapshotStore(tmp_path) as store:  # a snapshot saved without the engine
         e.generate([p], greedy(2), retain=True)
-        rid = next(iter(e._retained))
+        rid = next(iter(e.core.retained))
         store.save(e.cache, [rid], name="raw")
         e.release(rid)
     with pytest.raises(SnapshotError, match="not saved by Engine.snapshot"):

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pagedkv import KVCache
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
-from pagedkv.snapshot.packs import PackStore
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.storage import KVLayout
-from pagedkv.stores import DiskStore
+from pagedkv.stores import DiskStore, PackStore
+from pagedkv.testing import SyntheticPager
 from pagedkv.tiers import DiskTier
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float16)

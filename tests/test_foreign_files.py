@@ -29,10 +29,11 @@ import pytest
 import torch
 
 from pagedkv import KVCache
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.storage import KVLayout
 from pagedkv.stores import DiskStore
 from pagedkv.stores.atomic import host_id
+from pagedkv.testing import SyntheticPager
 from pagedkv.tiers import DiskTier
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float16)

@@ -297,9 +297,9 @@ def _failing_host_copy(after: int, calls: list):
     """A host route that copies ``after`` blocks, then fails like a broken transfer."""
     real = pool_copy._ROUTES["host"]
 
-    def copy(src, s, dst, d, per):
+    def copy(src, s, dst, d, plan):
         calls.append(len(s))
-        real(src, s[:after], dst, d[:after], per)
+        real(src, s[:after], dst, d[:after], plan)
         raise RuntimeError("injected copy failure")
 
     return copy
@@ -519,7 +519,7 @@ def test_copy_blocks_between_validates_before_copying():
 def test_staged_route_is_bit_exact_in_chunks():
     a, b = KVCache(LAYOUT, 8).pool, KVCache(LAYOUT, 8).pool
     a.kv.normal_()
-    pool_copy._copy_staged(a, [6, 1, 4, 3, 0], b, [0, 2, 5, 6, 7], 2)
+    pool_copy._copy_staged(a, [6, 1, 4, 3, 0], b, [0, 2, 5, 6, 7], pool_copy.Plan(2))
     assert torch.equal(b.read_blocks([0, 2, 5, 6, 7]), a.read_blocks([6, 1, 4, 3, 0]))
 
 

@@ -2,31 +2,44 @@
 
 One GPU gives cpu -> cuda:0 and cuda:0 -> cpu; two give cuda:0 <-> cuda:1 as well. The
 staging chunk is a few blocks, so every pipelined route runs many chunks through its
-double buffers. Without CUDA the tests are collected and skipped (``gpu`` marker).
+buffers. cpu <-> cuda moves run both ways they can go: ``direct`` (the CPU pool
+page-locked, pitched copies pool to pool) and ``host`` (host threads through pinned rows).
+Without CUDA the tests are collected and skipped (``gpu`` marker).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
 
 from _groupcases import assert_kv, assert_same_state, group_state, write_kv
 from pagedkv import KVCacheGroup, KVLayout, OutOfBlocks, ops
-from pagedkv.storage import KVPool, pool_copy
+from pagedkv.storage import cudart, host_device, pool_copy
+from pagedkv.storage.host_threads import THREAD_NAME, HostThreads
 
 pytestmark = pytest.mark.gpu
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(GPUS)]
 PAIRS = list(itertools.permutations(DEVICES, 2)) or [("cpu", "cuda:0")]  # skipped on CPU
+CPU_GPU = [p for p in PAIRS if "cpu" in p]
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)  # 256 KiB blocks
 CHUNK = 3 * LAYOUT.bytes_per_block
+STAGINGS = ["direct", "host"]
 
 
-def group_for(devices, num_blocks: int = 96) -> KVCacheGroup:
-    return KVCacheGroup.create(LAYOUT, num_blocks, list(devices), chunk_bytes=CHUNK)
+def group_for(devices, num_blocks: int = 96, **options) -> KVCacheGroup:
+    return KVCacheGroup.create(LAYOUT, num_blocks, list(devices), chunk_bytes=CHUNK, **options)
+
+
+def staged(staging: str, threads: int = 3) -> dict:
+    """Group options for one way of cpu <-> cuda moves."""
+    if staging == "direct":
+        return {"staging": "direct", "pin_host": True}
+    return {"staging": "host", "pin_host": False, "host_threads": threads}
 
 
 def scattered(group: KVCacheGroup, member: str, seq_id, n_tokens: int, salt=None) -> None:
@@ -82,49 +95,71 @@ def test_prefix_on_the_target_is_reused_and_kv_follows_the_tokens(pair):
     g.check_integrity()
 
 
-def _fail_on_second(monkeypatch, target: str) -> list:
-    """Make the copy's second write into the target fail (mid-way through the chunks)."""
+def _fail_on_second(monkeypatch, owner, name: str) -> list:
+    """Make the second call of ``owner.name`` raise (mid-way through the chunks / runs)."""
     calls: list = []
-    if target == "cpu":
-        real = KVPool.write_blocks
+    real = getattr(owner, name)
 
-        def write(self, *args, **kw):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("injected copy failure")
-            return real(self, *args, **kw)
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected copy failure")
+        return real(*args, **kw)
 
-        monkeypatch.setattr(KVPool, "write_blocks", write)
-    else:
-        real = ops.scatter_blocks
-
-        def scatter(*args, **kw):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("injected copy failure")
-            return real(*args, **kw)
-
-        monkeypatch.setattr(ops, "scatter_blocks", scatter)
+    monkeypatch.setattr(owner, name, failing)
     return calls
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids="->".join)
-def test_failed_copy_changes_nothing(pair, monkeypatch):
+def _write_into_target(route: str, staging: str | None) -> tuple[object, str]:
+    """The call that writes a chunk (or run) into the target, per route and staging."""
+    if staging == "direct":
+        return cudart.CudaRuntime, "memcpy_2d"
+    if route == "d2h":
+        return HostThreads, "scatter"
+    return ops, "scatter_blocks"
+
+
+FAILURE_CASES = [(p, None) for p in PAIRS if "cpu" not in p] + [
+    (p, st) for p in CPU_GPU for st in STAGINGS
+]
+
+
+@pytest.mark.parametrize(
+    "pair,staging", FAILURE_CASES, ids=lambda v: "->".join(v) if isinstance(v, tuple) else str(v)
+)
+def test_failed_copy_changes_nothing(pair, staging, monkeypatch):
     a, b = pair
-    g = group_for(pair)
+    g = group_for(pair, **(staged(staging) if staging else {}))
     scattered(g, a, "s", 10 * 16)
     g.allocate("resident", list(range(50, 90)), device=b)
     before, moving = group_state(g), blocks_of(g, "s")
-    calls = _fail_on_second(monkeypatch, b)
+    calls = _fail_on_second(monkeypatch, *_write_into_target(pool_copy.route(a, b), staging))
     with pytest.raises(RuntimeError, match="injected"):
         g.move("s", b)
     assert len(calls) == 2
     monkeypatch.undo()
     assert_same_state(before, group_state(g))
     g.check_integrity()
-    g.move("s", b)  # and once the copy works, the move goes through
-    assert torch.equal(blocks_of(g, "s"), moving)
+    r = g.move("s", b)  # and once the copy works, the move goes through
+    assert r.staging == staging and torch.equal(blocks_of(g, "s"), moving)
     g.check_integrity()
+    g.close()
+
+
+@pytest.mark.parametrize("pair", CPU_GPU, ids="->".join)
+def test_host_gather_failing_mid_copy_changes_nothing(pair, monkeypatch):
+    a, b = pair
+    g = group_for(pair, **staged("host"))
+    scattered(g, a, "s", 10 * 16)
+    before = group_state(g)
+    side = "gather" if a == "cpu" else "scatter"  # the host half of the copy
+    calls = _fail_on_second(monkeypatch, HostThreads, side)
+    with pytest.raises(RuntimeError, match="injected"):
+        g.move("s", b)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    assert_same_state(before, group_state(g))
+    g.close()
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids="->".join)
@@ -168,3 +203,130 @@ def test_rebalance_and_affinity_across_all_devices(devices):
     assert g.allocate("again", prompt + [9]) == 48 and g.device_of("again") == last
     assert g.device_stats()[last].prefix_hits == 1
     g.check_integrity()
+
+
+# -- cpu <-> cuda: the two stagings, chunk boundaries, page locks, threads ---------------
+
+
+@pytest.mark.parametrize("n_blocks", [1, 3, 4, 8, 21])  # 1, 1, 2, 3 and 7 chunks of 3
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("pair", CPU_GPU, ids="->".join)
+def test_host_staging_is_bit_exact_across_chunk_boundaries(pair, threads, n_blocks):
+    a, b = pair
+    g = group_for(pair, **staged("host", threads))
+    scattered(g, a, "s", (n_blocks - 1) * 16 + 7)
+    before = blocks_of(g, "s")
+    r = g.move("s", b)
+    assert (r.route, r.staging, r.blocks_copied) == (pool_copy.route(a, b), "host", n_blocks)
+    assert torch.equal(blocks_of(g, "s"), before)
+    g.check_integrity()
+    g.close()
+
+
+@pytest.mark.parametrize("layout_order", ["scattered", "consecutive"])
+@pytest.mark.parametrize("pair", CPU_GPU, ids="->".join)
+def test_direct_staging_is_bit_exact_for_runs_and_single_blocks(pair, layout_order):
+    a, b = pair
+    g = group_for(pair, **staged("direct"))
+    if layout_order == "scattered":
+        scattered(g, a, "s", 20 * 16 + 5)
+    else:  # fresh pools hand out consecutive blocks: one run, one pitched copy
+        g.allocate("s", list(range(3, 3 + 21 * 16 - 11)), device=a)
+        g.cache_of("s").pool.kv.view(torch.uint8).random_()
+    before = blocks_of(g, "s")
+    r = g.move("s", b)
+    assert (r.route, r.staging, r.blocks_copied) == (pool_copy.route(a, b), "direct", 21)
+    assert torch.equal(blocks_of(g, "s"), before)
+    back = g.move("s", a)
+    assert back.staging == "direct" and torch.equal(blocks_of(g, "s"), before)
+    g.check_integrity()
+    g.close()
+
+
+@pytest.mark.parametrize("pair", CPU_GPU, ids="->".join)
+def test_auto_staging_page_locks_the_cpu_pool_until_close(pair):
+    a, b = pair
+    g = group_for(pair)  # pin_host=None, staging="auto"
+    cpu = g.member("cpu").pool
+    assert cudart.runtime() is not None, "libcudart could not be bound: direct copies are off"
+    assert cudart.is_page_locked(cpu.kv) and g.device_stats()["cpu"].page_locked
+    assert not g.device_stats()[next(n for n in pair if n != "cpu")].page_locked
+    scattered(g, a, "s", 6 * 16)
+    before = blocks_of(g, "s")
+    assert g.move("s", b).staging == "direct"
+    g.close()
+    assert not cudart.is_page_locked(cpu.kv) and not g.device_stats()["cpu"].page_locked
+    assert g.move("s", a).staging == "host"  # still works after close: staged by host threads
+    assert torch.equal(blocks_of(g, "s"), before)
+    threads = g._transport.threads
+    assert threads.running
+    g.close()
+    assert not threads.running and not threads.workers()
+
+
+def test_page_lock_of_memory_pinned_already_owns_nothing():
+    rt = cudart.runtime()
+    pinned = torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+    lock = cudart.PageLock(pinned, rt)
+    assert not lock.owned and not lock.locked
+    lock.release()
+    assert pinned.is_pinned()
+    pageable = torch.zeros(3 << 20, dtype=torch.uint8)[1:]  # not page-aligned
+    lock = cudart.PageLock(pageable, rt)
+    assert lock.owned and lock.locked and cudart.is_page_locked(pageable)
+    lock.release()
+    lock.release()
+    assert not lock.locked and not cudart.is_page_locked(pageable)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        cudart.PageLock(torch.zeros(4, 4)[:, 0], rt)
+
+
+def test_direct_staging_is_refused_before_anything_changes(monkeypatch):
+    caches = group_for(["cpu", "cuda:0"], pin_host=False).members()
+    with pytest.raises(ValueError, match="pin_host=False"):
+        KVCacheGroup(caches, staging="direct", pin_host=False)
+    g = KVCacheGroup(caches, chunk_bytes=CHUNK, pin_host=False)  # pageable: auto -> host
+    scattered(g, "cpu", "s", 4 * 16)
+    assert g.move("s", "cuda:0").staging == "host"
+    cpu, gpu = g.member("cpu").pool, g.member("cuda:0").pool
+    target = cpu.read_blocks([1]).clone()
+    with pytest.raises(ValueError, match="not page-locked"):
+        pool_copy.copy_blocks_between(gpu, [0], cpu, [1], staging="direct")
+    locked = KVCacheGroup(caches, chunk_bytes=CHUNK)  # locks the pool
+    monkeypatch.setattr(cudart.CudaRuntime, "max_pitch", lambda self, device: 1024)
+    assert "pitched copy" in host_device.direct_refusal(cpu, gpu)
+    with pytest.raises(ValueError, match="pitched copy"):
+        pool_copy.copy_blocks_between(gpu, [0], cpu, [1], staging="direct")
+    with pytest.raises(ValueError, match="pitched copy"):
+        KVCacheGroup(caches, staging="direct")  # the pool is locked by `locked`, not by it
+    assert cudart.is_page_locked(cpu.kv)
+    assert torch.equal(cpu.read_blocks([1]), target)
+    assert locked.move("s", "cpu").staging == "host"  # auto falls back
+    locked.close()
+    g.close()
+    assert not cudart.is_page_locked(cpu.kv)
+
+
+def test_host_threads_are_joined_on_close():
+    g = group_for(["cpu", "cuda:0"], **staged("host", threads=4))
+    scattered(g, "cpu", "s", 9 * 16)
+    g.move("s", "cuda:0")
+    g.move("s", "cpu")
+    threads = g._transport.threads
+    assert 1 <= len(threads.workers()) <= 3
+    assert all(t.name.startswith(THREAD_NAME) for t in threads.workers())
+    g.close()
+    assert not threads.running and not threads.workers()
+
+
+def test_copy_blocks_between_starts_and_joins_its_own_threads():
+    g = group_for(["cpu", "cuda:0"], pin_host=False)
+    cpu, gpu = g.member("cpu").pool, g.member("cuda:0").pool
+    cpu.kv.view(torch.uint8).random_()
+    before = {t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME)}
+    done = pool_copy.copy_blocks_between(cpu, [5, 2, 9], gpu, [0, 7, 3], chunk_bytes=CHUNK)
+    assert (done.route, done.staging) == ("h2d", "host")
+    assert torch.equal(gpu.read_blocks([0, 7, 3]), cpu.read_blocks([5, 2, 9]))
+    after = {t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME)}
+    assert after <= before  # the threads it started for the call are joined
+    g.close()

@@ -231,35 +231,25 @@ def test_register_is_idempotent_and_functions_delegate_outside_paged_forwards():
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        (types.SimpleNamespace(model_type="gpt2"), "gpt2"),
         (types.SimpleNamespace(model_type="t5", is_encoder_decoder=True), "encoder-decoder"),
-        (
-            types.SimpleNamespace(
-                model_type="mistral", sliding_window=16, max_position_embeddings=512
-            ),
-            "sliding",
-        ),  # fmt: skip
         (
             types.SimpleNamespace(
                 model_type="qwen3_next", layer_types=["linear_attention", "full_attention"]
             ),
-            "linear",
+            "uses linear attention",
         ),  # fmt: skip
-        (
-            types.SimpleNamespace(
-                model_type="qwen2", layer_types=["full_attention", "sliding_attention"]
-            ),
-            "sliding",
-        ),  # fmt: skip
+        (types.SimpleNamespace(model_type="deepseek_v3", kv_lora_rank=512), "multi-latent"),
+        (types.SimpleNamespace(model_type="gpt2"), "no self-attention geometry"),
     ],
 )
 def test_unsupported_models_are_refused_by_name(config, match):
+    """(Real configs of every refused kind: test_families_support.py.)"""
     with pytest.raises(UnsupportedModelError, match=match):
         check_model_supported(config)
 
 
 def test_unsupported_real_model_refused_by_paged_cache():
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
-    model = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
+    cfg = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64)
+    model = transformers.BloomForCausalLM(cfg)  # ALiBi, outside the attention interface
+    with pytest.raises(UnsupportedModelError, match="bloom.*attention interface"):
         PagedCache(model)

@@ -14,8 +14,8 @@ import torch
 
 from pagedkv import BlockManager, CacheIntegrityError, KVCache, KVLayout
 from pagedkv.manager.prefix_index import UNREGISTERED
-from pagedkv.snapshot.pager import SyntheticPager
 from pagedkv.storage import KVPool
+from pagedkv.testing import SyntheticPager
 from pagedkv.tiers import CPUTier, DiskTier, TieredStore
 
 BS = 4
@@ -361,40 +361,44 @@ def _memory(ts):
 
 
 def _disk(ts):
-    return ts.levels[1].store
+    return ts.levels[1].store.inner  # the DiskStore under the disk tier's framing
 
 
 def _index_two_keys_one_slot(ts):
     store = _memory(ts)
-    k1, k2 = list(store._index)[:2]
-    store._index[k2] = store._index[k1]
+    k1, k2 = list(store._slot_of)[:2]
+    store._slot_of[k2] = store._slot_of[k1]
 
 
 def _free_slot_twice(ts):
     store = _memory(ts)
-    store.delete_many([next(iter(store._index))])  # a legitimately free slot...
+    store.delete_many([next(iter(store._slot_of))])  # a legitimately free slot...
     store._free.append(store._free[-1])  # ...on the free stack twice
 
 
 def _free_a_used_slot(ts):
     store = _memory(ts)
-    store._free.append(next(iter(store._index.values())))
+    store._free.append(next(iter(store._slot_of.values())))
 
 
 def _lose_slot(ts):
     store = _memory(ts)
-    store._index.pop(next(iter(store._index)))  # the slot is neither used nor free now
+    store._slot_of.pop(next(iter(store._slot_of)))  # the slot is neither used nor free now
 
 
 def _slot_out_of_range(ts):
     store = _memory(ts)
-    key = next(iter(store._index))
-    store._index[key] = len(store._lengths) + 5
+    key = next(iter(store._slot_of))
+    store._slot_of[key] = store.num_slots + 5
 
 
-def _track_more_than_capacity(ts):
-    level = ts.levels[0]
-    level._lru["kv-extra"] = None
+def _add_lru_bytes(store, n):
+    store._lru.bytes_used += n  # the store's one LRU counts its bytes
+
+
+def _lru_key_without_slot(ts):
+    # the tier's recency index is its store's LRU (a level keeps none of its own)
+    _memory(ts)._lru.add("kv-extra", 0)
 
 
 TIER_MUTATIONS = [
@@ -402,7 +406,7 @@ TIER_MUTATIONS = [
                  "SwapArea: rows hold", id="swap-bytes-vs-rows"),
     pytest.param(lambda ts: setattr(ts._swap, "capacity_bytes", 1), "capacity_bytes(1)",
                  id="swap-rows-over-capacity"),
-    pytest.param(_track_more_than_capacity, "tier cpu indexes 5 blocks > capacity 4",
+    pytest.param(_lru_key_without_slot, "MemoryStore: LRU index (5 keys) and slot map (4 keys)",
                  id="tier-index-over-capacity"),
     pytest.param(_index_two_keys_one_slot, "MemoryStore: duplicate slots",
                  id="memory-two-keys-one-slot"),
@@ -411,11 +415,11 @@ TIER_MUTATIONS = [
     pytest.param(_free_a_used_slot, "both used and free", id="memory-slot-used-and-free"),
     pytest.param(_lose_slot, "!= num_slots(4)", id="memory-slot-lost"),
     pytest.param(_slot_out_of_range, "!= num_slots(4)", id="memory-slot-out-of-range"),
-    pytest.param(lambda ts: setattr(_memory(ts), "_bytes_used", _memory(ts)._bytes_used + 1),
+    pytest.param(lambda ts: _add_lru_bytes(_memory(ts), 1),
                  "MemoryStore: bytes_used", id="memory-bytes-used"),
-    pytest.param(lambda ts: setattr(_disk(ts), "_bytes_used", _disk(ts)._bytes_used + 1),
+    pytest.param(lambda ts: _add_lru_bytes(_disk(ts), 1),
                  "DiskStore: bytes_used", id="disk-bytes-used"),
-    pytest.param(lambda ts: setattr(_disk(ts), "_capacity", _disk(ts)._bytes_used - 1),
+    pytest.param(lambda ts: setattr(_disk(ts)._lru, "capacity_bytes", 1),
                  "DiskStore: bytes_used", id="disk-over-capacity"),
 ]  # fmt: skip
 

@@ -92,11 +92,12 @@ def test_head_dim_256_custom_scale():
     cu = cu_from(q_lens, DEV)
     pre = ops.prefill_attention(q, cu, k, v, bt, sl, scale, backend="triton", **kw)
     ref = ops.prefill_attention(q, cu, k, v, bt, sl, scale, backend="reference", **kw)
-    assert_close(pre, ref, TOL[BF16], what="prefill d=256")
+    # rtol: one bf16 ulp of an output >= 4 (0.031) is above TOL alone (seed 7 failed)
+    assert_close(pre, ref, TOL[BF16], rtol=2**-8, what="prefill d=256")
     last = q[[6, 9]]
     dec = ops.decode_attention(last, k, v, bt, sl, scale, backend="triton", **kw)
     assert_close(dec, ops.decode_attention(last, k, v, bt, sl, scale, backend="reference", **kw),
-                 TOL[BF16], what="decode d=256")  # fmt: skip
+                 TOL[BF16], rtol=2**-8, what="decode d=256")  # fmt: skip
 
 
 def _release_before_window(bt, lens, q_lens, window, k):

@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 
 from pagedkv import KVCache
 from pagedkv.errors import StoreError, StoreUnavailable
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.cli import app as snapshot_cli
 from pagedkv.storage import KVLayout
 from pagedkv.stores import FramedStore, RedisStore, open_store
 from pagedkv.stores.base import redact_url
+from pagedkv.testing import SyntheticPager
 from pagedkv.tiers import CPUTier, RedisTier, TieredStore
 
 pytestmark = pytest.mark.redis

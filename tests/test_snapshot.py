@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pagedkv.errors import OutOfBlocks, SnapshotError
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.leases import new_lease
 from pagedkv.snapshot.manifest import parse_manifest
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
+from pagedkv.testing import SyntheticPager
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float16)
 BPB = LAYOUT.bytes_per_block  # 512
@@ -320,3 +321,17 @@ def test_gc_marker_of_a_dead_gc_blocks_nothing_and_is_removed(store):
     assert store.gc().leases_removed == 1
     assert list(store.backend.keys("snap.g.")) == []
     assert store.verify("s").ok
+
+
+def test_moved_names_still_import_from_where_they_were():
+    import pagedkv.snapshot as snapshot
+    import pagedkv.snapshot.packs as old_packs
+    import pagedkv.snapshot.pager as pager_module
+    import pagedkv.stores as stores
+    import pagedkv.testing as testing
+
+    assert snapshot.SyntheticPager is pager_module.SyntheticPager is testing.SyntheticPager
+    assert old_packs.PackStore is stores.PackStore and old_packs.PACK_DIR == "packs"
+    assert stores.digest_hex is stores.sha256_hex and stores.digest_hex(b"abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from pagedkv.errors import SnapshotError
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
-from pagedkv.snapshot.packs import PACK_DIR
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
+from pagedkv.stores.pack_format import PACK_DIR
+from pagedkv.testing import SyntheticPager
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype=torch.float16)
 
@@ -134,7 +135,8 @@ _KILLED_SAVER = textwrap.dedent(
     """
     import json, os, random, signal, sys, time
     import torch
-    from pagedkv.snapshot import SnapshotStore, SyntheticPager
+    from pagedkv.snapshot import SnapshotStore
+    from pagedkv.testing import SyntheticPager
     from pagedkv.storage.layout import KVLayout
 
     torch.set_num_threads(1)
@@ -219,7 +221,8 @@ _CONCURRENT_SAVER = textwrap.dedent(
     """
     import sys
     import torch
-    from pagedkv.snapshot import SnapshotStore, SyntheticPager
+    from pagedkv.snapshot import SnapshotStore
+    from pagedkv.testing import SyntheticPager
     from pagedkv.storage.layout import KVLayout
 
     torch.set_num_threads(1)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
-from pagedkv.snapshot.packs import PACK_DIR, PackStore
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.storage.layout import KVLayout
-from pagedkv.stores import DiskStore
+from pagedkv.stores import DiskStore, PackStore
 from pagedkv.stores.atomic import host_id
+from pagedkv.stores.pack_format import PACK_DIR
+from pagedkv.testing import SyntheticPager
 
 
 def page(i: int, size: int = 1000) -> tuple[str, bytes]:

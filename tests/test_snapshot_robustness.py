@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from pagedkv.errors import SnapshotError, SnapshotVersionError
-from pagedkv.snapshot import SnapshotStore, SyntheticPager
+from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.leases import new_lease, parse_lease
 from pagedkv.snapshot.manifest import _checksum, parse_manifest
 from pagedkv.snapshot.store import MANIFEST_PREFIX, page_key
 from pagedkv.storage.layout import KVLayout
+from pagedkv.testing import SyntheticPager
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype=torch.float16)
 DIGEST = "ab" * 32
@@ -217,7 +218,7 @@ def test_a_newer_version_manifest_is_never_dropped_and_blocks_gc(store):
 
 
 def test_a_copied_manifest_and_an_unreadable_entry_are_damaged(store, monkeypatch):
-    from pagedkv.stores import disk
+    from pagedkv.stores import disk_layout
 
     raw = store.backend.get_many([MANIFEST_PREFIX + "good"])[0]
     store.backend.put_many([(MANIFEST_PREFIX + "copy", raw), (MANIFEST_PREFIX + "dir", raw)])
@@ -225,14 +226,14 @@ def test_a_copied_manifest_and_an_unreadable_entry_are_damaged(store, monkeypatc
     # object, never read nor reported; DiskStore layout: <fan>/<key>.v)
     os.makedirs(os.path.join(store.backend.path, "snr", MANIFEST_PREFIX + "foreign.v"))
     # an entry that cannot be read at all (an I/O or permission error on open)
-    real_open = disk.open_entry
+    real_open = disk_layout.open_regular
 
     def failing_open(path):
         if path.endswith(MANIFEST_PREFIX + "dir.v"):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path)
 
-    monkeypatch.setattr(disk, "open_entry", failing_open)
+    monkeypatch.setattr(disk_layout, "open_regular", failing_open)
     cat = store.catalogue()
     errors = {d.name: d.error for d in cat.damaged}
     assert set(errors) == {"copy", "dir"}, errors
@@ -484,7 +485,7 @@ def test_parse_location_is_the_one_parser():
 
 
 def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monkeypatch):
-    import pagedkv.snapshot.plan as plan_module
+    import pagedkv.snapshot.save as save_module
 
     s = SnapshotStore(tmp_path / "new")
     pager = SyntheticPager(LAYOUT, 8)
@@ -496,7 +497,7 @@ def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monke
     with pytest.raises(ValueError, match="64 bits"):
         s.save(pager)
     pager = _pager()
-    monkeypatch.setattr(plan_module, "MAX_DOC_BYTES", 500)
+    monkeypatch.setattr(save_module, "MAX_DOC_BYTES", 500)
     with pytest.raises(ValueError, match="several snapshots"):
         s.save(pager)
     assert not os.path.exists(tmp_path / "new")

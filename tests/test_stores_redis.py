@@ -223,8 +223,9 @@ def test_the_readme_acl_user_can_do_everything_pagedkv_does(redis_url, redis_ser
     import torch
 
     from pagedkv import KVCache
-    from pagedkv.snapshot import SnapshotStore, SyntheticPager
+    from pagedkv.snapshot import SnapshotStore
     from pagedkv.storage import KVLayout
+    from pagedkv.testing import SyntheticPager
     from pagedkv.tiers import CPUTier, RedisTier
 
     user, password = "pagedkv-acl-test", secrets.token_hex(8)

@@ -78,8 +78,8 @@ def test_promote_before_write_back_finished_is_served_from_staging(tmp_path):
     ts = chain([DiskTier(tmp_path, 64 * (BPB + 64))])
     gate = threading.Event()
     level = ts.levels[0]
-    real_put = level._put
-    level._put = lambda *args: (gate.wait(5), real_put(*args))[1]
+    real_put = level.put
+    level.put = lambda *args, **kw: (gate.wait(5), real_put(*args, **kw))[1]
     hs = hashes(3)
     before = evict_into(ts, [0, 1, 2], hs)
     scribble(ts._transfer.pool)
@@ -354,7 +354,7 @@ def test_failing_tier_is_a_miss_logged_once_and_retried_with_backoff(tmp_path, c
     ts = chain([CPUTier(2 * BPB), DiskTier(tmp_path, 64 * (BPB + 64))])
     disk = ts.levels[1]
     disk.store = FlakyStore(disk.store)
-    disk.backoff = Backoff("disk", initial_s=1.0, max_s=4.0, clock=lambda: now[0])
+    disk.backoff = Backoff("disk", initial_seconds=1.0, max_seconds=4.0, clock=lambda: now[0])
     hs = hashes(3)
     before = torch.cat([evict_into(ts, [i], [hs[i]]) for i in range(3)])  # hs[0] -> disk
     ts.flush()
@@ -384,7 +384,7 @@ def test_failing_tier_is_a_miss_logged_once_and_retried_with_backoff(tmp_path, c
 
 def test_backoff_doubles_up_to_the_ceiling():
     now = [0.0]
-    b = Backoff("t", initial_s=0.5, max_s=2.0, clock=lambda: now[0])
+    b = Backoff("t", initial_seconds=0.5, max_seconds=2.0, clock=lambda: now[0])
     waits = []
     for _ in range(5):
         b.failure(OSError("x"))
@@ -396,7 +396,7 @@ def test_backoff_doubles_up_to_the_ceiling():
     b.success()
     assert b.ready() and not b.down and b.outages == 1 and b.errors == 5
     with pytest.raises(ValueError):
-        Backoff("t", initial_s=0)
+        Backoff("t", initial_seconds=0)
 
 
 def test_random_operations_against_a_model(tmp_path):
@@ -505,7 +505,7 @@ def test_idle_writer_thread_exits_and_restarts(monkeypatch):
 
     from pagedkv.tiers import writeback
 
-    monkeypatch.setattr(writeback, "IDLE_EXIT_S", 0.02)
+    monkeypatch.setattr(writeback, "IDLE_EXIT_SECONDS", 0.02)
     ts = chain([CPUTier(8 * BPB)])
     hs = hashes(2)
     evict_into(ts, [0], hs[:1])
@@ -555,3 +555,40 @@ def test_kvcache_serves_with_redis_unreachable_from_the_start(caplog):
     assert not st["available"] and st["hits"] == 0 and st["errors"] >= 1
     assert sum("redis" in r.getMessage() for r in caplog.records) == 1  # logged once
     cache.close()
+
+
+def test_redis_tier_takes_seconds_names_and_their_older_s_names():
+    import dataclasses
+
+    new = RedisTier("redis://localhost", timeout_seconds=0.2, retry_initial_seconds=0.1,
+                    retry_max_seconds=3.0)  # fmt: skip
+    old = RedisTier("redis://localhost", timeout_s=0.2, retry_initial_s=0.1, retry_max_s=3.0)
+    assert new == old and old.timeout_seconds == 0.2 and old.retry_max_seconds == 3.0
+    assert RedisTier("redis://localhost").retry_initial_seconds == 0.5  # defaults unchanged
+    assert dataclasses.replace(old, timeout_seconds=1.0).timeout_seconds == 1.0
+    assert "timeout_seconds=0.2" in repr(old)
+    with pytest.raises(TypeError, match="timeout_seconds or timeout_s"):
+        RedisTier("redis://localhost", timeout_seconds=1.0, timeout_s=1.0)
+    with pytest.raises(ValueError, match="retry_initial_seconds"):
+        RedisTier("redis://localhost", retry_initial_s=-1)
+
+
+def test_stats_are_dataclasses_read_as_mappings_too():
+    from pagedkv.tiers import ChainStats, TierStats
+
+    ts = chain([CPUTier(8 * BPB)])
+    evict_into(ts, [0, 1], hashes(2))
+    ts.flush()
+    st = ts.stats()
+    assert isinstance(st, ChainStats) and isinstance(st.tiers["cpu"], TierStats)
+    assert st.demoted == st["demoted"] == 2 and st.tiers["cpu"].puts == st["tiers"]["cpu"]["puts"]
+    assert st.lost_blocks == 0 and st["pending_bytes"] == 0
+    as_dict = {"extra": 1, **st}  # how KVCache.tier_stats() merges them
+    assert as_dict["tiers"]["cpu"]["entries"] == 2 and set(st) <= set(as_dict)
+    assert dict(st.tiers["cpu"]) == st.tiers["cpu"]  # equal to the dict of its fields
+    with pytest.raises(KeyError):
+        st["no-such-counter"]
+    import json
+
+    assert json.loads(json.dumps(st.to_dict())) == st  # plain dicts all the way down
+    ts.close()

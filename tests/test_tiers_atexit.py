@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     from pagedkv.tiers import chain
 
     path, delay, flush_s, device = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-    chain.AT_EXIT_FLUSH_S = flush_s
+    chain.AT_EXIT_FLUSH_SECONDS = flush_s
     real_put = DiskStore.put_many
 
     def slow_put(self, items):  # a slow disk: write-backs are still pending at exit

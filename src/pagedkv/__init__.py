@@ -36,6 +36,7 @@ _LAZY = {
     "DiskTier": "pagedkv.tiers",
     "RedisTier": "pagedkv.tiers",
     "Engine": "pagedkv.engine",
+    "EngineConfig": "pagedkv.engine",
     "SamplingParams": "pagedkv.engine",
     "RequestOutput": "pagedkv.engine",
     "EngineStats": "pagedkv.engine",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import Field
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from pagedkv.engine.config import EngineConfig, limits_text, option_fields, option_type
 from pagedkv.snapshot.cli import app as snapshot_app
 
 app = typer.Typer(
@@ -37,6 +43,45 @@ def _root(
     """pagedkv: paged KV cache for LLM inference."""
 
 
+def _engine_option(f: Field[Any]) -> inspect.Parameter:
+    """The typer option of an EngineConfig field: its default and help, and a check that
+    is the config's own (so a bad value is refused, naming the flag, before anything
+    is loaded)."""
+    kind, optional = option_type(f)
+    limits = limits_text(f)
+    help = f.metadata["help"] + (f" Must be {limits}." if limits and kind is not str else "")
+
+    def check(value: Any) -> Any:
+        try:
+            EngineConfig(**{f.name: value})
+        except (TypeError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        return value
+
+    opt = typer.Option(help=escape(help), callback=check, rich_help_panel="Engine options")
+    annotation = Annotated[kind | None if optional else kind, opt]  # type: ignore[valid-type]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                             annotation=annotation)  # fmt: skip
+
+
+def engine_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command one ``--flag`` per :class:`EngineConfig` field (those the CLI can
+    express: not ``preemption``, whose ``"swap"`` needs tiers) with the field's default
+    and help; the command receives them as one ``config: EngineConfig``."""
+    fields_ = [f for f in option_fields() if f.metadata["cli"]]
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "config"]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        config = EngineConfig(**{f.name: kwargs.pop(f.name) for f in fields_})
+        command(**kwargs, config=config)
+
+    params = own + [_engine_option(f) for f in fields_]
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return run
+
+
 def _manager_demo() -> None:
     from pagedkv.manager import demo
 
@@ -44,6 +89,7 @@ def _manager_demo() -> None:
 
 
 @app.command()
+@engine_options
 def demo(
     manager: Annotated[
         bool, typer.Option("--manager", help="Run the block-manager-only demo instead.")
@@ -58,7 +104,8 @@ def demo(
         str | None, typer.Option(help="cpu or cuda (default: cuda if present).")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16.")] = None,
-    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens computed per step.")] = 2048,
+    *,
+    config: EngineConfig,
 ) -> None:
     """Multi-turn chats on the default model (SmolLM2-135M-Instruct) with prefix caching."""
     if manager:
@@ -70,9 +117,7 @@ def demo(
     from pagedkv.engine.chat_demo import run_chat_demo
 
     with console.status("loading the model (the first run converts the GGUF once)..."):
-        engine = Engine.from_pretrained(
-            model, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens
-        )
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, config=config)
     console.print(
         f"model [bold]{engine.model.config.model_type}[/] on {engine.device} "
         f"({engine.model.dtype}); KV pool: {engine.cache.num_blocks} blocks x "
@@ -118,6 +163,7 @@ def manager_demo() -> None:
 
 
 @app.command()
+@engine_options
 def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     model: Annotated[
@@ -131,6 +177,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = True,
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str | None, typer.Option()] = None,
+    *,
+    config: EngineConfig,
 ) -> None:
     """Generate answers for PROMPTs with a local model."""
     from pagedkv.engine import Engine, SamplingParams
@@ -140,7 +188,7 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed,
         )  # fmt: skip
-        engine = Engine.from_pretrained(model, device=device, dtype=dtype)
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, config=config)
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -153,8 +201,6 @@ def generate(
 
 def main() -> None:
     """Entry point of the ``pagedkv`` script."""
-    from rich.markup import escape
-
     from pagedkv._extras import MissingDependencyError
 
     try:

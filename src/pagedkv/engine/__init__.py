@@ -1,9 +1,35 @@
-"""Continuous-batching engine over a paged KV cache (transformers models)."""
+"""Continuous-batching engine over a paged KV cache (transformers models).
 
-from pagedkv.engine.config import EngineConfig
-from pagedkv.engine.engine import Engine, EngineStats
-from pagedkv.engine.preemption import PreemptionPolicyError, RunningRequest
-from pagedkv.engine.request import RequestOutput, SamplingParams, StreamDelta
+The names below are imported on first use (PEP 562), so that reading the options
+(``pagedkv.engine.config``, what the command line is built from) loads neither torch
+nor the model code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pagedkv._lazy import lazy_getattr
+
+if TYPE_CHECKING:  # the names as type checkers and readers see them
+    from pagedkv.engine.config import EngineConfig
+    from pagedkv.engine.engine import Engine
+    from pagedkv.engine.preemption import PreemptionPolicyError, RunningRequest
+    from pagedkv.engine.request import RequestOutput, SamplingParams, StreamDelta
+    from pagedkv.engine.stats import EngineStats
+
+_LAZY = {
+    "Engine": "pagedkv.engine.engine",
+    "EngineConfig": "pagedkv.engine.config",
+    "EngineStats": "pagedkv.engine.stats",
+    "PreemptionPolicyError": "pagedkv.engine.preemption",
+    "RequestOutput": "pagedkv.engine.request",
+    "RunningRequest": "pagedkv.engine.preemption",
+    "SamplingParams": "pagedkv.engine.request",
+    "StreamDelta": "pagedkv.engine.request",
+}
+
+__getattr__ = lazy_getattr(globals(), _LAZY)
 
 __all__ = [
     "Engine",

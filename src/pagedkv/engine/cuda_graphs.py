@@ -11,17 +11,25 @@ off with a warning and the engine stays on its eager path.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
-from pagedkv.engine.model_runner import host_int64
+from pagedkv.engine.host import host_int64
 from pagedkv.integrations.attention import PagedAttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphs:
-    """Captured decode forwards of a :class:`ModelRunner`, one per batch bucket."""
+    """Captured decode forwards of a :class:`~pagedkv.engine.model_runner.ModelRunner`,
+    one per batch bucket.
+
+    ``runner`` is the runner that owns these graphs (known here only by the attributes
+    read: ``model``, ``cache``, ``paged``, ``block_table_of``, ``block_size``,
+    ``device``), so this module does not import ``model_runner``: the dependency goes
+    one way.
+    """
 
     def __init__(self, runner, max_batch: int | None = None, max_width: int | None = None):
         self.runner = runner
@@ -49,8 +57,13 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self._tables_key: list | None = None  # (request id, table length) of each row
-        self.mempool = None
+        self.mempool: Any = None
         self.disabled = False
+
+    def invalidate_tables(self) -> None:
+        """Forget which block tables the graphs' static buffer holds, so the next
+        :meth:`run` sends every row (the tables may change on the eager path)."""
+        self._tables_key = None
 
     def _views(self, b: int):
         return torch.split(self.static[: 4 * b], b)  # ids, pos, slots, lens

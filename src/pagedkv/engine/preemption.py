@@ -156,7 +156,7 @@ class CallablePolicy:
         return f"<preemption policy {self.name!r}>"
 
 
-POLICIES: dict[str, type[_Builtin]] = {
+POLICIES: dict[str, type[PreemptionPolicy]] = {
     p.name: p
     for p in (NewestPolicy, OldestPolicy, LeastRecentPolicy, FewestBlocksPolicy, PriorityPolicy)
 }

@@ -23,8 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from pagedkv.engine.request import SamplingParams
-from pagedkv.ops import invariant
-from pagedkv.ops._config import resolve_invariant
+from pagedkv.ops import invariant, is_batch_invariant
 
 
 def sample(
@@ -42,7 +41,8 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return greedy
-    probs = probabilities(logits, rows, params, batch_invariant=resolve_invariant(batch_invariant))
+    invariant_rows = is_batch_invariant() if batch_invariant is None else bool(batch_invariant)
+    probs = probabilities(logits, rows, params, batch_invariant=invariant_rows)
     drawn = torch.stack(
         [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(rows)]
     )

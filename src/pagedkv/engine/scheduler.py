@@ -28,12 +28,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pagedkv.engine.preemption import (
-    PolicySpec,
-    RunningRequest,
-    check_victims,
-    make_preemption_policy,
-)
+from pagedkv.cache import KVCache
+from pagedkv.engine.config import EngineConfig
+from pagedkv.engine.preemption import RunningRequest, check_victims
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
@@ -61,6 +58,7 @@ class SchedulerCounters:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     prefill_tokens: int = 0
+    generated_tokens: int = 0
     peak_blocks: int = 0
 
 
@@ -86,23 +84,18 @@ class _Plan:
 class Scheduler:
     """Decides each step's chunks; owns the waiting queue and the running list.
 
-    ``policy``: the preemption policy (a name or a function, see
-    :func:`~pagedkv.engine.preemption.make_preemption_policy`). ``preempted``: the
-    requests the last :meth:`schedule` preempted, in order.
+    Reads ``max_batch_tokens``, ``max_num_seqs``, ``preemption`` and the preemption
+    ``policy`` from ``config`` (validated there). ``preempted``: the requests the last
+    :meth:`schedule` preempted, in order.
     """
 
-    def __init__(
-        self, cache, *, max_batch_tokens: int, max_num_seqs: int, preemption: str = "recompute",
-        policy: PolicySpec = "newest",
-    ) -> None:  # fmt: skip
-        if preemption not in ("recompute", "swap"):
-            raise ValueError(f"preemption must be 'recompute' or 'swap', got {preemption!r}")
+    def __init__(self, cache: KVCache, config: EngineConfig) -> None:
         self.cache = cache
         self.block_size = cache.block_size
-        self.max_batch_tokens = max_batch_tokens
-        self.max_num_seqs = max_num_seqs
-        self.preemption = preemption
-        self.policy = make_preemption_policy(policy)
+        self.max_batch_tokens = config.max_batch_tokens
+        self.max_num_seqs = config.max_num_seqs
+        self.preemption = config.preemption
+        self.policy = config.policy
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
@@ -115,12 +108,20 @@ class Scheduler:
         self._tables: dict[int, list[int]] = {}
 
     def add(self, req: Request, *, front: bool = False) -> None:
-        """Queue ``req`` at the back of its priority level (``front``: at its front, for
-        a request that already holds its KV, e.g. one resumed from a snapshot)."""
+        """Queue ``req`` at the back of its priority level (``front``: at its front)."""
         if front:
             self.waiting.appendleft(req)
         else:
             self.waiting.append(req)
+
+    def add_resident(self, req: Request) -> None:
+        """Queue a request whose first ``req.num_computed`` tokens already have KV in the
+        cache (one resumed from a snapshot) at the front of its level, so it uses its
+        blocks rather than idling; its prompt and those tokens are counted as prompt
+        and cached tokens now (admission counts only fresh requests)."""
+        self.counters.prompt_tokens += len(req.prompt)
+        self.counters.cached_tokens += req.num_computed
+        self.waiting.appendleft(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -144,6 +145,40 @@ class Scheduler:
             req.num_allocated = 0
         self._tables.pop(req.seq_id, None)
         req.status = Status.FINISHED
+
+    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Request]:
+        """Record a step's results: every chunk's tokens now have KV, and ``tokens`` (one
+        per sampling chunk, in order) are appended to their requests. Returns the
+        requests that finished (a retained one keeps its sequence in the cache)."""
+        counters = self.counters
+        finished = []
+        it = iter(tokens)
+        generated = 0
+        for c in chunks:
+            req, start, end = c.req, c.start, c.end
+            output = req.output
+            num_tokens = len(req.prompt) + len(output)
+            if not (output and start == num_tokens - 1):
+                counters.prefill_tokens += end - start
+            req.num_computed = end
+            if end != num_tokens:  # not c.sample
+                continue
+            token = next(it)
+            output.append(token)
+            generated += 1
+            reason = req.stop_check(token)
+            if reason is not None:
+                req.finish_reason = reason
+                self.finish(req, keep=req.retain)
+                finished.append(req)
+        counters.generated_tokens += generated
+        return finished
+
+    def fail(self, req: Request, error: str) -> None:
+        """Finish ``req`` with ``finish_reason="error"`` and ``error`` (its blocks freed)."""
+        req.finish_reason = "error"
+        req.error = error
+        self.finish(req)
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> list[Chunk]:
@@ -228,7 +263,7 @@ class Scheduler:
                     break
             elif not req.num_allocated:  # (a resumed request's KV is already resident)
                 tokens = req.all_tokens
-                hit = self.cache.manager.lookup(tokens, req.cache_salt)
+                hit = self.cache.lookup(tokens, req.cache_salt)
                 end = min(len(tokens), hit + budget)
                 try:
                     hit = self.cache.allocate(req.seq_id, tokens[:end], req.cache_salt)

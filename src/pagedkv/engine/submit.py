@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,67 +18,80 @@ from pagedkv.engine.chat import chat_prompt_ids
 from pagedkv.engine.request import Request, SamplingParams
 from pagedkv.engine.sampling import make_generator
 
-if TYPE_CHECKING:
-    from pagedkv.engine.engine import Engine
 
+@dataclass(frozen=True)
+class RequestFactory:
+    """Turns what users hand an engine into checked requests (not queued, no id yet:
+    the engine gives one when it queues them).
 
-def make_request(
-    engine: Engine, prompt: Any, params: Any, *, retain: bool = False, cache_salt: Any = None,
-    chat: bool = False, priority: Any = 0,
-) -> Request:  # fmt: skip
-    """A checked request, not queued yet (``Engine._queue`` gives it its id)."""
-    params = check_params(params)
-    salt = validate_salt(cache_salt)
-    priority = validate_priority(priority)
-    tokenizer = engine.tokenizer
-    if chat:
-        prompt = chat_prompt_ids(tokenizer, prompt)
-    elif isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("string prompts need a tokenizer: Engine(model, tokenizer)")
-        prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = validate_prompt(prompt, engine.vocab_size)
-    cache = engine.cache
-    need = -(-(len(ids) + params.max_new_tokens) // cache.block_size)
-    if need > cache.num_blocks:
-        raise ValueError(
-            f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} needs "
-            f"{need} KV blocks but the pool has only {cache.num_blocks}; shorten the "
-            "prompt, lower max_new_tokens or raise num_blocks"
-        )
-    gen = None if params.greedy else make_generator(params.seed, engine.device)
-    eos = frozenset() if params.ignore_eos else engine.eos_token_ids
-    return Request(
-        -1, ids, params, gen, eos, retain=bool(retain), cache_salt=salt, priority=priority
-    )
+    Holds what the checks need of the engine: its ``tokenizer`` (``None``: token-id
+    prompts only), the model's ``vocab_size``, the pool's ``block_size`` and
+    ``num_blocks`` (a request that could never fit is refused), the ``device`` of the
+    sampling generators and the model's ``eos_token_ids``.
+    """
 
+    tokenizer: Any
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    device: torch.device
+    eos_token_ids: frozenset[int]
 
-def make_requests(
-    engine: Engine, prompts: Any, params: Any, cache_salt: Any, *, retain: bool, chat: bool,
-    priority: Any = 0,
-) -> list[Request]:  # fmt: skip
-    """One checked request per prompt (``params``, ``cache_salt``, ``priority``: one for
-    all or one each)."""
-    prompts = prompt_list(prompts, chat)
-    n = len(prompts)
-    param_list = per_prompt(params, n, "params", (SamplingParams,))
-    salts = per_prompt(cache_salt, n, "cache_salt", (str, bytes))
-    if isinstance(priority, (list, tuple)):
-        priorities = per_prompt(priority, n, "priority", ())
-    else:
-        priorities = [validate_priority(priority)] * n
-    what = "conversation" if chat else "prompt"
-    reqs = []
-    for i, (p, sp, salt, prio) in enumerate(zip(prompts, param_list, salts, priorities)):
-        try:
-            reqs.append(
-                make_request(
-                    engine, p, sp, retain=retain, cache_salt=salt, chat=chat, priority=prio
-                )
+    def make_request(
+        self, prompt: Any, params: Any, *, retain: bool = False, cache_salt: Any = None,
+        chat: bool = False, priority: Any = 0,
+    ) -> Request:  # fmt: skip
+        """One checked request."""
+        params = check_params(params)
+        salt = validate_salt(cache_salt)
+        priority = validate_priority(priority)
+        tokenizer = self.tokenizer
+        if chat:
+            prompt = chat_prompt_ids(tokenizer, prompt)
+        elif isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("string prompts need a tokenizer: Engine(model, tokenizer)")
+            prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = validate_prompt(prompt, self.vocab_size)
+        need = -(-(len(ids) + params.max_new_tokens) // self.block_size)
+        if need > self.num_blocks:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} needs "
+                f"{need} KV blocks but the pool has only {self.num_blocks}; shorten the "
+                "prompt, lower max_new_tokens or raise num_blocks"
             )
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"{what} {i}: {exc}") from None
-    return reqs
+        gen = None if params.greedy else make_generator(params.seed, self.device)
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        return Request(
+            -1, ids, params, gen, eos, retain=bool(retain), cache_salt=salt, priority=priority
+        )
+
+    def make_requests(
+        self, prompts: Any, params: Any, cache_salt: Any, *, retain: bool, chat: bool,
+        priority: Any = 0,
+    ) -> list[Request]:  # fmt: skip
+        """One checked request per prompt (``params``, ``cache_salt``, ``priority``: one
+        for all or one each); the first bad one raises, naming its index."""
+        prompts = prompt_list(prompts, chat)
+        n = len(prompts)
+        param_list = per_prompt(params, n, "params", (SamplingParams,))
+        salts = per_prompt(cache_salt, n, "cache_salt", (str, bytes))
+        if isinstance(priority, (list, tuple)):
+            priorities = per_prompt(priority, n, "priority", ())
+        else:
+            priorities = [validate_priority(priority)] * n
+        what = "conversation" if chat else "prompt"
+        reqs = []
+        for i, (p, sp, salt, prio) in enumerate(zip(prompts, param_list, salts, priorities)):
+            try:
+                reqs.append(
+                    self.make_request(
+                        p, sp, retain=retain, cache_salt=salt, chat=chat, priority=prio
+                    )
+                )
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{what} {i}: {exc}") from None
+        return reqs
 
 
 def prompt_list(prompts: Any, chat: bool) -> list:

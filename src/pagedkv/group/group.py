@@ -28,6 +28,7 @@ from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.group import members as _members
 from pagedkv.group.rebalance import next_move
 from pagedkv.group.results import Counters, DeviceStats, MoveResult
+from pagedkv.group.transport import Transport
 from pagedkv.storage import KVLayout, pool_copy
 
 Device = str | torch.device
@@ -41,10 +42,20 @@ class KVCacheGroup:
             named after their devices (``"cuda:0"``; ``"cpu#0"``, ``"cpu#1"`` when several
             share one). Sequences already live in them join the group.
         chunk_bytes: staging granularity of moves (see :mod:`pagedkv.storage.pool_copy`).
+        staging: how moves between a CPU and a CUDA member go: ``"auto"`` (pitched copies
+            pool to pool on the copy engine when the CPU pool is page-locked, else host
+            threads through pinned rows), ``"direct"`` or ``"host"``.
+        host_threads: threads that copy a CPU pool's blocks: ``"host"`` staging, and
+            moves between two CPU members (default: the cores here, at most 8).
+        pin_host: page-lock the CPU members' pools (``cudaHostRegister``) for direct
+            copies: ``None`` (default) when the group also has a CUDA member, falling
+            back to host staging if the lock fails; ``True`` always, raising
+            :class:`~pagedkv.errors.ResourceError` if it fails; ``False`` never. The
+            pages stay locked until :meth:`close` (or until the group is collected).
 
     Raises ``TypeError``/``ValueError`` for no members, a member that is not a
     ``KVCache``, the same cache (or pool) twice, members whose layouts or model
-    fingerprints differ, or a sequence id live in two members.
+    fingerprints differ, a sequence id live in two members, or bad copy options.
     """
 
     def __init__(
@@ -52,30 +63,22 @@ class KVCacheGroup:
         caches: Mapping[str, KVCache] | Sequence[KVCache],
         *,
         chunk_bytes: int = pool_copy.CHUNK_BYTES,
+        staging: str = "auto",
+        host_threads: int | None = None,
+        pin_host: bool | None = None,
     ) -> None:
         members = _members.named(caches)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-        first = next(iter(members.values()))
-        self.layout: KVLayout = first.layout
-        self.fingerprint: str = first.fingerprint
-        where: dict[Hashable, str] = {}
-        for name, cache in members.items():
-            if cache.layout != self.layout:
-                raise ValueError(f"member {name!r} has layout {cache.layout}, not {self.layout}")
-            if cache.fingerprint != self.fingerprint:
-                raise ValueError(
-                    f"member {name!r} holds KV of model {cache.model_fingerprint!r}, not "
-                    f"{first.model_fingerprint!r} (fingerprints {cache.fingerprint} vs "
-                    f"{self.fingerprint}); a group serves one model"
-                )
-            for sid in [*cache.seq_ids(), *cache.swapped_ids()]:
-                if sid in where:
-                    raise ValueError(f"sequence {sid!r} is in members {where[sid]!r} and {name!r}")
-                where[sid] = name
-        self.chunk_bytes = chunk_bytes
+        self.layout, self.fingerprint, where = _members.common(members)
+        transport = Transport(
+            members, chunk_bytes=chunk_bytes, staging=staging, host_threads=host_threads,
+            pin_host=pin_host,
+        )  # fmt: skip
+        transport.lock()  # the last step: nothing after it can refuse the arguments
+        self._transport = transport
         self._members = members
-        self._where = {sid: n for sid, n in where.items() if sid in members[n]}  # live only
+        self._where = where
         self._preference: list[str] = []
         self._pinned: set[Hashable] = set()
         self._counters = {name: Counters() for name in members}
@@ -90,11 +93,14 @@ class KVCacheGroup:
         names: Sequence[str] | None = None,
         model_fingerprint: str = "",
         chunk_bytes: int = pool_copy.CHUNK_BYTES,
+        staging: str = "auto",
+        host_threads: int | None = None,
+        pin_host: bool | None = None,
         **cache_options: object,
     ) -> KVCacheGroup:
         """A group of new caches: one per entry of ``devices`` (a device may repeat),
         ``num_blocks`` each (an int) or per device (a sequence); ``cache_options`` go to
-        every :class:`KVCache`."""
+        every :class:`KVCache`; the copy options as in the constructor."""
         if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
             raise TypeError("devices must be a sequence, e.g. ['cuda:0', 'cuda:1'] or ['cpu'] * 2")
         counts = [num_blocks] * len(devices) if isinstance(num_blocks, int) else list(num_blocks)
@@ -107,7 +113,26 @@ class KVCacheGroup:
             for n, d in zip(counts, devices)
         ]
         members = caches if names is None else dict(zip(names, caches))
-        return cls(members, chunk_bytes=chunk_bytes)
+        return cls(
+            members, chunk_bytes=chunk_bytes, staging=staging, host_threads=host_threads,
+            pin_host=pin_host,
+        )  # fmt: skip
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Staging granularity of moves."""
+        return self._transport.chunk_bytes
+
+    @property
+    def staging(self) -> str:
+        """How moves between a CPU and a CUDA member stage (``"auto"``, ``"direct"``,
+        ``"host"``)."""
+        return self._transport.staging
+
+    @property
+    def host_threads(self) -> int:
+        """Threads that copy CPU pools' blocks (host staging, CPU to CPU)."""
+        return self._transport.threads.threads
 
     # ------------------------------------------------------------------ members
 
@@ -315,12 +340,8 @@ class KVCacheGroup:
         cached = dst.allocate(seq_id, src.token_ids(seq_id), src.salt(seq_id))
         first = cached // self.layout.block_size
         try:
-            done = pool_copy.copy_blocks_between(
-                src.pool,
-                table[first:],
-                dst.pool,
-                dst.block_table(seq_id)[first:],
-                chunk_bytes=self.chunk_bytes,
+            done = self._transport.copy(
+                src.pool, table[first:], dst.pool, dst.block_table(seq_id)[first:]
             )
             src.free(seq_id)
         except BaseException:
@@ -334,7 +355,7 @@ class KVCacheGroup:
         into.blocks_reused_in += first
         return MoveResult(
             seq_id, source, target, done.blocks, first, done.bytes,
-            time.perf_counter() - t0, done.route, done.peer,
+            time.perf_counter() - t0, done.route, done.peer, done.staging,
         )  # fmt: skip
 
     def rebalance(self, target_spread: float = 0.1, *, max_moves: int | None = None) -> list:
@@ -396,7 +417,7 @@ class KVCacheGroup:
                 name, str(cache.device), s, s.used_blocks * bpb, cache.pool.nbytes,
                 s.used_blocks / s.num_blocks, s.num_sequences, c.placements, c.prefix_hits,
                 c.prefix_hit_tokens, c.moves_in, c.moves_out, c.blocks_copied_in,
-                c.blocks_reused_in,
+                c.blocks_reused_in, self._transport.page_locked(name),
             )  # fmt: skip
         return out
 
@@ -412,7 +433,10 @@ class KVCacheGroup:
             raise CacheIntegrityError("KVCacheGroup: " + "; ".join(problems))
 
     def close(self) -> None:
-        """Flush and close every member's tiers."""
+        """Flush and close every member's tiers, join the host copy threads and unlock the
+        pages the group locked (idempotent). Moves still work afterwards, staged by host
+        threads started again."""
+        self._transport.close()
         for cache in self._members.values():
             cache.close()
 

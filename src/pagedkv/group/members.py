@@ -9,6 +9,7 @@ import torch
 
 from pagedkv.cache import KVCache
 from pagedkv.errors import CacheIntegrityError
+from pagedkv.storage import KVLayout
 
 
 def named(caches: object) -> dict[str, KVCache]:
@@ -39,6 +40,29 @@ def named(caches: object) -> dict[str, KVCache]:
             raise ValueError(f"members {pools[ptr]!r} and {name!r} are the same cache (one pool)")
         pools[ptr] = name
     return dict(items)
+
+
+def common(members: Mapping[str, KVCache]) -> tuple[KVLayout, str, dict[Hashable, str]]:
+    """The members' one layout and model fingerprint, and where each live sequence is;
+    ``ValueError`` when layouts or fingerprints differ or an id is in two members (live
+    or swapped out)."""
+    first = next(iter(members.values()))
+    layout, fingerprint = first.layout, first.fingerprint
+    where: dict[Hashable, str] = {}
+    for name, cache in members.items():
+        if cache.layout != layout:
+            raise ValueError(f"member {name!r} has layout {cache.layout}, not {layout}")
+        if cache.fingerprint != fingerprint:
+            raise ValueError(
+                f"member {name!r} holds KV of model {cache.model_fingerprint!r}, not "
+                f"{first.model_fingerprint!r} (fingerprints {cache.fingerprint} vs "
+                f"{fingerprint}); a group serves one model"
+            )
+        for sid in [*cache.seq_ids(), *cache.swapped_ids()]:
+            if sid in where:
+                raise ValueError(f"sequence {sid!r} is in members {where[sid]!r} and {name!r}")
+            where[sid] = name
+    return layout, fingerprint, {sid: n for sid, n in where.items() if sid in members[n]}
 
 
 def resolve(members: Mapping[str, KVCache], device: object) -> str:

@@ -16,8 +16,10 @@ class MoveResult:
     ``blocks_reused`` leading blocks were already on the target (its prefix cache, or
     loaded back from its tiers) and were not copied. ``route`` is how the bytes travelled
     (:func:`pagedkv.storage.pool_copy.route`); ``peer`` says whether two GPUs accessed each
-    other directly (``None`` unless both members are on distinct GPUs). ``seconds``
-    covers the whole move: bookkeeping on both sides and the copy.
+    other directly (``None`` unless both members are on distinct GPUs); ``staging`` how a
+    move between a CPU and a CUDA member went (``"direct"``: pitched copies between the
+    pools; ``"host"``: host threads through pinned rows; ``None`` for other routes).
+    ``seconds`` covers the whole move: bookkeeping on both sides and the copy.
     """
 
     seq_id: Hashable
@@ -29,6 +31,7 @@ class MoveResult:
     seconds: float
     route: str
     peer: bool | None
+    staging: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class DeviceStats:
     ``placements`` counts sequences the group's ``allocate`` put here, ``prefix_hits``
     those of them that found a cached prefix here (``prefix_hit_tokens`` tokens in all).
     ``moves_in`` / ``moves_out`` count moves; ``blocks_copied_in`` / ``blocks_reused_in``
-    the blocks moves into this member copied or found already here.
+    the blocks moves into this member copied or found already here. ``page_locked``:
+    whether the member's pool is page-locked CPU memory (copied directly to GPUs).
     """
 
     name: str
@@ -58,6 +62,7 @@ class DeviceStats:
     moves_out: int
     blocks_copied_in: int
     blocks_reused_in: int
+    page_locked: bool = False
 
 
 @dataclass

@@ -71,6 +71,9 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     pagedkv_metadata: PagedAttentionMetadata | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
     """transformers attention function over the paged KV pool.
@@ -80,13 +83,28 @@ def paged_attention_forward(
     ``pagedkv_metadata`` (not a paged forward) the call goes to the fallback attention.
     ``attention_mask`` and ``dropout`` are ignored on the paged path: the kernels mask
     causally per sequence from the metadata, and paged forwards are inference only.
+
+    The layer's features arrive as the kwargs transformers' attention modules pass:
+    ``scaling`` (e.g. Gemma's ``query_pre_attn_scalar ** -0.5``, Granite's
+    ``attention_multiplier``), ``sliding_window`` (tokens: transformers' masks let the
+    query at p see keys in ``(p - sliding_window, p]``, the ops' ``window``),
+    ``softcap`` (Gemma 2's ``attn_logit_softcapping``) and ``s_aux`` / ``sinks``
+    (gpt-oss's per-head sink logits [Hq]).
     """
     meta = pagedkv_metadata
     if meta is None:
         fallback = _fallback_attention(module)
+        feats = {
+            k: v
+            for k, v in (("sliding_window", sliding_window), ("softcap", softcap), ("s_aux", s_aux))
+            if v is not None
+        }
         return fallback(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+            **feats, **kwargs,
+        )  # fmt: skip
+    sinks = s_aux if s_aux is not None else kwargs.get("sinks")
+    _refuse_unknown_features(module, query, key, value, attention_mask, kwargs)
     bsz, hq, q_len, d = query.shape
     layer = module.layer_idx
     hkv = key.shape[1]
@@ -100,21 +118,74 @@ def paged_attention_forward(
     k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
     if k.dtype != k_cache.dtype:
         k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+    if sinks is not None:
+        sinks = sinks.detach()
+        if sinks.dtype not in (torch.float32, q.dtype):
+            sinks = sinks.float()
     ops.write_kv(k_cache, v_cache, meta.slots, k, v, check=False)
+    feats = dict(window=sliding_window, softcap=softcap, sinks=sinks, check=False)
     if meta.is_decode:
         out = ops.decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, check=False
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, **feats
         )
     else:
         out = ops.prefill_attention(
             q, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling,
-            max_q_len=meta.max_q_len, check=False,
+            max_q_len=meta.max_q_len, **feats,
         )  # fmt: skip
     if meta.token_index is not None:
         full = out.new_zeros(bsz * q_len, hq, d)
         full[meta.token_index] = out
         out = full
     return out.view(bsz, q_len, hq, d), None
+
+
+# Attention kwargs that change what a layer computes in ways the paged kernels do not
+# implement: a call carrying one (not None) is refused rather than silently ignored.
+_UNSUPPORTED_KWARGS = {
+    "position_bias": "an additive position bias (T5-style relative attention)",
+    "indices": "sparse attention over selected key indices",
+    "block_indices": "block-sparse attention",
+}
+
+
+_GUARDED_KWARGS = frozenset({*_UNSUPPORTED_KWARGS, "is_causal"})
+
+
+def _refuse_unknown_features(module, query, key, value, attention_mask, kwargs: dict) -> None:
+    """Fail loudly (not silently wrong) on a layer the paged path cannot compute. Runs at
+    every layer call, so the usual case is one cheap test (~1 µs)."""
+    d = query.shape[-1]
+    if (
+        _GUARDED_KWARGS.isdisjoint(kwargs)
+        and (attention_mask is None or (type(attention_mask) is torch.Tensor
+                                        and not attention_mask.numel()))
+        and key.shape[-1] == d
+        and value.shape[-1] == d
+        and type(getattr(module, "layer_idx", None)) is int
+        and getattr(module, "is_causal", True) is not False
+    ):  # fmt: skip
+        return
+    from pagedkv.errors import UnsupportedModelError
+
+    name = type(module).__name__
+    for kw, feature in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(kw) is not None:
+            raise UnsupportedModelError(f"{name} uses {feature}: not supported by pagedkv")
+    if kwargs.get("is_causal", True) is False or getattr(module, "is_causal", True) is False:
+        raise UnsupportedModelError(f"{name} is bidirectional (non-causal): not supported")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.numel():
+        raise UnsupportedModelError(
+            f"{name} builds an attention mask of its own (e.g. a dynamic mask): the paged "
+            "kernels mask causally by position only"
+        )
+    if not isinstance(getattr(module, "layer_idx", None), int):
+        raise UnsupportedModelError(f"{name} has no layer_idx: pagedkv cannot tell its KV layer")
+    if key.shape[-1] != d or value.shape[-1] != d:
+        raise UnsupportedModelError(
+            f"{name} has query/key/value head dims {d}/{key.shape[-1]}/{value.shape[-1]}: "
+            "pagedkv needs one head_dim (multi-latent attention is refused)"
+        )
 
 
 def paged_mask(**kwargs: Any) -> Any:

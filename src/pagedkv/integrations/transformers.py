@@ -24,6 +24,8 @@ from pagedkv.integrations.attention import (
 from pagedkv.integrations.cache import PagedCache
 from pagedkv.integrations.support import (
     SUPPORTED_MODEL_TYPES,
+    TESTED_MODEL_TYPES,
+    ModelSupport,
     check_model_supported,
     kv_geometry,
 )
@@ -31,6 +33,8 @@ from pagedkv.integrations.support import (
 __all__ = [
     "ATTN_NAME",
     "SUPPORTED_MODEL_TYPES",
+    "TESTED_MODEL_TYPES",
+    "ModelSupport",
     "PagedAttention",
     "PagedAttentionMetadata",
     "PagedCache",

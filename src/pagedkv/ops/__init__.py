@@ -23,15 +23,22 @@ block tables.
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
 range, lengths that fit their tables), which costs one device sync on CUDA.
+
+The eager path is lean: the metadata checks and the backend choice run once per shape
+class (dtypes, head counts and dims, block size, cache strides, options) and are then
+looked up (:mod:`pagedkv.ops._specs`); each Triton kernel variant is bound once and
+launched directly afterwards (:mod:`pagedkv.ops._launch`). With ``check=False`` a
+call allocates only its output (and, for split decode, a reused workspace) and never
+syncs. Integer kernel arguments that vary per call are not specialized on, so new
+batch sizes, lengths or table widths never recompile; :func:`warmup` compiles every
+variant a layout needs ahead of time.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-
 import torch
 
-from pagedkv.ops import _checks, reference
+from pagedkv.ops import _checks, _specs, reference
 from pagedkv.ops._config import (
     batch_invariant_mode,
     get_backend,
@@ -46,10 +53,12 @@ from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
 from pagedkv.ops.cascade_groups import shared_prefix_groups
 from pagedkv.ops.invariant_mode import invariant_forward
 from pagedkv.ops.plan import DecodePlan
+from pagedkv.ops.warmup import WarmupResult, warmup
 
 __all__ = [
     "CascadePlan",
     "DecodePlan",
+    "WarmupResult",
     "batch_invariant_mode",
     "cascade_decode",
     "cascade_prefill",
@@ -67,19 +76,11 @@ __all__ = [
     "set_batch_invariant",
     "shared_prefix_groups",
     "use_backend",
+    "warmup",
     "write_kv",
 ]
 
-
-_TRITON_MODULES: dict = {}
-
-
-def _triton(module: str):
-    """The Triton module ``triton_<module>``, imported on first use (triton is optional)."""
-    mod = _TRITON_MODULES.get(module)
-    if mod is None:
-        mod = _TRITON_MODULES[module] = import_module(f"pagedkv.ops.triton_{module}")
-    return mod
+_triton = _specs.triton_module
 
 
 def decode_attention(
@@ -112,23 +113,23 @@ def decode_attention(
     q's dtype), one per query head, added to the softmax denominator as a key whose
     value is zero (gpt-oss).
     """
-    _checks.cache_pair(k_cache, v_cache)
-    bsz, _ = _checks.query(q, "q", k_cache, 3)
-    opts = _checks.attn_options(scale, window, softcap, sinks, q, check)
-    _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
-    if check:
-        first = None if opts.window is None else (seq_lens - opts.window).clamp(min=0)
-        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
     invariant = resolve_invariant(batch_invariant)
-    feats = dict(window=opts.window, softcap=opts.softcap, sinks=opts.sinks)
-    if resolve(backend, q.device) == "triton":
-        return _triton("decode").decode(
-            q, k_cache, v_cache, block_tables, seq_lens, opts.scale, batch_invariant=invariant,
-            **feats,
-        )  # fmt: skip
+    spec = _specs.decode(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, sinks, backend,
+        invariant,
+    )  # fmt: skip
+    if check:
+        _checks.sink_values(sinks)
+        first = None if spec.window is None else (seq_lens - spec.window).clamp(min=0)
+        _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
+    if spec.kernels is not None:
+        return spec.kernels.run(
+            q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, spec.window
+        )
     return reference.decode(
-        q, k_cache, v_cache, block_tables, seq_lens, opts.scale, invariant, **feats
-    )
+        q, k_cache, v_cache, block_tables, seq_lens, spec.scale, invariant, window=spec.window,
+        softcap=spec.softcap, sinks=sinks,
+    )  # fmt: skip
 
 
 def paged_decode(
@@ -180,24 +181,25 @@ def prefill_attention(
     ``sinks`` as in :func:`decode_attention`. Returns [T, Hq, D] in q's dtype.
     ``max_q_len`` (the longest q_len) spares the Triton path a device sync when given.
     """
-    _checks.cache_pair(k_cache, v_cache)
-    num_tokens, _ = _checks.query(q, "q", k_cache, 3)
-    opts = _checks.attn_options(scale, window, softcap, sinks, q, check)
-    cu = _checks.cu_seqlens(cu_seqlens_q, k_cache.device)
-    _checks.tables(block_tables, seq_lens, cu.shape[0] - 1, k_cache.device)
+    cu = cu_seqlens_q
+    spec = _specs.prefill(
+        q, cu, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, sinks, backend
+    )
     if check:
-        _checks.cu_values(cu, seq_lens, num_tokens)
+        _checks.sink_values(sinks)
+        _checks.cu_values(cu, seq_lens, q.shape[0])
         first = None
-        if opts.window is not None:
-            first = (seq_lens - (cu[1:] - cu[:-1]) - opts.window + 1).clamp(min=0)
+        if spec.window is not None:
+            first = (seq_lens - (cu[1:] - cu[:-1]) - spec.window + 1).clamp(min=0)
         _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
-    feats = dict(window=opts.window, softcap=opts.softcap, sinks=opts.sinks)
-    if resolve(backend, q.device) == "triton":
-        return _triton("prefill").prefill(
-            q, cu, k_cache, v_cache, block_tables, seq_lens, opts.scale, max_q_len=max_q_len,
-            **feats,
-        )  # fmt: skip
-    return reference.prefill(q, cu, k_cache, v_cache, block_tables, seq_lens, opts.scale, **feats)
+    if spec.kernels is not None:
+        return spec.kernels.run(
+            q, cu, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, max_q_len
+        )
+    return reference.prefill(
+        q, cu, k_cache, v_cache, block_tables, seq_lens, spec.scale, window=spec.window,
+        softcap=spec.softcap, sinks=sinks,
+    )  # fmt: skip
 
 
 def paged_prefill(
@@ -239,25 +241,15 @@ def write_kv(
     pool_k, pool_v: [num_blocks, block_size, Hkv, D]; k, v: [N, Hkv, D] of the cache's
     dtype; slots: [N] int, ``block * block_size + offset``, or -1 to skip a token (padding).
     """
-    nb, bs, hkv, d = _checks.cache_pair(pool_k, pool_v)
-    for name, x in (("k", k), ("v", v)):
-        _checks.tensor(x, name)
-        if x.dim() != 3 or tuple(x.shape[1:]) != (hkv, d):
-            raise ValueError(f"{name} must be [N, {hkv}, {d}], got shape {tuple(x.shape)}")
-        if x.dtype != pool_k.dtype:
-            raise TypeError(
-                f"{name} dtype {x.dtype} != KV cache dtype {pool_k.dtype}; cast it first"
-            )
-        _checks.same_device(x, name, pool_k.device)
-    if k.shape[0] != v.shape[0]:
-        raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
-    s = _checks.slots(slots, k.shape[0], nb * bs, pool_k.device, check)
+    spec = _specs.write(pool_k, pool_v, slots, k, v, backend)
+    if check:
+        _checks.slots(slots, k.shape[0], spec.num_slots, pool_k.device, True)
     if k.shape[0] == 0:
         return
-    if resolve(backend, pool_k.device) == "triton":
-        _triton("memory").write_kv(pool_k, pool_v, s, k, v)
+    if spec.kernels is not None:
+        spec.kernels.run(pool_k, pool_v, slots, k, v)
     else:
-        reference.write_kv(pool_k, pool_v, s, k, v)
+        reference.write_kv(pool_k, pool_v, slots, k, v)
 
 
 def _pool_tensor(kv: torch.Tensor) -> None:

@@ -181,9 +181,15 @@ def attn_options(
                 f"sinks dtype {sinks.dtype} must be float32 or q's dtype {q.dtype}; use .float()"
             )
         same_device(sinks, "sinks", q.device)
-        if check and hq and bool((torch.isnan(sinks) | (sinks == float("inf"))).any()):
-            raise ValueError("sinks must not be NaN or +inf (-inf means no sink for that head)")
+        if check:
+            sink_values(sinks)
     return AttnOptions(scale, window, softcap, sinks)
+
+
+def sink_values(sinks: torch.Tensor | None) -> None:
+    """Sink logits hold no NaN / +inf (-inf = no sink); one device sync on CUDA."""
+    if sinks is not None and sinks.numel() and bool((sinks.isnan() | (sinks == math.inf)).any()):
+        raise ValueError("sinks must not be NaN or +inf (-inf means no sink for that head)")
 
 
 def _real(x: object, name: str) -> float:

@@ -1,7 +1,18 @@
 """Backend and batch-invariance settings of :mod:`pagedkv.ops`.
 
-Held in ``ContextVar``s rather than module globals so that a context manager in one
-thread (or asyncio task) does not leak into another, and tests need no reset.
+Each setting is a ``ContextVar``: its value belongs to the current context, which is
+the calling thread (a new thread starts from the defaults; on Python builds that copy
+the parent's context into threads, ``sys.flags.thread_inherit_context``, from the
+values at its start) or the current asyncio task (a task starts from a copy of its
+creator's context). So a setting never reaches another thread, and a change made in a
+thread after another one started never reaches it; within a thread it is a value for
+the rest of that thread, like any global, until changed again.
+
+The scoped forms are the recommended ones: :func:`use_backend` and
+:func:`batch_invariant_mode` set a value for a ``with`` block and restore the previous
+one on exit, also on an exception. :func:`set_backend` and :func:`set_batch_invariant`
+set it for the rest of the current context and return the previous value, so a caller
+that cannot use a ``with`` block restores it with a second call.
 """
 
 from __future__ import annotations
@@ -20,10 +31,15 @@ _backend: ContextVar[str | None] = ContextVar("pagedkv_ops_backend", default=Non
 _invariant: ContextVar[bool] = ContextVar("pagedkv_ops_batch_invariant", default=False)
 
 
-def set_backend(name: str | None) -> None:
-    """Force a backend for every op in this context: ``"reference"``, ``"triton"`` or
-    ``None`` (automatic: Triton for CUDA tensors when Triton is installed, else reference)."""
+def set_backend(name: str | None) -> str | None:
+    """Force a backend for every op for the rest of the current context (this thread or
+    asyncio task; never another thread, see the module doc): ``"reference"``,
+    ``"triton"`` or ``None`` (automatic: Triton for CUDA tensors when Triton is
+    installed, else reference). Returns the previous choice (``set_backend(previous)``
+    restores it); prefer ``with use_backend(name):``, which restores it by itself."""
+    previous = _backend.get()
     _backend.set(_check_backend(name))
+    return previous
 
 
 def get_backend() -> str | None:
@@ -41,8 +57,11 @@ def use_backend(name: str | None) -> Iterator[None]:
         _backend.reset(token)
 
 
-def set_batch_invariant(enabled: bool) -> None:
-    """Turn batch-invariant mode on or off for this context (a flag, nothing else).
+def set_batch_invariant(enabled: bool) -> bool:
+    """Turn batch-invariant mode on or off for the rest of the current context (this
+    thread or asyncio task; never another thread, see the module doc) — a flag, nothing
+    else. Returns the previous value (``set_batch_invariant(previous)`` restores it);
+    prefer ``with batch_invariant_mode():``, which restores it by itself.
 
     In this mode the output for one sequence is bit-identical whatever other sequences
     share its batch and wherever it sits in it (fixed split size in tokens, fixed
@@ -51,7 +70,9 @@ def set_batch_invariant(enabled: bool) -> None:
     :func:`pagedkv.ops.invariant_forward` (what :func:`batch_invariant_mode` and the
     engine enter), which routes the model's matmuls and reductions to invariant kernels.
     """
+    previous = _invariant.get()
     _invariant.set(bool(enabled))
+    return previous
 
 
 def is_batch_invariant() -> bool:
@@ -88,7 +109,7 @@ def _check_backend(name: str | None) -> str | None:
 def triton_available() -> bool:
     """True when ``import triton`` works (it is an optional dependency)."""
     try:
-        import triton  # noqa: F401
+        import triton  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         return False
     return True

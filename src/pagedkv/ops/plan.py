@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedkv.ops import _checks, reference
+from pagedkv.ops import _checks, _specs, reference
 from pagedkv.ops._config import resolve, resolve_invariant
 
 
@@ -108,20 +108,22 @@ class DecodePlan:
         contiguous tensor when capturing a CUDA graph. ``check=None`` checks values
         except while a CUDA graph is being captured."""
         hq, hkv, d, bs = self.shape
-        _checks.cache_pair(k_cache, v_cache)
-        if tuple(k_cache.shape[1:]) != (bs, hkv, d) or k_cache.dtype != self.dtype:
+        spec = _specs.decode(
+            q, k_cache, v_cache, block_tables, seq_lens, self.scale, self.window, self.softcap,
+            sinks, self.backend, self.batch_invariant,
+        )  # fmt: skip
+        if k_cache.shape[1:] != (bs, hkv, d) or k_cache.dtype != self.dtype:
             raise ValueError(
                 f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match the plan "
                 f"(block_size {bs}, Hkv {hkv}, D {d}, {self.dtype})"
             )
-        bsz, _ = _checks.query(q, "q", k_cache, 3)
+        bsz = q.shape[0]
         if bsz > self.max_batch or q.shape[1] != hq:
             raise ValueError(f"q {tuple(q.shape)} exceeds the plan ({self.max_batch}, {hq}, {d})")
-        _checks.tables(block_tables, seq_lens, bsz, k_cache.device)
         if check is None:
             check = not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        _checks.attn_options(self.scale, None, None, sinks, q, check)
         if check:
+            _checks.sink_values(sinks)
             first = None if self.window is None else (seq_lens - self.window).clamp(min=0)
             _checks.table_values(block_tables, seq_lens, k_cache.shape[0], bs, first)
             if bsz and int(seq_lens.max()) > self.max_seq_len:
@@ -129,13 +131,10 @@ class DecodePlan:
                     f"a sequence is longer than the plan's max_seq_len {self.max_seq_len}"
                 )
         out = self.out[:bsz]
-        if self.backend == "triton":
-            from pagedkv.ops import triton_decode as td
-
-            td.decode(
-                q, k_cache, v_cache, block_tables, seq_lens, self.scale,
-                batch_invariant=self.batch_invariant, window=self.window, softcap=self.softcap,
-                sinks=sinks, splits=self.splits, out=out, workspace=self.workspace,
+        if spec.kernels is not None:
+            spec.kernels.run(
+                q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, self.window,
+                splits=self.splits, out=out, workspace=self.workspace,
             )  # fmt: skip
         else:
             res = reference.decode(

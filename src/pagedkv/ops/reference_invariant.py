@@ -7,11 +7,17 @@ CPU ops are not enough, as measured on torch 2.13 (MKL / oneDNN, 2 threads), and
 replaces them:
 
 - **matmul**: ``x @ W.T`` of one row differs between M = 1 (a GEMV) and M > 1, for
-  float32 at every shape and for bf16 from K = 2048. Here rows are cut into tiles of
-  TILE_M rows (the last padded with zeros) and every tile is one ``torch.mm`` /
-  ``torch.addmm`` of the same shape [TILE_M, K] @ [K, N] on a fresh (64-byte aligned,
-  contiguous) tile: a call of one fixed shape computes each row in the same order
-  wherever the row sits in the tile (tests/test_invariant_ops.py checks every position).
+  float32 at every shape and for bf16 from K = 2048; and even one fixed-shape
+  ``torch.mm`` does not compute a row the same at every position of its tile on every
+  machine (on a 16-core host with torch 2.11, row 8 of a [16, 2048] tile differed). So no
+  BLAS is used: each output element is ``sum_k x[k] * w[k]`` computed by elementwise
+  torch ops only — the products in float32 (exact for bf16 / fp16 inputs), then the K
+  products padded with zeros to a power of two and summed by halving (``p[:h] + p[h:]``,
+  the tree of :func:`tree_sum`). Elementwise IEEE multiplies and adds round the same in
+  torch's vector and scalar loops, so every element's bits are fixed by construction:
+  by its row of ``a`` and column of ``b``, whatever M, the position, the thread count or
+  the BLAS (tests/test_invariant_ops.py replays the order in numpy). Blocks of rows and
+  columns bound the [rows, cols, K] product tensor (``PRODUCT_ELEMENTS``).
 - **sum / mean**: torch splits a long reduced dim across threads once a call holds 32k
   elements, so the split depends on the number of rows (a mean over 49,152 columns
   changes with M). Here a row is summed by a pairwise tree: padded with zeros to a power
@@ -37,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-TILE_M = 16
+PRODUCT_ELEMENTS = 1 << 18  # float32 products held at once by gemm (1 MiB: cache-sized)
 
 
 def gemm(
@@ -49,35 +55,59 @@ def gemm(
     alpha: float = 1.0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``alpha * (a @ b) + beta * bias`` per batch item, in fixed-shape tiles of TILE_M rows.
+    """``alpha * (a @ b) + beta * bias`` per batch item, each element a fixed tree (see
+    module doc), accumulated in float32 and rounded once to ``out_dtype``.
 
     a: [Bt, M, K]; b: [Bt, K, N] (a batch stride of 0 broadcasts); bias: None or a
     [Bt, M, N] view (broadcast strides welcome). Returns a contiguous [Bt, M, N] tensor of
-    ``out_dtype`` (default a's dtype; another dtype is computed in float32).
+    ``out_dtype`` (default a's dtype).
     """
     out_dtype = out_dtype or a.dtype
-    compute = a.dtype if out_dtype == a.dtype else torch.float32
     bt, m, k = a.shape
     n = b.shape[2]
     out = torch.empty((bt, m, n), dtype=out_dtype, device=a.device)
-    for i in range(bt):
-        w = b[i].to(compute)
-        z = None if bias is None else bias[i].to(compute)
-        row_bias = z is not None and z.stride(0) == 0  # one bias row for all rows (Linear)
-        for r in range(0, m, TILE_M):
-            rows = min(TILE_M, m - r)
-            tile = torch.zeros((TILE_M, k), dtype=compute, device=a.device)
-            tile[:rows] = a[i, r : r + rows]
-            if z is None:
-                y = torch.mm(tile, w)
-            else:
-                if row_bias:
-                    c = z[0]
-                else:
-                    c = torch.zeros((TILE_M, n), dtype=compute, device=a.device)
-                    c[:rows] = z[r : r + rows]
-                y = torch.addmm(c, tile, w, beta=beta, alpha=alpha)
-            out[i, r : r + rows] = y[:rows]
+    if out.numel() == 0:
+        return out
+    one_b = bt == 1 or b.stride(0) == 0
+    if one_b:  # one weight: all batch items' rows at once
+        acc = _dot_rows(a.reshape(bt * m, k), b[0]).reshape(bt, m, n)
+    else:
+        acc = torch.stack([_dot_rows(a[i], b[i]) for i in range(bt)])
+    if bias is not None:
+        acc = acc if alpha == 1 else acc * alpha
+        acc = acc + (bias.float() if beta == 1 else bias.float() * beta)
+    elif alpha != 1:
+        acc = acc * alpha
+    out.copy_(acc)
+    return out
+
+
+def _dot_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x: [M, K], w: [K, N] -> [M, N] float32, element (i, j) = tree sum over k of
+    float32(x[i, k]) * float32(w[k, j])."""
+    m, k = x.shape
+    n = w.shape[1]
+    if k == 0:
+        return x.new_zeros((m, n), dtype=torch.float32)
+    width = 1 << (k - 1).bit_length()
+    # K first, so that every step of the tree adds two contiguous halves in place
+    xt = F.pad(x.float(), (0, width - k)).t()  # [Kp, M]
+    wf = F.pad(w.float(), (0, 0, 0, width - k))  # [Kp, N]
+    cols = min(n, max(1, PRODUCT_ELEMENTS // width))
+    rows = max(1, PRODUCT_ELEMENTS // (cols * width))
+    buf = torch.empty(width * min(rows, m) * cols, dtype=torch.float32, device=x.device)
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    for r in range(0, m, rows):
+        rb = min(rows, m - r)
+        for c in range(0, n, cols):
+            cb = min(cols, n - c)
+            p = buf[: width * rb * cb].view(width, rb, cb)
+            torch.mul(xt[:, r : r + rb, None], wf[:, None, c : c + cb], out=p)
+            h = width
+            while h > 1:
+                h //= 2
+                p[:h].add_(p[h : 2 * h])
+            out[r : r + rb, c : c + cb] = p[0]
     return out
 
 

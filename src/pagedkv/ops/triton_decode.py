@@ -21,9 +21,6 @@ Offsets that multiply a block id by a stride are computed in int64.
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import torch
 
 from pagedkv._extras import optional_imports
@@ -33,12 +30,27 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops._config import interpreting
+from pagedkv.ops._launch import Launcher, Scratch
+from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split planning)
+    INVARIANT_SPLIT_TOKENS,
+    MAX_VECTOR_MERGE,
+    MIN_SPLIT_TOKENS,
+    SplitPlan,
+    _sm_count,
+    choose_split_tokens,
+    config,
+    plan_splits,
+)
 
-INVARIANT_SPLIT_TOKENS = 512
-MIN_SPLIT_TOKENS = 64
-MAX_VECTOR_MERGE = 128  # more splits than this are merged one by one
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # full attention, as the kernels see it (int32 arithmetic)
+# Integer arguments that change from call to call and whose divisibility no load or store
+# relies on (table width, split size, window, log-sum-exp offsets): one specialization
+# whatever their value. The strides of q / out / partials stay specialized (they make
+# row loads and stores vector-wide); they are multiples of 16 in every common layout.
+# See pagedkv.ops._launch for how the kernels are launched.
+DECODE_DYNAMIC = ("window", "stride_btb", "stride_lb", "stride_lh", "lse_off", "split_tokens")
+MERGE_DYNAMIC = ("stride_lb", "stride_lh", "lse_off", "split_tokens", "window")
 
 
 def needs_upcast(dtype: torch.dtype) -> bool:
@@ -97,17 +109,14 @@ def split_base(seq_len, window, split_tokens, ALIGNED: tl.constexpr):
         return lo, lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DECODE_DYNAMIC)
 def _decode_split_kernel(
     Q, K, V, BT, SL, Sinks, Out, LSE,
-    qk_scale, cap_log2, window,
-    stride_qb, stride_qh,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_os,
+    qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32,
+    stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64, split_tokens: tl.int32,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
-    stride_btb,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    split_tokens,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -166,17 +175,16 @@ def _decode_split_kernel(
     else:
         o_base = Out + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
         tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out, mask=out_mask)
-        lse_ptr = LSE + b.to(tl.int64) * stride_lb + heads * stride_lh + s
+        lse_ptr = LSE + lse_off + b.to(tl.int64) * stride_lb + heads * stride_lh + s
         tl.store(lse_ptr, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MERGE_DYNAMIC)
 def _decode_merge_kernel(
     Opart, LSE, SL, OUT,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    stride_outb, stride_outh,
-    split_tokens, window,
+    stride_ob, stride_oh, stride_os, stride_outb, stride_outh,
+    stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64,
+    split_tokens: tl.int32, window: tl.int32,
     D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Merge the splits of (sequence, query head). S_PAD > 0: all splits at once (a tree
@@ -190,7 +198,7 @@ def _decode_merge_kernel(
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
     o_base = Opart + b.to(tl.int64) * stride_ob + hq * stride_oh
-    lse_base = LSE + b.to(tl.int64) * stride_lb + hq * stride_lh
+    lse_base = LSE + lse_off + b.to(tl.int64) * stride_lb + hq * stride_lh
     if S_PAD > 0:
         offs_s = tl.arange(0, S_PAD)
         mask_s = offs_s < n_splits
@@ -220,66 +228,158 @@ def _decode_merge_kernel(
     tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-def config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of the split kernel (fixed per head_dim and dtype, so
-    that batch-invariant results do not depend on the batch). Picked from a sweep on an
-    H100 (benchmarks/bench_attention.py --sweep): 64-token tiles, 4 warps, 3 stages were
-    within 1-3 % of the best at every shape tried."""
-    if dtype == torch.float32 or head_dim > 128:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+class DecodeKernels:
+    """The decode kernels of one shape class, bound once (get them from :func:`kernels`).
+
+    A shape class fixes everything Triton compiles for: dtypes (q / KV, table, lengths,
+    sinks), head counts, head_dim, block size, the caches' strides, softcap and sinks on
+    or off, batch-invariant mode, tile config and device. Batch size, table width,
+    lengths, window, scale, view strides and split size vary per call and never cause a
+    compile: the variants one class needs are the direct split kernel, the split kernel
+    with partials and one merge per ``S_PAD`` (:meth:`s_pad`; :func:`pagedkv.ops.warmup`
+    compiles them all).
+    """
+
+    def __init__(self, key: tuple) -> None:
+        (dtype, hq, hkv, d, bs, kstr, vstr, _bt, _sl, sinks_dtype, softcap, invariant, device,
+         cfg_items) = key  # fmt: skip
+        cfg = dict(cfg_items)
+        self.hq, self.hkv, self.d, self.bs = hq, hkv, d, bs
+        self.invariant, self.device, self.block_n = invariant, device, cfg["BLOCK_N"]
+        g = hq // hkv
+        self._d_pad = triton.next_power_of_2(d)
+        shape = (g, max(16, triton.next_power_of_2(g)), d, self._d_pad, bs, cfg["BLOCK_N"])
+        flags = (dtype == torch.float32, needs_upcast(dtype), invariant, softcap,
+                 sinks_dtype is not None)  # IEEE, UPCAST, ALIGNED, SOFTCAP, HAS_SINKS  # fmt: skip
+        opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        strides = (*kstr[:3], *vstr[:3])
+        tail = (*strides, *shape)
+        self.direct = Launcher(_decode_split_kernel, 8, 5, (*tail, True, *flags), **opts)
+        self.parts = Launcher(_decode_split_kernel, 8, 5, (*tail, False, *flags), **opts)
+        self._merges: dict[int, Launcher] = {}
+        self._plans: dict[tuple, tuple[SplitPlan, int]] = {}
+
+    def merge(self, s_pad: int) -> Launcher:
+        """The merge kernel for ``S_PAD`` = s_pad (0: one split after another)."""
+        m = self._merges.get(s_pad)
+        if m is None:
+            tail = (self.d, self._d_pad, s_pad, self.invariant)
+            m = Launcher(_decode_merge_kernel, 4, 5, tail, num_warps=4 if s_pad >= 32 else 1)
+            self._merges[s_pad] = m
+        return m
+
+    def s_pad(self, n_splits: int) -> int:
+        """The merge variant of ``n_splits`` splits: all at once in a tree of the next power
+        of two, or (batch-invariant, or more than MAX_VECTOR_MERGE) one by one."""
+        if self.invariant:
+            return 0
+        s = 1 << (n_splits - 1).bit_length()
+        return 0 if s > MAX_VECTOR_MERGE else s
+
+    def plan(
+        self, bsz: int, width: int, window: int | None, max_seq_len: int | None = None,
+        split_tokens: int | None = None,
+    ) -> tuple[SplitPlan, int]:  # fmt: skip
+        """(splits, merge S_PAD) of a batch of ``bsz`` rows with ``width``-block tables."""
+        key = (bsz, width, window, max_seq_len, split_tokens)
+        got = self._plans.get(key)
+        if got is None:
+            cap = width * self.bs
+            msl = cap if max_seq_len is None else min(max_seq_len, cap)
+            sp = plan_splits(bsz, self.hkv, msl, window, self.block_n, self.device,
+                             self.invariant, split_tokens)  # fmt: skip
+            if len(self._plans) >= 4096:  # eager callers with ever-new widths: stay bounded
+                self._plans.clear()
+            got = self._plans[key] = (sp, self.s_pad(sp.num_splits))
+        return got
+
+    def run(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        block_tables: torch.Tensor, seq_lens: torch.Tensor, sinks: torch.Tensor | None,
+        scalars: tuple[float, float, int], window: int | None, *,
+        splits: SplitPlan | None = None, out: torch.Tensor | None = None,
+        workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seq_len: int | None = None, split_tokens: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Launch the kernels; ``scalars`` = :func:`scalars` of (scale, softcap, window)."""
+        bsz = q.shape[0]
+        hq, d = self.hq, self.d
+        if out is None:
+            out = q.new_empty((bsz, hq, d))
+        else:
+            assert out.dtype == q.dtype and out.stride(2) == 1, "out: q's dtype, last dim dense"
+        if bsz == 0:
+            return out
+        if q.stride(2) != 1:
+            q = q.contiguous()
+        if block_tables.stride(1) != 1:
+            block_tables = block_tables.contiguous()
+        if seq_lens.stride(0) != 1:
+            seq_lens = seq_lens.contiguous()
+        if splits is None:
+            splits, s_pad = self.plan(bsz, block_tables.shape[1], window, max_seq_len,
+                                      split_tokens)  # fmt: skip
+        else:
+            s_pad = self.s_pad(splits.num_splits)
+        split_tokens, n_splits = splits.split_tokens, splits.num_splits
+        sinks_arg = q if sinks is None else sinks.contiguous()  # a dummy pointer without sinks
+        grid = (bsz, self.hkv, n_splits)
+        qs, bts, os_ = q.stride(), block_tables.stride(0), out.stride()
+        if n_splits == 1 and not self.invariant:
+            self.direct(
+                grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, out, qs[0],
+                qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
+            )  # fmt: skip
+            return out
+        if workspace is None:
+            # one allocation: the partials [B, Hq, S, D], then the log-sum-exps [B, Hq, S]
+            n_o = bsz * hq * n_splits * d
+            o_part = lse = _SCRATCH.get(q, n_o + bsz * hq * n_splits)
+            ost, lst = (hq * n_splits * d, n_splits * d, d), (hq * n_splits, n_splits, n_o)
+        else:
+            o_part, lse = workspace
+            assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
+            ost, lst = o_part.stride()[:3], (*lse.stride()[:2], 0)
+        self.parts(
+            grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, o_part, lse, qs[0],
+            qs[1], *ost, *scalars, bts, *lst, split_tokens,
+        )  # fmt: skip
+        self.merge(s_pad)(
+            (bsz, hq), o_part, lse, seq_lens, out, *ost, os_[0], os_[1], *lst, split_tokens,
+            scalars[2],
+        )  # fmt: skip
+        return out
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_KERNELS: dict[tuple, DecodeKernels] = {}  # shape class -> bound kernels (a compile cache)
+_SCRATCH = Scratch()  # the split partials of eager calls
 
 
-def choose_split_tokens(
-    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
-    batch_invariant: bool,
-) -> int:  # fmt: skip
-    """Tokens per split: a constant in invariant mode, else enough splits for about two
-    programs per SM. On an H100 (132 SMs) the sweep found: no split once B * Hkv >= ~264
-    (B=64 and B=128: splitting only adds merge traffic), 512-token splits at B=1 ctx 16k,
-    64-token splits at B=1 ctx 512."""
-    if batch_invariant:
-        return INVARIANT_SPLIT_TOKENS
-    max_seq_len = max(max_seq_len, 1)
-    want_splits = -(-2 * _sm_count(device) // max(batch * num_kv_heads, 1))
-    split = max(-(-max_seq_len // want_splits), MIN_SPLIT_TOKENS)
-    return -(-split // block_n) * block_n
+def kernels(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, sinks: torch.Tensor | None, softcap: bool, batch_invariant: bool,
+    cfg: dict | None = None,
+) -> DecodeKernels:  # fmt: skip
+    """The :class:`DecodeKernels` of these tensors' shape class (made on first use)."""
+    d = q.shape[2]
+    cfg = config(d, k_cache.dtype) if cfg is None else {**config(d, k_cache.dtype), **cfg}
+    _, bs, hkv, _ = k_cache.shape
+    key = (k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(),
+           v_cache.stride(), block_tables.dtype, seq_lens.dtype,
+           None if sinks is None else sinks.dtype, bool(softcap), bool(batch_invariant),
+           q.device, tuple(sorted(cfg.items())))  # fmt: skip
+    kern = _KERNELS.get(key)
+    if kern is None:
+        kern = _KERNELS[key] = DecodeKernels(key)
+    return kern
 
 
-class SplitPlan(NamedTuple):
-    """How decode splits each sequence's keys: ``num_splits`` programs per (sequence, KV
-    head) of ``split_tokens`` keys each, starting at the window's first key, or at the
-    multiple of ``split_tokens`` below it when ``aligned`` (batch-invariant mode)."""
-
-    split_tokens: int
-    num_splits: int
-    aligned: bool
-
-
-def plan_splits(
-    batch: int, num_kv_heads: int, max_seq_len: int, window: int | None, block_n: int,
-    device: torch.device, batch_invariant: bool, split_tokens: int | None = None,
-) -> SplitPlan:  # fmt: skip
-    """Splits for sequences of up to ``max_seq_len`` tokens: they cover only the keys the
-    query sees (the last ``window``), so the work follows the window, not the context."""
-    max_seq_len = max(max_seq_len, 1)
-    span = max_seq_len if window is None else min(window, max_seq_len)
-    if split_tokens is None:
-        split_tokens = choose_split_tokens(
-            batch, num_kv_heads, span, block_n, device, batch_invariant
-        )
-    if batch_invariant:  # an aligned span of `span` keys touches at most this many splits
-        n = min(-(-max_seq_len // split_tokens), -(-(span - 1) // split_tokens) + 1)
-    else:
-        n = -(-span // split_tokens)
-    return SplitPlan(split_tokens, max(1, n), batch_invariant)
+def scalars(scale: float, softcap: float | None, window: int | None) -> tuple[float, float, int]:
+    """(qk_scale, cap_log2, window) as the split kernel takes them (see :func:`logits`)."""
+    win = NO_WINDOW if window is None else min(window, NO_WINDOW)
+    if softcap is None:
+        return scale * LOG2E, 0.0, win
+    return scale / softcap, softcap * LOG2E, win
 
 
 def decode(
@@ -310,65 +410,11 @@ def decode(
     the number of splits lets a caller (DecodePlan) keep every buffer static for
     CUDA-graph capture. ``cfg`` overrides :func:`config` (tuning).
     """
-    bsz, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
-    g = hq // hkv
-    q = q if q.stride(2) == 1 else q.contiguous()
-    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    if bsz == 0:
-        return out
-    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    seq_lens = seq_lens.contiguous()
-    cfg = {**config(d, k_cache.dtype), **(cfg or {})}
-    if splits is None:
-        cap = block_tables.shape[1] * bs
-        max_seq_len = cap if max_seq_len is None else min(max_seq_len, cap)
-        splits = plan_splits(
-            bsz, hkv, max_seq_len, window, cfg["BLOCK_N"], q.device, batch_invariant,
-            split_tokens,
-        )  # fmt: skip
-    split_tokens, n_splits, aligned = splits
-    direct = n_splits == 1 and not batch_invariant
-    if softcap is None:
-        qk_scale, cap_log2 = scale * LOG2E, 0.0
-    else:
-        qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
-    win = NO_WINDOW if window is None else min(window, NO_WINDOW)
-    sinks_arg = q if sinks is None else sinks.contiguous()  # a dummy pointer without sinks
-    common = dict(
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=triton.next_power_of_2(d),
-        BS=bs, BLOCK_N=cfg["BLOCK_N"], IEEE=k_cache.dtype == torch.float32,
-        UPCAST=needs_upcast(k_cache.dtype), ALIGNED=aligned, SOFTCAP=softcap is not None,
-        HAS_SINKS=sinks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    assert splits is None or splits.aligned == batch_invariant, "splits of the other mode"
+    kern = kernels(q, k_cache, v_cache, block_tables, seq_lens, sinks, softcap is not None,
+                   batch_invariant, cfg)  # fmt: skip
+    return kern.run(
+        q, k_cache, v_cache, block_tables, seq_lens, sinks, scalars(scale, softcap, window),
+        window, splits=splits, out=out, workspace=workspace, max_seq_len=max_seq_len,
+        split_tokens=split_tokens,
     )  # fmt: skip
-    grid = (bsz, hkv, n_splits)
-    qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
-    args = (qk_scale, cap_log2, win, qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-            block_tables.stride(0))  # fmt: skip
-    if direct:
-        os_ = out.stride()
-        _decode_split_kernel[grid](
-            q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, out, *args,
-            os_[0], os_[1], 0, 0, 0, split_tokens, DIRECT=True, **common,
-        )  # fmt: skip
-        return out
-    if workspace is None:
-        o_part = torch.empty(bsz, hq, n_splits, d, dtype=torch.float32, device=q.device)
-        lse = torch.empty(bsz, hq, n_splits, dtype=torch.float32, device=q.device)
-    else:
-        o_part, lse = workspace
-        assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
-    ops_, ls = o_part.stride(), lse.stride()
-    _decode_split_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, o_part, lse, *args,
-        ops_[0], ops_[1], ops_[2], ls[0], ls[1], split_tokens, DIRECT=False, **common,
-    )  # fmt: skip
-    s_pad = 0 if batch_invariant else triton.next_power_of_2(n_splits)
-    if s_pad > MAX_VECTOR_MERGE:
-        s_pad = 0
-    _decode_merge_kernel[(bsz, hq)](
-        o_part, lse, seq_lens, out, ops_[0], ops_[1], ops_[2], ls[0], ls[1],
-        out.stride(0), out.stride(1), split_tokens, win, D=d, D_PAD=triton.next_power_of_2(d),
-        S_PAD=s_pad, ALIGNED=aligned, num_warps=4 if s_pad >= 32 else 1,
-    )  # fmt: skip
-    return out

@@ -16,6 +16,8 @@ with optional_imports(__name__):
     import triton
     import triton.language as tl
 
+from pagedkv.ops._launch import Launcher
+
 CHUNK = 2048  # elements per program in the block kernels
 
 
@@ -63,6 +65,40 @@ def _block_rows_kernel(
     tl.store(DST + row * stride_dst_row + d * stride_dst_blk + offs, x, mask=mask)
 
 
+class WriteKernels:
+    """The KV-write kernel of one shape class (cache dtype, strides, Hkv, D, block size,
+    slot dtype, device), bound once; token count and the strides of k / v vary freely."""
+
+    def __init__(self, key: tuple) -> None:
+        _, (bs, h, d), kcs, vcs, *_ = key
+        tail = (*kcs[:3], *vcs[:3], h, d, triton.next_power_of_2(h), triton.next_power_of_2(d), bs)
+        self.launch = Launcher(_write_kv_kernel, 5, 4, tail)
+
+    def run(self, k_cache, v_cache, slots, k, v) -> None:
+        """Scatter k, v [N, Hkv, D] into slots (-1 skips); arguments checked by the caller."""
+        if slots.stride(0) != 1:
+            slots = slots.contiguous()
+        if k.stride(2) != 1 or v.stride(2) != 1:
+            k, v = k.contiguous(), v.contiguous()
+        ks, vs = k.stride(), v.stride()
+        self.launch(
+            (k.shape[0],), k, v, k_cache, v_cache, slots, ks[0], ks[1], vs[0], vs[1]
+        )  # fmt: skip
+
+
+_WRITE: dict[tuple, WriteKernels] = {}  # shape class -> bound kernel (a compile cache)
+
+
+def write_kernels(k_cache, v_cache, slots, k) -> WriteKernels:
+    """The :class:`WriteKernels` of these tensors' shape class (made on first use)."""
+    key = (k_cache.dtype, tuple(k_cache.shape[1:]), k_cache.stride(), v_cache.stride(),
+           slots.dtype, k_cache.device)  # fmt: skip
+    kern = _WRITE.get(key)
+    if kern is None:
+        kern = _WRITE[key] = WriteKernels(key)
+    return kern
+
+
 def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -71,17 +107,7 @@ def write_kv(
     v: torch.Tensor,
 ) -> None:
     """Scatter k, v [N, Hkv, D] into slots (-1 skips); arguments checked by the caller."""
-    n, h, d = k.shape
-    slots = slots.contiguous()
-    if k.stride(2) != 1 or v.stride(2) != 1:
-        k, v = k.contiguous(), v.contiguous()
-    kcs, vcs = k_cache.stride(), v_cache.stride()
-    _write_kv_kernel[(n,)](
-        k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
-        H=h, D=d, H_PAD=triton.next_power_of_2(h), D_PAD=triton.next_power_of_2(d),
-        BS=k_cache.shape[1],
-    )  # fmt: skip
+    write_kernels(k_cache, v_cache, slots, k).run(k_cache, v_cache, slots, k, v)
 
 
 def _rows(kv: torch.Tensor) -> torch.Tensor:

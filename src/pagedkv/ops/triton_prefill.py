@@ -21,7 +21,8 @@ with optional_imports(__name__):
     import triton
     import triton.language as tl
 
-from pagedkv.ops.triton_decode import LOG2E, NO_WINDOW, logits, mma, needs_upcast, with_sink
+from pagedkv.ops._launch import Launcher
+from pagedkv.ops.triton_decode import logits, mma, needs_upcast, scalars, with_sink
 
 
 @triton.jit
@@ -65,11 +66,17 @@ def _tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Integer arguments that change from call to call and whose divisibility no load or store
+# relies on: one specialization whatever their value (the q / out strides stay specialized)
+PREFILL_DYNAMIC = ("window", "stride_btb", "n_m_tiles")
+SHORT_Q = 16  # up to this many queries per sequence, short tiles (see config)
+
+
+@triton.jit(do_not_specialize=PREFILL_DYNAMIC)
 def _prefill_kernel(
-    Q, K, V, BT, SL, CU, Sinks, OUT, qk_scale, cap_log2, window,
-    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_btb, stride_ot, stride_oh, n_m_tiles,
+    Q, K, V, BT, SL, CU, Sinks, OUT, stride_qt, stride_qh, stride_ot, stride_oh,
+    qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32, n_m_tiles: tl.int32,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -136,9 +143,103 @@ def config(head_dim: int, dtype: torch.dtype, max_q_len: int) -> dict:
     """Tile sizes and launch options (H100-tuned for head_dim 128, bf16/fp16)."""
     if dtype == torch.float32 or head_dim > 128:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if max_q_len <= 16:
+    if max_q_len <= SHORT_Q:
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+class PrefillKernels:
+    """The prefill kernel of one shape class, bound once per tile config (from
+    :func:`kernels`): dtypes (q / KV, table, lengths, cu_seqlens, sinks), head counts,
+    head_dim, block size, cache strides, softcap and sinks on or off, device. Token and
+    sequence counts, lengths, window, scale and view strides vary per call without a
+    compile; the tile config follows the longest query (:func:`config`: two variants)."""
+
+    def __init__(self, key: tuple) -> None:
+        dtype, hq, hkv, d, bs, kstr, vstr, *_, sinks_dtype, softcap, _device = key
+        self.dtype, self.hq, self.d = dtype, hq, d
+        self._strides = (*kstr[:3], *vstr[:3])
+        self._shape = (hq // hkv, d, triton.next_power_of_2(d), bs)  # G, D, D_PAD, BS
+        self._flags = (dtype == torch.float32, needs_upcast(dtype), softcap,
+                       sinks_dtype is not None)  # IEEE, UPCAST, SOFTCAP, HAS_SINKS  # fmt: skip
+        self._launchers: dict[tuple, Launcher] = {}
+        # (launcher, BLOCK_M) of config()'s two choices: short queries, long ones
+        self._default = [self._bind(config(d, dtype, q)) for q in (1, SHORT_Q + 1)]
+
+    def _bind(self, cfg: dict) -> tuple[Launcher, int]:
+        la = self.launcher(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+        return la, cfg["BLOCK_M"]
+
+    def launcher(self, block_m: int, block_n: int, num_warps: int, num_stages: int) -> Launcher:
+        """The kernel bound for one tile config."""
+        key = (block_m, block_n, num_warps, num_stages)
+        la = self._launchers.get(key)
+        if la is None:
+            tail = (*self._strides, *self._shape, block_m, block_n, *self._flags)
+            opts = dict(num_warps=num_warps, num_stages=num_stages)
+            la = Launcher(_prefill_kernel, 8, 4, tail, **opts)
+            self._launchers[key] = la
+        return la
+
+    def tile_configs(self) -> list[dict]:
+        """Every config :func:`config` can pick for this class (warm-up covers them)."""
+        cfgs = [config(self.d, self.dtype, 1), config(self.d, self.dtype, SHORT_Q + 1)]
+        return [c for i, c in enumerate(cfgs) if c not in cfgs[:i]]
+
+    def run(
+        self, q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor,
+        v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+        sinks: torch.Tensor | None, scalars: tuple[float, float, int],
+        max_q_len: int | None = None, cfg: dict | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Launch; ``scalars`` = :func:`pagedkv.ops.triton_decode.scalars`; ``cfg``
+        overrides :func:`config`'s choice (keys BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+        t = q.shape[0]
+        if q.stride(2) != 1:
+            q = q.contiguous()
+        out = q.new_empty((t, self.hq, self.d))
+        bsz = cu_seqlens_q.shape[0] - 1
+        if t == 0 or bsz == 0:
+            return out
+        if max_q_len is None:
+            max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if cfg is None:
+            la, bm = self._default[max_q_len > SHORT_Q]
+        else:
+            la, bm = self._bind({**config(self.d, self.dtype, max_q_len), **cfg})
+        if block_tables.stride(1) != 1:
+            block_tables = block_tables.contiguous()
+        if seq_lens.stride(0) != 1:
+            seq_lens = seq_lens.contiguous()
+        if cu_seqlens_q.stride(0) != 1:
+            cu_seqlens_q = cu_seqlens_q.contiguous()
+        n_m_tiles = -(-max(max_q_len, 1) // bm)
+        qs = q.stride()
+        la(
+            (bsz * n_m_tiles, self.hq), q, k_cache, v_cache, block_tables, seq_lens,
+            cu_seqlens_q, q if sinks is None else sinks.contiguous(), out, qs[0], qs[1],
+            out.stride(0), out.stride(1), *scalars, block_tables.stride(0), n_m_tiles,
+        )  # fmt: skip
+        return out
+
+
+_KERNELS: dict[tuple, PrefillKernels] = {}  # shape class -> bound kernels (a compile cache)
+
+
+def kernels(
+    q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, sinks: torch.Tensor | None,
+    softcap: bool,
+) -> PrefillKernels:  # fmt: skip
+    """The :class:`PrefillKernels` of these tensors' shape class (made on first use)."""
+    _, bs, hkv, d = k_cache.shape
+    key = (k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(), v_cache.stride(),
+           cu_seqlens_q.dtype, block_tables.dtype, seq_lens.dtype,
+           None if sinks is None else sinks.dtype, bool(softcap), q.device)  # fmt: skip
+    kern = _KERNELS.get(key)
+    if kern is None:
+        kern = _KERNELS[key] = PrefillKernels(key)
+    return kern
 
 
 def prefill(
@@ -160,39 +261,15 @@ def prefill(
     """Launch the prefill kernel (arguments checked by :func:`pagedkv.ops.prefill_attention`).
 
     q: [T, Hq, D] -> [T, Hq, D]. Without ``max_q_len`` it is read from cu_seqlens_q
-    (one device sync).
+    (one device sync). ``block_m`` / ``block_n`` override the tile sizes (tests, tuning).
     """
-    t, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
-    q = q if q.stride(2) == 1 else q.contiguous()
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    bsz = cu_seqlens_q.numel() - 1
-    if t == 0 or bsz == 0:
-        return out
-    if max_q_len is None:
-        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    cfg = config(d, k_cache.dtype, max_q_len)
-    if block_m is not None:
-        cfg["BLOCK_M"] = block_m
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
-    if softcap is None:
-        qk_scale, cap_log2 = scale * LOG2E, 0.0
-    else:
-        qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
-    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    n_m_tiles = triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"])
-    grid = (bsz * n_m_tiles, hq)
-    ks, vs = k_cache.stride(), v_cache.stride()
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens.contiguous(), cu_seqlens_q.contiguous(),
-        q if sinks is None else sinks.contiguous(), out, qk_scale, cap_log2,
-        NO_WINDOW if window is None else min(window, NO_WINDOW),
-        q.stride(0), q.stride(1), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-        block_tables.stride(0), out.stride(0), out.stride(1), n_m_tiles,
-        G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d), BS=bs,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=k_cache.dtype == torch.float32,
-        UPCAST=needs_upcast(k_cache.dtype), SOFTCAP=softcap is not None,
-        HAS_SINKS=sinks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    kern = kernels(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, sinks,
+                   softcap is not None)  # fmt: skip
+    cfg = None
+    if block_m is not None or block_n is not None:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+    return kern.run(
+        q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, sinks,
+        scalars(scale, softcap, window), max_q_len, cfg,
     )  # fmt: skip
-    return out

@@ -6,7 +6,8 @@
 >>> store.fork("chat-42", "chat-42-b"); store.verify("chat-42").ok; store.gc()
 
 A cache takes part through the :class:`CachePager` protocol (``KVCache`` implements
-it; :class:`SyntheticPager` is an in-memory one for tests).
+it; :class:`pagedkv.testing.SyntheticPager` is an in-memory one for tests: importing it
+from here still works but is deprecated).
 
 Engine integration (``engine.snapshot`` / ``engine.resume``): save at a step boundary,
 when every token the cache holds has its KV written, one sequence per conversation:
@@ -26,6 +27,7 @@ from pagedkv.snapshot.reports import (
     Catalogue,
     DamagedSnapshot,
     GcReport,
+    LoadResult,
     SnapshotInfo,
     VerifyReport,
 )
@@ -33,8 +35,7 @@ from pagedkv.snapshot.reports import (
 # name -> module; loaded on first use (they import torch), so the CLI starts fast.
 _LAZY = {
     "CachePager": "pagedkv.snapshot.pager",
-    "SyntheticPager": "pagedkv.snapshot.pager",
-    "LoadResult": "pagedkv.snapshot.store",
+    "SyntheticPager": "pagedkv.testing",  # deprecated here: a test double, in pagedkv.testing
     "SnapshotStore": "pagedkv.snapshot.store",
 }
 

@@ -182,8 +182,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Refused(f"the key {dup[:40]!r} appears twice in one object")
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"the key {key[:40]!r} appears twice in one object")
+            seen.add(key)
     return out
 
 

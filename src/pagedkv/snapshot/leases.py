@@ -28,16 +28,28 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from pagedkv.errors import SnapshotError
 from pagedkv.snapshot.jsondoc import decode_document
+from pagedkv.snapshot.keys import GC_PREFIX, LEASE_PREFIX
 from pagedkv.snapshot.pipeline import read_each
 from pagedkv.snapshot.schema import INT32, KEY_RE, MAX_TIMESTAMP, NAME_RE, Fields, check_header
-from pagedkv.stores.base import pid_alive
+from pagedkv.stores.base import BlockStore, pid_alive
 
-LEASE_PREFIX = "snap.l."
-GC_PREFIX = "snap.g."
+__all__ = [
+    "GC_PREFIX",
+    "LEASE_PREFIX",
+    "Lease",
+    "LeaseScan",
+    "new_lease",
+    "parse_lease",
+    "scan_leases",
+    "take_lease",
+    "wait_for_gc",
+    "write_lease",
+]
+
 LEASE_FORMAT = "pagedkv.snapshot.lease"
 LEASE_VERSION = 1
 _POLL_SECONDS = 0.02
@@ -60,6 +72,7 @@ class Lease:
     pages: list[str]
 
     def encode(self) -> bytes:
+        """The lease as the JSON document stored under its key."""
         obj = {"format": LEASE_FORMAT, "version": LEASE_VERSION, **asdict(self)}
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
@@ -97,24 +110,24 @@ def new_lease(key: str, name: str, digests: list[str]) -> Lease:
     return Lease(key, name, time.time(), socket.gethostname(), os.getpid(), digests)
 
 
-def write_lease(backend: Any, key: str, name: str, digests: list[str]) -> None:
+def write_lease(backend: BlockStore, key: str, name: str, digests: list[str]) -> None:
     """Write lease ``key`` naming ``digests`` (held by this process)."""
     backend.put_many([(key, new_lease(key, name, digests).encode())])
 
 
-def wait_for_gc(backend: Any, grace: float) -> None:
+def wait_for_gc(backend: BlockStore, grace: float) -> None:
     """Return once no live gc marker is left (at once when no gc runs: one listing)."""
     while scan_leases(backend, GC_PREFIX, grace).live:
         time.sleep(_POLL_SECONDS)
 
 
-def take_lease(backend: Any, key: str, name: str, digests: list[str], grace: float) -> None:
+def take_lease(backend: BlockStore, key: str, name: str, digests: list[str], grace: float) -> None:
     """:func:`write_lease`, then :func:`wait_for_gc`."""
     write_lease(backend, key, name, digests)
     wait_for_gc(backend, grace)
 
 
-def scan_leases(backend: Any, prefix: str, grace: float) -> LeaseScan:
+def scan_leases(backend: BlockStore, prefix: str, grace: float) -> LeaseScan:
     """Read every lease under ``prefix`` and sort it into live, dead and damaged."""
     keys = list(backend.keys(prefix))
     scan = LeaseScan([], [], {})

@@ -35,11 +35,12 @@ with a ``SnapshotError`` naming the field. Unknown top-level fields are ignored.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedkv.errors import SnapshotError
 from pagedkv.snapshot.jsondoc import MAX_INT_DIGITS, decode_document
@@ -52,6 +53,9 @@ from pagedkv.snapshot.schema import (
     Fields,
     check_header,
 )
+
+if TYPE_CHECKING:
+    from pagedkv.storage.layout import KVLayout
 
 FORMAT = "pagedkv.snapshot"
 VERSION = 1
@@ -76,7 +80,7 @@ def validate_name(name: object) -> str:
     return name
 
 
-def layout_dict(layout: Any) -> dict[str, Any]:
+def layout_dict(layout: KVLayout) -> dict[str, Any]:
     """The JSON form of a ``KVLayout`` (dtype as its short name, e.g. ``"bfloat16"``)."""
     return {
         "num_layers": layout.num_layers,
@@ -215,7 +219,7 @@ class Manifest:
             "save": dict(self.save),
         }
 
-    def encode(self) -> bytes:
+    def encode(self) -> builtins.bytes:  # the field ``bytes`` shadows the type here
         """Canonical JSON with a ``checksum`` over everything else (see :func:`parse_manifest`)."""
         body = self.to_json()
         doc = {**body, "checksum": _checksum(body)}
@@ -277,25 +281,25 @@ def _parse_layout(f: Fields) -> dict[str, Any]:
         )
     dims = {k: f.integer(k, 1, INT32) for k in _LAYOUT_KEYS[:4]}
     dtype = f.text("dtype", _DTYPE_RE, expected="a torch dtype name such as 'bfloat16'")
-    bpb = f.integer("bytes_per_block", 1, MAX_BYTES_PER_BLOCK)
+    bytes_per_block = f.integer("bytes_per_block", 1, MAX_BYTES_PER_BLOCK)
     elements = 2 * dims["num_layers"] * dims["num_kv_heads"] * dims["head_dim"]
     elements *= dims["block_size"]
-    if bpb not in (elements, 2 * elements, 4 * elements, 8 * elements):
+    if bytes_per_block not in (elements, 2 * elements, 4 * elements, 8 * elements):
         raise f.fail(
             "bytes_per_block",
             f"2 x num_layers x num_kv_heads x head_dim x block_size = {elements} elements "
             "times an element size of 1, 2, 4 or 8 bytes",
-            bpb,
+            bytes_per_block,
         )
-    return {**dims, "dtype": dtype, "bytes_per_block": bpb}
+    return {**dims, "dtype": dtype, "bytes_per_block": bytes_per_block}
 
 
 def _parse_sequence(f: Fields, block_size: int) -> SequenceEntry:
-    seq_id = f.data.get("seq_id")
+    raw_id = f.data.get("seq_id")
     try:
-        check_seq_id(seq_id)
+        seq_id = check_seq_id(raw_id)
     except (TypeError, ValueError):
-        raise f.fail("seq_id", "an int64 or a str of at most 65536 characters", seq_id) from None
+        raise f.fail("seq_id", "an int64 or a str of at most 65536 characters", raw_id) from None
     tokens = f.array("token_ids")
     # C-speed checks first (a long conversation has millions of tokens), the loop only
     # to name the bad one

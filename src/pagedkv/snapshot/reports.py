@@ -1,10 +1,12 @@
-"""What snapshot store operations report: infos, verify / gc reports, the catalogue.
+"""What snapshot store operations report: infos, load results, verify / gc reports,
+the catalogue.
 
-Plain frozen dataclasses (no torch): the CLI imports them without loading the store.
+Plain dataclasses (no torch): the CLI imports them without loading the store.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -56,7 +58,8 @@ class SnapshotInfo:
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> SnapshotInfo:
-        bpb = int(m.layout["bytes_per_block"])
+        """What manifest ``m`` records (``seconds``: its save's wall time)."""
+        bytes_per_block = int(m.layout["bytes_per_block"])
         num_pages = sum(len(s.pages) for s in m.sequences)
         unique = len(m.page_digests())
         return cls(
@@ -69,12 +72,30 @@ class SnapshotInfo:
             num_tokens=sum(s.num_tokens for s in m.sequences),
             num_pages=num_pages,
             unique_pages=unique,
-            logical_bytes=num_pages * bpb,
-            unique_bytes=unique * bpb,
+            logical_bytes=num_pages * bytes_per_block,
+            unique_bytes=unique * bytes_per_block,
             written_bytes=int(m.bytes.get("written", 0)),
             metadata=dict(m.metadata),
             seconds=float(m.save.get("seconds", 0.0)),
         )
+
+
+class LoadResult(dict[Any, Hashable]):
+    """``{old seq id: new seq id}`` of a restore, plus its throughput.
+
+    ``bytes`` are the distinct page bytes read and verified, ``seconds`` the wall time
+    of the whole load, ``shared_blocks`` the blocks found in the pager's prefix cache
+    (shared, not written).
+    """
+
+    bytes: int = 0
+    seconds: float = 0.0
+    shared_blocks: int = 0
+
+    @property
+    def gbps(self) -> float:
+        """Distinct page bytes per second of the whole load, in GB/s."""
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -2,25 +2,27 @@
 
 The route depends on the two devices (:attr:`BlockCopy.route`):
 
-- ``host``: both pools on the CPU; one strided copy per block, pool to pool.
+- ``host``: both pools on the CPU; each block's segments copied pool to pool by host
+  threads (:class:`~pagedkv.storage.host_threads.HostThreads`).
 - ``device``: two pools on one CUDA device; a gather, then a scatter, on a side stream.
 - ``peer``: CUDA to another CUDA device; a gather on the source, one device-to-device copy
   (peer to peer when the GPUs can access each other, else staged by the driver), a scatter
   on the target. Gather, copy and scatter run on streams of their own, so chunk i's copy
   overlaps the gather of chunk i+1 and the scatter of chunk i-1.
-- ``h2d``: CPU to CUDA; the host gathers a chunk into pinned rows while the previous chunk
-  is copied to the device and scattered there.
-- ``d2h``: CUDA to CPU; a gather and a copy into pinned rows on the device while the host
-  scatters the previous chunk.
+- ``h2d`` / ``d2h``: CPU to CUDA and back, ``staging`` (:attr:`BlockCopy.staging`) says how
+  (:mod:`pagedkv.storage.host_device`): ``direct``, pitched copies pool to pool on the
+  copy engine when the CPU pool is page-locked; ``host``, host threads gather (scatter)
+  chunks of a pageable CPU pool into (out of) pinned rows, overlapped with the transfers.
+  ``auto`` picks ``direct`` when it can.
 - ``staged``: any other pair; through host rows (:meth:`KVPool.read_blocks` /
   :meth:`KVPool.write_blocks`).
 
-Blocks move in chunks of about ``chunk_bytes`` (two staging buffers per side at most), so
-moving a long sequence never needs its size in spare device memory. The copy is
-synchronous: when it returns (or raises) no copy of it is still running, and the target
-device's current stream is ordered after the writes. Work the callers' current streams
-queued before the call (a kernel still writing source blocks, or reading target blocks)
-runs before the copy touches them.
+Blocks move in chunks of about ``chunk_bytes`` where they are staged (a few staging
+buffers per side at most), so moving a long sequence never needs its size in spare
+device memory. The copy is synchronous: when it returns (or raises) no copy of it is
+still running, and the target device's current stream is ordered after the writes. Work
+the callers' current streams queued before the call (a kernel still writing source
+blocks, or reading target blocks) runs before the copy touches them.
 """
 
 from __future__ import annotations
@@ -31,20 +33,35 @@ from dataclasses import dataclass
 import torch
 
 from pagedkv import ops
+from pagedkv.storage import host_device
+from pagedkv.storage._streams import blocks, event, finish, ids_on, side_stream
+from pagedkv.storage.host_threads import HostThreads, default_threads
 from pagedkv.storage.pool import KVPool
 
 CHUNK_BYTES = 64 << 20
+STAGING = ("auto", "direct", "host")
 
 
 @dataclass(frozen=True)
 class BlockCopy:
-    """What :func:`copy_blocks_between` did: its route, blocks, bytes and whether the two
-    GPUs could access each other directly (``None`` unless the route is ``peer``)."""
+    """What :func:`copy_blocks_between` did: its route, blocks and bytes; whether the two
+    GPUs could access each other directly (``None`` unless the route is ``peer``); how a
+    CPU<->CUDA copy went (``"direct"`` or ``"host"``; ``None`` for the other routes)."""
 
     route: str
     blocks: int
     bytes: int
     peer: bool | None = None
+    staging: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a route runs: blocks per chunk, the staging of ``h2d``/``d2h`` and its threads."""
+
+    per: int
+    staging: str | None = None
+    host: HostThreads | None = None
 
 
 def route(src: torch.device, dst: torch.device) -> str:
@@ -69,6 +86,26 @@ def peer_access(src: torch.device, dst: torch.device) -> bool | None:
     return bool(torch.cuda.can_device_access_peer(src.index, dst.index))
 
 
+def staging_for(src: KVPool, dst: KVPool, staging: str = "auto") -> str | None:
+    """How a copy from ``src`` to ``dst`` would stage: ``"direct"`` or ``"host"`` between a
+    CPU and a CUDA pool, ``None`` otherwise. ``"direct"`` when it cannot be raises
+    ``ValueError`` saying why; ``"auto"`` is ``"direct"`` when possible, else ``"host"``."""
+    if staging not in STAGING:
+        raise ValueError(f"staging must be one of {STAGING}, got {staging!r}")
+    how = route(src.device, dst.device)
+    if how not in ("h2d", "d2h"):
+        return None
+    if staging == "host":
+        return "host"
+    cpu, gpu = (src, dst) if how == "h2d" else (dst, src)
+    refusal = host_device.direct_refusal(cpu, gpu)
+    if refusal is None:
+        return "direct"
+    if staging == "direct":
+        raise ValueError(f"staging='direct' is not possible: {refusal}")
+    return "host"
+
+
 def copy_blocks_between(
     src: KVPool,
     src_ids: Sequence[int],
@@ -76,21 +113,36 @@ def copy_blocks_between(
     dst_ids: Sequence[int],
     *,
     chunk_bytes: int = CHUNK_BYTES,
+    staging: str = "auto",
+    host: HostThreads | None = None,
 ) -> BlockCopy:
     """Copy blocks ``src_ids[i]`` of ``src`` into blocks ``dst_ids[i]`` of ``dst``, bit-exact.
 
     Both pools must have the same layout and be distinct; ids are in range, ``dst_ids``
-    distinct. Arguments are checked before any byte moves (``TypeError``/``ValueError``).
+    distinct. ``staging`` (``"auto"``, ``"direct"``, ``"host"``) chooses how a CPU<->CUDA
+    copy goes (see :func:`staging_for`); ``host`` are the threads that copy CPU pools'
+    blocks (``"host"`` staging, CPU to CPU; default: threads started for this call,
+    :func:`default_threads` of them). Arguments are checked before any byte moves
+    (``TypeError``/``ValueError``).
     """
     _check(src, src_ids, dst, dst_ids, chunk_bytes)
+    if host is not None and not isinstance(host, HostThreads):
+        raise TypeError(f"host must be HostThreads or None, got {type(host).__name__}")
+    how_staged = staging_for(src, dst, staging)
     s, d = [int(b) for b in src_ids], [int(b) for b in dst_ids]
     how = route(src.device, dst.device)
     peer = peer_access(src.device, dst.device)
-    done = BlockCopy(how, len(s), len(s) * src.layout.bytes_per_block, peer)
+    done = BlockCopy(how, len(s), len(s) * src.layout.bytes_per_block, peer, how_staged)
     if not s:
         return done
     per = max(1, chunk_bytes // src.layout.bytes_per_block)
-    _ROUTES[how](src, s, dst, d, per)
+    own = host is None and (how_staged == "host" or how == "host")
+    threads = HostThreads(default_threads()) if own else host
+    try:
+        _ROUTES[how](src, s, dst, d, Plan(per, how_staged, threads))
+    finally:
+        if own:
+            threads.close()
     return done
 
 
@@ -115,85 +167,49 @@ def _check(src: KVPool, s: Sequence[int], dst: KVPool, d: Sequence[int], chunk: 
         raise ValueError("dst_ids must be distinct (two blocks cannot land in one)")
 
 
-# -- routes: (src, src ids, dst, dst ids, blocks per chunk) -> None ----------------------
+# -- routes: (src, src ids, dst, dst ids, plan) -> None ----------------------------------
 
 
-def _copy_host(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
-    skv, dkv = src.kv, dst.kv
-    for a, b in zip(s, d):  # [L, 2, block_size, Hkv, D] each; torch splits it over threads
-        dkv[:, :, b].copy_(skv[:, :, a])
+def _copy_host(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    # numpy copies on our threads: torch's per-block strided copy splits 2 MiB over an
+    # OpenMP team per call, which stalls badly when the cores are busy (0.1 GB/s measured)
+    plan.host.copy(src, s, dst, d)
 
 
-def _copy_staged(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
+def _copy_staged(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    per = plan.per
     for a in range(0, len(s), per):
         dst.write_blocks(d[a : a + per], src.read_blocks(s[a : a + per]))
 
 
-def _ids(ids: list[int], device: torch.device) -> torch.Tensor:
-    """Block ids as int64 on ``device``, copied on the current stream without a sync."""
-    return torch.tensor(ids, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-
-
-def _blocks(t: torch.Tensor, pool: KVPool, k: int) -> torch.Tensor:
-    """The first ``k`` rows of a uint8 ``[n, bytes_per_block]`` buffer as block tensors."""
-    lay = pool.layout
-    shape = (k, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
-    return t[:k].view(lay.dtype).view(shape)
-
-
-def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    event = torch.cuda.Event()
-    event.record(stream)
-    return event
-
-
-def _finish(streams: list[torch.cuda.Stream], currents: list[torch.cuda.Stream]) -> None:
-    """Wait for our streams (also after an error: nothing of ours may still write), and
-    order the callers' current streams after them."""
-    for stream in streams:
-        stream.synchronize()
-    for current in currents:
-        for stream in streams:
-            if stream.device == current.device:
-                current.wait_stream(stream)
-
-
-def _side_stream(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-    """(a new stream on ``device`` that starts after its current stream, that stream)."""
-    current = torch.cuda.current_stream(device)
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(current)
-    return stream, current
-
-
-def _copy_device(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
-    dev = src.device
-    st, cur = _side_stream(dev)
+def _copy_device(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    dev, per = src.device, plan.per
+    st, cur = side_stream(dev)
     try:
         with torch.cuda.device(dev), torch.cuda.stream(st):
-            s_t, d_t = _ids(s, dev), _ids(d, dev)
+            s_t, d_t = ids_on(s, dev), ids_on(d, dev)
             for a in range(0, len(s), per):
                 staged = ops.gather_blocks(src.kv, s_t[a : a + per], backend=src.backend)
                 ops.scatter_blocks(dst.kv, d_t[a : a + per], staged, backend=dst.backend)
     finally:
-        _finish([st], [cur])
+        finish([st], [cur])
 
 
-def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
-    a_dev, b_dev = src.device, dst.device
-    gather_s, cur_a = _side_stream(a_dev)
-    send_s, _ = _side_stream(a_dev)
-    recv_s, cur_b = _side_stream(b_dev)
-    scatter_s, _ = _side_stream(b_dev)
+def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    a_dev, b_dev, per = src.device, dst.device, plan.per
+    gather_s, cur_a = side_stream(a_dev)
+    send_s, _ = side_stream(a_dev)
+    recv_s, cur_b = side_stream(b_dev)
+    scatter_s, _ = side_stream(b_dev)
     n, bpb = len(s), src.layout.bytes_per_block
     k_max = min(per, n)
     try:
         with torch.cuda.device(a_dev), torch.cuda.stream(gather_s):
             a_buf = [torch.empty((k_max, bpb), dtype=torch.uint8, device=a_dev) for _ in (0, 1)]
-            s_t = _ids(s, a_dev)
+            s_t = ids_on(s, a_dev)
         with torch.cuda.device(b_dev), torch.cuda.stream(scatter_s):
             b_buf = [torch.empty((k_max, bpb), dtype=torch.uint8, device=b_dev) for _ in (0, 1)]
-            d_t = _ids(d, b_dev)
+            d_t = ids_on(d, b_dev)
         gathered, sent, received, scattered = [None, None], [None, None], [None, None], [None, None]
         for i, a in enumerate(range(0, n, per)):
             j, k = i % 2, min(per, n - a)
@@ -201,9 +217,9 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -
                 if sent[j] is not None:
                     gather_s.wait_event(sent[j])  # a_buf[j] has left for the target
                 ops.gather_blocks(
-                    src.kv, s_t[a : a + k], out=_blocks(a_buf[j], src, k), backend=src.backend
+                    src.kv, s_t[a : a + k], out=blocks(a_buf[j], src, k), backend=src.backend
                 )
-                gathered[j] = _event(gather_s)
+                gathered[j] = event(gather_s)
             # torch issues a cross-device copy on the source's current stream, fenced with
             # the target's current stream; the events below order it either way.
             with torch.cuda.stream(send_s), torch.cuda.stream(recv_s):
@@ -212,76 +228,27 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -
                     send_s.wait_event(scattered[j])
                     recv_s.wait_event(scattered[j])
                 b_buf[j][:k].copy_(a_buf[j][:k], non_blocking=True)
-                sent[j], received[j] = _event(send_s), _event(recv_s)
+                sent[j], received[j] = event(send_s), event(recv_s)
             with torch.cuda.device(b_dev), torch.cuda.stream(scatter_s):
                 scatter_s.wait_event(sent[j])
                 scatter_s.wait_event(received[j])
                 ops.scatter_blocks(
-                    dst.kv, d_t[a : a + k], _blocks(b_buf[j], dst, k), backend=dst.backend
+                    dst.kv, d_t[a : a + k], blocks(b_buf[j], dst, k), backend=dst.backend
                 )
-                scattered[j] = _event(scatter_s)
+                scattered[j] = event(scatter_s)
     finally:
-        _finish([gather_s, send_s, recv_s, scatter_s], [cur_a, cur_b])
+        finish([gather_s, send_s, recv_s, scatter_s], [cur_a, cur_b])
 
 
-def _copy_h2d(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
-    dev, n, bpb = dst.device, len(s), src.layout.bytes_per_block
-    k_max = min(per, n)
-    st, cur = _side_stream(dev)
-    try:
-        pinned = [torch.empty((k_max, bpb), dtype=torch.uint8, pin_memory=True) for _ in (0, 1)]
-        copied: list = [None, None]
-        with torch.cuda.device(dev), torch.cuda.stream(st):
-            staged = torch.empty((k_max, bpb), dtype=torch.uint8, device=dev)
-            d_t = _ids(d, dev)
-            for i, a in enumerate(range(0, n, per)):
-                j, k = i % 2, min(per, n - a)
-                if copied[j] is not None:
-                    copied[j].synchronize()  # pinned[j] has reached the device
-                src.read_blocks(s[a : a + k], out=pinned[j][:k])  # the host gathers meanwhile
-                staged[:k].copy_(pinned[j][:k], non_blocking=True)
-                copied[j] = _event(st)
-                ops.scatter_blocks(
-                    dst.kv, d_t[a : a + k], _blocks(staged, dst, k), backend=dst.backend
-                )
-    finally:
-        _finish([st], [cur])
+def _copy_h2d(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    host_device.copy_h2d(src, s, dst, d, plan.per, plan.staging, plan.host)
 
 
-def _copy_d2h(src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int) -> None:
-    dev, n, bpb = src.device, len(s), src.layout.bytes_per_block
-    k_max = min(per, n)
-    st, cur = _side_stream(dev)
-    starts = list(range(0, n, per))
-    try:
-        pinned = [torch.empty((k_max, bpb), dtype=torch.uint8, pin_memory=True) for _ in (0, 1)]
-        landed: list = [None, None]
-        with torch.cuda.device(dev), torch.cuda.stream(st):
-            staged = torch.empty((k_max, bpb), dtype=torch.uint8, device=dev)
-            s_t = _ids(s, dev)
-
-        def issue(i: int) -> None:  # gather chunk i and copy it into pinned[i % 2]
-            a, j = starts[i], i % 2
-            k = min(per, n - a)
-            with torch.cuda.device(dev), torch.cuda.stream(st):
-                ops.gather_blocks(
-                    src.kv, s_t[a : a + k], out=_blocks(staged, src, k), backend=src.backend
-                )
-                pinned[j][:k].copy_(staged[:k], non_blocking=True)
-                landed[j] = _event(st)
-
-        issue(0)
-        for i, a in enumerate(starts):
-            if i + 1 < len(starts):
-                issue(i + 1)  # pinned[(i + 1) % 2] was scattered in the previous round
-            j, k = i % 2, min(per, n - a)
-            landed[j].synchronize()
-            dst.write_blocks(d[a : a + k], pinned[j][:k])  # the host scatters meanwhile
-    finally:
-        _finish([st], [cur])
+def _copy_d2h(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    host_device.copy_d2h(src, s, dst, d, plan.per, plan.staging, plan.host)
 
 
-_ROUTES: dict[str, Callable[[KVPool, list[int], KVPool, list[int], int], None]] = {
+_ROUTES: dict[str, Callable[[KVPool, list[int], KVPool, list[int], Plan], None]] = {
     "host": _copy_host,
     "device": _copy_device,
     "peer": _copy_peer,

@@ -3,126 +3,33 @@
 - :class:`MemoryStore` — a preallocated (pinned) host slab of fixed-size slots.
 - :class:`DiskStore` — one file per entry, atomic writes, survives restarts.
 - :class:`RedisStore` — a shared Redis server, one round trip per batch.
+- :class:`PackStore` — a snapshot directory: content-addressed pages in pack files.
 - :class:`FramedStore` — wraps any of them; values carry a verified header.
 
 ``open_store("redis://...")``, ``open_store("/var/cache/kv", capacity_bytes=...)``,
-``open_store("memory://", capacity_bytes=...)`` pick the backend from the location.
+``open_store("memory://", capacity_bytes=...)`` pick the backend from the location;
+:func:`parse_location` is the one parser of locations. The contracts (protocols
+:class:`BlockStore`, :class:`RowStore` and the capabilities) are in
+:mod:`pagedkv.stores.base`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
-from typing import Any, NamedTuple
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
-from pagedkv.stores.base import BlockStore, StoreStats, check_key
+from pagedkv.stores.base import BlockStore, RowStore, StoreStats, check_key
 from pagedkv.stores.disk import DiskStore
-from pagedkv.stores.framing import FramedStore, digest_hex, pack, unpack
+from pagedkv.stores.framing import FramedStore, pack, unpack
+from pagedkv.stores.keys import sha256_hex
+from pagedkv.stores.locations import STORE_SCHEMES, Location, known_schemes, parse_location
 from pagedkv.stores.memory import MemoryStore
+from pagedkv.stores.packs import PackStore
 from pagedkv.stores.redis import RedisStore
 
-# URL scheme -> kind of store. A location without a scheme is a directory path
-# ("path"). To add a store: a row here, and an opener for its kind in each user of
-# parse_location that supports it (open_store below; the snapshot store).
-STORE_SCHEMES: dict[str, str] = {
-    "file": "path",
-    "memory": "memory",
-    "redis": "redis",
-    "rediss": "redis",
-}
-
-# RFC 3986 scheme, at the start; one letter is a Windows drive ("C:"), not a scheme.
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
-
-
-class Location(NamedTuple):
-    """A parsed store location.
-
-    ``kind``: ``"path"`` (a directory), or the kind :data:`STORE_SCHEMES` gives the
-    URL's scheme. ``target``: the directory path for ``"path"`` (a ``file://`` URL
-    decoded), the URL otherwise (its scheme in lower case, the rest unchanged).
-    ``scheme``: the URL's scheme (lower case), ``None`` for a plain path.
-    """
-
-    kind: str
-    target: str
-    scheme: str | None
-
-    @property
-    def shown(self) -> str:
-        """A printable form: the path, or the URL without its user and password."""
-        if self.scheme is None or self.kind == "path":
-            return self.target
-        try:
-            parts = urlsplit(self.target)
-            host = parts.hostname or ""
-            port = f":{parts.port}" if parts.port else ""
-        except ValueError:  # a malformed port: show no more than the scheme
-            return f"{self.scheme}://?"
-        return f"{self.scheme}://{host}{port}{parts.path}"
-
-
-def known_schemes() -> str:
-    """The accepted URL schemes, for messages: ``"file://, memory://, ..."``."""
-    return ", ".join(s + "://" for s in STORE_SCHEMES)
-
-
-def parse_location(location: object) -> Location:
-    """Parse a store location: a directory path (``str`` or ``os.PathLike``) or a URL.
-
-    The one parser every store location goes through (block stores, tiers, snapshot
-    stores), so a location means the same everywhere. A ``scheme://`` that is not in
-    :data:`STORE_SCHEMES` raises ``ValueError`` naming the known schemes, and so does a
-    known scheme missing its ``//`` (``redis:host``): neither is silently taken as a
-    directory name. Messages never show a URL itself (it may hold a password).
-    """
-    if isinstance(location, os.PathLike):
-        location = os.fspath(location)
-        if not isinstance(location, str):
-            raise TypeError(f"a store location must be a str path or URL, got bytes {location!r}")
-        return Location("path", _check_path(location), None)
-    if not isinstance(location, str):
-        raise TypeError(
-            f"a store location must be a directory path or a URL ({known_schemes()}), "
-            f"got {type(location).__name__}"
-        )
-    m = _SCHEME_RE.match(location)
-    if m is not None:
-        scheme, rest = m.group(1).lower(), location[m.end() :]
-        kind = STORE_SCHEMES.get(scheme)
-        if rest.startswith("//"):
-            if kind is None:
-                raise ValueError(
-                    f"unknown scheme {scheme + '://'!r} in a store location; use one of "
-                    f"{known_schemes()} or a directory path"
-                )
-            if kind == "path":
-                return Location("path", _file_url_path(location), scheme)
-            return Location(kind, f"{scheme}:{rest}", scheme)  # the scheme in lower case
-        if kind is not None:
-            raise ValueError(
-                f"store location starts with {scheme + ':'!r} but not {scheme + '://'!r}; "
-                f"write it as a URL ({scheme}://...) or, for a directory, as ./{scheme}:..."
-            )
-    return Location("path", _check_path(location), None)
-
-
-def _check_path(path: str) -> str:
-    if not path or "\x00" in path:
-        raise ValueError(f"a store directory path must be non-empty, without NUL; got {path!r}")
-    return path
-
-
-def _file_url_path(location: str) -> str:
-    parts = urlsplit(location)
-    if parts.netloc not in ("", "localhost"):
-        raise ValueError(
-            f"file:// URL names host {parts.netloc!r}; a local directory is file:///path "
-            "(three slashes)"
-        )
-    return _check_path(unquote(parts.path))
+# The content address of a page; the name it had here before ``sha256_hex``.
+digest_hex = sha256_hex
 
 
 def _open_path(location: Location, **kw: Any) -> BlockStore:
@@ -137,6 +44,7 @@ def _open_redis(location: Location, **kw: Any) -> BlockStore:
     return RedisStore(location.target, **kw)
 
 
+# Location kind -> block store. A new scheme: a row in STORE_SCHEMES and one here.
 _OPENERS: dict[str, Callable[..., BlockStore]] = {
     "path": _open_path,
     "memory": _open_memory,
@@ -163,7 +71,9 @@ __all__ = [
     "FramedStore",
     "Location",
     "MemoryStore",
+    "PackStore",
     "RedisStore",
+    "RowStore",
     "StoreStats",
     "check_key",
     "digest_hex",
@@ -171,5 +81,6 @@ __all__ = [
     "open_store",
     "pack",
     "parse_location",
+    "sha256_hex",
     "unpack",
 ]

@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from pagedkv.stores._files import write_all
 from pagedkv.stores.base import Buffer, pid_alive
 
 TEMP_PREFIX = ".pagedkv-tmp-"
@@ -43,7 +44,6 @@ TEMP_PREFIX = ".pagedkv-tmp-"
 STALE_TEMP_SECONDS = 600.0
 _TEMP_RE = re.compile(r"\.pagedkv-tmp-([0-9a-f]{8})-([1-9][0-9]{0,9})-[0-9a-f]{12}")
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_IOV_MAX = 512
 
 
 class TempOwner(NamedTuple):
@@ -232,19 +232,22 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, views: list[memoryview]) -> None:
-    """``writev`` every view, resuming after partial writes."""
-    i = 0
-    while i < len(views):
-        batch = views[i : i + _IOV_MAX]
-        done = os.writev(fd, batch)
-        for v in batch:
-            if done >= len(v):
-                done -= len(v)
-                i += 1
-            else:
-                views[i] = v[done:]
-                break
+def sync_file_system(directory: str) -> None:
+    """Flush the whole file system holding ``directory`` (Linux ``syncfs``; ``os.sync``
+    elsewhere): one call makes every file written there so far durable, in any number."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.syncfs(fd) == 0:
+                return
+        except (OSError, AttributeError):
+            pass
+        os.sync()
+    finally:
+        os.close(fd)
 
 
 def _owner_gone(owner: TempOwner, here: str) -> bool:

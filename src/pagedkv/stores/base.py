@@ -3,17 +3,32 @@
 A block store maps ``str`` keys to raw bytes. Every operation is batched (one
 lock acquisition, one round trip for remote stores) because tiers move hundreds
 of blocks at a time. Values are never interpreted: no pickle, no JSON, just bytes.
+
+Protocols (what a caller may rely on; a capability is checked with ``isinstance``):
+
+- :class:`BlockStore`: bytes in, bytes out — every store.
+- :class:`ReadsInto`: values read straight into caller rows, a header apart if asked
+  (MemoryStore, DiskStore, PackStore) — no ``bytes`` object per value.
+- :class:`EvictsLRU`: the store evicts its least recently used entries itself and can
+  name them before a put (MemoryStore, DiskStore), so a tier spills them first.
+- :class:`RowStore`: whole blocks as rows of a ``uint8`` tensor, what an offload tier
+  level drives (MemoryStore, FramedStore).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import numpy as np
+# redact_url lives with the location parser; importable from here, where it was first.
+from pagedkv.stores.locations import redact_url as redact_url
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 Buffer = bytes | bytearray | memoryview
 
@@ -43,6 +58,31 @@ class StoreStats:
     evictions: int = 0
     errors: int = 0
     corrupt: int = 0
+
+
+@dataclass
+class Counters:
+    """The running counts behind a store's :class:`StoreStats` (updated under its lock)."""
+
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    errors: int = 0
+
+    def reads(self, found: int, asked: int) -> None:
+        """Count ``asked`` keys read, ``found`` of them hits."""
+        self.hits += found
+        self.misses += asked - found
+
+    def stats(
+        self, entries: int | None, bytes_used: int | None, capacity_bytes: int | None
+    ) -> StoreStats:
+        """These counts with the store's size, as :class:`StoreStats`."""
+        return StoreStats(
+            entries, bytes_used, capacity_bytes, self.hits, self.misses, self.puts,
+            self.evictions, self.errors,
+        )  # fmt: skip
 
 
 @runtime_checkable
@@ -88,6 +128,79 @@ class BlockStore(Protocol):
 
     def close(self) -> None:
         """Release resources; the store must not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class ReadsInto(Protocol):
+    """Capability: read values straight into rows the caller owns."""
+
+    def get_into(
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor | np.ndarray,
+        *,
+        head: torch.Tensor | np.ndarray | None = None,
+    ) -> list[bool]:
+        """Read the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, host tensor or
+        array with contiguous rows); with ``head`` (``uint8 [n, h]``) its first ``h`` bytes
+        go to ``head[i]`` and the next ``w`` to ``out[i]``. A key is found (and counts as
+        a use) when its value holds exactly ``h + w`` bytes; other rows are left as they
+        were. Returns which rows were filled."""
+        ...
+
+
+@runtime_checkable
+class EvictsLRU(Protocol):
+    """Capability: the store evicts least-recently-used entries when a put does not fit,
+    and can say beforehand which ones it would evict."""
+
+    def victims(self, keys: Sequence[str], value_bytes: int) -> list[str]:
+        """The keys a put of ``keys`` (values of ``value_bytes`` each) would evict now,
+        least recently used first; none of ``keys``. Changes nothing."""
+        ...
+
+    def touch(self, keys: Sequence[str]) -> None:
+        """Mark the present ``keys`` as just used (evicted last), without reading them."""
+        ...
+
+
+@runtime_checkable
+class RowStore(BlockStore, Protocol):
+    """A block store that moves whole blocks as rows of a ``uint8 [n, w]`` tensor.
+
+    What an offload tier level drives: :class:`~pagedkv.stores.MemoryStore` (rows copied
+    into its slab) and :class:`~pagedkv.stores.FramedStore` (each row framed and
+    verified over any block store).
+    """
+
+    def put_tensor_rows(
+        self, keys: Sequence[str], rows: torch.Tensor, *, pause: Callable[[], None] | None = None
+    ) -> int:
+        """Store row ``i`` of ``rows`` under ``keys[i]``; return how many were stored.
+
+        ``pause()`` (if given) is called between the batches of a long put; an exception
+        it raises stops the put there.
+        """
+        ...
+
+    def get_into(self, keys: Sequence[str], out: torch.Tensor) -> list[bool]:
+        """Fill ``out[i]`` with the block of ``keys[i]``; return which rows were filled.
+
+        Rows of misses hold unspecified bytes (a store may read before it verifies).
+        """
+        ...
+
+    def victims(self, keys: Sequence[str], value_bytes: int) -> list[str]:
+        """As :meth:`EvictsLRU.victims`; ``[]`` where the store does not evict itself."""
+        ...
+
+    def touch(self, keys: Sequence[str]) -> None:
+        """As :meth:`EvictsLRU.touch`; a no-op where the store keeps no recency."""
+        ...
+
+    def check_integrity(self) -> None:
+        """Raise :class:`~pagedkv.errors.CacheIntegrityError` if its bookkeeping disagrees."""
         ...
 
 
@@ -148,25 +261,6 @@ def check_capacity(capacity_bytes: object, who: str) -> int:
     return capacity_bytes
 
 
-def byte_rows(x: Any, n: int, name: str, who: str) -> Any:
-    """``x`` (a tensor or array) as a numpy ``uint8 [n, w]`` view with contiguous rows.
-
-    Raises ``ValueError`` naming ``who`` (the calling method) and ``name`` otherwise.
-    """
-    rows = x.numpy() if hasattr(x, "numpy") else x
-    if (
-        getattr(rows, "dtype", None) != np.uint8
-        or rows.ndim != 2
-        or rows.shape[0] != n
-        or (rows.shape[1] > 1 and rows.strides[1] != 1)
-    ):
-        raise ValueError(
-            f"{who}: {name} must be uint8 [{n}, w] with contiguous rows, "
-            f"got {getattr(rows, 'dtype', type(x).__name__)} {getattr(rows, 'shape', '')}"
-        )
-    return rows
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
     try:
@@ -176,69 +270,3 @@ def pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
-
-
-# Query parameters of a store URL whose values are shown as given; any other value may
-# be a credential (``?password=``, ``?token=``) and is shown as ``***``.
-_SHOWN_QUERY = frozenset(
-    {
-        "db",
-        "protocol",
-        "timeout",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "socket_keepalive",
-        "retry_on_timeout",
-        "health_check_interval",
-        "max_connections",
-        "ssl_cert_reqs",
-        "ssl_check_hostname",
-        "decode_responses",
-        "encoding",
-    }
-)
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit to print: a password in it becomes ``***``, and so do query values
-    other than known harmless options; a fragment is dropped.
-
-    ``redis://user:pw@host:6379/0?password=pw&db=1`` ->
-    ``redis://user:***@host:6379/0?password=***&db=1``. Works on text that is not a
-    valid URL too (never raises): everything before the last ``@`` of the part ahead of
-    the query is user information, so a password holding ``/`` or ``#`` is hidden whole.
-    Text without ``://`` is a path and comes back unchanged. Every repr, log line and
-    error message of pagedkv that names a URL goes through it.
-    """
-    text = str(url)
-    scheme, sep, rest = text.partition("://")
-    if not sep:  # a path, not a URL: nothing in it is user information
-        return text
-    hidden = []  # the secrets found, hidden wherever else they appear too
-    user_info, at, tail = rest.rpartition("@")
-    if at:
-        user, colon, password = user_info.partition(":")
-        if any(c in user for c in "/?#"):  # not a user name: a password held one of these
-            user, colon, password = "", ":", user_info
-        hidden.append(password)
-        shown = f"{scheme}{sep}{user}{':***' if colon else ''}@"
-    else:
-        shown, tail = f"{scheme}{sep}", rest
-    tail = tail.partition("#")[0]
-    path, qmark, query = tail.partition("?")
-    shown += path
-    if qmark:
-        params = []
-        for item in query.split("&"):
-            name, eq, value = item.partition("=")
-            if eq and name.lower() not in _SHOWN_QUERY:
-                hidden.append(value)
-                value = "***"
-            params.append(f"{name}{eq}{value}")
-        shown += "?" + "&".join(params)
-    # Also where a secret appears elsewhere in the text (a mistyped option); not one of
-    # under 4 characters, which would garble the host and port and protects nothing.
-    for secret in sorted((h for h in hidden if len(h) >= 4), key=len, reverse=True):
-        head, star, rest = shown.partition(":***@")  # keep the marker readable
-        shown = head.replace(secret, "***") + star + rest.replace(secret, "***")
-    return shown

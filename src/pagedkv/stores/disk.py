@@ -1,67 +1,48 @@
 """DiskStore: one file per entry under a directory, capped in size, LRU-evicted.
 
-Layout: ``<root>/<fan>/<key>.v`` where ``<fan>`` is the key's first two characters
-followed by its last one (dots replaced by ``_`` so no directory is ``.`` or ``..``;
-a one-character key ``k`` gives ``kk``). The head keeps ``keys(prefix)`` a scan of
-the directories of that prefix; the tail spreads keys that share a long prefix (a
-tier's ``kv-<namespace>-<hex hash>``) over 16 directories instead of one, and not
-over more: creating a directory costs as much as writing ~0.5 MiB here. A write goes
-to a temp file ``.pagedkv-tmp-<host>-<pid>-<random>`` in the same directory and is
-renamed over the entry (:mod:`pagedkv.stores.atomic`); a reader therefore sees the
-old value, the new value or nothing, never a partial file, even across processes
-and after ``kill -9``.
+Entries are files ``<root>/<fan>/<key>.v``; what in the directory is the store's, and
+nothing else is ever listed, read, replaced, evicted or deleted, is defined in
+:mod:`pagedkv.stores.disk_layout`. A write goes to a temp file
+``.pagedkv-tmp-<host>-<pid>-<random>`` in the same directory and is renamed over the
+entry (:mod:`pagedkv.stores.atomic`); a reader therefore sees the old value, the new
+value or nothing, never a partial file, even across processes and after ``kill -9``.
 
-What in the directory is the store's (:mod:`pagedkv.stores.disk_layout`): fan
-directories (real directories named by 2-3 characters of ``[0-9A-Za-z_-]``), the
-regular files ``<key>.v`` in them whose key fans to that directory (a regular file of
-that name is an entry, whoever wrote it), and pagedkv's temp files. Everything else
-(other names, symlinks, FIFOs, sockets, folders, also where an entry's name is not a
-regular file) is never listed, read, replaced, evicted or deleted; a put over a
-non-file of an entry's name raises. Temp
-files of earlier versions (``<key>.<pid>.<random>.tmp``) are left alone too: nothing
-proves that such a name is pagedkv's.
-
-Recency lives in the files' mtimes: every write and every hit stamps the file
-with a strictly increasing nanosecond time, and opening a store rebuilds the LRU
-index by sorting a directory scan by mtime. Requires a case-sensitive file
-system (keys ``ab`` and ``AB`` are different files).
+Recency lives in the files' mtimes: every write and every hit stamps the file with a
+strictly increasing nanosecond time, and opening a store rebuilds the LRU index
+(:class:`~pagedkv.stores._lru.ByteLRU`) by sorting a directory scan by mtime.
+Requires a case-sensitive file system (keys ``ab`` and ``AB`` are different files).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NoReturn
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, NoReturn
 
-from pagedkv.errors import CacheIntegrityError, StoreError
-from pagedkv.stores import atomic
+import numpy as np
+
+import pagedkv.stores.atomic as atomic
+from pagedkv.errors import StoreError
+from pagedkv.stores._lru import ByteLRU
+from pagedkv.stores._rows import byte_rows
+from pagedkv.stores._threads import in_order
 from pagedkv.stores.base import (
     Buffer,
+    Counters,
     StoreStats,
-    byte_rows,
     check_capacity,
     check_items,
     check_keys,
     check_prefix,
 )
-from pagedkv.stores.disk_layout import (
-    SUFFIX,
-    fan_head,
-    fan_of,
-    is_fan,
-    is_file,
-    key_of,
-    open_entry,
-    read_exactly,
-    scandir,
-)
+from pagedkv.stores.disk_layout import EntryFiles, list_keys, scan
+
+if TYPE_CHECKING:
+    import torch
 
 # put_many writes a batch on the writer threads only when its values average at least
 # this many bytes: per-file syscalls of small values convoy on the GIL in threads.
@@ -109,7 +90,7 @@ class DiskStore:
         file_mode: int | None = None,
     ):
         self._read_only = bool(read_only)
-        self._capacity = check_capacity(capacity_bytes, "DiskStore")
+        self._lru = ByteLRU(check_capacity(capacity_bytes, "DiskStore"))  # key -> size
         self._root = os.path.abspath(os.fspath(path))
         self._fsync = bool(fsync)
         self._mode = atomic.check_file_mode(file_mode, "DiskStore")
@@ -118,11 +99,9 @@ class DiskStore:
         self._writers = writers
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
-        self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, LRU first
-        self._bytes_used = 0
         self._last_ns = 0
-        self._dirs: set[str] = set()
-        self._hits = self._misses = self._puts = self._evictions = self._errors = 0
+        self._files = EntryFiles(self._root, self._mode, self._fsync)
+        self._counts = Counters()
         self._closed = False
         if not self._read_only:
             try:
@@ -140,7 +119,7 @@ class DiskStore:
     @property
     def capacity_bytes(self) -> int:
         """Cap on the total size of the values, in bytes."""
-        return self._capacity
+        return self._lru.capacity_bytes
 
     @property
     def path(self) -> str:
@@ -153,7 +132,7 @@ class DiskStore:
         return self._mode
 
     def __repr__(self) -> str:
-        return f"DiskStore({self._root!r}, capacity_bytes={self._capacity})"
+        return f"DiskStore({self._root!r}, capacity_bytes={self.capacity_bytes})"
 
     # -- BlockStore ---------------------------------------------------------------
 
@@ -168,10 +147,10 @@ class DiskStore:
         checked = check_items(items)
         self._check_writable()
         for key, value in checked:
-            if len(value) > self._capacity:
+            if len(value) > self.capacity_bytes:
                 raise ValueError(
                     f"DiskStore: value of key {key!r} is {len(value)} bytes, larger than "
-                    f"capacity_bytes={self._capacity}"
+                    f"capacity_bytes={self.capacity_bytes}"
                 )
         self._check_open()
         total = sum(len(v) for _, v in checked)
@@ -185,37 +164,23 @@ class DiskStore:
     def _install(self, tmp: str, key: str, size: int) -> None:
         """Make room for, and rename the written temp file over, entry ``key``."""
         with self._lock:
-            self._make_room(size - self._index.get(key, 0), keep=key)
+            self._make_room(size - (self._lru.size(key) or 0), keep=key)
             self._commit(tmp, key)
-            self._bytes_used += size - self._index.pop(key, 0)
-            self._index[key] = size
-            self._puts += 1
+            self._lru.add(key, size)
+            self._counts.puts += 1
 
     def _put_parallel(self, checked: list[tuple[str, memoryview]]) -> None:
         """Write temp files on the writer threads (at most ``2 * writers`` ahead of the
         commits), committing each in batch order as soon as it is written. On an error
         the temp files still in flight are removed and the first error is raised."""
-        pool = self._writer_pool()
-        window = 2 * self._writers
-        running: deque[tuple[str, int, Future]] = deque()
-        try:
-            for key, value in checked:
-                running.append((key, len(value), pool.submit(self._write_temp, key, value)))
-                if len(running) >= window:
-                    key0, size0, fut = running.popleft()
-                    self._install(fut.result(), key0, size0)
-            while running:
-                key0, size0, fut = running.popleft()
-                self._install(fut.result(), key0, size0)
-        except BaseException:
-            for _, _, fut in running:
-                try:
-                    tmp = fut.result()
-                except BaseException:  # noqa: S112 - its own writer removed its temp
-                    continue
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            raise
+        in_order(
+            self._writer_pool(),
+            2 * self._writers,
+            checked,
+            produce=lambda item: self._write_temp(*item),
+            finish=lambda item, tmp: self._install(tmp, item[0], len(item[1])),
+            discard=_remove,
+        )
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -233,21 +198,20 @@ class DiskStore:
         self._check_open()
         out: list[bytes | None] = []
         for key in keys:
-            path = self._path(key)
             try:
-                # None: never written, evicted, deleted elsewhere, or not a file
-                opened = open_entry(path) if self._fan_ok(key) else None
-                if opened is None:
-                    out.append(None)
-                    continue
-                with os.fdopen(opened[0], "rb") as f:
-                    out.append(f.read())
+                out.append(self._files.read(key))
             except OSError as e:
-                self._read_failed(path, e)
+                self._read_failed(key, e)
         self._record_reads(keys, [None if v is None else len(v) for v in out])
         return out
 
-    def get_into(self, keys: Sequence[str], out: Any, *, head: Any = None) -> list[bool]:
+    def get_into(
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor | np.ndarray,
+        *,
+        head: torch.Tensor | np.ndarray | None = None,
+    ) -> list[bool]:
         """Read the value of ``keys[i]`` straight into ``out[i]`` (host ``uint8 [n, w]``,
         a tensor or array with contiguous rows), with no intermediate ``bytes``.
 
@@ -256,64 +220,58 @@ class DiskStore:
         e.g. a frame header apart from its payload). Returns which rows were filled; a
         key is found when its file holds exactly ``h + w`` bytes (a hit, stamped most
         recently used, as in :meth:`get_many`); any other is a miss and its row is left
-        untouched. Entries are replaced by rename, never rewritten in place, so the size
-        checked before reading is the size read.
+        untouched.
         """
         keys = check_keys(keys)
         rows = byte_rows(out, len(keys), "out", "DiskStore.get_into")
         heads = None if head is None else byte_rows(head, len(keys), "head", "DiskStore.get_into")
         self._check_open()
-        h = 0 if heads is None else heads.shape[1]
-        size_ok = h + rows.shape[1]
+        size_ok = rows.shape[1] + (0 if heads is None else heads.shape[1])
         sizes: list[int | None] = []
         for i, key in enumerate(keys):
-            path = self._path(key)
+            parts = [rows[i]] if heads is None else [heads[i], rows[i]]
             try:
-                opened = open_entry(path) if self._fan_ok(key) else None
+                sizes.append(self._files.read_into(key, [memoryview(p) for p in parts]))
             except OSError as e:
-                self._read_failed(path, e)
-            if opened is None:
-                sizes.append(None)
-                continue
-            fd, size = opened
-            try:
-                if size == size_ok:
-                    parts = [rows[i]] if heads is None else [heads[i], rows[i]]
-                    read_exactly(fd, [memoryview(p) for p in parts], size)
-            except OSError as e:
-                self._read_failed(path, e)
-            finally:
-                os.close(fd)
-            sizes.append(size)
+                self._read_failed(key, e)
         found = [size == size_ok for size in sizes]
         self._record_reads(keys, [s if f else None for s, f in zip(sizes, found)])
         return found
 
-    def _read_failed(self, path: str, e: OSError) -> NoReturn:
+    def _read_failed(self, key: str, e: OSError) -> NoReturn:
         with self._lock:
-            self._errors += 1
+            self._counts.errors += 1
+        path = self._files.path(key)
         raise StoreError(f"DiskStore: cannot read {path!r}: {e.strerror or e}") from e
 
     def _record_reads(self, keys: list[str], sizes: list[int | None]) -> None:
         """Count hits (``sizes[i]`` bytes read) and misses (``None``); stamp the hits."""
         touched = []
         with self._lock:
+            lru = self._lru
             for key, size in zip(keys, sizes):
                 if size is None:
                     # another thread may have committed it since our read
-                    if key in self._index and not self._is_entry(key):
-                        self._forget(key)
-                    self._misses += 1
+                    if key in lru and not self._files.is_entry(key):
+                        lru.pop(key)
+                    self._counts.misses += 1
                     continue
-                self._bytes_used += size - self._index.pop(key, 0)
-                self._index[key] = size
-                self._hits += 1
-                if not self._read_only:
-                    touched.append((self._path(key), self._next_ns()))
-            if self._bytes_used > self._capacity and not self._read_only:
+                lru.add(key, size)
+                self._counts.hits += 1
+                touched.append(key)
+            if lru.bytes_used > lru.capacity_bytes and not self._read_only:
                 # read entries another process wrote
                 self._make_room(0, keep=None)
-        for path, stamp in touched:  # recency survives a restart through the mtime
+        self._stamp(touched)
+
+    def _stamp(self, keys: list[str]) -> None:
+        """Stamp the entries of ``keys`` most recently used on disk (their mtime), so the
+        recency survives a restart. Not in a read-only store."""
+        if self._read_only:
+            return
+        with self._lock:
+            stamps = [(self._files.path(k), self._next_ns()) for k in keys]
+        for path, stamp in stamps:
             with contextlib.suppress(OSError):
                 os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
@@ -322,7 +280,7 @@ class DiskStore:
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            return [self._is_entry(k) for k in keys]
+            return [self._files.is_entry(k) for k in keys]
 
     def delete_many(self, keys: Sequence[str]) -> int:
         """Remove the entry files; return how many existed."""
@@ -334,35 +292,32 @@ class DiskStore:
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         """Keys on disk starting with ``prefix`` (a fresh directory scan; temp files never)."""
-        prefix = check_prefix(prefix)
-        head = prefix[:2].replace(".", "_")
-        found = []
-        for fan in scandir(self._root):
-            if not (
-                is_fan(fan.name)
-                and fan_head(fan.name).startswith(head)
-                and fan.is_dir(follow_symlinks=False)
-            ):
-                continue
-            for entry in scandir(fan.path):
-                key = key_of(entry.name, fan.name)
-                if key is not None and key.startswith(prefix) and is_file(entry):
-                    found.append(key)
-        return iter(found)
+        return iter(list_keys(self._root, check_prefix(prefix)))
+
+    # -- eviction (EvictsLRU) -------------------------------------------------------
+
+    def victims(self, keys: Sequence[str], value_bytes: int) -> list[str]:
+        """The entries a put of ``keys`` (``value_bytes`` each) would evict now to stay
+        under the cap, least recently used first. Changes nothing."""
+        keys = check_keys(keys)
+        incoming = set(keys)
+        with self._lock:
+            self._check_open()
+            need = sum(value_bytes - (self._lru.size(k) or 0) for k in incoming)
+            return self._lru.victims(need, keep=incoming)
+
+    def touch(self, keys: Sequence[str]) -> None:
+        """Mark the entries of ``keys`` this process knows as just used (evicted last)."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            known = [k for k in keys if self._lru.touch(k)]
+        self._stamp(known)
 
     def stats(self) -> StoreStats:
         """Counters over the entries this process knows."""
         with self._lock:
-            return StoreStats(
-                entries=len(self._index),
-                bytes_used=self._bytes_used,
-                capacity_bytes=self._capacity,
-                hits=self._hits,
-                misses=self._misses,
-                puts=self._puts,
-                evictions=self._evictions,
-                errors=self._errors,
-            )
+            return self._counts.stats(len(self._lru), self._lru.bytes_used, self.capacity_bytes)
 
     def close(self) -> None:
         """Mark the store closed (entries stay on disk for the next open)."""
@@ -379,39 +334,12 @@ class DiskStore:
         self.close()
 
     def check_integrity(self) -> None:
-        """Raise :class:`CacheIntegrityError` if the size bookkeeping disagrees."""
+        """Raise :class:`~pagedkv.errors.CacheIntegrityError` if the size bookkeeping
+        disagrees."""
         with self._lock:
-            total = sum(self._index.values())
-            if total != self._bytes_used or total > self._capacity:
-                raise CacheIntegrityError(
-                    f"DiskStore: bytes_used({self._bytes_used}), sum of entry sizes({total}), "
-                    f"capacity_bytes({self._capacity}) disagree"
-                )
+            self._lru.check("DiskStore")
 
     # -- internals ----------------------------------------------------------------
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self._root, fan_of(key), key + SUFFIX)
-
-    def _fan_ok(self, key: str) -> bool:
-        """Whether the key's fan directory is a real directory (a symlink that happens to
-        have a fan's name leads outside the store: no entry is read or written there)."""
-        fan = fan_of(key)
-        if fan in self._dirs:
-            return True
-        if atomic.is_real_dir(os.path.join(self._root, fan)):
-            self._dirs.add(fan)
-            return True
-        return False
-
-    def _is_entry(self, key: str) -> bool:
-        """Whether the entry of ``key`` exists as a regular file."""
-        if not self._fan_ok(key):
-            return False
-        try:
-            return stat.S_ISREG(os.lstat(self._path(key)).st_mode)
-        except OSError:
-            return False
 
     def _next_ns(self) -> int:
         # Strictly increasing, so the mtime order is the exact use order after a restart.
@@ -420,98 +348,45 @@ class DiskStore:
 
     def _scan(self) -> None:
         """Rebuild the index from the directory, oldest mtime first; remove dead temps."""
-        now = time.time()
-        entries = []
-        sweep = not self._read_only  # a read-only open removes nothing
-        for fan in scandir(self._root):
-            if atomic.temp_owner(fan.name) is not None:  # the probe's, or a future root write
-                if sweep:
-                    atomic.remove_stale_temp(fan, now)
-                continue
-            if not is_fan(fan.name) or not fan.is_dir(follow_symlinks=False):
-                continue
-            for entry in scandir(fan.path):
-                if atomic.temp_owner(entry.name) is not None:
-                    if sweep:
-                        atomic.remove_stale_temp(entry, now)
-                    continue
-                key = key_of(entry.name, fan.name)
-                if key is None:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    entries.append((st.st_mtime_ns, key, st.st_size))
-            self._dirs.add(fan.name)
-        entries.sort()
-        for mtime_ns, key, size in entries:
-            self._index[key] = size
-            self._bytes_used += size
+        found = scan(self._root, sweep=not self._read_only)  # a read-only open removes nothing
+        for mtime_ns, key, size in found.entries:
+            self._lru.add(key, size)
             self._last_ns = max(self._last_ns, mtime_ns)
+        self._files.fans |= found.fans
         if not self._read_only:
             self._make_room(0, keep=None)  # the cap may have shrunk since the last open
 
     def _make_room(self, need: int, keep: str | None) -> None:
-        while self._bytes_used + need > self._capacity and self._index:
-            victim = next(iter(self._index))
-            if victim == keep:  # the key being replaced: its old size is already in `need`
-                self._index.move_to_end(victim)
-                if len(self._index) == 1:
-                    break
-                continue
+        for victim in self._lru.victims(need, keep=() if keep is None else (keep,)):
             self._unlink(victim)
-            self._evictions += 1
+            self._counts.evictions += 1
 
     def _unlink(self, key: str) -> bool:
-        existed = self._is_entry(key)  # a non-file of the entry's name is not ours
-        if existed:
-            try:
-                os.unlink(self._path(key))
-            except FileNotFoundError:
-                existed = False
-            except OSError:
-                self._errors += 1  # the bytes stay on disk, but the cap is about what we track
-        self._forget(key)
+        try:
+            existed = self._files.unlink(key)
+        except OSError:
+            existed = True
+            self._counts.errors += 1  # the bytes stay on disk, but the cap is about what we track
+        self._lru.pop(key)
         return existed
-
-    def _forget(self, key: str) -> None:
-        self._bytes_used -= self._index.pop(key, 0)
 
     def _write_temp(self, key: str, value: memoryview) -> str:
         """Write ``value`` to a fresh temp file next to the entry; return its path."""
-        fan = fan_of(key)
-        directory = os.path.join(self._root, fan)
         try:
-            if fan not in self._dirs:
-                atomic.make_dirs(directory, self._mode)
-                if not atomic.is_real_dir(directory):
-                    raise NotADirectoryError(
-                        errno.ENOTDIR,
-                        f"{directory!r} is not a directory the store made (a symlink or a "
-                        "file of that name is in the way); move it away",
-                    )
-                self._dirs.add(fan)
-            return atomic.write_temp(directory, [value], file_mode=self._mode, fsync=self._fsync)
+            return self._files.write_temp(key, value)
         except OSError as e:
-            self._dirs.discard(fan)
             self._fail_write(None, key, e)
 
     def _commit(self, tmp: str, key: str) -> None:
         """Stamp the temp file and rename it over the entry (under the lock)."""
         try:
-            stamp = self._next_ns()
-            os.utime(tmp, ns=(stamp, stamp))
-            # an indexed key is a regular file the store found or wrote: no need to look
-            known = key in self._index
-            atomic.commit(tmp, self._path(key), fsync=self._fsync, check=not known)
+            self._files.commit(tmp, key, self._next_ns(), known=key in self._lru)
         except OSError as e:
             self._fail_write(tmp, key, e)
 
     def _fail_write(self, tmp: str | None, key: str, e: OSError) -> NoReturn:
         with self._lock:
-            self._errors += 1
+            self._counts.errors += 1
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -526,3 +401,8 @@ class DiskStore:
     def _check_writable(self) -> None:
         if self._read_only:
             raise StoreError(f"DiskStore: {self._root!r} was opened read_only; it takes no writes")
+
+
+def _remove(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)

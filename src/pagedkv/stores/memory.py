@@ -2,20 +2,28 @@
 
 The slab is one ``uint8`` tensor ``[num_slots, slot_bytes]`` allocated once (pinned
 when CUDA is available, so GPU<->CPU copies run asynchronously at full bandwidth).
-The index is plain Python: ``key -> slot`` in an ``OrderedDict`` kept in LRU order,
-a length per slot and a free-slot stack.
+The index is plain Python: ``key -> slot``, a free-slot stack, and the stores' one
+LRU (:class:`~pagedkv.stores._lru.ByteLRU`, ``key -> value length`` in use order).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pagedkv.errors import CacheIntegrityError
+from pagedkv.stores._lru import ByteLRU
+from pagedkv.stores._rows import copy_rows, tensor_rows
+
+if TYPE_CHECKING:
+    import torch
+
 from pagedkv.stores.base import (
     Buffer,
+    Counters,
     StoreStats,
     check_capacity,
     check_items,
@@ -31,9 +39,11 @@ class MemoryStore:
     values of up to ``slot_bytes`` each. ``slot_bytes`` is fixed at construction or
     by the first put (the largest value in it). ``pin``: ``None`` pins when CUDA is
     available, ``False`` never pins. A value larger than a slot raises ``ValueError``.
+    (``slot_bytes`` is a slot's size: the tiers' ``bytes_per_block`` when the values
+    are unframed KV blocks, as in a CPU tier.)
 
-    ``put_tensor_rows``/``get_into`` are the tiers' fast path: whole blocks move with
-    one indexed torch copy, never through Python ``bytes``.
+    ``put_tensor_rows``/``get_into`` are the tiers' fast path (:class:`RowStore`): whole
+    blocks move with one indexed torch copy, never through Python ``bytes``.
     """
 
     def __init__(
@@ -52,14 +62,14 @@ class MemoryStore:
                 )
         self._pin = pin
         self._lock = threading.RLock()
-        self._index: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU first
-        self._lengths: list[int] = []
+        self._slot_of: dict[str, int] = {}
+        self._lru = ByteLRU(self._capacity)  # key -> value length, least recent first
         self._free: list[int] = []
         self._slab: Any = None  # torch uint8 [num_slots, slot_bytes]
         self._np: Any = None  # numpy view of the slab for bytes-level access
-        self._slot_bytes: int | None = None
-        self._bytes_used = 0
-        self._hits = self._misses = self._puts = self._evictions = 0
+        self._slot_bytes = 0  # 0 until fixed by the first put
+        self._num_slots = 0
+        self._counts = Counters()
         self._closed = False
         self._reads_done: Any = None  # CUDA event after the last async get_into
         if slot_bytes is not None:
@@ -75,12 +85,12 @@ class MemoryStore:
     @property
     def slot_bytes(self) -> int | None:
         """Largest value a slot holds; ``None`` until fixed by the first put."""
-        return self._slot_bytes
+        return self._slot_bytes or None
 
     @property
     def num_slots(self) -> int:
         """How many values fit at once (0 until ``slot_bytes`` is known)."""
-        return len(self._lengths)
+        return self._num_slots
 
     @property
     def pinned(self) -> bool:
@@ -90,7 +100,7 @@ class MemoryStore:
     def __repr__(self) -> str:
         return (
             f"MemoryStore(capacity_bytes={self._capacity}, slot_bytes={self._slot_bytes}, "
-            f"entries={len(self._index)})"
+            f"entries={len(self._slot_of)})"
         )
 
     # -- BlockStore ---------------------------------------------------------------
@@ -102,7 +112,7 @@ class MemoryStore:
             return 0
         with self._lock:
             self._check_open()
-            if self._slot_bytes is None:
+            if not self._slot_bytes:
                 largest = max(len(v) for _, v in checked)
                 if largest == 0:
                     raise ValueError(
@@ -116,16 +126,13 @@ class MemoryStore:
                         f"a slot ({self._slot_bytes} bytes); create the store with a larger "
                         "slot_bytes"
                     )
-            import numpy as np
-
             self._wait_reads()
             for key, value in checked:
                 slot = self._claim(key)
                 n = len(value)
                 self._np[slot, :n] = np.frombuffer(value, dtype=np.uint8)
-                self._bytes_used += n - self._lengths[slot]
-                self._lengths[slot] = n
-            self._puts += len(checked)
+                self._lru.add(key, n)
+            self._counts.puts += len(checked)
             return len(checked)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -134,16 +141,15 @@ class MemoryStore:
         with self._lock:
             self._check_open()
             out: list[bytes | None] = []
+            lru = self._lru
             for key in keys:
-                slot = self._index.get(key)
+                slot = self._slot_of.get(key)
                 if slot is None:
                     out.append(None)
                     continue
-                self._index.move_to_end(key)
-                out.append(self._np[slot, : self._lengths[slot]].tobytes())
-            hits = sum(v is not None for v in out)
-            self._hits += hits
-            self._misses += len(out) - hits
+                lru.touch(key)
+                out.append(self._np[slot, : lru.size(key)].tobytes())
+            self._counts.reads(sum(v is not None for v in out), len(out))
             return out
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
@@ -151,39 +157,32 @@ class MemoryStore:
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            return [k in self._index for k in keys]
+            return [k in self._slot_of for k in keys]
 
     def delete_many(self, keys: Sequence[str]) -> int:
         """Free the slots of the keys; return how many existed."""
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            return sum(self._drop(k) for k in keys if k in self._index)
+            return sum(self._drop(k) for k in keys if k in self._slot_of)
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with ``prefix``, least recently used first (a snapshot list)."""
         prefix = check_prefix(prefix)
         with self._lock:
-            return iter([k for k in self._index if k.startswith(prefix)])
+            return iter([k for k in self._lru if k.startswith(prefix)])
 
     def stats(self) -> StoreStats:
         """Counters; ``bytes_used`` is the sum of value lengths, not slots taken."""
         with self._lock:
-            return StoreStats(
-                entries=len(self._index),
-                bytes_used=self._bytes_used,
-                capacity_bytes=self._capacity,
-                hits=self._hits,
-                misses=self._misses,
-                puts=self._puts,
-                evictions=self._evictions,
-            )
+            return self._counts.stats(len(self._slot_of), self._lru.bytes_used, self._capacity)
 
     def close(self) -> None:
         """Drop the index and release the slab."""
         with self._lock:
             self._closed = True
-            self._index.clear()
+            self._slot_of.clear()
+            self._lru = ByteLRU(self._capacity)
             self._slab = self._np = None
 
     def __enter__(self) -> MemoryStore:
@@ -192,9 +191,30 @@ class MemoryStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- tensor fast path ---------------------------------------------------------
+    # -- eviction (EvictsLRU) -------------------------------------------------------
 
-    def put_tensor_rows(self, keys: Sequence[str], rows: Any) -> int:
+    def victims(self, keys: Sequence[str], value_bytes: int) -> list[str]:
+        """The entries a put of ``keys`` would evict now (one slot each for the keys not
+        present, beyond the free slots), least recently used first. Changes nothing."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            incoming = set(keys)
+            new = sum(k not in self._slot_of for k in incoming)
+            free = len(self._free) if self._slot_bytes else new
+            return self._lru.oldest(new - free, keep=incoming)
+
+    def touch(self, keys: Sequence[str]) -> None:
+        """Mark the present ``keys`` as just used (evicted last), without reading them."""
+        with self._lock:
+            for k in keys:
+                self._lru.touch(k)
+
+    # -- tensor fast path (RowStore) ----------------------------------------------
+
+    def put_tensor_rows(
+        self, keys: Sequence[str], rows: torch.Tensor, *, pause: Callable[[], None] | None = None
+    ) -> int:
         """Store row ``i`` of ``rows`` (``uint8 [n, w]``, ``w <= slot_bytes``) under ``keys[i]``.
 
         Host rows move with one ``index_copy_`` (over 8-byte words when the width
@@ -202,15 +222,15 @@ class MemoryStore:
         CUDA rows are copied straight into the pinned slab, one copy per run of
         consecutive slots (fresh slots come out of the free stack in order), and the
         call returns once they landed. A repeated key keeps its last row. Returns
-        how many keys were stored.
+        how many keys were stored. One batch: ``pause`` is never called.
         """
         keys = check_keys(keys)
-        self._check_rows(rows, len(keys), "put_tensor_rows", "rows")
+        tensor_rows(rows, len(keys), "MemoryStore.put_tensor_rows", "rows")
         if not keys:
             return 0
         with self._lock:
             self._check_open()
-            if self._slot_bytes is None:
+            if not self._slot_bytes:
                 self._allocate(rows.shape[1])
             width = rows.shape[1]
             if width > self._slot_bytes:
@@ -222,21 +242,26 @@ class MemoryStore:
             last = {k: i for i, k in enumerate(keys)}  # a repeated key keeps its last row
             src_rows, slots = [], []
             for key, i in last.items():
-                slot = self._claim(key)
-                self._bytes_used += width - self._lengths[slot]
-                self._lengths[slot] = width
+                slots.append(self._claim(key))
+                self._lru.add(key, width)
                 src_rows.append(i)
-                slots.append(slot)
             dst = self._slab if width == self._slot_bytes else self._slab[:, :width]
-            _copy_rows(dst, slots, rows, src_rows, non_blocking=True)
+            copy_rows(dst, slots, rows, src_rows, non_blocking=True)
             if rows.device.type == "cuda":
                 import torch
 
                 torch.cuda.current_stream(rows.device).synchronize()
-            self._puts += len(slots)
+            self._counts.puts += len(slots)
             return len(slots)
 
-    def get_into(self, keys: Sequence[str], out: Any, *, non_blocking: bool = False) -> list[bool]:
+    def get_into(
+        self,
+        keys: Sequence[str],
+        out: torch.Tensor,
+        *,
+        head: torch.Tensor | None = None,
+        non_blocking: bool = False,
+    ) -> list[bool]:
         """Copy the value of ``keys[i]`` into ``out[i]`` (``uint8 [n, w]``, host or CUDA).
 
         Returns which rows were filled; a key is found when present with exactly
@@ -244,26 +269,39 @@ class MemoryStore:
         CUDA: one copy per run of consecutive slots from the pinned slab;
         ``non_blocking=True`` returns before they land (the next write to this store
         waits for them, so a slot is never reused under an in-flight copy).
+        ``head`` (host ``uint8 [n, h]``): values of ``h + w`` bytes, their first ``h``
+        into ``head[i]`` (:class:`ReadsInto`).
         """
         keys = check_keys(keys)
-        self._check_rows(out, len(keys), "get_into", "out")
+        tensor_rows(out, len(keys), "MemoryStore.get_into", "out")
         width = out.shape[1]
+        h = 0
+        if head is not None:
+            tensor_rows(head, len(keys), "MemoryStore.get_into", "head")
+            if out.device.type != "cpu" or head.device.type != "cpu":
+                raise ValueError("MemoryStore.get_into: head= takes host tensors only")
+            h = head.shape[1]
         with self._lock:
             self._check_open()
+            lru = self._lru
             found, rows, slots = [], [], []
             for i, key in enumerate(keys):
-                slot = self._index.get(key)
-                ok = slot is not None and self._lengths[slot] == width
-                found.append(ok)
-                if ok:
-                    self._index.move_to_end(key)
-                    rows.append(i)
-                    slots.append(slot)
-            self._hits += len(rows)
-            self._misses += len(keys) - len(rows)
-            if rows:
+                slot = self._slot_of.get(key)
+                if slot is None or lru.size(key) != h + width:
+                    found.append(False)
+                    continue
+                found.append(True)
+                lru.touch(key)
+                rows.append(i)
+                slots.append(slot)
+            self._counts.reads(len(rows), len(keys))
+            if rows and head is not None:
+                picked = self._np[slots]  # [n, slot_bytes]: a copy, then split
+                head.numpy()[rows] = picked[:, :h]
+                out.numpy()[rows] = picked[:, h : h + width]
+            elif rows:
                 src = self._slab if width == self._slot_bytes else self._slab[:, :width]
-                _copy_rows(out, rows, src, slots, non_blocking=non_blocking)
+                copy_rows(out, rows, src, slots, non_blocking=non_blocking)
                 if out.device.type == "cuda" and non_blocking:
                     import torch
 
@@ -276,12 +314,12 @@ class MemoryStore:
     def check_integrity(self) -> None:
         """Raise :class:`CacheIntegrityError` if the slot bookkeeping disagrees."""
         with self._lock:
-            used = set(self._index.values())
+            used = set(self._slot_of.values())
             free = set(self._free)
-            n = len(self._lengths)
-            if len(used) != len(self._index) or len(free) != len(self._free):
+            n = self._num_slots
+            if len(used) != len(self._slot_of) or len(free) != len(self._free):
                 raise CacheIntegrityError(
-                    f"MemoryStore: duplicate slots: index {len(self._index)} keys on "
+                    f"MemoryStore: duplicate slots: index {len(self._slot_of)} keys on "
                     f"{len(used)} slots, free stack {len(self._free)} on {len(free)} slots"
                 )
             if used & free or used | free != set(range(n)):
@@ -289,10 +327,18 @@ class MemoryStore:
                     f"MemoryStore: used({len(used)}) + free({len(free)}) != num_slots({n}) "
                     f"or {len(used & free)} slots both used and free"
                 )
-            total = sum(self._lengths[s] for s in used)
-            if total != self._bytes_used:
+            if set(self._lru) != self._slot_of.keys():
+                odd = sorted(set(self._lru) ^ self._slot_of.keys())
                 raise CacheIntegrityError(
-                    f"MemoryStore: bytes_used({self._bytes_used}) != sum of lengths({total})"
+                    f"MemoryStore: LRU index ({len(self._lru)} keys) and slot map "
+                    f"({len(self._slot_of)} keys) disagree on {odd[:4]}"
+                )
+            self._lru.check("MemoryStore")
+            longer = [k for k in self._lru if (self._lru.size(k) or 0) > self._slot_bytes]
+            if longer:
+                raise CacheIntegrityError(
+                    f"MemoryStore: values of {longer[:4]} are longer than a slot "
+                    f"({self._slot_bytes} bytes)"
                 )
 
     # -- internals ----------------------------------------------------------------
@@ -310,38 +356,26 @@ class MemoryStore:
         self._slab = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=pin)
         self._np = self._slab.numpy()
         self._slot_bytes = slot_bytes
-        self._lengths = [0] * num_slots
+        self._num_slots = num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
 
     def _claim(self, key: str) -> int:
-        """Return the slot for ``key`` (its own, a free one, or the LRU victim's), as MRU."""
-        slot = self._index.get(key)
+        """The slot for ``key``: its own, a free one, or the LRU victim's."""
+        slot = self._slot_of.get(key)
         if slot is not None:
-            self._index.move_to_end(key)
             return slot
         if not self._free:
-            victim = next(iter(self._index))
+            victim = next(iter(self._lru))
             self._drop(victim)
-            self._evictions += 1
+            self._counts.evictions += 1
         slot = self._free.pop()
-        self._index[key] = slot
+        self._slot_of[key] = slot
         return slot
 
     def _drop(self, key: str) -> bool:
-        slot = self._index.pop(key)
-        self._bytes_used -= self._lengths[slot]
-        self._lengths[slot] = 0
-        self._free.append(slot)
+        self._free.append(self._slot_of.pop(key))
+        self._lru.pop(key)
         return True
-
-    def _check_rows(self, t: Any, n: int, fn: str, name: str) -> None:
-        import torch
-
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 2:
-            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"MemoryStore.{fn}: {name} must be a uint8 tensor [n, w], got {got}")
-        if t.shape[0] != n:
-            raise ValueError(f"MemoryStore.{fn}: {name} has {t.shape[0]} rows for {n} keys")
 
     def _wait_reads(self) -> None:
         if self._reads_done is not None:
@@ -351,43 +385,3 @@ class MemoryStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("MemoryStore is closed")
-
-
-def _wide(a: Any, b: Any) -> tuple[Any, Any]:
-    """View two uint8 ``[n, w]`` tensors as the widest integer type both allow (else as is)."""
-    import torch
-
-    for dtype in (torch.int64, torch.int32, torch.int16):
-        try:
-            return a.view(dtype), b.view(dtype)
-        except RuntimeError:
-            continue
-    return a, b
-
-
-def _copy_rows(dst: Any, dst_idx: list[int], src: Any, src_idx: list[int], non_blocking: bool):
-    """``dst[dst_idx[j]] = src[src_idx[j]]`` for every j, as few copies as the devices allow."""
-    import torch
-
-    if dst.device.type == "cpu" and src.device.type == "cpu":
-        dst, src = _wide(dst, src if src.is_contiguous() else src.contiguous())
-        s_idx = torch.tensor(src_idx, dtype=torch.long)
-        if dst_idx == list(range(dst.shape[0])) and dst.is_contiguous():
-            torch.index_select(src, 0, s_idx, out=dst)
-        else:
-            whole = src_idx == list(range(src.shape[0]))
-            rows = src if whole else src.index_select(0, s_idx)
-            dst.index_copy_(0, torch.tensor(dst_idx, dtype=torch.long), rows)
-        return
-    # Across devices: a gather would stage through pageable memory; runs of
-    # consecutive rows copy straight between the pinned slab and the device instead.
-    start = 0
-    for j in range(1, len(dst_idx) + 1):
-        if (
-            j == len(dst_idx)
-            or dst_idx[j] != dst_idx[j - 1] + 1
-            or src_idx[j] != src_idx[j - 1] + 1
-        ):
-            d, s, n = dst_idx[start], src_idx[start], j - start
-            dst[d : d + n].copy_(src[s : s + n], non_blocking=non_blocking)
-            start = j

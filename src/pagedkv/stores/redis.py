@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from pagedkv.errors import StoreError, StoreUnavailable
 from pagedkv.stores.base import (
     Buffer,
+    Counters,
     StoreStats,
     check_items,
     check_keys,
@@ -153,7 +154,7 @@ class RedisStore:
         # pooled sockets), none on timeouts: the tier layer owns back-off.
         self._client.set_retry(Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
         self._lock = threading.Lock()
-        self._hits = self._misses = self._puts = self._errors = 0
+        self._counts = Counters()
         self._closed = False
 
     @property
@@ -203,7 +204,7 @@ class RedisStore:
 
         self._call("SET", run)
         with self._lock:
-            self._puts += len(checked)
+            self._counts.puts += len(checked)
         return len(checked)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -212,6 +213,7 @@ class RedisStore:
         if not keys:
             return []
         full = [self._prefix + k for k in keys]
+        out: list[Any]  # bytes or None: the client does not decode responses
         if self._ttl is None:
             out = self._call("MGET", lambda: self._client.mget(full))
         else:
@@ -223,10 +225,8 @@ class RedisStore:
                 return pipe.execute()
 
             out = self._call("GETEX", run)
-        hits = sum(v is not None for v in out)
         with self._lock:
-            self._hits += hits
-            self._misses += len(out) - hits
+            self._counts.reads(sum(v is not None for v in out), len(out))
         return list(out)
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
@@ -266,15 +266,7 @@ class RedisStore:
     def stats(self) -> StoreStats:
         """Local counters; ``entries``/``bytes_used`` are ``None`` (the server knows)."""
         with self._lock:
-            return StoreStats(
-                entries=None,
-                bytes_used=None,
-                capacity_bytes=None,
-                hits=self._hits,
-                misses=self._misses,
-                puts=self._puts,
-                errors=self._errors,
-            )
+            return self._counts.stats(None, None, None)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -300,7 +292,7 @@ class RedisStore:
             if not isinstance(e, (r.RedisError, OSError)):
                 raise
             with self._lock:
-                self._errors += 1
+                self._counts.errors += 1
             # The caller sees our message only (``from None``): redis-py's own texts hold
             # no password, but the promise is ours to keep, so they are scrubbed first.
             text = f"{type(e).__name__}: {self._scrub(str(e))}"

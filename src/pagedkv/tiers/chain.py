@@ -20,7 +20,7 @@ also verify the fingerprint on every read).
 
 A chain that is never closed is closed at interpreter exit: an ``atexit`` hook (it
 holds the chain weakly, so it keeps nothing alive) stores the pending write-backs
-(for up to :data:`AT_EXIT_FLUSH_S`, then drops the rest with one warning on
+(for up to :data:`AT_EXIT_FLUSH_SECONDS`, then drops the rest with one warning on
 ``pagedkv.tiers``) and joins the writer thread, which must not be left running
 inside torch or a store when the interpreter tears down (that aborted it).
 """
@@ -33,23 +33,23 @@ import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from pagedkv.errors import CacheIntegrityError, StoreError
+from pagedkv.errors import StoreError
 from pagedkv.storage import KVLayout, KVPool
-from pagedkv.tiers.level import Level, MemoryLevel
+from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier, check_tiers, open_levels
+from pagedkv.tiers.level import Level
+from pagedkv.tiers.stats import ChainStats
 from pagedkv.tiers.swap import SwapArea
-from pagedkv.tiers.tier import CPUTier, DiskTier, RedisTier
 from pagedkv.tiers.transfer import Transfer
-from pagedkv.tiers.writeback import Job, WriteBack
+from pagedkv.tiers.writeback import Job, Staged, WriteBack
 
 # How many recently written-through keys are remembered (and not copied again).
 WRITTEN_THROUGH_MEMORY = 1 << 16
 # At exit, how long pending write-backs of an unclosed chain may take before the rest is
 # dropped (a block not stored is only a later miss).
-AT_EXIT_FLUSH_S = 30.0
+AT_EXIT_FLUSH_SECONDS = 30.0
 
 log = logging.getLogger("pagedkv.tiers")
 
@@ -85,16 +85,7 @@ class TieredStore:
         *,
         max_pending_bytes: int = 256 << 20,
     ) -> None:
-        if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Sequence) or not tiers:
-            raise TypeError(
-                "tiers must be a non-empty list such as "
-                f"[CPUTier(8 << 30), DiskTier(path, 64 << 30)], got {tiers!r}"
-            )
-        for t in tiers:
-            if not isinstance(t, (CPUTier, DiskTier, RedisTier)):
-                raise TypeError(
-                    f"tiers must be CPUTier, DiskTier or RedisTier objects, got {type(t).__name__}"
-                )
+        check_tiers(tiers)
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if not isinstance(fingerprint, str):
@@ -106,33 +97,18 @@ class TieredStore:
         self.tiers = tuple(tiers)
         self.layout = layout
         self.fingerprint = fingerprint
-        self.block_bytes = layout.bytes_per_block
+        self.bytes_per_block = layout.bytes_per_block
         # Framed values carry this string's digest; the key namespace is derived from it.
         self._frame_fp = f"pagedkv-tiers-v1|{layout!r}|{fingerprint}"
         ns = hashlib.sha256(self._frame_fp.encode()).hexdigest()[:16]
         self.key_prefix = f"kv-{ns}-"
-        self.levels: list[Level] = []
-        try:
-            for t in tiers:
-                self.levels.append(t.open(self.block_bytes, self._frame_fp))
-            for level in self.levels[:-1]:
-                level.track(self.key_prefix)
-        except BaseException:
-            for level in self.levels:
-                level.close()
-            raise
-        seen: dict[str, int] = {}
-        for level in self.levels:  # "disk", "disk2", ... when a kind repeats
-            seen[level.name] = seen.get(level.name, 0) + 1
-            if seen[level.name] > 1:
-                level.name = f"{level.name}{seen[level.name]}"
+        self.levels: list[Level] = open_levels(tiers, self.bytes_per_block, self._frame_fp)
         self._swap = SwapArea(tiers[0].swap_budget if isinstance(tiers[0], CPUTier) else 0)
         self._writer = WriteBack(self._store_job, max_pending_bytes)
         self._xfer: Transfer | None = None
         self._written_through: OrderedDict[str, None] = OrderedDict()  # recent keys, LRU
-        self._counts = dict.fromkeys(
-            ("lookups", "promoted", "pending_hits", "demoted", "written_through"), 0
-        )
+        self._lookups = self._promoted = self._pending_hits = 0
+        self._demoted = self._written_through_blocks = 0
         self._closed = False
         self._exit_hook = _ExitHook(self)
         atexit.register(self._exit_hook)
@@ -142,6 +118,11 @@ class TieredStore:
 
     def __repr__(self) -> str:
         return f"TieredStore({list(self.tiers)!r}, key_prefix={self.key_prefix!r})"
+
+    @property
+    def block_bytes(self) -> int:
+        """Deprecated name of :attr:`bytes_per_block`."""
+        return self.bytes_per_block
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -173,13 +154,13 @@ class TieredStore:
             key = self.key(block_hash)
             if self._writer.find(key) is None:
                 fresh[key] = block_id
-        if fresh and isinstance(first, MemoryLevel):  # an in-process check costs nothing
+        if fresh and first.in_process:  # an in-process check costs nothing
             held = first.contains(list(fresh))
             first.touch([k for k, h in zip(fresh, held) if h])
             fresh = {k: b for (k, b), h in zip(fresh.items(), held) if not h}
         if fresh:
             self._submit(list(fresh), list(fresh.values()), all_levels=False)
-            self._counts["demoted"] += len(fresh)
+            self._demoted += len(fresh)
 
     def write_through(self, items: Sequence[tuple[int, bytes]]) -> None:
         """Write blocks that stay in the pool (e.g. hit more than once) to every tier now.
@@ -198,7 +179,7 @@ class TieredStore:
                 fresh[key] = block_id
         if fresh:
             self._submit(list(fresh), list(fresh.values()), all_levels=True)
-            self._counts["written_through"] += len(fresh)
+            self._written_through_blocks += len(fresh)
             seen.update(dict.fromkeys(fresh))
             while len(seen) > WRITTEN_THROUGH_MEMORY:
                 seen.popitem(last=False)
@@ -218,28 +199,31 @@ class TieredStore:
             self._put(i, job.keys, rows)
 
     def _put(self, i: int, keys: list[str], rows: torch.Tensor) -> None:
-        """Store into level ``i``, spilling its LRU victims to level ``i + 1`` first."""
+        """Store into level ``i``; with a level below, first spill the blocks the store
+        would evict for them to level ``i + 1``, then delete them."""
         level = self.levels[i]
         if not level.backoff.ready() or not keys:
             return
         missing = [j for j, held in enumerate(level.contains(keys)) if not held]
         if len(missing) < len(keys):
             keys, rows = [keys[j] for j in missing], rows[missing]
-        if level.spills:
-            cap = level.capacity_blocks
+        below = i + 1 < len(self.levels)
+        cap = level.capacity_blocks
+        if below and cap is not None:
             if len(keys) > cap:  # more than the level holds: the oldest go straight down
-                if i + 1 < len(self.levels):
-                    level.spilled += len(keys) - cap
-                    self._put(i + 1, keys[:-cap], rows[:-cap])
+                level.spilled += len(keys) - cap
+                self._put(i + 1, keys[:-cap], rows[:-cap])
                 keys, rows = keys[-cap:], rows[-cap:]
-            victims = level.reserve(keys)
-            if victims:
-                if i + 1 < len(self.levels):
-                    out = torch.empty((len(victims), self.block_bytes), dtype=torch.uint8)
-                    got = [j for j, ok in enumerate(level.load(victims, out)) if ok]
-                    level.spilled += len(got)
-                    self._put(i + 1, [victims[j] for j in got], out[got])
-                level.delete(victims)
+            victims = level.victims(keys)
+            # entries of another cache sharing the store (another prefix) are evicted,
+            # not spilled: they would not verify under this chain's fingerprint
+            ours = [v for v in victims if v.startswith(self.key_prefix)]
+            if ours:
+                out = torch.empty((len(ours), self.bytes_per_block), dtype=torch.uint8)
+                got = [j for j, ok in enumerate(level.load(ours, out)) if ok]
+                level.spilled += len(got)
+                self._put(i + 1, [ours[j] for j in got], out[got])
+            level.delete(victims)
         if keys:
             level.put(keys, rows, pause=self._writer.yield_to_readers)
 
@@ -257,7 +241,7 @@ class TieredStore:
         if len(block_ids) != n:
             raise ValueError(f"promote: {n} hashes but {len(block_ids)} block ids")
         xfer = self._transfer
-        self._counts["lookups"] += n
+        self._lookups += n
         if n == 0:
             return 0
         with self._writer.reading():  # write-back waits: this is on the critical path
@@ -266,50 +250,52 @@ class TieredStore:
     def _promote(self, hashes: Sequence[bytes], block_ids: Sequence[int], xfer: Transfer) -> int:
         n = len(hashes)
         keys = [self.key(h) for h in hashes]
-        source: list[int | None] = [None] * n  # -1: pending write-back, else level index
-        staged = {}
+        # where each block is: staged in the write-back queue, or held by a level
+        staged: dict[int, Staged] = {}
+        level_of: list[int | None] = [None] * n
         for j, key in enumerate(keys):
             hit = self._writer.find(key)
             if hit is not None:
-                source[j], staged[j] = -1, hit
+                staged[j] = hit
         for li, level in enumerate(self.levels):
-            ask = [j for j in range(n) if source[j] is None]
+            ask = [j for j in range(n) if j not in staged and level_of[j] is None]
             if not ask:
                 break
             for j, held in zip(ask, level.contains([keys[j] for j in ask])):
                 if held:
-                    source[j] = li
-        run = next((j for j, s in enumerate(source) if s is None), n)
+                    level_of[j] = li
+        run = next((j for j in range(n) if j not in staged and level_of[j] is None), n)
         if run == 0:
             return 0
         rows = xfer.host_rows(run)
         ok = [False] * run
-        for j, (job, r) in staged.items():
+        for j, hit in staged.items():
             if j < run:
-                rows[j].copy_(job.ready()[r])
+                rows[j].copy_(hit.job.ready()[hit.row])
                 ok[j] = True
         for li, level in enumerate(self.levels):
-            idx = [j for j in range(run) if source[j] == li]
+            idx = [j for j in range(run) if level_of[j] == li]
             if not idx:
                 continue
             if idx[-1] - idx[0] + 1 == len(idx):  # contiguous rows: load in place
                 found = level.load([keys[j] for j in idx], rows[idx[0] : idx[-1] + 1])
             else:
-                tmp = torch.empty((len(idx), self.block_bytes), dtype=torch.uint8)
+                tmp = torch.empty((len(idx), self.bytes_per_block), dtype=torch.uint8)
                 found = level.load([keys[j] for j in idx], tmp)
                 rows[idx] = tmp
             for j, f in zip(idx, found):
                 ok[j] = f
         loaded = next((j for j, f in enumerate(ok) if not f), run)
         for j in range(loaded):
-            if source[j] == -1:
-                self._counts["pending_hits"] += 1
+            held_by = level_of[j]
+            if held_by is None:  # staged: counted as the first tier's, where it is going
+                self._pending_hits += 1
                 self.levels[0].hits += 1
             else:
-                self.levels[source[j]].hits += 1
+                self.levels[held_by].hits += 1
         if loaded:
             xfer.scatter(block_ids[:loaded], rows[:loaded])
-            self._counts["promoted"] += loaded
+            self._promoted += loaded
         return loaded
 
     # -- swap ---------------------------------------------------------------------------
@@ -322,12 +308,12 @@ class TieredStore:
         is already swapped out, and :class:`OutOfBlocks` when the swap area cannot
         hold the blocks; nothing changes then.
         """
-        if not isinstance(self.levels[0], MemoryLevel):
+        if not isinstance(self.tiers[0], CPUTier):
             raise ValueError(
                 "swap_out needs a CPUTier as the first tier (tiers=[CPUTier(...), ...]); "
                 f"the first tier here is {self.levels[0].name}"
             )
-        self._swap.check_fits(key, len(block_ids) * self.block_bytes)
+        self._swap.check_fits(key, len(block_ids) * self.bytes_per_block)
         self._swap.add(key, *self._transfer.gather(block_ids))
 
     def swap_in(self, key: str, block_ids: Sequence[int], *, skip: int = 0) -> None:
@@ -338,18 +324,8 @@ class TieredStore:
         hold these bytes). Raises ``KeyError`` for an unknown key and ``ValueError``
         for a wrong count or ``skip``; nothing changes then.
         """
-        rows, event = self._swap.get(key)
-        if len(block_ids) != rows.shape[0]:
-            raise ValueError(
-                f"swap_in({key!r}): {rows.shape[0]} blocks were swapped out, "
-                f"got {len(block_ids)} block ids"
-            )
-        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= len(rows):
-            raise ValueError(f"swap_in({key!r}): skip must be an int in [0, {len(rows)}]")
-        ids = list(block_ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"swap_in({key!r}): block ids must be distinct, got {ids}")
-        self._transfer.scatter(ids[skip:], rows[skip:], after=event)
+        ids, rows, event = self._swap.check_swap_in(key, block_ids, skip)
+        self._transfer.scatter(ids, rows, after=event)
         self.discard_swap(key)
 
     def discard_swap(self, key: str) -> bool:
@@ -383,34 +359,30 @@ class TieredStore:
 
     # -- introspection ------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """Counters: ``tiers`` maps each tier name (``cpu``, ``disk``, ``redis``) to its
-        hits (blocks promoted from it), puts, spilled, corrupt, errors, available,
-        entries, bytes_used, capacity_bytes; plus chain totals (``lookups`` blocks
-        asked, ``promoted``, ``pending_hits``, ``demoted``, ``written_through``,
-        swap usage, ``pending_bytes``)."""
-        return {
-            "tiers": {level.name: level.stats() for level in self.levels},
-            **self._counts,
-            "swapped_sequences": len(self._swap),
-            "swapped_bytes": self._swap.used_bytes,
-            "swap_capacity_bytes": self._swap.capacity_bytes,
-            "pending_bytes": self._writer.pending_bytes,
-        }
+    def stats(self) -> ChainStats:
+        """Counters of the chain and of each tier (:class:`~pagedkv.tiers.stats.ChainStats`;
+        also readable as a mapping: ``stats["tiers"]["cpu"]["hits"]``)."""
+        return ChainStats(
+            tiers={level.name: level.stats() for level in self.levels},
+            lookups=self._lookups,
+            promoted=self._promoted,
+            pending_hits=self._pending_hits,
+            demoted=self._demoted,
+            written_through=self._written_through_blocks,
+            swapped_sequences=len(self._swap),
+            swapped_bytes=self._swap.used_bytes,
+            swap_capacity_bytes=self._swap.capacity_bytes,
+            pending_bytes=self._writer.pending_bytes,
+            lost_blocks=self._writer.lost_blocks,
+        )
 
     def check_integrity(self) -> None:
-        """Raise :class:`CacheIntegrityError` when swap or index bookkeeping disagrees."""
+        """Raise :class:`~pagedkv.errors.CacheIntegrityError` when the swap area, the
+        write-back queue or a tier's store disagrees with its own bookkeeping."""
         self._swap.check_integrity()
+        self._writer.check_integrity()
         for level in self.levels:
-            n = level.tracked
-            if n is not None and n > level.capacity_blocks:
-                raise CacheIntegrityError(
-                    f"TieredStore: tier {level.name} indexes {n} blocks > capacity "
-                    f"{level.capacity_blocks}"
-                )
-            check = getattr(level.store, "check_integrity", None)
-            if check is not None:
-                check()
+            level.check_integrity()
 
     def close(self) -> None:
         """Store the pending write-backs, drop swapped data and close every tier.
@@ -425,7 +397,7 @@ class TieredStore:
         self._closed = True
         atexit.unregister(self._exit_hook)
         pending = len(self._writer)
-        lost = self._writer.close(timeout=AT_EXIT_FLUSH_S if at_exit else None)
+        lost = self._writer.close(timeout=AT_EXIT_FLUSH_SECONDS if at_exit else None)
         self._swap.clear()
         if not self._writer.running:  # a writer stuck past the timeout still uses them
             for level in self.levels:

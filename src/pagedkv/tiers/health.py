@@ -21,8 +21,8 @@ class Backoff:
     """Health of one tier: ``ready()`` says whether to try it now.
 
     ``failure(exc)`` opens (or extends) an outage: the tier is skipped for
-    ``initial_s``, then ``2 * initial_s`` ... up to ``max_s`` after each further
-    failure. ``success()`` closes the outage. Thread-safe; ``clock`` is injectable
+    ``initial_seconds``, then ``2 * initial_seconds`` ... up to ``max_seconds`` after
+    each further failure. ``success()`` closes the outage. Thread-safe; ``clock`` is injectable
     for tests.
     """
 
@@ -30,17 +30,18 @@ class Backoff:
         self,
         name: str,
         *,
-        initial_s: float = 0.5,
-        max_s: float = 30.0,
+        initial_seconds: float = 0.5,
+        max_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not initial_s > 0 or not max_s >= initial_s:
+        if not initial_seconds > 0 or not max_seconds >= initial_seconds:
             raise ValueError(
-                f"{name}: back-off needs 0 < initial_s <= max_s, got {initial_s}, {max_s}"
+                f"{name}: back-off needs 0 < initial_seconds <= max_seconds, got "
+                f"{initial_seconds}, {max_seconds}"
             )
         self.name = name
-        self._initial = initial_s
-        self._max = max_s
+        self._initial = initial_seconds
+        self._max = max_seconds
         self._clock = clock
         self._lock = threading.Lock()
         self._failures = 0  # consecutive failures of the current outage

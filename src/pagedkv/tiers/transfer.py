@@ -25,8 +25,8 @@ class Transfer:
 
     def __init__(self, pool: KVPool, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.pool = pool
-        self.block_bytes = pool.layout.bytes_per_block
-        self.chunk = max(1, chunk_bytes // self.block_bytes)  # blocks per copy
+        self.bytes_per_block = pool.layout.bytes_per_block
+        self.chunk = max(1, chunk_bytes // self.bytes_per_block)  # blocks per copy
         self.cuda = pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
 
@@ -56,7 +56,13 @@ class Transfer:
         current.wait_event(event)  # a later write into these blocks cannot overtake the copy
         return rows, event
 
-    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor, *, after: Any = None) -> None:
+    def scatter(
+        self,
+        block_ids: Sequence[int],
+        rows: torch.Tensor,
+        *,
+        after: torch.cuda.Event | None = None,
+    ) -> None:
         """Write host rows into pool blocks on the current stream (async from pinned rows;
         torch's pinned allocator keeps them alive until the copy has run). ``after``: the
         event of the :meth:`gather` that filled ``rows``, if the current stream may not

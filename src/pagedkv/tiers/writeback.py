@@ -16,18 +16,20 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import torch
+
+from pagedkv.errors import CacheIntegrityError
 
 log = logging.getLogger("pagedkv.tiers")
 
 # An idle writer thread exits after this long, so a cache that is never closed
 # does not keep a thread (and, through it, the cache) alive forever.
-IDLE_EXIT_S = 2.0
+IDLE_EXIT_SECONDS = 2.0
 # After close(timeout) gave up and dropped the queue, the job being stored stops at its
 # next batch; this is how long close waits for that.
-DROP_GRACE_S = 5.0
+DROP_GRACE_SECONDS = 5.0
 
 
 class JobDropped(Exception):
@@ -36,7 +38,7 @@ class JobDropped(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """Blocks to store: row ``i`` of ``rows`` (host ``uint8 [n, block_bytes]``) is ``keys[i]``.
+    """Blocks to store: row ``i`` of ``rows`` (host ``uint8 [n, bytes_per_block]``) is ``keys[i]``.
 
     ``event`` (CUDA) completes when ``rows`` holds the bytes; ``all_levels`` asks for
     every tier (write-through) instead of only the first (write-back).
@@ -44,7 +46,7 @@ class Job:
 
     keys: list[str]
     rows: torch.Tensor
-    event: Any = None
+    event: torch.cuda.Event | None = None
     all_levels: bool = False
     nbytes: int = field(init=False)
 
@@ -58,6 +60,13 @@ class Job:
         return self.rows
 
 
+class Staged(NamedTuple):
+    """Where a block waiting to be stored is: row ``row`` of ``job.rows``."""
+
+    job: Job
+    row: int
+
+
 class WriteBack:
     """One background thread running ``sink(job)`` for each submitted job, in order."""
 
@@ -66,7 +75,7 @@ class WriteBack:
         self._max = max_pending_bytes
         self._cv = threading.Condition()
         self._jobs: deque[Job] = deque()  # the head is being stored; removed when done
-        self._pending: dict[str, tuple[Job, int]] = {}
+        self._pending: dict[str, Staged] = {}  # key -> its newest staged copy
         self._pending_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -99,7 +108,7 @@ class WriteBack:
             self._jobs.append(job)
             self._pending_bytes += job.nbytes
             for i, key in enumerate(job.keys):
-                self._pending[key] = (job, i)
+                self._pending[key] = Staged(job, i)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pagedkv-tiers-writeback", daemon=True
@@ -130,9 +139,42 @@ class WriteBack:
             if self._drop:
                 raise JobDropped
 
-    def find(self, key: str) -> tuple[Job, int] | None:
-        """The staged ``(job, row)`` holding ``key``, if it is waiting to be stored."""
+    def find(self, key: str) -> Staged | None:
+        """Where ``key`` is staged, if it is waiting to be stored."""
         return self._pending.get(key)
+
+    def check_integrity(self) -> None:
+        """Raise :class:`~pagedkv.errors.CacheIntegrityError` when the queue's bookkeeping
+        disagrees: the staged bytes against the queued jobs, or the ``key -> staged row``
+        index against the jobs' keys (each key of a queued job findable, in that job or a
+        later one; nothing findable that no queued job holds)."""
+        with self._cv:
+            queued = sum(job.nbytes for job in self._jobs)
+            if queued != self._pending_bytes:
+                raise CacheIntegrityError(
+                    f"WriteBack: pending_bytes({self._pending_bytes}) != bytes of the "
+                    f"{len(self._jobs)} queued jobs({queued})"
+                )
+            order = {id(job): n for n, job in enumerate(self._jobs)}
+            for key, (job, row) in self._pending.items():
+                if id(job) not in order or not 0 <= row < len(job.keys) or job.keys[row] != key:
+                    raise CacheIntegrityError(
+                        f"WriteBack: key {key!r} is indexed at row {row} of a job that "
+                        "is not queued or does not hold it there"
+                    )
+            for job in self._jobs:
+                for key in job.keys:
+                    hit = self._pending.get(key)
+                    if hit is None or order[id(hit.job)] < order[id(job)]:
+                        raise CacheIntegrityError(
+                            f"WriteBack: key {key!r} of a queued job is not findable "
+                            "(a prefix hit on it would miss)"
+                        )
+            if self.lost_blocks < 0 or self._readers < 0:
+                raise CacheIntegrityError(
+                    f"WriteBack: lost_blocks({self.lost_blocks}) or readers({self._readers}) "
+                    "below 0"
+                )
 
     def flush(self) -> None:
         """Wait until every submitted job has been stored."""
@@ -145,7 +187,7 @@ class WriteBack:
 
         With ``timeout`` (seconds), the work not done by then is dropped (counted in
         ``lost_blocks``): the job being stored stops at its next batch, within
-        :data:`DROP_GRACE_S` unless a store hangs.
+        :data:`DROP_GRACE_SECONDS` unless a store hangs.
         """
         with self._cv:
             self._stop = True
@@ -157,7 +199,7 @@ class WriteBack:
                 with self._cv:
                     self._drop = True
                     self._cv.notify_all()
-                thread.join(DROP_GRACE_S)
+                thread.join(DROP_GRACE_SECONDS)
         with self._cv:
             return self.lost_blocks + (sum(len(j.keys) for j in self._jobs) if self._drop else 0)
 
@@ -165,7 +207,7 @@ class WriteBack:
         while True:
             with self._cv:
                 if not self._jobs and not self._stop:
-                    self._cv.wait(IDLE_EXIT_S)
+                    self._cv.wait(IDLE_EXIT_SECONDS)
                 if not self._jobs:  # stopped, or idle: exit (submit starts a new thread)
                     self._thread = None
                     return
@@ -190,5 +232,6 @@ class WriteBack:
             self.lost_blocks += len(job.keys)
         self._pending_bytes -= job.nbytes
         for key in job.keys:
-            if self._pending.get(key, (None,))[0] is job:
+            hit = self._pending.get(key)
+            if hit is not None and hit.job is job:
                 del self._pending[key]

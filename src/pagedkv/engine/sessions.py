@@ -26,35 +26,35 @@ A request's ``cache_salt`` is its sequence's salt in the cache, so the snapshot 
 (in the manifest's sequence entry). :meth:`Engine.resume` needs the same
 ``cache_salt`` (``SnapshotError`` otherwise) and loads the KV under it: the restored
 blocks serve prefix hits only to requests with that salt.
+
+How the code is split: :class:`~pagedkv.Engine` owns its retained requests and queues
+what this module gives back; the functions here take what they need as arguments (the
+cache, a store, a :class:`~pagedkv.engine.submit.RequestFactory`) and never see the
+engine, so ``engine`` imports ``sessions`` and not the other way round.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
 import torch
 
-from pagedkv.engine import submit
-from pagedkv.engine.request import Request, RequestOutput, SamplingParams
+from pagedkv.cache import KVCache
+from pagedkv.engine.request import Request, SamplingParams
+from pagedkv.engine.submit import RequestFactory
 from pagedkv.errors import OutOfBlocks, SnapshotError
 from pagedkv.snapshot import SnapshotInfo, SnapshotStore
 from pagedkv.snapshot.manifest import describe_layout, layout_dict
 
-if TYPE_CHECKING:
-    from pagedkv.engine.engine import Engine
-
-logger = logging.getLogger("pagedkv.engine")
-
 META_KEY = "pagedkv.engine"
 META_VERSION = 1
 
-StoreSpec = str | os.PathLike[str] | SnapshotStore
+StoreSpec: TypeAlias = str | os.PathLike[str] | SnapshotStore
 
 
 @contextmanager
@@ -74,44 +74,15 @@ def open_store(store: StoreSpec | None, default: StoreSpec | None) -> Iterator[S
         yield opened
 
 
-def retained_request(engine: Engine, request: int | RequestOutput) -> Request:
-    """The retained request behind an id or a RequestOutput; ``KeyError`` if there is none."""
-    rid = request.request_id if isinstance(request, RequestOutput) else request
-    req = engine._retained.get(rid)
-    if req is None:
-        raise KeyError(
-            f"request {rid!r} is not retained: only a finished request submitted with "
-            "retain=True (and not yet snapshotted or released) can be snapshotted; "
-            f"retained now: {sorted(engine._retained)[:8]}"
-        )
-    return req
-
-
-def release(engine: Engine, request: int | RequestOutput) -> None:
-    """Free a retained request's sequence."""
-    req = engine._retained.pop(retained_request(engine, request).request_id)
-    engine.cache.free(req.seq_id)
-    req.num_allocated = 0
-
-
-def save(
-    engine: Engine,
-    request: int | RequestOutput,
-    name: str | None,
-    store: StoreSpec | None,
-    metadata: dict[str, Any] | None,
-    keep: bool,
-    overwrite: bool,
-) -> SnapshotInfo:
-    """Save a retained request's sequence and the state needed to continue it; release
-    it afterwards unless ``keep``."""
-    req = retained_request(engine, request)
+def snapshot_metadata(
+    req: Request, text: str | None, metadata: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The metadata a snapshot of finished request ``req`` is saved with: the user's
+    ``metadata`` and, under :data:`META_KEY`, what :func:`resume` needs (``ValueError``
+    if the user's metadata uses that key). ``text``: the request's decoded output."""
     user = dict(metadata or {})
     if META_KEY in user:
         raise ValueError(f"metadata key {META_KEY!r} is reserved for the engine")
-    tokens = engine.cache.token_ids(req.seq_id)
-    # the cache holds every token but the last sampled one, whose KV is not written yet
-    assert tokens == req.all_tokens[:-1], (len(tokens), req.num_tokens)
     gen = req.generator
     meta = {
         "version": META_VERSION,
@@ -120,35 +91,48 @@ def save(
         "num_generated": len(req.output),
         "finish_reason": req.finish_reason,
         "sampling": asdict(req.params),
-        "text": engine._output(req).text,
+        "text": text,
         "generator": None if gen is None else base64.b64encode(_state(gen)).decode(),
         "generator_device": None if gen is None else gen.device.type,
     }
-    with open_store(store, engine.snapshot_store) as target:
-        info = target.save(
-            engine.cache, [req.seq_id], name, {**user, META_KEY: meta}, overwrite=overwrite
-        )
-    if not keep:
-        release(engine, req.request_id)
-    return info
+    return {**user, META_KEY: meta}
+
+
+def save(
+    store: SnapshotStore,
+    cache: KVCache,
+    req: Request,
+    name: str | None,
+    metadata: dict[str, Any],
+    overwrite: bool,
+) -> SnapshotInfo:
+    """Save finished request ``req``'s sequence with ``metadata`` (from
+    :func:`snapshot_metadata`)."""
+    tokens = cache.token_ids(req.seq_id)
+    # the cache holds every token but the last sampled one, whose KV is not written yet
+    assert tokens == req.all_tokens[:-1], (len(tokens), req.num_tokens)
+    return store.save(cache, [req.seq_id], name, metadata, overwrite=overwrite)
 
 
 def resume(
-    engine: Engine,
+    store: SnapshotStore,
     name: str,
     more_prompt: str | Sequence[int],
     params: SamplingParams | None,
-    store: StoreSpec | None,
+    *,
+    cache: KVCache,
+    factory: RequestFactory,
+    new_id: Callable[[], int],
     retain: bool,
-    cache_salt: str | bytes | None = None,
+    cache_salt: str | bytes | None,
+    num_retained: int,
 ) -> Request:
-    """Load snapshot ``name`` into the cache and queue the request that continues it,
-    under the snapshot's cache salt (``cache_salt`` must equal it)."""
-    with open_store(store, engine.snapshot_store) as target:
-        return _resume(engine, name, more_prompt, params, target, retain, cache_salt)
-
-
-def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain, cache_salt) -> Request:
+    """Load snapshot ``name`` into ``cache`` under a new request id (from ``new_id()``)
+    and return the request that continues it, not queued yet (see
+    :meth:`~pagedkv.engine.scheduler.Scheduler.add_resident`): its prompt is the saved
+    history + the saved next token + ``more_prompt``, its KV resident up to that token.
+    ``cache_salt`` must equal the snapshot's; ``num_retained`` is for the error message
+    when the pool has no room. Nothing changes when it raises."""
     manifest = store.manifest(name)
     meta = manifest.metadata.get(META_KEY)
     if not isinstance(meta, dict) or len(manifest.sequences) != 1:
@@ -161,7 +145,6 @@ def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain, cac
             f"snapshot {name!r} has engine metadata version {meta.get('version')!r}; this "
             f"pagedkv resumes version {META_VERSION}"
         )
-    cache = engine.cache
     if manifest.fingerprint != cache.fingerprint:
         raise SnapshotError(
             f"snapshot {name!r} was saved from model {manifest.model!r} with KV layout "
@@ -175,18 +158,8 @@ def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain, cac
         next_token = int(meta["next_token"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot {name!r} has malformed engine metadata: {exc}") from None
-    if isinstance(more_prompt, str):
-        if engine.tokenizer is None:
-            raise ValueError("a string more_prompt needs a tokenizer: Engine(model, tokenizer)")
-        more = engine.tokenizer(more_prompt, add_special_tokens=False)["input_ids"]
-    elif isinstance(more_prompt, Iterable):
-        more = list(more_prompt)  # its ids are checked with the history below
-    else:
-        raise TypeError(f"more_prompt must be a str or token ids, got {type(more_prompt).__name__}")
-    history = [*entry.token_ids, next_token, *more]
-    req = submit.make_request(
-        engine, history, params or saved, retain=retain, cache_salt=cache_salt
-    )
+    history = [*entry.token_ids, next_token, *_more_ids(more_prompt, factory.tokenizer)]
+    req = factory.make_request(history, params or saved, retain=retain, cache_salt=cache_salt)
     if entry.salt != req.cache_salt:
         # the sequence's KV lives in its salt's namespace: another salt must not reach it
         raise SnapshotError(
@@ -195,43 +168,27 @@ def _resume(engine, name, more_prompt, params, store: SnapshotStore, retain, cac
             "; resume it with the cache_salt of the request that made it"
         )
     _restore_generator(req, saved, meta)
-    req.request_id = next(engine._ids)
+    req.request_id = new_id()
     try:
         store.load(cache, name, {entry.seq_id: req.seq_id})
     except OutOfBlocks as exc:
         raise OutOfBlocks(
             f"no room to resume snapshot {name!r}: it needs {len(entry.pages)} KV blocks and "
             f"{cache.num_free_blocks} are free; let running requests finish, or release() "
-            f"retained ones ({len(engine._retained)} held)"
+            f"retained ones ({num_retained} held)"
         ) from exc
     req.num_computed = req.num_allocated = req.num_cached_tokens = entry.num_tokens
-    counters = engine.scheduler.counters
-    counters.prompt_tokens += len(history)
-    counters.cached_tokens += entry.num_tokens
-    engine._requests[req.request_id] = req
-    # to the front: it already holds its blocks, so it should use them rather than idle
-    engine.scheduler.add(req, front=True)
-    engine._num_requests += 1
     return req
 
 
-def fail_starved(engine: Engine) -> list[RequestOutput]:
-    """Fail the head of the queue when nothing runs and the pool cannot admit it."""
-    req = engine.scheduler.waiting[0]
-    held = sum(len(engine.cache.block_table(r.seq_id)) for r in engine._retained.values())
-    req.finish_reason = "error"
-    req.error = (
-        f"out of KV blocks: the request needs more than the {engine.cache.num_free_blocks} "
-        "free blocks and nothing is running to free more"
-    )
-    if engine._retained:
-        req.error += (
-            f"; {len(engine._retained)} retained sequences hold {held} of "
-            f"{engine.cache.num_blocks} blocks: snapshot() or release() them"
-        )
-    logger.warning("request %d failed: %s", req.request_id, req.error)
-    engine.scheduler.finish(req)
-    return [engine._output(req)]
+def _more_ids(more_prompt: object, tokenizer: Any) -> list[int]:
+    if isinstance(more_prompt, str):
+        if tokenizer is None:
+            raise ValueError("a string more_prompt needs a tokenizer: Engine(model, tokenizer)")
+        return list(tokenizer(more_prompt, add_special_tokens=False)["input_ids"])
+    if isinstance(more_prompt, Iterable):
+        return list(more_prompt)  # its ids are checked with the history
+    raise TypeError(f"more_prompt must be a str or token ids, got {type(more_prompt).__name__}")
 
 
 def _state(gen: torch.Generator) -> bytes:

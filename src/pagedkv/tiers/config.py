@@ -3,18 +3,27 @@
 Each config is a frozen dataclass validated at construction (``ValueError`` /
 ``TypeError`` naming the field and how to fix it). :class:`TieredStore` opens them
 once it knows the block layout, turning each into a :class:`~pagedkv.tiers.level.Level`.
+
+The names: a *tier* is what the user configures here; a *level* is a tier opened
+over its store (:class:`~pagedkv.tiers.level.Level`); the *chain*
+(:class:`~pagedkv.tiers.chain.TieredStore`) is the levels in order, fastest first.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedkv import _resources
 from pagedkv.errors import ResourceError
 from pagedkv.tiers.health import Backoff
-from pagedkv.tiers.level import FramedLevel, Level, MemoryLevel
+from pagedkv.tiers.level import Level
+
+if TYPE_CHECKING:
+    from pagedkv.stores import RedisStore
 
 
 def _check_bytes(value: object, who: str, field: str, *, allow_zero: bool = False) -> None:
@@ -76,18 +85,24 @@ class CPUTier:
         """Bytes available to swapped-out sequences."""
         return self.capacity_bytes if self.swap_bytes is None else self.swap_bytes
 
-    def open(self, block_bytes: int, fingerprint: str) -> Level:
-        """Allocate the slab for blocks of ``block_bytes``; raises if not even one fits."""
-        if self.capacity_bytes < block_bytes:
+    def open(self, bytes_per_block: int, fingerprint: str) -> Level:
+        """Allocate the slab for blocks of ``bytes_per_block``; raises if not even one fits.
+
+        Not framed: the bytes never leave this process, and a digest per block would cost
+        more than the copy itself.
+        """
+        if self.capacity_bytes < bytes_per_block:
             raise ValueError(
                 f"CPUTier: capacity_bytes={self.capacity_bytes} cannot hold one KV block of "
-                f"{block_bytes} bytes; give at least that much"
+                f"{bytes_per_block} bytes; give at least that much"
             )
         from pagedkv.stores import MemoryStore
 
         _check_host_memory("CPUTier", self.capacity_bytes)
-        store = MemoryStore(self.capacity_bytes, slot_bytes=block_bytes)
-        return MemoryLevel("cpu", store, block_bytes, capacity_blocks=store.num_slots)
+        store = MemoryStore(self.capacity_bytes, slot_bytes=bytes_per_block)
+        return Level(
+            "cpu", store, bytes_per_block, capacity_blocks=store.num_slots, in_process=True
+        )
 
 
 @dataclass(frozen=True)
@@ -146,47 +161,82 @@ class DiskTier:
                 f"({_resources.format_bytes(disk.free)} free); pass capacity_bytes <= {disk.free}"
             )
 
-    def open(self, block_bytes: int, fingerprint: str) -> Level:
+    def open(self, bytes_per_block: int, fingerprint: str) -> Level:
         """Open (create) the directory; entries of earlier runs stay usable."""
-        from pagedkv.stores import DiskStore
+        from pagedkv.stores import DiskStore, FramedStore
         from pagedkv.stores.framing import HEADER_BYTES
 
-        entry = block_bytes + HEADER_BYTES
+        entry = bytes_per_block + HEADER_BYTES
         if self.capacity_bytes < entry:
             raise ValueError(
                 f"DiskTier: capacity_bytes={self.capacity_bytes} cannot hold one framed KV "
                 f"block of {entry} bytes; give at least that much"
             )
-        store = DiskStore(
-            self.path, self.capacity_bytes, fsync=self.fsync, file_mode=self.file_mode
-        )
-        return FramedLevel(
-            "disk", store, block_bytes, fingerprint, capacity_blocks=self.capacity_bytes // entry
+        disk = DiskStore(self.path, self.capacity_bytes, fsync=self.fsync, file_mode=self.file_mode)
+        return Level(
+            "disk",
+            FramedStore(disk, fingerprint),
+            bytes_per_block,
+            capacity_blocks=self.capacity_bytes // entry,
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RedisTier:
     """Shared Redis tier (``redis://host:port/db`` or ``rediss://``).
 
     The server's ``maxmemory`` / ``maxmemory-policy allkeys-lru`` governs capacity,
     so this tier is normally the last one. ``ttl_seconds`` adds a sliding expiry.
-    Entries are framed and verified like the disk tier's. When Redis is
-    unreachable, slow (``timeout_s`` per round trip) or failing, the tier is
-    treated as missing and retried after ``retry_initial_s``, doubling up to
-    ``retry_max_s``; the first failure and the recovery are logged once on
+    Entries are framed and verified like the disk tier's. When Redis is unreachable,
+    slow (``timeout_seconds`` per round trip) or failing, the tier is treated as
+    missing and retried after ``retry_initial_seconds``, doubling up to
+    ``retry_max_seconds``; the first failure and the recovery are logged once on
     ``pagedkv.tiers``. Construction never connects. The repr, logs and errors show
     the URL with its password as ``***``; ``password`` is never shown. Keys are
     ``key_prefix + "kv-<namespace>-<hash>"`` (see the README on Redis ACLs).
+
+    ``timeout_s``, ``retry_initial_s`` and ``retry_max_s`` are accepted as the older
+    names of the three ``*_seconds`` keywords.
     """
 
     url: str
     key_prefix: str = "pagedkv:"
     password: str | None = field(default=None, repr=False)
     ttl_seconds: int | None = None
-    timeout_s: float = 0.5
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
+    timeout_seconds: float = 0.5
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "pagedkv:",
+        password: str | None = None,
+        ttl_seconds: int | None = None,
+        timeout_seconds: float | None = None,
+        retry_initial_seconds: float | None = None,
+        retry_max_seconds: float | None = None,
+        *,
+        timeout_s: float | None = None,
+        retry_initial_s: float | None = None,
+        retry_max_s: float | None = None,
+    ) -> None:
+        given = {
+            "timeout_seconds": _one_of(timeout_seconds, timeout_s, "timeout", 0.5),
+            "retry_initial_seconds": _one_of(
+                retry_initial_seconds, retry_initial_s, "retry_initial", 0.5
+            ),
+            "retry_max_seconds": _one_of(retry_max_seconds, retry_max_s, "retry_max", 30.0),
+        }
+        for name, value in (
+            ("url", url),
+            ("key_prefix", key_prefix),
+            ("password", password),
+            ("ttl_seconds", ttl_seconds),
+            *given.items(),
+        ):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str):
@@ -194,13 +244,13 @@ class RedisTier:
                 "RedisTier: url must be a str like redis://host:6379/0, got "
                 f"{type(self.url).__name__}"
             )
-        _check_seconds(self.timeout_s, "RedisTier", "timeout_s")
-        _check_seconds(self.retry_initial_s, "RedisTier", "retry_initial_s")
-        _check_seconds(self.retry_max_s, "RedisTier", "retry_max_s")
-        if self.retry_max_s < self.retry_initial_s:
+        _check_seconds(self.timeout_seconds, "RedisTier", "timeout_seconds")
+        _check_seconds(self.retry_initial_seconds, "RedisTier", "retry_initial_seconds")
+        _check_seconds(self.retry_max_seconds, "RedisTier", "retry_max_seconds")
+        if self.retry_max_seconds < self.retry_initial_seconds:
             raise ValueError(
-                f"RedisTier: retry_max_s ({self.retry_max_s}) < retry_initial_s "
-                f"({self.retry_initial_s})"
+                f"RedisTier: retry_max_seconds ({self.retry_max_seconds}) < "
+                f"retry_initial_seconds ({self.retry_initial_seconds})"
             )
         self._store().close()  # the store validates url, prefix and ttl (no connection)
 
@@ -210,31 +260,84 @@ class RedisTier:
         password = "" if self.password is None else ", password='***'"
         return (
             f"RedisTier(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r}"
-            f"{password}, ttl_seconds={self.ttl_seconds!r}, timeout_s={self.timeout_s!r}, "
-            f"retry_initial_s={self.retry_initial_s!r}, retry_max_s={self.retry_max_s!r})"
+            f"{password}, ttl_seconds={self.ttl_seconds!r}, "
+            f"timeout_seconds={self.timeout_seconds!r}, "
+            f"retry_initial_seconds={self.retry_initial_seconds!r}, "
+            f"retry_max_seconds={self.retry_max_seconds!r})"
         )
 
-    def _store(self):  # noqa: ANN202 - RedisStore is imported lazily (redis-py is optional)
+    def _store(self) -> RedisStore:
         from pagedkv.stores import RedisStore
 
         return RedisStore(
             self.url,
             key_prefix=self.key_prefix,
             password=self.password,
-            socket_timeout=self.timeout_s,
-            connect_timeout=self.timeout_s,
+            socket_timeout=self.timeout_seconds,
+            connect_timeout=self.timeout_seconds,
             ttl_seconds=self.ttl_seconds,
         )
 
-    def open(self, block_bytes: int, fingerprint: str) -> Level:
+    def open(self, bytes_per_block: int, fingerprint: str) -> Level:
         """Create the client (no round trip yet)."""
+        from pagedkv.stores import FramedStore
+
         store = self._store()
         backoff = Backoff(
             f"redis({store.url})",
-            initial_s=self.retry_initial_s,
-            max_s=self.retry_max_s,
+            initial_seconds=self.retry_initial_seconds,
+            max_seconds=self.retry_max_seconds,
         )
-        return FramedLevel("redis", store, block_bytes, fingerprint, backoff=backoff)
+        return Level("redis", FramedStore(store, fingerprint), bytes_per_block, backoff=backoff)
+
+
+def _one_of(new: float | None, old: float | None, stem: str, default: float) -> float:
+    """The value of keyword ``<stem>_seconds``, or of its older name ``<stem>_s``."""
+    if new is not None and old is not None:
+        raise TypeError(f"RedisTier: pass {stem}_seconds or {stem}_s (its older name), not both")
+    value = new if new is not None else old
+    return default if value is None else value
 
 
 Tier = CPUTier | DiskTier | RedisTier
+
+
+def check_tiers(tiers: object) -> None:
+    """``TypeError`` unless ``tiers`` is a non-empty list of tier configs."""
+    if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Sequence) or not tiers:
+        raise TypeError(
+            "tiers must be a non-empty list such as "
+            f"[CPUTier(8 << 30), DiskTier(path, 64 << 30)], got {tiers!r}"
+        )
+    for t in tiers:
+        if not isinstance(t, (CPUTier, DiskTier, RedisTier)):
+            raise TypeError(
+                f"tiers must be CPUTier, DiskTier or RedisTier objects, got {type(t).__name__}"
+            )
+
+
+def open_levels(tiers: Sequence[Tier], bytes_per_block: int, fingerprint: str) -> list[Level]:
+    """Open every tier for blocks of ``bytes_per_block`` under ``fingerprint``, fastest
+    first; a kind that repeats is named ``disk``, ``disk2`` ... Every tier but the last
+    must have a capacity (it spills to the one below). On an error the levels opened so
+    far are closed."""
+    levels: list[Level] = []
+    try:
+        for t in tiers:
+            levels.append(t.open(bytes_per_block, fingerprint))
+        for level in levels[:-1]:
+            if level.capacity_blocks is None:
+                raise ValueError(
+                    f"tier {level.name} has no capacity, so it cannot spill to the tier "
+                    "below it; put it last in the tiers list"
+                )
+    except BaseException:
+        for level in levels:
+            level.close()
+        raise
+    seen: dict[str, int] = {}
+    for level in levels:
+        seen[level.name] = seen.get(level.name, 0) + 1
+        if seen[level.name] > 1:
+            level.name = f"{level.name}{seen[level.name]}"
+    return levels

@@ -1,0 +1,34 @@
+"""What the engine reports about itself: :class:`EngineStats`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters since the engine was built (named, as :meth:`Engine.stats` returns them).
+
+    ``prefix_hit_rate`` = ``cached_tokens / prompt_tokens`` (prompt tokens served from
+    the prefix cache at admission, or restored from a snapshot); ``prefill_tokens``
+    counts tokens computed for prompts (recomputes after preemption included);
+    ``tokens_per_s`` = generated tokens / seconds spent in :meth:`Engine.step`;
+    ``retained_seqs``: finished requests kept in the cache (``retain=True``) until
+    snapshotted or released (their blocks count in ``blocks_in_use``).
+    """
+
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    prefix_hit_rate: float
+    prefill_tokens: int
+    generated_tokens: int
+    step_seconds: float
+    tokens_per_s: float
+    steps: int
+    preemptions: int
+    blocks_in_use: int
+    blocks_peak: int
+    num_blocks: int
+    block_size: int
+    retained_seqs: int = 0

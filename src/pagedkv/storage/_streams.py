@@ -1,0 +1,44 @@
+"""Small helpers the pool-to-pool copies share: side streams, events, id tensors, views."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedkv.storage.pool import KVPool
+
+
+def ids_on(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Block ids as int64 on ``device``, copied on the current stream without a sync."""
+    return torch.tensor(ids, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
+def blocks(t: torch.Tensor, pool: KVPool, k: int) -> torch.Tensor:
+    """The first ``k`` rows of a uint8 ``[n, bytes_per_block]`` buffer as block tensors."""
+    lay = pool.layout
+    shape = (k, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+    return t[:k].view(lay.dtype).view(shape)
+
+
+def event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    done = torch.cuda.Event()
+    done.record(stream)
+    return done
+
+
+def side_stream(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(a new stream on ``device`` that starts after its current stream, that stream)."""
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(current)
+    return stream, current
+
+
+def finish(streams: list[torch.cuda.Stream], currents: list[torch.cuda.Stream]) -> None:
+    """Wait for our streams (also after an error: nothing of ours may still write), and
+    order the callers' current streams after them."""
+    for stream in streams:
+        stream.synchronize()
+    for current in currents:
+        for stream in streams:
+            if stream.device == current.device:
+                current.wait_stream(stream)

@@ -1,0 +1,171 @@
+"""The CUDA runtime calls torch does not expose: pitched copies and page-locking memory that
+torch allocated, bound with ctypes to the ``libcudart`` torch has loaded.
+
+Why: a block of a CPU pool is ``2 L`` segments ``num_blocks`` segments apart. torch copies a
+strided CPU tensor to a GPU through a contiguous pageable temporary (ATen's
+``copy_requires_temporaries``), so a block costs a host gather and a staged copy. One
+``cudaMemcpy2DAsync`` instead moves a block's segments (or a run of consecutive blocks)
+between two pools on the copy engine, with no host pass, when the CPU pool's pages are
+locked (``cudaHostRegister``). vLLM binds its IPC calls the same way; nothing is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import mmap
+import weakref
+
+import torch
+
+MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
+HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
+DEV_ATTR_MAX_PITCH = 11  # cudaDevAttrMaxPitch
+
+
+class CudaRuntimeError(RuntimeError):
+    """A CUDA runtime call failed; ``code`` is its ``cudaError_t``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CudaRuntime:
+    """The calls of one ``libcudart`` (see :func:`runtime`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        lib = ctypes.CDLL(path)
+        size, ptr, c_int = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+        signatures = {
+            "cudaMemcpy2DAsync": [ptr, size, ptr, size, size, size, c_int, ptr],
+            "cudaHostRegister": [ptr, size, ctypes.c_uint],
+            "cudaHostUnregister": [ptr],
+            "cudaDeviceGetAttribute": [ctypes.POINTER(c_int), c_int, c_int],
+            "cudaGetLastError": [],
+        }
+        for name, args in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, c_int
+        lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = [c_int], ctypes.c_char_p
+        self._lib = lib
+
+    def __repr__(self) -> str:
+        return f"CudaRuntime({self.path!r})"
+
+    def memcpy_2d(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: int
+    ) -> None:
+        """Enqueue on ``stream`` a copy of ``height`` rows of ``width`` bytes, ``spitch``
+        bytes apart at ``src``, to rows ``dpitch`` bytes apart at ``dst`` (any devices)."""
+        err = self._lib.cudaMemcpy2DAsync(
+            dst, dpitch, src, spitch, width, height, MEMCPY_DEFAULT, stream
+        )
+        self._check(err, "cudaMemcpy2DAsync")
+
+    def host_register(self, ptr: int, size: int) -> None:
+        self._check(
+            self._lib.cudaHostRegister(ptr, size, HOST_REGISTER_PORTABLE), "cudaHostRegister"
+        )
+
+    def host_unregister(self, ptr: int) -> None:
+        self._check(self._lib.cudaHostUnregister(ptr), "cudaHostUnregister")
+
+    def max_pitch(self, device: int) -> int:
+        """The largest row pitch :meth:`memcpy_2d` takes on ``device``."""
+        value = ctypes.c_int()
+        err = self._lib.cudaDeviceGetAttribute(ctypes.byref(value), DEV_ATTR_MAX_PITCH, device)
+        self._check(err, "cudaDeviceGetAttribute(MaxPitch)")
+        return value.value
+
+    def _check(self, err: int, what: str) -> None:
+        if err:
+            self._lib.cudaGetLastError()  # a failed call stays "last error"; torch would raise it
+            text = self._lib.cudaGetErrorString(err).decode(errors="replace")
+            raise CudaRuntimeError(err, f"{what} failed: {text} (cudaError {err})")
+
+
+def find_loaded(name: str = "libcudart") -> str | None:
+    """Path of the first shared library named ``name*`` mapped into this process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line[line.find("/") :].strip() if "/" in line else ""
+                file = path.rpartition("/")[2]
+                if file.startswith((name + ".so", name + "-")) and ".so" in file:
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def runtime() -> CudaRuntime | None:
+    """The ``libcudart`` torch uses (the one mapped here once CUDA is initialised), or
+    ``None`` without CUDA or when none can be loaded (direct copies are then off)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.init()
+    candidates = [find_loaded(), "libcudart.so", f"libcudart.so.{_major()}"]
+    for path in filter(None, candidates):
+        try:
+            return CudaRuntime(path)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _major() -> str:
+    return (torch.version.cuda or "12").split(".")[0]
+
+
+def is_page_locked(t: torch.Tensor) -> bool:
+    """Whether the CPU tensor's memory is page-locked (pinned at allocation or registered),
+    so the copy engine reads and writes it directly."""
+    if t.device.type != "cpu" or t.numel() == 0 or not torch.cuda.is_available():
+        return False
+    return bool(t.is_pinned())
+
+
+class PageLock:
+    """The pages of a contiguous CPU tensor, page-locked until :meth:`release` (or until
+    this object is collected).
+
+    ``owned`` is false when the memory was page-locked already (pinned at allocation or
+    registered by someone else): nothing was registered then, and release does nothing.
+    The lock holds a reference to the tensor, so the memory cannot be freed while its
+    pages are registered. It registers the whole pages the tensor touches (a large CPU
+    tensor is its own mapping, so no other allocation shares them). Raises
+    :class:`CudaRuntimeError` when registering fails (not enough lockable memory, or
+    pages shared with another registered range).
+    """
+
+    def __init__(self, t: torch.Tensor, rt: CudaRuntime) -> None:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("only a contiguous CPU tensor can be page-locked")
+        self.nbytes = t.numel() * t.element_size()
+        self.owned = not is_page_locked(t)
+        self._finalizer = None
+        if self.owned:
+            first = t.data_ptr() & ~(mmap.PAGESIZE - 1)
+            end = -(-(t.data_ptr() + self.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+            rt.host_register(first, end - first)
+            self._finalizer = weakref.finalize(self, _unregister, rt, first, t)
+
+    @property
+    def locked(self) -> bool:
+        """Whether this lock still holds registered pages."""
+        return self._finalizer is not None and self._finalizer.alive
+
+    def release(self) -> None:
+        """Unregister the pages this lock registered (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def _unregister(rt: CudaRuntime, ptr: int, keep: torch.Tensor) -> None:
+    """``keep``: the tensor, held until the pages are unregistered."""
+    with contextlib.suppress(CudaRuntimeError):  # the context is gone (interpreter exit)
+        rt.host_unregister(ptr)
