@@ -16,7 +16,7 @@ import torch
 from pagedkv import _cache_checks, ops
 from pagedkv._validate import check_int
 from pagedkv.errors import CacheIntegrityError
-from pagedkv.manager import BlockManager, CacheStats
+from pagedkv.manager import BlockManager, CacheStats, PromptMatch
 from pagedkv.manager.stats import SeqStats
 from pagedkv.storage import KVLayout, KVPool
 
@@ -85,6 +85,12 @@ class CacheReads:
         """Tokens of ``token_ids`` a new :meth:`allocate` would find in the device's prefix
         cache (tier hits are not counted); changes nothing, allowed while paused."""
         return self.manager.lookup(token_ids, salt)
+
+    def prompt_match(self, token_ids: Sequence[int], salt: object = None) -> PromptMatch | None:
+        """Whether every full block of ``token_ids`` is in the device's prefix cache, and
+        which cached KV that is (see :meth:`BlockManager.prompt_match`); changes nothing,
+        allowed while paused."""
+        return self.manager.prompt_match(token_ids, salt)
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self.manager

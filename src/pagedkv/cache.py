@@ -131,6 +131,7 @@ class KVCache(CacheReads):
         salt: object = None,
         *,
         share_prefix: bool = True,
+        whole: bool = False,
     ) -> int:
         """Start a sequence; return how many prompt tokens already have their KV.
 
@@ -142,23 +143,26 @@ class KVCache(CacheReads):
         ``share_prefix=False`` (or a prompt shorter than ``min_prefix_tokens``): a
         private sequence — no device or tier hit, none of its blocks ever registered,
         cached or demoted to the tiers (see :meth:`BlockManager.allocate`); it stays
-        private across swap-out / swap-in.
+        private across swap-out / swap-in. ``whole=True``: the last full block is reused
+        too, so the result may be ``len(token_ids)`` (see :meth:`BlockManager.allocate`).
         """
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
-        cached = self.manager.allocate(seq_id, token_ids, salt, share_prefix=share_prefix)
+        cached = self.manager.allocate(
+            seq_id, token_ids, salt, share_prefix=share_prefix, whole=whole
+        )
         try:
             self._flush_evictions()
             if self.tiers is not None and self.manager.shares_prefix(seq_id):
-                cached += self._tier_exchange(self.tiers, seq_id, cached)
+                cached += self._tier_exchange(self.tiers, seq_id, cached, whole)
         except BaseException:
             self.manager.discard(seq_id)  # its fresh blocks hold no KV: cache none of them
             raise
         self._salts[seq_id] = salt
         return cached
 
-    def _tier_exchange(self, tiers: TieredStore, seq_id: Hashable, cached: int) -> int:
+    def _tier_exchange(self, tiers: TieredStore, seq_id: Hashable, cached: int, whole: bool) -> int:
         """Write device hits through (if asked) and load the next blocks from the tiers.
 
         Returns the tokens loaded; the blocks after the device prefix hit that the tiers
@@ -172,7 +176,8 @@ class KVCache(CacheReads):
             # below too (the chain skips blocks it wrote recently).
             hashes = self.manager.block_hashes(seq_id, 0, hit)
             tiers.write_through(list(zip(table[:hit], hashes)))
-        limit = (self.manager.num_tokens(seq_id) - 1) // bs  # leave one token to compute
+        n = self.manager.num_tokens(seq_id)
+        limit = (n if whole else n - 1) // bs  # (else leave one token to compute)
         if hit >= limit:
             return 0
         hashes = self.manager.block_hashes(seq_id, hit, limit)
@@ -247,16 +252,17 @@ class KVCache(CacheReads):
         self._salts.pop(seq_id, None)
         self._flush_evictions()  # blocks over max_cached_blocks were evicted
 
-    def discard(self, seq_id: Hashable) -> None:
+    def discard(self, seq_id: Hashable, written: int = 0) -> None:
         """Release a live sequence whose KV was never (fully) written, caching none of it.
 
-        For a caller whose write of a just-allocated sequence failed: the blocks it alone
-        held become free instead of cached, so no later prompt is served their garbage
-        (see :meth:`BlockManager.discard`). ``KeyError`` unless live.
+        For a caller whose write of a sequence failed: the blocks it alone held become
+        free instead of cached (but the full blocks within its first ``written`` tokens),
+        so no later prompt is served their garbage (see :meth:`BlockManager.discard`).
+        ``KeyError`` unless live.
         """
         self._check_not_paused("discard()")
         try:
-            self.manager.discard(seq_id)
+            self.manager.discard(seq_id, written)
         except KeyError:
             raise self._not_live(seq_id) from None
         self._salts.pop(seq_id, None)

@@ -122,8 +122,7 @@ class EngineCore:
                 "a batch of %d request(s) failed and they finished with an error: %s: %s",
                 len(chunks), type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG),
             )  # fmt: skip
-            for c in chunks:
-                scheduler.fail(c.req, f"{type(exc).__name__}: {exc}")
+            scheduler.fail_batch(chunks, f"{type(exc).__name__}: {exc}")
             return [self.output(c.req) for c in chunks]
         finished = scheduler.update(chunks, tokens)
         for req in finished:
@@ -169,7 +168,8 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         """Counters since the core was built (see :class:`EngineStats`)."""
-        c = self.scheduler.counters
+        scheduler = self.scheduler
+        c = scheduler.counters
         seconds, cache = self._step_seconds, self.cache
         return EngineStats(
             requests=self._num_requests, prompt_tokens=c.prompt_tokens,
@@ -181,4 +181,5 @@ class EngineCore:
             blocks_in_use=cache.num_blocks - cache.num_free_blocks, blocks_peak=c.peak_blocks,
             num_blocks=cache.num_blocks, block_size=cache.block_size,
             retained_seqs=len(self.retained),
+            repeated_prompts=0 if scheduler.repeats is None else scheduler.repeats.stats().hits,
         )  # fmt: skip

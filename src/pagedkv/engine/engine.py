@@ -98,8 +98,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
         self.runner = ModelRunner(
-            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs
-        )
+            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs,
+            repeats=self.scheduler.repeats,
+        )  # fmt: skip
         self._factory = RequestFactory(
             tokenizer, self.vocab_size, config.block_size, blocks, self.device, self.eos_token_ids
         )

@@ -5,6 +5,10 @@ All requests' new tokens form one packed sequence ``[1, T]`` with explicit
 cu_seqlens, logit rows) is built in Python lists once per step and moved to the
 device in a single copy. The sampled tokens come back in one ``tolist()``: the only
 host sync of a step.
+
+With zero-compute repeats on (:mod:`pagedkv.engine.repeats`), the logits row of every
+prompt that completes is stored; the chunks of stored prompts (last in the list) are
+left out of the forward and sampled from their stored rows.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 from pagedkv.engine.cuda_graphs import DecodeGraphs
 from pagedkv.engine.host import host_int64
+from pagedkv.engine.repeats import PromptRepeats
 from pagedkv.engine.sampling import sample
 from pagedkv.engine.scheduler import Chunk
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
@@ -26,8 +31,17 @@ class ModelRunner:
     attention implementation the model is set to between steps.
     """
 
-    def __init__(self, model, cache, block_table_of, *, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        model,
+        cache,
+        block_table_of,
+        *,
+        cuda_graphs: bool = True,
+        repeats: PromptRepeats | None = None,
+    ) -> None:
         self.model = model
+        self.repeats = repeats
         self.cache = cache
         self.block_table_of = block_table_of
         self.block_size = cache.block_size
@@ -41,16 +55,58 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> list[int]:
         """Compute the chunks; return the next token of each chunk that samples."""
+        if chunks[-1].replay is not None:
+            return self._execute_replays(chunks)
+        logits = self._logits(chunks)
+        if self.repeats is not None:
+            self._store_prompts(logits, chunks)
+        return self._sample(logits, chunks)
+
+    def _logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """logits [n, V] of the chunks that sample, in order."""
         is_decode = all(c.end - c.start == 1 for c in chunks)
         if is_decode and self.graphs is not None:
             logits = self.graphs.run(chunks)
             if logits is not None:
-                return self._sample(logits, chunks)
+                return logits
         if self.graphs is not None:  # tables may change (preemption) while eager
             self.graphs.invalidate_tables()
         meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
-        logits = self.forward(ids, pos, meta, logit_rows)
+        return self.forward(ids, pos, meta, logit_rows)
+
+    def _execute_replays(self, chunks: list[Chunk]) -> list[int]:
+        """A step whose last chunks are stored prompts: their partial blocks are written
+        back, the others computed, and every row sampled in chunk order."""
+        k = len(chunks)
+        while k and chunks[k - 1].replay is not None:
+            k -= 1
+        computed, replays = chunks[:k], chunks[k:]
+        assert self.repeats is not None
+        rows = []
+        for c in replays:
+            assert c.replay is not None
+            self.repeats.restore(c.replay, self._tail_block(c.req))
+            rows.append(c.replay.logits)
+        stored = torch.stack(rows)  # [len(replays), V]
+        logits = stored
+        if computed:
+            logits = self._logits(computed)
+            self._store_prompts(logits, computed)
+            logits = torch.cat([logits, stored])
         return self._sample(logits, chunks)
+
+    def _store_prompts(self, logits: torch.Tensor, chunks: list[Chunk]) -> None:
+        """Store the logits row of each chunk that completed its prompt."""
+        assert self.repeats is not None
+        reqs = [c.req for c in chunks if c.sample]
+        for j in [j for j, r in enumerate(reqs) if not r.output]:
+            req = reqs[j]
+            self.repeats.store(req.prompt, req.cache_salt, logits[j], self._tail_block(req))
+
+    def _tail_block(self, req) -> int:
+        """The block of the prompt's partial last block (-1: the prompt is aligned)."""
+        n, bs = len(req.prompt), self.block_size
+        return self.block_table_of(req)[n // bs] if n % bs else -1
 
     def forward(self, ids, pos, meta: PagedAttentionMetadata, logit_rows) -> torch.Tensor:
         """logits [n, V] of the rows ``logit_rows`` of the packed input."""

@@ -21,6 +21,11 @@ Blocks are reserved only for tokens computed in the same step: a full block beco
 findable by other requests only once the step that writes its KV runs, and all K/V of
 a layer are written before that layer attends (write-then-attend), so a request
 admitted in the same step may already share it.
+
+A fresh prompt whose KV is all cached and whose last-position logits are stored
+(:mod:`pagedkv.engine.repeats`) is admitted whole, on its cached blocks, with a chunk
+that computes nothing (``start == end``) and carries the stored row; such chunks come
+last in a step's list.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from pagedkv.cache import KVCache
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.preemption import RunningRequest, check_victims
+from pagedkv.engine.repeats import PromptRepeats, Replay
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
@@ -39,11 +45,14 @@ from pagedkv.errors import OutOfBlocks
 @dataclass(slots=True)
 class Chunk:
     """Tokens ``all_tokens[start:end]`` of ``req`` are computed this step; ``sample``:
-    the chunk ends the known tokens, so its last logits give the next token."""
+    the chunk ends the known tokens, so its last logits give the next token.
+    ``replay``: the stored logits (and partial block) of a fully cached prompt, whose
+    chunk computes nothing (``start == end == len(prompt)``)."""
 
     req: Request
     start: int
     end: int
+    replay: Replay | None = None
 
     @property
     def sample(self) -> bool:
@@ -84,9 +93,10 @@ class _Plan:
 class Scheduler:
     """Decides each step's chunks; owns the waiting queue and the running list.
 
-    Reads ``max_batch_tokens``, ``max_num_seqs``, ``preemption`` and the preemption
-    ``policy`` from ``config`` (validated there). ``preempted``: the requests the last
-    :meth:`schedule` preempted, in order.
+    Reads ``max_batch_tokens``, ``max_num_seqs``, ``preemption``, the preemption
+    ``policy`` and ``repeat_cache_bytes`` from ``config`` (validated there).
+    ``preempted``: the requests the last :meth:`schedule` preempted, in order;
+    ``repeats``: the stored prompts' logits (``None`` when disabled).
     """
 
     def __init__(self, cache: KVCache, config: EngineConfig) -> None:
@@ -96,6 +106,9 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.preemption = config.preemption
         self.policy = config.policy
+        self.repeats: PromptRepeats | None = None
+        if config.repeat_cache_bytes and config.prefix_caching:
+            self.repeats = PromptRepeats(cache, config.repeat_cache_bytes)
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
@@ -180,6 +193,21 @@ class Scheduler:
         req.error = error
         self.finish(req)
 
+    def fail_batch(self, chunks: list[Chunk], error: str) -> None:
+        """Fail the requests of a step whose forward did not run through: their blocks
+        are discarded, not freed, so none registered for this step (KV not written) stays
+        findable; those written before the step stay cached. Last admitted first: a
+        request may hold blocks registered this step by one admitted before it, which can
+        only be unregistered once it let go of them."""
+        for c in reversed(chunks):
+            req = c.req
+            if req.num_allocated and req.seq_id in self.cache:
+                self.cache.discard(req.seq_id, written=c.start)
+                req.num_allocated = 0
+            req.finish_reason = "error"
+            req.error = error
+            self.finish(req)
+
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> list[Chunk]:
         """This step's chunks: the running requests' (preempting victims when blocks run
@@ -210,7 +238,9 @@ class Scheduler:
         chunks = self._reserve_plan(plan)
         budget = plan.budget
         if not self.preempted:
-            budget = self._admit(chunks, budget)
+            replays: list[Chunk] = []
+            budget = self._admit(chunks, replays, budget)
+            chunks += replays
         self.starved = not chunks and not self.preempted and bool(self.waiting)
         used = self.cache.num_blocks - self.cache.num_free_blocks
         self.counters.peak_blocks = max(self.counters.peak_blocks, used)
@@ -255,20 +285,29 @@ class Scheduler:
                 self._preempt(c.req)
         return chunks
 
-    def _admit(self, chunks: list[Chunk], budget: int) -> int:
+    def _admit(self, chunks: list[Chunk], replays: list[Chunk], budget: int) -> int:
+        replay = None
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.status is Status.SWAPPED:
                 if not self._swap_in(req):
                     break
             elif not req.num_allocated:  # (a resumed request's KV is already resident)
-                tokens = req.all_tokens
-                hit = self.cache.lookup(tokens, req.cache_salt)
-                end = min(len(tokens), hit + budget)
+                tokens, salt, bs = req.all_tokens, req.cache_salt, self.block_size
+                n = len(tokens)
+                hit = self.cache.lookup(tokens, salt)
+                # every block but the last (which lookup leaves out) matched: maybe stored
+                if self.repeats is not None and not req.output and hit == (n - 1) // bs * bs:
+                    replay = self.repeats.find(tokens, salt)
+                whole = replay is not None
+                end = n if whole else min(n, hit + budget)
                 try:
-                    hit = self.cache.allocate(req.seq_id, tokens[:end], req.cache_salt)
+                    hit = self.cache.allocate(req.seq_id, tokens[:end], salt, whole=whole)
                 except OutOfBlocks:
                     break
+                if whole:  # the prompt's full blocks are hits, the rest is stored
+                    assert hit == n - n % bs, (hit, n)
+                    hit = n
                 req.num_computed, req.num_allocated = hit, end
                 if req.num_cached_tokens < 0:  # first admission: the reported hit
                     req.num_cached_tokens = hit
@@ -283,6 +322,10 @@ class Scheduler:
             if not self._reserve(req, end):  # only after a swap-in at the pool's edge
                 self._preempt(req)
                 break
+            if replay is not None:
+                replays.append(Chunk(req, end, end, replay))
+                replay = None
+                continue
             chunks.append(Chunk(req, req.num_computed, end))
             budget -= end - req.num_computed
         return budget

@@ -14,7 +14,10 @@ class EngineStats:
     counts tokens computed for prompts (recomputes after preemption included);
     ``tokens_per_s`` = generated tokens / seconds spent in :meth:`Engine.step`;
     ``retained_seqs``: finished requests kept in the cache (``retain=True``) until
-    snapshotted or released (their blocks count in ``blocks_in_use``).
+    snapshotted or released (their blocks count in ``blocks_in_use``);
+    ``repeated_prompts``: prompts answered from stored last-position logits, with no
+    forward (zero-compute repeats, ``repeat_cache_bytes``; their tokens all count as
+    cached).
     """
 
     requests: int
@@ -32,3 +35,4 @@ class EngineStats:
     num_blocks: int
     block_size: int
     retained_seqs: int = 0
+    repeated_prompts: int = 0

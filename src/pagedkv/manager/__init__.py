@@ -11,6 +11,7 @@ from pagedkv.manager.block_manager import BlockManager
 from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.eviction import POLICIES, EvictionPolicy
 from pagedkv.manager.hashing import chain_hashes, namespace
+from pagedkv.manager.prefix_index import PromptMatch
 from pagedkv.manager.pressure import MemoryPressure
 from pagedkv.manager.stats import CacheStats
 
@@ -21,6 +22,7 @@ __all__ = [
     "EvictionPolicy",
     "ManagerConfig",
     "MemoryPressure",
+    "PromptMatch",
     "chain_hashes",
     "namespace",
 ]

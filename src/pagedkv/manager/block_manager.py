@@ -151,13 +151,16 @@ class BlockManager(PrefixOps):
         salt: object = None,
         *,
         share_prefix: bool = True,
+        whole: bool = False,
     ) -> int:
         """Start sequence ``seq_id`` with its prompt; return how many tokens are cached.
 
         Reserves ``ceil(len / block_size)`` blocks, reusing (with a reference) the
         longest chain of cached full blocks that match the prompt in ``salt``'s
         namespace. The result is a multiple of ``block_size`` and at most ``len - 1``:
-        one token is always left to compute. Full blocks of the prompt become
+        one token is always left to compute; ``whole=True`` reuses the last full block
+        too (the result may be ``len``), for a caller that has the last position's
+        output already (the engine's stored logits). Full blocks of the prompt become
         findable at once; the caller writes their KV in the same step (or drops the
         sequence with :meth:`discard` if it cannot).
 
@@ -168,7 +171,7 @@ class BlockManager(PrefixOps):
         Its forks and :meth:`share_prefix` sequences are private too.
 
         Raises ``ValueError`` for a live ``seq_id`` or an empty prompt, ``TypeError``/
-        ``ValueError`` for bad token ids or a non-bool ``share_prefix``,
+        ``ValueError`` for bad token ids or a non-bool ``share_prefix`` / ``whole``,
         :class:`OutOfBlocks` when the pool is full; nothing changes in any of these
         cases (but the ``allocation_failures`` counter).
         """
@@ -180,6 +183,8 @@ class BlockManager(PrefixOps):
             raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
         if share_prefix is not True and share_prefix is not False:
             check_bool(share_prefix, "share_prefix")
+        if whole is not False and whole is not True:
+            check_bool(whole, "whole")
         arr = as_token_array(token_ids)
         n = len(arr)
         if n == 0:
@@ -190,7 +195,7 @@ class BlockManager(PrefixOps):
         raw = arr.tobytes()
         private = not share_prefix or n < self._min_prefix_tokens
         shares = self.prefix_caching and not private
-        hits = prefix.match(raw, ns, (n - 1) // bs) if shares else []
+        hits = prefix.match(raw, ns, (n if whole else n - 1) // bs) if shares else []
         if hits:
             hits = alloc.policy.usable(hits)
         need = -(-n // bs) - len(hits)
@@ -300,19 +305,22 @@ class BlockManager(PrefixOps):
         if self._watch is not None:
             self._watch.update(self.num_used_blocks, self.num_blocks)
 
-    def discard(self, seq_id: Hashable) -> None:
+    def discard(self, seq_id: Hashable, written: int = 0) -> None:
         """Release a sequence whose KV was never (fully) written, caching nothing of it.
 
         For a just-allocated sequence whose bytes could not be loaded (a failed swap-in
-        or tier load): the blocks it registered and holds alone become free and
-        unregistered, so no later prompt can hit their garbage; its prefix hits, and
-        blocks other sequences hold too, are released as :meth:`free` releases them.
-        Unknown id -> ``KeyError``.
+        or tier load), or a failed forward: the blocks it registered and holds alone
+        become free and unregistered, so no later prompt can hit their garbage; its
+        prefix hits, blocks other sequences hold too, and the full blocks within its
+        first ``written`` tokens (KV written before) are released as :meth:`free` does.
+        Unknown id -> ``KeyError``; a bad ``written`` -> ``TypeError``/``ValueError``.
         """
         seq = self._seq(seq_id)
+        check_int(written, "written", minimum=0)
         if self.prefix_caching:
             ref, hashes = self._ref, self._prefix.hashes
-            own = [b for b in seq.blocks[seq.chain :] if ref[b] == 1 and hashes[b]]
+            first = max(seq.chain, written // self.block_size)
+            own = [b for b in seq.blocks[first:] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks
         self.free(seq_id)

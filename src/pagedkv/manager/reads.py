@@ -15,7 +15,7 @@ from pagedkv.manager import integrity
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.hashing import as_token_array
-from pagedkv.manager.prefix_index import PrefixIndex
+from pagedkv.manager.prefix_index import PrefixIndex, PromptMatch
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
 from pagedkv.manager.stats import CacheStats, Counters, SeqStats, unused_slots
@@ -167,6 +167,22 @@ class ManagerReads:
             return 0
         hits = self._prefix.match(arr.tobytes(), ns, (len(arr) - 1) // self.block_size)
         return len(self._alloc.policy.usable(hits) if hits else hits) * self.block_size
+
+    def prompt_match(self, token_ids: Sequence[int], salt: object = None) -> PromptMatch | None:
+        """Whether every full block of ``token_ids`` is cached in ``salt``'s namespace, and
+        if so which cached KV that is (:class:`~pagedkv.manager.prefix_index.PromptMatch`:
+        the whole prompt's chained hash and each block's registration number). ``None``
+        when a full block is not cached, and for a prompt that is never shared (prefix
+        caching off, shorter than ``min_prefix_tokens``). Changes nothing.
+
+        For a caller that keeps results of whole prompts (the engine's stored logits):
+        equal matches mean the same tokens over the same cached KV.
+        """
+        arr = as_token_array(token_ids)
+        if not self.prefix_caching or not arr or len(arr) < self._min_prefix_tokens:
+            return None
+        prefix = self._prefix
+        return prefix.prompt_match(arr.tobytes(), prefix.namespace(salt), self._alloc.policy.usable)
 
     @property
     def pressure(self) -> MemoryPressure:
