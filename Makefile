@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-compat lint format bench gpu-check gpu-attention clean
+.PHONY: setup demo test test-compat typecheck lint format bench gpu-check gpu-attention clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,9 @@ $(COMPAT_STAMP): $(STAMP)
 
 test-compat: setup $(COMPAT_STAMP)
 	$(COMPAT)/bin/python -m pytest $(COMPAT_TESTS)
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy src/pagedkv
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

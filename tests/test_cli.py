@@ -50,6 +50,17 @@ def test_generate_missing_model_dir_is_a_clear_error(tmp_path):
     assert "does not exist" in " ".join(result.output.split())
 
 
+def test_generate_with_a_model_saved_without_tokenizer_is_a_clear_error(tiny_dir, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.save_pretrained(tmp_path / "bare")  # the weights only
+    args = ["generate", "--model", str(tmp_path / "bare"), "--device", "cpu", "hi"]
+    result = runner.invoke(app, args)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "has no tokenizer" in out and "tokenizer.save_pretrained" in out
+    assert "Traceback" not in result.output
+
+
 def test_chat_demo_on_a_tiny_model(tiny_dir):
     args = ["demo", "--model", str(tiny_dir), "--conversations", "3", "--turns", "2",
             "--max-new-tokens", "4", "--device", "cpu"]  # fmt: skip

@@ -271,7 +271,7 @@ def test_page_lock_of_memory_pinned_already_owns_nothing():
     assert not lock.owned and not lock.locked
     lock.release()
     assert pinned.is_pinned()
-    pageable = torch.zeros(3 << 20, dtype=torch.uint8)[1:]  # not page-aligned
+    pageable = cudart.own_pages((3 << 20,), torch.uint8)[1:]  # not page-aligned
     lock = cudart.PageLock(pageable, rt)
     assert lock.owned and lock.locked and cudart.is_page_locked(pageable)
     lock.release()

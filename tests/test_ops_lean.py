@@ -220,6 +220,9 @@ def test_launcher_binds_the_compiled_kernel_then_calls_it(monkeypatch):
     la((1, 1, 1), a, b, 16, 1)
     assert len(kern.slow) == 8 and kern.compiled.calls[-1][3] == 1001
     assert kern.compiled.calls[-1][-4:] == (16, 1, 3, "C")
+    la((7, 3), a, b, 16, 1)  # a 2-D grid (the split-merge kernel's) is padded with 1
+    la((4,), a, b, 16, 1)
+    assert [c[:3] for c in kern.compiled.calls[-2:]] == [(7, 3, 1), (4, 1, 1)]
 
     fresh = _Kernel(_Compiled())  # a first launch outside the bound class binds nothing
     la = _launch.Launcher(fresh, 1, 1, ())

@@ -193,8 +193,20 @@ def generate(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     tok = engine.tokenizer
-    chat = chat and tok is not None and bool(getattr(tok, "chat_template", None))
-    for p, out in zip(prompt, engine.generate(list(prompt), params, chat=chat)):
+    if tok is None:
+        console.print(
+            f"[red]error:[/] {escape(str(model))} has no tokenizer, so text prompts cannot be "
+            "encoded; save the tokenizer beside the model (tokenizer.save_pretrained(dir))"
+        )
+        engine.close()
+        raise typer.Exit(2)
+    chat = chat and bool(getattr(tok, "chat_template", None))
+    try:
+        outputs = engine.generate(list(prompt), params, chat=chat)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    for p, out in zip(prompt, outputs):
         text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
         console.print(f"[bold cyan]>[/] {p}\n{text.strip()}\n")
 

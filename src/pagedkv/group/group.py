@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ class KVCacheGroup:
         staging: str = "auto",
         host_threads: int | None = None,
         pin_host: bool | None = None,
-        **cache_options: object,
+        **cache_options: Any,
     ) -> KVCacheGroup:
         """A group of new caches: one per entry of ``devices`` (a device may repeat),
         ``num_blocks`` each (an int) or per device (a sequence); ``cache_options`` go to

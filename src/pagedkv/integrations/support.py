@@ -207,7 +207,8 @@ def _causal_lm_class(config: Any) -> type | None:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        found: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # a class (typed as a tuple)
+        return found if isinstance(found, type) else None
     except (ImportError, KeyError, ValueError):
         return None
 

@@ -67,7 +67,7 @@ class PagedKVCollector:
         assert families.keys() <= ALL.keys(), f"not in specs.py: {families.keys() - ALL.keys()}"
         out = []
         for spec in ALL.values():  # families without samples are left out
-            rows = families.get(spec.name)
+            rows = families.get(spec.name, [])
             if not rows:
                 continue
             full = f"{self.namespace}_{spec.name}"

@@ -13,7 +13,7 @@ import bisect
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
 
 # Seconds. TTFT spans a fast prefix hit to a long prompt queued behind others; ITL a
 # decode step of a small model on a GPU to a step slowed by a large prefill chunk.
@@ -47,7 +47,8 @@ def check_buckets(name: str, buckets: object) -> tuple[float, ...]:
     return tuple(float(b) for b in bounds)
 
 
-class HistogramSnapshot(NamedTuple):
+@dataclass(frozen=True)
+class HistogramSnapshot:
     """Cumulative counts per upper bound (the last bound is ``+Inf``), their sum and count."""
 
     bounds: tuple[float, ...]

@@ -25,9 +25,10 @@ path is unavailable (the interpreter, or a Triton whose compiled kernels lack th
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from functools import reduce
 from operator import or_
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,15 +39,15 @@ INT_MASK = ~0x7FFFFFF0  # an int of the bound class: 0 <= x < 2**31, x % 16 == 0
 
 
 class _Bound(NamedTuple):
-    run: object  # the compiled kernel's C launcher
+    run: Any  # the compiled kernel's C launcher
     function: int
     metadata: tuple
 
 
 class _Driver(NamedTuple):
-    current_device: object
-    current_stream: object
-    runtime: object  # triton.knobs.runtime (launch hooks)
+    current_device: Callable[[], int]
+    current_stream: Callable[[int], int]
+    runtime: Any  # triton.knobs.runtime (launch hooks)
 
 
 _DRIVER: list[_Driver] = []  # resolved on the first binding (needs CUDA)
@@ -105,8 +106,9 @@ class Launcher:
                     and _hook_idle(rt.launch_enter_hook)
                     and _hook_idle(rt.launch_exit_hook)
                 ):
+                    gx, gy, gz = (*grid, 1, 1)[:3]  # a 1-D or 2-D grid is padded as Triton does
                     bound.run(
-                        grid[0], grid[1], grid[2], drv.current_stream(dev), bound.function,
+                        gx, gy, gz, drv.current_stream(dev), bound.function,
                         bound.metadata, None, None, None, *ptrs, *args[n:], *self.tail,
                     )  # fmt: skip
                     return

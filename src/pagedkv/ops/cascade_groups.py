@@ -127,7 +127,8 @@ def shared_prefix_groups(
             plain = sum(val(c, a) for c in v.children)
             value[id(v)][a] = plain if here is None else max(plain, here)
     groups: list[tuple[list[int], int]] = []
-    todo = [(root, NO_GROUP, None)]  # (node, ancestor group depth, that group's rows)
+    # (node, ancestor group depth, that group's rows)
+    todo: list[tuple[_Node, int, list[int] | None]] = [(root, NO_GROUP, None)]
     while todo:
         v, a, members = todo.pop()
         here = grouped[id(v)]

@@ -228,8 +228,8 @@ def gemm(
                             num_sms(a.device))  # fmt: skip
     if one_b:  # one weight: every batch item's rows are rows of one [Bt * M, K] product
         a2 = _aligned_rows(a.reshape(bt * m, k))
-        z, zs = (None, None) if bias is None else _fold_rows(bias)
-        zs = None if z is None else (zs, z.stride(2))
+        z, z_rows = (None, None) if bias is None else _fold_rows(bias)
+        zs = None if z is None else (z_rows, z.stride(2))
         _launch(a2, b[0], out.view(bt * m, n), z, zs, config, precision, bt=1)
     else:
         a3 = a if a.stride(2) == 1 else a.contiguous()

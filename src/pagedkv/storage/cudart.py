@@ -22,6 +22,7 @@ import torch
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
 DEV_ATTR_MAX_PITCH = 11  # cudaDevAttrMaxPitch
+CUDA_ERROR_INVALID_VALUE = 1
 
 
 class CudaRuntimeError(RuntimeError):
@@ -136,10 +137,12 @@ class PageLock:
     ``owned`` is false when the memory was page-locked already (pinned at allocation or
     registered by someone else): nothing was registered then, and release does nothing.
     The lock holds a reference to the tensor, so the memory cannot be freed while its
-    pages are registered. It registers the whole pages the tensor touches (a large CPU
-    tensor is its own mapping, so no other allocation shares them). Raises
-    :class:`CudaRuntimeError` when registering fails (not enough lockable memory, or
-    pages shared with another registered range).
+    pages are registered. It registers the whole pages the tensor touches, and only when
+    those pages lie inside the tensor's own storage (as :func:`own_pages` allocates it):
+    a page shared with another allocation (malloc places tensors of up to 32 MiB on the
+    heap) would leave that allocation's copies straddling a registered range, which CUDA
+    refuses with "invalid argument". Raises :class:`CudaRuntimeError` when the pages are
+    shared or registering fails (not enough lockable memory, a registered range already).
     """
 
     def __init__(self, t: torch.Tensor, rt: CudaRuntime) -> None:
@@ -151,6 +154,14 @@ class PageLock:
         if self.owned:
             first = t.data_ptr() & ~(mmap.PAGESIZE - 1)
             end = -(-(t.data_ptr() + self.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+            storage = t.untyped_storage()
+            base = storage.data_ptr()
+            if first < base or end > base + storage.nbytes():
+                raise CudaRuntimeError(
+                    CUDA_ERROR_INVALID_VALUE,
+                    "the tensor shares memory pages with other allocations; allocate it "
+                    "with storage.cudart.own_pages (KVPool does on CPU) to page-lock it",
+                )
             rt.host_register(first, end - first)
             self._finalizer = weakref.finalize(self, _unregister, rt, first, t)
 
@@ -163,6 +174,20 @@ class PageLock:
         """Unregister the pages this lock registered (idempotent)."""
         if self._finalizer is not None:
             self._finalizer()
+
+
+def own_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor of ``shape`` on an anonymous memory mapping of its own (whole
+    pages, page-aligned), so :class:`PageLock` can lock its pages without locking another
+    allocation's. The mapping is unmapped when the tensor's storage is freed."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = itemsize
+    for n in shape:
+        nbytes *= n
+    size = max(-(-nbytes // mmap.PAGESIZE), 1) * mmap.PAGESIZE
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # the storage keeps the mapping alive
+    return raw[:nbytes].view(dtype).view(shape)
 
 
 def _unregister(rt: CudaRuntime, ptr: int, keep: torch.Tensor) -> None:

@@ -87,6 +87,7 @@ def _segment(pool: KVPool) -> int:
 
 def _direct(src: KVPool, s: list[int], dst: KVPool, d: list[int], dev: torch.device) -> None:
     rt = cudart.runtime()
+    assert rt is not None  # staging_for chose "direct" only with a runtime
     seg, planes = _segment(src), 2 * src.layout.num_layers
     # the pool [L, 2, N, ...] is [2L, N, seg] bytes: plane p of block b at (p * N + b) * seg
     s_ptr, s_pitch = src.kv.data_ptr(), src.num_blocks * seg

@@ -8,6 +8,7 @@ import torch
 
 from pagedkv import _resources, _tensor_checks, ops
 from pagedkv._validate import check_int
+from pagedkv.storage import cudart
 from pagedkv.storage.host import HostRowCache
 from pagedkv.storage.layout import KVLayout
 
@@ -48,9 +49,11 @@ class KVPool:
         self.num_blocks = num_blocks
         self.backend = backend
         shape = (layout.num_layers, 2, num_blocks, layout.block_size)
-        self.kv = torch.zeros(
-            (*shape, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=device
-        )
+        shape = (*shape, layout.num_kv_heads, layout.head_dim)
+        if device.type == "cpu":  # its own pages, so a group can page-lock them safely
+            self.kv = cudart.own_pages(shape, layout.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=layout.dtype, device=device)
         self.device = self.kv.device  # with its index: "cuda" -> cuda:0
         self._host_cache = HostRowCache() if self.device.type == "cpu" else None
 
