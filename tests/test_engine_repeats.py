@@ -207,6 +207,28 @@ def test_blocks_cached_anew_do_not_revive_an_entry(model):
     assert (s.stale, s.hits) == (1, 0)
 
 
+def test_blocks_gone_between_find_and_allocate_are_computed(model, monkeypatch):
+    """The race a TTL allows (a block expires between the two reads of one admission):
+    the whole allocation is discarded and the prompt computed as usual."""
+    p = prompt(21, 33)
+    engine = engine_of(model)
+    first = engine.generate([p], SEEDED)[0]
+    cache, real = engine.cache, engine.cache.allocate
+
+    def expiring(seq_id, tokens, salt=None, **kw):
+        if kw.get("whole"):
+            cache.evict(cache.stats().cached_blocks)
+        return real(seq_id, tokens, salt, **kw)
+
+    monkeypatch.setattr(cache, "allocate", expiring)
+    before = engine.stats()
+    again = engine.generate([p], SEEDED)[0]
+    assert again.token_ids == first.token_ids and again.num_cached_tokens == 0
+    assert engine.stats().prefill_tokens - before.prefill_tokens == 21
+    assert engine.stats().repeated_prompts == 0 and engine.stats().blocks_in_use == 0
+    cache.check_integrity()
+
+
 def test_the_repeat_store_check_fires(model):
     engine = engine_of(model)
     engine.generate([prompt(16, 40), prompt(12, 41)], GREEDY)

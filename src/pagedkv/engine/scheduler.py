@@ -293,26 +293,14 @@ class Scheduler:
                 if not self._swap_in(req):
                     break
             elif not req.num_allocated:  # (a resumed request's KV is already resident)
-                tokens, salt, bs = req.all_tokens, req.cache_salt, self.block_size
-                n = len(tokens)
-                hit = self.cache.lookup(tokens, salt)
-                # every block but the last (which lookup leaves out) matched: maybe stored
-                if self.repeats is not None and not req.output and hit == (n - 1) // bs * bs:
-                    replay = self.repeats.find(tokens, salt)
-                whole = replay is not None
-                end = n if whole else min(n, hit + budget)
                 try:
-                    hit = self.cache.allocate(req.seq_id, tokens[:end], salt, whole=whole)
+                    replay = self._allocate(req, budget)
                 except OutOfBlocks:
                     break
-                if whole:  # the prompt's full blocks are hits, the rest is stored
-                    assert hit == n - n % bs, (hit, n)
-                    hit = n
-                req.num_computed, req.num_allocated = hit, end
                 if req.num_cached_tokens < 0:  # first admission: the reported hit
-                    req.num_cached_tokens = hit
+                    req.num_cached_tokens = req.num_computed
                     self.counters.prompt_tokens += len(req.prompt)
-                    self.counters.cached_tokens += hit
+                    self.counters.cached_tokens += req.num_computed
             self.waiting.popleft()
             req.status = Status.RUNNING
             req.admitted = self._admissions
@@ -329,6 +317,29 @@ class Scheduler:
             chunks.append(Chunk(req, req.num_computed, end))
             budget -= end - req.num_computed
         return budget
+
+    def _allocate(self, req: Request, budget: int) -> Replay | None:
+        """Start ``req``'s sequence on its prefix hits, with blocks for its first chunk;
+        a prompt stored whole (zero-compute repeat) gets them all and its replay is
+        returned. :class:`OutOfBlocks` when the pool is full (nothing changed)."""
+        tokens, salt, bs = req.all_tokens, req.cache_salt, self.block_size
+        n = len(tokens)
+        hit = self.cache.lookup(tokens, salt)
+        # every block but the last (which lookup leaves out) matched: maybe stored
+        if self.repeats is not None and not req.output and hit == (n - 1) // bs * bs:
+            replay = self.repeats.find(tokens, salt)
+            if replay is not None:
+                cached = self.cache.allocate(req.seq_id, tokens, salt, whole=True)
+                if cached == n - n % bs:  # the full blocks are hits, the rest is stored
+                    req.num_computed = req.num_allocated = n
+                    return replay
+                # a block expired (TTL) between the two reads: compute it as usual
+                self.cache.discard(req.seq_id)
+                hit = self.cache.lookup(tokens, salt)
+        end = min(n, hit + budget)
+        req.num_computed = self.cache.allocate(req.seq_id, tokens[:end], salt)
+        req.num_allocated = end
+        return None
 
     def _reserve(self, req: Request, end: int) -> bool:
         """Make sure blocks hold tokens [0, end) of ``req``; False when out of blocks."""
