@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(STAMP) redis-server
 
-# redis-server (Debian package) is needed by the Redis tier/snapshot tests.
+# The Redis tier/snapshot tests need redis-server; the Redis Cluster tests also
+# redis-cli (`--cluster create`, Debian package redis-tools) and openssl (TLS certificates).
 .PHONY: redis-server
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@{ command -v redis-server && command -v redis-cli && command -v openssl; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq redis-server redis-tools openssl >/dev/null; }
 
 demo: setup
 	$(BIN)/pagedkv demo

@@ -20,7 +20,12 @@ except ImportError:  # the manager tests run without torch
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _redis import redis_server, redis_url  # noqa: E402,F401  (real redis-server fixtures)
+from _redis import (  # noqa: E402,F401  (real redis-server fixtures)
+    redis_cluster,
+    redis_cluster_nodes,
+    redis_server,
+    redis_url,
+)
 
 
 def pytest_collection_modifyitems(config, items):

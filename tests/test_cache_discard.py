@@ -189,3 +189,49 @@ def test_failed_swap_in_on_cuda_caches_nothing_and_a_retry_is_bit_exact(monkeypa
     assert torch.equal(cache.read_blocks(cache.block_table("s")), data)
     cache.check_integrity()
     cache.close()
+
+
+# -- snapshot restore failing midway -----------------------------------------------------
+
+
+def test_failed_snapshot_load_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
+    from pagedkv import SnapshotStore
+
+    src = KVCache(LAYOUT, 16)
+    for i, sid in enumerate(("a", "b", "c")):
+        src.allocate(sid, [100 * (i + 1) + t for t in range(13)])
+        _fill(src, sid, 10 + i)
+    store = SnapshotStore(tmp_path / "snaps")
+    store.save(src, name="snap")
+    dst = KVCache(LAYOUT, 16)
+    dst.allocate("own", PROMPT)
+    _fill(dst, "own", 3)
+
+    def state():  # what the cache holds (the activity counters count the attempt)
+        s = dst.stats()
+        blocks = (s.used_blocks, s.cached_blocks, s.free_blocks, s.pinned_blocks)
+        return blocks, dst.seq_ids(), dst.block_table("own"), dst.lookup(PROMPT)
+
+    before = state()
+    real, calls = dst.write_blocks, []
+
+    def failing(ids, data):
+        calls.append(1)
+        if len(calls) == 2:  # the second sequence's write: one sequence installed already
+            raise OSError("device write failed")
+        return real(ids, data)
+
+    monkeypatch.setattr(dst, "write_blocks", failing)
+    with pytest.raises(OSError, match="device write failed"):
+        store.load(dst, "snap")
+    assert state() == before
+    for i in range(3):  # nothing of the snapshot is findable: no block without its KV
+        assert dst.lookup([100 * (i + 1) + t for t in range(13)]) == 0
+    dst.check_integrity()
+    monkeypatch.undo()
+    store.load(dst, "snap")  # a retry restores every sequence (full blocks compared: a
+    # snapshot keeps only the written slots of a partial block)
+    assert torch.equal(
+        dst.read_blocks(dst.block_table("snap:b")[:3]), src.read_blocks(src.block_table("b")[:3])
+    )
+    dst.check_integrity()

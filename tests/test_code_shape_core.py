@@ -19,6 +19,7 @@ CORE = [
     "pagedkv/cache.py",
     "pagedkv/_cache_checks.py",
     "pagedkv/_cache_reads.py",
+    "pagedkv/_cache_limits.py",
     "pagedkv/_resources.py",
     "pagedkv/_validate.py",
     "pagedkv/_tensor_checks.py",

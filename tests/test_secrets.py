@@ -262,3 +262,106 @@ def test_acl_refusal_never_shows_the_password(redis_url, redis_server, caplog):
 def _cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(snapshot_cli, list(args), terminal_width=200)
     return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
+
+
+# -- Redis Cluster ------------------------------------------------------------------------
+
+
+def cluster_variants(hosts: str) -> list[tuple[str, dict]]:
+    """(url, kwargs) pairs of a redis+cluster:// URL carrying SENTINEL in each place."""
+    return [
+        (f"redis+cluster://:{SENTINEL}@{hosts}", {}),
+        (f"rediss+cluster://user:{SENTINEL}@{hosts}", {}),
+        (f"redis+cluster://{hosts}?password={SENTINEL}", {}),
+        (f"redis+cluster://{hosts}", {"password": SENTINEL}),
+        (f"redis+cluster://:{WRONG}@{hosts}", {"password": SENTINEL}),
+    ]
+
+
+def test_cluster_objects_and_dead_nodes_never_show_the_password(caplog):
+    from pagedkv.stores import RedisClusterStore
+
+    caplog.set_level(logging.DEBUG)
+    hosts = f"127.0.0.1:{_dead_port()},127.0.0.1:{_dead_port()}"
+    for url, kw in cluster_variants(hosts):
+        tier = RedisTier(url, **kw, timeout_s=0.2)
+        store = RedisClusterStore(url, **kw, socket_timeout=0.2, connect_timeout=0.2)
+        assert_clean(tier, store, store.url, store.stats(), FramedStore(store, "fp"))
+        assert_clean(open_store(url, **kw))
+        for op in (
+            lambda s=store: s.get_many(["k"]),
+            lambda s=store: s.put_many([("k", b"v")]),
+            lambda s=store: list(s.keys()),
+        ):
+            with pytest.raises(StoreUnavailable) as info:
+                op()
+            assert_clean_exception(info.value)
+        assert store.ping() is False
+        store.close()
+        cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
+        for i in range(3):
+            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
+            cache.free(i)
+        cache.flush()
+        cache.allocate("again", list(range(9)))
+        assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
+        cache.close()
+        if not kw:
+            snaps = SnapshotStore(url)
+            assert_clean(snaps, snaps.location, snaps.backend)
+            with pytest.raises(StoreUnavailable) as info:
+                snaps.list()
+            assert_clean_exception(info.value)
+    for bad in (
+        lambda: RedisClusterStore(f"redis+cluster://:{SENTINEL}@host:notaport"),
+        lambda: RedisClusterStore(f"redis+cluster://:{SENTINEL}@host:1/3"),
+        lambda: RedisClusterStore(f"redis+cluster://:{SENTINEL}@host:1?bogus={SENTINEL}"),
+        lambda: RedisClusterStore(f"redis+cluster://:{SENTINEL}@h:1?max_connections={SENTINEL}"),
+        lambda: RedisTier(f"redis+cluster://:{SENTINEL}@,h:1"),
+    ):
+        with pytest.raises((ValueError, TypeError)) as info:
+            bad()
+        assert_clean_exception(info.value)
+    assert_clean_logs(caplog)
+
+
+def test_real_cluster_workload_and_wrong_password_never_show_it(redis_cluster, caplog):
+    """The cluster's own password (and a wrong one) never shows: reprs, logs, errors,
+    through a master killed mid-workload."""
+    caplog.set_level(logging.DEBUG)
+    secret, url = redis_cluster.password, redis_cluster.url
+
+    def clean(*things: object) -> None:
+        for thing in things:
+            for text in (repr(thing), str(thing)):
+                assert secret not in text and WRONG not in text, text
+
+    tiers = [CPUTier(2 * LAYOUT.bytes_per_block), RedisTier(url, timeout_s=0.3)]
+    cache = KVCache(LAYOUT, 4, tiers=tiers)
+    for i in range(8):
+        if i == 4:
+            redis_cluster.kill(1)
+        cache.allocate(i, list(range(i * 10, i * 10 + 9)))
+        cache.free(i)
+    cache.flush()
+    clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
+    cache.close()
+    pager = SyntheticPager(LAYOUT, 8, fingerprint="fp")
+    pager.allocate("a", list(range(9)))
+    pager.fill_random("a", torch.Generator().manual_seed(0))
+    snaps = SnapshotStore(url)
+    with pytest.raises(StoreUnavailable) as info:  # a master is down: the save says so
+        snaps.save(pager, name="s")
+    clean(snaps, snaps.location, info.value, "".join(traceback.format_exception(info.value)))
+    snaps.close()
+    wrong = url.replace(secret, WRONG)
+    from pagedkv.stores import RedisClusterStore
+
+    with pytest.raises(StoreError, match="rejected the credentials") as info:
+        RedisClusterStore(wrong).get_many(["k"])
+    clean(info.value, "".join(traceback.format_exception(info.value)))
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    assert any("Redis Cluster master" in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        text = formatter.format(record)
+        assert secret not in text and WRONG not in text, text

@@ -116,6 +116,6 @@ def test_commands_on_a_missing_or_unknown_store_create_nothing(tmp_path, monkeyp
     for args in (["ls"], ["show", "x"], ["verify", "x"], ["rm", "x"], ["gc"]):
         code, out = invoke(*args, "--store", "typo")
         assert code == 1 and "no snapshot store at" in out and "typo" in out, (args, out)
-        code, out = invoke(*args, "--store", "redis+cluster://h:7000")
-        assert code == 1 and "unknown scheme 'redis+cluster://'" in out, (args, out)
+        code, out = invoke(*args, "--store", "redis+sentinel://h:7000")
+        assert code == 1 and "unknown scheme 'redis+sentinel://'" in out, (args, out)
     assert os.listdir(tmp_path) == []

@@ -433,7 +433,8 @@ def test_a_read_only_store_can_be_listed_verified_and_loaded(store, monkeypatch)
 @pytest.mark.parametrize(
     ("location", "words"),
     [
-        ("redis+cluster://host:7000", "unknown scheme 'redis\\+cluster://'"),
+        ("redis+sentinel://host:26379", "unknown scheme 'redis\\+sentinel://'"),
+        ("redis+cluster://host:7000,host:7001", None),
         ("s3://bucket/key", "unknown scheme 's3://'"),
         ("Redis://h", None),
         ("redis:localhost:6379", "not 'redis://'"),
@@ -444,7 +445,7 @@ def test_a_read_only_store_can_be_listed_verified_and_loaded(store, monkeypatch)
 )
 def test_unknown_or_misspelled_locations_are_refused(tmp_path, monkeypatch, location, words):
     monkeypatch.chdir(tmp_path)
-    if words is None:  # scheme case does not matter: a real Redis URL (never connects)
+    if words is None:  # a real Redis (Cluster) URL, any case (never connects)
         SnapshotStore(location).close()
     else:
         with pytest.raises(ValueError, match=words):
@@ -454,7 +455,7 @@ def test_unknown_or_misspelled_locations_are_refused(tmp_path, monkeypatch, loca
 
 def test_known_schemes_are_listed_and_secrets_never_shown(tmp_path):
     with pytest.raises(ValueError) as e:
-        SnapshotStore("redis+cluster://:hunter2@host:7000")
+        SnapshotStore("redis+sentinel://:hunter2@host:7000")
     assert "redis://" in str(e.value) and "file://" in str(e.value)
     assert "hunter2" not in str(e.value)
     with pytest.raises(ValueError) as e:
@@ -481,7 +482,7 @@ def test_parse_location_is_the_one_parser():
     with pytest.raises(TypeError):
         parse_location(b"/a")
     with pytest.raises(ValueError, match="unknown scheme"):
-        open_store("redis+cluster://h:7000")
+        open_store("redis+sentinel://h:7000")
 
 
 def test_what_a_manifest_cannot_hold_is_refused_before_any_write(tmp_path, monkeypatch):

@@ -60,3 +60,27 @@ def test_swap_out_in_bit_exact_on_cuda():
     assert torch.equal(cache.read_blocks(cache.block_table("s")), before)
     cache.check_integrity()
     cache.close()
+
+
+def test_persist_from_a_cuda_pool_then_a_new_cache_hits_bit_exact(tmp_path):
+    """close(persist=True) gathers cached blocks off the GPU (stream-ordered, waited on)
+    into the disk tier; a new CUDA cache on the same directory loads them bit-exact."""
+    bpb = 4 * 2 * 16 * 8 * 128 * 2
+    tiers = [CPUTier(8 * bpb), DiskTier(tmp_path / "kv", 256 * (bpb + 64))]
+    a = cuda_cache(64, tiers)
+    prompts = {f"p{i}": [i] * 16 + list(range(i * 1000, i * 1000 + 20 * 16 + 1)) for i in range(3)}
+    before = {}
+    for sid, toks in prompts.items():  # 3 x 21 full blocks: some spill to the CPU tier
+        a.allocate(sid, toks)
+        fill(a, sid)
+        before[sid] = a.read_blocks(a.block_table(sid)[:21]).clone()
+        a.free(sid)
+    a.close(persist=True)
+    assert a.tier_stats()["persisted"] == 63
+    b = cuda_cache(64, tiers)
+    for sid, toks in prompts.items():
+        assert b.allocate(sid, toks) == 21 * 16, sid
+        assert torch.equal(b.read_blocks(b.block_table(sid)[:21]), before[sid]), sid
+        b.free(sid)
+    b.check_integrity()
+    b.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 import uuid
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,15 +18,17 @@ from contextlib import contextmanager
 import torch
 
 from pagedkv import _cache_checks, _resources
-from pagedkv._cache_reads import CacheReads, GcStats, Swapped
+from pagedkv._cache_limits import CacheLimits
+from pagedkv._cache_persist import cached_blocks
+from pagedkv._cache_reads import Swapped
 from pagedkv._validate import check_bool
-from pagedkv.errors import CachePausedError, PagedKVError
+from pagedkv.errors import PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 
 
-class KVCache(CacheReads):
+class KVCache(CacheLimits):
     """Paged KV cache of one model on one device.
 
     Args:
@@ -117,12 +118,6 @@ class KVCache(CacheReads):
             self.tiers.attach(self.pool)
 
     # ----------------------------------------------------------- sequences
-
-    def _check_not_paused(self, what: str) -> None:
-        if self._paused:
-            raise CachePausedError(
-                f"{what} is not allowed while the cache is paused (a snapshot is reading it)"
-            )
 
     def allocate(
         self,
@@ -215,31 +210,6 @@ class KVCache(CacheReads):
             raise self._not_live(parent_id) from None
         self._salts[child_id] = self._salts.get(parent_id)
 
-    def share_prefix(self, src_id: Hashable, dst_id: Hashable, num_tokens: int) -> None:
-        """Make ``dst_id`` a new sequence holding the first ``num_tokens`` tokens of ``src_id``.
-
-        Full blocks are shared (as by :meth:`fork`); a partly covered last block is
-        copied on the pool now (see :meth:`BlockManager.share_prefix`). ``dst_id`` gets
-        the source's salt. ``src_id`` must be live (``KeyError``), ``dst_id`` neither
-        live nor swapped out (``ValueError``), ``0 < num_tokens <= num_tokens(src_id)``;
-        :class:`OutOfBlocks` when the copy finds no block. Nothing changes on error.
-        """
-        self._check_not_paused("share_prefix()")
-        if self._swapped_out(dst_id, "dst_id"):
-            raise ValueError(
-                f"sequence {dst_id!r} is swapped out; share into a new id "
-                "(or free() the swapped-out one first)"
-            )
-        try:
-            self.manager.share_prefix(src_id, dst_id, num_tokens)
-        except KeyError:
-            raise self._not_live(src_id) from None
-        self._flush_evictions()  # before the copy overwrites an evicted block
-        copies = self.manager.take_copies()
-        if copies:
-            self.pool.copy_blocks(copies)
-        self._salts[dst_id] = self._salts.get(src_id)
-
     def free(self, seq_id: Hashable) -> None:
         """Release a live sequence, or discard a swapped-out one."""
         self._check_not_paused("free()")
@@ -267,48 +237,6 @@ class KVCache(CacheReads):
             raise self._not_live(seq_id) from None
         self._salts.pop(seq_id, None)
         self._flush_evictions()
-
-    def evict(self, n: int) -> int:
-        """Evict up to ``n`` cached device blocks by the policy; returns how many.
-
-        They are demoted to the tiers (when there are tiers) and become free; see
-        :meth:`BlockManager.evict`.
-        """
-        self._check_not_paused("evict()")
-        evicted = self.manager.evict(n)
-        self._flush_evictions()
-        return evicted
-
-    def gc(self) -> GcStats:
-        """A collection pass over the device cache and the tiers; returns what it freed.
-
-        Drops the expired cached blocks (TTL), evicts cached blocks over
-        ``max_cached_blocks`` (demoted to the tiers) — both otherwise happen lazily —
-        and deletes tier entries over a tier's capacity (only entries other processes
-        sharing a disk directory wrote can be; see :meth:`TieredStore.trim`).
-        """
-        self._check_not_paused("gc()")
-        start = time.perf_counter()
-        blocks = self.manager.gc()
-        self._flush_evictions()
-        entries = self.tiers.trim() if self.tiers is not None else 0
-        return GcStats(
-            blocks_freed=blocks,
-            bytes_freed=blocks * self.layout.bytes_per_block,
-            tier_entries_freed=entries,
-            seconds=time.perf_counter() - start,
-        )
-
-    def _note_eviction(self, block: int, block_hash: bytes) -> None:
-        self._evicted.append((block, block_hash))
-
-    def _flush_evictions(self) -> None:
-        # Evicted blocks were handed out by the manager call that just returned; the
-        # caller has not written them yet, so their old bytes are still intact here.
-        if self._evicted:
-            evicted, self._evicted = self._evicted, []
-            assert self.tiers is not None  # evictions are noted only with tiers
-            self.tiers.demote(evicted)
 
     # ------------------------------------------------------------- swapping
 
@@ -383,8 +311,26 @@ class KVCache(CacheReads):
         if self.tiers is not None:
             self.tiers.flush()
 
-    def close(self) -> None:
-        """Flush and close the tiers (pending demotions are written)."""
+    def close(self, *, persist: bool = False) -> None:
+        """Flush and close the tiers (pending demotions are written).
+
+        ``persist=True`` (a warm restart): first write the device's cached blocks (those
+        no live sequence holds; least recently used first) and the CPU tier's entries to
+        the first persistent tier (a :class:`DiskTier` or :class:`RedisTier`), so a new
+        process with the same tiers and model fingerprint finds them. Each entry is
+        written atomically and verified when read: a process killed meanwhile leaves
+        only complete entries (:mod:`pagedkv.tiers.persist`). Without a persistent tier
+        it raises ``ValueError`` and closes nothing. Free (or finish) sequences first:
+        the blocks of live ones are not written.
+        """
+        check_bool(persist, "persist")
+        if persist:
+            if self.tiers is None:
+                raise ValueError(
+                    "close(persist=True) needs tiers=[..., DiskTier(...) or RedisTier(...)] "
+                    "on the KVCache: without a persistent tier there is nowhere to write"
+                )
+            self.tiers.persist(cached_blocks(self.manager))
         if self.tiers is not None:
             self.tiers.close()
 

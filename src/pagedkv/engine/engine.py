@@ -116,12 +116,16 @@ class Engine:
         self._finalizer = weakref.finalize(self, self.cache.close)
 
     # ------------------------------------------------------------------ life cycle
-    def close(self) -> None:
+    def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
         Requests still queued or running are dropped. The model is left as it was
         given (nothing of it was changed). Also done when the engine is collected.
+        ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
+        finished requests are written to the persistent tier first).
         """
+        if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
+            self.cache.close(persist=True)
         self._finalizer()
         if self.runner.graphs is not None:  # their memory pool goes with them
             self.runner.graphs = None

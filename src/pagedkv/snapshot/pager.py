@@ -34,7 +34,9 @@ class CachePager(Protocol):
     - ``paused()`` is a context manager during which the pager refuses or defers
       every mutation, so a save reads a consistent state.
 
-    Optional: a ``model_fingerprint`` attribute (a readable model id) is recorded in
+    Optional: ``discard(seq_id)``, a free that caches nothing the sequence registered
+    (a failed restore drops what it installed with it; ``free`` otherwise). Optional: a
+    ``model_fingerprint`` attribute (a readable model id) is recorded in
     manifests and named in mismatch errors next to the opaque ``fingerprint``.
     """
 

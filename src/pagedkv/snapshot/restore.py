@@ -199,8 +199,10 @@ def install(
     """Allocate each sequence under its new id and write the pages its prefix cache
     lacks (row ``i`` of ``pages`` holds page ``digests[i]``); return the blocks shared.
 
-    On any error the sequences installed so far are freed and the error re-raised
-    (``OutOfBlocks`` saying nothing was restored).
+    On any error the sequences installed so far are dropped and the error re-raised
+    (``OutOfBlocks`` saying nothing was restored): through the pager's ``discard`` where
+    it has one, so the blocks they registered are freed, not left in the prefix cache
+    (a block whose write failed holds no KV, and the cache is left as it was before).
     """
     row_of = {d: i for i, d in enumerate(digests)}
     installed: list[Hashable] = []
@@ -223,8 +225,9 @@ def install(
                     data = pages[torch.tensor(idx)]
                 pager.write_blocks(table[skip:], data)
     except BaseException as exc:
+        drop = getattr(pager, "discard", None) or pager.free
         for sid in reversed(installed):
-            pager.free(sid)
+            drop(sid)
         if isinstance(exc, OutOfBlocks):
             at = "?" if e is None else repr(e.seq_id)
             raise OutOfBlocks(

@@ -229,8 +229,9 @@ class SnapshotStore:
         mismatch, a damaged manifest, a missing or corrupt page raises
         ``SnapshotError`` and leaves the pager untouched. Pages whose blocks the
         pager's prefix cache already holds are shared, not written. If the pager runs
-        out of blocks midway, the sequences installed so far are freed and
-        ``OutOfBlocks`` is raised.
+        out of blocks (or a write fails) midway, the sequences installed so far are
+        discarded, leaving the pager's blocks and prefix cache as they were, and
+        ``OutOfBlocks`` (or the write's error) is raised.
         """
         t0 = time.perf_counter()
         check_pager(pager)

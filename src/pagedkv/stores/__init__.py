@@ -3,10 +3,12 @@
 - :class:`MemoryStore` — a preallocated (pinned) host slab of fixed-size slots.
 - :class:`DiskStore` — one file per entry, atomic writes, survives restarts.
 - :class:`RedisStore` — a shared Redis server, one round trip per batch.
+- :class:`RedisClusterStore` — a Redis Cluster, one pipeline per master per batch.
 - :class:`PackStore` — a snapshot directory: content-addressed pages in pack files.
 - :class:`FramedStore` — wraps any of them; values carry a verified header.
 
-``open_store("redis://...")``, ``open_store("/var/cache/kv", capacity_bytes=...)``,
+``open_store("redis://...")``, ``open_store("redis+cluster://h1:p1,h2:p2")``,
+``open_store("/var/cache/kv", capacity_bytes=...)``,
 ``open_store("memory://", capacity_bytes=...)`` pick the backend from the location;
 :func:`parse_location` is the one parser of locations. The contracts (protocols
 :class:`BlockStore`, :class:`RowStore` and the capabilities) are in
@@ -27,6 +29,7 @@ from pagedkv.stores.locations import STORE_SCHEMES, Location, known_schemes, par
 from pagedkv.stores.memory import MemoryStore
 from pagedkv.stores.packs import PackStore
 from pagedkv.stores.redis import RedisStore
+from pagedkv.stores.redis_cluster import RedisClusterStore
 
 # The content address of a page; the name it had here before ``sha256_hex``.
 digest_hex = sha256_hex
@@ -44,18 +47,24 @@ def _open_redis(location: Location, **kw: Any) -> BlockStore:
     return RedisStore(location.target, **kw)
 
 
+def _open_redis_cluster(location: Location, **kw: Any) -> BlockStore:
+    return RedisClusterStore(location.target, **kw)
+
+
 # Location kind -> block store. A new scheme: a row in STORE_SCHEMES and one here.
 _OPENERS: dict[str, Callable[..., BlockStore]] = {
     "path": _open_path,
     "memory": _open_memory,
     "redis": _open_redis,
+    "redis-cluster": _open_redis_cluster,
 }
 
 
 def open_store(location: str | os.PathLike[str], **kw: Any) -> BlockStore:
     """Open the block store named by ``location``; ``kw`` go to the backend's constructor.
 
-    ``redis://``/``rediss://`` -> :class:`RedisStore`; ``file:///path`` or a plain
+    ``redis://``/``rediss://`` -> :class:`RedisStore`; ``redis+cluster://``/
+    ``rediss+cluster://`` -> :class:`RedisClusterStore`; ``file:///path`` or a plain
     path -> :class:`DiskStore` (needs ``capacity_bytes=``); ``memory://`` ->
     :class:`MemoryStore` (needs ``capacity_bytes=``). Unknown schemes raise
     ``ValueError`` (see :func:`parse_location`).
@@ -72,6 +81,7 @@ __all__ = [
     "Location",
     "MemoryStore",
     "PackStore",
+    "RedisClusterStore",
     "RedisStore",
     "RowStore",
     "StoreStats",

@@ -22,6 +22,8 @@ STORE_SCHEMES: dict[str, str] = {
     "memory": "memory",
     "redis": "redis",
     "rediss": "redis",
+    "redis+cluster": "redis-cluster",
+    "rediss+cluster": "redis-cluster",
 }
 
 # RFC 3986 scheme, at the start; one letter is a Windows drive ("C:"), not a scheme.
@@ -46,6 +48,11 @@ class Location(NamedTuple):
         """A printable form: the path, or the URL without its user and password."""
         if self.scheme is None or self.kind == "path":
             return self.target
+        hosts = self.target.partition("://")[2].rpartition("@")[2]
+        if "," in hosts.partition("/")[0].partition("?")[0]:  # a cluster's list of nodes
+            from pagedkv.stores.cluster_url import shown_nodes
+
+            return shown_nodes(self.target)
         try:
             parts = urlsplit(self.target)
             host = parts.hostname or ""

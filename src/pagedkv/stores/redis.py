@@ -40,6 +40,11 @@ MAX_VALUE_BYTES = 512 << 20
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``SCAN MATCH`` pattern."""
+    return text.translate(_GLOB_SPECIAL)
+
+
 def _check_url(url: object) -> tuple[str, str]:
     """Validate a redis URL; return (url, a printable form without the password)."""
     if not isinstance(url, str):
@@ -77,7 +82,7 @@ def _without_password(url: str) -> str:
     return parts._replace(netloc=netloc, query=query).geturl()
 
 
-def _passwords(url: str, password: str | None) -> tuple[str, ...]:
+def url_passwords(url: str, password: str | None) -> tuple[str, ...]:
     """Every password the store may send, as written and decoded (to scrub texts of)."""
     parts = urlsplit(url)
     found = [password, parts.password]
@@ -118,25 +123,12 @@ class RedisStore:
             raise ValueError(
                 f"RedisStore: password must be a str or None, got {type(password).__name__}"
             )
-        self._secrets = _passwords(url, password)
-        if not isinstance(key_prefix, str):
-            raise ValueError(f"RedisStore: key_prefix must be a str, got {key_prefix!r}")
-        for name, t in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-                raise ValueError(f"RedisStore: {name} must be a positive number of seconds")
-        if ttl_seconds is not None and (
-            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
-        ):
-            raise ValueError(
-                f"RedisStore: ttl_seconds must be a positive int or None, got {ttl_seconds!r}"
-            )
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError as e:
-            raise StoreError("RedisStore needs redis-py: pip install 'pagedkv[redis]'") from e
-        self._redis = redis
+        self._secrets = url_passwords(url, password)
+        check_options("RedisStore", key_prefix, socket_timeout, connect_timeout, ttl_seconds)
+        redis = import_redis("RedisStore")
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         self._prefix = key_prefix
         self._ttl = ttl_seconds
         kw: dict[str, Any] = {
@@ -186,13 +178,7 @@ class RedisStore:
 
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> int:
         """SET every value in one pipelined round trip (with the TTL, if any)."""
-        checked = check_items(items)
-        for key, value in checked:
-            if len(value) > MAX_VALUE_BYTES:
-                raise ValueError(
-                    f"RedisStore: value of key {key!r} is {len(value)} bytes; Redis accepts "
-                    f"at most {MAX_VALUE_BYTES} (proto-max-bulk-len)"
-                )
+        checked = check_values("RedisStore", items)
         if not checked:
             return 0
 
@@ -254,7 +240,7 @@ class RedisStore:
     def keys(self, prefix: str = "") -> Iterator[str]:
         """Keys under ``key_prefix + prefix``, found with SCAN (collected before returning)."""
         prefix = check_prefix(prefix)
-        pattern = self._prefix.translate(_GLOB_SPECIAL) + prefix + "*"
+        pattern = glob_escape(self._prefix) + prefix + "*"
         cut = len(self._prefix.encode())
 
         def run() -> list[str]:
@@ -285,39 +271,100 @@ class RedisStore:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         if self._closed:
             raise ValueError("RedisStore is closed")
-        r = self._redis
         try:
             return fn()
         except Exception as e:
-            if not isinstance(e, (r.RedisError, OSError)):
+            err = translate_error(e, what, self._shown, self._prefix, self._scrub)
+            if err is None:
                 raise
             with self._lock:
                 self._counts.errors += 1
-            # The caller sees our message only (``from None``): redis-py's own texts hold
-            # no password, but the promise is ours to keep, so they are scrubbed first.
-            text = f"{type(e).__name__}: {self._scrub(str(e))}"
-            if isinstance(e, r.exceptions.NoPermissionError) or "NOPERM" in text:
-                raise StoreError(
-                    f"Redis at {self._shown} refused {what} for this user ({text}); an ACL "
-                    f"user needs the keys ~{self._prefix}* and the commands pagedkv sends "
-                    "(see the README, Redis ACLs)"
-                ) from None
-            if isinstance(e, r.AuthenticationError) or any(
-                s in text for s in ("NOAUTH", "WRONGPASS", "invalid password", "invalid username")
-            ):
-                raise StoreError(
-                    f"Redis at {self._shown} rejected the credentials during {what} ({text}); "
-                    "check the password in the URL or the password= argument"
-                ) from None
-            if isinstance(e, (r.ConnectionError, r.TimeoutError, OSError)):
-                raise StoreUnavailable(
-                    f"Redis at {self._shown} is unavailable ({what} failed: {text}); "
-                    "is redis-server running and reachable?"
-                ) from None
-            raise StoreError(f"Redis at {self._shown}: {what} failed ({text})") from None
+            raise err from None
 
     def _scrub(self, text: str) -> str:
         """``text`` with every password this store knows replaced by ``***``."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secrets)
+
+
+# -- shared with RedisClusterStore ------------------------------------------------------
+
+
+def import_redis(who: str) -> Any:
+    """The ``redis`` module, or :class:`StoreError` saying how to install it."""
+    try:
+        import redis
+    except ImportError as e:
+        raise StoreError(f"{who} needs redis-py: pip install 'pagedkv[redis]'") from e
+    return redis
+
+
+def check_options(
+    who: str, key_prefix: object, socket_timeout: object, connect_timeout: object,
+    ttl_seconds: object,
+) -> None:  # fmt: skip
+    """``ValueError`` naming the first bad one of the options every Redis store takes."""
+    if not isinstance(key_prefix, str):
+        raise ValueError(f"{who}: key_prefix must be a str, got {key_prefix!r}")
+    for name, t in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise ValueError(f"{who}: {name} must be a positive number of seconds")
+    if ttl_seconds is not None and (
+        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+    ):
+        raise ValueError(f"{who}: ttl_seconds must be a positive int or None, got {ttl_seconds!r}")
+
+
+def check_values(who: str, items: Sequence[tuple[str, Buffer]]) -> list[tuple[str, memoryview]]:
+    """:func:`check_items`, and no value above what Redis accepts."""
+    checked = check_items(items)
+    for key, value in checked:
+        if len(value) > MAX_VALUE_BYTES:
+            raise ValueError(
+                f"{who}: value of key {key!r} is {len(value)} bytes; Redis accepts "
+                f"at most {MAX_VALUE_BYTES} (proto-max-bulk-len)"
+            )
+    return checked
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first) replaced by ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def translate_error(
+    e: BaseException, what: str, shown: str, key_prefix: str, scrub: Callable[[str], str]
+) -> StoreError | None:
+    """The pagedkv error to raise for a redis-py (or socket) error ``e`` raised by command
+    ``what`` on the server shown as ``shown``; ``None`` when ``e`` is neither (re-raise it).
+
+    A refused command (ACL) or rejected credentials is a :class:`StoreError`, a
+    connection problem or timeout :class:`StoreUnavailable`. The caller raises it
+    ``from None``: redis-py's own texts hold no password, but the promise is ours to
+    keep, so they are scrubbed first and never chained.
+    """
+    import redis as r
+
+    if not isinstance(e, (r.RedisError, OSError)):
+        return None
+    text = f"{type(e).__name__}: {scrub(str(e))}"
+    if isinstance(e, r.exceptions.NoPermissionError) or "NOPERM" in text:
+        return StoreError(
+            f"Redis at {shown} refused {what} for this user ({text}); an ACL "
+            f"user needs the keys ~{key_prefix}* and the commands pagedkv sends "
+            "(see the README, Redis ACLs)"
+        )
+    if isinstance(e, r.AuthenticationError) or any(
+        s in text for s in ("NOAUTH", "WRONGPASS", "invalid password", "invalid username")
+    ):
+        return StoreError(
+            f"Redis at {shown} rejected the credentials during {what} ({text}); "
+            "check the password in the URL or the password= argument"
+        )
+    if isinstance(e, (r.ConnectionError, r.TimeoutError, OSError)):
+        return StoreUnavailable(
+            f"Redis at {shown} is unavailable ({what} failed: {text}); "
+            "is redis-server running and reachable?"
+        )
+    return StoreError(f"Redis at {shown}: {what} failed ({text})")

@@ -17,6 +17,8 @@ also verify the fingerprint on every read).
   path, write-back is not.
 - ``swap_out``/``swap_in``: a whole sequence's blocks to the CPU tier's swap area
   (never evicted) and back, bit-exact.
+- ``persist``: for a warm restart, the pool's cached blocks and the CPU tier's entries
+  to the first persistent tier (:mod:`pagedkv.tiers.persist`).
 
 A chain that is never closed is closed at interpreter exit: an ``atexit`` hook (it
 holds the chain weakly, so it keeps nothing alive) stores the pending write-backs
@@ -40,6 +42,7 @@ from pagedkv.errors import StoreError
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier, check_tiers, open_levels
 from pagedkv.tiers.level import Level
+from pagedkv.tiers.persist import Persisted, check_persistent, persist_blocks
 from pagedkv.tiers.stats import ChainStats
 from pagedkv.tiers.swap import SwapArea
 from pagedkv.tiers.transfer import Transfer
@@ -108,7 +111,7 @@ class TieredStore:
         self._xfer: Transfer | None = None
         self._written_through: OrderedDict[str, None] = OrderedDict()  # recent keys, LRU
         self._lookups = self._promoted = self._pending_hits = 0
-        self._demoted = self._written_through_blocks = 0
+        self._demoted = self._written_through_blocks = self._persisted = 0
         self._closed = False
         self._exit_hook = _ExitHook(self)
         atexit.register(self._exit_hook)
@@ -187,6 +190,25 @@ class TieredStore:
     def flush(self) -> None:
         """Wait until every demoted block has been stored (tests, benchmarks, shutdown)."""
         self._writer.flush()
+
+    def persist(self, items: Sequence[tuple[int, bytes]]) -> Persisted:
+        """Write pool blocks ``(block_id, block_hash)`` (least recently used first) and
+        everything the in-process tiers hold to the first persistent tier, for a warm
+        restart (:mod:`pagedkv.tiers.persist`: what, in which order, crash safety).
+
+        Pending write-backs are stored first. ``ValueError`` (nothing written) when no
+        tier is persistent or the chain is closed; store failures cost entries, never
+        an exception."""
+        if self._closed:
+            raise ValueError("TieredStore is closed: persist before close()")
+        check_persistent(self.levels)
+        self.flush()
+        done = persist_blocks(
+            self.levels, [(self.key(h), b) for b, h in items], key_prefix=self.key_prefix,
+            gather=self._transfer.gather_ready, put=self._put,
+        )  # fmt: skip
+        self._persisted += done.stored
+        return done
 
     def _submit(self, keys: list[str], block_ids: list[int], *, all_levels: bool) -> None:
         rows, event = self._transfer.gather(block_ids)
@@ -374,6 +396,7 @@ class TieredStore:
             swap_capacity_bytes=self._swap.capacity_bytes,
             pending_bytes=self._writer.pending_bytes,
             lost_blocks=self._writer.lost_blocks,
+            persisted=self._persisted,
         )
 
     def check_integrity(self) -> None:

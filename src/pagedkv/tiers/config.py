@@ -23,7 +23,7 @@ from pagedkv.tiers.health import Backoff
 from pagedkv.tiers.level import Level
 
 if TYPE_CHECKING:
-    from pagedkv.stores import RedisStore
+    from pagedkv.stores import RedisClusterStore, RedisStore
 
 
 def _check_bytes(value: object, who: str, field: str, *, allow_zero: bool = False) -> None:
@@ -183,10 +183,17 @@ class DiskTier:
 
 @dataclass(frozen=True, init=False)
 class RedisTier:
-    """Shared Redis tier (``redis://host:port/db`` or ``rediss://``).
+    """Shared Redis tier (``redis://host:port/db`` or ``rediss://``), or a Redis Cluster
+    (``redis+cluster://host:port,host:port,...`` or ``rediss+cluster://``: any of its
+    nodes; the others are discovered).
 
     The server's ``maxmemory`` / ``maxmemory-policy allkeys-lru`` governs capacity,
-    so this tier is normally the last one. ``ttl_seconds`` adds a sliding expiry.
+    so this tier is normally the last one. In a cluster, keys spread over every
+    master (:class:`~pagedkv.stores.RedisClusterStore`); a master that is down costs
+    the misses of its slots only (logged once on ``pagedkv.stores``, retried with the
+    same back-off), the tier as a whole is missing only while every master is; run
+    the cluster with ``cluster-require-full-coverage no`` so the other masters keep
+    serving (the README, "Redis Cluster"). ``ttl_seconds`` adds a sliding expiry.
     Entries are framed and verified like the disk tier's. When Redis is unreachable,
     slow (``timeout_seconds`` per round trip) or failing, the tier is treated as
     missing and retried after ``retry_initial_seconds``, doubling up to
@@ -266,9 +273,21 @@ class RedisTier:
             f"retry_max_seconds={self.retry_max_seconds!r})"
         )
 
-    def _store(self) -> RedisStore:
-        from pagedkv.stores import RedisStore
+    def _store(self) -> RedisStore | RedisClusterStore:
+        from pagedkv.stores import RedisClusterStore, RedisStore, parse_location
 
+        if parse_location(self.url).kind == "redis-cluster":
+            return RedisClusterStore(
+                self.url,
+                key_prefix=self.key_prefix,
+                password=self.password,
+                socket_timeout=self.timeout_seconds,
+                connect_timeout=self.timeout_seconds,
+                ttl_seconds=self.ttl_seconds,
+                degrade=True,  # a master down costs its slots' misses, not the tier
+                retry_initial_seconds=self.retry_initial_seconds,
+                retry_max_seconds=self.retry_max_seconds,
+            )
         return RedisStore(
             self.url,
             key_prefix=self.key_prefix,

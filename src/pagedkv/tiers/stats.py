@@ -71,7 +71,8 @@ class ChainStats(_FieldMapping):
     they stay in the pool. ``swapped_sequences``/``swapped_bytes``/``swap_capacity_bytes``:
     the CPU tier's swap area. ``pending_bytes``: staged write-back bytes not stored
     yet; ``lost_blocks``: demoted blocks that could not be stored (a failed or dropped
-    write-back: each is only a later miss).
+    write-back: each is only a later miss). ``persisted``: entries written by
+    :meth:`~pagedkv.tiers.TieredStore.persist` (a warm restart's ``close(persist=True)``).
     """
 
     tiers: dict[str, TierStats]
@@ -85,3 +86,4 @@ class ChainStats(_FieldMapping):
     swap_capacity_bytes: int
     pending_bytes: int
     lost_blocks: int
+    persisted: int = 0

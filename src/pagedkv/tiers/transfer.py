@@ -56,6 +56,13 @@ class Transfer:
         current.wait_event(event)  # a later write into these blocks cannot overtake the copy
         return rows, event
 
+    def gather_ready(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """:meth:`gather`, waiting until the rows hold the bytes."""
+        rows, event = self.gather(block_ids)
+        if event is not None:
+            event.synchronize()
+        return rows
+
     def scatter(
         self,
         block_ids: Sequence[int],
