@@ -7,6 +7,14 @@ Llama-style shape), random weights, bf16 on CUDA / fp32 on CPU. Workloads (EOS i
   (b) N unrelated 1,056-token prompts, 128 new tokens
 Plain generate() runs batch 64 on the (b) prompts.
 
+Each pagedkv / generate_batch workload runs 1 + ``--repeat`` times after a warm-up of
+the same shape class: ``first_s`` is the first timed run, ``steady_s`` the median of
+the others (tok/s from it). Beside them: the decode floor (bytes per step / measured
+copy bandwidth, see ``_e2e_measure.py``) and pagedkv's % of it, and a per-step
+device/host breakdown from one profiled run (32 new tokens). ``--baseline-src DIR``
+runs the same pagedkv command with an older ``src/`` tree (DIR) in a subprocess and
+adds its numbers and the speed-up.
+
 Usage: python benchmarks/bench_e2e.py [--tiny] [--device cpu|cuda] [--plan pk,tf,plain]
 Writes benchmarks/out/bench_e2e.json (and $OUT/bench_e2e_<config>.json when OUT is set)
 and a PNG of tok/s per workload beside each; ``--replot RESULT.json`` redraws one.
@@ -25,7 +33,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs uninstalled
+# runs uninstalled; PAGEDKV_BENCH_SRC: another src/ tree (the --baseline-src child)
+SRC = os.environ.get("PAGEDKV_BENCH_SRC") or str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, SRC)
+from _e2e_measure import (  # noqa: E402
+    copy_bandwidth,
+    device_breakdown,
+    floor,
+    run_baseline,
+    strip_baseline_args,
+    timed_runs,
+)
 from _plot import RAW, add_plot_arguments, bars, figure, plot_result, replot  # noqa: E402
 from _progress import add_quiet_argument, steps  # noqa: E402
 
@@ -43,7 +61,7 @@ SHAPES = {
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="small CPU-sized smoke run")
+    ap.add_argument("--tiny", "--quick", action="store_true", help="small CPU-sized smoke run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default="smollm2", choices=sorted(SHAPES))
     ap.add_argument("--plan", default="pk,tf,plain", help="pk = pagedkv, tf = generate_batch")
@@ -51,6 +69,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="steady runs after the first")
+    ap.add_argument("--tf-repeat", type=int, default=None, help="generate_batch's (--repeat)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the profiled run")
+    ap.add_argument("--baseline-src", default=None,
+                    help="an older src/ tree: run the pagedkv part with it too")  # fmt: skip
+    ap.add_argument("--baseline-timeout", type=float, default=None, help="seconds")
     ap.add_argument(
         "--out",
         default=str(Path(__file__).parent / "out" / "bench_e2e.json"),
@@ -65,6 +89,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--workloads takes a,b; got {args.workloads!r}")
     if (args.requests is not None and args.requests < 1) or (args.num_blocks or 1) < 1:
         ap.error("--requests and --num-blocks must be >= 1")
+    if args.repeat < 0 or (args.tf_repeat or 0) < 0:
+        ap.error("--repeat and --tf-repeat must be >= 0")
+    if args.tf_repeat is None:
+        args.tf_repeat = args.repeat
     return args
 
 
@@ -102,18 +130,19 @@ def plot(res: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.replot:
         raise SystemExit(replot(plot, args.replot))
     plan, ws = args.plan.split(","), args.workloads.split(",")
     total = ("pk" in plan) * (1 + len(ws)) + ("tf" in plan) * (1 + len(ws)) + ("plain" in plan)
     with steps(total, "end-to-end runs", quiet=args.quiet) as bar:
-        res, outs = run(args, bar)
+        res, outs = run(args, bar, strip_baseline_args(argv))
     if args.plot:
         plot_result(plot, res, outs)
 
 
-def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
+def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, list[Path]]:
     """Every run of the plan; ``bar.done()`` between them (outside the timed windows)."""
     import transformers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -203,37 +232,68 @@ def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
             )  # fmt: skip
             sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
             warm_sp = SamplingParams(max_new_tokens=warm_new, ignore_eos=True)
-            engine.generate(warm, warm_sp)  # compiles kernels, captures graphs
+            if hasattr(engine, "warmup"):  # every kernel and graph bucket, up front
+                engine.warmup()
+            engine.generate(warm, warm_sp)  # the same shape class as the timed runs
             engine.generate(warm[:3], sp)
             sync()
             res["pk_setup_s"] = round(time.perf_counter() - t, 2)
+            res["pagedkv_src"] = str(Path(sys.modules["pagedkv"].__file__).parent)
+            res["bandwidth_GBps"] = round(copy_bandwidth(dev) / 1e9, 1)
             bar.done()
             for w in args.workloads.split(","):
-                engine.cache.manager.reset_prefix_cache()
                 before = engine.stats()
-                sync()
-                t = time.perf_counter()
-                outs_pk = engine.generate(workloads[w], sp)
-                sync()
-                wall = time.perf_counter() - t
+
+                def one_run(w=w):
+                    engine.cache.manager.reset_prefix_cache()
+                    return engine.generate(workloads[w], sp)
+
+                runs = timed_runs(one_run, dev, args.repeat)
+                outs_pk = runs.pop("result")
                 s = engine.stats()
+                n_runs = 1 + args.repeat
                 gen = sum(len(o.token_ids) for o in outs_pk)
                 first_tokens[f"pk_{w}"] = outs_pk[0].token_ids[:16]
                 bpb = engine.cache.layout.bytes_per_block
-                res[f"pk_{w}"] = dict(
-                    wall_s=round(wall, 3), generated_tokens=gen, tok_per_s=round(gen / wall, 1),
-                    prompt_tokens=s.prompt_tokens - before.prompt_tokens,
-                    cached_tokens=s.cached_tokens - before.cached_tokens,
-                    prefill_tokens=s.prefill_tokens - before.prefill_tokens,
-                    steps=s.steps - before.steps, preemptions=s.preemptions - before.preemptions,
+                fl = floor(model, n_req=n_req, prefix=prefix_len, unique=uniq, new=new,
+                           shared=w == "a", bandwidth=res["bandwidth_GBps"] * 1e9)  # fmt: skip
+                tok_s = gen / runs["steady_s"]
+                r = res[f"pk_{w}"] = dict(
+                    **runs, wall_s=runs["steady_s"], generated_tokens=gen,
+                    tok_per_s=round(tok_s, 1), first_tok_per_s=round(gen / runs["first_s"], 1),
+                    first_over_steady=round(runs["first_s"] / runs["steady_s"], 3),
+                    pct_of_floor_no_sharing=round(
+                        100 * tok_s / fl["floor_no_sharing_tok_per_s"], 1
+                    ),
+                    floor=fl,
+                    prompt_tokens=(s.prompt_tokens - before.prompt_tokens) // n_runs,
+                    cached_tokens=(s.cached_tokens - before.cached_tokens) // n_runs,
+                    prefill_tokens=(s.prefill_tokens - before.prefill_tokens) // n_runs,
+                    steps=(s.steps - before.steps) // n_runs,
+                    preemptions=s.preemptions - before.preemptions,
                     kv_pool_GiB=round(blocks * bpb / 2**30, 2),
                     kv_peak_used_GiB=round(s.blocks_peak * bpb / 2**30, 2),
                     peak_mem_GiB=peak_gib(),
                     graphs=None if engine.runner.graphs is None else
-                    dict(captured=sorted(engine.runner.graphs.graphs),
+                    dict(captured=len(engine.runner.graphs.graphs),
                          disabled=engine.runner.graphs.disabled),
                 )  # fmt: skip
-                print(f"pk_{w}", json.dumps(res[f"pk_{w}"]), flush=True)
+                if "floor_shared_tok_per_s" in fl:
+                    r["pct_of_floor_shared"] = round(100 * tok_s / fl["floor_shared_tok_per_s"], 1)
+                r["step_ms"] = round(1e3 * runs["steady_s"] / max(1, r["steps"]), 3)
+                if not args.no_breakdown:
+                    prof_sp = SamplingParams(max_new_tokens=min(new, 32), ignore_eos=True)
+
+                    def profiled(w=w, sp=prof_sp):
+                        engine.cache.manager.reset_prefix_cache()
+                        return engine.generate(workloads[w], sp)
+
+                    try:  # a profiler failure loses the breakdown, not the run
+                        bd = device_breakdown(profiled, dev, lambda: engine.stats().steps)
+                        r["breakdown"] = dict(bd, new_tokens=prof_sp.max_new_tokens)
+                    except Exception as exc:
+                        r["breakdown"] = dict(error=repr(exc))
+                print(f"pk_{w}", json.dumps(r), flush=True)
                 dump()
                 bar.done()
             del engine, outs_pk
@@ -261,21 +321,23 @@ def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
             bar.done()
             for w in args.workloads.split(","):
                 mem_reset()
-                sync()
-                t = time.perf_counter()
-                out = model.generate_batch(
-                    inputs=workloads[w], generation_config=gen_cfg,
-                    continuous_batching_config=ContinuousBatchingConfig(), progress_bar=False,
-                )  # fmt: skip
-                sync()
-                wall = time.perf_counter() - t
+
+                def one_run(w=w):
+                    return model.generate_batch(
+                        inputs=workloads[w], generation_config=gen_cfg,
+                        continuous_batching_config=ContinuousBatchingConfig(), progress_bar=False,
+                    )  # fmt: skip
+
+                runs = timed_runs(one_run, dev, args.tf_repeat)
+                out = runs.pop("result")
                 gen = sum(len(o.generated_tokens) for o in out.values())
                 first = out[sorted(out)[0]] if out else None
                 if first is not None:
                     first_tokens[f"tf_{w}"] = list(first.generated_tokens[:16])
                 res[f"tf_{w}"] = dict(
-                    wall_s=round(wall, 3), generated_tokens=gen,
-                    tok_per_s=round(gen / wall, 1), peak_mem_GiB=peak_gib(),
+                    **runs, wall_s=runs["steady_s"], generated_tokens=gen,
+                    tok_per_s=round(gen / runs["steady_s"], 1),
+                    first_tok_per_s=round(gen / runs["first_s"], 1), peak_mem_GiB=peak_gib(),
                 )  # fmt: skip
                 print(f"tf_{w}", json.dumps(res[f"tf_{w}"]), flush=True)
                 dump()
@@ -308,6 +370,22 @@ def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
         except Exception as e:
             res["plain_error"] = dict(error=repr(e), traceback=traceback.format_exc()[-3000:])
 
+    # ------------------------------------------------------- the older source tree
+    if args.baseline_src and "pk" in plan:
+        dump()
+        mem_reset()
+        base = run_baseline(args.baseline_src, child_argv, args.baseline_timeout)
+        res["baseline"] = {k: v for k, v in base.items() if k == "error" or k.startswith("pk")}
+        res["baseline"]["src"] = base.get("pagedkv_src", args.baseline_src)
+        for w in args.workloads.split(","):
+            old, cur = base.get(f"pk_{w}"), res.get(f"pk_{w}")
+            if old and cur:
+                res[f"ratio_{w}_pk_over_baseline"] = round(cur["tok_per_s"] / old["tok_per_s"], 2)
+                res[f"ratio_{w}_pk_over_baseline_first"] = round(
+                    cur["first_tok_per_s"] / old.get("first_tok_per_s", old["tok_per_s"]), 2
+                )
+        print("baseline", json.dumps(res["baseline"])[:3000], flush=True)
+
     # ------------------------------------------------------------------ summary
     res["model_GiB"] = model_gib
     res["first_tokens"] = first_tokens
@@ -324,15 +402,24 @@ def run(args: argparse.Namespace, bar) -> tuple[dict, list[Path]]:
     from rich.table import Table
 
     table = Table(title=f"end-to-end generation, {res['device_name']}, {n_req} requests")
-    for col in ("run", "tok/s", "wall s", "prefill computed", "from cache", "peak KV GiB"):
+    cols = ("run", "tok/s (steady)", "first / steady", "floor tok/s", "% of floor",
+            "device ms/step", "host+idle ms/step", "prefill computed", "from cache")  # fmt: skip
+    for col in cols:
         table.add_column(col)
-    for key in [k for k in res if k[:3] in ("pk_", "tf_") or k == "plain_b"]:
-        r = res[key]
+    rows = {k: v for k, v in res.items() if k[:3] in ("pk_", "tf_") or k == "plain_b"}
+    rows.update({f"baseline {k}": v for k, v in res.get("baseline", {}).items()})
+    for key, r in rows.items():
         if not isinstance(r, dict) or "tok_per_s" not in r:
             continue
-        table.add_row(key, f"{r['tok_per_s']:,.0f}", f"{r['wall_s']:.2f}",
-                      str(r.get("prefill_tokens", "")), str(r.get("cached_tokens", "")),
-                      str(r.get("kv_peak_used_GiB", "")))  # fmt: skip
+        fl, bd = r.get("floor") or {}, r.get("breakdown") or {}
+        ratio = r.get("first_over_steady")
+        table.add_row(
+            key, f"{r['tok_per_s']:,.0f}", "" if ratio is None else f"{ratio:.2f}",
+            f"{fl.get('floor_no_sharing_tok_per_s', 0):,.0f}" if fl else "",
+            str(r.get("pct_of_floor_no_sharing", "")), str(bd.get("device_ms_per_step", "")),
+            str(bd.get("host_or_idle_ms_per_step", "")), str(r.get("prefill_tokens", "")),
+            str(r.get("cached_tokens", "")),
+        )  # fmt: skip
     Console().print(table)
     print({k: v for k, v in res.items() if k.startswith("ratio")}, flush=True)
     return res, outs

@@ -12,8 +12,10 @@ shared CPU, ``CPU s`` (process time, one torch thread by default) is the stable 
 
 Model: LlamaForCausalLM with SmolLM2-135M's shape, random weights (fp32 on CPU, bf16 on
 CUDA). Usage: python benchmarks/bench_prompt_reuse.py [--prefix 512] [--prompts 3]
-[--suffix 16] [--new 16] [--layers 30] [--repeat 3] [--device cpu|cuda]. Prints a table; writes
-benchmarks/out/bench_prompt_reuse.json.
+[--suffix 16] [--new 16] [--layers 30] [--repeat 3] [--device cpu|cuda] [--quick]
+[--out DIR|FILE]. Prints a table; writes benchmarks/out/bench_prompt_reuse.json (and
+$OUT/bench_prompt_reuse.json when OUT is set). ``--quick``: 2 layers, a 64-token prefix,
+2 prompts, 4 new tokens, one round (a smoke run).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +47,16 @@ def parse():
     ap.add_argument("--repeat", type=int, default=3, help="rounds over all rows; best kept")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    return ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="a small smoke run (see the doc)")
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "out"),
+        help="JSON file, or a folder to write bench_prompt_reuse.json into",
+    )
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.prefix, args.prompts, args.new, args.repeat = 2, 64, 2, 4, 1
+    return args
 
 
 def sync(device):
@@ -147,11 +159,16 @@ def main() -> None:
         mib = f"{r['kv_copied'] / 2**20:.1f} MiB" if "recipe" in r["name"] else "-"
         print(f"{r['name']:16} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f} {copy_ms:>8} {mib:>10} "
               f"{same:>6}/{len(ref)}")  # fmt: skip
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
     for r in rows:
-        r.pop("tokens")
-    (out / "bench_prompt_reuse.json").write_text(json.dumps(dict(args=vars(args), rows=rows)))
+        r["same_tokens"] = sum(a == b for a, b in zip(r.pop("tokens"), ref)) / len(ref)
+    out = Path(args.out)
+    if out.is_dir() or not out.suffix:
+        out = out / "bench_prompt_reuse.json"
+    outs = [out] + ([Path(os.environ["OUT"]) / out.name] if os.environ.get("OUT") else [])
+    res = dict(args=vars(args), device=str(device), date=time.strftime("%Y-%m-%d"), rows=rows)
+    for path in outs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def tiny_dir(tmp_path_factory):
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("demo", "generate", "manager-demo"):
+    for name in ("demo", "generate", "explain", "manager-demo"):
         assert name in result.output
 
 
@@ -68,6 +68,43 @@ def test_chat_demo_on_a_tiny_model(tiny_dir):
     assert result.exit_code == 0, result.output
     assert "tokens served from the prefix cache" in result.output
     assert "dense per-request cache" in result.output
+
+
+def test_chat_demo_serves_metrics_while_it_runs(tiny_dir):
+    args = ["demo", "--model", str(tiny_dir), "--conversations", "2", "--turns", "1",
+            "--max-new-tokens", "2", "--device", "cpu", "--metrics-port", "0"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Prometheus metrics at http://127.0.0.1:" in result.output
+    result = runner.invoke(app, [*args[:-1], "65536"])
+    assert result.exit_code == 2 and "--metrics-port" in result.output
+
+
+def test_explain_reads_what_a_disk_tier_holds_and_writes_nothing(tiny_dir, tmp_path):
+    from pagedkv.engine import Engine, SamplingParams
+    from pagedkv.tiers import DiskTier
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    kv = tmp_path / "kv"
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    engine = Engine.from_pretrained(
+        str(tiny_dir), device="cpu", num_blocks=14, block_size=4,
+        tiers=[DiskTier(kv, 1 << 24)],
+    )  # fmt: skip
+    engine.generate([prompt], params, cache_salt="t1")
+    engine.generate(["Completely unrelated text to push it out. " * 5], params)  # evicts it
+    engine.close()  # stores the demoted blocks
+    files = sorted((p.name, p.stat().st_mtime_ns) for p in kv.rglob("*") if p.is_file())
+    assert files
+    base = ["explain", prompt, "--model", str(tiny_dir), "--disk-tier", str(kv),
+            "--block-size", "4", "--device", "cpu", "--no-chat"]  # fmt: skip
+    result = runner.invoke(app, [*base, "--salt", "t1"])
+    assert result.exit_code == 0, result.output
+    assert "tier:disk" in result.output  # (blocks that stayed on the device died with it)
+    result = runner.invoke(app, [*base, "--salt", "t2"])  # another tenant learns nothing
+    assert result.exit_code == 0 and "tier:disk" not in result.output, result.output
+    assert "never_seen" in result.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in kv.rglob("*") if p.is_file()) == files
 
 
 def test_manager_demo_is_wired():

@@ -285,7 +285,7 @@ def test_the_engine_logs_at_boundaries_not_per_token(model, caplog, monkeypatch)
     def fail(chunks):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.runner, "execute", fail)
+    monkeypatch.setattr(engine.runner, "launch", fail)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pagedkv.engine"):
         out = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2))[0]

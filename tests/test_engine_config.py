@@ -26,6 +26,7 @@ def test_every_option_has_a_default_a_type_and_help():
         "num_blocks", "gpu_memory_fraction", "block_size", "max_batch_tokens", "max_num_seqs",
         "prefix_caching", "preemption", "preemption_policy", "cuda_graphs", "cpu_kv_bytes",
         "repeat_cache_bytes",
+        "overlap", "cascade", "torch_compile", "warmup",
     ]  # fmt: skip
     for f in option_fields():
         assert f.default is not dataclasses.MISSING, f.name
@@ -39,6 +40,7 @@ def test_every_option_has_a_default_a_type_and_help():
     )  # fmt: skip
     assert c.preemption_policy == "newest" and c.policy.name == "newest"
     assert c.cpu_kv_bytes == 512 * 2**20 and c.repeat_cache_bytes == 64 * 2**20
+    assert (c.overlap, c.cascade, c.torch_compile, c.warmup) == (None, True, False, False)
 
 
 BAD = [
@@ -57,6 +59,8 @@ BAD = [
     (dict(repeat_cache_bytes=1.5), TypeError, "repeat_cache_bytes must be an int >= 0"),
     (dict(prefix_caching=1), TypeError, "prefix_caching must be True or False, got int 1"),
     (dict(cuda_graphs="no"), TypeError, "cuda_graphs must be True or False"),
+    (dict(overlap="yes"), TypeError, "overlap must be True or False, got str 'yes'"),
+    (dict(torch_compile=1), TypeError, "torch_compile must be True or False"),
     (dict(preemption="swapp"), ValueError, "preemption must be 'recompute' or 'swap', got 'swapp'"),
     (dict(preemption=None), TypeError, "preemption must be 'recompute' or 'swap', got NoneType"),
     (dict(preemption_policy="newset"), ValueError, "'newset' is not a known policy"),

@@ -110,3 +110,60 @@ def test_cuda_paged_cache_generate_and_prompt_reuse(cuda_llama):
         want = model.generate(full, **one)
         assert torch.equal(model.generate(full, **one, **{kw: copy.deepcopy(base)}), want)
     base.kv_cache.check_integrity()
+
+
+SHARED = list(range(100, 132))  # 4 full blocks of 8: the later prompts share them
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "plain"])
+def test_cuda_speed_paths_keep_the_tokens(cuda_llama, graphs, overlap, cascade, monkeypatch):
+    """Overlap, cascade decode (inside CUDA graphs or eager) and neither give the tokens
+    of generate(); cascade runs exactly when asked for."""
+    from pagedkv import ops
+
+    model, _, _ = cuda_llama
+    prompts = prompts_of(lengths=(3, 9, 1, 14, 6), seed=5, prefix=SHARED)
+    ref = [
+        model.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, do_sample=False,
+                       pad_token_id=0)[0, len(p) :].tolist()
+        for p in prompts
+    ]  # fmt: skip
+    calls = []
+    real = ops.cascade_decode
+    monkeypatch.setattr(ops, "cascade_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine = Engine(model, num_blocks=128, block_size=8, cuda_graphs=graphs, overlap=overlap,
+                    cascade=cascade)  # fmt: skip
+    outs = engine.generate(prompts[:1], GREEDY) + engine.generate(prompts[1:], GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    if not graphs:  # inside a graph the Python call happens once, at capture
+        assert bool(calls) is cascade
+    elif cascade:
+        assert any(key[2] for key in engine.runner.graphs.graphs), "no cascade graph captured"
+    assert engine.stats().blocks_in_use == 0
+    engine.cache.check_integrity()
+
+
+def test_cuda_warmup_captures_every_graph_the_run_needs(cuda_llama):
+    model, _, _ = cuda_llama
+    prompts = prompts_of(lengths=(3, 9, 1, 14, 6), seed=5, prefix=SHARED)
+    engine = Engine(model, num_blocks=128, block_size=8, max_num_seqs=16)
+    warm = engine.warmup()
+    held = set(engine.runner.graphs.graphs)
+    assert warm.graphs == len(held) > 0 and not engine.runner.graphs.disabled
+    engine.generate(prompts[:1], GREEDY)
+    engine.generate(prompts[1:], GREEDY)
+    assert set(engine.runner.graphs.graphs) == held, "a step captured a graph after warmup()"
+
+
+@pytest.mark.slow
+def test_cuda_torch_compile_keeps_the_tokens(cuda_llama):
+    """torch_compile=True: the model compiled around the paged attention (a graph break),
+    in eager steps and inside the CUDA graphs; still generate()'s tokens, no fallback."""
+    model, prompts, ref = cuda_llama
+    engine = Engine(model, num_blocks=128, block_size=8, torch_compile=True)
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    assert engine.runner.compiled is not None, "torch.compile fell back to eager"
+    assert not engine.runner.graphs.disabled

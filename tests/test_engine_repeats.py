@@ -250,17 +250,27 @@ def test_the_repeat_store_check_fires(model):
 
 # ------------------------------------------------------------------ failed batches
 class FailAt:
-    """A runner.execute that raises at call ``at`` (0-based), the real one otherwise."""
+    """A runner.launch that raises at call ``at`` (0-based), the real one otherwise;
+    ``resolve=True``: the launch goes through and reading its tokens raises (an error of
+    the device work, surfacing at the step's one wait)."""
 
-    def __init__(self, engine: Engine, monkeypatch, at: int) -> None:
-        self.calls, self.at, self.real = 0, at, engine.runner.execute
-        monkeypatch.setattr(engine.runner, "execute", self)
+    def __init__(self, engine: Engine, monkeypatch, at: int, resolve: bool = False) -> None:
+        self.calls, self.at, self.real, self.resolve = 0, at, engine.runner.launch, resolve
+        monkeypatch.setattr(engine.runner, "launch", self)
 
     def __call__(self, chunks):
         self.calls += 1
-        if self.calls - 1 == self.at:
+        if self.calls - 1 != self.at:
+            return self.real(chunks)
+        if not self.resolve:
             raise RuntimeError("device lost")
-        return self.real(chunks)
+        self.real(chunks)
+        return Lost()
+
+
+class Lost:
+    def tolist(self):
+        raise RuntimeError("device lost")
 
 
 def test_a_failed_prefill_leaves_no_block_findable(model, monkeypatch):
@@ -287,6 +297,51 @@ def test_a_failed_decode_keeps_the_blocks_written_before(model, monkeypatch):
     assert engine.cache.prompt_match(p[:8]) is not None  # written by the prefill
     assert engine.cache.prompt_match(seq) is None  # registered by the failed step only
     assert engine.cache.lookup(seq + [7]) == 8
+    engine.cache.check_integrity()
+
+
+def test_a_step_failed_while_another_is_in_flight_keeps_the_earlier_blocks(model, monkeypatch):
+    p = prompt(15, 51)
+    engine = engine_of(model, overlap=True)
+    FailAt(engine, monkeypatch, at=1)  # the decode launched while the prefill runs
+    out = engine.generate([p], GREEDY)[0]
+    # the prefill's token was pending, never emitted: the request had failed first
+    assert out.finish_reason == "error" and out.token_ids == []
+    assert engine.cache.prompt_match(p[:8]) is not None  # written by the prefill
+    assert engine.cache.lookup(p + [7]) == 8
+    assert engine.stats().blocks_in_use == 0
+    engine.cache.check_integrity()
+    assert engine.generate([p], GREEDY)[0].token_ids == reference(model, [p], NEW)[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_step_failing_on_the_device_caches_none_of_its_blocks(model, monkeypatch, overlap):
+    p = prompt(20, 52)
+    engine = engine_of(model, overlap=overlap)
+    FailAt(engine, monkeypatch, at=0, resolve=True)  # the prefill's tokens never arrive
+    out = engine.generate([p], GREEDY)[0]
+    assert out.finish_reason == "error" and out.token_ids == []
+    assert engine.cache.lookup(p) == 0 and engine.cache.stats().cached_blocks == 0
+    assert engine.stats().blocks_in_use == 0
+    engine.cache.check_integrity()
+    assert engine.generate([p], GREEDY)[0].token_ids == reference(model, [p], NEW)[0]
+
+
+@pytest.mark.parametrize("sp", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_repeats_under_overlap_yield_the_cold_tokens(model, monkeypatch, sp):
+    ps = [prompt(16, 70), prompt(21, 71), prompt(5, 72)]
+    cold = [o.token_ids for o in engine_of(model).generate(ps, sp)]
+    engine = engine_of(model, overlap=True)
+    assert [o.token_ids for o in engine.generate(ps, sp)] == cold
+    before = engine.stats()
+    fresh = prompt(13, 73)  # computed in the same steps as the repeats
+    outs = engine.generate([*ps, fresh], sp)
+    assert [o.token_ids for o in outs[:3]] == cold
+    assert outs[3].token_ids == engine_of(model).generate([fresh], sp)[0].token_ids
+    after = engine.stats()
+    assert after.repeated_prompts - before.repeated_prompts == 3
+    assert after.prefill_tokens - before.prefill_tokens == len(fresh)
+    assert [o.num_cached_tokens for o in outs[:3]] == [16, 21, 5]
     engine.cache.check_integrity()
 
 

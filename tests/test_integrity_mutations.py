@@ -463,3 +463,66 @@ def _literal(message: str) -> str:
     import re
 
     return re.escape(message)
+
+
+def changed_manager() -> BlockManager:
+    """A manager after a model change (issue 19): v1 blocks cached and in use by a live
+    sequence of the old generation (which filled a block since), a pinned v1 prefix, v2
+    blocks, and a ghost list holding one evicted v1 block."""
+    m = BlockManager(12, BS, extra_keys=("v1",))
+    m.allocate("old", P + [100])  # 3 registered v1 blocks + a partial one
+    m.allocate("gone", list(range(500, 508)))
+    m.free("gone")  # 2 cached v1 blocks
+    m.pin(P)
+    m.set_extra_keys(("v2",))
+    m.append("old", [101, 102, 103])  # fills a block: mixed KV, never registered
+    m.allocate("new", list(range(600, 609)))  # v2: 2 registered blocks + a partial one
+    m.allocate("evictor", list(range(700, 716)))  # 3 free blocks + 1 evicted v1 block
+    m.check_integrity()
+    assert m.stats().invalidated_blocks == 4 and len(m._alloc.ghosts) == 1
+    return m
+
+
+def _ghost_reason(m, reason):
+    chunks = m._alloc.ghosts._chunks
+    chunks[0] = (reason, chunks[0][1])
+
+
+def _reorder_pin_sources(m):
+    pins = m._alloc.pins
+    pins.sources = dict(reversed(list(pins.sources.items())))
+
+
+GENERATION_MUTATIONS = [
+    pytest.param(lambda m: setattr(m._alloc.ghosts, "_sealed", 2),
+                 "ghost list holds 0 hashes in sealed chunks but counts 2", id="ghost-count"),
+    pytest.param(lambda m: setattr(m._alloc.ghosts, "_open", []),
+                 "ghost list holds 0 hashes in sealed chunks but counts 0", id="ghost-open-chunk"),
+    pytest.param(lambda m: setattr(m._alloc.ghosts, "max_entries", 0),
+                 "over its cap of 0", id="ghosts-over-cap"),
+    pytest.param(lambda m: _ghost_reason(m, "stolen"), "neither evicted nor expired",
+                 id="ghost-reason"),
+    pytest.param(lambda m: m._gens._live.__setitem__(0, 5),
+                 "earlier generations count [5] registered blocks, their stamps say [4]",
+                 id="generation-count"),
+    pytest.param(lambda m: m._gens._bounds.append(0), "generation bounds",
+                 id="generation-bounds-order"),
+    pytest.param(lambda m: setattr(m._gens, "active", False), "generations active=False",
+                 id="generation-active-flag"),
+    pytest.param(lambda m: setattr(seq(m, "new"), "gen", 5), "generation 5 outside [-1, 1]",
+                 id="seq-generation-out-of-range"),
+    pytest.param(lambda m: setattr(seq(m, "new"), "gen", 0), "registered in a later one",
+                 id="seq-holds-later-generation-block"),
+    pytest.param(lambda m: m._alloc.pins.sources.popitem(), "pin sources for",
+                 id="pin-source-missing"),
+    pytest.param(_reorder_pin_sources, "neither the root nor pinned before it",
+                 id="pin-sources-child-first"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mutate", "message"), GENERATION_MUTATIONS)
+def test_generation_ghost_and_pin_checks_fire(mutate, message):
+    m = changed_manager()
+    mutate(m)
+    with pytest.raises(CacheIntegrityError, match=_literal(message)):
+        m.check_integrity()

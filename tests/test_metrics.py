@@ -32,7 +32,6 @@ from pagedkv.tiers import CPUTier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-HOOK = hasattr(Engine, "on_step")  # the engine's latency hook (patches/issue19-engine-hook.diff)
 LAYOUT = KVLayout(2, 2, 8, 4, torch.float32)
 
 
@@ -86,6 +85,7 @@ def cache_series(s, ts, **labels) -> dict:
         key("pagedkv_cache_allocated_blocks_total"): s.blocks_allocated,
         key("pagedkv_cache_fragmentation_ratio"): s.fragmentation,
         key("pagedkv_cache_memory_pressure"): int(s.pressure),
+        key("pagedkv_cache_invalidated_blocks"): s.invalidated_blocks,
     }
     if not ts:
         return exp
@@ -195,18 +195,17 @@ def test_a_scrape_after_a_workload_equals_stats(served):
     assert e.preemptions > 0 and s.hit_tokens > 0 and ts["tier_hit_tokens"] > 0
     assert s.evictions > 0 and ts["tiers"]["cpu"]["hits"] > 0
     expected = cache_series(s, ts) | engine_series(e)
-    if HOOK:
-        expected[("pagedkv_engine_running_requests", ())] = e.running_requests
-        expected[("pagedkv_engine_waiting_requests", ())] = e.waiting_requests
+    expected[("pagedkv_engine_running_requests", ())] = e.running_requests
+    expected[("pagedkv_engine_waiting_requests", ())] = e.waiting_requests
     hist = {k: v for k, v in got.items() if "_seconds_" in k[0] and "step" not in k[0]}
     assert {k: v for k, v in got.items() if k not in hist} == pytest.approx(expected)
     names = {name for name, _ in got}
     assert names >= REQUIRED
-    assert (names >= HOOKED) == HOOK and handle.latency_histograms == HOOK
-    if HOOK:  # one first token per request, the other tokens are inter-token gaps
-        assert hist[("pagedkv_engine_time_to_first_token_seconds_count", ())] == e.requests
-        itl = hist[("pagedkv_engine_inter_token_latency_seconds_count", ())]
-        assert itl == e.generated_tokens - e.requests
+    assert names >= HOOKED and handle.latency_histograms
+    # one first token per request, the other tokens are inter-token gaps
+    assert hist[("pagedkv_engine_time_to_first_token_seconds_count", ())] == e.requests
+    itl = hist[("pagedkv_engine_inter_token_latency_seconds_count", ())]
+    assert itl == e.generated_tokens - e.requests
     assert sum(v for (n, _), v in got.items() if n == "pagedkv_cache_blocks") == s.num_blocks
 
 
@@ -218,7 +217,6 @@ def test_the_hit_rate_is_the_ratio_of_the_two_counters(served):
     assert hit / query == engine.cache.stats().hit_rate > 0
 
 
-@pytest.mark.xfail(not HOOK, strict=True, reason="needs Engine.on_step (patches/ in this branch)")
 def test_the_engine_hook_feeds_latency_histograms_and_queue_gauges():
     registry = CollectorRegistry()
     engine = workload_engine()
@@ -247,7 +245,6 @@ def test_the_engine_hook_feeds_latency_histograms_and_queue_gauges():
     engine.close()
 
 
-@pytest.mark.xfail(not HOOK, strict=True, reason="needs Engine.on_step (patches/ in this branch)")
 def test_on_step_drops_a_raising_callback_and_unsubscribes(caplog):
     engine = Engine(tiny("llama"), num_blocks=32, block_size=4)
     seen, bad_calls = [], []
@@ -447,7 +444,9 @@ def test_bad_register_arguments_are_clear_and_register_nothing(kwargs, error, ma
 
 
 def test_register_refuses_what_it_cannot_read():
-    with pytest.raises(TypeError, match="takes a KVCache, an Engine or a KVCacheGroup, got dict"):
+    with pytest.raises(
+        TypeError, match="takes a KVCache, an Engine, a KVCacheGroup or a SnapshotStore, got dict"
+    ):
         metrics.register({}, CollectorRegistry())
     with pytest.raises(TypeError, match="CollectorRegistry"):
         metrics.register(small_cache(), registry="global")
@@ -659,3 +658,38 @@ def test_without_prometheus_client_the_import_error_is_one_line():
         "MissingDependencyError",
         'pagedkv.metrics needs prometheus-client: pip install "pagedkv[metrics]"',
     ]
+
+
+# ------------------------------------------------------------------ SnapshotStore
+def test_a_snapshot_store_exports_its_saves_loads_and_bytes(tmp_path):
+    from pagedkv.snapshot import SnapshotStore
+
+    registry = CollectorRegistry()
+    store = SnapshotStore(tmp_path / "snaps")
+    cache = small_cache()
+    cache.allocate("a", list(range(10)))
+    with metrics.register(store, registry):
+        assert local(registry)[("pagedkv_snapshot_saves_total", ())] == 0
+        saved = store.save(cache, ["a"], "one")
+        store.save(cache, ["a"], "two")  # the same pages: nothing new written
+        loaded = store.load(small_cache(), "one")
+        got, s = local(registry), store.stats()
+    assert (s.saves, s.loads) == (2, 1) and s.written_bytes == saved.written_bytes > 0
+    assert s.read_bytes == loaded.bytes > 0 and s.save_seconds > 0 and s.load_seconds > 0
+    assert got == {
+        ("pagedkv_snapshot_saves_total", ()): 2,
+        ("pagedkv_snapshot_loads_total", ()): 1,
+        ("pagedkv_snapshot_written_bytes_total", ()): s.written_bytes,
+        ("pagedkv_snapshot_read_bytes_total", ()): s.read_bytes,
+        ("pagedkv_snapshot_save_seconds_total", ()): pytest.approx(s.save_seconds),
+        ("pagedkv_snapshot_load_seconds_total", ()): pytest.approx(s.load_seconds),
+    }
+    # an engine built with a SnapshotStore object exports its counters too, and covers it
+    engine = Engine(tiny("llama"), num_blocks=32, block_size=4, snapshot_store=store)
+    out = engine.generate([list(range(3, 12))], SamplingParams(max_new_tokens=2), retain=True)
+    engine.snapshot(out[0], "engine")
+    with metrics.register(engine, registry):
+        assert local(registry)[("pagedkv_snapshot_saves_total", ())] == 3
+        with pytest.raises(ValueError, match="already registered"):
+            metrics.register(store, registry)
+    engine.close()

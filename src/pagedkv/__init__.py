@@ -41,6 +41,8 @@ _LAZY = {
     "RequestOutput": "pagedkv.engine",
     "EngineStats": "pagedkv.engine",
     "PagedCache": "pagedkv.integrations.transformers",
+    "PrefixReport": "pagedkv.explain",
+    "explain_report": "pagedkv.explain",
 }
 
 

@@ -55,11 +55,13 @@ class CacheLimits(CacheReads):
         """Evict up to ``n`` cached device blocks by the policy; returns how many.
 
         They are demoted to the tiers (when there are tiers) and become free; see
-        :meth:`BlockManager.evict`.
+        :meth:`BlockManager.evict`. Subscribers get the device's removals and the tiers'
+        stores as one batch.
         """
         self._check_not_paused("evict()")
-        evicted = self.manager.evict(n)
-        self._flush_evictions()
+        with self.manager.event_batch():  # the device's removals and the tiers' stores
+            evicted = self.manager.evict(n)
+            self._flush_evictions()
         return evicted
 
     def gc(self) -> GcStats:
@@ -72,9 +74,10 @@ class CacheLimits(CacheReads):
         """
         self._check_not_paused("gc()")
         start = time.perf_counter()
-        blocks = self.manager.gc()
-        self._flush_evictions()
-        entries = self.tiers.trim() if self.tiers is not None else 0
+        with self.manager.event_batch():  # the device's removals and the tiers' changes
+            blocks = self.manager.gc()
+            self._flush_evictions()
+            entries = self.tiers.trim() if self.tiers is not None else 0
         return GcStats(
             blocks_freed=blocks,
             bytes_freed=blocks * self.layout.bytes_per_block,

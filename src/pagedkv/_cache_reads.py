@@ -8,7 +8,7 @@ cache is in :mod:`pagedkv.cache`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -16,6 +16,8 @@ import torch
 from pagedkv import _cache_checks, ops
 from pagedkv._validate import check_int
 from pagedkv.errors import CacheIntegrityError
+from pagedkv.events import Subscriber
+from pagedkv.explain import ChainProbe, PrefixReport, explain_prefix
 from pagedkv.manager import BlockManager, CacheStats, PromptMatch
 from pagedkv.manager.stats import SeqStats
 from pagedkv.storage import KVLayout, KVPool
@@ -25,11 +27,13 @@ if TYPE_CHECKING:
 
 
 class Swapped(NamedTuple):
-    """A swapped-out sequence: what it held, and where the tiers keep its bytes."""
+    """A swapped-out sequence: what it held, where the tiers keep its bytes, and the
+    model generation its KV was computed in (``manager.generation``)."""
 
     tokens: list[int]
     salt: object
     key: str
+    generation: int = 0
     private: bool = False  # allocated with share_prefix=False (or below min_prefix_tokens)
 
 
@@ -149,6 +153,33 @@ class CacheReads:
             return seq_id in self._swapped
         except TypeError:
             raise TypeError(f"{name} must be hashable, got {type(seq_id).__name__}") from None
+
+    def explain(self, token_ids: Sequence[int], salt: object = None) -> PrefixReport:
+        """Why ``token_ids`` would (not) hit: each full block's status (``"device"``,
+        ``"tier:<name>"``, ``"evicted"``, ``"expired"``, ``"never_seen"``), the first
+        block a request would compute, and the tokens it would get from the device and
+        each tier (see :mod:`pagedkv.explain`). Computed only from ``salt``'s namespace;
+        changes nothing (it waits for pending write-backs to land in the tiers)."""
+        probe = None if self.tiers is None else ChainProbe(self.tiers)
+        return explain_prefix(self.manager, token_ids, salt, tiers=probe)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(events)`` with the KV events of each operation (see
+        :mod:`pagedkv.events`); returns a function that unsubscribes. Subscribers see
+        the token ids of every salt's prompts: an operator-side feed. The tiers report
+        theirs (``medium`` ``"cpu"``, ...) with the next batch, or at :meth:`flush`."""
+        unsubscribe = self.manager.subscribe(callback)
+        tiers, manager = self.tiers, self.manager
+        if tiers is None:
+            return unsubscribe
+        tiers.set_event_sink(manager.publish_events)
+
+        def unsubscribe_all() -> None:
+            unsubscribe()
+            if not manager.subscribers:  # the last one: the levels stop reporting
+                tiers.set_event_sink(None)
+
+        return unsubscribe_all
 
     def stats(self) -> CacheStats:
         return self.manager.stats()

@@ -133,7 +133,8 @@ class KVCache(CacheLimits):
         Counts blocks shared from the device's prefix cache and blocks loaded back
         from the tiers; the caller computes (and writes) the KV of the rest. If loading
         from the tiers fails the sequence is not created (and nothing it registered
-        stays cached) before the error propagates.
+        stays cached) before the error propagates. Subscribers get its KV events as one
+        batch (a failed load's removals included).
 
         ``share_prefix=False`` (or a prompt shorter than ``min_prefix_tokens``): a
         private sequence — no device or tier hit, none of its blocks ever registered,
@@ -141,6 +142,15 @@ class KVCache(CacheLimits):
         private across swap-out / swap-in. ``whole=True``: the last full block is reused
         too, so the result may be ``len(token_ids)`` (see :meth:`BlockManager.allocate`).
         """
+        if self.manager.subscribers:
+            with self.manager.event_batch():
+                return self._allocate(seq_id, token_ids, salt, share_prefix, whole)
+        return self._allocate(seq_id, token_ids, salt, share_prefix, whole)
+
+    def _allocate(
+        self, seq_id: Hashable, token_ids: Sequence[int], salt: object, share_prefix: bool,
+        whole: bool,
+    ) -> int:  # fmt: skip
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
@@ -253,9 +263,10 @@ class KVCache(CacheLimits):
         self.tiers.swap_out(key, self.manager.block_table(seq_id))
         salt = self._salts.get(seq_id)
         private = not self.manager.shares_prefix(seq_id) and self.manager.prefix_caching
+        generation = self.manager.generation_of(seq_id)
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
-        self._swapped[seq_id] = Swapped(tokens, salt, key, private)
+        self._swapped[seq_id] = Swapped(tokens, salt, key, generation, private)
         self._flush_evictions()
 
     def swap_in(self, seq_id: Hashable) -> None:
@@ -263,18 +274,23 @@ class KVCache(CacheLimits):
 
         Raises :class:`OutOfBlocks` (and stays swapped out) when the pool is full; if
         the copy from the tiers fails it stays swapped out too, and the blocks it was
-        given are released without caching any of them.
+        given are released without caching any of them. A sequence swapped out before a
+        :meth:`set_model_fingerprint` comes back on blocks that share nothing.
         """
         self._check_not_paused("swap_in()")
         try:
-            tokens, salt, key, private = self._swapped[seq_id]
+            tokens, salt, key, generation, private = self._swapped[seq_id]
         except KeyError:
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
         except TypeError:
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
-        cached = self.manager.allocate(seq_id, tokens, salt, share_prefix=not private)
+        if generation == self.manager.generation:
+            cached = self.manager.allocate(seq_id, tokens, salt, share_prefix=not private)
+        else:  # its KV is an earlier model's: it must neither reuse nor be reused
+            self.manager.allocate_unshared(seq_id, tokens, salt)
+            cached = 0
         try:
             self._flush_evictions()
             blocks = self.manager.block_table(seq_id)
@@ -295,6 +311,34 @@ class KVCache(CacheLimits):
         """Inverse of :meth:`read_blocks`."""
         self.pool.write_blocks(block_ids, data)
 
+    # ---------------------------------------------------------- weight updates
+
+    def set_model_fingerprint(self, model_fingerprint: str) -> bool:
+        """Declare new weights: from now on no KV computed under the old fingerprint is
+        used. O(1): no block is touched, whatever the cache holds.
+
+        The cache fingerprint (:attr:`fingerprint`) changes, and with it every block
+        hash, so: device blocks of the old one are never matched again and are evicted
+        lazily (``stats().invalidated_blocks`` counts them meanwhile); tier entries
+        written under it are never hit (their keys hold the old hashes); snapshots saved
+        under it are refused on restore. Live sequences keep their KV (recompute them if
+        that matters), but the blocks they fill from now on are never cached, and a
+        sequence swapped out before comes back sharing nothing. Subscribers hear
+        :class:`~pagedkv.events.AllBlocksCleared`. Pins carry over to the same tokens.
+
+        Returns ``False``, changing nothing, for the current fingerprint. ``TypeError``
+        for a non-str; :class:`~pagedkv.errors.CachePausedError` while paused.
+        """
+        if not isinstance(model_fingerprint, str):
+            raise TypeError("model_fingerprint must be a str (e.g. 'llama-3-8b@step-42')")
+        self._check_not_paused("set_model_fingerprint()")
+        if model_fingerprint == self.model_fingerprint:
+            return False
+        fingerprint = _fingerprint(self.layout, model_fingerprint)
+        self.manager.set_extra_keys((fingerprint,))
+        self.model_fingerprint, self.fingerprint = model_fingerprint, fingerprint
+        return True
+
     # ------------------------------------------------------ snapshot support
 
     @contextmanager
@@ -307,9 +351,11 @@ class KVCache(CacheLimits):
             self._paused -= 1
 
     def flush(self) -> None:
-        """Wait until every block demoted to the tiers has been stored."""
+        """Wait until every block demoted to the tiers has been stored (and deliver the
+        KV events queued meanwhile)."""
         if self.tiers is not None:
             self.tiers.flush()
+        self.manager.deliver_events()
 
     def close(self, *, persist: bool = False) -> None:
         """Flush and close the tiers (pending demotions are written).

@@ -1,9 +1,12 @@
-"""The ``pagedkv`` command line: ``demo``, ``generate``, ``manager-demo``, ``snapshot``."""
+"""The ``pagedkv`` command line: ``demo``, ``generate``, ``explain``, ``manager-demo``,
+``snapshot``."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import Field
 from typing import Annotated, Any
@@ -104,6 +107,15 @@ def demo(
         str | None, typer.Option(help="cpu or cuda (default: cuda if present).")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16.")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the demo "
+            "runs (0: a free port; needs pagedkv[metrics]).",
+        ),
+    ] = None,
     *,
     config: EngineConfig,
 ) -> None:
@@ -123,13 +135,23 @@ def demo(
         f"({engine.model.dtype}); KV pool: {engine.cache.num_blocks} blocks x "
         f"{engine.cache.block_size} tokens"
     )
+    server = None
+    if metrics_port is not None:
+        from pagedkv.metrics import serve_for
+
+        server = serve_for(engine, metrics_port)
+        console.print(f"Prometheus metrics at {server.url}")
     columns = (TextColumn("chat turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("turns", total=conversations * turns)
-        report = run_chat_demo(
-            engine, conversations=conversations, turns=turns, max_new_tokens=max_new_tokens,
-            progress=lambda done, total: bar.update(task, completed=done),
-        )  # fmt: skip
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("turns", total=conversations * turns)
+            report = run_chat_demo(
+                engine, conversations=conversations, turns=turns, max_new_tokens=max_new_tokens,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )  # fmt: skip
+    finally:
+        if server is not None:
+            server.close()
     for question, answer in report.samples:
         console.print(f"[bold cyan]Q:[/] {question}\n[bold green]A:[/] {answer.strip()}\n")
     mib = report.bytes_per_block / 2**20
@@ -209,6 +231,74 @@ def generate(
     for p, out in zip(prompt, outputs):
         text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
         console.print(f"[bold cyan]>[/] {p}\n{text.strip()}\n")
+
+
+@app.command()
+@engine_options
+def explain(
+    prompt: Annotated[str, typer.Argument(help="The prompt whose cache hits to explain.")],
+    model: Annotated[
+        str | None, typer.Option(help="Local model directory (default: SmolLM2-135M-Instruct).")
+    ] = None,
+    disk_tier: Annotated[
+        str | None, typer.Option(help="A DiskTier directory a pagedkv cache wrote.")
+    ] = None,
+    redis_tier: Annotated[
+        str | None, typer.Option(help="A RedisTier URL (redis://, rediss://).")
+    ] = None,
+    salt: Annotated[str | None, typer.Option(help="The requests' cache_salt.")] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="The model_version the serving engine was given.")
+    ] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = True,
+    device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option()] = None,
+    *,
+    config: EngineConfig,
+) -> None:
+    """Which blocks of PROMPT the tiers hold (for a new process: its device cache is empty).
+
+    Reads only: the tiers are asked, nothing is written or evicted. The model, its
+    dtype, --block-size, --model-version and --salt must be the serving engine's, or
+    every block reads never_seen (another fingerprint is another namespace)."""
+    from dataclasses import replace
+
+    from pagedkv.engine import Engine
+    from pagedkv.engine.chat import chat_prompt_ids
+    from pagedkv.explain import explain_report
+    from pagedkv.tiers import DiskTier, RedisTier
+
+    tiers: list[Any] = []
+    if disk_tier is not None:  # the capacity bounds writes only, and explain writes nothing
+        tiers.append(DiskTier(disk_tier, _disk_bytes(disk_tier)))
+    if redis_tier is not None:
+        tiers.append(RedisTier(redis_tier))
+    config = replace(config, num_blocks=config.num_blocks or 1)  # the device holds nothing
+    try:
+        engine = Engine.from_pretrained(
+            model, device=device, dtype=dtype, config=config, tiers=tiers or None,
+            model_version=model_version,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    with engine:
+        tok = engine.tokenizer
+        if chat and tok is not None and getattr(tok, "chat_template", None):
+            ids = chat_prompt_ids(tok, prompt)
+        elif tok is not None:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt.replace(",", " ").split()]  # a model without one
+        console.print(escape(explain_report(engine.cache, ids, salt)), highlight=False)
+
+
+def _disk_bytes(path: str) -> int:
+    """The size of the file system holding ``path`` (or its nearest existing parent)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).total
 
 
 def main() -> None:

@@ -64,3 +64,9 @@ class SnapshotError(PagedKVError):
 class SnapshotVersionError(SnapshotError):
     """A snapshot document was written by a newer pagedkv (a format version this one
     cannot read): it is not damaged, and nothing it references may be collected."""
+
+
+class MigrationError(PagedKVError, RuntimeError):
+    """A request could not be moved to another engine now (it finished or was aborted on
+    its engine first, or a step of it is in flight); its engine still holds it unless
+    the message says it finished."""

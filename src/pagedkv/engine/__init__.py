@@ -14,18 +14,23 @@ from pagedkv._lazy import lazy_getattr
 if TYPE_CHECKING:  # the names as type checkers and readers see them
     from pagedkv.engine.config import EngineConfig
     from pagedkv.engine.engine import Engine
+    from pagedkv.engine.migration import Migration, MigrationResult, Migrator
     from pagedkv.engine.preemption import PreemptionPolicyError, RunningRequest
     from pagedkv.engine.request import RequestOutput, SamplingParams, StreamDelta
-    from pagedkv.engine.stats import EngineStats
+    from pagedkv.engine.stats import EngineStats, StepLatencies
 
 _LAZY = {
     "Engine": "pagedkv.engine.engine",
     "EngineConfig": "pagedkv.engine.config",
     "EngineStats": "pagedkv.engine.stats",
+    "Migration": "pagedkv.engine.migration",
+    "MigrationResult": "pagedkv.engine.migration",
+    "Migrator": "pagedkv.engine.migration",
     "PreemptionPolicyError": "pagedkv.engine.preemption",
     "RequestOutput": "pagedkv.engine.request",
     "RunningRequest": "pagedkv.engine.preemption",
     "SamplingParams": "pagedkv.engine.request",
+    "StepLatencies": "pagedkv.engine.stats",
     "StreamDelta": "pagedkv.engine.request",
 }
 
@@ -35,9 +40,13 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "Migration",
+    "MigrationResult",
+    "Migrator",
     "PreemptionPolicyError",
     "RequestOutput",
     "RunningRequest",
     "SamplingParams",
+    "StepLatencies",
     "StreamDelta",
 ]

@@ -85,6 +85,25 @@ class EngineConfig:
         "cached is answered without a forward; 0 disables it (so does prefix_caching=False).",
         low=0,
     )  # fmt: skip
+    overlap: bool | None = option(
+        None, "Schedule and launch step n+1 while step n runs on the device; step n's "
+        "tokens are read after that (one copy per step). None: on for CUDA, off on CPU "
+        "(True runs the same pipeline on CPU, for tests).", none="to decide by device",
+    )  # fmt: skip
+    cascade: bool = option(
+        True, "Decode rows sharing cached prefix blocks read them once per group (cascade "
+        "attention); off in batch-invariant mode.",
+    )  # fmt: skip
+    torch_compile: bool = option(
+        False, "Run the model through torch.compile (the norms, RoPE and MLP fused; the "
+        "paged attention stays a call of its own). Compiles at the first steps or in "
+        "warmup(): seconds to minutes.",
+    )  # fmt: skip
+    warmup: bool = option(
+        False, "Call Engine.warmup() when the engine is built: compile every kernel and "
+        "capture every CUDA graph bucket up front (seconds on CUDA), so no request pays "
+        "for them.",
+    )  # fmt: skip
     policy: PreemptionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

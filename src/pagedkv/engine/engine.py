@@ -12,20 +12,22 @@ from pagedkv.engine import sessions
 from pagedkv.engine.chat import Conversation, Message, as_conversations
 from pagedkv.engine.config import EngineConfig, resolve_config
 from pagedkv.engine.core import EngineCore
-from pagedkv.engine.detokenize import Detokenizer
 from pagedkv.engine.identity import eos_token_ids, model_fingerprint
-from pagedkv.engine.model_runner import ModelRunner
+from pagedkv.engine.migrate_api import MigrationAPI
+from pagedkv.engine.model_runner import EngineWarmup, ModelRunner
 from pagedkv.engine.request import Request, RequestOutput, SamplingParams, StreamDelta
 from pagedkv.engine.scheduler import Scheduler
 from pagedkv.engine.sessions import StoreSpec
-from pagedkv.engine.stats import EngineStats
+from pagedkv.engine.stats import EngineStats, StepLatencies
+from pagedkv.engine.streaming import follow
 from pagedkv.engine.submit import RequestFactory
+from pagedkv.engine.weights import WeightsAPI
 from pagedkv.errors import EngineClosedError
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 from pagedkv.snapshot import SnapshotInfo
 from pagedkv.storage import KVLayout
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["Engine", "EngineStats", "EngineWarmup", "StepLatencies"]
 
 Prompt = str | Sequence[int]
 CacheSalt = str | bytes | None
@@ -33,7 +35,7 @@ CacheSalt = str | bytes | None
 logger = logging.getLogger("pagedkv.engine")
 
 
-class Engine:
+class Engine(MigrationAPI, WeightsAPI):
     """Serve many generation requests at once on one model.
 
     ``model``: a transformers causal LM that ``check_model_supported`` accepts (Llama,
@@ -47,9 +49,8 @@ class Engine:
     Options: ``config`` (an :class:`EngineConfig`; default ``EngineConfig()``) and
     ``**options``, keyword overrides of its fields (``Engine(model, tok, num_blocks=64,
     block_size=16)``; an unknown name raises ``TypeError`` listing them). The result is
-    :attr:`config`. Three keywords are objects rather than options, so they are not
-    config fields (a config is plain values that can be copied, compared and reused for
-    another engine; these are resources or identities of this one):
+    :attr:`config`. Three keywords are not config fields (a config is plain values to
+    copy, compare and reuse for another engine; these are resources of this one):
     ``tiers``: forwarded to :class:`~pagedkv.KVCache` (needed by ``preemption="swap"``).
     ``snapshot_store``: where :meth:`snapshot` and :meth:`resume` save and load by
     default (a directory, a ``redis://`` URL or a :class:`~pagedkv.SnapshotStore`).
@@ -82,7 +83,7 @@ class Engine:
         self.config = config = resolve_config(config, options)
         if config.preemption == "swap" and tiers is None:
             raise ValueError("preemption='swap' needs tiers= (a KV tier to swap into)")
-        check_model_supported(model)
+        support = check_model_supported(model)
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -98,14 +99,14 @@ class Engine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
         self.runner = ModelRunner(
-            model, self.cache, self.scheduler.block_table, cuda_graphs=config.cuda_graphs,
+            model, self.cache, self.scheduler.block_table, config, support,
             repeats=self.scheduler.repeats,
         )  # fmt: skip
         self._factory = RequestFactory(
             tokenizer, self.vocab_size, config.block_size, blocks, self.device, self.eos_token_ids
         )
         #: the request table and the step loop (what this class adds is the user API)
-        self.core = EngineCore(self.cache, self.scheduler, self.runner, tokenizer)
+        self.core = EngineCore(self.cache, self.scheduler, self.runner, tokenizer, config.overlap)
         self.snapshot_store = snapshot_store
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_batch_tokens=%d, "
@@ -114,21 +115,28 @@ class Engine:
         )  # fmt: skip
         # Only what the engine built is released; the model has nothing to restore.
         self._finalizer = weakref.finalize(self, self.cache.close)
+        if config.warmup:
+            self.warmup()
+
+    def warmup(self) -> EngineWarmup:
+        """Compile every kernel, capture every CUDA-graph bucket now (no step pays later)."""
+        self._check_open()
+        return self.core.warmup()
 
     # ------------------------------------------------------------------ life cycle
     def close(self, *, persist: bool = False) -> None:
         """Flush and close the KV cache's tiers and refuse further use (idempotent).
 
-        Requests still queued or running are dropped. The model is left as it was
-        given (nothing of it was changed). Also done when the engine is collected.
+        Queued and running requests are dropped; the model is left as it was given.
+        Also done when the engine is collected.
         ``persist=True``: a warm restart, see :meth:`KVCache.close` (the prompts of
         finished requests are written to the persistent tier first).
         """
+        self.core.drain()  # a step still in flight (overlap) writes its KV first
         if persist and self._finalizer.alive:  # without a persistent tier: ValueError, still open
             self.cache.close(persist=True)
         self._finalizer()
-        if self.runner.graphs is not None:  # their memory pool goes with them
-            self.runner.graphs = None
+        self.runner.graphs = None  # their memory pool goes with them
 
     @property
     def closed(self) -> bool:
@@ -213,6 +221,14 @@ class Engine:
         self._check_open()
         return self.core.step()
 
+    def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
+        """``callback(StepLatencies)`` after each step that made tokens; returns an unsubscribe."""
+        return self.core.on_step(callback)
+
+    def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
+        """:meth:`KVCache.subscribe` on the engine's cache: one event batch per step."""
+        return self.cache.subscribe(callback)
+
     def generate(
         self,
         prompts: Sequence[Prompt] | Sequence[Conversation],
@@ -233,8 +249,7 @@ class Engine:
         need (see :meth:`chat`). ``params``, ``cache_salt`` and ``priority``: one for all
         or one per prompt (see :meth:`add_request`). Every prompt is validated before any
         runs: a bad one raises ``ValueError``/``TypeError`` naming its index and nothing is
-        queued. ``retain``: keep each finished sequence in the cache for
-        :meth:`snapshot` (or :meth:`release`).
+        queued. ``retain``: keep each finished sequence for :meth:`snapshot` / :meth:`release`.
         """
         self._check_open()
         reqs = self._factory.make_requests(
@@ -302,32 +317,7 @@ class Engine:
             prompt, params, retain=retain, cache_salt=cache_salt, chat=chat, priority=priority
         )
         self.core.queue([req])
-        return self._follow(req)
-
-    def _follow(self, req: Request) -> Iterator[StreamDelta]:
-        rid = req.request_id
-        detok = None if self.tokenizer is None else Detokenizer(self.tokenizer)
-        try:
-            while True:
-                self.step()
-                done = req.finish_reason is not None
-                if len(req.output) > req.streamed or done:
-                    new = req.output[req.streamed :]
-                    req.streamed = len(req.output)
-                    text = None
-                    if detok is not None:
-                        text = detok.push(new)
-                        if done:
-                            final = self.core.text(req.output)
-                            assert final is not None  # a Detokenizer implies a tokenizer
-                            text += detok.finish(final)
-                    yield StreamDelta(rid, new, text, req.finish_reason)
-                if done:
-                    self.core.requests.pop(rid, None)
-                    return
-        finally:
-            if req.finish_reason is None:  # the caller stopped iterating: stop serving it
-                self.abort(rid)
+        return follow(self.core, self.step, self.abort, req)
 
     # ------------------------------------------------------------------ snapshots
     # Parking and resuming conversations; the contract is in pagedkv.engine.sessions.
@@ -371,7 +361,7 @@ class Engine:
         """:meth:`resume`, yielding text deltas as they are generated (as :meth:`stream`)."""
         self._check_open()
         req = self._resume(name, more_prompt, params, store, retain, cache_salt)
-        return self._follow(req)
+        return follow(self.core, self.step, self.abort, req)
 
     def _resume(
         self, name: str, more_prompt: Prompt, params: SamplingParams | None,

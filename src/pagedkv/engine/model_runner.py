@@ -1,10 +1,18 @@
-"""Runs one engine step on the model: packs the chunks, forwards, samples.
+"""Runs one engine step on the model: packs the chunks, forwards, samples — without waiting.
 
 All requests' new tokens form one packed sequence ``[1, T]`` with explicit
 ``position_ids``; the attention metadata of the step (slots, block tables, lengths,
-cu_seqlens, logit rows) is built in Python lists once per step and moved to the
-device in a single copy. The sampled tokens come back in one ``tolist()``: the only
-host sync of a step.
+cu_seqlens, logit rows) is built in Python lists once per step and moved to the device
+in a single copy. A decode step replays a captured CUDA graph when one fits
+(:mod:`~pagedkv.engine.cuda_graphs`), else runs the model eagerly. Decode rows that
+share cached prefix blocks carry a cascade plan (:mod:`~pagedkv.engine.prefix_groups`):
+full-attention layers read the shared blocks once per group.
+
+Sampled ids stay on the device, in :attr:`ModelRunner.last_tokens`: the next step reads a
+row's pending token from there (:attr:`Chunk.from_device`), so it can be launched before
+the host knows the ids. They reach the host in one asynchronous copy per step;
+:meth:`SampledTokens.tolist` is a step's only wait, and with overlap (``core.py``) it
+happens after the next step was launched.
 
 With zero-compute repeats on (:mod:`pagedkv.engine.repeats`), the logits row of every
 prompt that completes is stored; the chunks of stored prompts (last in the list) are
@@ -13,22 +21,69 @@ left out of the forward and sampled from their stored rows.
 
 from __future__ import annotations
 
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple
+
 import torch
 
+from pagedkv import ops
+from pagedkv.engine.chunks import Chunk
+from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.cuda_graphs import DecodeGraphs
 from pagedkv.engine.host import host_int64
+from pagedkv.engine.prefix_groups import PrefixGroups
 from pagedkv.engine.repeats import PromptRepeats
 from pagedkv.engine.sampling import sample
-from pagedkv.engine.scheduler import Chunk
-from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
+from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
+from pagedkv.integrations.support import ModelSupport, check_model_supported
+from pagedkv.ops.cascade_fixed import CascadeGrouping, FixedCascadePlan
+
+
+class SampledTokens:
+    """The ids one launched step sampled (one per sampling chunk, in order), on their way
+    to the host; :meth:`tolist` waits for them."""
+
+    __slots__ = ("_values", "_n", "_event")
+
+    def __init__(self, values: torch.Tensor, n: int, event: Any = None) -> None:
+        self._values, self._n, self._event = values, n, event
+
+    def tolist(self) -> list[int]:
+        """The ids (waits for the step's copy to the host, if it is still running)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._values[: self._n].tolist()
+
+
+class EngineWarmup(NamedTuple):
+    """What :meth:`ModelRunner.warmup` did: Triton kernel launches (each variant compiled
+    if it was not already), eager warm-up forwards, CUDA graphs held, wall seconds."""
+
+    kernels: int
+    forwards: int
+    graphs: int
+    seconds: float
 
 
 class ModelRunner:
     """Owns the model forward of the engine (eager; CUDA graphs for decode buckets).
+    Reads ``cuda_graphs``, ``max_num_seqs``, ``cascade`` and ``torch_compile`` of
+    ``config``; ``support``: the model's :class:`ModelSupport` (checked if None);
+    ``repeats``: where prompts' last logits are stored (``None``: zero-compute repeats off).
 
     Every forward goes through :class:`PagedAttention`: the model runs on the paged
     attention for that forward only, with the step's metadata in its kwargs, whatever
     attention implementation the model is set to between steps.
+
+    Hooks for a mode a step runs under (e.g. batch invariance): :attr:`forward_context`
+    (a callable returning a context manager) is entered around each launch, graph
+    capture and warm-up; :attr:`graph_tag` is part of every CUDA graph's key, so graphs
+    captured under one mode are never replayed under another. Cascade attention is off
+    while :func:`pagedkv.ops.is_batch_invariant` (inside the context).
     """
 
     def __init__(
@@ -36,10 +91,11 @@ class ModelRunner:
         model,
         cache,
         block_table_of,
-        *,
-        cuda_graphs: bool = True,
+        config: EngineConfig | None = None,
+        support: ModelSupport | None = None,
         repeats: PromptRepeats | None = None,
     ) -> None:
+        config = config or EngineConfig()
         self.model = model
         self.repeats = repeats
         self.cache = cache
@@ -47,36 +103,68 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = cache.pool.kv.device
         self.paged = PagedAttention(model)
+        self.support = support or check_model_supported(model)
+        self.num_q_heads = int(model.config.num_attention_heads)
         self.pin = self.device.type == "cuda"
+        self.forward_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+        self.graph_tag: Hashable = None
+        s = self.support
+        # the cascade kernels have no softcap / sinks; windowed layers run plain decode
+        self.cascade = bool(
+            config.cascade and cache.manager.prefix_caching and s.softcap is None and not s.sinks
+            and not s.all_windowed
+        )  # fmt: skip
+        self.groups = PrefixGroups(self.block_size)
+        self.layers = layer_views(cache.pool.kv)
+        rows = config.max_num_seqs
+        #: the last step's sampled ids, row i = its i-th sampling chunk
+        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        #: request id -> its row in last_tokens (the last launched step)
+        self.prev_rows: dict[int, int] = {}
+        self._host: list[torch.Tensor] = []
+        if self.device.type == "cuda":  # two: one being filled while the other is read
+            self._host = [torch.empty(rows, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._flip = 0
+        self.compiled: Callable[..., Any] | None = None
+        if config.torch_compile:
+            self.compiled = torch.compile(model.forward, dynamic=True)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self)
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self, max_batch=rows)
 
+    def cascade_on(self) -> bool:
+        """Whether decode steps group shared prefixes now (off in batch-invariant mode)."""
+        return self.cascade and not ops.is_batch_invariant()
+
+    # ------------------------------------------------------------------ a step
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk]) -> list[int]:
-        """Compute the chunks; return the next token of each chunk that samples."""
-        if chunks[-1].replay is not None:
-            return self._execute_replays(chunks)
-        logits = self._logits(chunks)
-        if self.repeats is not None:
-            self._store_prompts(logits, chunks)
-        return self._sample(logits, chunks)
+    def launch(self, chunks: list[Chunk]) -> SampledTokens:
+        """Compute the chunks and sample the next token of each that samples; the
+        device may still be running when this returns."""
+        with self.forward_context():
+            if chunks[-1].replay is not None:
+                return self._sample(self._replay_logits(chunks), chunks)
+            logits = self._logits(chunks)
+            if self.repeats is not None:
+                self._store_prompts(logits, chunks)
+            return self._sample(logits, chunks)
 
     def _logits(self, chunks: list[Chunk]) -> torch.Tensor:
         """logits [n, V] of the chunks that sample, in order."""
+        logits = None
         is_decode = all(c.end - c.start == 1 for c in chunks)
         if is_decode and self.graphs is not None:
             logits = self.graphs.run(chunks)
-            if logits is not None:
-                return logits
-        if self.graphs is not None:  # tables may change (preemption) while eager
-            self.graphs.invalidate_tables()
-        meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
-        return self.forward(ids, pos, meta, logit_rows)
+        if logits is None:
+            if self.graphs is not None:  # tables may change (preemption) while eager
+                self.graphs.invalidate_tables()
+            meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
+            logits = self.forward(ids, pos, meta, logit_rows)
+        return logits
 
-    def _execute_replays(self, chunks: list[Chunk]) -> list[int]:
-        """A step whose last chunks are stored prompts: their partial blocks are written
-        back, the others computed, and every row sampled in chunk order."""
+    def _replay_logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """logits [n, V] of a step whose last chunks are stored prompts: their partial
+        blocks are written back, the others computed (their prompts stored)."""
         k = len(chunks)
         while k and chunks[k - 1].replay is not None:
             k -= 1
@@ -88,39 +176,64 @@ class ModelRunner:
             self.repeats.restore(c.replay, self._tail_block(c.req))
             rows.append(c.replay.logits)
         stored = torch.stack(rows)  # [len(replays), V]
-        logits = stored
-        if computed:
-            logits = self._logits(computed)
-            self._store_prompts(logits, computed)
-            logits = torch.cat([logits, stored])
-        return self._sample(logits, chunks)
+        if not computed:
+            return stored
+        logits = self._logits(computed)
+        self._store_prompts(logits, computed)
+        return torch.cat([logits, stored])
 
     def _store_prompts(self, logits: torch.Tensor, chunks: list[Chunk]) -> None:
-        """Store the logits row of each chunk that completed its prompt."""
+        """Store the logits row of each chunk that completes its prompt (with overlap a
+        request may have a pending token and no output yet: its chunk ends later)."""
         assert self.repeats is not None
-        reqs = [c.req for c in chunks if c.sample]
-        for j in [j for j, r in enumerate(reqs) if not r.output]:
-            req = reqs[j]
-            self.repeats.store(req.prompt, req.cache_salt, logits[j], self._tail_block(req))
+        sampling = [c for c in chunks if c.sample]
+        for j, c in enumerate(sampling):
+            req = c.req
+            if c.end == len(req.prompt):
+                self.repeats.store(req.prompt, req.cache_salt, logits[j], self._tail_block(req))
 
     def _tail_block(self, req) -> int:
         """The block of the prompt's partial last block (-1: the prompt is aligned)."""
         n, bs = len(req.prompt), self.block_size
         return self.block_table_of(req)[n // bs] if n % bs else -1
 
+    def execute(self, chunks: list[Chunk]) -> list[int]:
+        """:meth:`launch`, then wait for the sampled ids."""
+        return self.launch(chunks).tolist()
+
     def forward(self, ids, pos, meta: PagedAttentionMetadata, logit_rows) -> torch.Tensor:
         """logits [n, V] of the rows ``logit_rows`` of the packed input."""
-        out = self.paged(meta, ids[None], position_ids=pos[None], logits_to_keep=logit_rows)
-        return out.logits[0]
+        kw = dict(position_ids=pos[None], logits_to_keep=logit_rows)
+        if self.compiled is not None:
+            try:
+                return self.paged(meta, ids[None], forward=self.compiled, **kw).logits[0]
+            except Exception as exc:  # keep serving, uncompiled
+                capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+                warnings.warn(f"torch.compile disabled, the model runs eagerly: {exc!r}",
+                              stacklevel=2)  # fmt: skip
+                self.compiled = None
+                if capturing:
+                    raise
+        return self.paged(meta, ids[None], **kw).logits[0]
 
-    def _sample(self, logits: torch.Tensor, chunks: list[Chunk]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, chunks: list[Chunk]) -> SampledTokens:
         reqs = [c.req for c in chunks if c.sample]
-        if not reqs:
-            return []
+        self.prev_rows = {r.request_id: i for i, r in enumerate(reqs)}
+        n = len(reqs)
+        if not n:
+            return SampledTokens(torch.zeros(0, dtype=torch.int64), 0)
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        return tokens.tolist()  # the step's one host sync
+        self.last_tokens[:n].copy_(tokens)
+        if not self._host:  # CPU: the values are there already
+            return SampledTokens(tokens, n)
+        host = self._host[self._flip]
+        self._flip ^= 1
+        host[:n].copy_(self.last_tokens[:n], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return SampledTokens(host, n, event)
 
-    def prepare(self, chunks: list[Chunk], is_decode: bool, pad_to: int = 0):
+    def prepare(self, chunks: list[Chunk], is_decode: bool):
         """Pack the step's inputs and metadata; one host-to-device copy."""
         bs = self.block_size
         ids: list[int] = []
@@ -130,11 +243,19 @@ class ModelRunner:
         cu = [0]
         rows: list[int] = []
         tables = []
+        dst: list[int] = []  # input rows whose id is a pending sample, and its row in
+        src: list[int] = []  # last_tokens
+        prev = self.prev_rows
         for c in chunks:
             req, start, end = c.req, c.start, c.end
             table = self.block_table_of(req)
             tables.append(table)
-            ids += req.token_slice(start, end)
+            if c.from_device:
+                dst.append(len(ids))
+                src.append(prev[req.request_id])
+                ids.append(0)
+            else:
+                ids += req.token_slice(start, end)
             pos += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             lens.append(end)
@@ -142,26 +263,25 @@ class ModelRunner:
             if c.sample:
                 rows.append(cu[-1] - 1)
         n_seq, n_tok = len(chunks), len(ids)
-        if pad_to > n_seq:  # CUDA-graph bucket: dummy rows write to slot -1, length 0
-            extra = pad_to - n_seq
-            ids += [0] * extra
-            pos += [0] * extra
-            slots += [-1] * extra
-            lens += [0] * extra
-            cu += [cu[-1] + i + 1 for i in range(extra)]
-            rows += range(n_tok, n_tok + extra)
-            tables += [[]] * extra
-            n_seq, n_tok = pad_to, n_tok + extra
         width = max(1, max(len(t) for t in tables))
         flat = [b for t in tables for b in (t + [0] * (width - len(t)))]
-        host = host_int64(ids + pos + slots + lens + cu + rows + flat, self.pin)
+        host = host_int64(ids + pos + slots + lens + cu + rows + dst + src + flat, self.pin)
         dev = host.to(self.device, non_blocking=True)
         o = 0
         parts = []
-        for n in (n_tok, n_tok, n_tok, n_seq, n_seq + 1, len(rows), n_seq * width):
+        sizes = (n_tok, n_tok, n_tok, n_seq, n_seq + 1, len(rows), len(dst), len(dst))
+        for n in (*sizes, n_seq * width):
             parts.append(dev[o : o + n])
             o += n
-        d_ids, d_pos, d_slots, d_lens, d_cu, d_rows, d_tab = parts
+        d_ids, d_pos, d_slots, d_lens, d_cu, d_rows, d_dst, d_src, d_tab = parts
+        if dst:
+            d_ids.index_copy_(0, d_dst, self.last_tokens.index_select(0, d_src))
+        plan = None
+        if is_decode and n_seq > 1 and self.cascade_on():
+            groups = self.groups.of(chunks, tables)
+            if groups:
+                plan = self.cascade_plan(n_seq, width * bs)
+                plan.grouping.refill(groups)
         meta = PagedAttentionMetadata(
             kv=self.cache.pool.kv,
             slots=d_slots,
@@ -170,5 +290,63 @@ class ModelRunner:
             cu_seqlens_q=d_cu.to(torch.int32),
             max_q_len=max(c.end - c.start for c in chunks),
             is_decode=is_decode,
+            cascade=plan,
+            layers=self.layers,
         )
         return meta, d_ids, d_pos, d_rows
+
+    def cascade_plan(self, num_seqs: int, max_seq_len: int, max_groups: int = 8):
+        """A :class:`FixedCascadePlan` of ``num_seqs`` decode rows over a fresh grouping."""
+        lay = self.cache.layout
+        grouping = CascadeGrouping(
+            num_seqs, num_q_heads=self.num_q_heads, num_kv_heads=lay.num_kv_heads,
+            head_dim=lay.head_dim, block_size=lay.block_size, dtype=lay.dtype,
+            device=self.device, max_groups=max(1, min(max_groups, num_seqs // 2)),
+        )  # fmt: skip
+        return FixedCascadePlan(grouping, max_seq_len=max_seq_len)
+
+    # ------------------------------------------------------------------ warm-up
+    @torch.inference_mode()
+    def warmup(self, max_seq_len: int | None = None) -> EngineWarmup:
+        """Compile every Triton kernel the model's layers use (decode splits up to
+        ``max_seq_len``; default: what the model and the pool allow), run the eager
+        forward shapes once (torch.compile variants, cuBLAS handles) and capture every
+        CUDA graph bucket, so that no later step pays for any of it. Nothing is
+        written to the cache."""
+        t0 = time.perf_counter()
+        if max_seq_len is None:
+            max_pos = getattr(self.model.config, "max_position_embeddings", None) or 8192
+            max_seq_len = min(max_pos, self.cache.num_blocks * self.block_size)
+        with self.forward_context():
+            s = self.support
+            k0, v0 = self.layers[0]
+            sinks = (None,)
+            if s.sinks:
+                sinks = (next(self.model.parameters()).dtype,)
+            kernels = ops.warmup(
+                k0, v0, self.num_q_heads, max_seq_len=max_seq_len,
+                windows=tuple(dict.fromkeys(s.windows)) or (None,), softcaps=(s.softcap,),
+                sinks=sinks,
+            ).launches  # fmt: skip
+            shapes = ((1, (1,)), (2, (2,)), (2, (1, 1)))  # (tokens, rows per sequence)
+            for n_tok, q_lens in shapes:
+                self._warm_forward(n_tok, q_lens)
+            graphs = self.graphs.capture_all() if self.graphs is not None else 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return EngineWarmup(kernels, len(shapes), graphs, time.perf_counter() - t0)
+
+    def _warm_forward(self, n_tok: int, q_lens: tuple[int, ...]) -> None:
+        """One eager forward that writes nothing (slots -1) and attends block 0."""
+        dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
+        n = len(q_lens)
+        cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], **i32)
+        meta = PagedAttentionMetadata(
+            kv=self.cache.pool.kv, slots=torch.full((n_tok,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(n, 1, **i32), seq_lens=torch.tensor(q_lens, **i32),
+            cu_seqlens_q=cu, max_q_len=max(q_lens), is_decode=max(q_lens) == 1 and n_tok == n,
+            layers=self.layers,
+        )  # fmt: skip
+        ids = torch.zeros(n_tok, dtype=torch.int64, device=dev)
+        pos = torch.cat([torch.arange(q, device=dev) for q in q_lens])
+        self.forward(ids, pos, meta, cu[1:].long() - 1)

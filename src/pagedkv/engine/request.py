@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -153,6 +154,9 @@ class Request:
     num_computed: int = 0
     #: tokens allocated in the block manager for this sequence
     num_allocated: int = 0
+    #: sampled tokens not yet in ``output``: a launched step's result still on the device
+    #: (0 or 1; with overlap its KV may already be computed by the next step)
+    pending: int = 0
     num_cached_tokens: int = -1
     finish_reason: str | None = None
     error: str | None = None
@@ -170,6 +174,9 @@ class Request:
     #: the scheduler step, and time.monotonic(), that last scheduled it (record_access)
     last_step: int = -1
     last_time: float = 0.0
+    #: time.perf_counter() at submission and at its latest generated token (latencies)
+    queued_time: float = field(default_factory=time.perf_counter)
+    last_token_time: float = 0.0
 
     @property
     def seq_id(self) -> int:

@@ -22,72 +22,23 @@ findable by other requests only once the step that writes its KV runs, and all K
 a layer are written before that layer attends (write-then-attend), so a request
 admitted in the same step may already share it.
 
-A fresh prompt whose KV is all cached and whose last-position logits are stored
-(:mod:`pagedkv.engine.repeats`) is admitted whole, on its cached blocks, with a chunk
-that computes nothing (``start == end``) and carries the stored row; such chunks come
-last in a step's list.
+A prompt whose KV is all cached and whose last logits are stored (a zero-compute repeat,
+:mod:`~pagedkv.engine.repeats`) gets a chunk that computes nothing, last in the list.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from pagedkv.cache import KVCache
+from pagedkv.engine.admission import allocate_first_chunk, discard_batch
+from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan, running_view
 from pagedkv.engine.config import EngineConfig
-from pagedkv.engine.preemption import RunningRequest, check_victims
-from pagedkv.engine.repeats import PromptRepeats, Replay
+from pagedkv.engine.preemption import check_victims
+from pagedkv.engine.repeats import PromptRepeats
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
-
-
-@dataclass(slots=True)
-class Chunk:
-    """Tokens ``all_tokens[start:end]`` of ``req`` are computed this step; ``sample``:
-    the chunk ends the known tokens, so its last logits give the next token.
-    ``replay``: the stored logits (and partial block) of a fully cached prompt, whose
-    chunk computes nothing (``start == end == len(prompt)``)."""
-
-    req: Request
-    start: int
-    end: int
-    replay: Replay | None = None
-
-    @property
-    def sample(self) -> bool:
-        return self.end == self.req.num_tokens
-
-
-@dataclass
-class SchedulerCounters:
-    """Cumulative counts the engine reports in ``stats()``."""
-
-    preemptions: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    peak_blocks: int = 0
-
-
-@dataclass(slots=True)
-class _Plan:
-    """The running requests' chunks of one step, before their blocks are reserved."""
-
-    budget: int
-    chunks: list[Chunk] = field(default_factory=list)
-    needs: list[int] = field(default_factory=list)  # new blocks each chunk will reserve
-    pending: int = 0  # their sum
-
-    def drop(self, req: Request) -> None:
-        """Forget ``req``'s chunk if it has one (it is being preempted)."""
-        for k, c in enumerate(self.chunks):
-            if c.req is req:
-                del self.chunks[k]
-                self.pending -= self.needs.pop(k)
-                self.budget += c.end - c.start
-                return
 
 
 class Scheduler:
@@ -106,9 +57,8 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.preemption = config.preemption
         self.policy = config.policy
-        self.repeats: PromptRepeats | None = None
-        if config.repeat_cache_bytes and config.prefix_caching:
-            self.repeats = PromptRepeats(cache, config.repeat_cache_bytes)
+        on = config.repeat_cache_bytes and config.prefix_caching
+        self.repeats = PromptRepeats(cache, config.repeat_cache_bytes) if on else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
@@ -136,6 +86,21 @@ class Scheduler:
         self.counters.cached_tokens += req.num_computed
         self.waiting.appendleft(req)
 
+    def adopt(self, req: Request) -> None:
+        """Take over a request another engine served (a live migration): one holding the
+        KV of its first ``req.num_allocated`` tokens in this cache runs from the next step
+        if ``max_num_seqs`` allows (else it waits at the front of its level, KV resident);
+        one without KV queues at the back of its level (at the front if it was preempted).
+        Counted in no admission statistics: its engine counted it."""
+        if req.num_allocated and len(self.running) < self.max_num_seqs:
+            req.status = Status.RUNNING
+            req.admitted = self._admissions
+            self._admissions += 1
+            self.running.append(req)
+        else:
+            req.status = Status.WAITING
+            self.add(req, front=bool(req.num_allocated) or req.num_preemptions > 0)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -159,31 +124,50 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         req.status = Status.FINISHED
 
-    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Request]:
-        """Record a step's results: every chunk's tokens now have KV, and ``tokens`` (one
-        per sampling chunk, in order) are appended to their requests. Returns the
-        requests that finished (a retained one keeps its sequence in the cache)."""
+    def commit(self, chunks: list[Chunk]) -> None:
+        """The step of ``chunks`` was launched: their tokens count as computed (their KV is
+        written before anything launched later reads it); a sampling chunk's request has
+        a pending token until :meth:`update`."""
+        counters = self.counters
+        for c in chunks:
+            req = c.req
+            decode = (req.output or req.pending) and c.start == req.num_tokens + req.pending - 1
+            if not decode:
+                counters.prefill_tokens += c.end - c.start
+            req.num_computed = c.end
+            if c.sample:
+                req.pending += 1
+
+    def update(self, chunks: list[Chunk], tokens: list[int], now: float) -> list[Request]:
+        """Record a committed step's sampled ``tokens`` (one per sampling chunk, in order,
+        read at ``now``: ``time.perf_counter()``):
+        each is appended to its request, which may finish; returns those that finished (a
+        retained one keeps its sequence). With overlap a request may be in the next step
+        already (its input this token, on the device): the token enters the cache now.
+        One that finished or was aborted meanwhile is skipped (never emitted)."""
         counters = self.counters
         finished = []
         it = iter(tokens)
         generated = 0
         for c in chunks:
-            req, start, end = c.req, c.start, c.end
-            output = req.output
-            num_tokens = len(req.prompt) + len(output)
-            if not (output and start == num_tokens - 1):
-                counters.prefill_tokens += end - start
-            req.num_computed = end
-            if end != num_tokens:  # not c.sample
+            if not c.sample:
                 continue
             token = next(it)
-            output.append(token)
+            req = c.req
+            if req.status is not Status.RUNNING or not req.pending:
+                continue
+            req.pending -= 1
+            req.output.append(token)
+            req.last_token_time = now
             generated += 1
             reason = req.stop_check(token)
             if reason is not None:
                 req.finish_reason = reason
                 self.finish(req, keep=req.retain)
                 finished.append(req)
+            elif req.pending:  # the next step computes its KV (it has the slot already)
+                self.cache.append(req.seq_id, [token])
+                req.num_allocated += 1
         counters.generated_tokens += generated
         return finished
 
@@ -194,28 +178,34 @@ class Scheduler:
         self.finish(req)
 
     def fail_batch(self, chunks: list[Chunk], error: str) -> None:
-        """Fail the requests of a step whose forward did not run through: their blocks
-        are discarded, not freed, so none registered for this step (KV not written) stays
-        findable; those written before the step stay cached. Last admitted first: a
-        request may hold blocks registered this step by one admitted before it, which can
-        only be unregistered once it let go of them."""
-        for c in reversed(chunks):
-            req = c.req
-            if req.num_allocated and req.seq_id in self.cache:
-                self.cache.discard(req.seq_id, written=c.start)
-                req.num_allocated = 0
-            req.finish_reason = "error"
-            req.error = error
-            self.finish(req)
+        """Fail the requests of a step whose forward did not run through; their blocks
+        registered for it are uncached (:func:`~pagedkv.engine.admission.discard_batch`)."""
+        discard_batch(self.cache, chunks)
+        for c in chunks:
+            self.fail(c.req, error)
 
     # ------------------------------------------------------------------ scheduling
-    def schedule(self) -> list[Chunk]:
+    def schedule(self, *, ahead: bool = False) -> list[Chunk] | None:
         """This step's chunks: the running requests' (preempting victims when blocks run
         out), then admissions. A :class:`~pagedkv.engine.preemption.PreemptionPolicyError`
-        propagates before any block of the step is reserved."""
+        propagates before any block of the step is reserved.
+
+        ``ahead``: the previous step still runs, its sampled tokens pending (overlap). A
+        request decodes its pending token from the device when the token's slot is
+        allocated; one needing a new block for it waits a step (the cache must know the
+        token id first); one finishing by length on it is not scheduled. None, changing
+        nothing, when the step would preempt (decided with the previous step's results).
+        """
+        if ahead:
+            plan = self._plan_ahead()
+            if plan is None:
+                return None
+            self.steps += 1
+            self.preempted = []
+            return self._finish_schedule(self._reserve_plan(plan), plan.budget)
         self.steps += 1
         self.preempted = []
-        plan = _Plan(self.max_batch_tokens)
+        plan = StepPlan(self.max_batch_tokens)
         running, bs = self.running, self.block_size
         planned, needs = plan.chunks, plan.needs
         free = self.cache.num_free_blocks  # changes only when a victim is preempted
@@ -235,9 +225,10 @@ class Scheduler:
             needs.append(need)
             plan.pending += need
             plan.budget -= end - start
-        chunks = self._reserve_plan(plan)
-        budget = plan.budget
-        if not self.preempted:
+        return self._finish_schedule(self._reserve_plan(plan), plan.budget)
+
+    def _finish_schedule(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
+        if not self.preempted:  # admissions in what is left of the budget
             replays: list[Chunk] = []
             budget = self._admit(chunks, replays, budget)
             chunks += replays
@@ -249,7 +240,34 @@ class Scheduler:
             c.req.record_access(step, now)
         return chunks
 
-    def _make_room(self, req: Request, need: int, plan: _Plan) -> bool:
+    def _plan_ahead(self) -> StepPlan | None:
+        """The running requests' chunks while the previous step runs (:meth:`schedule`)."""
+        plan = StepPlan(self.max_batch_tokens)
+        bs, free = self.block_size, self.cache.num_free_blocks
+        for req in self.running:
+            if plan.budget <= 0:
+                break
+            if req.pending:
+                m = req.num_tokens  # the pending token's position; its KV is computed now
+                if len(req.output) + req.pending >= req.params.max_new_tokens:
+                    continue  # it finishes on that token
+                if m >= -(-req.num_allocated // bs) * bs:
+                    continue  # a new block: next step, once the cache knows the token
+                chunk, need = Chunk(req, m, m + 1), 0
+            else:
+                start = req.num_computed
+                end = min(req.num_tokens, start + plan.budget)
+                need = -(-end // bs) - -(-req.num_allocated // bs)
+                if need > free - plan.pending:
+                    return None
+                chunk = Chunk(req, start, end)
+            plan.chunks.append(chunk)
+            plan.needs.append(need)
+            plan.pending += need
+            plan.budget -= chunk.end - chunk.start
+        return plan
+
+    def _make_room(self, req: Request, need: int, plan: StepPlan) -> bool:
         """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
         beside the plan's; False when ``req`` itself was preempted."""
         while True:
@@ -268,14 +286,14 @@ class Scheduler:
 
     def _select_victims(self, req: Request, short: int) -> list[Request]:
         bs = self.block_size
-        views = tuple(_view(r, r is req, bs) for r in self.running)
+        views = tuple(running_view(r, r is req, bs) for r in self.running)
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 
-    def _reserve_plan(self, plan: _Plan) -> list[Chunk]:
+    def _reserve_plan(self, plan: StepPlan) -> list[Chunk]:
         chunks = []
         for c in plan.chunks:
-            if self._reserve(c.req, c.end):
+            if c.from_device or self._reserve(c.req, c.end):
                 chunks.append(c)
             else:
                 # Only a copy-on-write of a shared partial last block (which the engine
@@ -294,7 +312,7 @@ class Scheduler:
                     break
             elif not req.num_allocated:  # (a resumed request's KV is already resident)
                 try:
-                    replay = self._allocate(req, budget)
+                    replay = allocate_first_chunk(self.cache, self.repeats, req, budget)
                 except OutOfBlocks:
                     break
                 if req.num_cached_tokens < 0:  # first admission: the reported hit
@@ -317,29 +335,6 @@ class Scheduler:
             chunks.append(Chunk(req, req.num_computed, end))
             budget -= end - req.num_computed
         return budget
-
-    def _allocate(self, req: Request, budget: int) -> Replay | None:
-        """Start ``req``'s sequence on its prefix hits, with blocks for its first chunk;
-        a prompt stored whole (zero-compute repeat) gets them all and its replay is
-        returned. :class:`OutOfBlocks` when the pool is full (nothing changed)."""
-        tokens, salt, bs = req.all_tokens, req.cache_salt, self.block_size
-        n = len(tokens)
-        hit = self.cache.lookup(tokens, salt)
-        # every block but the last (which lookup leaves out) matched: maybe stored
-        if self.repeats is not None and not req.output and hit == (n - 1) // bs * bs:
-            replay = self.repeats.find(tokens, salt)
-            if replay is not None:
-                cached = self.cache.allocate(req.seq_id, tokens, salt, whole=True)
-                if cached == n - n % bs:  # the full blocks are hits, the rest is stored
-                    req.num_computed = req.num_allocated = n
-                    return replay
-                # a block expired (TTL) between the two reads: compute it as usual
-                self.cache.discard(req.seq_id)
-                hit = self.cache.lookup(tokens, salt)
-        end = min(n, hit + budget)
-        req.num_computed = self.cache.allocate(req.seq_id, tokens[:end], salt)
-        req.num_allocated = end
-        return None
 
     def _reserve(self, req: Request, end: int) -> bool:
         """Make sure blocks hold tokens [0, end) of ``req``; False when out of blocks."""
@@ -366,6 +361,24 @@ class Scheduler:
         self._tables.pop(req.seq_id, None)
         self.waiting.appendleft(req)
 
+    def recompute_all(self) -> int:
+        """Make every request holding KV compute it again from its first token (the
+        weights changed): the running ones, then swapped-out or resumed ones waiting
+        with their KV, go back to the front of the queue holding no blocks, in that
+        order. Returns how many; they do not count as preemptions."""
+        held = [r for r in self.waiting if r.status is Status.SWAPPED or r.num_allocated]
+        for req in held:
+            self.waiting.remove(req)
+        restart, self.running = self.running + held, []
+        for req in reversed(restart):
+            if req.status is Status.SWAPPED or req.num_allocated:
+                self.cache.free(req.seq_id)  # also discards a swapped-out copy
+            req.num_computed = req.num_allocated = 0
+            req.status = Status.WAITING
+            self._tables.pop(req.seq_id, None)
+            self.waiting.appendleft(req)
+        return len(restart)
+
     def _swap_out(self, req: Request) -> bool:
         try:
             self.cache.swap_out(req.seq_id)
@@ -379,11 +392,3 @@ class Scheduler:
         except OutOfBlocks:
             return False
         return True
-
-
-def _view(r: Request, requesting: bool, block_size: int) -> RunningRequest:
-    """What a preemption policy may read of running request ``r``."""
-    return RunningRequest(
-        r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
-        -(-r.num_allocated // block_size), r.num_computed, r.num_tokens, requesting,
-    )  # fmt: skip

@@ -107,7 +107,14 @@ def save(
     overwrite: bool,
 ) -> SnapshotInfo:
     """Save finished request ``req``'s sequence with ``metadata`` (from
-    :func:`snapshot_metadata`)."""
+    :func:`snapshot_metadata`). ``SnapshotError`` if its KV is an earlier model's (it
+    was computed before :meth:`Engine.update_weights`): saved under the new fingerprint
+    it would be served as the new model's."""
+    if cache.manager.generation_of(req.seq_id) != cache.manager.generation:
+        raise SnapshotError(
+            f"request {req.request_id} holds KV computed before the weights were updated; "
+            "it cannot be saved under the new model (release() it and generate again)"
+        )
     tokens = cache.token_ids(req.seq_id)
     # the cache holds every token but the last sampled one, whose KV is not written yet
     assert tokens == req.all_tokens[:-1], (len(tokens), req.num_tokens)

@@ -23,7 +23,7 @@ import functools
 import inspect
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,11 @@ class PagedAttentionMetadata:
     ``token_index``: None when the model input is the packed ``[1, T]`` sequence;
     otherwise the rows of the flattened ``[B * L]`` input that are real tokens (the
     others are padding, neither written nor attended).
+    ``cascade``: a decode :class:`~pagedkv.ops.CascadePlan` of this batch (rows sharing
+    cached prefix blocks): full-attention layers without softcap or sinks then run
+    :func:`pagedkv.ops.cascade_decode`, the others plain decode.
+    ``layers``: per layer, its ``(k_cache, v_cache)`` views of ``kv`` (made once by the
+    caller; None: sliced from ``kv`` at each call).
     """
 
     kv: torch.Tensor
@@ -60,6 +65,14 @@ class PagedAttentionMetadata:
     max_q_len: int
     is_decode: bool
     token_index: torch.Tensor | None = None
+    cascade: ops.CascadePlan | None = None
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def layer_views(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(k_cache, v_cache)`` of every layer of a pool tensor ``kv``, for
+    :attr:`PagedAttentionMetadata.layers` (views: made once, valid while ``kv`` lives)."""
+    return [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
 
 
 def paged_attention_forward(
@@ -92,6 +105,13 @@ def paged_attention_forward(
     (gpt-oss's per-head sink logits [Hq]).
     """
     meta = pagedkv_metadata
+    if meta is not None and torch.compiler.is_compiling():
+        # under torch.compile (EngineConfig.torch_compile) the paged path is a graph break:
+        # the code around it (norms, RoPE, MLP) is compiled, the kernels run as they are
+        return _paged_eager(
+            module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap,
+            s_aux, kwargs,
+        )  # fmt: skip
     if meta is None:
         fallback = _fallback_attention(module)
         feats = {
@@ -103,6 +123,14 @@ def paged_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             **feats, **kwargs,
         )  # fmt: skip
+    return _paged(
+        module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap, s_aux,
+        kwargs,
+    )  # fmt: skip
+
+
+def _paged(module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap,
+           s_aux, kwargs):  # fmt: skip
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     _refuse_unknown_features(module, query, key, value, attention_mask, kwargs)
     bsz, hq, q_len, d = query.shape
@@ -115,7 +143,10 @@ def paged_attention_forward(
     v = value.detach().transpose(1, 2).reshape(bsz * q_len, hkv, d)
     if meta.token_index is not None:
         q, k, v = q[meta.token_index], k[meta.token_index], v[meta.token_index]
-    k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
+    if meta.layers is not None:
+        k_cache, v_cache = meta.layers[layer]
+    else:
+        k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
     if k.dtype != k_cache.dtype:
         k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
     if sinks is not None:
@@ -124,7 +155,13 @@ def paged_attention_forward(
             sinks = sinks.float()
     ops.write_kv(k_cache, v_cache, meta.slots, k, v, check=False)
     feats = dict(window=sliding_window, softcap=softcap, sinks=sinks, check=False)
-    if meta.is_decode:
+    plan = meta.cascade
+    plain = sliding_window is None and softcap is None and sinks is None
+    if meta.is_decode and plan is not None and plain and q.dtype == k_cache.dtype:
+        out = ops.cascade_decode(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, plan, scaling, check=False
+        )
+    elif meta.is_decode:
         out = ops.decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, **feats
         )
@@ -138,6 +175,11 @@ def paged_attention_forward(
         full[meta.token_index] = out
         out = full
     return out.view(bsz, q_len, hq, d), None
+
+
+# The paged path as one opaque call for torch.compile (a graph break): Dynamo does not
+# trace the ops' Python (memoised specs, bound launchers) nor guard on the metadata.
+_paged_eager = torch.compiler.disable(_paged)
 
 
 # Attention kwargs that change what a layer computes in ways the paged kernels do not
@@ -336,11 +378,19 @@ class PagedAttention:
     def __exit__(self, *exc: object) -> None:
         self.exit()
 
-    def __call__(self, meta: PagedAttentionMetadata, input_ids: torch.Tensor, **kwargs: Any):
+    def __call__(
+        self,
+        meta: PagedAttentionMetadata,
+        input_ids: torch.Tensor,
+        *,
+        forward: Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ):
         """One paged forward: ``model(input_ids, **kwargs)`` with the metadata, no
-        transformers cache (the pool is the cache) and no mask built."""
+        transformers cache (the pool is the cache) and no mask built. ``forward``: what
+        to call instead of the model (e.g. ``torch.compile(model.forward)``)."""
         with self:
-            return self.model(
+            return (forward or self.model)(
                 input_ids=input_ids,
                 attention_mask=self.no_mask(input_ids.device),
                 use_cache=False,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pagedkv._extras import optional_imports
-from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata
+from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 
 with optional_imports(__name__):
@@ -73,6 +73,8 @@ class _Live:
         self.paged = paged
         self.uid = uid
         self.lens: list[int] = []  # tokens stored per batch row
+        # per-layer (k, v) views of the pool, made once rather than sliced in every layer
+        self.layers = layer_views(kv_cache.pool.kv)
         self.handles: list[Any] = []
         self.in_forward = False
 
@@ -344,17 +346,25 @@ class PagedCache(Cache):
             raise
         tables = [cache.block_table(live.seq_id(b)) if n else [] for b, n in enumerate(live.lens)]
         width = max(1, max(len(t) for t in tables))
-        table_rows = [t + [0] * (width - len(t)) for t in tables]
+        flat = [x for t in tables for x in t + [0] * (width - len(t))]
         cu = [0, *itertools.accumulate(counts)]
+        # the int32 metadata in one host-to-device copy (pinned on CUDA: no staging)
+        host = torch.tensor(flat + live.lens + cu, dtype=torch.int32)
+        host_slots = torch.tensor(slots, dtype=torch.int64)
+        if device.type == "cuda":
+            host, host_slots = host.pin_memory(), host_slots.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        n_tab, n_seq = len(flat), bsz
         return PagedAttentionMetadata(
             kv=cache.pool.kv,
-            slots=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_tables=torch.tensor(table_rows, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(live.lens, dtype=torch.int32, device=device),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            slots=host_slots.to(device, non_blocking=True),
+            block_tables=dev[:n_tab].view(bsz, width),
+            seq_lens=dev[n_tab : n_tab + n_seq],
+            cu_seqlens_q=dev[n_tab + n_seq :],
             max_q_len=max(counts) if counts else 0,
             is_decode=q_len == 1 and all(c == 1 for c in counts),
             token_index=token_index,
+            layers=live.layers,
         )
 
 

@@ -14,7 +14,10 @@ every block. So ``ref[b]`` = sequences holding ``b`` outside a chain + live chai
 through ``b``, and a block is in use exactly when some live sequence's table holds it.
 
 The block manager decides which blocks a sequence holds; this module keeps the
-pool's side of it, one call per operation.
+pool's side of it, one call per operation. Every registered block it drops goes
+through one boundary per operation: the ghost list (evictions and expiries, for
+``explain``), then ``_dropped``: the model generations' counts and, when someone
+subscribes, a :class:`~pagedkv.events.BlockRemoved` event.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pagedkv.errors import OutOfBlocks
+from pagedkv.events import DEVICE, AllBlocksCleared, BlockRemoved, EventHub
 from pagedkv.manager.eviction import BlockMeta, EvictionPolicy
+from pagedkv.manager.generations import Generations
+from pagedkv.manager.ghosts import EVICTED, EXPIRED, Ghosts
 from pagedkv.manager.pins import Pins
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.stats import Counters
@@ -40,6 +46,9 @@ class BlockAllocator:
     ``pins.blocks`` the pinned cached ones. ``ref`` and ``free`` are changed in place,
     never replaced, so a holder of either stays current. At most ``max_cached``
     blocks are evictable between operations: a release beyond it evicts the excess.
+    ``ghosts`` remembers what was evicted or expired, ``generations`` counts
+    registrations of earlier models, and ``events`` (set by the manager while someone
+    subscribes) collects removals.
     """
 
     def __init__(
@@ -52,6 +61,8 @@ class BlockAllocator:
         *,
         prefix_caching: bool,
         max_cached: int | None = None,
+        ghosts: Ghosts,
+        generations: Generations,
     ) -> None:
         self.num_blocks = len(meta.ref)
         self.prefix_caching = prefix_caching
@@ -66,6 +77,10 @@ class BlockAllocator:
         self._prefix = prefix
         self._counters = counters
         self._on_evict = on_evict
+        self.registered_at = meta.registered_at
+        self.ghosts = ghosts
+        self.generations = generations
+        self.events: EventHub | None = None
 
     @property
     def num_free(self) -> int:
@@ -145,14 +160,18 @@ class BlockAllocator:
 
     def _evict(self, n: int) -> list[int]:
         policy, prefix, on_evict = self.policy, self._prefix, self._on_evict
-        out = []
+        out, gone = [], []
         for _ in range(n):
             block = policy.pop()
             evicted_hash = prefix.drop(block)
             if on_evict is not None:
                 on_evict(block, evicted_hash)
             out.append(block)
+            gone.append(evicted_hash)
         self._counters.evictions += n
+        self.ghosts.add(gone, EVICTED)
+        if self.generations.active or self.events is not None:
+            self._dropped(out, gone)
         return out
 
     def expire(self) -> int:
@@ -164,10 +183,20 @@ class BlockAllocator:
         return len(expired)
 
     def _drop_expired(self, blocks: Sequence[int]) -> None:
-        for block in blocks:
-            self._prefix.drop(block)
+        drop = self._prefix.drop
+        gone = [drop(block) for block in blocks]
         self.free.extend(blocks)
         self._counters.evictions += len(blocks)  # expiry counts as an eviction
+        self.ghosts.add(gone, EXPIRED)
+        self._dropped(blocks, gone)
+
+    def _dropped(self, blocks: Sequence[int], hashes: list[bytes]) -> None:
+        """Registered ``blocks`` (with ``hashes``) were just unregistered (the caller told
+        the ghost list, if their KV existed)."""
+        if self.generations.active:
+            self.generations.dropped(blocks, self.registered_at)
+        if self.events is not None:
+            self.events.pending.append(BlockRemoved(hashes, DEVICE))
 
     # ------------------------------------------------------------- releasing
 
@@ -253,16 +282,17 @@ class BlockAllocator:
 
     def unregister(self, blocks: Sequence[int]) -> None:
         """Drop the registrations of blocks in use (their content is not to be found)."""
-        for b in blocks:
-            self._prefix.drop(b)
+        if blocks:
+            drop = self._prefix.drop
+            self._dropped(blocks, [drop(b) for b in blocks])
 
     # ------------------------------------------------------------ pins, reset
 
-    def pin(self, keys: list[tuple[bytes, bytes]]) -> int:
+    def pin(self, keys: list[tuple[bytes, bytes]], salt: object = None) -> int:
         """Pin a prefix (see :meth:`Pins.pin`) after dropping expired blocks, which a pin
         must not revive."""
         self.expire()
-        return self.pins.pin(keys, self._prefix, self.policy)
+        return self.pins.pin(keys, self._prefix, self.policy, salt)
 
     def unpin(self, keys: list[tuple[bytes, bytes]]) -> None:
         """Release one pin of a pinned prefix; blocks whose last pin went are evictable
@@ -273,12 +303,17 @@ class BlockAllocator:
 
     def reset(self) -> None:
         """Forget every cached block (evictable or pinned): each becomes free. Blocks in
-        use keep their references; with none in use the free stack is as when new."""
+        use keep their references; with none in use the free stack is as when new.
+
+        The ghost list remembers them as evicted; subscribers hear AllBlocksCleared."""
         cached = [*self.policy.order(), *self.pins.blocks]
-        ref = self.ref
+        ref, drop = self.ref, self._prefix.drop
+        self.ghosts.add([drop(b) for b in cached], EVICTED)
         for block in cached:
-            self._prefix.drop(block)
             ref[block] = 0  # clears an LRU stamp
+        self.generations.clear()
+        if self.events is not None:
+            self.events.pending.append(AllBlocksCleared(DEVICE))
         if len(self.free) + len(cached) == self.num_blocks:  # nothing in use: as when new
             self.free[:] = range(self.num_blocks - 1, -1, -1)
         else:

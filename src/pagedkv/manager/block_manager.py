@@ -12,6 +12,9 @@ fork, free); the on-demand ones (share_prefix, evict, gc) are in
 references of prefix hits, the free stack, eviction, pins) is
 :mod:`~pagedkv.manager.allocator`; the prefix index, policies, pressure and counters
 have their own modules. Each is called once per operation, never per block of a loop.
+KV events cost one attribute check per operation while nobody subscribes
+(:mod:`~pagedkv.manager.subscriptions`); model changes are
+:mod:`~pagedkv.manager.model_change`.
 """
 
 from __future__ import annotations
@@ -21,27 +24,34 @@ from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv import _resources
 from pagedkv._validate import check_bool, check_callable, check_int
+from pagedkv.events import EventHub
 from pagedkv.manager.allocator import BlockAllocator, EvictCallback
 from pagedkv.manager.config import ManagerConfig, bookkeeping_bytes
 from pagedkv.manager.eviction import BlockMeta, EvictionPolicy, make_policy
-from pagedkv.manager.hashing import ROOT, as_token_array, hash_function
+from pagedkv.manager.generations import Generations
+from pagedkv.manager.ghosts import Ghosts
+from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes, hash_function
+from pagedkv.manager.kv_events import stored_events
+from pagedkv.manager.model_change import ModelChanges
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.prefix_ops import PrefixOps
 from pagedkv.manager.pressure import PressureCallback, PressureWatch
+from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
 from pagedkv.manager.stats import Counters
+from pagedkv.manager.subscriptions import EventSource
 
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(PrefixOps):
+class BlockManager(PrefixOps, Registration, EventSource, ModelChanges):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
         num_blocks: physical blocks in the pool (> 0).
         block_size: tokens per block (> 0).
         prefix_caching, eviction, ttl_seconds, extra_keys, hash_algo, watermarks,
-        min_prefix_tokens, max_cached_blocks: the options of
+        min_prefix_tokens, max_cached_blocks, ghost_bytes: the options of
             :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build the manager
             with :meth:`from_config`).
         on_evict: called as ``on_evict(block_id, block_hash)`` when a cached block is
@@ -67,6 +77,7 @@ class BlockManager(PrefixOps):
         watermarks: tuple[float, float, float] = _DEFAULT.watermarks,
         min_prefix_tokens: int = _DEFAULT.min_prefix_tokens,
         max_cached_blocks: int | None = _DEFAULT.max_cached_blocks,
+        ghost_bytes: int = _DEFAULT.ghost_bytes,
         on_evict: EvictCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -76,6 +87,7 @@ class BlockManager(PrefixOps):
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
             extra_keys=extra_keys, hash_algo=hash_algo, watermarks=watermarks,
             min_prefix_tokens=min_prefix_tokens, max_cached_blocks=max_cached_blocks,
+            ghost_bytes=ghost_bytes,
         )  # fmt: skip
         if on_evict is not None:
             check_callable(on_evict, "on_evict", "(block_id, block_hash) -> None")
@@ -97,14 +109,20 @@ class BlockManager(PrefixOps):
             num_blocks, block_size, self._digest, tuple(config.extra_keys), meta
         )
         self._counters = Counters()
+        self._gens = Generations(tuple(config.extra_keys))
         self._alloc = BlockAllocator(
             meta, self._prefix, lambda: self._new_policy(meta), self._counters, on_evict,
             prefix_caching=config.prefix_caching, max_cached=config.max_cached_blocks,
+            ghosts=Ghosts(config.ghost_bytes, len(self._digest(b""))), generations=self._gens,
         )  # fmt: skip
         self._ref = meta.ref  # the allocator's ref counts (changed in place, never replaced)
         self._seqs: dict[Hashable, SeqRecord] = {}
         self._copies: list[tuple[int, int]] = []
         self._watch: PressureWatch | None = None  # created by the first on_pressure()
+        self._events: EventHub | None = None  # while someone subscribes
+        # Whether an operation has anyone to tell (pressure callbacks, KV events): the one
+        # check a finished operation makes.
+        self._observed = False
 
     @classmethod
     def from_config(
@@ -124,7 +142,8 @@ class BlockManager(PrefixOps):
             eviction=config.eviction, ttl_seconds=config.ttl_seconds,
             extra_keys=config.extra_keys, hash_algo=config.hash_algo,
             watermarks=config.watermarks, min_prefix_tokens=config.min_prefix_tokens,
-            max_cached_blocks=config.max_cached_blocks, on_evict=on_evict, clock=clock,
+            max_cached_blocks=config.max_cached_blocks, ghost_bytes=config.ghost_bytes,
+            on_evict=on_evict, clock=clock,
         )  # fmt: skip
 
     def _new_policy(self, meta: BlockMeta) -> EvictionPolicy:
@@ -213,7 +232,7 @@ class BlockManager(PrefixOps):
         blocks = hits + alloc.take(need)
         parent = prefix.hashes[hits[-1]] if hits else ROOT
         seq = self._seqs[seq_id] = SeqRecord(
-            blocks, arr, parent, ns, len(hits), private, self._clock()
+            blocks, arr, parent, ns, len(hits), self._gens.number, private, self._clock()
         )
         if shares:
             seq.last_hash = prefix.register_blocks(
@@ -221,8 +240,12 @@ class BlockManager(PrefixOps):
             )
         counters.query_tokens += n
         counters.hit_tokens += len(hits) * bs
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:
+            if self._events is not None and shares:
+                self._events.pending += stored_events(
+                    prefix, blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
+                )
+            self._after()
         return len(hits) * bs
 
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
@@ -263,12 +286,23 @@ class BlockManager(PrefixOps):
         tokens.extend(arr)
         first, stop = n // bs, (n + k) // bs
         if stop > first and self.prefix_caching and not seq.private:
-            raw = tokens[first * bs : stop * bs].tobytes()
-            seq.last_hash = self._prefix.register_blocks(
-                blocks, first, stop, raw, first, seq.ns, seq.last_hash, seq.anonymous
-            )
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+            parent = seq.last_hash
+            if seq.gen != self._gens.number:  # its KV mixes models: cache none of it
+                full = tokens[first * bs : stop * bs]
+                seq.last_hash = chain_hashes(full, bs, seq.ns, self._digest, parent)[-1]
+                seq.anonymous += blocks[first:stop]
+            else:
+                raw = tokens[first * bs : stop * bs].tobytes()
+                seq.last_hash = self._prefix.register_blocks(
+                    blocks, first, stop, raw, first, seq.ns, parent, seq.anonymous
+                )
+                if self._events is not None:
+                    self._events.pending += stored_events(
+                        self._prefix, blocks, first, stop, raw, first, seq.ns, parent,
+                        seq.anonymous,
+                    )  # fmt: skip
+        if self._observed:
+            self._after()
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` a sequence with the parent's tokens, sharing every block.
@@ -281,8 +315,8 @@ class BlockManager(PrefixOps):
         self._alloc.share(parent.blocks, parent.chain)
         self._seqs[child_id] = parent.fork(self._clock())
         self._counters.forks += 1
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:
+            self._after()
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's references.
@@ -302,8 +336,15 @@ class BlockManager(PrefixOps):
             partial = len(seq.tokens) % self.block_size != 0
             self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
         self._counters.deallocations += 1
+        if self._observed:
+            self._after()
+
+    def _after(self) -> None:
+        """An operation finished: pressure callbacks, then the KV events it caused."""
         if self._watch is not None:
             self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._events is not None:
+            self._events.end()
 
     def discard(self, seq_id: Hashable, written: int = 0) -> None:
         """Release a sequence whose KV was never (fully) written, caching nothing of it.
@@ -323,7 +364,7 @@ class BlockManager(PrefixOps):
             own = [b for b in seq.blocks[first:] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks
-        self.free(seq_id)
+        self.free(seq_id)  # delivers the removals too
 
     def take_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies ``(src_block, dst_block)`` owed to storage since last call.
@@ -333,56 +374,6 @@ class BlockManager(PrefixOps):
         copies, self._copies = self._copies, []
         return copies
 
-    # ------------------------------------------------------------- pins, reset
-
-    def pin(self, token_ids: Sequence[int], salt: object = None) -> int:
-        """Keep the cached blocks of this prefix from eviction until :meth:`unpin`.
-
-        Pins are by content: blocks of the prefix registered later are protected
-        too. Pins nest (pin twice, unpin twice). Returns how many of the prefix's
-        full blocks are resident (cached or in use) now.
-        """
-        keys = self._prefix.prefix_keys(token_ids, salt)
-        if not keys:
-            raise ValueError(
-                f"token_ids has no full block (block_size={self.block_size}); "
-                "only full blocks are cached and can be pinned"
-            )
-        return self._alloc.pin(keys)
-
-    def unpin(self, token_ids: Sequence[int], salt: object = None) -> int:
-        """Undo one :meth:`pin` of this prefix; returns the number of blocks unpinned.
-
-        Raises ``ValueError`` (and changes nothing) if the prefix is not pinned.
-        """
-        keys = self._prefix.prefix_keys(token_ids, salt)
-        if not self._alloc.pins.is_pinned(keys):
-            raise ValueError(
-                "token_ids: this prefix is not pinned (pin() it first, with the same salt)"
-            )
-        self._alloc.unpin(keys)
-        return len(keys)
-
-    def reset_prefix_cache(self, *, force: bool = False) -> bool:
-        """Forget every cached block: cached blocks (pinned ones too) become free and no
-        prompt finds anything registered before. Pins are kept (they protect content
-        registered later). Neither ``on_evict`` is called (tiers keep what they hold)
-        nor are the counters reset.
-
-        While any block is in use this returns False and changes nothing, unless
-        ``force=True``: then the blocks in use are kept, with their KV, by their
-        sequences, which go on unchanged, but they are unregistered — no prompt finds
-        them, and they become free, not cached, when released; blocks those sequences
-        fill later are registered as usual. Returns True when it reset.
-        """
-        check_bool(force, "force")
-        if self.num_used_blocks:
-            if not force:
-                return False
-            self._unregister_in_use()
-        self._alloc.reset()
-        return True
-
     # ---------------------------------------------------------------- pressure
 
     def on_pressure(self, callback: PressureCallback) -> None:
@@ -391,5 +382,6 @@ class BlockManager(PrefixOps):
             raise TypeError("on_pressure() takes a callable (MemoryPressure) -> None")
         if self._watch is None:
             self._watch = PressureWatch(self.config.watermarks, self.pressure)
+            self._observed = True
         self._watch.callbacks.append(callback)
         self._watch.level = self.pressure

@@ -47,6 +47,9 @@ class ManagerConfig:
             pinned); a release that would leave more evicts the excess by the policy
             (``on_evict`` is called, the blocks become free). Pinned blocks do not
             count. ``None`` (default): no cap beyond the pool.
+        ghost_bytes: host bytes for the hashes of recently evicted / expired blocks
+            (``explain`` tells them from blocks never seen): about 73 bytes each with
+            SHA-256, so the default 4 MiB remembers the last ~57,000; 0 keeps none.
 
     Raises ``TypeError`` for a value of the wrong type and ``ValueError`` for a wrong
     value, naming the field.
@@ -60,6 +63,7 @@ class ManagerConfig:
     watermarks: tuple[float, float, float] = (0.6, 0.8, 0.95)
     min_prefix_tokens: int = 0
     max_cached_blocks: int | None = None
+    ghost_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         check_bool(self.prefix_caching, "prefix_caching")
@@ -86,6 +90,7 @@ class ManagerConfig:
         check_int(self.min_prefix_tokens, "min_prefix_tokens", minimum=0)
         if self.max_cached_blocks is not None:
             check_int(self.max_cached_blocks, "max_cached_blocks", minimum=0)
+        check_int(self.ghost_bytes, "ghost_bytes", minimum=0)
 
     def override(
         self,
@@ -97,6 +102,7 @@ class ManagerConfig:
         watermarks: tuple[float, float, float] | None = None,
         min_prefix_tokens: int | None = None,
         max_cached_blocks: int | None = None,
+        ghost_bytes: int | None = None,
     ) -> ManagerConfig:
         """This config with every option given (not ``None``) replaced, validated again.
 
@@ -115,6 +121,7 @@ class ManagerConfig:
             max_cached_blocks=(
                 self.max_cached_blocks if max_cached_blocks is None else max_cached_blocks
             ),
+            ghost_bytes=self.ghost_bytes if ghost_bytes is None else ghost_bytes,
         )
 
     def bookkeeping_bytes(self, num_blocks: int, block_size: int) -> int:

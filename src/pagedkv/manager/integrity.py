@@ -14,6 +14,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pagedkv.manager.eviction import EvictionPolicy
+from pagedkv.manager.generations import Generations
+from pagedkv.manager.ghosts import Ghosts
 from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pins import Pins
 from pagedkv.manager.prefix_index import PrefixIndex
@@ -39,6 +41,9 @@ class ManagerState:
     max_cached: int  # cap on evictable blocks (sys.maxsize: none)
     counters: Counters
     now: float  # the manager's clock when the check started
+    ghosts: Ghosts
+    generations: Generations
+    registered_at: Sequence[int]  # registration stamp of each block (its generation)
 
 
 def violations(m: ManagerState) -> list[str]:
@@ -96,9 +101,11 @@ def violations(m: ManagerState) -> list[str]:
         problems.append(
             f"{len(evictable)} evictable cached blocks exceed max_cached_blocks ({m.max_cached})"
         )
-    problems += m.pins.violations(hashes, evictable)
+    problems += m.pins.violations(hashes, evictable, m.block_size)
     problems += m.prefix.violations(m.prefix_caching)
     problems += m.counters.violations(len(m.seqs), m.block_size)
+    problems += m.ghosts.violations()
+    problems += m.generations.violations(hashes, m.registered_at)
     return problems
 
 
@@ -154,8 +161,22 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     if seq.private:
         _private_ok(m, sid, seq, problems)
         return True
+    gens = m.generations
+    if not -1 <= seq.gen <= gens.number:
+        problems.append(f"seq {sid!r}: generation {seq.gen} outside [-1, {gens.number}]")
     if not m.prefix_caching:
         return True
+    # A sequence registers only in its own generation and hits only what was registered
+    # by then: no block it holds was registered later (-1: it holds none registered).
+    later = [
+        b for b in seq.blocks
+        if m.prefix.hashes[b] and gens.generation_of(m.registered_at[b]) > seq.gen
+    ]  # fmt: skip
+    if later:
+        problems.append(
+            f"seq {sid!r} of generation {seq.gen} holds blocks {later[:5]} registered in a "
+            "later one"
+        )
     chain = chain_hashes(seq.tokens, bs, seq.ns, m.digest)
     if seq.last_hash != (chain[-1] if chain else ROOT):
         problems.append(f"seq {sid!r}: its last block hash is not its tokens' hash")

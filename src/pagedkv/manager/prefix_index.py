@@ -82,6 +82,17 @@ class PrefixIndex:
                 self._ns_cache[salt] = ns
         return ns
 
+    def set_extra_keys(self, extra_keys: tuple[object, ...]) -> None:
+        """Hash new blocks (and look prompts up) under ``extra_keys`` from now on; blocks
+        registered before stay indexed under their old namespaces, where no prompt looks."""
+        self._ns_cache = {None: namespace(None, extra_keys)}  # validates the keys first
+        self.extra_keys = extra_keys
+
+    @property
+    def stamp(self) -> int:
+        """The registration stamp of the last block registered (0: none yet)."""
+        return self._registrations
+
     def prefix_keys(self, token_ids: Sequence[int], salt: object) -> list[tuple[bytes, bytes]]:
         """(index key, chained hash) of each full block of ``token_ids``."""
         raw = as_token_array(token_ids).tobytes()

@@ -2,16 +2,18 @@
 
 :class:`PrefixOps` is the part of :class:`~pagedkv.manager.BlockManager` (which
 subclasses it) that no request's hot path calls: a new sequence sharing a prefix of
-another (``share_prefix``), eviction on demand (``evict``), a collection pass (``gc``)
-and the unregistering a forced ``reset_prefix_cache`` does. Each works through the
-allocator and the prefix index, once per call.
+another (``share_prefix``), pins, eviction on demand (``evict``), a collection pass
+(``gc``) and ``reset_prefix_cache`` (forced too). Each works through the allocator and
+the prefix index, once per call, and ends as every operation does: pressure callbacks
+and the KV events it caused (blocks evicted, expired or unregistered) go out once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
-from pagedkv._validate import check_int
+from pagedkv._validate import check_bool, check_int
+from pagedkv.events import EventHub
 from pagedkv.manager.hashing import ROOT
 from pagedkv.manager.pressure import PressureWatch
 from pagedkv.manager.reads import ManagerReads
@@ -23,6 +25,9 @@ class PrefixOps(ManagerReads):
 
     _copies: list[tuple[int, int]]
     _watch: PressureWatch | None
+    _events: EventHub | None
+    _observed: bool
+    _after: Callable[[], None]
     fork: Callable[[Hashable, Hashable], None]
 
     def share_prefix(self, src_id: Hashable, dst_id: Hashable, num_tokens: int) -> None:
@@ -72,15 +77,73 @@ class PrefixOps(ManagerReads):
             self._counters.cow_copies += 1
             blocks.append(copy)
         seq = SeqRecord(
-            blocks, src.tokens[:num_tokens], last_hash, src.ns, chain, src.private, self._clock()
-        )
+            blocks, src.tokens[:num_tokens], last_hash, src.ns, chain, src.gen, src.private,
+            self._clock(),
+        )  # fmt: skip
         if src.anonymous:
             mine = set(shared)
             seq.anonymous = [b for b in src.anonymous if b in mine]
         self._seqs[dst_id] = seq
         self._counters.forks += 1
-        if self._watch is not None:
-            self._watch.update(self.num_used_blocks, self.num_blocks)
+        if self._observed:  # it registers nothing; blocks it took may have been evicted
+            self._after()
+
+    # ------------------------------------------------------------- pins, reset
+
+    def pin(self, token_ids: Sequence[int], salt: object = None) -> int:
+        """Keep the cached blocks of this prefix from eviction until :meth:`unpin`.
+
+        Pins are by content: blocks of the prefix registered later are protected
+        too. Pins nest (pin twice, unpin twice). Returns how many of the prefix's
+        full blocks are resident (cached or in use) now.
+        """
+        keys = self._prefix.prefix_keys(token_ids, salt)
+        if not keys:
+            raise ValueError(
+                f"token_ids has no full block (block_size={self.block_size}); "
+                "only full blocks are cached and can be pinned"
+            )
+        resident = self._alloc.pin(keys, salt)
+        if self._events is not None:  # expired blocks were dropped first
+            self._events.end()
+        return resident
+
+    def unpin(self, token_ids: Sequence[int], salt: object = None) -> int:
+        """Undo one :meth:`pin` of this prefix; returns the number of blocks unpinned.
+
+        Raises ``ValueError`` (and changes nothing) if the prefix is not pinned.
+        """
+        keys = self._prefix.prefix_keys(token_ids, salt)
+        if not self._alloc.pins.is_pinned(keys):
+            raise ValueError(
+                "token_ids: this prefix is not pinned (pin() it first, with the same salt)"
+            )
+        self._alloc.unpin(keys)
+        if self._events is not None:  # over max_cached_blocks, some were evicted
+            self._events.end()
+        return len(keys)
+
+    def reset_prefix_cache(self, *, force: bool = False) -> bool:
+        """Forget every cached block: cached blocks (pinned ones too) become free and no
+        prompt finds anything registered before. Pins are kept (they protect content
+        registered later). Neither ``on_evict`` is called (tiers keep what they hold)
+        nor are the counters reset.
+
+        While any block is in use this returns False and changes nothing, unless
+        ``force=True``: then the blocks in use are kept, with their KV, by their
+        sequences, which go on unchanged, but they are unregistered — no prompt finds
+        them, and they become free, not cached, when released; blocks those sequences
+        fill later are registered as usual. Returns True when it reset.
+        """
+        check_bool(force, "force")
+        if self.num_used_blocks:
+            if not force:
+                return False
+            self._unregister_in_use()
+        self._alloc.reset()
+        if self._observed:
+            self._after()
+        return True
 
     def _check_new(self, seq_id: Hashable, name: str) -> None:
         """Raise unless ``seq_id`` is a hashable id of no live sequence."""
@@ -126,10 +189,16 @@ class PrefixOps(ManagerReads):
         are dropped first, as before any block is handed out, and are not counted.
         """
         check_int(n, "n", minimum=0)
-        return self._alloc.evict_cached(n)
+        evicted = self._alloc.evict_cached(n)
+        if self._observed:
+            self._after()
+        return evicted
 
     def gc(self) -> int:
         """A collection pass: drop the expired cached blocks (TTL) and evict those over
         ``max_cached_blocks`` (both are otherwise done lazily, when blocks are handed
         out or released). Returns how many blocks became free."""
-        return self._alloc.expire() + self._alloc.trim()
+        freed = self._alloc.expire() + self._alloc.trim()
+        if self._observed:
+            self._after()
+        return freed

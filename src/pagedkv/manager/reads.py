@@ -8,17 +8,34 @@ declared below); every method that changes state is in :mod:`block_manager`.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 from pagedkv._validate import check_int
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.manager import integrity
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.config import ManagerConfig
+from pagedkv.manager.generations import Generations
 from pagedkv.manager.hashing import as_token_array
 from pagedkv.manager.prefix_index import PrefixIndex, PromptMatch
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
 from pagedkv.manager.stats import CacheStats, Counters, SeqStats, unused_slots
+
+
+class DevicePrefix(NamedTuple):
+    """What the device holds of a prompt's full blocks (:meth:`ManagerReads.device_prefix`).
+
+    ``hashes``: each full block's chained hash in the salt's namespace; ``statuses``:
+    ``"device"`` (registered, matchable), ``"expired"`` (registered but idle past the
+    TTL, or expired lately), ``"evicted"`` (evicted lately) or ``None`` (not seen, as far
+    as the ghost list remembers); ``hit_blocks``: the leading blocks a new
+    :meth:`~pagedkv.manager.BlockManager.allocate` would reuse.
+    """
+
+    hashes: list[bytes]
+    statuses: list[str | None]
+    hit_blocks: int
 
 
 class ManagerReads:
@@ -36,6 +53,7 @@ class ManagerReads:
     _alloc: BlockAllocator
     _prefix: PrefixIndex
     _counters: Counters
+    _gens: Generations
 
     @property
     def eviction(self) -> str:
@@ -184,6 +202,26 @@ class ManagerReads:
         prefix = self._prefix
         return prefix.prompt_match(arr.tobytes(), prefix.namespace(salt), self._alloc.policy.usable)
 
+    def device_prefix(self, token_ids: Sequence[int], salt: object = None) -> DevicePrefix:
+        """Where each full block of ``token_ids`` stands on the device (changes nothing).
+
+        Computed from ``salt``'s namespace alone: blocks, ghosts and hashes of other salts
+        are never looked at, so it tells nothing about other tenants' prompts.
+        """
+        keys = self._prefix.prefix_keys(token_ids, salt)  # validates tokens and salt
+        hashes = [h for _, h in keys]
+        statuses: list[str | None] = [None] * len(keys)
+        if self.prefix_caching:
+            by_key, usable = self._prefix.by_key, self._alloc.policy.usable
+            for i, (key, _) in enumerate(keys):
+                block = by_key.get(key)
+                if block is not None:
+                    statuses[i] = "device" if usable([block]) else "expired"
+        unknown = [i for i, s in enumerate(statuses) if s is None]
+        for i, reason in zip(unknown, self._alloc.ghosts.reasons([hashes[i] for i in unknown])):
+            statuses[i] = reason
+        return DevicePrefix(hashes, statuses, self.lookup(token_ids, salt) // self.block_size)
+
     @property
     def pressure(self) -> MemoryPressure:
         """Current level from the fraction of blocks in use."""
@@ -214,6 +252,7 @@ class ManagerReads:
             deallocations=c.deallocations,
             requests_with_hit=c.requests_with_hit,
             requests_without_hit=c.requests_without_hit,
+            invalidated_blocks=self._gens.invalidated(),
         )
 
     def eviction_order(self) -> list[int]:
@@ -227,7 +266,8 @@ class ManagerReads:
             prefix_caching=self.prefix_caching, digest=self._digest, free=self._alloc.free,
             refs=self._ref, chains=self._alloc.chains, seqs=self._seqs, policy=self._alloc.policy,
             pins=self._alloc.pins, prefix=self._prefix, max_cached=self._alloc.max_cached,
-            counters=self._counters, now=self._clock(),
+            counters=self._counters, now=self._clock(), ghosts=self._alloc.ghosts,
+            generations=self._gens, registered_at=self._alloc.registered_at,
         )  # fmt: skip
         problems = integrity.violations(state)
         if problems:

@@ -13,13 +13,16 @@ class SeqRecord:
     ``blocks[:chain]`` are a prefix hit held through the manager's per-chain count
     (named by ``blocks[chain - 1]``: one shared reference per block for every live
     sequence that found that chain); ``blocks[chain:]`` hold a reference each.
+    ``gen``: the model generation it was allocated in; it registers the blocks it fills
+    only while that is the manager's (``-1``: never, its KV came from another model).
     A ``private`` sequence (``share_prefix=False``, or a prompt shorter than
     ``min_prefix_tokens``) takes no part in prefix caching: no hit chain, none of its
     blocks registered, its hash chain never computed (``last_hash`` stays ROOT).
     """
 
     __slots__ = (
-        "blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "private", "last_access",
+        "blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "gen", "private",
+        "last_access",
     )  # fmt: skip
 
     def __init__(
@@ -29,6 +32,7 @@ class SeqRecord:
         last_hash: bytes,
         ns: bytes,
         chain: int = 0,
+        gen: int = 0,
         private: bool = False,
         last_access: float = 0.0,
     ) -> None:
@@ -44,6 +48,7 @@ class SeqRecord:
         # filled); every other full block is registered while the sequence holds it,
         # so free() needs no per-block hash lookup. Usually empty.
         self.anonymous: list[int] = []
+        self.gen = gen
         self.private = private
         # Clock time of the last operation that created it or grew its table.
         self.last_access = last_access
@@ -52,7 +57,7 @@ class SeqRecord:
         """A record sharing this one's blocks (the caller takes the references)."""
         child = SeqRecord(
             list(self.blocks), array("I", self.tokens), self.last_hash, self.ns, self.chain,
-            self.private, now,
+            self.gen, self.private, now,
         )  # fmt: skip
         child.anonymous = list(self.anonymous)
         return child

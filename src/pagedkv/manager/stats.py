@@ -17,7 +17,9 @@ class CacheStats:
 
     ``hit_rate`` = hit_tokens / query_tokens (prompt tokens served from the prefix
     cache); ``utilization`` = used_blocks / num_blocks; ``fragmentation`` = unused
-    slots in used blocks / slots in used blocks.
+    slots in used blocks / slots in used blocks. ``invalidated_blocks``: blocks (cached
+    or in use) holding KV of an earlier model fingerprint, never matched again and
+    reclaimed by eviction as any cached block is.
 
     Counters of calls since the manager was built: ``allocation_failures`` (the
     :class:`~pagedkv.errors.OutOfBlocks` raised by ``allocate``, ``append`` and
@@ -46,6 +48,7 @@ class CacheStats:
     utilization: float
     fragmentation: float
     pressure: MemoryPressure
+    invalidated_blocks: int = 0
     allocation_failures: int = 0
     deallocations: int = 0
     requests_with_hit: int = 0

@@ -168,8 +168,10 @@ def register(
     ttft_buckets: Sequence[float] = TTFT_BUCKETS,
     itl_buckets: Sequence[float] = ITL_BUCKETS,
 ) -> Registration:
-    """Export a ``KVCache``, an ``Engine`` (its cache included) or a ``KVCacheGroup`` (each
-    member labelled ``member=<name>``) to Prometheus; returns the handle to unregister.
+    """Export a ``KVCache``, an ``Engine`` (its cache included, and its ``snapshot_store``
+    when that is a ``SnapshotStore`` object), a ``KVCacheGroup`` (each member labelled
+    ``member=<name>``) or a ``SnapshotStore`` to Prometheus; returns the handle to
+    unregister.
 
     ``registry``: default prometheus_client's global ``REGISTRY``. Its stats are read when
     the registry is collected (a scrape), never in between; an engine with the

@@ -69,6 +69,7 @@ def read_cache_stats(out: Samples, s: Any, **labels: str) -> None:
     out.add("cache_allocated_blocks", s.blocks_allocated, **labels)
     out.add("cache_fragmentation_ratio", s.fragmentation, **labels)
     out.add("cache_memory_pressure", int(s.pressure), **labels)
+    out.add("cache_invalidated_blocks", s.invalidated_blocks, **labels)
 
 
 # tier_stats() per-tier key -> family; then chain-wide keys -> family
@@ -159,6 +160,30 @@ class CacheSource(Source):
         read_cache(out, cache)
 
 
+_SNAPSHOT = (
+    ("saves", "snapshot_saves"), ("loads", "snapshot_loads"),
+    ("written_bytes", "snapshot_written_bytes"), ("read_bytes", "snapshot_read_bytes"),
+    ("save_seconds", "snapshot_save_seconds"), ("load_seconds", "snapshot_load_seconds"),
+)  # fmt: skip
+
+
+def read_snapshot_store(out: Samples, s: Any, **labels: str) -> None:
+    """:class:`~pagedkv.snapshot.SnapshotStoreStats` as samples."""
+    for key, family in _SNAPSHOT:
+        out.add(family, getattr(s, key), **labels)
+
+
+def _is_snapshot_store(obj: object) -> bool:
+    return callable(getattr(obj, "stats", None)) and callable(getattr(obj, "manifest", None))
+
+
+class SnapshotSource(Source):
+    """A :class:`~pagedkv.SnapshotStore` object: its saves, loads and bytes."""
+
+    def _read(self, out: Samples, store: Any) -> None:
+        read_snapshot_store(out, store.stats())
+
+
 class GroupSource(Source):
     """A :class:`~pagedkv.KVCacheGroup`: each member's cache series, labelled
     ``member=<name>``, and the group's placement and move counters."""
@@ -225,10 +250,14 @@ class EngineSource(Source):
             out.histogram("engine_time_to_first_token_seconds", self.latency.ttft)
             out.histogram("engine_inter_token_latency_seconds", self.latency.itl)
         read_cache(out, engine.cache)
+        store: Any = getattr(engine, "snapshot_store", None)
+        if _is_snapshot_store(store):  # (a path is opened per call: nothing to count)
+            read_snapshot_store(out, store.stats())
 
     @staticmethod
     def covered(engine: Any) -> list[object]:
-        return [engine, engine.cache]
+        store = getattr(engine, "snapshot_store", None)
+        return [engine, engine.cache, *([store] if _is_snapshot_store(store) else [])]
 
     def close(self) -> None:
         unsubscribe, self._unsubscribe = self._unsubscribe, None
@@ -238,6 +267,8 @@ class EngineSource(Source):
 
 def source_class(obj: object) -> type[Source]:
     """The source for ``obj`` by what it offers; ``TypeError`` for anything else."""
+    if _is_snapshot_store(obj):
+        return SnapshotSource
     if callable(getattr(obj, "device_stats", None)) and callable(getattr(obj, "members", None)):
         return GroupSource
     cache = getattr(obj, "cache", None)
@@ -246,6 +277,6 @@ def source_class(obj: object) -> type[Source]:
     if callable(getattr(obj, "stats", None)) and callable(getattr(obj, "tier_stats", None)):
         return CacheSource
     raise TypeError(
-        "pagedkv.metrics.register() takes a KVCache, an Engine or a KVCacheGroup, got "
-        f"{type(obj).__name__}"
+        "pagedkv.metrics.register() takes a KVCache, an Engine, a KVCacheGroup or a "
+        f"SnapshotStore, got {type(obj).__name__}"
     )

@@ -53,6 +53,9 @@ CACHE = _specs(
          "Unused token slots in used blocks / token slots in used blocks."),
     Spec("cache_memory_pressure", GAUGE,
          "Memory pressure of blocks in use: 0 low, 1 medium, 2 high, 3 critical."),
+    Spec("cache_invalidated_blocks", GAUGE,
+         "Blocks still registered under an earlier model fingerprint (never hit again; "
+         "evicted lazily)."),
 )  # fmt: skip
 
 TIERS = _specs(
@@ -123,4 +126,14 @@ GROUP = _specs(
          "Blocks moves into this member found already there.", ("member",)),
 )  # fmt: skip
 
-ALL: dict[str, Spec] = {**CACHE, **TIERS, **ENGINE, **GROUP}
+SNAPSHOTS = _specs(
+    Spec("snapshot_saves", COUNTER, "Snapshots saved through this SnapshotStore object."),
+    Spec("snapshot_loads", COUNTER, "Snapshots loaded through this SnapshotStore object."),
+    Spec("snapshot_written_bytes", COUNTER,
+         "Page bytes the saves added to the store (pages already there are not written)."),
+    Spec("snapshot_read_bytes", COUNTER, "Page bytes the loads read and verified."),
+    Spec("snapshot_save_seconds", COUNTER, "Seconds spent in saves."),
+    Spec("snapshot_load_seconds", COUNTER, "Seconds spent in loads."),
+)  # fmt: skip
+
+ALL: dict[str, Spec] = {**CACHE, **TIERS, **ENGINE, **GROUP, **SNAPSHOTS}

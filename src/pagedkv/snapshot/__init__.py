@@ -29,6 +29,7 @@ from pagedkv.snapshot.reports import (
     GcReport,
     LoadResult,
     SnapshotInfo,
+    SnapshotStoreStats,
     VerifyReport,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "Manifest",
     "SnapshotInfo",
     "SnapshotStore",
+    "SnapshotStoreStats",
     "SyntheticPager",
     "VerifyReport",
 ]

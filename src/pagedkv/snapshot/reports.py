@@ -80,6 +80,26 @@ class SnapshotInfo:
         )
 
 
+@dataclass(frozen=True)
+class SnapshotStoreStats:
+    """What one :class:`~pagedkv.SnapshotStore` object did since it was opened (counters
+    of this process; another process sharing the store counts its own).
+
+    ``saves`` / ``loads``: successful :meth:`~pagedkv.SnapshotStore.save` and
+    :meth:`~pagedkv.SnapshotStore.load` calls (forks are not saves: they write a manifest
+    only); ``written_bytes``: page bytes the saves added to the store (deduplicated
+    pages are not written); ``read_bytes``: page bytes the loads read and verified;
+    ``save_seconds`` / ``load_seconds``: their wall time.
+    """
+
+    saves: int = 0
+    loads: int = 0
+    written_bytes: int = 0
+    read_bytes: int = 0
+    save_seconds: float = 0.0
+    load_seconds: float = 0.0
+
+
 class LoadResult(dict[Any, Hashable]):
     """``{old seq id: new seq id}`` of a restore, plus its throughput.
 

@@ -42,7 +42,14 @@ from pagedkv.snapshot.gc import collect
 from pagedkv.snapshot.keys import MANIFEST_PREFIX, PAGE_SUFFIX, manifest_key, page_key
 from pagedkv.snapshot.manifest import Manifest, validate_name
 from pagedkv.snapshot.pager import CachePager
-from pagedkv.snapshot.reports import Catalogue, GcReport, LoadResult, SnapshotInfo, VerifyReport
+from pagedkv.snapshot.reports import (
+    Catalogue,
+    GcReport,
+    LoadResult,
+    SnapshotInfo,
+    SnapshotStoreStats,
+    VerifyReport,
+)
 from pagedkv.snapshot.save import Saver
 from pagedkv.stores.base import BlockStore
 
@@ -105,6 +112,13 @@ class SnapshotStore:
             self.backend, chunk_bytes=self.chunk_bytes, threads=self.threads,
             grace_seconds=self.grace_seconds, flush=sync,
         )  # fmt: skip
+        # replaced whole on each update: a scrape from another thread reads one state
+        self._stats = SnapshotStoreStats()
+
+    def stats(self) -> SnapshotStoreStats:
+        """Saves, loads and their bytes since this object was opened (what
+        :mod:`pagedkv.metrics` exports for a registered store)."""
+        return self._stats
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.location!r})"
@@ -161,6 +175,11 @@ class SnapshotStore:
         name = self._new_name(name, overwrite)
         manifest = self._saver.save(pager, ids, name, meta, progress=progress, started=t0)
         info = replace(SnapshotInfo.from_manifest(manifest), seconds=time.perf_counter() - t0)
+        s = self._stats
+        self._stats = replace(
+            s, saves=s.saves + 1, written_bytes=s.written_bytes + info.written_bytes,
+            save_seconds=s.save_seconds + info.seconds,
+        )  # fmt: skip
         log.info(
             "saved snapshot %r to %s: %d sequences, %d tokens, %d pages (%d unique), "
             "%d bytes written of %d, %.3f s",
@@ -255,6 +274,11 @@ class SnapshotStore:
         result.update((e.seq_id, mapping[e.seq_id]) for e in entries)
         result.bytes = len(uniq) * reader.bytes_per_block
         result.seconds = time.perf_counter() - t0
+        s = self._stats
+        self._stats = replace(
+            s, loads=s.loads + 1, read_bytes=s.read_bytes + result.bytes,
+            load_seconds=s.load_seconds + result.seconds,
+        )  # fmt: skip
         log.info(
             "loaded snapshot %r from %s: %d sequences, %d bytes read, %d blocks shared, %.3f s",
             *(name, self.location, len(result), result.bytes, result.shared_blocks),

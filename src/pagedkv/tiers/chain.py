@@ -20,11 +20,11 @@ also verify the fingerprint on every read).
 - ``persist``: for a warm restart, the pool's cached blocks and the CPU tier's entries
   to the first persistent tier (:mod:`pagedkv.tiers.persist`).
 
-A chain that is never closed is closed at interpreter exit: an ``atexit`` hook (it
-holds the chain weakly, so it keeps nothing alive) stores the pending write-backs
-(for up to :data:`AT_EXIT_FLUSH_SECONDS`, then drops the rest with one warning on
-``pagedkv.tiers``) and joins the writer thread, which must not be left running
-inside torch or a store when the interpreter tears down (that aborted it).
+A chain never closed is closed at exit by an ``atexit`` hook (holding it weakly): it
+stores the pending write-backs (for up to :data:`AT_EXIT_FLUSH_SECONDS`, then drops the
+rest with one warning) and joins the writer thread, which must not be left running
+inside torch or a store when the interpreter tears down (that aborted it). KV events
+of the levels: :mod:`pagedkv.tiers.events`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from pagedkv.errors import StoreError
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier, check_tiers, open_levels
+from pagedkv.tiers.events import EventSink, TierEvents
 from pagedkv.tiers.level import Level
 from pagedkv.tiers.persist import Persisted, check_persistent, persist_blocks
 from pagedkv.tiers.stats import ChainStats
@@ -141,6 +142,13 @@ class TieredStore:
         """The store key of the block with chained hash ``block_hash``."""
         return self.key_prefix + block_hash.hex()
 
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        """Report the levels' KV events to ``sink`` (called from the writer thread too:
+        it must be thread-safe), or stop (``None``); see :mod:`pagedkv.tiers.events`."""
+        bs = self.layout.block_size
+        for lv in self.levels:
+            lv.events = None if sink is None else TierEvents(sink, self.key_prefix, lv.name, bs)
+
     # -- demote / write-through ---------------------------------------------------------
 
     def demote(self, items: Sequence[tuple[int, bytes]]) -> None:
@@ -167,11 +175,8 @@ class TieredStore:
 
     def write_through(self, items: Sequence[tuple[int, bytes]]) -> None:
         """Write blocks that stay in the pool (e.g. hit more than once) to every tier now.
-
-        Same copy-out guarantee as :meth:`demote`; tiers that already hold a block
-        skip it, and a block written through recently is not even copied again (a
-        hot prefix is hit over and over).
-        """
+        Same copy-out guarantee as :meth:`demote`; tiers that already hold a block skip
+        it, and one written through recently is not even copied again (a hot prefix)."""
         seen = self._written_through
         fresh = {}
         for block_id, block_hash in items:
@@ -339,13 +344,10 @@ class TieredStore:
         self._swap.add(key, *self._transfer.gather(block_ids))
 
     def swap_in(self, key: str, block_ids: Sequence[int], *, skip: int = 0) -> None:
-        """Write the blocks swapped out under ``key`` into ``block_ids`` and release them.
-
-        ``block_ids`` are pool blocks, as many as were swapped out; the first ``skip``
-        are left alone (they were found in the device prefix cache, so they already
-        hold these bytes). Raises ``KeyError`` for an unknown key and ``ValueError``
-        for a wrong count or ``skip``; nothing changes then.
-        """
+        """Write the blocks swapped out under ``key`` into ``block_ids`` (pool blocks, as
+        many as were swapped out) and release them; the first ``skip`` are left alone (the
+        device prefix cache had them). ``KeyError`` for an unknown key, ``ValueError``
+        for a wrong count or ``skip``; nothing changes then."""
         ids, rows, event = self._swap.check_swap_in(key, block_ids, skip)
         self._transfer.scatter(ids, rows, after=event)
         self.discard_swap(key)
@@ -429,9 +431,8 @@ class TieredStore:
             log.warning(
                 "pagedkv: %d demoted KV blocks could not be stored in the tiers%s; they will "
                 "be recomputed when needed (call KVCache.close() to flush them in time)",
-                lost,
-                " before exit" if at_exit else "",
-            )
+                lost, " before exit" if at_exit else "",
+            )  # fmt: skip
         elif at_exit and pending:
             log.info("pagedkv: stored %d pending demoted KV blocks at exit", pending)
 

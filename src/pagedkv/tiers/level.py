@@ -19,6 +19,7 @@ import torch
 
 from pagedkv.errors import StoreError
 from pagedkv.stores.base import RowStore
+from pagedkv.tiers.events import TierEvents
 from pagedkv.tiers.health import Backoff
 from pagedkv.tiers.stats import TierStats
 
@@ -32,6 +33,8 @@ class Level:
     row store. ``capacity_blocks``: how many blocks it holds (``None``: the server
     decides, Redis), needed to spill to a tier below. ``in_process``: its lookups cost
     no I/O (the CPU slab), so the chain may consult it on the eviction path.
+    ``events``: where it reports KV events while someone subscribes
+    (:mod:`pagedkv.tiers.events`), else ``None``.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class Level:
         self.backoff = backoff or Backoff(name)
         self.in_process = in_process
         self.hits = self.puts = self.spilled = 0
+        self.events: TierEvents | None = None
 
     def __repr__(self) -> str:
         return f"Level({self.name!r}, {self.store!r})"
@@ -67,7 +71,11 @@ class Level:
         Returns which rows were filled (each a use in the store's LRU); rows of misses
         hold unspecified bytes (a disk level reads into them before it verifies).
         """
-        return self._guard(lambda: self.store.get_into(keys, out), [False] * len(keys))
+        found = self._guard(lambda: self.store.get_into(keys, out), [False] * len(keys))
+        ev = self.events  # (a level still down after the call did not reach its store)
+        if ev is not None and not self.backoff.down and not all(found):
+            ev.removed([k for k, f in zip(keys, found) if not f])  # the chain asks held keys
+        return found
 
     def put(
         self, keys: Sequence[str], rows: torch.Tensor, *, pause: Callable[[], None] | None = None
@@ -78,13 +86,25 @@ class Level:
         a prefix lookup go first, and to stop a put that ``close`` gave up on: then it
         raises, and the put stops there).
         """
+        ev = self.events
+        # the blocks the store will evict for them (a level the chain does not make room in)
+        victims = self.victims(keys) if ev is not None and self.capacity_blocks else []
         n = self._guard(lambda: self.store.put_tensor_rows(keys, rows, pause=pause), 0)
         self.puts += n
+        if ev is not None and n:
+            ev.stored(keys[:n])  # a put stopped early stored the rows before it
+            if victims:
+                ev.removed([k for k, held in zip(victims, self.contains(victims)) if not held])
         return n
 
     def delete(self, keys: Sequence[str]) -> int:
         """Delete ``keys`` from the store; returns how many existed."""
-        return self._guard(lambda: self.store.delete_many(keys), 0) if keys else 0
+        if not keys:
+            return 0
+        n = self._guard(lambda: self.store.delete_many(keys), 0)
+        if self.events is not None and not self.backoff.down:
+            self.events.removed(keys)
+        return n
 
     def victims(self, keys: Sequence[str]) -> list[str]:
         """The blocks a put of ``keys`` would make the store evict, least recently used
