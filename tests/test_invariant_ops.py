@@ -89,6 +89,44 @@ def test_gemm_rows_do_not_depend_on_m_or_position(backend, dtype):
     print(f"torch F.linear {dtype} K={k} N={n}: row identical to M=1 at M={MS}: {same}")
 
 
+def random_shapes(seed: int, count: int, most: int) -> list[tuple[int, int, int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(int(v) for v in torch.randint(1, most, (3,), generator=g)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_on_random_shapes_is_torch_matmul_within_rounding_and_rows_keep_their_bits(
+    backend, dtype
+):
+    """Random (M, K, N): ``inv.matmul`` vs ``torch.matmul`` against a float64 product
+    (relative errors printed: both within one rounding to the dtype); a row of each
+    shape, computed alone and inside other M at other places, has the same bits."""
+    small = backend == "triton" and not HAS_CUDA  # the interpreter: small shapes
+    dev = device(backend)
+    g = torch.Generator().manual_seed(99)
+    errs = []
+    for m, k, n in random_shapes(17, 4 if small else 12, 48 if small else 700):
+        a = torch.randn(m, k, generator=g).to(dtype).to(dev)
+        b = torch.randn(k, n, generator=g).to(dtype).to(dev)
+        exact = a.double() @ b.double()
+        with ops.use_backend(backend):
+            got = inv.matmul(a, b)
+            alone = inv.matmul(a[-1:], b)[0]
+            for m2 in (m + 1, 2 * m + 5) if small else (m + 1, 3 * m + 7, 129):
+                at = int(torch.randint(0, m2, (1,), generator=g))
+                assert torch.equal(inv.matmul(embed(a[-1], m2, at, g), b)[at], alone), (
+                    f"{backend} {dtype} K={k} N={n}: the row differs at {at} of M={m2}"
+                )
+        assert torch.equal(got[-1], alone), f"{backend} {dtype} {(m, k, n)}: last row of M={m}"
+        err, err_torch = rel_err(got, exact), rel_err(torch.matmul(a, b), exact)
+        errs.append((m, k, n, err, err_torch))
+        assert err <= TOL[dtype], f"{(m, k, n)}: rel err {err:.2e} (torch {err_torch:.2e})"
+    print(f"\n{backend} {dtype} rel. error vs float64 (M, K, N, ours, torch.matmul):")
+    for m, k, n, e, et in errs:
+        print(f"  {m:4d} {k:4d} {n:4d}  {e:.2e}  {et:.2e}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matmul_and_bmm_follow_torch_semantics(backend):
     dev = device(backend)

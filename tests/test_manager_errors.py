@@ -26,7 +26,7 @@ def capture(m: BlockManager, probes=PROBES) -> dict:
                 m.token_ids(sid),
                 m.num_tokens(sid),
                 m.block_hashes(sid),
-                m.slot_mapping(sid),
+                m.slot_mapping(sid, m.num_released(sid) * m.block_size),
             )
             for sid in m.seq_ids()
         },

@@ -66,9 +66,13 @@ class ManagerMachine(RuleBasedStateMachine):
         self.next_id = 0
 
     # ---- model helpers ----------------------------------------------------------------------
+    def _held(self, sid) -> list[int]:
+        """The blocks ``sid`` holds: its table without entries released outside a window."""
+        return self.m.block_table(sid)[self.m.num_released(sid) :]
+
     def _on_evict(self, block: int, block_hash: bytes) -> None:
         for sid in self.m.seq_ids():  # never a block in use
-            assert block not in self.m.block_table(sid)
+            assert block not in self._held(sid)
         for toks, salt in self.pins:  # never a pinned prefix
             assert block_hash not in self.m.hash_blocks(toks, salt)
 
@@ -145,8 +149,8 @@ class ManagerMachine(RuleBasedStateMachine):
         sid = self._pick(data)
         toks, salt = self.seqs[sid]
         n = len(toks)
-        tables = {s: self.m.block_table(s) for s in self.m.seq_ids()}
-        old = tables[sid]
+        tables = {s: self._held(s) for s in self.m.seq_ids()}
+        old = self.m.block_table(sid)
         holders = sum(t.count(old[-1]) for t in tables.values())
         expect_cow = n % BS != 0 and holders > 1
         need = ceil_div(n + len(extra), BS) - len(old) + expect_cow
@@ -195,11 +199,17 @@ class ManagerMachine(RuleBasedStateMachine):
         k = data.draw(st.integers(1, len(toks)), label="num_tokens")
         dst = self._new_id()
         old = self.m.block_table(src)
-        others = {b for s in self.m.seq_ids() for b in self.m.block_table(s)}
+        others = {b for s in self.m.seq_ids() for b in self._held(s)}
         full, rest = divmod(k, BS)
         need = 1 if rest and k < len(toks) else 0
         free_before = self.m.num_free_blocks
         before = capture(self.m)
+        released = self.m.num_released(src)
+        if k < len(toks) and (full < released or (full == released and not rest and released)):
+            with pytest.raises(ValueError, match="released its blocks"):
+                self.m.share_prefix(src, dst, k)  # dst would hold a released block
+            assert capture(self.m) == before
+            return
         try:
             self.m.share_prefix(src, dst, k)
         except OutOfBlocks:
@@ -217,6 +227,20 @@ class ManagerMachine(RuleBasedStateMachine):
         self.seqs[dst] = (toks[:k], salt)
         if src in self.private:
             self.private.add(dst)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def release_before(self, data):
+        sid = self._pick(data)
+        n = len(self.seqs[sid][0])
+        cut = data.draw(st.integers(0, n), label="num_tokens")
+        old, table = self.m.num_released(sid), self.m.block_table(sid)
+        used_before = self.m.num_used_blocks
+        got = self.m.release_before(sid, cut)
+        new = max(old, cut // BS)
+        assert got == new - old and self.m.num_released(sid) == new
+        assert self.m.block_table(sid) == [0] * new + table[new:]
+        assert self.m.num_used_blocks <= used_before  # shared blocks stay in use
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -290,7 +314,7 @@ class ManagerMachine(RuleBasedStateMachine):
         assert got == model if self.EXACT_HITS else got <= model
         assert capture(self.m) == before
 
-    @rule(data=st.data(), which=st.integers(0, 11))
+    @rule(data=st.data(), which=st.integers(0, 12))
     def bad_call(self, data, which):
         m = self.m
         before = capture(m)
@@ -302,6 +326,7 @@ class ManagerMachine(RuleBasedStateMachine):
             (lambda: m.fork(-5, -6), KeyError),
             (lambda: m.free(-7), KeyError),
             (lambda: m.slot_mapping(live[0], 0, 10**6), ValueError) if live else None,
+            (lambda: m.release_before(live[0], 10**6), ValueError) if live else None,
             (lambda: m.unpin([3, 3, 3, 3, 2, 2, 2, 2, 1]), ValueError)
             if not any(p[0][:8] == [3, 3, 3, 3, 2, 2, 2, 2] and p[1] is None for p in self.pins)
             else None,
@@ -332,11 +357,15 @@ class ManagerMachine(RuleBasedStateMachine):
         for sid, (toks, _salt) in self.seqs.items():
             n = len(toks)
             assert m.num_tokens(sid) == n and m.token_ids(sid) == toks
-            table = m.block_table(sid)
-            assert len(table) == ceil_div(n, BS) and len(set(table)) == len(table)
-            assert len(m.slot_mapping(sid)) == n
-            assert len(m.block_hashes(sid)) == (0 if sid in self.private else n // BS)
-            for i, b in enumerate(table):
+            released = m.num_released(sid)
+            table, held = m.block_table(sid), self._held(sid)
+            assert len(table) == ceil_div(n, BS) and len(set(held)) == len(held)
+            assert len(m.slot_mapping(sid, released * BS)) == n - released * BS
+            if sid in self.private:
+                assert m.block_hashes(sid) == []
+            elif m.generation_of(sid) == m.generation:  # else its hashes are the old model's
+                assert m.block_hashes(sid) == m.hash_blocks(toks, _salt)
+            for i, b in enumerate(held, released):
                 holders.setdefault(b, []).append((sid, i))
         # A block shared by two sequences: same position, same salt, same tokens up to and
         # including the positions it covers (prefix sharing or fork), nothing else.
@@ -353,11 +382,13 @@ class ManagerMachine(RuleBasedStateMachine):
                 end = min((i + 1) * BS, len(toks))
                 assert end == end0 and toks[:end] == toks0[:end], (b, hs)
         for sid, (toks, _salt) in self.seqs.items():
-            table = m.block_table(sid)
+            held = self._held(sid)
             st_ = m.seq_stats(sid)
-            shared = sum(1 for b in table if len(holders[b]) > 1)
-            assert (st_.blocks, st_.tokens, st_.shared_blocks) == (len(table), len(toks), shared)
-            assert st_.utilization == len(toks) / (len(table) * BS) and st_.bytes is None
+            shared = sum(1 for b in held if len(holders[b]) > 1)
+            assert (st_.blocks, st_.tokens, st_.shared_blocks) == (len(held), len(toks), shared)
+            in_held = len(toks) - m.num_released(sid) * BS  # tokens of the blocks it holds
+            fill = in_held / (len(held) * BS) if held else 1.0  # nothing held: nothing wasted
+            assert st_.utilization == fill and st_.bytes is None
             assert st_.last_access <= self.clock.now
             assert m.shares_prefix(sid) == (sid not in self.private)
         s = m.stats()

@@ -181,7 +181,7 @@ def test_batch_invariant_mode_runs_plain_kernels():
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     qp = torch.randn(8, g * hkv, d, device=DEV).to(dtype)
     inv = _plan(groups, 6, hkv, g, d, bs, dtype, REF, DEV, q_lens=q_lens, batch_invariant=True)
-    plain_p = ops.prefill_attention(qp, cu.to(DEV), k, v, bt, sl, backend=REF)
+    plain_p = ops.prefill_attention(qp, cu.to(DEV), k, v, bt, sl, backend=REF, batch_invariant=True)
     assert torch.equal(ops.cascade_prefill(qp, k, v, bt, sl, inv), plain_p)
 
 

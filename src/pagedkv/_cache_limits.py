@@ -1,4 +1,5 @@
-"""The KV cache's operations on what it keeps: ``share_prefix``, ``evict`` and ``gc``.
+"""The KV cache's operations on what it keeps: ``share_prefix``, ``evict``, ``gc``, and the
+sliding window's ``release_before`` / ``allocate_released``.
 
 :class:`CacheLimits` sits between :class:`~pagedkv._cache_reads.CacheReads` (the
 queries) and :class:`~pagedkv.KVCache` (which sets the attributes declared there and
@@ -9,14 +10,15 @@ calls: the pause check and the demotion of the blocks the manager just evicted.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 from pagedkv._cache_reads import CacheReads, GcStats
 from pagedkv.errors import CachePausedError
 
 
 class CacheLimits(CacheReads):
-    """``share_prefix``, ``evict``, ``gc`` of a KV cache (see :class:`~pagedkv.KVCache`)."""
+    """``share_prefix``, ``evict``, ``gc``, ``release_before``, ``allocate_released`` of a
+    KV cache (see :class:`~pagedkv.KVCache`)."""
 
     _paused: int
 
@@ -84,6 +86,59 @@ class CacheLimits(CacheReads):
             tier_entries_freed=entries,
             seconds=time.perf_counter() - start,
         )
+
+    def allocate_released(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        released: int,
+        salt: object = None,
+        *,
+        share_prefix: bool = True,
+    ) -> None:
+        """Start a sequence whose first ``released`` blocks are already released (a
+        windowed sequence moved here): fresh blocks for the rest, no prefix hits; the
+        caller writes the KV of every block from ``released`` on. Raises as
+        :meth:`allocate` and :meth:`BlockManager.allocate_released` (``share_prefix=False``:
+        a private sequence)."""
+        self._check_not_paused("allocate_released()")
+        if self._swapped_out(seq_id, "seq_id"):
+            raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
+        self.manager.allocate_released(seq_id, token_ids, released, salt, share_prefix=share_prefix)
+        try:
+            self._flush_evictions()
+        except BaseException:
+            self.manager.discard(seq_id)
+            raise
+        self._salts[seq_id] = salt
+
+    def release_before(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Release the sequence's whole blocks before token ``num_tokens``; returns how
+        many were released now.
+
+        For a model whose every layer is windowed (``window`` tokens): after the KV of
+        tokens ``[0, p)`` is written, ``release_before(seq_id, p - window + 1)`` keeps
+        only the blocks a later query can read. Released blocks go back to the prefix
+        cache (or are freed) as :meth:`free` would leave them; their table entries hold
+        a placeholder no windowed kernel reads (see :mod:`pagedkv.manager.window`).
+        Raises as :meth:`BlockManager.release_before`; nothing changes on error.
+        """
+        self._check_not_paused("release_before()")
+        try:
+            return self.manager.release_before(seq_id, num_tokens)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
+    def _allocate_held(
+        self, seq_id: Hashable, tokens: Sequence[int], salt: object, released: int, private: bool
+    ) -> int:
+        """Allocate a sequence to be filled from a copy of its held blocks; returns the
+        tokens found cached (none when ``released``: a windowed sequence takes fresh
+        blocks for all it holds). The caller flushes evictions and discards on error."""
+        if not released:
+            return self.manager.allocate(seq_id, tokens, salt, share_prefix=not private)
+        self.manager.allocate_released(seq_id, tokens, released, salt, share_prefix=not private)
+        return 0
 
     def _note_eviction(self, block: int, block_hash: bytes) -> None:
         self._evicted.append((block, block_hash))

@@ -34,6 +34,7 @@ class Swapped(NamedTuple):
     salt: object
     key: str
     generation: int = 0
+    released: int = 0  # leading blocks released outside the window (not swapped out)
     private: bool = False  # allocated with share_prefix=False (or below min_prefix_tokens)
 
 
@@ -115,6 +116,13 @@ class CacheReads:
     def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
         try:
             return self.manager.slot_mapping(seq_id, start, stop)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+
+    def num_released(self, seq_id: Hashable) -> int:
+        """Leading blocks of a live sequence released by :meth:`KVCache.release_before`."""
+        try:
+            return self.manager.num_released(seq_id)
         except KeyError:
             raise self._not_live(seq_id) from None
 

@@ -260,13 +260,14 @@ class KVCache(CacheLimits):
             raise PagedKVError("swap_out() needs tiers=[CPUTier(...), ...] on the KVCache")
         tokens = self.token_ids(seq_id)  # KeyError unless live (says so if swapped out)
         key = f"swap-{uuid.uuid4().hex}"
-        self.tiers.swap_out(key, self.manager.block_table(seq_id))
+        released = self.manager.num_released(seq_id)  # only the held blocks are copied
+        self.tiers.swap_out(key, self.manager.block_table(seq_id)[released:])
         salt = self._salts.get(seq_id)
         private = not self.manager.shares_prefix(seq_id) and self.manager.prefix_caching
         generation = self.manager.generation_of(seq_id)
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
-        self._swapped[seq_id] = Swapped(tokens, salt, key, generation, private)
+        self._swapped[seq_id] = Swapped(tokens, salt, key, generation, released, private)
         self._flush_evictions()
 
     def swap_in(self, seq_id: Hashable) -> None:
@@ -279,7 +280,7 @@ class KVCache(CacheLimits):
         """
         self._check_not_paused("swap_in()")
         try:
-            tokens, salt, key, generation, private = self._swapped[seq_id]
+            tokens, salt, key, generation, released, private = self._swapped[seq_id]
         except KeyError:
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
@@ -287,13 +288,15 @@ class KVCache(CacheLimits):
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
         if generation == self.manager.generation:
-            cached = self.manager.allocate(seq_id, tokens, salt, share_prefix=not private)
+            cached = self._allocate_held(seq_id, tokens, salt, released, private)
         else:  # its KV is an earlier model's: it must neither reuse nor be reused
             self.manager.allocate_unshared(seq_id, tokens, salt)
+            if released:  # the tiers hold only its blocks from `released` on
+                self.manager.release_before(seq_id, released * self.block_size)
             cached = 0
         try:
             self._flush_evictions()
-            blocks = self.manager.block_table(seq_id)
+            blocks = self.manager.block_table(seq_id)[released:]
             self.tiers.swap_in(key, blocks, skip=cached // self.block_size)
         except BaseException:
             self.manager.discard(seq_id)  # registered blocks whose KV never arrived

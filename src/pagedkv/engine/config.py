@@ -85,6 +85,13 @@ class EngineConfig:
         "cached is answered without a forward; 0 disables it (so does prefix_caching=False).",
         low=0,
     )  # fmt: skip
+    batch_invariant: bool = option(
+        False, "Batch-invariant mode: a request's tokens do not depend on what else is in "
+        "its batch, on how its prompt is chunked, or on whether its prefix was computed, "
+        "cached, loaded from a tier or from a snapshot (every op of the forward and the "
+        "sampler in a fixed reduction order; slower). Off: the mode follows "
+        "pagedkv.ops.batch_invariant_mode() in the calling thread.",
+    )  # fmt: skip
     overlap: bool | None = option(
         None, "Schedule and launch step n+1 while step n runs on the device; step n's "
         "tokens are read after that (one copy per step). None: on for CUDA, off on CPU "

@@ -98,6 +98,7 @@ class Engine(MigrationAPI, WeightsAPI):
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
+        self.scheduler.window = support.release_window  # all layers windowed: release
         self.runner = ModelRunner(
             model, self.cache, self.scheduler.block_table, config, support,
             repeats=self.scheduler.repeats,

@@ -106,8 +106,9 @@ class ModelRunner:
         self.support = support or check_model_supported(model)
         self.num_q_heads = int(model.config.num_attention_heads)
         self.pin = self.device.type == "cuda"
-        self.forward_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+        self.forward_context: Callable[[], AbstractContextManager[Any]] = self._step_mode
         self.graph_tag: Hashable = None
+        self.invariant = config.batch_invariant
         s = self.support
         # the cascade kernels have no softcap / sinks; windowed layers run plain decode
         self.cascade = bool(
@@ -131,6 +132,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_batch=rows)
+
+    def _step_mode(self) -> AbstractContextManager[Any]:
+        """The default :attr:`forward_context`: batch-invariant mode for the step when the
+        engine was built with it or the calling context has it on (graphs are then
+        tagged with it: one captured in the other mode is never replayed)."""
+        invariant = self.invariant or ops.is_batch_invariant()
+        self.graph_tag = "batch_invariant" if invariant else None
+        return ops.batch_invariant_mode() if invariant else contextlib.nullcontext()
 
     def cascade_on(self) -> bool:
         """Whether decode steps group shared prefixes now (off in batch-invariant mode)."""

@@ -32,7 +32,7 @@ import time
 
 from pagedkv.cache import KVCache
 from pagedkv.engine.admission import allocate_first_chunk, discard_batch
-from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan, running_view
+from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan, plan_ahead, running_view
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.preemption import check_victims
 from pagedkv.engine.repeats import PromptRepeats
@@ -69,6 +69,9 @@ class Scheduler:
         self.steps = 0  # schedule() calls: the clock of Request.last_step
         self._admissions = 0
         self._tables: dict[int, list[int]] = {}
+        #: the smallest window of a model whose every layer is windowed (None: keep every
+        #: block): blocks no later query reads are released after each step
+        self.window: int | None = None
 
     def add(self, req: Request, *, front: bool = False) -> None:
         """Queue ``req`` at the back of its priority level (``front``: at its front)."""
@@ -169,7 +172,22 @@ class Scheduler:
                 self.cache.append(req.seq_id, [token])
                 req.num_allocated += 1
         counters.generated_tokens += generated
+        if self.window is not None:
+            self._release_outside_window(chunks)
         return finished
+
+    def _release_outside_window(self, chunks: list[Chunk]) -> None:
+        """Release the blocks before every layer's window of each request still running.
+
+        A query at position p >= ``num_computed`` reads keys from ``p - window + 1`` on.
+        Retained requests keep every block (a snapshot needs them all)."""
+        w, cache = self.window, self.cache
+        assert w is not None
+        for c in chunks:
+            req = c.req
+            live = c.end >= w and req.status is Status.RUNNING and not req.retain
+            if live and cache.release_before(req.seq_id, c.end - w + 1):
+                self._tables.pop(req.seq_id, None)  # refreshed at the next read
 
     def fail(self, req: Request, error: str) -> None:
         """Finish ``req`` with ``finish_reason="error"`` and ``error`` (its blocks freed)."""
@@ -197,7 +215,9 @@ class Scheduler:
         nothing, when the step would preempt (decided with the previous step's results).
         """
         if ahead:
-            plan = self._plan_ahead()
+            plan = plan_ahead(
+                self.running, self.max_batch_tokens, self.block_size, self.cache.num_free_blocks
+            )
             if plan is None:
                 return None
             self.steps += 1
@@ -240,33 +260,6 @@ class Scheduler:
             c.req.record_access(step, now)
         return chunks
 
-    def _plan_ahead(self) -> StepPlan | None:
-        """The running requests' chunks while the previous step runs (:meth:`schedule`)."""
-        plan = StepPlan(self.max_batch_tokens)
-        bs, free = self.block_size, self.cache.num_free_blocks
-        for req in self.running:
-            if plan.budget <= 0:
-                break
-            if req.pending:
-                m = req.num_tokens  # the pending token's position; its KV is computed now
-                if len(req.output) + req.pending >= req.params.max_new_tokens:
-                    continue  # it finishes on that token
-                if m >= -(-req.num_allocated // bs) * bs:
-                    continue  # a new block: next step, once the cache knows the token
-                chunk, need = Chunk(req, m, m + 1), 0
-            else:
-                start = req.num_computed
-                end = min(req.num_tokens, start + plan.budget)
-                need = -(-end // bs) - -(-req.num_allocated // bs)
-                if need > free - plan.pending:
-                    return None
-                chunk = Chunk(req, start, end)
-            plan.chunks.append(chunk)
-            plan.needs.append(need)
-            plan.pending += need
-            plan.budget -= chunk.end - chunk.start
-        return plan
-
     def _make_room(self, req: Request, need: int, plan: StepPlan) -> bool:
         """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
         beside the plan's; False when ``req`` itself was preempted."""
@@ -286,7 +279,10 @@ class Scheduler:
 
     def _select_victims(self, req: Request, short: int) -> list[Request]:
         bs = self.block_size
-        views = tuple(running_view(r, r is req, bs) for r in self.running)
+        held = self.cache.num_released if self.window is not None else None
+        views = tuple(
+            running_view(r, r is req, bs, held(r.seq_id) if held else 0) for r in self.running
+        )
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 

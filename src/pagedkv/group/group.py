@@ -202,6 +202,13 @@ class KVCacheGroup:
     def token_ids(self, seq_id: Hashable) -> list[int]:
         return self.cache_of(seq_id).token_ids(seq_id)
 
+    def num_released(self, seq_id: Hashable) -> int:
+        return self.cache_of(seq_id).num_released(seq_id)
+
+    def release_before(self, seq_id: Hashable, num_tokens: int) -> int:
+        """:meth:`KVCache.release_before` on the sequence's member."""
+        return self.cache_of(seq_id).release_before(seq_id, num_tokens)
+
     def num_tokens(self, seq_id: Hashable) -> int:
         return self.cache_of(seq_id).num_tokens(seq_id)
 
@@ -338,8 +345,13 @@ class KVCacheGroup:
         t0 = time.perf_counter()
         src, dst = self._members[source], self._members[target]
         table = src.block_table(seq_id)
-        cached = dst.allocate(seq_id, src.token_ids(seq_id), src.salt(seq_id))
-        first = cached // self.layout.block_size
+        released = src.num_released(seq_id)  # a windowed sequence moves its held blocks
+        if released:
+            dst.allocate_released(seq_id, src.token_ids(seq_id), released, src.salt(seq_id))
+            first = released
+        else:
+            cached = dst.allocate(seq_id, src.token_ids(seq_id), src.salt(seq_id))
+            first = cached // self.layout.block_size
         try:
             done = self._transport.copy(
                 src.pool, table[first:], dst.pool, dst.block_table(seq_id)[first:]
@@ -353,9 +365,9 @@ class KVCacheGroup:
         out.moves_out += 1
         into.moves_in += 1
         into.blocks_copied_in += done.blocks
-        into.blocks_reused_in += first
+        into.blocks_reused_in += first - released
         return MoveResult(
-            seq_id, source, target, done.blocks, first, done.bytes,
+            seq_id, source, target, done.blocks, first - released, done.bytes,
             time.perf_counter() - t0, done.route, done.peer, done.staging,
         )  # fmt: skip
 
@@ -396,8 +408,9 @@ class KVCacheGroup:
 
     def _next_move(self, spread: float, tried: set) -> tuple[Hashable, str, str] | None:
         bs = self.layout.block_size
-        candidates = [
-            (sid, name, -(-self._members[name].num_tokens(sid) // bs))
+        m = self._members
+        candidates = [  # blocks each sequence holds (those released outside a window not)
+            (sid, name, -(-m[name].num_tokens(sid) // bs) - m[name].num_released(sid))
             for sid, name in self._where.items()
             if sid not in self._pinned and sid not in tried
         ]

@@ -78,6 +78,17 @@ class ModelSupport:
         """Every layer is sliding-window (blocks before the window can be released)."""
         return bool(self.windows) and all(w is not None for w in self.windows)
 
+    @property
+    def release_window(self) -> int | None:
+        """The window before which an engine releases old blocks when every layer is
+        windowed: the *largest* layer window (a layer with a wider window still reads
+        keys a narrower one skips); None (keep every block) otherwise. A model with a
+        full-attention layer keeps one block table for all layers, so its windowed
+        layers only skip the old blocks."""
+        if not self.all_windowed:
+            return None
+        return max(w for w in self.windows if w is not None)
+
 
 def check_model_supported(model_or_config: Any) -> ModelSupport:
     """Raise :class:`UnsupportedModelError` naming the feature pagedkv cannot run.

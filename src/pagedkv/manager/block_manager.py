@@ -40,11 +40,12 @@ from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
 from pagedkv.manager.stats import Counters
 from pagedkv.manager.subscriptions import EventSource
+from pagedkv.manager.window import WindowOps, held_blocks
 
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(PrefixOps, Registration, EventSource, ModelChanges):
+class BlockManager(PrefixOps, WindowOps, Registration, EventSource, ModelChanges):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
@@ -312,7 +313,7 @@ class BlockManager(PrefixOps, Registration, EventSource, ModelChanges):
         """
         parent = self._seq(parent_id)
         self._check_new(child_id, "child_id")
-        self._alloc.share(parent.blocks, parent.chain)
+        self._alloc.share(held_blocks(parent), parent.chain)
         self._seqs[child_id] = parent.fork(self._clock())
         self._counters.forks += 1
         if self._observed:
@@ -330,11 +331,12 @@ class BlockManager(PrefixOps, Registration, EventSource, ModelChanges):
             raise KeyError(
                 f"unknown sequence {seq_id!r}: it was never allocated or is already freed"
             ) from None
+        blocks = seq.blocks if not seq.released else held_blocks(seq)
         if seq.private:
-            self._alloc.release_private(seq.blocks)
+            self._alloc.release_private(blocks)
         else:
             partial = len(seq.tokens) % self.block_size != 0
-            self._alloc.release(seq.blocks, seq.chain, seq.anonymous, partial)
+            self._alloc.release(blocks, seq.chain, seq.anonymous, partial)
         self._counters.deallocations += 1
         if self._observed:
             self._after()
@@ -360,7 +362,7 @@ class BlockManager(PrefixOps, Registration, EventSource, ModelChanges):
         check_int(written, "written", minimum=0)
         if self.prefix_caching:
             ref, hashes = self._ref, self._prefix.hashes
-            first = max(seq.chain, written // self.block_size)
+            first = max(seq.chain or seq.released, written // self.block_size)
             own = [b for b in seq.blocks[first:] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks

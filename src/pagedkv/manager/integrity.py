@@ -19,7 +19,7 @@ from pagedkv.manager.ghosts import Ghosts
 from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pins import Pins
 from pagedkv.manager.prefix_index import PrefixIndex
-from pagedkv.manager.sequence import SeqRecord
+from pagedkv.manager.sequence import NULL_BLOCK, SeqRecord
 from pagedkv.manager.stats import Counters
 
 
@@ -58,7 +58,7 @@ def violations(m: ManagerState) -> list[str]:
     for sid, seq in m.seqs.items():
         if not _sequence_ok(m, sid, seq, problems):
             continue
-        for b in seq.blocks[seq.chain :]:
+        for b in seq.blocks[seq.chain or seq.released :]:
             expected[b] += 1
         if seq.chain:
             prefix = seq.blocks[: seq.chain]
@@ -147,7 +147,12 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
         problems.append(
             f"seq {sid!r}: {len(seq.blocks)} blocks for {len(seq.tokens)} tokens (want {want})"
         )
-    if len(set(seq.blocks)) != len(seq.blocks):
+    released = _released_violations(sid, seq, bs)
+    if released:
+        problems += released
+        return False
+    held = seq.blocks[seq.released :]
+    if len(set(held)) != len(held):
         problems.append(f"seq {sid!r} lists a block twice")
     if not 0 <= seq.chain <= min(len(seq.blocks), (len(seq.tokens) - 1) // bs):
         problems.append(
@@ -181,13 +186,14 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     if seq.last_hash != (chain[-1] if chain else ROOT):
         problems.append(f"seq {sid!r}: its last block hash is not its tokens' hash")
     anonymous = set(seq.anonymous)
-    if not anonymous <= set(seq.blocks[seq.chain : len(chain)]):
+    if not anonymous <= set(seq.blocks[seq.chain or seq.released : len(chain)]):
         problems.append(
             f"seq {sid!r}: anonymous blocks {sorted(anonymous)[:5]} are not among its own "
             "full blocks"
         )
     hashes = m.prefix.hashes
-    for i, b in enumerate(seq.blocks[: len(chain)]):
+    for i in range(seq.released, min(len(chain), len(seq.blocks))):
+        b = seq.blocks[i]
         h = hashes[b]
         if (not h) != (b in anonymous) or (h and h != chain[i]):
             problems.append(
@@ -205,9 +211,26 @@ def _private_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[str
     """A private sequence takes no part in prefix caching: no hit chain, no registered
     block, no hash chain."""
     hashes = m.prefix.hashes
-    registered = [b for b in seq.blocks if hashes[b]]
+    registered = [b for b in seq.blocks[seq.released :] if hashes[b]]
     if seq.chain or registered or seq.anonymous or seq.last_hash != ROOT:
         problems.append(
             f"seq {sid!r} is private but has a hit chain of {seq.chain}, registered blocks "
             f"{registered[:5]}, {len(seq.anonymous)} anonymous ones or a last block hash"
         )
+
+
+def _released_violations(sid: object, seq: SeqRecord, block_size: int) -> list[str]:
+    """What is wrong with ``seq``'s released prefix (empty: all holds)."""
+    released, n = seq.released, len(seq.tokens)
+    if type(released) is not int or not 0 <= released <= n // block_size:
+        return [f"seq {sid!r}: released={released!r} is not in [0, {n // block_size}]"]
+    if not released:
+        return []
+    problems = []
+    if seq.chain:
+        problems.append(f"seq {sid!r}: {released} released blocks but a hit chain of {seq.chain}")
+    if any(b != NULL_BLOCK for b in seq.blocks[:released]):
+        problems.append(
+            f"seq {sid!r}: a released entry of its table is not NULL_BLOCK ({NULL_BLOCK})"
+        )
+    return problems

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv._validate import check_bool, check_int
 from pagedkv.events import EventHub
-from pagedkv.manager.hashing import ROOT
+from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pressure import PressureWatch
 from pagedkv.manager.reads import ManagerReads
 from pagedkv.manager.sequence import SeqRecord
@@ -59,6 +59,12 @@ class PrefixOps(ManagerReads):
             return
         bs, alloc = self.block_size, self._alloc
         full, rest = divmod(num_tokens, bs)
+        released = src.released  # leading blocks released outside a sliding window
+        if full < released or (full == released and not rest and released):
+            raise ValueError(
+                f"num_tokens={num_tokens}: sequence {src_id!r} released its blocks before "
+                f"token {released * bs} (sliding window); share more of it than that"
+            )
         if rest and not alloc.num_free:
             self._counters.allocation_failures += 1
             raise alloc.out_of_blocks(1, f"share_prefix({src_id!r}, {dst_id!r}, {num_tokens})")
@@ -68,8 +74,11 @@ class PrefixOps(ManagerReads):
         chain = src.chain if src.chain <= (num_tokens - 1) // bs else 0
         last_hash = ROOT
         if full and self.prefix_caching and not src.private:
-            last_hash = self._prefix.block_hashes(src, full - 1, full)[0]
-        alloc.share(shared, chain)
+            if full > released:
+                last_hash = self._prefix.block_hashes(src, full - 1, full)[0]
+            else:  # that block was released: its table entry is a placeholder
+                last_hash = chain_hashes(src.tokens[: full * bs], bs, src.ns, self._digest)[-1]
+        alloc.share(shared[released:], chain)  # (chain is 0 when blocks were released)
         blocks = list(shared)
         if rest:
             (copy,) = alloc.take(1)
@@ -83,6 +92,7 @@ class PrefixOps(ManagerReads):
         if src.anonymous:
             mine = set(shared)
             seq.anonymous = [b for b in src.anonymous if b in mine]
+        seq.released = released
         self._seqs[dst_id] = seq
         self._counters.forks += 1
         if self._observed:  # it registers nothing; blocks it took may have been evicted
@@ -174,11 +184,12 @@ class PrefixOps(ManagerReads):
         registered = {
             b
             for seq in self._seqs.values()
-            for b in seq.blocks[: len(seq.tokens) // bs]
+            for b in seq.blocks[seq.released : len(seq.tokens) // bs]
             if hashes[b]
         }
         for seq in self._seqs.values():
-            seq.anonymous += [b for b in seq.blocks[: len(seq.tokens) // bs] if b in registered]
+            full = seq.blocks[seq.released : len(seq.tokens) // bs]
+            seq.anonymous += [b for b in full if b in registered]
         alloc.unregister(list(registered))
 
     def evict(self, n: int) -> int:

@@ -16,7 +16,7 @@ from pagedkv.manager import integrity
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.generations import Generations
-from pagedkv.manager.hashing import as_token_array
+from pagedkv.manager.hashing import as_token_array, chain_hashes
 from pagedkv.manager.prefix_index import PrefixIndex, PromptMatch
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
@@ -141,6 +141,8 @@ class ManagerReads:
         start, stop = full_block_range(seq, self.block_size, start, stop)
         if not self.prefix_caching or seq.private or start >= stop:
             return []
+        if start < seq.released:  # placeholders hold no hash: from the tokens
+            return chain_hashes(seq.tokens, self.block_size, seq.ns, self._digest)[start:stop]
         return self._prefix.block_hashes(seq, start, stop)
 
     def shares_prefix(self, seq_id: Hashable) -> bool:
@@ -153,18 +155,20 @@ class ManagerReads:
         """Blocks, shared blocks, tokens, fill and last access of a live sequence
         (:class:`SeqStats`; ``bytes`` is ``None`` here, see ``KVCache.seq_stats``)."""
         seq = self._seq(seq_id)
-        ref, blocks, chain = self._ref, seq.blocks, seq.chain
+        ref, chain, released = self._ref, seq.chain, seq.released
+        blocks = seq.blocks[released:]  # released ones (sliding window) are not held
         shared = sum(1 for b in blocks[chain:] if ref[b] > 1)
-        if chain:  # one reference per chain, whatever its holders
+        if chain:  # one reference per chain, whatever its holders (then released == 0)
             others = self._alloc.chains[blocks[chain - 1]] > 1
             shared += sum(1 for b in blocks[:chain] if others or ref[b] > 1)
         n = len(seq.tokens)
+        held = n - released * self.block_size
         return SeqStats(
             blocks=len(blocks),
             shared_blocks=shared,
             tokens=n,
             bytes=None,
-            utilization=n / (len(blocks) * self.block_size),
+            utilization=held / (len(blocks) * self.block_size) if blocks else 1.0,
             last_access=seq.last_access,
         )
 

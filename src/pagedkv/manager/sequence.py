@@ -6,15 +6,21 @@ from array import array
 
 from pagedkv._validate import check_int
 
+#: The id a released block's entry holds in a block table (see
+#: :mod:`~pagedkv.manager.window`): in range, so tables stay valid, and never read.
+NULL_BLOCK = 0
+
 
 class SeqRecord:
     """One sequence: its block table, its tokens and where its hash chain stands.
 
     ``blocks[:chain]`` are a prefix hit held through the manager's per-chain count
     (named by ``blocks[chain - 1]``: one shared reference per block for every live
-    sequence that found that chain); ``blocks[chain:]`` hold a reference each.
-    ``gen``: the model generation it was allocated in; it registers the blocks it fills
-    only while that is the manager's (``-1``: never, its KV came from another model).
+    sequence that found that chain); ``blocks[chain:]`` hold a reference each, except
+    ``blocks[:released]``: placeholders of blocks released outside a sliding window
+    (then ``chain == 0``). ``gen``: the model generation it was allocated in; it
+    registers the blocks it fills only while that is the manager's (``-1``: never, its
+    KV came from another model).
     A ``private`` sequence (``share_prefix=False``, or a prompt shorter than
     ``min_prefix_tokens``) takes no part in prefix caching: no hit chain, none of its
     blocks registered, its hash chain never computed (``last_hash`` stays ROOT).
@@ -22,7 +28,7 @@ class SeqRecord:
 
     __slots__ = (
         "blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "gen", "private",
-        "last_access",
+        "last_access", "released",
     )  # fmt: skip
 
     def __init__(
@@ -52,6 +58,9 @@ class SeqRecord:
         self.private = private
         # Clock time of the last operation that created it or grew its table.
         self.last_access = last_access
+        # Leading blocks released outside a sliding window (placeholders in ``blocks``,
+        # held by no reference; see :mod:`~pagedkv.manager.window`). Usually 0.
+        self.released = 0
 
     def fork(self, now: float) -> SeqRecord:
         """A record sharing this one's blocks (the caller takes the references)."""
@@ -60,6 +69,7 @@ class SeqRecord:
             self.gen, self.private, now,
         )  # fmt: skip
         child.anonymous = list(self.anonymous)
+        child.released = self.released
         return child
 
 
@@ -74,6 +84,11 @@ def slot_mapping(seq: SeqRecord, block_size: int, start: int, stop: int | None) 
         raise ValueError(f"stop={stop} is past the sequence's {n} tokens")
     if start > stop:
         raise ValueError(f"start={start} is after stop={stop}")
+    if start < seq.released * block_size and start < stop:
+        raise ValueError(
+            f"start={start}: tokens before {seq.released * block_size} are in blocks "
+            "released outside the sliding window (they have no slots)"
+        )
     bs, blocks = block_size, seq.blocks
     out: list[int] = []
     pos = start

@@ -59,16 +59,17 @@ class CacheStats:
 class SeqStats:
     """One live sequence's share of the pool (``seq_stats(seq_id)``).
 
-    ``blocks``: entries of its block table; ``shared_blocks``: those another live
-    sequence holds too (a prefix hit chain it shares, a fork's or ``share_prefix``'s
-    blocks); ``tokens``: tokens it holds; ``bytes``: KV bytes of its blocks (``blocks``
-    × bytes per block: :meth:`KVCache.seq_stats <pagedkv.KVCache.seq_stats>`; ``None``
-    from the block manager, which knows no bytes); ``utilization``: tokens / (blocks ×
-    block_size); ``last_access``: the manager's clock at the last operation that
-    changed its block table — the ``allocate``, ``fork`` or ``share_prefix`` that made
-    it, an ``append`` that gave it a block (an append into the block it already has is
-    not stamped: a clock read per token would cost ~15 % of an append), so it is exact
-    to within one block of tokens.
+    ``blocks``: blocks it holds (its table's entries but those released outside a
+    sliding window); ``shared_blocks``: those another live sequence holds too (a prefix
+    hit chain it shares, a fork's or ``share_prefix``'s blocks); ``tokens``: tokens it
+    holds; ``bytes``: KV bytes of its blocks (``blocks`` × bytes per block:
+    :meth:`KVCache.seq_stats <pagedkv.KVCache.seq_stats>`; ``None`` from the block
+    manager, which knows no bytes); ``utilization``: the held blocks' tokens / (blocks ×
+    block_size) (1.0 when it holds none); ``last_access``: the manager's clock at the
+    last operation that changed its block table — the ``allocate``, ``fork`` or
+    ``share_prefix`` that made it, an ``append`` that gave it a block (an append into
+    the block it already has is not stamped: a clock read per token would cost ~15 % of
+    an append), so it is exact to within one block of tokens.
     """
 
     blocks: int

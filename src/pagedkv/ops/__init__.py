@@ -7,8 +7,10 @@ CUDA tensors when Triton is installed and the reference otherwise. Triton is imp
 only when a Triton kernel is first used, so the reference works without it.
 
 Batch-invariant mode (``batch_invariant=True``, :func:`set_batch_invariant`,
-:func:`batch_invariant_mode`) makes decode results for a sequence bit-identical
-whatever else shares its batch. :func:`batch_invariant_mode` (or :func:`invariant_forward`
+:func:`batch_invariant_mode`) makes attention results for a sequence bit-identical
+whatever else shares its batch, and a query row's result the same whether decode or
+prefill computes it, in whatever chunk (prefill then runs the decode path row by row:
+:mod:`pagedkv.ops.invariant_attention`). :func:`batch_invariant_mode` (or :func:`invariant_forward`
 under the flag) also routes a model's own matmuls, reductions and softmax to the
 batch-invariant ops of :mod:`pagedkv.ops.invariant` (see :mod:`pagedkv.ops.invariant_mode`).
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedkv.ops import _checks, _specs, reference
+from pagedkv.ops import _checks, _specs, invariant_attention, reference
 from pagedkv.ops._config import (
     batch_invariant_mode,
     get_backend,
@@ -51,6 +53,7 @@ from pagedkv.ops._config import (
 )
 from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
 from pagedkv.ops.cascade_groups import shared_prefix_groups
+from pagedkv.ops.invariant import suspend_hook
 from pagedkv.ops.invariant_mode import invariant_forward
 from pagedkv.ops.plan import DecodePlan
 from pagedkv.ops.warmup import WarmupResult, warmup
@@ -126,10 +129,11 @@ def decode_attention(
         return spec.kernels.run(
             q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, spec.window
         )
-    return reference.decode(
-        q, k_cache, v_cache, block_tables, seq_lens, spec.scale, invariant, window=spec.window,
-        softcap=spec.softcap, sinks=sinks,
-    )  # fmt: skip
+    with suspend_hook():  # invariant by itself: one sequence at a time
+        return reference.decode(
+            q, k_cache, v_cache, block_tables, seq_lens, spec.scale, invariant,
+            window=spec.window, softcap=spec.softcap, sinks=sinks,
+        )  # fmt: skip
 
 
 def paged_decode(
@@ -169,6 +173,7 @@ def prefill_attention(
     sinks: torch.Tensor | None = None,
     backend: str | None = None,
     max_q_len: int | None = None,
+    batch_invariant: bool | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Causal prefill of packed variable-length queries over paged K/V (with a cached prefix).
@@ -180,6 +185,9 @@ def prefill_attention(
     positions in ``(p - window, p]`` (``[0, p]`` when ``window`` is None); ``softcap`` and
     ``sinks`` as in :func:`decode_attention`. Returns [T, Hq, D] in q's dtype.
     ``max_q_len`` (the longest q_len) spares the Triton path a device sync when given.
+    In batch-invariant mode (``batch_invariant``; None follows the current mode) every
+    row is computed by the invariant decode path, so its bits equal what
+    :func:`decode_attention` gives for the same query at the same position.
     """
     cu = cu_seqlens_q
     spec = _specs.prefill(
@@ -192,6 +200,12 @@ def prefill_attention(
         if spec.window is not None:
             first = (seq_lens - (cu[1:] - cu[:-1]) - spec.window + 1).clamp(min=0)
         _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
+    if resolve_invariant(batch_invariant):
+        tables, lens = invariant_attention.rows_as_sequences(cu, block_tables, seq_lens, q.shape[0])
+        return decode_attention(
+            q, k_cache, v_cache, tables, lens, spec.scale, window=spec.window,
+            softcap=spec.softcap, sinks=sinks, backend=backend, batch_invariant=True, check=False,
+        )  # fmt: skip
     if spec.kernels is not None:
         return spec.kernels.run(
             q, cu, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, max_q_len
@@ -216,13 +230,14 @@ def paged_prefill(
     sinks: torch.Tensor | None = None,
     backend: str | None = None,
     max_q_len: int | None = None,
+    batch_invariant: bool | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """:func:`prefill_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
     return prefill_attention(
         q, cu_seqlens_q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale,
         window=window, softcap=softcap, sinks=sinks, backend=backend, max_q_len=max_q_len,
-        check=check,
+        batch_invariant=batch_invariant, check=check,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ and the split chosen from the batch), so a plan built in batch-invariant mode
 grouping and runs the plain kernels over the full block tables: decode results are then
 bit-identical to ``decode_attention(..., batch_invariant=True)`` whatever the grouping
 and the batch (the guarantee kept, the sharing speed-up given up); prefill results are
-those of plain ``prefill_attention``.
+those of ``prefill_attention(..., batch_invariant=True)``.
 
 A plan is built once per step on the host (O(rows), one host-to-device copy) and used
 by every layer; :func:`cascade_decode` with ``out=`` and ``check=False`` allocates
@@ -48,9 +48,10 @@ from typing import NamedTuple
 
 import torch
 
-from pagedkv.ops import _checks, reference, reference_cascade
+from pagedkv.ops import _checks, invariant_attention, reference, reference_cascade
 from pagedkv.ops._config import resolve, resolve_invariant
 from pagedkv.ops.cascade_launch import plan_launch
+from pagedkv.ops.invariant import suspend_hook
 
 
 class CascadeGroup(NamedTuple):
@@ -340,24 +341,20 @@ def _run(q, k_cache, v_cache, block_tables, seq_lens, plan, scale, check, out, p
 
 
 def _plain(q, k_cache, v_cache, block_tables, seq_lens, plan, scale, out):
-    cu = plan.cu_seqlens_q
+    if plan.is_prefill:  # invariant prefill is decode row by row (pagedkv.ops.invariant_attention)
+        block_tables, seq_lens = invariant_attention.rows_as_sequences(
+            plan.cu_seqlens_q, block_tables, seq_lens, q.shape[0]
+        )
     if plan.backend == "triton":
-        if plan.is_prefill:
-            from pagedkv.ops import triton_prefill
-
-            res = triton_prefill.prefill(
-                q, cu, k_cache, v_cache, block_tables, seq_lens, scale, max_q_len=plan.max_q_len
-            )
-            return out.copy_(res)
         from pagedkv.ops import triton_decode
 
         return triton_decode.decode(
             q, k_cache, v_cache, block_tables, seq_lens, scale, batch_invariant=True,
             max_seq_len=plan.max_seq_len, out=out,
         )  # fmt: skip
-    if plan.is_prefill:
-        return out.copy_(reference.prefill(q, cu, k_cache, v_cache, block_tables, seq_lens, scale))
-    return out.copy_(reference.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, True))
+    with suspend_hook():  # invariant by itself: one sequence at a time
+        res = reference.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, True)
+    return out.copy_(res)
 
 
 def cascade_decode(

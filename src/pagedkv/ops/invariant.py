@@ -38,9 +38,12 @@ def _backend(device: torch.device):
     return _ref, _ref
 
 
-def _suspend_hook():
-    """Our dispatch mode, popped while these functions run their own torch ops (so that a
-    direct call inside ``batch_invariant_mode()`` does not route its inner ops again)."""
+def suspend_hook() -> contextlib.AbstractContextManager:
+    """Pop :func:`pagedkv.ops.invariant_forward`'s dispatch mode for the block when it is
+    the innermost mode (a no-op otherwise). pagedkv's own invariant ops (the
+    :mod:`pagedkv.ops.invariant` functions, the attention reference) run their torch ops
+    under it: they are batch-invariant by construction, and routing their inner matmuls
+    again would compute the same thing through many slower calls."""
     stack = _get_current_dispatch_mode_stack()
     if stack and getattr(stack[-1], "pagedkv_invariant", False):
         return _pop_mode_temporarily()
@@ -108,7 +111,7 @@ def gemm(
                 f"bias of shape {tuple(bias.shape)} does not broadcast to [{bt}, {m}, {n}]"
             ) from None
     mm, _ = _backend(a.device)
-    with _suspend_hook():
+    with suspend_hook():
         if mm is _ref:
             return _ref.gemm(a, b, z, beta=beta, alpha=alpha, out_dtype=out_dtype)
         if z is None or (beta == 1 and alpha == 1):
@@ -184,7 +187,7 @@ def _reduce(x, dim, keepdim: bool, dtype, mean: bool) -> torch.Tensor:
     n = math.prod(x.shape[d] for d in dims)
     x2 = x.permute(*kept, *dims).reshape(-1, n)  # [R, N]: the reduced dims last
     _, rows = _backend(x.device)
-    with _suspend_hook():
+    with suspend_hook():
         r = rows.row_sum(x2, float(n) if mean else 1.0, out_dtype)
     if keepdim:
         return r.reshape([1 if d in dims else s for d, s in enumerate(x.shape)])
@@ -220,7 +223,7 @@ def _softmax(x, dim: int, dtype, log: bool, out_dtype=None) -> torch.Tensor:
         _check(x, "x")
     out_dtype = out_dtype or x.dtype
     _, rows = _backend(x.device)
-    with _suspend_hook():
+    with suspend_hook():
         return _along(x, dim, lambda x2: rows.softmax(x2, log, out_dtype))
 
 
@@ -241,7 +244,7 @@ def cumsum(x: torch.Tensor, dim: int = -1, *, dtype=None) -> torch.Tensor:
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
     _, rows = _backend(x.device)
-    with _suspend_hook():
+    with suspend_hook():
         return _along(x, dim, lambda x2: rows.cumsum(x2, out_dtype))
 
 

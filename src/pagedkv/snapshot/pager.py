@@ -37,7 +37,9 @@ class CachePager(Protocol):
     Optional: ``discard(seq_id)``, a free that caches nothing the sequence registered
     (a failed restore drops what it installed with it; ``free`` otherwise). Optional: a
     ``model_fingerprint`` attribute (a readable model id) is recorded in
-    manifests and named in mismatch errors next to the opaque ``fingerprint``.
+    manifests and named in mismatch errors next to the opaque ``fingerprint``; a
+    ``num_released(seq_id)`` method (blocks released outside a sliding window, see
+    :meth:`~pagedkv.KVCache.release_before`): a sequence with any is refused by save.
     """
 
     @property

@@ -71,6 +71,7 @@ def plan_save(pager: CachePager, ids: list[int | str] | None, meta_bytes: int) -
             raise KeyError(
                 f"sequence {sid!r:.60} is not in the pager (live: {sorted(map(str, live))[:8]})"
             )
+        _check_not_released(pager, sid)
         tokens = list(pager.token_ids(sid))
         table = list(pager.block_table(sid))
         salt = pager.salt(sid)
@@ -95,6 +96,20 @@ def plan_save(pager: CachePager, ids: list[int | str] | None, meta_bytes: int) -
             f"{MAX_DOC_BYTES} a manifest may hold; save them as several snapshots"
         )
     return plan
+
+
+def _check_not_released(pager: CachePager, sid: int | str) -> None:
+    """Refuse a sequence whose leading blocks were released outside its sliding window:
+    their KV is gone, and a snapshot restores whole sequences."""
+    num_released = getattr(pager, "num_released", None)
+    released = num_released(sid) if num_released is not None else 0
+    if released:
+        raise SnapshotError(
+            f"sequence {sid!r:.60} has {released} leading block(s) released outside its "
+            "sliding window (release_before), so its KV is incomplete and cannot be saved; "
+            "snapshot it before releasing (an Engine keeps every block of a model with a "
+            "full-attention layer)"
+        )
 
 
 def read_units(pager: CachePager, units: Sequence[Unit]) -> torch.Tensor:
