@@ -16,6 +16,7 @@ runs the same pagedkv command with an older ``src/`` tree (DIR) in a subprocess 
 adds its numbers and the speed-up.
 
 Usage: python benchmarks/bench_e2e.py [--tiny] [--device cpu|cuda] [--plan pk,tf,plain]
+       [--kv-dtype fp8]  (pagedkv's pool stored as fp8 / int8)
 Writes benchmarks/out/bench_e2e.json (and $OUT/bench_e2e_<config>.json when OUT is set)
 and a PNG of tok/s per workload beside each; ``--replot RESULT.json`` redraws one.
 """
@@ -69,6 +70,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--kv-dtype", default=None, help="pagedkv's KV pool format: fp8, int8, ...")
     ap.add_argument("--repeat", type=int, default=3, help="steady runs after the first")
     ap.add_argument("--tf-repeat", type=int, default=None, help="generate_batch's (--repeat)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiled run")
@@ -94,6 +96,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tf_repeat is None:
         args.tf_repeat = args.repeat
     return args
+
+
+def _kv_tag(args: argparse.Namespace) -> str:
+    return f"_kv_{args.kv_dtype}" if args.kv_dtype else ""
 
 
 def plot(res: dict):
@@ -160,13 +166,15 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
         shape="tiny" if args.tiny else args.config,
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         requests=n_req, prefix=prefix_len, unique=uniq, new_tokens=new, dtype=str(dtype),
+        kv_dtype=args.kv_dtype,
     )  # fmt: skip
     out = Path(args.out)
     if out.is_dir() or not out.suffix:  # a folder: name the file after the run
-        out = out / f"bench_e2e_{args.config}.json"
+        out = out / f"bench_e2e_{args.config}{_kv_tag(args)}.json"
     outs = [out] + (
-        [Path(os.environ["OUT"]) / f"bench_e2e_{args.config}.json"] if os.environ.get("OUT") else []
-    )
+        [Path(os.environ["OUT"]) / f"bench_e2e_{args.config}{_kv_tag(args)}.json"]
+        if os.environ.get("OUT") else []
+    )  # fmt: skip
 
     def dump():
         for p in outs:
@@ -229,6 +237,7 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
             engine = Engine(
                 model, num_blocks=blocks, block_size=16, max_batch_tokens=8192,
                 max_num_seqs=max(n_req, 16), cuda_graphs=not args.no_graphs,
+                kv_dtype=args.kv_dtype,
             )  # fmt: skip
             sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
             warm_sp = SamplingParams(max_new_tokens=warm_new, ignore_eos=True)

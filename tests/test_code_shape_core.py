@@ -18,6 +18,8 @@ CORE = [
     "pagedkv/storage",
     "pagedkv/cache.py",
     "pagedkv/_cache_checks.py",
+    "pagedkv/_cache_compress.py",
+    "pagedkv/_kv_formats.py",
     "pagedkv/_cache_reads.py",
     "pagedkv/_cache_limits.py",
     "pagedkv/_resources.py",

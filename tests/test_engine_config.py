@@ -26,7 +26,8 @@ def test_every_option_has_a_default_a_type_and_help():
         "num_blocks", "gpu_memory_fraction", "block_size", "max_batch_tokens", "max_num_seqs",
         "prefix_caching", "preemption", "preemption_policy", "cuda_graphs", "cpu_kv_bytes",
         "repeat_cache_bytes",
-        "batch_invariant", "overlap", "cascade", "torch_compile", "warmup",
+        "batch_invariant", "kv_dtype",
+        "overlap", "cascade", "torch_compile", "warmup",
     ]  # fmt: skip
     for f in option_fields():
         assert f.default is not dataclasses.MISSING, f.name
@@ -40,7 +41,7 @@ def test_every_option_has_a_default_a_type_and_help():
     )  # fmt: skip
     assert c.preemption_policy == "newest" and c.policy.name == "newest"
     assert c.cpu_kv_bytes == 512 * 2**20 and c.repeat_cache_bytes == 64 * 2**20
-    assert c.batch_invariant is False
+    assert c.batch_invariant is False and c.kv_dtype is None
     assert (c.overlap, c.cascade, c.torch_compile, c.warmup) == (None, True, False, False)
 
 

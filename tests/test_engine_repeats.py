@@ -362,3 +362,14 @@ def test_cuda_repeats_match_the_cold_run(cuda_graphs):
     assert [o.num_cached_tokens for o in outs] == [16, 29, 3]
     assert engine.stats().prefill_tokens == before.prefill_tokens
     engine.cache.check_integrity()
+
+
+def test_a_quantized_pool_stores_no_repeats(model):
+    # a partial block's KV there comes with per-block scales the stored tail would lack
+    engine = engine_of(model, kv_dtype="fp8")
+    assert engine.scheduler.repeats is None
+    p = prompt(21, 80)
+    first = engine.generate([p], GREEDY)[0].token_ids
+    again = engine.generate([p], GREEDY)[0]
+    assert again.token_ids == first and again.num_cached_tokens == 16
+    assert engine.stats().repeated_prompts == 0

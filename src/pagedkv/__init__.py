@@ -29,6 +29,7 @@ _LAZY = {
     "KVLayout": "pagedkv.storage",
     "KVPool": "pagedkv.storage",
     "KVCache": "pagedkv.cache",
+    "CompressionStats": "pagedkv.cache",
     "KVCacheGroup": "pagedkv.group",
     "SnapshotStore": "pagedkv.snapshot",
     "SnapshotInfo": "pagedkv.snapshot",

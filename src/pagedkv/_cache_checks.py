@@ -1,4 +1,5 @@
-"""KVCache's own checks: does it fit before it allocates, and does its state agree after.
+"""KVCache's own checks: does it fit before it allocates, and does its state agree after;
+its fingerprint (the identity of its KV bytes).
 
 Kept apart from :mod:`pagedkv.cache` as the manager keeps its audit in
 :mod:`pagedkv.manager.integrity`. The cache hands its tables over as arguments;
@@ -7,10 +8,12 @@ nothing here reads another object's private state.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pagedkv import _resources
+from pagedkv._kv_formats import dtype_name
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, TieredStore
@@ -25,14 +28,19 @@ def check_fits(
     device: torch.device,
     tiers: object,
     config: ManagerConfig,
+    side_pools: Sequence[tuple[KVLayout, int]] = (),
 ) -> None:
     """Raise :class:`~pagedkv.errors.ResourceError` if the cache cannot fit this machine.
 
-    The pool goes on ``device``; the block bookkeeping, the CPU tiers' slabs and a pool
-    on the CPU all come out of the same host memory, so they are added up.
+    The pool (and the compressed side pools, ``side_pools``: (layout, num_blocks)) go on
+    ``device``; the block bookkeeping, the CPU tiers' slabs and pools on the CPU all come
+    out of the same host memory, so they are added up.
     """
     bookkeeping = config.bookkeeping_bytes(num_blocks, layout.block_size)
     pool = KVPool.bytes_needed(layout, num_blocks)
+    for lay, n in side_pools:
+        bookkeeping += config.bookkeeping_bytes(n, lay.block_size)
+        pool += KVPool.bytes_needed(lay, n)
     cpu_tiers = 0
     if isinstance(tiers, (list, tuple)):
         cpu_tiers = sum(t.capacity_bytes for t in tiers if isinstance(t, CPUTier))
@@ -86,3 +94,16 @@ def violations(
     if evicted:
         problems.append(f"{len(evicted)} evicted blocks were never demoted to the tiers")
     return problems
+
+
+def fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
+    """Identity of the KV bytes: the layout (its storage format too) and the model that
+    produced them."""
+    desc = (
+        f"L{layout.num_layers}-H{layout.num_kv_heads}-D{layout.head_dim}"
+        f"-B{layout.block_size}-{str(layout.dtype).removeprefix('torch.')}"
+    )
+    if layout.quantized:  # unquantized layouts keep the fingerprint they always had
+        desc += f"-kv_{dtype_name(layout.kv_dtype)}-{layout.kv_scale}"
+    digest = hashlib.sha256(f"{desc}|{model_fingerprint}".encode()).hexdigest()[:16]
+    return f"{desc}-{digest}"

@@ -1,5 +1,6 @@
 """The KV cache's operations on what it keeps: ``share_prefix``, ``evict``, ``gc``, and the
-sliding window's ``release_before`` / ``allocate_released``.
+sliding window's ``release_before`` / ``allocate_released``, and the tier exchange of a
+new sequence's prefix (write-through, promotion).
 
 :class:`CacheLimits` sits between :class:`~pagedkv._cache_reads.CacheReads` (the
 queries) and :class:`~pagedkv.KVCache` (which sets the attributes declared there and
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 from pagedkv._cache_reads import CacheReads, GcStats
 from pagedkv.errors import CachePausedError
+
+if TYPE_CHECKING:
+    from pagedkv.tiers import TieredStore
 
 
 class CacheLimits(CacheReads):
@@ -21,6 +26,7 @@ class CacheLimits(CacheReads):
     KV cache (see :class:`~pagedkv.KVCache`)."""
 
     _paused: int
+    write_through: bool
 
     def _check_not_paused(self, what: str) -> None:
         if self._paused:
@@ -139,6 +145,29 @@ class CacheLimits(CacheReads):
             return self.manager.allocate(seq_id, tokens, salt, share_prefix=not private)
         self.manager.allocate_released(seq_id, tokens, released, salt, share_prefix=not private)
         return 0
+
+    def _tier_exchange(self, tiers: TieredStore, seq_id: Hashable, cached: int, whole: bool) -> int:
+        """Write device hits through (if asked) and load the next blocks from the tiers.
+
+        Returns the tokens loaded; the blocks after the device prefix hit that the tiers
+        hold are written into the sequence's fresh blocks.
+        """
+        bs = self.block_size
+        table = self.manager.block_table(seq_id)
+        hit = cached // bs
+        if self.write_through and hit:
+            # A device prefix hit means the block is used at least twice: keep a copy
+            # below too (the chain skips blocks it wrote recently).
+            hashes = self.manager.block_hashes(seq_id, 0, hit)
+            tiers.write_through(list(zip(table[:hit], hashes)))
+        n = self.manager.num_tokens(seq_id)
+        limit = (n if whole else n - 1) // bs  # (else leave one token to compute)
+        if hit >= limit:
+            return 0
+        hashes = self.manager.block_hashes(seq_id, hit, limit)
+        loaded = tiers.promote(hashes, table[hit:limit]) * bs
+        self._tier_hit_tokens += loaded
+        return loaded
 
     def _note_eviction(self, block: int, block_hash: bytes) -> None:
         self._evicted.append((block, block_hash))

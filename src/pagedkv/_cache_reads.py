@@ -23,6 +23,7 @@ from pagedkv.manager.stats import SeqStats
 from pagedkv.storage import KVLayout, KVPool
 
 if TYPE_CHECKING:
+    from pagedkv._cache_compress import CompressedArea, CompressionStats
     from pagedkv.tiers import TieredStore
 
 
@@ -67,6 +68,7 @@ class CacheReads:
     _swapped: dict[Hashable, Swapped]
     _evicted: list[tuple[int, bytes]]
     _tier_hit_tokens: int
+    _compressed: CompressedArea
 
     # ------------------------------------------------------------------- basics
 
@@ -151,6 +153,12 @@ class CacheReads:
             return KeyError(f"seq_id must be hashable, got {type(seq_id).__name__}")
         if swapped:
             return KeyError(f"sequence {seq_id!r} is swapped out; swap_in() it first")
+        fmt = self._compressed.where.get(seq_id)
+        if fmt is not None:
+            return KeyError(
+                f"sequence {seq_id!r} is compressed ({str(fmt).removeprefix('torch.')}); "
+                "decompress() it, or use it through compressed(kv_dtype)"
+            )
         return KeyError(
             f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
         )
@@ -223,10 +231,33 @@ class CacheReads:
             raise CacheIntegrityError("KVCache: " + "; ".join(problems))
         if self.tiers is not None:
             self.tiers.check_integrity()
+        problems = self._compressed.violations(set(self.manager.seq_ids()), self._swapped)
+        if problems:
+            raise CacheIntegrityError("KVCache: " + "; ".join(problems))
+        for side in self._compressed.caches.values():
+            side.check_integrity()
+
+    def fingerprint_for(self, layout: KVLayout) -> str:
+        """The fingerprint a cache of this model would have with ``layout`` (a snapshot
+        saved from the same model in a compressed format checks against it)."""
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        return _cache_checks.fingerprint(layout, self.model_fingerprint)
 
     def swapped_ids(self) -> list:
         """Sequences currently swapped out."""
         return list(self._swapped)
+
+    # -------------------------------------------------------------- compression
+
+    def compressed_ids(self) -> list:
+        """Sequences currently compressed (in a side cache), oldest first."""
+        return list(self._compressed.where)
+
+    def compression_stats(self) -> CompressionStats:
+        """Sequences held compressed, bytes saved, ratio and mean seconds per compress()
+        (:class:`~pagedkv._cache_compress.CompressionStats`)."""
+        return self._compressed.stats(self.layout)
 
     # ------------------------------------------------------------------ tensors
 

@@ -10,14 +10,14 @@ overwrite them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import uuid
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 
-from pagedkv import _cache_checks, _resources
+from pagedkv import _cache_checks, _cache_compress, _resources
+from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_limits import CacheLimits
 from pagedkv._cache_persist import cached_blocks
 from pagedkv._cache_reads import Swapped
@@ -27,8 +27,10 @@ from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 
+__all__ = ["CompressionStats", "KVCache"]
 
-class KVCache(CacheLimits):
+
+class KVCache(CacheLimits, _cache_compress.CompressionMethods):
     """Paged KV cache of one model on one device.
 
     Args:
@@ -48,6 +50,9 @@ class KVCache(CacheLimits):
         max_cached_blocks: override the same fields of ``manager`` (``None``: as
             there, by default as in :class:`~pagedkv.manager.ManagerConfig`; so a cap
             the ``manager`` config sets cannot be lifted here).
+        compressed_blocks: side caches for :meth:`compress`, ``{kv_dtype: num_blocks}``
+            (e.g. ``{"fp8": 4096}``): one KVCache per quantized format on the same device,
+            same geometry, model and manager options (:mod:`pagedkv._cache_compress`).
 
     Before allocating anything the constructor resolves ``device`` and checks that the
     pool, the block bookkeeping and the CPU tiers fit in the free device and host
@@ -73,6 +78,7 @@ class KVCache(CacheLimits):
         watermarks: tuple[float, float, float] | None = None,
         min_prefix_tokens: int | None = None,
         max_cached_blocks: int | None = None,
+        compressed_blocks: Mapping[str | torch.dtype, int] | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
@@ -92,11 +98,13 @@ class KVCache(CacheLimits):
             hash_algo=hash_algo, watermarks=watermarks, min_prefix_tokens=min_prefix_tokens,
             max_cached_blocks=max_cached_blocks,
         )  # fmt: skip
+        side_specs = _cache_compress.parse_specs(compressed_blocks, layout)
         device = _resources.resolve_device(device)
-        _cache_checks.check_fits(layout, num_blocks, device, tiers, config)
+        sides = _cache_compress.side_layouts(layout, side_specs)
+        _cache_checks.check_fits(layout, num_blocks, device, tiers, config, sides)
         self.layout = layout
         self.model_fingerprint = model_fingerprint
-        self.fingerprint = _fingerprint(layout, model_fingerprint)
+        self.fingerprint = _cache_checks.fingerprint(layout, model_fingerprint)
         self._evicted: list[tuple[int, bytes]] = []
         self.manager = BlockManager.from_config(
             num_blocks,
@@ -116,6 +124,19 @@ class KVCache(CacheLimits):
         if tiers:
             self.tiers = TieredStore(list(tiers), layout, self.fingerprint)
             self.tiers.attach(self.pool)
+        self._compressed = _cache_compress.CompressedArea(
+            {
+                lay.kv_dtype: KVCache(
+                    lay,
+                    n,
+                    device=self.device,
+                    model_fingerprint=model_fingerprint,
+                    backend=backend,
+                    manager=config,
+                )  # fmt: skip
+                for lay, n in sides
+            }
+        )
 
     # ----------------------------------------------------------- sequences
 
@@ -154,6 +175,8 @@ class KVCache(CacheLimits):
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
+        if self._compressed.holds(seq_id):
+            raise ValueError(f"sequence {seq_id!r} is compressed; decompress() it or free() it")
         cached = self.manager.allocate(
             seq_id, token_ids, salt, share_prefix=share_prefix, whole=whole
         )
@@ -166,29 +189,6 @@ class KVCache(CacheLimits):
             raise
         self._salts[seq_id] = salt
         return cached
-
-    def _tier_exchange(self, tiers: TieredStore, seq_id: Hashable, cached: int, whole: bool) -> int:
-        """Write device hits through (if asked) and load the next blocks from the tiers.
-
-        Returns the tokens loaded; the blocks after the device prefix hit that the tiers
-        hold are written into the sequence's fresh blocks.
-        """
-        bs = self.block_size
-        table = self.manager.block_table(seq_id)
-        hit = cached // bs
-        if self.write_through and hit:
-            # A device prefix hit means the block is used at least twice: keep a copy
-            # below too (the chain skips blocks it wrote recently).
-            hashes = self.manager.block_hashes(seq_id, 0, hit)
-            tiers.write_through(list(zip(table[:hit], hashes)))
-        n = self.manager.num_tokens(seq_id)
-        limit = (n if whole else n - 1) // bs  # (else leave one token to compute)
-        if hit >= limit:
-            return 0
-        hashes = self.manager.block_hashes(seq_id, hit, limit)
-        loaded = tiers.promote(hashes, table[hit:limit]) * bs
-        self._tier_hit_tokens += loaded
-        return loaded
 
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Reserve slots for more tokens; runs any copy-on-write copy it needs."""
@@ -209,10 +209,10 @@ class KVCache(CacheLimits):
         swapped out (``ValueError``); nothing changes on error.
         """
         self._check_not_paused("fork()")
-        if self._swapped_out(child_id, "child_id"):
+        if self._swapped_out(child_id, "child_id") or self._compressed.holds(child_id):
             raise ValueError(
-                f"sequence {child_id!r} is swapped out; fork into a new id "
-                "(or free() the swapped-out one first)"
+                f"sequence {child_id!r} is swapped out or compressed; fork into a new id "
+                "(or free() that one first)"
             )
         try:
             self.manager.fork(parent_id, child_id)
@@ -221,12 +221,15 @@ class KVCache(CacheLimits):
         self._salts[child_id] = self._salts.get(parent_id)
 
     def free(self, seq_id: Hashable) -> None:
-        """Release a live sequence, or discard a swapped-out one."""
+        """Release a live sequence, or discard a swapped-out or compressed one."""
         self._check_not_paused("free()")
         if self._swapped_out(seq_id, "seq_id"):
             key = self._swapped.pop(seq_id).key
             assert self.tiers is not None  # a sequence is swapped out only into tiers
             self.tiers.discard_swap(key)
+            return
+        if self._compressed.holds(seq_id):
+            self._compressed.free(seq_id)
             return
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
@@ -337,7 +340,7 @@ class KVCache(CacheLimits):
         self._check_not_paused("set_model_fingerprint()")
         if model_fingerprint == self.model_fingerprint:
             return False
-        fingerprint = _fingerprint(self.layout, model_fingerprint)
+        fingerprint = _cache_checks.fingerprint(self.layout, model_fingerprint)
         self.manager.set_extra_keys((fingerprint,))
         self.model_fingerprint, self.fingerprint = model_fingerprint, fingerprint
         return True
@@ -382,13 +385,3 @@ class KVCache(CacheLimits):
             self.tiers.persist(cached_blocks(self.manager))
         if self.tiers is not None:
             self.tiers.close()
-
-
-def _fingerprint(layout: KVLayout, model_fingerprint: str) -> str:
-    """Identity of the KV bytes: the layout and the model that produced them."""
-    desc = (
-        f"L{layout.num_layers}-H{layout.num_kv_heads}-D{layout.head_dim}"
-        f"-B{layout.block_size}-{str(layout.dtype).removeprefix('torch.')}"
-    )
-    digest = hashlib.sha256(f"{desc}|{model_fingerprint}".encode()).hexdigest()[:16]
-    return f"{desc}-{digest}"

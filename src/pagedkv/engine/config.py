@@ -92,6 +92,12 @@ class EngineConfig:
         "sampler in a fixed reduction order; slower). Off: the mode follows "
         "pagedkv.ops.batch_invariant_mode() in the calling thread.",
     )  # fmt: skip
+    kv_dtype: str | None = option(
+        None, "Store the KV pool compressed: 'fp8' (e4m3), 'fp8_e5m2' or 'int8', one byte per "
+        "element plus a float32 scale per block and KV head (about half the bytes of bf16: "
+        "a pool sized from memory holds ~2x the tokens).",
+        choices=("fp8", "fp8_e5m2", "int8"), none="for the model's dtype",
+    )  # fmt: skip
     overlap: bool | None = option(
         None, "Schedule and launch step n+1 while step n runs on the device; step n's "
         "tokens are read after that (one copy per step). None: on for CUDA, off on CPU "

@@ -97,6 +97,7 @@ class DecodeGraphs:
             kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b, :wb],
             seq_lens=self.lens32[:b], cu_seqlens_q=self.cu32[: b + 1], max_q_len=1,
             is_decode=True, cascade=self.plans[b, wb] if cascade else None, layers=r.layers,
+            kv_scales=r.cache.pool.scales, static_kv_scales=r.cache.layout.static_scales,
         )  # fmt: skip
         return r.forward(ids, pos, meta, self.rows[:b])
 

@@ -88,7 +88,8 @@ class Engine(MigrationAPI, WeightsAPI):
         param = next(model.parameters())
         self.device = param.device
         layers, kv_heads, head_dim = kv_geometry(model.config)
-        layout = KVLayout(layers, kv_heads, head_dim, config.block_size, param.dtype)
+        layout = KVLayout(layers, kv_heads, head_dim, config.block_size, param.dtype,
+                          kv_dtype=config.kv_dtype)  # fmt: skip
         blocks = config.resolve_num_blocks(layout.bytes_per_block, self.device)
         self.cache = KVCache(
             layout, blocks, device=self.device,

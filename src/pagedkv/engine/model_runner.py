@@ -110,10 +110,11 @@ class ModelRunner:
         self.graph_tag: Hashable = None
         self.invariant = config.batch_invariant
         s = self.support
-        # the cascade kernels have no softcap / sinks; windowed layers run plain decode
+        # the cascade kernels have no softcap / sinks / compressed KV; windowed layers run
+        # plain decode
         self.cascade = bool(
             config.cascade and cache.manager.prefix_caching and s.softcap is None and not s.sinks
-            and not s.all_windowed
+            and not s.all_windowed and not cache.layout.quantized
         )  # fmt: skip
         self.groups = PrefixGroups(self.block_size)
         self.layers = layer_views(cache.pool.kv)
@@ -299,6 +300,8 @@ class ModelRunner:
             cu_seqlens_q=d_cu.to(torch.int32),
             max_q_len=max(c.end - c.start for c in chunks),
             is_decode=is_decode,
+            kv_scales=self.cache.pool.scales,
+            static_kv_scales=self.cache.layout.static_scales,
             cascade=plan,
             layers=self.layers,
         )

@@ -57,7 +57,8 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.preemption = config.preemption
         self.policy = config.policy
-        on = config.repeat_cache_bytes and config.prefix_caching
+        # (a quantized pool's partial block has per-block scales the stored tail lacks)
+        on = config.repeat_cache_bytes and config.prefix_caching and not cache.layout.quantized
         self.repeats = PromptRepeats(cache, config.repeat_cache_bytes) if on else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []

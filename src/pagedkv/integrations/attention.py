@@ -50,6 +50,9 @@ class PagedAttentionMetadata:
     ``token_index``: None when the model input is the packed ``[1, T]`` sequence;
     otherwise the rows of the flattened ``[B * L]`` input that are real tokens (the
     others are padding, neither written nor attended).
+    ``kv_scales``: a quantized (fp8 / int8) pool's scales ``[num_layers, 2, num_blocks,
+    Hkv]`` float32 (``pool.scales``), None otherwise; ``static_kv_scales``: per layer
+    ``(k_scale, v_scale)`` of a static-scale pool (``pool.layout.static_scales``).
     ``cascade``: a decode :class:`~pagedkv.ops.CascadePlan` of this batch (rows sharing
     cached prefix blocks): full-attention layers without softcap or sinks then run
     :func:`pagedkv.ops.cascade_decode`, the others plain decode.
@@ -65,6 +68,8 @@ class PagedAttentionMetadata:
     max_q_len: int
     is_decode: bool
     token_index: torch.Tensor | None = None
+    kv_scales: torch.Tensor | None = None
+    static_kv_scales: tuple[tuple[float, float], ...] | None = None
     cascade: ops.CascadePlan | None = None
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -147,16 +152,25 @@ def _paged(module, query, key, value, attention_mask, meta, scaling, sliding_win
         k_cache, v_cache = meta.layers[layer]
     else:
         k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
-    if k.dtype != k_cache.dtype:
+    ks = vs = static = None
+    if meta.kv_scales is not None:  # a quantized pool: write_kv quantizes k, v as they are
+        ks, vs = meta.kv_scales[layer, 0], meta.kv_scales[layer, 1]
+        if meta.static_kv_scales is not None:
+            static = meta.static_kv_scales[layer]
+    elif k.dtype != k_cache.dtype:
         k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
     if sinks is not None:
         sinks = sinks.detach()
         if sinks.dtype not in (torch.float32, q.dtype):
             sinks = sinks.float()
-    ops.write_kv(k_cache, v_cache, meta.slots, k, v, check=False)
-    feats = dict(window=sliding_window, softcap=softcap, sinks=sinks, check=False)
+    ops.write_kv(
+        k_cache, v_cache, meta.slots, k, v, k_scales=ks, v_scales=vs, static_scales=static,
+        check=False,
+    )  # fmt: skip
+    feats = dict(window=sliding_window, softcap=softcap, sinks=sinks, k_scales=ks, v_scales=vs,
+                 check=False)  # fmt: skip
     plan = meta.cascade
-    plain = sliding_window is None and softcap is None and sinks is None
+    plain = sliding_window is None and softcap is None and sinks is None and ks is None
     if meta.is_decode and plan is not None and plain and q.dtype == k_cache.dtype:
         out = ops.cascade_decode(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, plan, scaling, check=False

@@ -106,8 +106,10 @@ class PagedCache(Cache):
     ``PagedCache(model, num_blocks=None, block_size=16)`` checks the model is supported
     and allocates a pool on the model's device and dtype (``num_blocks`` defaults to
     1024; the pool does not grow, so size it for batch x ceil((prompt + new tokens) /
-    block_size)). ``kv_cache=``: use an existing :class:`~pagedkv.KVCache` of the same
-    geometry instead (its prefix caching must be off: token ids are not known here).
+    block_size)); ``kv_dtype="fp8"`` (or ``"fp8_e5m2"``, ``"int8"``) stores the KV
+    quantized (:class:`~pagedkv.storage.KVLayout`). ``kv_cache=``: use an existing
+    :class:`~pagedkv.KVCache` of the same geometry instead (its prefix caching must be
+    off: token ids are not known here).
     The model is not changed: its attention is switched only inside forwards that carry
     this cache. Raises :class:`~pagedkv.errors.UnsupportedModelError` for unsupported
     models and ``NotImplementedError`` for beam search (``num_beams > 1``), which needs
@@ -122,6 +124,7 @@ class PagedCache(Cache):
         num_blocks: int | None = None,
         block_size: int = 16,
         kv_cache: Any = None,
+        kv_dtype: Any = None,
     ) -> None:
         if model is None or not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -129,8 +132,10 @@ class PagedCache(Cache):
             )
         check_model_supported(model)
         if kv_cache is None:
-            kv_cache = _make_kv_cache(model, num_blocks, block_size)
+            kv_cache = _make_kv_cache(model, num_blocks, block_size, kv_dtype)
         else:
+            if kv_dtype is not None:
+                raise ValueError("pass kv_dtype or kv_cache (whose layout has its kv_dtype)")
             _check_kv_cache(model, kv_cache)
         self._setup(model, kv_cache, PagedAttention(model))
 
@@ -364,6 +369,8 @@ class PagedCache(Cache):
             max_q_len=max(counts) if counts else 0,
             is_decode=q_len == 1 and all(c == 1 for c in counts),
             token_index=token_index,
+            kv_scales=cache.pool.scales,
+            static_kv_scales=cache.layout.static_scales,
             layers=live.layers,
         )
 
@@ -411,13 +418,13 @@ def _check_kv_cache(model: Any, kv_cache: Any) -> None:
         )
 
 
-def _make_kv_cache(model: Any, num_blocks: int | None, block_size: int):
+def _make_kv_cache(model: Any, num_blocks: int | None, block_size: int, kv_dtype: Any = None):
     from pagedkv.cache import KVCache
     from pagedkv.storage import KVLayout
 
     layers, kv_heads, head_dim = kv_geometry(model.config)
     param = next(model.parameters())
-    layout = KVLayout(layers, kv_heads, head_dim, block_size, param.dtype)
+    layout = KVLayout(layers, kv_heads, head_dim, block_size, param.dtype, kv_dtype=kv_dtype)
     if num_blocks is None:
         num_blocks = 1024
     return KVCache(layout, num_blocks, device=param.device, prefix_caching=False)

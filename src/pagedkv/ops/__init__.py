@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import torch
 
-from pagedkv.ops import _checks, _specs, invariant_attention, reference
+from pagedkv._kv_formats import is_quantized
+from pagedkv.ops import _checks, _specs, invariant_attention, reference, reference_quant
 from pagedkv.ops._config import (
     batch_invariant_mode,
     get_backend,
@@ -65,8 +66,10 @@ __all__ = [
     "batch_invariant_mode",
     "cascade_decode",
     "cascade_prefill",
+    "check_kv_readable",
     "copy_blocks",
     "decode_attention",
+    "dequantize_blocks",
     "gather_blocks",
     "get_backend",
     "invariant_forward",
@@ -74,6 +77,7 @@ __all__ = [
     "paged_decode",
     "paged_prefill",
     "prefill_attention",
+    "quantize_blocks",
     "scatter_blocks",
     "set_backend",
     "set_batch_invariant",
@@ -97,6 +101,8 @@ def decode_attention(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
     backend: str | None = None,
     batch_invariant: bool | None = None,
     check: bool = True,
@@ -115,11 +121,16 @@ def decode_attention(
     become ``softcap * tanh(s / softcap)`` (Gemma 2). ``sinks``: [Hq] logits (float32 or
     q's dtype), one per query head, added to the softmax denominator as a key whose
     value is zero (gpt-oss).
+
+    A quantized cache (``float8_e4m3fn``, ``float8_e5m2``, ``int8``) needs ``k_scales`` and
+    ``v_scales`` (float32 [num_blocks, Hkv]): key j of block b, head h is
+    ``k_cache[b, j, h] * k_scales[b, h]``, dequantized in registers; q is then any float
+    dtype (the compute dtype), and so is the result.
     """
     invariant = resolve_invariant(batch_invariant)
     spec = _specs.decode(
         q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, sinks, backend,
-        invariant,
+        invariant, k_scales, v_scales,
     )  # fmt: skip
     if check:
         _checks.sink_values(sinks)
@@ -127,12 +138,14 @@ def decode_attention(
         _checks.table_values(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], first)
     if spec.kernels is not None:
         return spec.kernels.run(
-            q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, spec.window
-        )
+            q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, spec.window,
+            k_scales=k_scales, v_scales=v_scales,
+        )  # fmt: skip
     with suspend_hook():  # invariant by itself: one sequence at a time
         return reference.decode(
             q, k_cache, v_cache, block_tables, seq_lens, spec.scale, invariant,
-            window=spec.window, softcap=spec.softcap, sinks=sinks,
+            window=spec.window, softcap=spec.softcap, sinks=sinks, k_scales=k_scales,
+            v_scales=v_scales,
         )  # fmt: skip
 
 
@@ -151,10 +164,12 @@ def paged_decode(
     batch_invariant: bool | None = None,
     check: bool = True,
 ) -> torch.Tensor:
-    """:func:`decode_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
+    """:func:`decode_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`
+    (with its scales when it is quantized)."""
     return decode_attention(
         q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale, window=window,
-        softcap=softcap, sinks=sinks, backend=backend, batch_invariant=batch_invariant,
+        softcap=softcap, sinks=sinks, k_scales=pool.k_scales(layer),
+        v_scales=pool.v_scales(layer), backend=backend, batch_invariant=batch_invariant,
         check=check,
     )  # fmt: skip
 
@@ -171,6 +186,8 @@ def prefill_attention(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
     backend: str | None = None,
     max_q_len: int | None = None,
     batch_invariant: bool | None = None,
@@ -188,11 +205,14 @@ def prefill_attention(
     In batch-invariant mode (``batch_invariant``; None follows the current mode) every
     row is computed by the invariant decode path, so its bits equal what
     :func:`decode_attention` gives for the same query at the same position.
+
+    Quantized caches take ``k_scales`` / ``v_scales`` as in :func:`decode_attention`.
     """
     cu = cu_seqlens_q
     spec = _specs.prefill(
-        q, cu, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, sinks, backend
-    )
+        q, cu, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, sinks, backend,
+        k_scales, v_scales,
+    )  # fmt: skip
     if check:
         _checks.sink_values(sinks)
         _checks.cu_values(cu, seq_lens, q.shape[0])
@@ -204,15 +224,17 @@ def prefill_attention(
         tables, lens = invariant_attention.rows_as_sequences(cu, block_tables, seq_lens, q.shape[0])
         return decode_attention(
             q, k_cache, v_cache, tables, lens, spec.scale, window=spec.window,
-            softcap=spec.softcap, sinks=sinks, backend=backend, batch_invariant=True, check=False,
+            softcap=spec.softcap, sinks=sinks, k_scales=k_scales, v_scales=v_scales,
+            backend=backend, batch_invariant=True, check=False,
         )  # fmt: skip
     if spec.kernels is not None:
         return spec.kernels.run(
-            q, cu, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, max_q_len
-        )
+            q, cu, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, max_q_len,
+            k_scales=k_scales, v_scales=v_scales,
+        )  # fmt: skip
     return reference.prefill(
         q, cu, k_cache, v_cache, block_tables, seq_lens, spec.scale, window=spec.window,
-        softcap=spec.softcap, sinks=sinks,
+        softcap=spec.softcap, sinks=sinks, k_scales=k_scales, v_scales=v_scales,
     )  # fmt: skip
 
 
@@ -233,10 +255,12 @@ def paged_prefill(
     batch_invariant: bool | None = None,
     check: bool = True,
 ) -> torch.Tensor:
-    """:func:`prefill_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`."""
+    """:func:`prefill_attention` over layer ``layer`` of a :class:`pagedkv.storage.KVPool`
+    (with its scales when it is quantized)."""
     return prefill_attention(
         q, cu_seqlens_q, pool.k(layer), pool.v(layer), block_tables, seq_lens, scale,
-        window=window, softcap=softcap, sinks=sinks, backend=backend, max_q_len=max_q_len,
+        window=window, softcap=softcap, sinks=sinks, k_scales=pool.k_scales(layer),
+        v_scales=pool.v_scales(layer), backend=backend, max_q_len=max_q_len,
         batch_invariant=batch_invariant, check=check,
     )  # fmt: skip
 
@@ -248,6 +272,9 @@ def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    static_scales: tuple[float, float] | None = None,
     backend: str | None = None,
     check: bool = True,
 ) -> None:
@@ -255,32 +282,61 @@ def write_kv(
 
     pool_k, pool_v: [num_blocks, block_size, Hkv, D]; k, v: [N, Hkv, D] of the cache's
     dtype; slots: [N] int, ``block * block_size + offset``, or -1 to skip a token (padding).
+
+    A quantized cache (fp8 / int8) takes k, v of any float dtype and quantizes them,
+    keeping ``k_scales`` / ``v_scales`` (float32 [num_blocks, Hkv], updated in place; see
+    :mod:`pagedkv._kv_formats` for the rule). Dynamic scales (``static_scales=None``) need
+    the slots of one block to be contiguous in the call (every sequence writes its tokens
+    together, in order: true of the engine, ``PagedCache`` and ``KVPool.write``) and blocks
+    filled from offset 0; ``check=True`` verifies the first (one more sync).
+    ``static_scales=(k_scale, v_scale)``: this layer's fixed scales (calibrated).
     """
-    spec = _specs.write(pool_k, pool_v, slots, k, v, backend)
+    spec = _specs.write(pool_k, pool_v, slots, k, v, backend, k_scales, v_scales, static_scales)
     if check:
         _checks.slots(slots, k.shape[0], spec.num_slots, pool_k.device, True)
+        if spec.quantized and spec.static_scales is None and k.shape[0]:
+            _checks.block_runs(slots, pool_k.shape[1])
     if k.shape[0] == 0:
         return
-    if spec.kernels is not None:
+    if spec.quantized:
+        if spec.kernels is not None:
+            spec.kernels.run(pool_k, pool_v, k_scales, v_scales, slots, k, v, spec.static_scales)
+        else:
+            reference_quant.write_kv(
+                pool_k, pool_v, k_scales, v_scales, slots, k, v, spec.static_scales
+            )
+    elif spec.kernels is not None:
         spec.kernels.run(pool_k, pool_v, slots, k, v)
     else:
         reference.write_kv(pool_k, pool_v, slots, k, v)
 
 
+def check_kv_readable(
+    kv_dtype: torch.dtype, device: torch.device, backend: str | None = None
+) -> None:
+    """Raise ``ValueError`` when the backend chosen for ``device`` (``backend``, the global
+    setting, or the default) cannot read KV stored as ``kv_dtype`` there (Triton reads
+    float8_e4m3fn only on compute capability 8.9+). Pools call it before allocating."""
+    if is_quantized(kv_dtype) and resolve(backend, device) == "triton":
+        _checks.triton_reads(kv_dtype, device)
+
+
 def _pool_tensor(kv: torch.Tensor) -> None:
     _checks.tensor(kv, "kv")
-    if kv.dim() != 6 or kv.shape[1] != 2 or not kv.is_contiguous():
+    if kv.dim() < 3 or kv.shape[1] != 2 or not kv.is_contiguous():
         raise ValueError(
-            "kv must be a contiguous [num_layers, 2, num_blocks, block_size, Hkv, D] tensor, "
-            f"got shape {tuple(kv.shape)}"
+            "kv must be a contiguous [num_layers, 2, num_blocks, ...] tensor (a pool, "
+            f"[L, 2, num_blocks, block_size, Hkv, D], or its scales), got shape {tuple(kv.shape)}"
         )
 
 
 def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backend=None) -> None:
     """Copy whole blocks (all layers, K and V): ``kv[:, :, dst[i]] = kv[:, :, src[i]]``.
 
-    src, dst: [n] int64 tensors on kv's device, in range (checked by the caller, e.g.
-    :meth:`KVPool.copy_blocks`); no dst may also be a src (the pool orders such lists).
+    ``kv``: a pool tensor [L, 2, num_blocks, block_size, Hkv, D], or any [L, 2, num_blocks,
+    ...] tensor (a quantized pool's scales). src, dst: [n] int64 tensors on kv's device, in
+    range (checked by the caller, e.g. :meth:`KVPool.copy_blocks`); no dst may also be a
+    src (the pool orders such lists).
     """
     _pool_tensor(kv)
     if src.numel() == 0:
@@ -294,8 +350,10 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backe
 def gather_blocks(
     kv: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor | None = None, backend=None
 ) -> torch.Tensor:
-    """Blocks ``ids`` ([n] int64, in range) as one contiguous [n, L, 2, block_size, Hkv, D]
-    tensor on kv's device (into ``out`` when given): the staging copy of a swap-out."""
+    """Blocks ``ids`` ([n] int64, in range) as one [n, L, 2, block_size, Hkv, D] tensor
+    (``[n, L, 2, *rest]`` for an [L, 2, num_blocks, *rest] ``kv``) on kv's device: the
+    staging copy of a swap-out. ``out`` receives it when given; its rows may be strided
+    (views into byte rows that hold a block's payload and scales) if each row is dense."""
     _pool_tensor(kv)
     if resolve(backend, kv.device) == "triton":
         return _triton("memory").gather_blocks(kv, ids, out=out)
@@ -307,7 +365,8 @@ def scatter_blocks(
     kv: torch.Tensor, ids: torch.Tensor, data: torch.Tensor, *, backend=None
 ) -> None:
     """Inverse of :func:`gather_blocks`: data [n, L, 2, block_size, Hkv, D] (kv's dtype and
-    device) into blocks ``ids`` ([n] int64, in range, distinct)."""
+    device; rows may be strided as for ``out`` there) into blocks ``ids`` ([n] int64, in
+    range, distinct)."""
     _pool_tensor(kv)
     if ids.numel() == 0:
         return
@@ -315,3 +374,43 @@ def scatter_blocks(
         _triton("memory").scatter_blocks(kv, ids, data)
     else:
         reference.scatter_blocks(kv, ids, data)
+
+
+def quantize_blocks(
+    x: torch.Tensor,
+    kv_dtype: torch.dtype,
+    *,
+    fills: torch.Tensor | None = None,
+    static_scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole blocks ``x`` [n, L, 2, block_size, Hkv, D] (float) in the quantized
+    ``kv_dtype``: returns ``(payload, scales [n, L, 2, Hkv] float32)``, the scales a dynamic
+    write of each block's tokens gives (``fills``: tokens per block, default full; slots
+    past it become zeros), or ``static_scales`` [L, 2] (fixed per layer). Any device; the
+    format conversion of :func:`pagedkv.storage.convert_rows` and ``KVCache.compress``."""
+    _checks.tensor(x, "x")
+    if not is_quantized(kv_dtype):
+        raise ValueError(f"kv_dtype must be a quantized format (fp8 / int8), got {kv_dtype}")
+    if x.dim() != 6 or x.shape[2] != 2 or not x.dtype.is_floating_point:
+        raise ValueError(
+            f"x must be float [n, L, 2, block_size, Hkv, D] blocks, got {tuple(x.shape)} {x.dtype}"
+        )
+    return reference_quant.quantize_blocks(x, kv_dtype, fills, static_scales)
+
+
+def dequantize_blocks(
+    payload: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Quantized blocks ``payload`` [n, L, 2, block_size, Hkv, D] with their ``scales``
+    [n, L, 2, Hkv] as ``dtype`` values ``payload * scale``."""
+    _checks.tensor(payload, "payload")
+    _checks.tensor(scales, "scales")
+    if not is_quantized(payload.dtype) or payload.dim() != 6:
+        raise ValueError(
+            f"payload must be quantized [n, L, 2, block_size, Hkv, D] blocks, got "
+            f"{tuple(payload.shape)} {payload.dtype}"
+        )
+    want = (*payload.shape[:3], payload.shape[4])
+    if tuple(scales.shape) != want or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 {list(want)}, got {tuple(scales.shape)}")
+    return reference_quant.dequantize_blocks(payload, scales, dtype)

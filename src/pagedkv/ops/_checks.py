@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from pagedkv._kv_formats import COMPUTE_DTYPES, dtype_name, is_quantized
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -74,10 +76,103 @@ def query(q: object, name: str, k_cache: torch.Tensor, ndim: int) -> tuple[int, 
             f"{name} has {q.shape[1]} query heads, not a multiple of the cache's "
             f"{hkv} KV heads (GQA)"
         )
-    if q.dtype != k_cache.dtype:
+    if is_quantized(k_cache.dtype):
+        if q.dtype not in COMPUTE_DTYPES:
+            raise TypeError(
+                f"{name} dtype {q.dtype} must be a compute dtype (float16, bfloat16, float32) "
+                f"over a quantized {dtype_name(k_cache.dtype)} KV cache"
+            )
+    elif q.dtype != k_cache.dtype:
         raise TypeError(f"{name} dtype {q.dtype} != KV cache dtype {k_cache.dtype}; cast q first")
     same_device(q, name, k_cache.device)
     return q.shape[0], q.shape[1]
+
+
+def kv_scales(k_cache: torch.Tensor, k_scales: object, v_scales: object, backend: str) -> bool:
+    """The scales that go with one layer's caches: float32 ``[num_blocks, Hkv]`` each, on
+    the cache's device, for a quantized (fp8 / int8) cache; None for any other. Also
+    refuses a quantized cache the chosen backend cannot read. Returns whether it is
+    quantized."""
+    nb, _, hkv, _ = k_cache.shape
+    if not is_quantized(k_cache.dtype):
+        if k_scales is not None or v_scales is not None:
+            raise TypeError(
+                f"k_scales / v_scales are for quantized (fp8 / int8) KV caches; this one is "
+                f"{dtype_name(k_cache.dtype)}: pass None"
+            )
+        return False
+    if k_scales is None or v_scales is None:
+        raise TypeError(
+            f"a {dtype_name(k_cache.dtype)} KV cache needs its k_scales and v_scales "
+            f"(float32 [num_blocks, Hkv] = [{nb}, {hkv}]; pool.k_scales(layer), "
+            "pool.v_scales(layer))"
+        )
+    for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
+        tensor(sc, name)
+        if sc.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {sc.dtype}")
+        if tuple(sc.shape) != (nb, hkv):
+            raise ValueError(
+                f"{name} must be [num_blocks, Hkv] = [{nb}, {hkv}] (one scale per block and "
+                f"KV head), got {tuple(sc.shape)}"
+            )
+        if sc.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last (head) dimension")
+        same_device(sc, name, k_cache.device)
+    if backend == "triton":
+        triton_reads(k_cache.dtype, k_cache.device)
+    return True
+
+
+def triton_reads(dtype: torch.dtype, device: torch.device) -> None:
+    """Raise when the Triton kernels cannot handle a quantized ``dtype`` on ``device``:
+    Triton converts float8_e4m3fn only on compute capability 8.9+ (Ada, Hopper)."""
+    if dtype == torch.float8_e4m3fn and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"the Triton kernels read float8_e4m3fn KV on compute capability 8.9+ "
+                f"(Ada, Hopper); {device} is {major}.{minor}: use kv_dtype='fp8_e5m2' or "
+                "'int8', or backend='reference'"
+            )
+
+
+def static_scales(value: object, dtype: torch.dtype) -> tuple[float, float] | None:
+    """``None`` (dynamic scales) or ``(k_scale, v_scale)``: two finite floats > 0, only
+    for a quantized cache."""
+    if value is None:
+        return None
+    if not is_quantized(dtype):
+        raise TypeError(
+            f"static_scales are for quantized (fp8 / int8) KV caches; this one is "
+            f"{dtype_name(dtype)}"
+        )
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"static_scales must be a (k_scale, v_scale) pair, got {value!r:.60}")
+    out = tuple(_real(x, "static_scales") for x in value)
+    if not all(math.isfinite(x) and x > 0 for x in out):
+        raise ValueError(f"static_scales must be finite numbers > 0, got {out}")
+    return out  # type: ignore[return-value]
+
+
+def block_runs(slots: torch.Tensor, block_size: int) -> None:
+    """Dynamic-scale writes: the slots of one block are distinct and contiguous in the call
+    (a -1 between them splits them too), so one program owns each block. One sync."""
+    s = slots.to(torch.int64)
+    blk = torch.where(s >= 0, s // block_size, -1)
+    prev = torch.cat([blk.new_full((1,), -1), blk[:-1]])
+    n_runs = int(((blk >= 0) & (blk != prev)).sum())
+    valid = s[s >= 0]
+    n_blocks = torch.unique(blk[blk >= 0]).numel()
+    n_distinct, n_valid = torch.unique(valid).numel(), valid.numel()
+    if n_distinct != n_valid:
+        raise ValueError("slots must be distinct (a slot written twice in one call)")
+    if n_runs != n_blocks:
+        raise ValueError(
+            "the slots of one block must be contiguous in a write into a dynamically scaled "
+            f"(fp8 / int8) cache ({n_blocks} blocks appear in {n_runs} separate runs); write "
+            "each sequence's tokens together, in order"
+        )
 
 
 def tables(block_tables: object, seq_lens: object, batch: int, device: torch.device) -> None:

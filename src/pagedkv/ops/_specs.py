@@ -18,6 +18,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import NamedTuple
 
+from pagedkv._kv_formats import COMPUTE_DTYPES, is_quantized
 from pagedkv.ops import _checks
 from pagedkv.ops._config import get_backend, resolve
 
@@ -49,7 +50,9 @@ class WriteSpec(NamedTuple):
     """What the checks of one KV-write shape class found."""
 
     num_slots: int
-    kernels: object | None  # triton_memory.WriteKernels; None: torch reference
+    kernels: object | None  # triton_memory.WriteKernels / triton_quant.QuantWriteKernels
+    quantized: bool  # into an fp8 / int8 cache (with scales)
+    static_scales: tuple[float, float] | None  # fixed (k, v) scales; None: dynamic
 
 
 _DECODE: dict[tuple, AttnSpec] = {}
@@ -64,14 +67,23 @@ def _remember(cache: dict, key: tuple | None, spec) -> None:
         cache[key] = spec
 
 
-def decode(q, k, v, bt, sl, scale, window, softcap, sinks, backend, invariant) -> AttnSpec:
+def _scales_key(ks, vs) -> tuple | None:
+    if ks is None and vs is None:
+        return None
+    return (type(ks), ks.shape, ks.stride(), ks.dtype, ks.device, type(vs), vs.shape,
+            vs.stride(), vs.dtype, vs.device)  # fmt: skip
+
+
+def decode(
+    q, k, v, bt, sl, scale, window, softcap, sinks, backend, invariant, ks=None, vs=None
+) -> AttnSpec:
     """Checked spec of a :func:`pagedkv.ops.decode_attention` call (raises on bad input)."""
     try:
         key = (type(q), q.dtype, q.shape[1:], q.device, k.shape, k.stride(), k.dtype, k.device,
                v.shape, v.stride(), v.dtype, v.device, bt.dtype, bt.dim(), bt.device, sl.dtype,
                sl.dim(), sl.device, scale, type(scale), window, type(window), softcap,
                type(softcap), sinks if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
-               backend, get_backend(), invariant)  # fmt: skip
+               backend, get_backend(), invariant, _scales_key(ks, vs))  # fmt: skip
         spec = _DECODE.get(key)
         n = q.shape[0]
         if spec is not None and bt.shape[0] == n and sl.shape[0] == n:
@@ -82,17 +94,20 @@ def decode(q, k, v, bt, sl, scale, window, softcap, sinks, backend, invariant) -
     bsz, _ = _checks.query(q, "q", k, 3)
     opts = _checks.attn_options(scale, window, softcap, sinks, q, False)
     _checks.tables(bt, sl, bsz, k.device)
+    name = resolve(backend, q.device)
+    _checks.kv_scales(k, ks, vs, name)
     kern = scal = None
-    if resolve(backend, q.device) == "triton":
+    if name == "triton":
         td = triton_module("decode")
-        kern = td.kernels(q, k, v, bt, sl, sinks, opts.softcap is not None, invariant)
+        kern = td.kernels(q, k, v, bt, sl, sinks, opts.softcap is not None, invariant, None,
+                          ks, vs)  # fmt: skip
         scal = td.scalars(opts.scale, opts.softcap, opts.window)
     spec = AttnSpec(opts.scale, opts.window, opts.softcap, invariant, kern, scal)
     _remember(_DECODE, key, spec)
     return spec
 
 
-def prefill(q, cu, k, v, bt, sl, scale, window, softcap, sinks, backend) -> AttnSpec:
+def prefill(q, cu, k, v, bt, sl, scale, window, softcap, sinks, backend, ks=None, vs=None):
     """Checked spec of a :func:`pagedkv.ops.prefill_attention` call (raises on bad input)."""
     try:
         key = (type(q), q.dtype, q.shape[1:], q.device, k.shape, k.stride(), k.dtype, k.device,
@@ -100,7 +115,7 @@ def prefill(q, cu, k, v, bt, sl, scale, window, softcap, sinks, backend) -> Attn
                bt.dim(), bt.device, sl.dtype, sl.dim(), sl.device, scale, type(scale), window,
                type(window), softcap, type(softcap),
                sinks if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
-               backend, get_backend())  # fmt: skip
+               backend, get_backend(), _scales_key(ks, vs))  # fmt: skip
         spec = _PREFILL.get(key)
         n = cu.shape[0] - 1
         if spec is not None and bt.shape[0] == n and sl.shape[0] == n:
@@ -112,34 +127,44 @@ def prefill(q, cu, k, v, bt, sl, scale, window, softcap, sinks, backend) -> Attn
     opts = _checks.attn_options(scale, window, softcap, sinks, q, False)
     cu = _checks.cu_seqlens(cu, k.device)
     _checks.tables(bt, sl, cu.shape[0] - 1, k.device)
+    name = resolve(backend, q.device)
+    _checks.kv_scales(k, ks, vs, name)
     kern = scal = None
-    if resolve(backend, q.device) == "triton":
+    if name == "triton":
         tp = triton_module("prefill")
-        kern = tp.kernels(q, cu, k, v, bt, sl, sinks, opts.softcap is not None)
+        kern = tp.kernels(q, cu, k, v, bt, sl, sinks, opts.softcap is not None, ks, vs)
         scal = triton_module("decode").scalars(opts.scale, opts.softcap, opts.window)
     spec = AttnSpec(opts.scale, opts.window, opts.softcap, False, kern, scal)
     _remember(_PREFILL, key, spec)
     return spec
 
 
-def write(pool_k, pool_v, slots, k, v, backend) -> WriteSpec:
+def write(pool_k, pool_v, slots, k, v, backend, ks=None, vs=None, static=None) -> WriteSpec:
     """Checked spec of a :func:`pagedkv.ops.write_kv` call (raises on bad input)."""
     try:
         key = (pool_k.shape, pool_k.stride(), pool_k.dtype, pool_k.device, pool_v.shape,
                pool_v.stride(), pool_v.dtype, pool_v.device, type(k), k.shape[1:], k.dtype,
                k.device, type(v), v.shape[1:], v.dtype, v.device, slots.dtype, slots.dim(),
-               slots.device, backend, get_backend())  # fmt: skip
+               slots.device, backend, get_backend(), _scales_key(ks, vs),
+               static if static is None else (type(static), *static))  # fmt: skip
+        hash(key)
         spec = _WRITE.get(key)
         if spec is not None and k.shape[0] == v.shape[0] == slots.shape[0]:
             return spec
     except (AttributeError, TypeError, IndexError):
         key = None
     nb, bs, hkv, d = _checks.cache_pair(pool_k, pool_v)
+    quantized = is_quantized(pool_k.dtype)
     for name, x in (("k", k), ("v", v)):
         _checks.tensor(x, name)
         if x.dim() != 3 or tuple(x.shape[1:]) != (hkv, d):
             raise ValueError(f"{name} must be [N, {hkv}, {d}], got shape {tuple(x.shape)}")
-        if x.dtype != pool_k.dtype:
+        if quantized and x.dtype not in COMPUTE_DTYPES:
+            raise TypeError(
+                f"{name} dtype {x.dtype} must be a float dtype (float16, bfloat16, float32); "
+                f"the {pool_k.dtype} cache quantizes it"
+            )
+        if not quantized and x.dtype != pool_k.dtype:
             raise TypeError(
                 f"{name} dtype {x.dtype} != KV cache dtype {pool_k.dtype}; cast it first"
             )
@@ -147,9 +172,17 @@ def write(pool_k, pool_v, slots, k, v, backend) -> WriteSpec:
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
     _checks.slots(slots, k.shape[0], nb * bs, pool_k.device, False)
+    static = _checks.static_scales(static, pool_k.dtype)
+    name = resolve(backend, pool_k.device)
+    _checks.kv_scales(pool_k, ks, vs, name)
     kern = None
-    if resolve(backend, pool_k.device) == "triton":
-        kern = triton_module("memory").write_kernels(pool_k, pool_v, slots, k)
-    spec = WriteSpec(nb * bs, kern)
+    if name == "triton":
+        if quantized:
+            kern = triton_module("quant").write_kernels(
+                pool_k, pool_v, ks, vs, slots, static is not None
+            )
+        else:
+            kern = triton_module("memory").write_kernels(pool_k, pool_v, slots, k)
+    spec = WriteSpec(nb * bs, kern, quantized, static)
     _remember(_WRITE, key, spec)
     return spec

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 
+from pagedkv._kv_formats import is_quantized
 from pagedkv.ops import _checks, invariant_attention, reference, reference_cascade
 from pagedkv.ops._config import resolve, resolve_invariant
 from pagedkv.ops.cascade_launch import plan_launch
@@ -204,6 +205,7 @@ class CascadePlan:
     def for_pool(cls, pool, groups, num_seqs: int, num_q_heads: int, max_seq_len: int, **kw):
         """A plan matching a :class:`pagedkv.storage.KVPool`'s layout and device."""
         lay = pool.layout
+        refuse_quantized(lay.kv_dtype)
         return cls(groups, num_seqs, num_q_heads=num_q_heads, num_kv_heads=lay.num_kv_heads,
                    head_dim=lay.head_dim, block_size=lay.block_size, max_seq_len=max_seq_len,
                    dtype=lay.dtype, device=pool.device, **kw)  # fmt: skip
@@ -227,6 +229,7 @@ class CascadePlan:
         """Shapes, dtypes and devices of one call against the plan (no device sync)."""
         hq, hkv, d, bs = self.shape
         _checks.cache_pair(k_cache, v_cache)
+        refuse_quantized(k_cache.dtype)
         if tuple(k_cache.shape[1:]) != (bs, hkv, d) or k_cache.dtype != self.dtype:
             raise ValueError(
                 f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match the plan "
@@ -305,6 +308,16 @@ class CascadePlan:
                 torch.tensor(x, dtype=torch.int64, device=device) for x in (rows, lead, nblk)
             )
         return self._check_index
+
+
+def refuse_quantized(kv_dtype: torch.dtype) -> None:
+    """Cascade attention reads bf16 / fp16 / fp32 caches only: raise for fp8 / int8 ones."""
+    if is_quantized(kv_dtype):
+        raise TypeError(
+            f"cascade attention does not read quantized ({kv_dtype}) KV caches; use "
+            "pagedkv.ops.decode_attention / prefill_attention with k_scales and v_scales "
+            "(each sequence reads its shared prefix itself)"
+        )
 
 
 def _resolve_check(check: bool | None, device: torch.device) -> bool:

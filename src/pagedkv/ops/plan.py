@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pagedkv._kv_formats import is_quantized
 from pagedkv.ops import _checks, _specs, reference
 from pagedkv.ops._config import resolve, resolve_invariant
 
@@ -41,6 +42,7 @@ class DecodePlan:
         *,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_dtype: torch.dtype | None = None,
         scale: float | None = None,
         window: int | None = None,
         softcap: float | None = None,
@@ -64,6 +66,13 @@ class DecodePlan:
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.shape = (num_q_heads, num_kv_heads, head_dim, block_size)
         self.dtype = dtype
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if not is_quantized(self.kv_dtype) and self.kv_dtype != dtype:
+            raise ValueError(
+                f"kv_dtype {self.kv_dtype} must be dtype {dtype} or a quantized format (fp8 / int8)"
+            )
+        if is_quantized(self.kv_dtype) and self.backend == "triton":
+            _checks.triton_reads(self.kv_dtype, self.device)
         self.scale, self.window, self.softcap = opts.scale, opts.window, opts.softcap
         self.out = torch.zeros(max_batch, num_q_heads, head_dim, dtype=dtype, device=self.device)
         self.split_tokens = self.num_splits = 0
@@ -89,7 +98,8 @@ class DecodePlan:
         """A plan matching a :class:`pagedkv.storage.KVPool`'s layout and device."""
         lay = pool.layout
         return cls(max_batch, num_q_heads, lay.num_kv_heads, lay.head_dim, lay.block_size,
-                   max_seq_len, dtype=lay.dtype, device=pool.device, **kwargs)  # fmt: skip
+                   max_seq_len, dtype=lay.dtype, kv_dtype=lay.kv_dtype, device=pool.device,
+                   **kwargs)  # fmt: skip
 
     def run(
         self,
@@ -100,23 +110,28 @@ class DecodePlan:
         seq_lens: torch.Tensor,
         *,
         sinks: torch.Tensor | None = None,
+        k_scales: torch.Tensor | None = None,
+        v_scales: torch.Tensor | None = None,
         check: bool | None = None,
     ) -> torch.Tensor:
         """Decode q [B <= max_batch, Hq, D]; returns a view ``self.out[:B]`` (overwritten by
         the next run). seq_lens must not exceed ``max_seq_len``. ``sinks``: [Hq] sink
         logits of this layer (see :func:`pagedkv.ops.decode_attention`); pass a
-        contiguous tensor when capturing a CUDA graph. ``check=None`` checks values
+        contiguous tensor when capturing a CUDA graph. ``k_scales`` / ``v_scales``: the
+        layer's scales of a quantized cache (``pool.k_scales(layer)``). ``check=None`` checks values
         except while a CUDA graph is being captured."""
         hq, hkv, d, bs = self.shape
         spec = _specs.decode(
             q, k_cache, v_cache, block_tables, seq_lens, self.scale, self.window, self.softcap,
-            sinks, self.backend, self.batch_invariant,
+            sinks, self.backend, self.batch_invariant, k_scales, v_scales,
         )  # fmt: skip
-        if k_cache.shape[1:] != (bs, hkv, d) or k_cache.dtype != self.dtype:
+        if k_cache.shape[1:] != (bs, hkv, d) or k_cache.dtype != self.kv_dtype:
             raise ValueError(
                 f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match the plan "
-                f"(block_size {bs}, Hkv {hkv}, D {d}, {self.dtype})"
+                f"(block_size {bs}, Hkv {hkv}, D {d}, {self.kv_dtype})"
             )
+        if q.dtype != self.dtype:
+            raise TypeError(f"q dtype {q.dtype} != the plan's dtype {self.dtype}")
         bsz = q.shape[0]
         if bsz > self.max_batch or q.shape[1] != hq:
             raise ValueError(f"q {tuple(q.shape)} exceeds the plan ({self.max_batch}, {hq}, {d})")
@@ -134,12 +149,14 @@ class DecodePlan:
         if spec.kernels is not None:
             spec.kernels.run(
                 q, k_cache, v_cache, block_tables, seq_lens, sinks, spec.scalars, self.window,
-                splits=self.splits, out=out, workspace=self.workspace,
+                splits=self.splits, out=out, workspace=self.workspace, k_scales=k_scales,
+                v_scales=v_scales,
             )  # fmt: skip
         else:
             res = reference.decode(
                 q, k_cache, v_cache, block_tables, seq_lens, self.scale, self.batch_invariant,
-                window=self.window, softcap=self.softcap, sinks=sinks,
+                window=self.window, softcap=self.softcap, sinks=sinks, k_scales=k_scales,
+                v_scales=v_scales,
             )  # fmt: skip
             out.copy_(res)
         return out

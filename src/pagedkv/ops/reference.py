@@ -21,16 +21,27 @@ def window_start(seq_len: int, q_len: int, window: int | None) -> int:
     return 0 if window is None else max(0, seq_len - q_len - window + 1)
 
 
+def _blocks(cache: torch.Tensor, scales: torch.Tensor | None, idx: torch.Tensor, dtype):
+    """Blocks ``idx`` of one layer's K or V cache in ``dtype`` ([*idx.shape, bs, Hkv, D]);
+    quantized blocks are dequantized with their per-(block, head) ``scales``:
+    ``q * scale``, computed in ``dtype``."""
+    x = cache[idx].to(dtype)
+    if scales is None:
+        return x
+    return x * scales[idx].to(dtype)[..., None, :, None]
+
+
 def _seq_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lo: int, n: int, dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+    k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lo: int, n: int, dtype,
+    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """K and V of one sequence's tokens ``lo .. n-1`` in ``dtype``: each [n - lo, Hkv, D].
     Only the blocks holding those tokens are read."""
     _, bs, hkv, d = k_cache.shape
     b0 = lo // bs
     idx = table[b0 : -(-n // bs)].long()
-    k = k_cache[idx].reshape(-1, hkv, d)[lo - b0 * bs : n - b0 * bs].to(dtype)
-    v = v_cache[idx].reshape(-1, hkv, d)[lo - b0 * bs : n - b0 * bs].to(dtype)
+    k = _blocks(k_cache, k_scales, idx, dtype).reshape(-1, hkv, d)[lo - b0 * bs : n - b0 * bs]
+    v = _blocks(v_cache, v_scales, idx, dtype).reshape(-1, hkv, d)[lo - b0 * bs : n - b0 * bs]
     return k, v
 
 
@@ -95,6 +106,8 @@ def decode(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D] (q.dtype).
 
@@ -105,6 +118,8 @@ def decode(
     to the softmax denominator (a key with a zero value). A sequence of length 0 gives
     zeros. In batch-invariant mode each sequence is computed on its own, so its bits
     depend only on its own data; otherwise all sequences are padded into one product.
+    A quantized cache (fp8 / int8) comes with ``k_scales`` / ``v_scales`` ([num_blocks,
+    Hkv] float32): its keys and values are ``q * scale`` in the compute dtype.
     """
     bsz, hq, d = q.shape
     out = torch.empty_like(q)
@@ -115,7 +130,7 @@ def decode(
     if batch_invariant:
         for b, n in enumerate(lens):
             lo = window_start(n, 1, window)
-            k, v = _seq_kv(k_cache, v_cache, block_tables[b], lo, n, cdt)
+            k, v = _seq_kv(k_cache, v_cache, block_tables[b], lo, n, cdt, k_scales, v_scales)
             o = _attend(q[b : b + 1].to(cdt), k, v, scale, None, lo, window, softcap, sinks)
             out[b] = o[0].to(q.dtype)
         return out
@@ -128,8 +143,8 @@ def decode(
     idx = block_tables.gather(1, cols).long().clamp_(0, num_blocks - 1)
     pos = b0[:, None] * bs + torch.arange(nb * bs, device=q.device)  # [B, L] key positions
     valid = (pos >= lo[:, None]) & (pos < lens_t[:, None])  # unused entries may be junk
-    k = k_cache[idx].reshape(bsz, nb * bs, hkv, d).to(cdt)  # [B, L, Hkv, D]
-    v = v_cache[idx].reshape(bsz, nb * bs, hkv, d).to(cdt)
+    k = _blocks(k_cache, k_scales, idx, cdt).reshape(bsz, nb * bs, hkv, d)  # [B, L, Hkv, D]
+    v = _blocks(v_cache, v_scales, idx, cdt).reshape(bsz, nb * bs, hkv, d)
     v = v.masked_fill(~valid[:, :, None, None], 0.0)  # hidden keys' values never count
     qg = q.to(cdt).reshape(bsz, hkv, hq // hkv, d)
     s = _scores(torch.einsum("bhgd,blhd->bhgl", qg, k), scale, softcap)
@@ -152,13 +167,16 @@ def prefill(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed causal prefill over a cached prefix. q: [T, Hq, D] -> [T, Hq, D] (q.dtype).
 
     Sequence b owns rows ``cu[b]:cu[b+1]``; they are its last ``q_len`` tokens of
     ``seq_lens[b]``, whose K/V are already in the cache. The row at position p sees keys
     in ``(p - window, p]`` (``window`` None: ``[0, p]``); ``softcap`` and ``sinks`` as in
-    :func:`decode`. Computed per sequence, reading only the blocks some row sees.
+    :func:`decode` (quantized caches too). Computed per sequence, reading only the blocks
+    some row sees.
     """
     out = torch.empty_like(q)
     cdt = compute_dtype(q.dtype)
@@ -169,7 +187,7 @@ def prefill(
         if m == 0:
             continue
         lo = window_start(n, m, window)
-        k, v = _seq_kv(k_cache, v_cache, block_tables[b], lo, n, cdt)
+        k, v = _seq_kv(k_cache, v_cache, block_tables[b], lo, n, cdt, k_scales, v_scales)
         q_pos = torch.arange(n - m, n, device=q.device)
         o = _attend(q[lo_q:hi_q].to(cdt), k, v, scale, q_pos, lo, window, softcap, sinks)
         out[lo_q:hi_q] = o.to(q.dtype)
@@ -194,7 +212,8 @@ def write_kv(
 
 
 def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """kv[:, :, dst] = kv[:, :, src] for all layers, K and V, in one indexed op.
+    """kv[:, :, dst] = kv[:, :, src] for all layers, K and V, in one indexed op (``kv`` is
+    any ``[L, 2, num_blocks, ...]`` tensor: the pool, or its scales).
 
     The right-hand side is gathered before anything is written, so it is exact when no
     block is both a source and a destination (the caller orders other cases).
@@ -203,10 +222,11 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 def gather_blocks(kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Blocks ``ids`` of every layer as one contiguous [n, L, 2, block_size, Hkv, D] tensor."""
-    return kv[:, :, ids].permute(2, 0, 1, 3, 4, 5).contiguous()
+    """Blocks ``ids`` of every layer as one contiguous [n, L, 2, block_size, Hkv, D] tensor
+    (``[n, L, 2, *rest]`` for any ``[L, 2, num_blocks, *rest]`` tensor)."""
+    return kv[:, :, ids].movedim(2, 0).contiguous()
 
 
 def scatter_blocks(kv: torch.Tensor, ids: torch.Tensor, data: torch.Tensor) -> None:
     """Inverse of :func:`gather_blocks`: data [n, L, 2, block_size, Hkv, D] into blocks ``ids``."""
-    kv[:, :, ids] = data.permute(1, 2, 0, 3, 4, 5)
+    kv[:, :, ids] = data.movedim(0, 2)

@@ -71,6 +71,16 @@ def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def widen(x, dtype):
+    """Quantized K/V elements as ``dtype`` (exact: fp8 and int8 values are all bf16 / fp16
+    values); int8 goes through float32 (the interpreter's int8 -> bf16 is wrong)."""
+    if x.dtype.is_int():
+        return x.to(tl.float32).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def tanh(x):
     """tanh from exp2 (the interpreter has no libdevice tanh); absolute error ~1e-7."""
     e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
@@ -111,16 +121,16 @@ def split_base(seq_len, window, split_tokens, ALIGNED: tl.constexpr):
 
 @triton.jit(do_not_specialize=DECODE_DYNAMIC)
 def _decode_split_kernel(
-    Q, K, V, BT, SL, Sinks, Out, LSE,
+    Q, K, V, KS, VS, BT, SL, Sinks, Out, LSE,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_os,
     qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32,
     stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64, split_tokens: tl.int32,
     stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    stride_vb, stride_vt, stride_vh, stride_ksb, stride_vsb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -156,13 +166,25 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D]
         v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = logits(mma(q, tl.trans(k), IEEE, UPCAST), qk_scale, cap_log2, SOFTCAP)
+        if QUANT:  # quantized K/V: exact in q's dtype; the per-(block, head) scales fold into
+            # the scores (K) and the probabilities (V), one per key
+            k_s = tl.load(KS + blk * stride_ksb + h, mask=mask_n, other=0.0)  # [BLOCK_N]
+            v_s = tl.load(VS + blk * stride_vsb + h, mask=mask_n, other=0.0)
+            k = widen(k, q.dtype)
+            v = widen(v, q.dtype)
+            qk = mma(q, tl.trans(k), IEEE, UPCAST) * k_s[None, :]
+        else:
+            qk = mma(q, tl.trans(k), IEEE, UPCAST)
+        qk = logits(qk, qk_scale, cap_log2, SOFTCAP)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))  # [G_PAD, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        pv = mma(p.to(v.dtype), v, IEEE, UPCAST)
+        if QUANT:
+            pv = mma((p * v_s[None, :]).to(v.dtype), v, IEEE, UPCAST)
+        else:
+            pv = mma(p.to(v.dtype), v, IEEE, UPCAST)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     # An empty split (start >= seq_len: no iteration) leaves l_i = 0 and writes zeros; the
@@ -241,21 +263,22 @@ class DecodeKernels:
     """
 
     def __init__(self, key: tuple) -> None:
-        (dtype, hq, hkv, d, bs, kstr, vstr, _bt, _sl, sinks_dtype, softcap, invariant, device,
-         cfg_items) = key  # fmt: skip
+        (dtype, _kv_dtype, hq, hkv, d, bs, kstr, vstr, sstr, _bt, _sl, sinks_dtype, softcap,
+         invariant, device, cfg_items) = key  # fmt: skip
         cfg = dict(cfg_items)
         self.hq, self.hkv, self.d, self.bs = hq, hkv, d, bs
         self.invariant, self.device, self.block_n = invariant, device, cfg["BLOCK_N"]
         g = hq // hkv
         self._d_pad = triton.next_power_of_2(d)
         shape = (g, max(16, triton.next_power_of_2(g)), d, self._d_pad, bs, cfg["BLOCK_N"])
+        # IEEE, UPCAST, ALIGNED, SOFTCAP, HAS_SINKS, QUANT
         flags = (dtype == torch.float32, needs_upcast(dtype), invariant, softcap,
-                 sinks_dtype is not None)  # IEEE, UPCAST, ALIGNED, SOFTCAP, HAS_SINKS  # fmt: skip
+                 sinks_dtype is not None, sstr is not None)  # fmt: skip
         opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        strides = (*kstr[:3], *vstr[:3])
+        strides = (*kstr[:3], *vstr[:3], *(sstr or (0, 0)))
         tail = (*strides, *shape)
-        self.direct = Launcher(_decode_split_kernel, 8, 5, (*tail, True, *flags), **opts)
-        self.parts = Launcher(_decode_split_kernel, 8, 5, (*tail, False, *flags), **opts)
+        self.direct = Launcher(_decode_split_kernel, 10, 5, (*tail, True, *flags), **opts)
+        self.parts = Launcher(_decode_split_kernel, 10, 5, (*tail, False, *flags), **opts)
         self._merges: dict[int, Launcher] = {}
         self._plans: dict[tuple, tuple[SplitPlan, int]] = {}
 
@@ -300,8 +323,10 @@ class DecodeKernels:
         splits: SplitPlan | None = None, out: torch.Tensor | None = None,
         workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
         max_seq_len: int | None = None, split_tokens: int | None = None,
+        k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Launch the kernels; ``scalars`` = :func:`scalars` of (scale, softcap, window)."""
+        """Launch the kernels; ``scalars`` = :func:`scalars` of (scale, softcap, window);
+        ``k_scales`` / ``v_scales`` ([num_blocks, Hkv] float32) for a quantized cache."""
         bsz = q.shape[0]
         hq, d = self.hq, self.d
         if out is None:
@@ -323,12 +348,14 @@ class DecodeKernels:
             s_pad = self.s_pad(splits.num_splits)
         split_tokens, n_splits = splits.split_tokens, splits.num_splits
         sinks_arg = q if sinks is None else sinks.contiguous()  # a dummy pointer without sinks
+        ks_arg = q if k_scales is None else k_scales  # dummies for an unquantized cache
+        vs_arg = q if v_scales is None else v_scales
         grid = (bsz, self.hkv, n_splits)
         qs, bts, os_ = q.stride(), block_tables.stride(0), out.stride()
         if n_splits == 1 and not self.invariant:
             self.direct(
-                grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, out, qs[0],
-                qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
+                grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, out,
+                out, qs[0], qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
             )  # fmt: skip
             return out
         if workspace is None:
@@ -341,8 +368,8 @@ class DecodeKernels:
             assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
             ost, lst = o_part.stride()[:3], (*lse.stride()[:2], 0)
         self.parts(
-            grid, q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, o_part, lse, qs[0],
-            qs[1], *ost, *scalars, bts, *lst, split_tokens,
+            grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, o_part,
+            lse, qs[0], qs[1], *ost, *scalars, bts, *lst, split_tokens,
         )  # fmt: skip
         self.merge(s_pad)(
             (bsz, hq), o_part, lse, seq_lens, out, *ost, os_[0], os_[1], *lst, split_tokens,
@@ -358,14 +385,17 @@ _SCRATCH = Scratch()  # the split partials of eager calls
 def kernels(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, sinks: torch.Tensor | None, softcap: bool, batch_invariant: bool,
-    cfg: dict | None = None,
+    cfg: dict | None = None, k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> DecodeKernels:  # fmt: skip
-    """The :class:`DecodeKernels` of these tensors' shape class (made on first use)."""
+    """The :class:`DecodeKernels` of these tensors' shape class (made on first use); a
+    quantized cache comes with its ``k_scales`` / ``v_scales``."""
     d = q.shape[2]
-    cfg = config(d, k_cache.dtype) if cfg is None else {**config(d, k_cache.dtype), **cfg}
+    cfg = config(d, q.dtype) if cfg is None else {**config(d, q.dtype), **cfg}
     _, bs, hkv, _ = k_cache.shape
-    key = (k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(),
-           v_cache.stride(), block_tables.dtype, seq_lens.dtype,
+    sstr = None if k_scales is None else (k_scales.stride(0), v_scales.stride(0))
+    key = (q.dtype, k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(),
+           v_cache.stride(), sstr, block_tables.dtype, seq_lens.dtype,
            None if sinks is None else sinks.dtype, bool(softcap), bool(batch_invariant),
            q.device, tuple(sorted(cfg.items())))  # fmt: skip
     kern = _KERNELS.get(key)
@@ -400,6 +430,8 @@ def decode(
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     cfg: dict | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernels (arguments checked by :func:`pagedkv.ops.decode_attention`).
 
@@ -412,9 +444,9 @@ def decode(
     """
     assert splits is None or splits.aligned == batch_invariant, "splits of the other mode"
     kern = kernels(q, k_cache, v_cache, block_tables, seq_lens, sinks, softcap is not None,
-                   batch_invariant, cfg)  # fmt: skip
+                   batch_invariant, cfg, k_scales, v_scales)  # fmt: skip
     return kern.run(
         q, k_cache, v_cache, block_tables, seq_lens, sinks, scalars(scale, softcap, window),
         window, splits=splits, out=out, workspace=workspace, max_seq_len=max_seq_len,
-        split_tokens=split_tokens,
+        split_tokens=split_tokens, k_scales=k_scales, v_scales=v_scales,
     )  # fmt: skip

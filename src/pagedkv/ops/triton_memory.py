@@ -1,9 +1,9 @@
 """Triton kernels that move KV: slot write, block copy, block gather/scatter for swaps.
 
-The pool tensor ``kv: [L, 2, num_blocks, block_size, Hkv, D]`` is seen as
-``[L * 2, num_blocks, E]`` with ``E = block_size * Hkv * D`` contiguous elements per
-block and layer-half; every program copies a chunk of one such row. Offsets that
-multiply a block id or slot by a stride are int64.
+The pool tensor ``kv: [L, 2, num_blocks, block_size, Hkv, D]`` (or a quantized pool's
+scales ``[L, 2, num_blocks, Hkv]``) is seen as ``[L * 2, num_blocks, E]`` with ``E``
+contiguous elements per block and layer-half; every program copies a chunk of one such
+row. Offsets that multiply a block id or slot by a stride are int64.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def scatter_blocks(kv: torch.Tensor, ids: torch.Tensor, data: torch.Tensor) -> N
     rows = _rows(kv)
     n, e = ids.numel(), rows.shape[2]
     ids = ids.contiguous()
-    staged = data.contiguous().view(n, rows.shape[0], e)
+    staged = data.reshape(n, rows.shape[0], e)  # a view when each row is dense
     grid = (n, rows.shape[0], triton.cdiv(e, CHUNK))
     _block_rows_kernel[grid](
         staged, rows, ids, ids, staged.stride(1), staged.stride(0), rows.stride(0), rows.stride(1),

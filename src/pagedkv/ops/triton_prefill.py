@@ -22,15 +22,17 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops._launch import Launcher
-from pagedkv.ops.triton_decode import logits, mma, needs_upcast, scalars, with_sink
+from pagedkv.ops.triton_decode import logits, mma, needs_upcast, scalars, widen, with_sink
 
 
 @triton.jit
 def _tile(
-    q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale, cap_log2,
+    q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb, stride_vsb,
+    qk_scale, cap_log2,
     offs_d, mask_d, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -48,7 +50,19 @@ def _tile(
     else:
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-    qk = logits(mma(q, tl.trans(k), IEEE, UPCAST), qk_scale, cap_log2, SOFTCAP)
+    if QUANT:  # as in decode: exact in q's dtype, per-key scales on scores and probabilities
+        if MASKED:
+            k_s = tl.load(KS + blk * stride_ksb + h, mask=mask_n, other=0.0)
+            v_s = tl.load(VS + blk * stride_vsb + h, mask=mask_n, other=0.0)
+        else:
+            k_s = tl.load(KS + blk * stride_ksb + h)
+            v_s = tl.load(VS + blk * stride_vsb + h)
+        k = widen(k, q.dtype)
+        v = widen(v, q.dtype)
+        qk = mma(q, tl.trans(k), IEEE, UPCAST) * k_s[None, :]
+    else:
+        qk = mma(q, tl.trans(k), IEEE, UPCAST)
+    qk = logits(qk, qk_scale, cap_log2, SOFTCAP)
     if MASKED:
         rel = pos_m[:, None] - offs_n[None, :]  # query position - key position
         visible = (rel >= 0) & (rel < window) & mask_n[None, :]
@@ -62,6 +76,8 @@ def _tile(
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if QUANT:
+        p = p * v_s[None, :]  # after l_i: the scale weights the value, not the probability
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, m_new, l_i
 
@@ -74,12 +90,12 @@ SHORT_Q = 16  # up to this many queries per sequence, short tiles (see config)
 
 @triton.jit(do_not_specialize=PREFILL_DYNAMIC)
 def _prefill_kernel(
-    Q, K, V, BT, SL, CU, Sinks, OUT, stride_qt, stride_qh, stride_ot, stride_oh,
+    Q, K, V, KS, VS, BT, SL, CU, Sinks, OUT, stride_qt, stride_qh, stride_ot, stride_oh,
     qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32, n_m_tiles: tl.int32,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb, stride_vsb,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     hq = tl.program_id(1)
@@ -118,21 +134,24 @@ def _prefill_kernel(
     full_hi = tl.maximum(tl.where(live, (p_first // BLOCK_N) * BLOCK_N, 0), full_lo)
     for n0 in range(n_lo, full_lo, BLOCK_N):
         acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
-            cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE, UPCAST, SOFTCAP,
+            q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
+            stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE,
+            UPCAST, SOFTCAP, QUANT,
         )  # fmt: skip
     for n0 in range(full_lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
-            cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, False, IEEE, UPCAST, SOFTCAP,
+            q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
+            stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, False, IEEE,
+            UPCAST, SOFTCAP, QUANT,
         )  # fmt: skip
     for n0 in range(full_hi, kv_end, BLOCK_N):
         acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
-            cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE, UPCAST, SOFTCAP,
+            q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
+            stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE,
+            UPCAST, SOFTCAP, QUANT,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = OUT + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :]
@@ -156,12 +175,13 @@ class PrefillKernels:
     compile; the tile config follows the longest query (:func:`config`: two variants)."""
 
     def __init__(self, key: tuple) -> None:
-        dtype, hq, hkv, d, bs, kstr, vstr, *_, sinks_dtype, softcap, _device = key
+        dtype, _kv_dtype, hq, hkv, d, bs, kstr, vstr, sstr, *_, sinks_dtype, softcap, _dev = key
         self.dtype, self.hq, self.d = dtype, hq, d
-        self._strides = (*kstr[:3], *vstr[:3])
+        self._strides = (*kstr[:3], *vstr[:3], *(sstr or (0, 0)))
         self._shape = (hq // hkv, d, triton.next_power_of_2(d), bs)  # G, D, D_PAD, BS
+        # IEEE, UPCAST, SOFTCAP, HAS_SINKS, QUANT
         self._flags = (dtype == torch.float32, needs_upcast(dtype), softcap,
-                       sinks_dtype is not None)  # IEEE, UPCAST, SOFTCAP, HAS_SINKS  # fmt: skip
+                       sinks_dtype is not None, sstr is not None)  # fmt: skip
         self._launchers: dict[tuple, Launcher] = {}
         # (launcher, BLOCK_M) of config()'s two choices: short queries, long ones
         self._default = [self._bind(config(d, dtype, q)) for q in (1, SHORT_Q + 1)]
@@ -177,7 +197,7 @@ class PrefillKernels:
         if la is None:
             tail = (*self._strides, *self._shape, block_m, block_n, *self._flags)
             opts = dict(num_warps=num_warps, num_stages=num_stages)
-            la = Launcher(_prefill_kernel, 8, 4, tail, **opts)
+            la = Launcher(_prefill_kernel, 10, 4, tail, **opts)
             self._launchers[key] = la
         return la
 
@@ -191,6 +211,7 @@ class PrefillKernels:
         v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
         sinks: torch.Tensor | None, scalars: tuple[float, float, int],
         max_q_len: int | None = None, cfg: dict | None = None,
+        k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Launch; ``scalars`` = :func:`pagedkv.ops.triton_decode.scalars`; ``cfg``
         overrides :func:`config`'s choice (keys BLOCK_M, BLOCK_N, num_warps, num_stages)."""
@@ -216,7 +237,9 @@ class PrefillKernels:
         n_m_tiles = -(-max(max_q_len, 1) // bm)
         qs = q.stride()
         la(
-            (bsz * n_m_tiles, self.hq), q, k_cache, v_cache, block_tables, seq_lens,
+            (bsz * n_m_tiles, self.hq), q, k_cache, v_cache,
+            q if k_scales is None else k_scales, q if v_scales is None else v_scales,
+            block_tables, seq_lens,
             cu_seqlens_q, q if sinks is None else sinks.contiguous(), out, qs[0], qs[1],
             out.stride(0), out.stride(1), *scalars, block_tables.stride(0), n_m_tiles,
         )  # fmt: skip
@@ -229,11 +252,13 @@ _KERNELS: dict[tuple, PrefillKernels] = {}  # shape class -> bound kernels (a co
 def kernels(
     q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, sinks: torch.Tensor | None,
-    softcap: bool,
+    softcap: bool, k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
 ) -> PrefillKernels:  # fmt: skip
     """The :class:`PrefillKernels` of these tensors' shape class (made on first use)."""
     _, bs, hkv, d = k_cache.shape
-    key = (k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(), v_cache.stride(),
+    sstr = None if k_scales is None else (k_scales.stride(0), v_scales.stride(0))
+    key = (q.dtype, k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(), v_cache.stride(),
+           sstr,
            cu_seqlens_q.dtype, block_tables.dtype, seq_lens.dtype,
            None if sinks is None else sinks.dtype, bool(softcap), q.device)  # fmt: skip
     kern = _KERNELS.get(key)
@@ -257,6 +282,8 @@ def prefill(
     max_q_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the prefill kernel (arguments checked by :func:`pagedkv.ops.prefill_attention`).
 
@@ -264,12 +291,12 @@ def prefill(
     (one device sync). ``block_m`` / ``block_n`` override the tile sizes (tests, tuning).
     """
     kern = kernels(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, sinks,
-                   softcap is not None)  # fmt: skip
+                   softcap is not None, k_scales, v_scales)  # fmt: skip
     cfg = None
     if block_m is not None or block_n is not None:
         cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n}
         cfg = {k: v for k, v in cfg.items() if v is not None}
     return kern.run(
         q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, sinks,
-        scalars(scale, softcap, window), max_q_len, cfg,
+        scalars(scale, softcap, window), max_q_len, cfg, k_scales, v_scales,
     )  # fmt: skip

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from pagedkv._kv_formats import is_quantized
 from pagedkv.ops import _checks
 from pagedkv.ops._config import resolve, resolve_invariant
 from pagedkv.ops._specs import triton_module
@@ -47,6 +48,10 @@ def warmup(
     write: bool = True,
     blocks: bool = True,
     backend: str | None = None,
+    dtype: torch.dtype | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    static_scales: bool = False,
 ) -> WarmupResult:
     """Compile the decode, prefill and KV-write kernels for one layer layout.
 
@@ -61,6 +66,9 @@ def warmup(
     ``slot_dtype``: dtype of the slots given to :func:`pagedkv.ops.write_kv`.
     ``decode``, ``prefill``, ``write``, ``blocks`` (block copy / gather / scatter, the
     swap and copy-on-write kernels of a contiguous KVPool): which kernels to cover.
+    A quantized cache (fp8 / int8) also takes ``dtype`` (the compute dtype of q, k, v),
+    its layer's ``k_scales`` / ``v_scales`` (``pool.k_scales(0)``, for their strides) and
+    ``static_scales`` (whether the layout's scales are static: the write kernel differs).
 
     Covers every kernel :func:`pagedkv.ops.decode_attention`, ``prefill_attention``,
     ``write_kv`` and :class:`pagedkv.ops.DecodePlan` launch for such calls, whatever the
@@ -79,17 +87,27 @@ def warmup(
         _checks.attn_options(None, w, None, None, k_cache[:0, 0], False)
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
-    if resolve(backend, k_cache.device) != "triton":
+    quantized = is_quantized(k_cache.dtype)
+    cdt = k_cache.dtype if dtype is None else dtype
+    if quantized and dtype is None:
+        raise ValueError(f"a {k_cache.dtype} cache needs dtype= (the compute dtype of q, k, v)")
+    if not quantized and cdt != k_cache.dtype:
+        raise ValueError(f"dtype {cdt} must be the cache's dtype {k_cache.dtype}")
+    name = resolve(backend, k_cache.device)
+    _checks.kv_scales(k_cache, k_scales, v_scales, name)
+    if name != "triton":
         return WarmupResult(0, 0.0)
     modes = _modes(batch_invariant)
     dev = k_cache.device
     # stand-ins with the caches' dtype and strides: one block, zeros
     kd = _like(k_cache)
     vd = _like(v_cache)
+    ks = None if k_scales is None else _like(k_scales)
+    vs = None if v_scales is None else _like(v_scales)
     i32 = dict(dtype=index_dtype, device=dev)
     table = torch.zeros(1, 1, **i32)
     lens = torch.zeros(1, **i32)
-    q = torch.zeros(1, num_q_heads, d, dtype=k_cache.dtype, device=dev)
+    q = torch.zeros(1, num_q_heads, d, dtype=cdt, device=dev)
     n = 0
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for softcap in {s is not None for s in softcaps}:
@@ -98,16 +116,24 @@ def warmup(
                 if sink_dtype is not None:
                     sk = torch.full((num_q_heads,), float("-inf"), dtype=sink_dtype, device=dev)
                 if decode:
-                    n += _decode(q, kd, vd, table, lens, sk, softcap, modes, windows, max_seq_len)
+                    n += _decode(q, kd, vd, table, lens, sk, softcap, modes, windows, max_seq_len,
+                                 ks, vs)  # fmt: skip
                 if prefill:
-                    n += _prefill(q, kd, vd, table, sk, softcap, i32)
+                    n += _prefill(q, kd, vd, table, sk, softcap, i32, ks, vs)
         if write:
             slots = torch.full((1,), -1, dtype=slot_dtype, device=dev)  # -1: nothing written
-            kn = torch.zeros(1, hkv, d, dtype=k_cache.dtype, device=dev)
-            triton_module("memory").write_kernels(kd, vd, slots, kn).run(kd, vd, slots, kn, kn)
+            kn = torch.zeros(1, hkv, d, dtype=cdt, device=dev)
+            if quantized:
+                wk = triton_module("quant").write_kernels(kd, vd, ks, vs, slots, static_scales)
+                wk.run(kd, vd, ks, vs, slots, kn, kn, (1.0, 1.0) if static_scales else None)
+            else:
+                wk = triton_module("memory").write_kernels(kd, vd, slots, kn)
+                wk.run(kd, vd, slots, kn, kn)
             n += 1
         if blocks:
             n += _blocks(k_cache.dtype, k_cache.shape[1:], dev)
+            if quantized:  # the scales move with the blocks: [L, 2, num_blocks, Hkv]
+                n += _blocks(torch.float32, k_cache.shape[2:3], dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return WarmupResult(n, time.perf_counter() - t0)
@@ -126,13 +152,13 @@ def _like(cache: torch.Tensor) -> torch.Tensor:
     ).zero_()
 
 
-def _decode(q, k, v, table, lens, sinks, softcap, modes, windows, max_seq_len) -> int:
+def _decode(q, k, v, table, lens, sinks, softcap, modes, windows, max_seq_len, ks, vs) -> int:
     td = triton_module("decode")
     scal = td.scalars(q.shape[-1] ** -0.5, 1.0 if softcap else None, None)
     hkv = k.shape[2]
     n = 0
     for inv in modes:
-        kern = td.kernels(q, k, v, table, lens, sinks, softcap, inv)
+        kern = td.kernels(q, k, v, table, lens, sinks, softcap, inv, None, ks, vs)
         most = 16 if inv else max(_max_splits(kern, hkv, w, max_seq_len) for w in windows)
         # Each merge variant (S_PAD), and within it split counts of every residue mod 16:
         # the partials' strides (S * D, Hq * S * D) are specialized on divisibility by 16.
@@ -142,7 +168,8 @@ def _decode(q, k, v, table, lens, sinks, softcap, modes, windows, max_seq_len) -
             if per_pad.setdefault(pad, 0) < 16:
                 per_pad[pad] += 1
                 splits = SplitPlan(MIN_SPLIT_TOKENS, c, inv)  # seq_len 0: no key is read
-                kern.run(q, k, v, table, lens, sinks, scal, None, splits=splits)
+                kern.run(q, k, v, table, lens, sinks, scal, None, splits=splits, k_scales=ks,
+                         v_scales=vs)  # fmt: skip
                 n += 1 if pad == -1 else 2
     return n
 
@@ -169,13 +196,13 @@ def _blocks(dtype: torch.dtype, block_shape, dev: torch.device) -> int:
     return 3
 
 
-def _prefill(q, k, v, table, sinks, softcap, i32) -> int:
+def _prefill(q, k, v, table, sinks, softcap, i32, ks, vs) -> int:
     tp = triton_module("prefill")
     scal = triton_module("decode").scalars(q.shape[-1] ** -0.5, 1.0 if softcap else None, None)
     cu = torch.tensor([0, 1], **i32)
     lens = torch.ones(1, **i32)  # one query over one (zero) key of block 0
-    kern = tp.kernels(q, cu, k, v, table, lens, sinks, softcap)
+    kern = tp.kernels(q, cu, k, v, table, lens, sinks, softcap, ks, vs)
     cfgs = kern.tile_configs()
     for cfg in cfgs:
-        kern.run(q, cu, k, v, table, lens, sinks, scal, 1, cfg)
+        kern.run(q, cu, k, v, table, lens, sinks, scal, 1, cfg, ks, vs)
     return len(cfgs)

@@ -20,7 +20,9 @@ Format (version 1)::
 
 A page is the bytes of one block, K and V together, ordered (layer, k/v, token, head,
 dim); the token slots of the last page beyond ``last_page_fill`` are zero so equal
-content always has equal digests. Why K and V together: K and V of a token are
+content always has equal digests. A compressed layout (``"kv_dtype": "float8_e4m3fn"``
+etc. in ``layout``) has pages of the one-byte payload, then the float32 scales of the
+block ``(layer, k/v, head)``; the digest covers both. Why K and V together: K and V of a token are
 computed from the same prefix, so they are equal or differ together; splitting them
 found no extra sharing (``benchmarks/bench_snapshot.py``: 70 vs 70 MiB unique on a
 90 %-shared fork) and doubles the keys, files and round trips per byte.
@@ -42,6 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pagedkv._kv_formats import QUANT_FORMATS, SCALE_BYTES, dtype_name
 from pagedkv.errors import SnapshotError
 from pagedkv.snapshot.jsondoc import MAX_INT_DIGITS, decode_document
 from pagedkv.snapshot.schema import (
@@ -65,6 +68,8 @@ PAGE_UNIT = "block"
 _LAYOUT_KEYS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "bytes_per_block")
 _DTYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+_QUANT_NAMES = ", ".join(dtype_name(d) for d in QUANT_FORMATS)
+_QUANT_RE = re.compile("|".join(dtype_name(d) for d in QUANT_FORMATS))
 MAX_BYTES_PER_BLOCK = 1 << 30  # 1 GiB: far above any real block, and a buffer verify can hold
 
 
@@ -81,8 +86,11 @@ def validate_name(name: object) -> str:
 
 
 def layout_dict(layout: KVLayout) -> dict[str, Any]:
-    """The JSON form of a ``KVLayout`` (dtype as its short name, e.g. ``"bfloat16"``)."""
-    return {
+    """The JSON form of a ``KVLayout`` (dtype as its short name, e.g. ``"bfloat16"``). A
+    quantized layout adds ``kv_dtype`` (e.g. ``"float8_e4m3fn"``): its pages are the
+    payload then the float32 scales (see ``KVLayout``); unquantized ones have no such key,
+    so their manifests are as they always were."""
+    d = {
         "num_layers": layout.num_layers,
         "num_kv_heads": layout.num_kv_heads,
         "head_dim": layout.head_dim,
@@ -90,13 +98,17 @@ def layout_dict(layout: KVLayout) -> dict[str, Any]:
         "dtype": str(layout.dtype).removeprefix("torch."),
         "bytes_per_block": layout.bytes_per_block,
     }
+    if getattr(layout, "quantized", False):
+        d["kv_dtype"] = str(layout.kv_dtype).removeprefix("torch.")
+    return d
 
 
 def describe_layout(d: dict[str, Any]) -> str:
     """A one-line human form of a layout dict, for error messages and tables."""
+    stored = f", stored as {d['kv_dtype']}" if "kv_dtype" in d else ""
     return (
         f"{d['num_layers']} layers x {d['num_kv_heads']} kv heads x head_dim {d['head_dim']}, "
-        f"block_size {d['block_size']}, {d['dtype']}"
+        f"block_size {d['block_size']}, {d['dtype']}{stored}"
     )
 
 
@@ -274,16 +286,23 @@ def parse_manifest(raw: object, what: str = "manifest") -> Manifest:
 
 
 def _parse_layout(f: Fields) -> dict[str, Any]:
-    if set(f.data) != set(_LAYOUT_KEYS):
+    if set(f.data) not in (set(_LAYOUT_KEYS), {*_LAYOUT_KEYS, "kv_dtype"}):
         raise SnapshotError(
-            f"{f.what}: field 'layout' must have exactly the keys {', '.join(_LAYOUT_KEYS)}; "
-            f"got {', '.join(sorted(map(str, f.data)))[:200]}"
+            f"{f.what}: field 'layout' must have exactly the keys {', '.join(_LAYOUT_KEYS)} "
+            f"(and kv_dtype for a compressed one); got {', '.join(sorted(map(str, f.data)))[:200]}"
         )
     dims = {k: f.integer(k, 1, INT32) for k in _LAYOUT_KEYS[:4]}
     dtype = f.text("dtype", _DTYPE_RE, expected="a torch dtype name such as 'bfloat16'")
     bytes_per_block = f.integer("bytes_per_block", 1, MAX_BYTES_PER_BLOCK)
     elements = 2 * dims["num_layers"] * dims["num_kv_heads"] * dims["head_dim"]
     elements *= dims["block_size"]
+    if "kv_dtype" in f.data:
+        kv = f.text("kv_dtype", _QUANT_RE, expected="a compressed format: " + _QUANT_NAMES)
+        scales = SCALE_BYTES * dims["num_layers"] * dims["num_kv_heads"]
+        if bytes_per_block != elements + scales:
+            want = f"{elements} one-byte elements + {scales} bytes of scales"
+            raise f.fail("bytes_per_block", want, bytes_per_block)
+        return {**dims, "dtype": dtype, "bytes_per_block": bytes_per_block, "kv_dtype": kv}
     if bytes_per_block not in (elements, 2 * elements, 4 * elements, 8 * elements):
         raise f.fail(
             "bytes_per_block",

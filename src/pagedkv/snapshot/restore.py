@@ -14,12 +14,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from pagedkv._kv_formats import dtype_name
 from pagedkv.errors import OutOfBlocks, SnapshotError
 from pagedkv.snapshot.keys import page_key
 from pagedkv.snapshot.manifest import Manifest, SequenceEntry, describe_layout, layout_dict
 from pagedkv.snapshot.pager import CachePager, model_of
 from pagedkv.snapshot.pipeline import Workers, progress_bar
 from pagedkv.storage.host import host_bytes
+from pagedkv.storage.layout import KVLayout
 from pagedkv.stores.base import BlockStore, ReadsInto
 
 
@@ -137,17 +139,25 @@ class PageReader:
         return sizes
 
 
-def check_compatible(m: Manifest, pager: CachePager) -> None:
-    """``SnapshotError`` unless snapshot ``m`` was saved with the pager's layout and
-    fingerprint (KV is only valid for the model and layout that computed it)."""
+def check_compatible(m: Manifest, pager: CachePager) -> KVLayout | None:
+    """``SnapshotError`` unless snapshot ``m`` loads into the pager: saved with its layout
+    and fingerprint (KV is only valid for the model and layout that computed it), or a
+    compressed snapshot of the same model into an unquantized cache. Returns the
+    snapshot's layout when its pages must be dequantized first, else None (bit-exact)."""
     mine = layout_dict(pager.layout)
+    expected = str(pager.fingerprint)
+    source = None
     if m.layout != mine:
-        raise SnapshotError(
-            f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but the "
-            f"cache has layout [{describe_layout(mine)}]; restore it into a cache built with "
-            "the snapshot's layout"
-        )
-    if m.fingerprint != str(pager.fingerprint):
+        source = _dequantizable(m, pager.layout)
+        fingerprint_for = getattr(pager, "fingerprint_for", None)
+        if source is None or fingerprint_for is None:
+            raise SnapshotError(
+                f"snapshot {m.name!r} was saved with layout [{describe_layout(m.layout)}] but "
+                f"the cache has layout [{describe_layout(mine)}]; restore it into a cache "
+                "built with the snapshot's layout" + _format_hint(m.layout, mine)
+            )
+        expected = str(fingerprint_for(source))
+    if m.fingerprint != expected:
         theirs, ours = model_of(pager), m.model
         raise SnapshotError(
             f"snapshot {m.name!r} was saved from model fingerprint {m.fingerprint!r}"
@@ -156,6 +166,33 @@ def check_compatible(m: Manifest, pager: CachePager) -> None:
             + (f" (model {theirs!r})" if theirs else "")
             + "; KV is only valid for the model and layout that computed it"
         )
+    return source
+
+
+def _dequantizable(m: Manifest, lay: KVLayout) -> KVLayout | None:
+    """The snapshot's KVLayout if it is a compressed one of ``lay``'s geometry and dtype
+    and ``lay`` is unquantized (a wider format: its pages load dequantized), else None."""
+    d = m.layout
+    if "kv_dtype" not in d or lay.quantized:
+        return None
+    dims = ("num_layers", "num_kv_heads", "head_dim", "block_size")
+    if any(d[k] != getattr(lay, k) for k in dims) or d["dtype"] != dtype_name(lay.dtype):
+        return None
+    return lay.with_kv_dtype(d["kv_dtype"])
+
+
+def _format_hint(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    a, b = theirs.get("kv_dtype"), mine.get("kv_dtype")
+    if a == b:
+        return ""
+    if a is not None and b is not None:
+        return (
+            f" (a {a} snapshot loads into a {a} cache bit-exactly, or dequantized into an "
+            f"unquantized {theirs['dtype']} one; not into {b}, which would round it twice)"
+        )
+    if b is not None:
+        return f" (an unquantized snapshot does not load into a {b} cache)"
+    return ""
 
 
 def select(

@@ -122,7 +122,9 @@ def read_units(pager: CachePager, units: Sequence[Unit]) -> torch.Tensor:
     for i, (_, fill) in enumerate(units):
         if fill < lay.block_size:
             # row bytes are ordered (layer, k/v, token, head, dim): zero tokens >= fill
-            arr[i].reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
+            # (a compressed layout's scales follow the payload and stay)
+            pay = arr[i][: lay.payload_bytes]
+            pay.reshape(lay.num_layers * 2, lay.block_size, -1)[:, fill:, :] = 0
     return rows
 
 

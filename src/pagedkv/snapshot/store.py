@@ -51,6 +51,7 @@ from pagedkv.snapshot.reports import (
     VerifyReport,
 )
 from pagedkv.snapshot.save import Saver
+from pagedkv.storage import convert_rows
 from pagedkv.stores.base import BlockStore
 
 log = logging.getLogger("pagedkv.snapshot")
@@ -243,7 +244,10 @@ class SnapshotStore:
 
         ``seq_ids`` maps the saved ids to restore onto new ids (only those are
         restored; a list or a ``str`` raises ``TypeError``); by default every sequence
-        is restored under ``"<name>:<old id>"``. The layout and fingerprint are
+        is restored under ``"<name>:<old id>"``. A compressed (fp8 / int8) snapshot
+        loads bit-exactly into a cache of its format, or dequantized into an unquantized
+        cache of the same model (the pager needs ``fingerprint_for``, as KVCache has);
+        any other format pair is refused. The layout and fingerprint are
         checked and every page is read and verified before anything is installed: a
         mismatch, a damaged manifest, a missing or corrupt page raises
         ``SnapshotError`` and leaves the pager untouched. Pages whose blocks the
@@ -258,7 +262,7 @@ class SnapshotStore:
         wanted = id_mapping(seq_ids)
         check_flag("progress", progress)
         manifest = self.manifest(name)
-        restore.check_compatible(manifest, pager)
+        source = restore.check_compatible(manifest, pager)
         entries, mapping = restore.select(manifest, pager, wanted)
         uniq = list(dict.fromkeys(d for e in entries for d in e.pages))
         reader = self._reader(manifest, progress)
@@ -269,6 +273,8 @@ class SnapshotStore:
                 f"pages (first: {(missing + corrupt)[0]}); nothing was restored. "
                 f"`pagedkv snapshot verify {name}` lists them"
             )
+        if source is not None:  # a compressed snapshot into an unquantized cache
+            pages = convert_rows(pages, source, pager.layout)
         result = LoadResult()
         result.shared_blocks = restore.install(pager, name, entries, mapping, pages, uniq)
         result.update((e.seq_id, mapping[e.seq_id]) for e in entries)

@@ -11,6 +11,7 @@ from pagedkv._validate import check_int
 from pagedkv.storage import cudart
 from pagedkv.storage.host import HostRowCache
 from pagedkv.storage.layout import KVLayout
+from pagedkv.storage.rows import payload_view, scale_view
 
 BlockIds = Sequence[int] | torch.Tensor
 
@@ -18,9 +19,12 @@ BlockIds = Sequence[int] | torch.Tensor
 class KVPool:
     """Paged K/V storage of ``num_blocks`` blocks on one device.
 
-    ``kv`` is one tensor ``[num_layers, 2, num_blocks, block_size, Hkv, D]``: per layer,
-    K then V in NHD order (the paged layout FlashInfer and vLLM use), zero-initialised.
-    A slot is ``block * block_size + offset``.
+    ``kv`` is one tensor ``[num_layers, 2, num_blocks, block_size, Hkv, D]`` of the
+    layout's ``kv_dtype``: per layer, K then V in NHD order (the paged layout FlashInfer
+    and vLLM use), zero-initialised. A quantized layout (fp8 / int8) adds ``scales``,
+    float32 ``[num_layers, 2, num_blocks, Hkv]`` (``None`` otherwise): every method that
+    moves blocks (copy, read/write as bytes, the cross-pool copies) moves a block's scales
+    with its payload. A slot is ``block * block_size + offset``.
 
     Every method checks its arguments (shapes, dtypes, devices, id ranges) before doing
     anything, so an error leaves the pool unchanged. The constructor raises
@@ -41,6 +45,7 @@ class KVPool:
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
         check_int(num_blocks, "num_blocks", minimum=1)
         device = _resources.resolve_device(device)
+        ops.check_kv_readable(layout.kv_dtype, device, backend)  # before a byte is allocated
         _resources.require_memory(
             "KVPool", "num_blocks", num_blocks, self.bytes_needed(layout, num_blocks), device,
             unit_bytes=layout.bytes_per_block, detail=f"{layout.bytes_per_block} bytes per block",
@@ -51,10 +56,17 @@ class KVPool:
         shape = (layout.num_layers, 2, num_blocks, layout.block_size)
         shape = (*shape, layout.num_kv_heads, layout.head_dim)
         if device.type == "cpu":  # its own pages, so a group can page-lock them safely
-            self.kv = cudart.own_pages(shape, layout.dtype)
+            self.kv = cudart.own_pages(shape, layout.kv_dtype)
         else:
-            self.kv = torch.zeros(shape, dtype=layout.dtype, device=device)
+            self.kv = torch.zeros(shape, dtype=layout.kv_dtype, device=device)
         self.device = self.kv.device  # with its index: "cuda" -> cuda:0
+        self.scales: torch.Tensor | None = None
+        if layout.quantized:
+            self.scales = torch.zeros(
+                (layout.num_layers, 2, num_blocks, layout.num_kv_heads),
+                dtype=torch.float32, device=self.device,
+            )  # fmt: skip
+        self._static = layout.static_scales
         self._host_cache = HostRowCache() if self.device.type == "cpu" else None
 
     def __repr__(self) -> str:
@@ -62,12 +74,12 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the pool tensor."""
+        """Bytes held by the pool tensors (payload and scales)."""
         return self.bytes_needed(self.layout, self.num_blocks)
 
     @staticmethod
     def bytes_needed(layout: KVLayout, num_blocks: int) -> int:
-        """Bytes the pool tensor of ``num_blocks`` blocks of ``layout`` takes."""
+        """Bytes the pool tensors of ``num_blocks`` blocks of ``layout`` take."""
         return num_blocks * layout.bytes_per_block
 
     def host_rows(self, n: int) -> torch.Tensor:
@@ -87,6 +99,14 @@ class KVPool:
         """V of ``layer``: a [num_blocks, block_size, Hkv, D] view."""
         return self.kv[self._layer(layer), 1]
 
+    def k_scales(self, layer: int) -> torch.Tensor | None:
+        """Scales of K of ``layer``: a float32 [num_blocks, Hkv] view (None unless quantized)."""
+        return None if self.scales is None else self.scales[self._layer(layer), 0]
+
+    def v_scales(self, layer: int) -> torch.Tensor | None:
+        """Scales of V of ``layer``: a float32 [num_blocks, Hkv] view (None unless quantized)."""
+        return None if self.scales is None else self.scales[self._layer(layer), 1]
+
     def _layer(self, layer: int) -> int:
         check_int(layer, "layer")
         if not 0 <= layer < self.layout.num_layers:
@@ -104,14 +124,21 @@ class KVPool:
         check: bool = True,
     ) -> None:
         """Scatter new tokens' K/V: k, v [N, Hkv, D]; slots [N] int on the pool's device
-        (-1 skips a token). See :func:`pagedkv.ops.write_kv`."""
-        ops.write_kv(self.k(layer), self.v(layer), slots, k, v, backend=self.backend, check=check)
+        (-1 skips a token). A quantized pool quantizes them and keeps its scales. See
+        :func:`pagedkv.ops.write_kv`."""
+        static = None if self._static is None else self._static[self._layer(layer)]
+        ops.write_kv(
+            self.k(layer), self.v(layer), slots, k, v, k_scales=self.k_scales(layer),
+            v_scales=self.v_scales(layer), static_scales=static, backend=self.backend,
+            check=check,
+        )  # fmt: skip
 
     def gather(
         self, layer: int, block_table: BlockIds, num_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``num_tokens`` tokens of a sequence as contiguous (k, v), each
-        [num_tokens, Hkv, D]; ``block_table`` lists its blocks in order."""
+        [num_tokens, Hkv, D] (dequantized to the layout's ``dtype`` when quantized);
+        ``block_table`` lists its blocks in order."""
         k_cache, v_cache = self.k(layer), self.v(layer)
         ids = _tensor_checks.block_ids(block_table, self.num_blocks, self.device, "block_table")
         bs = self.layout.block_size
@@ -122,8 +149,12 @@ class KVPool:
             )
         ids = ids[: -(-num_tokens // bs)]
         shape = (-1, self.layout.num_kv_heads, self.layout.head_dim)
-        k = k_cache.index_select(0, ids).reshape(shape)[:num_tokens]
-        v = v_cache.index_select(0, ids).reshape(shape)[:num_tokens]
+        k, v = k_cache.index_select(0, ids), v_cache.index_select(0, ids)
+        if self.scales is not None:
+            dt = self.layout.dtype
+            k = k.to(dt) * self.k_scales(layer).index_select(0, ids).to(dt)[:, None, :, None]
+            v = v.to(dt) * self.v_scales(layer).index_select(0, ids).to(dt)[:, None, :, None]
+        k, v = k.reshape(shape)[:num_tokens], v.reshape(shape)[:num_tokens]
         return k.contiguous(), v.contiguous()
 
     # ---- whole-block ops ----------------------------------------------------------------
@@ -147,18 +178,22 @@ class KVPool:
         dst = _tensor_checks.block_ids(pt[:, 1].cpu(), self.num_blocks, cpu, "copy_blocks dst")
         s, d = src.tolist(), dst.tolist()
         src, dst = src.to(self.device), dst.to(self.device)
+        tensors = [self.kv] if self.scales is None else [self.kv, self.scales]
         if len(set(d)) == len(d) and not set(d) & set(s):
-            ops.copy_blocks(self.kv, src, dst, backend=self.backend)
+            for t in tensors:
+                ops.copy_blocks(t, src, dst, backend=self.backend)
             return
         for i in range(len(s)):  # chained or repeated destinations: keep list-order semantics
             if s[i] != d[i]:
-                ops.copy_blocks(self.kv, src[i : i + 1], dst[i : i + 1], backend=self.backend)
+                for t in tensors:
+                    ops.copy_blocks(t, src[i : i + 1], dst[i : i + 1], backend=self.backend)
 
     def read_blocks(
         self, block_ids: BlockIds, *, out: torch.Tensor | None = None, non_blocking: bool = False
     ) -> torch.Tensor:
         """Bytes of blocks ``block_ids`` as uint8 [n, bytes_per_block] on the CPU (pinned when
-        the pool is on CUDA); each row ordered (layer, k/v, token, head, dim).
+        the pool is on CUDA); each row ordered (layer, k/v, token, head, dim), then for a
+        quantized pool the block's scales (layer, k/v, head) as float32.
 
         One gather into a device staging buffer, then one copy (a CPU pool copies
         straight into the rows). Without ``out`` the rows come from :meth:`host_rows`.
@@ -181,11 +216,34 @@ class KVPool:
         if self._host_direct():
             # out[i] viewed [L*2, chunk] <- rows_u8[:, id_i]: one pass, no staging copy
             rows = self._rows_u8()
-            torch.index_select(rows, 1, ids, out=out.view(n, *rows.shape[::2]).transpose(0, 1))
+            pay = out[:, : self.layout.payload_bytes].view(n, *rows.shape[::2])
+            torch.index_select(rows, 1, ids, out=pay.transpose(0, 1))
+            if self.scales is not None:
+                scale_view(out, self.layout).copy_(self.scales.index_select(2, ids).movedim(2, 0))
             return out
-        staged = ops.gather_blocks(self.kv, ids, backend=self.backend)
-        out.copy_(staged.view(n, -1).view(torch.uint8), non_blocking=non_blocking)
+        staged = torch.empty_like(out, device=self.device)
+        self.gather_rows(ids, staged)
+        out.copy_(staged, non_blocking=non_blocking)
         return out
+
+    def gather_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Blocks ``ids`` ([n] int64 on the pool's device, in range) into the byte rows
+        ``rows`` (uint8 [n, bytes_per_block] on the pool's device, each row dense): payload
+        and scales, as :meth:`read_blocks` orders them. No checks: for the copy paths."""
+        ops.gather_blocks(self.kv, ids, out=payload_view(rows, self.layout), backend=self.backend)
+        if self.scales is not None:
+            ops.gather_blocks(
+                self.scales, ids, out=scale_view(rows, self.layout), backend=self.backend
+            )
+
+    def scatter_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Inverse of :meth:`gather_rows`: byte rows on the pool's device into blocks ``ids``
+        (distinct)."""
+        ops.scatter_blocks(self.kv, ids, payload_view(rows, self.layout), backend=self.backend)
+        if self.scales is not None:
+            ops.scatter_blocks(
+                self.scales, ids, scale_view(rows, self.layout), backend=self.backend
+            )
 
     def write_blocks(
         self, block_ids: BlockIds, data: torch.Tensor, *, non_blocking: bool = False
@@ -204,17 +262,15 @@ class KVPool:
             raise ValueError(f"block_ids must be distinct, got {ids.tolist()}")
         if self._host_direct():
             rows, src = self._rows_u8(), data.contiguous()
-            src = src.view(n, rows.shape[0], rows.shape[2])
+            pay = src[:, : self.layout.payload_bytes].view(n, rows.shape[0], rows.shape[2])
             # a copy per block: index_copy_ over the strided block dim runs ~15x slower
             for i, b in enumerate(ids.tolist()):
-                rows[:, b].copy_(src[i])
+                rows[:, b].copy_(pay[i])
+            if self.scales is not None:
+                self.scales[:, :, ids] = scale_view(src, self.layout).movedim(0, 2)
             return
-        lay = self.layout
         staged = data.contiguous().to(self.device, non_blocking=non_blocking)
-        staged = staged.view(lay.dtype).view(
-            n, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim
-        )
-        ops.scatter_blocks(self.kv, ids, staged, backend=self.backend)
+        self.scatter_rows(ids, staged)
 
     def _host_direct(self) -> bool:
         """CPU pool on the reference backend: move bytes straight between pool and rows.

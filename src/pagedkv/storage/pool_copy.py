@@ -14,8 +14,8 @@ The route depends on the two devices (:attr:`BlockCopy.route`):
   copy engine when the CPU pool is page-locked; ``host``, host threads gather (scatter)
   chunks of a pageable CPU pool into (out of) pinned rows, overlapped with the transfers.
   ``auto`` picks ``direct`` when it can.
-- ``staged``: any other pair; through host rows (:meth:`KVPool.read_blocks` /
-  :meth:`KVPool.write_blocks`).
+- ``staged``: any other pair, and compressed (fp8 / int8) pools, whose blocks carry their
+  scales; through host rows (:meth:`KVPool.read_blocks` / :meth:`KVPool.write_blocks`).
 
 Blocks move in chunks of about ``chunk_bytes`` where they are staged (a few staging
 buffers per side at most), so moving a long sequence never needs its size in spare
@@ -131,7 +131,10 @@ def copy_blocks_between(
     how_staged = staging_for(src, dst, staging)
     s, d = [int(b) for b in src_ids], [int(b) for b in dst_ids]
     how = route(src.device, dst.device)
-    peer = peer_access(src.device, dst.device)
+    if src.layout.quantized:
+        # the other routes move the payload tensor; host rows carry a block's scales too
+        how, how_staged = "staged", None
+    peer = None if how == "staged" else peer_access(src.device, dst.device)
     done = BlockCopy(how, len(s), len(s) * src.layout.bytes_per_block, peer, how_staged)
     if not s:
         return done

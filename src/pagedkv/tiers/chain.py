@@ -17,6 +17,8 @@ also verify the fingerprint on every read).
   path, write-back is not.
 - ``swap_out``/``swap_in``: a whole sequence's blocks to the CPU tier's swap area
   (never evicted) and back, bit-exact.
+- Tiers given ``kv_dtype="fp8"`` (or int8, ...) hold blocks in that format: demote
+  quantizes on the pool's device, promote dequantizes (swaps stay in the pool's format).
 - ``persist``: for a warm restart, the pool's cached blocks and the CPU tier's entries
   to the first persistent tier (:mod:`pagedkv.tiers.persist`).
 
@@ -38,6 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pagedkv._kv_formats import dtype_name, is_quantized
 from pagedkv.errors import StoreError
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier, check_tiers, open_levels
@@ -56,6 +59,26 @@ WRITTEN_THROUGH_MEMORY = 1 << 16
 AT_EXIT_FLUSH_SECONDS = 30.0
 
 log = logging.getLogger("pagedkv.tiers")
+
+
+def _tier_layout(tiers: Sequence[CPUTier | DiskTier | RedisTier], layout: KVLayout) -> KVLayout:
+    """The layout of a block as the tiers store it: the pool's, or the tiers' ``kv_dtype``."""
+    formats = {t.kv_dtype for t in tiers}
+    if len(formats) > 1:
+        shown = ", ".join(sorted("pool's" if f is None else dtype_name(f) for f in formats))
+        raise ValueError(
+            f"tiers store blocks in different formats ({shown}); give every tier the same "
+            "kv_dtype (a block spills from one tier to the next as it is)"
+        )
+    fmt = formats.pop()
+    if fmt is None or fmt == layout.kv_dtype:
+        return layout
+    if not is_quantized(fmt) and fmt != layout.dtype:
+        raise ValueError(
+            f"tier kv_dtype {dtype_name(fmt)} is neither a compressed format (fp8 / int8) nor "
+            f"the model's dtype {dtype_name(layout.dtype)}"
+        )
+    return layout.with_kv_dtype(fmt)
 
 
 class _ExitHook:
@@ -100,10 +123,12 @@ class TieredStore:
             raise ValueError(f"max_pending_bytes must be > 0, got {max_pending_bytes}")
         self.tiers = tuple(tiers)
         self.layout = layout
+        self.tier_layout = _tier_layout(self.tiers, layout)
         self.fingerprint = fingerprint
-        self.bytes_per_block = layout.bytes_per_block
-        # Framed values carry this string's digest; the key namespace is derived from it.
-        self._frame_fp = f"pagedkv-tiers-v1|{layout!r}|{fingerprint}"
+        self.bytes_per_block = self.tier_layout.bytes_per_block  # a block as the tiers hold it
+        # Framed values carry this string's digest; the key namespace is derived from it
+        # (the tiers' format too: a tier of another format never sees these entries).
+        self._frame_fp = f"pagedkv-tiers-v1|{self.tier_layout!r}|{fingerprint}"
         ns = hashlib.sha256(self._frame_fp.encode()).hexdigest()[:16]
         self.key_prefix = f"kv-{ns}-"
         self.levels: list[Level] = open_levels(tiers, self.bytes_per_block, self._frame_fp)
@@ -136,7 +161,7 @@ class TieredStore:
             raise TypeError(f"attach expects a KVPool, got {type(pool).__name__}")
         if pool.layout != self.layout:
             raise ValueError(f"pool layout {pool.layout} differs from the tiers' {self.layout}")
-        self._xfer = Transfer(pool)
+        self._xfer = Transfer(pool, tier_layout=self.tier_layout)
 
     def key(self, block_hash: bytes) -> str:
         """The store key of the block with chained hash ``block_hash``."""
@@ -216,7 +241,7 @@ class TieredStore:
         return done
 
     def _submit(self, keys: list[str], block_ids: list[int], *, all_levels: bool) -> None:
-        rows, event = self._transfer.gather(block_ids)
+        rows, event = self._transfer.gather_encoded(block_ids)
         self._writer.submit(Job(keys, rows, event, all_levels))
 
     def _store_job(self, job: Job) -> None:
@@ -294,7 +319,7 @@ class TieredStore:
         run = next((j for j in range(n) if j not in staged and level_of[j] is None), n)
         if run == 0:
             return 0
-        rows = xfer.host_rows(run)
+        rows = xfer.tier_rows(run)
         ok = [False] * run
         for j, hit in staged.items():
             if j < run:
@@ -321,7 +346,7 @@ class TieredStore:
             else:
                 self.levels[held_by].hits += 1
         if loaded:
-            xfer.scatter(block_ids[:loaded], rows[:loaded])
+            xfer.scatter_decoded(block_ids[:loaded], rows[:loaded])
             self._promoted += loaded
         return loaded
 
@@ -340,7 +365,7 @@ class TieredStore:
                 "swap_out needs a CPUTier as the first tier (tiers=[CPUTier(...), ...]); "
                 f"the first tier here is {self.levels[0].name}"
             )
-        self._swap.check_fits(key, len(block_ids) * self.bytes_per_block)
+        self._swap.check_fits(key, len(block_ids) * self.layout.bytes_per_block)
         self._swap.add(key, *self._transfer.gather(block_ids))
 
     def swap_in(self, key: str, block_ids: Sequence[int], *, skip: int = 0) -> None:
@@ -398,6 +423,8 @@ class TieredStore:
             swap_capacity_bytes=self._swap.capacity_bytes,
             pending_bytes=self._writer.pending_bytes,
             lost_blocks=self._writer.lost_blocks,
+            kv_dtype=dtype_name(self.tier_layout.kv_dtype),
+            block_bytes=self.bytes_per_block,
             persisted=self._persisted,
         )
 

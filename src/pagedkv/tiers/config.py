@@ -15,7 +15,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pagedkv import _resources
 from pagedkv.errors import ResourceError
@@ -49,6 +49,15 @@ def _check_host_memory(who: str, capacity_bytes: int) -> None:
     )  # fmt: skip
 
 
+def _check_kv_dtype(tier: object, who: str) -> None:
+    """Normalise ``kv_dtype`` (a name such as ``"fp8"``, or a torch.dtype) in place."""
+    value = tier.kv_dtype
+    if value is not None:
+        from pagedkv._kv_formats import parse_kv_dtype
+
+        object.__setattr__(tier, "kv_dtype", parse_kv_dtype(value, f"{who}: kv_dtype"))
+
+
 def _check_seconds(value: object, who: str, field: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{who}: {field} must be a positive number of seconds, got {value!r}")
@@ -69,12 +78,20 @@ class CPUTier:
     :class:`~pagedkv.errors.ResourceError` here and again when the tier is opened
     (memory may have gone meanwhile), before the slab is allocated. The swap budget
     is not checked: its buffers come and go with the swapped sequences.
+
+    ``kv_dtype`` (every tier type has it): the format the tier stores blocks in,
+    ``None`` (the pool's) or e.g. ``"fp8"`` / ``"int8"``, about half the bytes of a bf16
+    block: demotion quantizes, promotion dequantizes (one rounding, within the format's
+    bound; :func:`pagedkv.storage.convert_rows`). All tiers of one cache share it.
+    Swapped-out sequences stay in the pool's format (bit-exact).
     """
 
     capacity_bytes: int
     swap_bytes: int | None = None
+    kv_dtype: Any = None
 
     def __post_init__(self) -> None:
+        _check_kv_dtype(self, "CPUTier")
         _check_bytes(self.capacity_bytes, "CPUTier", "capacity_bytes")
         if self.swap_bytes is not None:
             _check_bytes(self.swap_bytes, "CPUTier", "swap_bytes", allow_zero=True)
@@ -129,8 +146,10 @@ class DiskTier:
     capacity_bytes: int
     fsync: bool = False
     file_mode: int | None = None
+    kv_dtype: Any = None
 
     def __post_init__(self) -> None:
+        _check_kv_dtype(self, "DiskTier")
         if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
             raise TypeError(f"DiskTier: path must be a directory path, got {self.path!r}")
         _check_bytes(self.capacity_bytes, "DiskTier", "capacity_bytes")
@@ -213,6 +232,7 @@ class RedisTier:
     timeout_seconds: float = 0.5
     retry_initial_seconds: float = 0.5
     retry_max_seconds: float = 30.0
+    kv_dtype: Any = None
 
     def __init__(
         self,
@@ -227,6 +247,7 @@ class RedisTier:
         timeout_s: float | None = None,
         retry_initial_s: float | None = None,
         retry_max_s: float | None = None,
+        kv_dtype: Any = None,
     ) -> None:
         given = {
             "timeout_seconds": _one_of(timeout_seconds, timeout_s, "timeout", 0.5),
@@ -241,11 +262,13 @@ class RedisTier:
             ("password", password),
             ("ttl_seconds", ttl_seconds),
             *given.items(),
+            ("kv_dtype", kv_dtype),
         ):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
     def __post_init__(self) -> None:
+        _check_kv_dtype(self, "RedisTier")
         if not isinstance(self.url, str):
             raise TypeError(
                 "RedisTier: url must be a str like redis://host:6379/0, got "
@@ -270,7 +293,8 @@ class RedisTier:
             f"{password}, ttl_seconds={self.ttl_seconds!r}, "
             f"timeout_seconds={self.timeout_seconds!r}, "
             f"retry_initial_seconds={self.retry_initial_seconds!r}, "
-            f"retry_max_seconds={self.retry_max_seconds!r})"
+            f"retry_max_seconds={self.retry_max_seconds!r}"
+            f"{'' if self.kv_dtype is None else f', kv_dtype={self.kv_dtype}'})"
         )
 
     def _store(self) -> RedisStore | RedisClusterStore:

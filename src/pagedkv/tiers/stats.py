@@ -71,7 +71,9 @@ class ChainStats(_FieldMapping):
     they stay in the pool. ``swapped_sequences``/``swapped_bytes``/``swap_capacity_bytes``:
     the CPU tier's swap area. ``pending_bytes``: staged write-back bytes not stored
     yet; ``lost_blocks``: demoted blocks that could not be stored (a failed or dropped
-    write-back: each is only a later miss). ``persisted``: entries written by
+    write-back: each is only a later miss). ``kv_dtype`` / ``block_bytes``: the format a
+    block is stored in by the tiers (``CPUTier(..., kv_dtype="fp8")``; else the pool's)
+    and its bytes. ``persisted``: entries written by
     :meth:`~pagedkv.tiers.TieredStore.persist` (a warm restart's ``close(persist=True)``).
     """
 
@@ -86,4 +88,6 @@ class ChainStats(_FieldMapping):
     swap_capacity_bytes: int
     pending_bytes: int
     lost_blocks: int
+    kv_dtype: str = ""
+    block_bytes: int = 0
     persisted: int = 0

@@ -6,16 +6,23 @@ afterwards (the evicting allocation's prefill) cannot overtake the copy, and a h
 reader synchronizes on the event before touching the rows. Blocks move in chunks
 of about ``chunk_bytes``: the pool stages a whole batch on the device, and swapping
 a long sequence must not need gigabytes of device memory at a moment of pressure.
+
+Tiers may store another format than the pool (``CPUTier(..., kv_dtype="fp8")``):
+:meth:`Transfer.gather_encoded` converts each chunk on the pool's device before it is
+copied out (the host sees half the bytes), :meth:`Transfer.scatter_decoded` converts
+after the copy in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext as _nullcontext
 from typing import Any
 
 import torch
 
-from pagedkv.storage import KVPool
+from pagedkv import _tensor_checks
+from pagedkv.storage import KVLayout, KVPool, convert_rows
 
 CHUNK_BYTES = 256 << 20
 
@@ -23,9 +30,13 @@ CHUNK_BYTES = 256 << 20
 class Transfer:
     """Copies between ``pool`` and host ``uint8 [n, bytes_per_block]`` rows."""
 
-    def __init__(self, pool: KVPool, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self, pool: KVPool, chunk_bytes: int = CHUNK_BYTES, tier_layout: KVLayout | None = None
+    ) -> None:
         self.pool = pool
         self.bytes_per_block = pool.layout.bytes_per_block
+        # the tiers' format, when it is not the pool's (None: rows are the pool's bytes)
+        self.encoded = None if tier_layout in (None, pool.layout) else tier_layout
         self.chunk = max(1, chunk_bytes // self.bytes_per_block)  # blocks per copy
         self.cuda = pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
@@ -57,8 +68,9 @@ class Transfer:
         return rows, event
 
     def gather_ready(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """:meth:`gather`, waiting until the rows hold the bytes."""
-        rows, event = self.gather(block_ids)
+        """:meth:`gather_encoded` (rows in the tiers' format), waiting until the rows hold
+        the bytes."""
+        rows, event = self.gather_encoded(block_ids)
         if event is not None:
             event.synchronize()
         return rows
@@ -79,3 +91,49 @@ class Transfer:
         ids, step = list(block_ids), self.chunk
         for a in range(0, len(ids), step):
             self.pool.write_blocks(ids[a : a + step], rows[a : a + step], non_blocking=self.cuda)
+
+    # -- in the tiers' format -------------------------------------------------------------
+
+    def tier_rows(self, n: int) -> torch.Tensor:
+        """Uninitialised host rows for ``n`` blocks in the tiers' format."""
+        if self.encoded is None:
+            return self.host_rows(n)
+        return torch.empty((n, self.encoded.bytes_per_block), dtype=torch.uint8,
+                           pin_memory=self.cuda)  # fmt: skip
+
+    def gather_encoded(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
+        """:meth:`gather`, the rows converted to the tiers' format (on the pool's device)."""
+        if self.encoded is None:
+            return self.gather(block_ids)
+        pool, lay, n, step = self.pool, self.encoded, len(block_ids), self.chunk
+        ids = _tensor_checks.block_ids(list(block_ids), pool.num_blocks, pool.device, "block_ids")
+        out = self.tier_rows(n)
+        stream = self._stream
+        if stream is not None:
+            current = torch.cuda.current_stream(pool.device)
+            stream.wait_stream(current)
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            for a in range(0, n, step):
+                part = ids[a : a + step]
+                staged = torch.empty((part.numel(), self.bytes_per_block), dtype=torch.uint8,
+                                     device=pool.device)  # fmt: skip
+                pool.gather_rows(part, staged)
+                conv = convert_rows(staged, pool.layout, lay)
+                out[a : a + part.numel()].copy_(conv, non_blocking=self.cuda)
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+        if event is not None:
+            current.wait_event(event)
+        return out, event
+
+    def scatter_decoded(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+        """:meth:`scatter` of rows in the tiers' format (converted on the pool's device)."""
+        if self.encoded is None:
+            self.scatter(block_ids, rows)
+            return
+        ids, step, pool = list(block_ids), self.chunk, self.pool
+        for a in range(0, len(ids), step):
+            part = rows[a : a + step].to(pool.device, non_blocking=self.cuda)
+            pool.write_blocks(ids[a : a + step], convert_rows(part, self.encoded, pool.layout))

@@ -1,0 +1,62 @@
+#!/bin/bash
+# On the GPU machine, from the repository root: the compressed-KV (issue 17) gpu tests,
+# the Triton quantized-kernel tests on CUDA, then benchmarks/bench_quant.py (fp8 / int8
+# decode vs bf16 and vs FlashInfer's fp8-KV decode) and, time allowing, the engine's
+# workload (b) with bf16 and fp8 KV (benchmarks/bench_e2e.py --kv-dtype).
+#   bash benchmarks/gpu_quant.sh [--no-flashinfer] [--no-e2e]
+# LIMIT=seconds for the whole script (default 560); TEST_LIMIT for the pytest step (150).
+# FlashInfer comes from .whl/ as in gpu_check.sh (its JIT build runs while the tests do).
+set -u
+LIMIT="${LIMIT:-560}"; T0=$(date +%s)
+left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
+O="${OUT:-benchmarks/out}"; mkdir -p "$O"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee -a "$O/gpu_quant.log") 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
+  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+FI=""; EXTRA=""
+if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1 && [[ " $* " != *" --no-flashinfer "* ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  NVCC=$(readlink -f "$(command -v nvcc)"); export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
+  export FLASHINFER_WORKSPACE_BASE=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a
+  export LIBRARY_PATH="$CUDA_HOME/lib64:$CUDA_HOME/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  python3 - >"$O/fi_build_quant.log" 2>&1 <<'PY' &
+import time, torch, flashinfer
+t = time.time()
+ws = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
+i32 = dict(dtype=torch.int32, device="cuda")
+for kvd in (torch.bfloat16, torch.float8_e4m3fn):
+    pool = torch.randn(4, 2, 16, 8, 128, device="cuda").to(kvd)
+    for tc in (False, True):
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+        w.plan(torch.tensor([0, 4], **i32), torch.arange(4, **i32), torch.tensor([16], **i32),
+               32, 8, 128, 16, pos_encoding_mode="NONE", q_data_type=torch.bfloat16, kv_data_type=kvd)
+        w.run(torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda"), pool)
+        torch.cuda.synchronize()
+        print("flashinfer built", kvd, "tc", tc, round(time.time() - t, 1), "s", flush=True)
+PY
+  FI=$!
+fi
+echo "== pytest (compressed KV on CUDA) $(date -u +%T)"
+timeout "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py \
+  tests/test_quant_attention.py tests/test_quant_write.py tests/test_quant_storage.py \
+  tests/test_quant_tiers.py -o addopts="" 2>&1 | tail -25
+echo "== tests done $(date -u +%T)"
+if [ -n "$FI" ]; then
+  timeout $(( $(left) / 4 )) tail --pid=$FI -f /dev/null
+  tail -4 "$O/fi_build_quant.log"
+  kill -0 "$FI" 2>/dev/null && { echo "FlashInfer still building: bench without it"; EXTRA="--no-flashinfer"; }
+fi
+echo "== bench_quant $(date -u +%T)"
+timeout "$(( $(left) * 2 / 3 ))" python3 benchmarks/bench_quant.py $EXTRA
+if [[ " $* " != *" --no-e2e "* ]]; then
+  for kv in "" fp8; do
+    echo "== bench_e2e workload b ${kv:-bf16} $(date -u +%T)"
+    timeout "$(( $(left) / 2 ))" python3 benchmarks/bench_e2e.py --plan pk --workloads b \
+      --out "$O" --no-plot ${kv:+--kv-dtype $kv} 2>&1 | grep -E "pk_b|error|Error" | tail -3
+  done
+fi
+echo "== end $(date -u +%T)"
