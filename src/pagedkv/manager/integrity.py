@@ -174,7 +174,7 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     # A sequence registers only in its own generation and hits only what was registered
     # by then: no block it holds was registered later (-1: it holds none registered).
     later = [
-        b for b in seq.blocks
+        b for b in seq.blocks[seq.released :]  # (not the placeholders of released blocks)
         if m.prefix.hashes[b] and gens.generation_of(m.registered_at[b]) > seq.gen
     ]  # fmt: skip
     if later:
