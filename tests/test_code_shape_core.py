@@ -21,6 +21,7 @@ CORE = [
     "pagedkv/_cache_compress.py",
     "pagedkv/_kv_formats.py",
     "pagedkv/_cache_reads.py",
+    "pagedkv/_cache_limits.py",
     "pagedkv/_resources.py",
     "pagedkv/_validate.py",
     "pagedkv/_tensor_checks.py",

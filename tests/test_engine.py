@@ -93,14 +93,17 @@ def test_preemption_by_swap(llama):
     assert engine.stats().preemptions > 0
 
 
-def test_cached_token_report_and_second_round_hits(llama):
+@pytest.mark.parametrize("repeat_cache_bytes", [0, 2**20])
+def test_cached_token_report_and_second_round_hits(llama, repeat_cache_bytes):
     model, prompts, ref = llama
-    engine = Engine(model, num_blocks=128, block_size=8)
+    engine = Engine(model, num_blocks=128, block_size=8, repeat_cache_bytes=repeat_cache_bytes)
     first = engine.generate(prompts[:1], GREEDY)
     again = engine.generate(prompts[:1], GREEDY)
     assert first[0].num_cached_tokens == 0
-    # everything but the last (partial) block is served from the cache
-    assert again[0].num_cached_tokens == (len(prompts[0]) - 1) // 8 * 8
+    # without stored logits, everything but the last (partial) block is served from the
+    # cache; with them, the whole prompt (tests/test_engine_repeats.py)
+    n = len(prompts[0])
+    assert again[0].num_cached_tokens == (n if repeat_cache_bytes else (n - 1) // 8 * 8)
     assert again[0].token_ids == first[0].token_ids == ref[0]
 
 

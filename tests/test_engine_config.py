@@ -25,6 +25,7 @@ def test_every_option_has_a_default_a_type_and_help():
     assert names == [
         "num_blocks", "gpu_memory_fraction", "block_size", "max_batch_tokens", "max_num_seqs",
         "prefix_caching", "preemption", "preemption_policy", "cuda_graphs", "cpu_kv_bytes",
+        "repeat_cache_bytes",
         "batch_invariant", "kv_dtype",
         "overlap", "cascade", "torch_compile", "warmup",
     ]  # fmt: skip
@@ -39,7 +40,8 @@ def test_every_option_has_a_default_a_type_and_help():
         256, True, "recompute", True,
     )  # fmt: skip
     assert c.preemption_policy == "newest" and c.policy.name == "newest"
-    assert c.cpu_kv_bytes == 512 * 2**20 and c.batch_invariant is False and c.kv_dtype is None
+    assert c.cpu_kv_bytes == 512 * 2**20 and c.repeat_cache_bytes == 64 * 2**20
+    assert c.batch_invariant is False and c.kv_dtype is None
     assert (c.overlap, c.cascade, c.torch_compile, c.warmup) == (None, True, False, False)
 
 
@@ -55,6 +57,8 @@ BAD = [
     (dict(max_batch_tokens=-5), ValueError, "max_batch_tokens must be >= 1, got -5"),
     (dict(max_num_seqs=0), ValueError, "max_num_seqs must be >= 1"),
     (dict(cpu_kv_bytes=0), ValueError, "cpu_kv_bytes must be >= 1"),
+    (dict(repeat_cache_bytes=-1), ValueError, "repeat_cache_bytes must be >= 0, got -1"),
+    (dict(repeat_cache_bytes=1.5), TypeError, "repeat_cache_bytes must be an int >= 0"),
     (dict(prefix_caching=1), TypeError, "prefix_caching must be True or False, got int 1"),
     (dict(cuda_graphs="no"), TypeError, "cuda_graphs must be True or False"),
     (dict(overlap="yes"), TypeError, "overlap must be True or False, got str 'yes'"),

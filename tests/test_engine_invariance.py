@@ -100,6 +100,9 @@ def prompts_for(family: str) -> Prompts:
 
 def engine(model, invariant: bool, **options) -> Engine:
     options.setdefault("num_blocks", 96)
+    # The cases test where a prefix's KV comes from; a whole repeated prompt would be
+    # answered from its stored logits (zero-compute repeats) and skip those paths.
+    options.setdefault("repeat_cache_bytes", 0)
     return Engine(model, block_size=BS, batch_invariant=invariant, **options)
 
 

@@ -30,6 +30,8 @@ ALLOWED = {
     ("pagedkv.engine.model_loader", "pagedkv._resources"): "device resolution with the "
     "library's ResourceError, shared with KVCache",
     ("pagedkv.cli", "pagedkv._extras"): "the CLI prints MissingDependencyError as one line",
+    ("pagedkv.engine.repeats", "pagedkv.stores._lru"): "ByteLRU, the library's one "
+    "least-recently-used index under a byte cap (one mechanism, one place)",
 }
 
 

@@ -50,11 +50,11 @@ class EventsMixin:
             assert self.m.generation == before + 1
             self.cleared_at = self.m._prefix.stamp
 
-    @rule()
-    def reset(self):
-        idle = not self.seqs
-        super().reset()  # checks it succeeds exactly when idle, and changes nothing else
-        if idle:
+    @rule(force=st.booleans())
+    def reset(self, force):
+        done = force or not self.seqs
+        super().reset(force)  # checks it succeeds exactly then, and changes nothing else
+        if done:  # forced: the blocks in use were unregistered (removed) before the clear
             self.cleared_at = self.m._prefix.stamp
 
     @invariant()

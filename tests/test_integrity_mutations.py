@@ -28,6 +28,7 @@ def rich_manager(eviction: str = "lru", prefix_caching: bool = True) -> BlockMan
     a: P + 1 token (3 registered blocks + a partial one), shared by its fork c;
     b, b2: hit P's chain (two holders of one chain) + a partial block each;
     h: 12 tokens in 3 full blocks; f: one anonymous block (g holds that content);
+    p: private (share_prefix=False), 6 tokens; s: share_prefix of h's first 6 tokens;
     two released sequences leave 4 evictable blocks in two LRU batches;
     one pinned prefix block; the rest free.
     """
@@ -48,6 +49,10 @@ def rich_manager(eviction: str = "lru", prefix_caching: bool = True) -> BlockMan
     m.allocate("g", [70, 71, 72, 73, 74])
     m.append("f", [73])  # f's block fills with content g registered first: anonymous
     m.allocate("h", list(range(80, 92)))
+    if prefix_caching:
+        m.allocate("p", [1, 2, 3, 4, 5, 6], share_prefix=False)
+    m.share_prefix("h", "s", 6)
+    m.take_copies()
     m.check_integrity()
     return m
 
@@ -82,7 +87,7 @@ def pinned(m: BlockManager) -> int:
 
 
 def in_use(m: BlockManager) -> int:
-    return seq(m, "h").blocks[0]
+    return seq(m, "h").blocks[2]  # h alone holds it (s shares h's block 0)
 
 
 def _dup_in_lru_batch(m):
@@ -181,6 +186,32 @@ MANAGER_MUTATIONS = [
     pytest.param(lambda m: hashes(m).__setitem__(evictable(m), b"\x04" * 32),
                  "registered hash is not the digest of its index key",
                  id="index-vs-registered-hash"),
+    pytest.param(lambda m: setattr(seq(m, "h"), "last_access", 1e18),
+                 "seq 'h': last_access 1e+18 is not a clock time <= now", id="access-in-future"),
+    pytest.param(lambda m: setattr(seq(m, "s"), "last_access", float("nan")),
+                 "seq 's': last_access nan", id="access-nan"),
+    pytest.param(lambda m: setattr(seq(m, "p"), "last_access", None),
+                 "seq 'p': last_access None", id="access-missing"),
+    pytest.param(lambda m: setattr(seq(m, "p"), "last_hash", b"\x06" * 32),
+                 "seq 'p' is private but", id="private-with-hash-chain"),
+    pytest.param(lambda m: seq(m, "p").anonymous.append(seq(m, "p").blocks[0]),
+                 "seq 'p' is private but", id="private-with-anonymous"),
+    pytest.param(lambda m: setattr(seq(m, "h"), "private", True),
+                 "seq 'h' is private but has a hit chain of 0, registered blocks",
+                 id="registered-sequence-marked-private"),
+    pytest.param(lambda m: setattr(m._counters, "deallocations", m._counters.deallocations + 1),
+                 "(2 + 8 allocated + 2 forked) - deallocations (4) != live sequences (9)",
+                 id="deallocations-off-by-one"),
+    pytest.param(lambda m: setattr(m._counters, "forks", 0),
+                 "+ 0 forked) - deallocations", id="forks-forgotten"),
+    pytest.param(lambda m: setattr(m._counters, "hit_tokens", 10**6), "hit_tokens (1000000) >",
+                 id="more-hits-than-queries"),
+    pytest.param(lambda m: setattr(m._counters, "requests_with_hit", 0),
+                 "disagree with requests_with_hit (0", id="hits-without-hit-requests"),
+    pytest.param(lambda m: setattr(m._counters, "requests_with_hit", 50),
+                 "disagree with requests_with_hit (50", id="hit-requests-without-hits"),
+    pytest.param(lambda m: setattr(m._counters, "allocation_failures", -1),
+                 "counters ['allocation_failures'] are negative", id="negative-counter"),
 ]  # fmt: skip
 
 
@@ -213,6 +244,13 @@ def test_heap_policy_checks_fire(eviction, mutate, message):
     m = rich_manager(eviction)
     mutate(m)
     with pytest.raises(CacheIntegrityError, match=_literal(message)):
+        m.check_integrity()
+
+
+def test_cap_on_cached_blocks_fires():
+    m = rich_manager()
+    m._alloc.capped, m._alloc.max_cached = True, 3  # 4 evictable blocks exceed it
+    with pytest.raises(CacheIntegrityError, match=_literal("4 evictable cached blocks exceed")):
         m.check_integrity()
 
 

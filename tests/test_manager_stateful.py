@@ -1,9 +1,12 @@
 """Random operation sequences against a simple model (hypothesis stateful testing).
 
-``BigPool`` never evicts, so a prefix hit must equal the model's longest common
-full-block prefix with some earlier sequence of the same salt. The small-pool
-variants run every policy (and TTL with a fake clock) into eviction and OutOfBlocks,
-checking that a failed call changes nothing.
+``BigPool`` never evicts, so a prefix hit must equal the model's longest chain of
+registered full-block prefixes (of the same salt). The small-pool variants run every
+policy (and TTL with a fake clock, and the prefix limits) into eviction and
+OutOfBlocks, checking that a failed call changes nothing. Private requests
+(``share_prefix=False``, prompts below ``min_prefix_tokens``), ``share_prefix``,
+``evict``, ``gc`` and forced resets are drawn too; every step ends in
+``check_integrity`` and an exact check of ``seq_stats`` and the call counters.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class ManagerMachine(RuleBasedStateMachine):
     NUM_BLOCKS = 4096
     POLICY = "lru"
     TTL: float | None = None
+    MIN_PREFIX = 0
+    MAX_CACHED: int | None = None
     EXACT_HITS = True  # no eviction or expiry can happen: hits are exactly the model's
 
     def __init__(self) -> None:
@@ -49,8 +54,12 @@ class ManagerMachine(RuleBasedStateMachine):
             ttl_seconds=self.TTL,
             clock=self.clock,
             on_evict=self._on_evict,
+            min_prefix_tokens=self.MIN_PREFIX,
+            max_cached_blocks=self.MAX_CACHED,
         )
         self.seqs: dict[int, tuple[list[int], object]] = {}  # id -> (tokens, salt)
+        self.private: set[int] = set()
+        self.calls = {"with_hit": 0, "without_hit": 0, "freed": 0}
         self.seen: dict[object, set[tuple[int, ...]]] = {s: set() for s in SALTS}
         self.history: list[tuple[list[int], object]] = []
         self.pins: list[tuple[list[int], object]] = []
@@ -67,14 +76,19 @@ class ManagerMachine(RuleBasedStateMachine):
         for toks, salt in self.pins:  # never a pinned prefix
             assert block_hash not in self.m.hash_blocks(toks, salt)
 
-    def _remember(self, tokens: list[int], salt: object) -> None:
-        for k in range(1, len(tokens) // BS + 1):
+    def _remember(self, tokens: list[int], salt: object, first: int = 0) -> None:
+        """Full-block prefixes ``first + 1 ..`` of ``tokens`` were registered."""
+        for k in range(first + 1, len(tokens) // BS + 1):
             self.seen[salt].add(tuple(tokens[: k * BS]))
 
     def _model_hit(self, tokens: list[int], salt: object) -> int:
-        k = (len(tokens) - 1) // BS
-        while k and tuple(tokens[: k * BS]) not in self.seen[salt]:
-            k -= 1
+        # A hit is a chain from the root: every shorter prefix must be registered too
+        # (after a forced reset, live sequences register blocks whose parents are not).
+        if len(tokens) < self.MIN_PREFIX:
+            return 0
+        k = 0
+        while k < (len(tokens) - 1) // BS and tuple(tokens[: (k + 1) * BS]) in self.seen[salt]:
+            k += 1
         return k * BS
 
     def _new_id(self) -> int:
@@ -99,15 +113,15 @@ class ManagerMachine(RuleBasedStateMachine):
         return toks, salt
 
     # ---- rules ------------------------------------------------------------------------------
-    @rule(data=st.data())
-    def allocate(self, data):
+    @rule(data=st.data(), shared=st.sampled_from([True, True, True, False]))
+    def allocate(self, data, shared):
         toks, salt = self._draw_prompt(data)
         sid = self._new_id()
-        predicted = self.m.lookup(toks, salt)  # pure; allocate must agree
+        predicted = self.m.lookup(toks, salt) if shared else 0  # pure; allocate must agree
         free_before = self.m.num_free_blocks
         before = capture(self.m)
         try:
-            got = self.m.allocate(sid, toks, salt=salt)
+            got = self.m.allocate(sid, toks, salt=salt, share_prefix=shared)
         except OutOfBlocks:
             assert ceil_div(len(toks), BS) > free_before
             assert capture(self.m) == before
@@ -115,13 +129,18 @@ class ManagerMachine(RuleBasedStateMachine):
         assert ceil_div(len(toks), BS) - got // BS <= free_before
         assert got == predicted
         assert got % BS == 0 and got <= len(toks) - 1
-        model = self._model_hit(toks, salt)
+        private = not shared or len(toks) < self.MIN_PREFIX
+        model = 0 if private else self._model_hit(toks, salt)
         if self.EXACT_HITS:
             assert got == model, (toks, salt)
         else:
             assert got <= model
+        self.calls["with_hit" if got else "without_hit"] += 1
         self.seqs[sid] = (list(toks), salt)
-        self._remember(toks, salt)
+        if private:
+            self.private.add(sid)
+        else:
+            self._remember(toks, salt)
         self.history = (self.history + [(list(toks), salt)])[-24:]
 
     @precondition(lambda self: self.seqs)
@@ -156,7 +175,8 @@ class ManagerMachine(RuleBasedStateMachine):
             assert all(b not in t for t in tables.values())
         toks = toks + list(extra)
         self.seqs[sid] = (toks, salt)
-        self._remember(toks, salt)
+        if sid not in self.private:
+            self._remember(toks, salt, first=n // BS)
         self.history = (self.history + [(list(toks), salt)])[-24:]
 
     @precondition(lambda self: self.seqs)
@@ -168,6 +188,45 @@ class ManagerMachine(RuleBasedStateMachine):
         assert self.m.block_table(child) == self.m.block_table(parent)
         toks, salt = self.seqs[parent]
         self.seqs[child] = (list(toks), salt)
+        if parent in self.private:
+            self.private.add(child)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def share_prefix(self, data):
+        src = self._pick(data)
+        toks, salt = self.seqs[src]
+        k = data.draw(st.integers(1, len(toks)), label="num_tokens")
+        dst = self._new_id()
+        old = self.m.block_table(src)
+        others = {b for s in self.m.seq_ids() for b in self._held(s)}
+        full, rest = divmod(k, BS)
+        need = 1 if rest and k < len(toks) else 0
+        free_before = self.m.num_free_blocks
+        before = capture(self.m)
+        released = self.m.num_released(src)
+        if k < len(toks) and (full < released or (full == released and not rest and released)):
+            with pytest.raises(ValueError, match="released its blocks"):
+                self.m.share_prefix(src, dst, k)  # dst would hold a released block
+            assert capture(self.m) == before
+            return
+        try:
+            self.m.share_prefix(src, dst, k)
+        except OutOfBlocks:
+            assert need > free_before
+            assert capture(self.m) == before
+            return
+        new = self.m.block_table(dst)
+        copies = self.m.take_copies()
+        if need:
+            assert new[:full] == old[:full] and len(new) == full + 1
+            assert new[full] not in others and copies == [(old[full], new[full])]
+        else:
+            assert new == old[: ceil_div(k, BS)] and copies == []
+        assert self.m.block_table(src) == old and self.m.token_ids(dst) == toks[:k]
+        self.seqs[dst] = (toks[:k], salt)
+        if src in self.private:
+            self.private.add(dst)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -189,6 +248,27 @@ class ManagerMachine(RuleBasedStateMachine):
         sid = self._pick(data)
         self.m.free(sid)
         del self.seqs[sid]
+        self.private.discard(sid)
+        self.calls["freed"] += 1
+
+    # an eviction would change BigPool's exact hits; drawn only when there is a candidate
+    @precondition(lambda self: not self.EXACT_HITS and self.m.eviction_order())
+    @rule(n=st.integers(0, 4))
+    def evict(self, n):
+        s = self.m.stats()
+        evictable = len(self.m.eviction_order())
+        got = self.m.evict(n)
+        assert got <= min(n, evictable) and self.m.stats().evictions >= s.evictions + got
+        if self.TTL is None:
+            assert got == min(n, evictable) and self.m.stats().free_blocks == s.free_blocks + got
+
+    @rule()
+    def gc(self):
+        evictable = len(self.m.eviction_order())
+        freed = self.m.gc()
+        assert freed == evictable - len(self.m.eviction_order())
+        if self.TTL is None:
+            assert freed == 0  # caps are kept at every release; only expiry is left to do
 
     @rule(data=st.data())
     def pin(self, data):
@@ -210,15 +290,18 @@ class ManagerMachine(RuleBasedStateMachine):
         toks, salt = self.pins.pop(i)
         assert self.m.unpin(toks, salt) == len(toks) // BS
 
-    @rule()
-    def reset(self):
+    @rule(force=st.booleans())
+    def reset(self, force):
         before = capture(self.m)
-        ok = self.m.reset_prefix_cache()
-        assert ok == (not self.seqs)
+        tables = {sid: self.m.block_table(sid) for sid in self.seqs}
+        used = self.m.num_used_blocks
+        ok = self.m.reset_prefix_cache(force=force)
+        assert ok == (force or not self.seqs)
         if ok:
             self.seen = {s: set() for s in SALTS}
             s = self.m.stats()
-            assert s.free_blocks == self.m.num_blocks and s.cached_blocks == 0
+            assert s.free_blocks == self.m.num_blocks - used and s.cached_blocks == 0
+            assert {sid: self.m.block_table(sid) for sid in self.seqs} == tables
         else:
             assert capture(self.m) == before
 
@@ -231,7 +314,7 @@ class ManagerMachine(RuleBasedStateMachine):
         assert got == model if self.EXACT_HITS else got <= model
         assert capture(self.m) == before
 
-    @rule(data=st.data(), which=st.integers(0, 7))
+    @rule(data=st.data(), which=st.integers(0, 12))
     def bad_call(self, data, which):
         m = self.m
         before = capture(m)
@@ -247,6 +330,13 @@ class ManagerMachine(RuleBasedStateMachine):
             (lambda: m.unpin([3, 3, 3, 3, 2, 2, 2, 2, 1]), ValueError)
             if not any(p[0][:8] == [3, 3, 3, 3, 2, 2, 2, 2] and p[1] is None for p in self.pins)
             else None,
+            (lambda: m.share_prefix(live[0], -8, m.num_tokens(live[0]) + 1), ValueError)
+            if live
+            else None,
+            (lambda: m.share_prefix(live[0], live[-1], 1), ValueError) if live else None,
+            (lambda: m.share_prefix(-9, -8, 1), KeyError),
+            (lambda: m.evict(-1), ValueError),
+            (lambda: m.allocate(-10, [1], share_prefix=None), TypeError),
         ]
         call = calls[which]
         if call is None:
@@ -271,7 +361,9 @@ class ManagerMachine(RuleBasedStateMachine):
             table, held = m.block_table(sid), self._held(sid)
             assert len(table) == ceil_div(n, BS) and len(set(held)) == len(held)
             assert len(m.slot_mapping(sid, released * BS)) == n - released * BS
-            if m.generation_of(sid) == m.generation:  # else its hashes are the old model's
+            if sid in self.private:
+                assert m.block_hashes(sid) == []
+            elif m.generation_of(sid) == m.generation:  # else its hashes are the old model's
                 assert m.block_hashes(sid) == m.hash_blocks(toks, _salt)
             for i, b in enumerate(held, released):
                 holders.setdefault(b, []).append((sid, i))
@@ -289,7 +381,22 @@ class ManagerMachine(RuleBasedStateMachine):
                 end0 = min((i + 1) * BS, len(toks0))
                 end = min((i + 1) * BS, len(toks))
                 assert end == end0 and toks[:end] == toks0[:end], (b, hs)
+        for sid, (toks, _salt) in self.seqs.items():
+            held = self._held(sid)
+            st_ = m.seq_stats(sid)
+            shared = sum(1 for b in held if len(holders[b]) > 1)
+            assert (st_.blocks, st_.tokens, st_.shared_blocks) == (len(held), len(toks), shared)
+            in_held = len(toks) - m.num_released(sid) * BS  # tokens of the blocks it holds
+            fill = in_held / (len(held) * BS) if held else 1.0  # nothing held: nothing wasted
+            assert st_.utilization == fill and st_.bytes is None
+            assert st_.last_access <= self.clock.now
+            assert m.shares_prefix(sid) == (sid not in self.private)
         s = m.stats()
+        assert (s.requests_with_hit, s.requests_without_hit, s.deallocations) == (
+            self.calls["with_hit"], self.calls["without_hit"], self.calls["freed"],
+        )  # fmt: skip
+        if self.MAX_CACHED is not None:
+            assert s.cached_blocks - s.pinned_blocks <= self.MAX_CACHED
         assert s.used_blocks == len(holders) and s.num_sequences == len(self.seqs)
         assert s.used_blocks + s.cached_blocks + s.free_blocks == s.num_blocks
         assert m.num_free_blocks == s.num_blocks - s.used_blocks - s.pinned_blocks
@@ -310,6 +417,15 @@ class SmallPoolLFU(SmallPool):
     POLICY = "lfu"
 
 
+class BigPoolMinPrefix(ManagerMachine):
+    MIN_PREFIX = 6
+
+
+class SmallPoolLimits(SmallPool):
+    MIN_PREFIX = 5
+    MAX_CACHED = 3
+
+
 class SmallPoolTTL(SmallPool):
     POLICY = "fifo"
     TTL = 5.0
@@ -328,5 +444,9 @@ TestSmallPoolFIFO = SmallPoolFIFO.TestCase
 TestSmallPoolFIFO.settings = settings(max_examples=25, stateful_step_count=60, **_common)
 TestSmallPoolLFU = SmallPoolLFU.TestCase
 TestSmallPoolLFU.settings = settings(max_examples=25, stateful_step_count=60, **_common)
+TestBigPoolMinPrefix = BigPoolMinPrefix.TestCase
+TestBigPoolMinPrefix.settings = settings(max_examples=30, stateful_step_count=60, **_common)
+TestSmallPoolLimits = SmallPoolLimits.TestCase
+TestSmallPoolLimits.settings = settings(max_examples=30, stateful_step_count=60, **_common)
 TestSmallPoolTTL = SmallPoolTTL.TestCase
 TestSmallPoolTTL.settings = settings(max_examples=30, stateful_step_count=60, **_common)

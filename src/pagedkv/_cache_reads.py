@@ -7,6 +7,7 @@ cache is in :mod:`pagedkv.cache`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -17,7 +18,8 @@ from pagedkv._validate import check_int
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.events import Subscriber
 from pagedkv.explain import ChainProbe, PrefixReport, explain_prefix
-from pagedkv.manager import BlockManager, CacheStats
+from pagedkv.manager import BlockManager, CacheStats, PromptMatch
+from pagedkv.manager.stats import SeqStats
 from pagedkv.storage import KVLayout, KVPool
 
 if TYPE_CHECKING:
@@ -34,6 +36,23 @@ class Swapped(NamedTuple):
     key: str
     generation: int = 0
     released: int = 0  # leading blocks released outside the window (not swapped out)
+    private: bool = False  # allocated with share_prefix=False (or below min_prefix_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class GcStats:
+    """What one :meth:`KVCache.gc <pagedkv.KVCache.gc>` pass freed.
+
+    ``blocks_freed``: device blocks that became free (expired, or evicted over
+    ``max_cached_blocks``); ``bytes_freed``: their KV bytes; ``tier_entries_freed``:
+    entries deleted from the tiers (over a tier's capacity); ``seconds``: how long the
+    pass took (wall time).
+    """
+
+    blocks_freed: int
+    bytes_freed: int
+    tier_entries_freed: int
+    seconds: float
 
 
 class CacheReads:
@@ -73,6 +92,12 @@ class CacheReads:
         """Tokens of ``token_ids`` a new :meth:`allocate` would find in the device's prefix
         cache (tier hits are not counted); changes nothing, allowed while paused."""
         return self.manager.lookup(token_ids, salt)
+
+    def prompt_match(self, token_ids: Sequence[int], salt: object = None) -> PromptMatch | None:
+        """Whether every full block of ``token_ids`` is in the device's prefix cache, and
+        which cached KV that is (see :meth:`BlockManager.prompt_match`); changes nothing,
+        allowed while paused."""
+        return self.manager.prompt_match(token_ids, salt)
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self.manager
@@ -174,6 +199,15 @@ class CacheReads:
 
     def stats(self) -> CacheStats:
         return self.manager.stats()
+
+    def seq_stats(self, seq_id: Hashable) -> SeqStats:
+        """The manager's :meth:`~pagedkv.manager.BlockManager.seq_stats` of a live
+        sequence, with ``bytes`` = its blocks × the layout's bytes per block."""
+        try:
+            s = self.manager.seq_stats(seq_id)
+        except KeyError:
+            raise self._not_live(seq_id) from None
+        return dataclasses.replace(s, bytes=s.blocks * self.layout.bytes_per_block)
 
     def tier_stats(self) -> dict:
         """Hits, demotions and bytes per tier (empty without tiers)."""

@@ -18,10 +18,11 @@ import torch
 
 from pagedkv import _cache_checks, _cache_compress, _resources
 from pagedkv._cache_compress import CompressionStats
+from pagedkv._cache_limits import CacheLimits
 from pagedkv._cache_persist import cached_blocks
-from pagedkv._cache_reads import CacheReads, Swapped
+from pagedkv._cache_reads import Swapped
 from pagedkv._validate import check_bool
-from pagedkv.errors import CachePausedError, PagedKVError
+from pagedkv.errors import PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
@@ -29,7 +30,7 @@ from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 __all__ = ["CompressionStats", "KVCache"]
 
 
-class KVCache(CacheReads, _cache_compress.CompressionMethods):
+class KVCache(CacheLimits, _cache_compress.CompressionMethods):
     """Paged KV cache of one model on one device.
 
     Args:
@@ -45,9 +46,10 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
         backend: kernel backend of :mod:`pagedkv.ops` (``None``: chosen per device).
         manager: the block manager's options (:class:`~pagedkv.manager.ManagerConfig`;
             its ``extra_keys`` stay empty: the cache folds ``model_fingerprint`` in).
-        prefix_caching, eviction, ttl_seconds, hash_algo, watermarks: override the
-            same fields of ``manager`` (``None``: as there, by default as in
-            :class:`~pagedkv.manager.ManagerConfig`).
+        prefix_caching, eviction, ttl_seconds, hash_algo, watermarks, min_prefix_tokens,
+        max_cached_blocks: override the same fields of ``manager`` (``None``: as
+            there, by default as in :class:`~pagedkv.manager.ManagerConfig`; so a cap
+            the ``manager`` config sets cannot be lifted here).
         compressed_blocks: side caches for :meth:`compress`, ``{kv_dtype: num_blocks}``
             (e.g. ``{"fp8": 4096}``): one KVCache per quantized format on the same device,
             same geometry, model and manager options (:mod:`pagedkv._cache_compress`).
@@ -74,6 +76,8 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
         ttl_seconds: float | None = None,
         hash_algo: str | None = None,
         watermarks: tuple[float, float, float] | None = None,
+        min_prefix_tokens: int | None = None,
+        max_cached_blocks: int | None = None,
         compressed_blocks: Mapping[str | torch.dtype, int] | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
@@ -91,7 +95,8 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
             )
         config = manager.override(
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
-            hash_algo=hash_algo, watermarks=watermarks,
+            hash_algo=hash_algo, watermarks=watermarks, min_prefix_tokens=min_prefix_tokens,
+            max_cached_blocks=max_cached_blocks,
         )  # fmt: skip
         side_specs = _cache_compress.parse_specs(compressed_blocks, layout)
         device = _resources.resolve_device(device)
@@ -135,13 +140,15 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
 
     # ----------------------------------------------------------- sequences
 
-    def _check_not_paused(self, what: str) -> None:
-        if self._paused:
-            raise CachePausedError(
-                f"{what} is not allowed while the cache is paused (a snapshot is reading it)"
-            )
-
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object = None) -> int:
+    def allocate(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        salt: object = None,
+        *,
+        share_prefix: bool = True,
+        whole: bool = False,
+    ) -> int:
         """Start a sequence; return how many prompt tokens already have their KV.
 
         Counts blocks shared from the device's prefix cache and blocks loaded back
@@ -149,68 +156,39 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
         from the tiers fails the sequence is not created (and nothing it registered
         stays cached) before the error propagates. Subscribers get its KV events as one
         batch (a failed load's removals included).
+
+        ``share_prefix=False`` (or a prompt shorter than ``min_prefix_tokens``): a
+        private sequence — no device or tier hit, none of its blocks ever registered,
+        cached or demoted to the tiers (see :meth:`BlockManager.allocate`); it stays
+        private across swap-out / swap-in. ``whole=True``: the last full block is reused
+        too, so the result may be ``len(token_ids)`` (see :meth:`BlockManager.allocate`).
         """
         if self.manager.subscribers:
             with self.manager.event_batch():
-                return self._allocate(seq_id, token_ids, salt)
-        return self._allocate(seq_id, token_ids, salt)
+                return self._allocate(seq_id, token_ids, salt, share_prefix, whole)
+        return self._allocate(seq_id, token_ids, salt, share_prefix, whole)
 
-    def _allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object) -> int:
+    def _allocate(
+        self, seq_id: Hashable, token_ids: Sequence[int], salt: object, share_prefix: bool,
+        whole: bool,
+    ) -> int:  # fmt: skip
         self._check_not_paused("allocate()")
         if self._swapped_out(seq_id, "seq_id"):
             raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
         if self._compressed.holds(seq_id):
             raise ValueError(f"sequence {seq_id!r} is compressed; decompress() it or free() it")
-        cached = self.manager.allocate(seq_id, token_ids, salt)
+        cached = self.manager.allocate(
+            seq_id, token_ids, salt, share_prefix=share_prefix, whole=whole
+        )
         try:
             self._flush_evictions()
-            if self.tiers is not None:
-                cached += self._tier_exchange(self.tiers, seq_id, cached)
+            if self.tiers is not None and self.manager.shares_prefix(seq_id):
+                cached += self._tier_exchange(self.tiers, seq_id, cached, whole)
         except BaseException:
             self.manager.discard(seq_id)  # its fresh blocks hold no KV: cache none of them
             raise
         self._salts[seq_id] = salt
         return cached
-
-    def allocate_released(
-        self, seq_id: Hashable, token_ids: Sequence[int], released: int, salt: object = None
-    ) -> None:
-        """Start a sequence whose first ``released`` blocks are already released (a
-        windowed sequence moved here): fresh blocks for the rest, no prefix hits; the
-        caller writes the KV of every block from ``released`` on. Raises as
-        :meth:`allocate` and :meth:`BlockManager.allocate_released`."""
-        self._check_not_paused("allocate_released()")
-        if self._swapped_out(seq_id, "seq_id"):
-            raise ValueError(f"sequence {seq_id!r} is swapped out; swap_in() it or free() it")
-        self.manager.allocate_released(seq_id, token_ids, released, salt)
-        try:
-            self._flush_evictions()
-        except BaseException:
-            self.manager.discard(seq_id)
-            raise
-        self._salts[seq_id] = salt
-
-    def _tier_exchange(self, tiers: TieredStore, seq_id: Hashable, cached: int) -> int:
-        """Write device hits through (if asked) and load the next blocks from the tiers.
-
-        Returns the tokens loaded; the blocks after the device prefix hit that the tiers
-        hold are written into the sequence's fresh blocks.
-        """
-        bs = self.block_size
-        table = self.manager.block_table(seq_id)
-        hit = cached // bs
-        if self.write_through and hit:
-            # A device prefix hit means the block is used at least twice: keep a copy
-            # below too (the chain skips blocks it wrote recently).
-            hashes = self.manager.block_hashes(seq_id, 0, hit)
-            tiers.write_through(list(zip(table[:hit], hashes)))
-        limit = (self.manager.num_tokens(seq_id) - 1) // bs  # leave one token to compute
-        if hit >= limit:
-            return 0
-        hashes = self.manager.block_hashes(seq_id, hit, limit)
-        loaded = tiers.promote(hashes, table[hit:limit]) * bs
-        self._tier_hit_tokens += loaded
-        return loaded
 
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Reserve slots for more tokens; runs any copy-on-write copy it needs."""
@@ -255,48 +233,23 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
             return
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
+        self._flush_evictions()  # blocks over max_cached_blocks were evicted
 
-    def release_before(self, seq_id: Hashable, num_tokens: int) -> int:
-        """Release the sequence's whole blocks before token ``num_tokens``; returns how
-        many were released now.
-
-        For a model whose every layer is windowed (``window`` tokens): after the KV of
-        tokens ``[0, p)`` is written, ``release_before(seq_id, p - window + 1)`` keeps
-        only the blocks a later query can read. Released blocks go back to the prefix
-        cache (or are freed) as :meth:`free` would leave them; their table entries hold
-        a placeholder no windowed kernel reads (see :mod:`pagedkv.manager.window`).
-        Raises as :meth:`BlockManager.release_before`; nothing changes on error.
-        """
-        self._check_not_paused("release_before()")
-        try:
-            return self.manager.release_before(seq_id, num_tokens)
-        except KeyError:
-            raise self._not_live(seq_id) from None
-
-    def discard(self, seq_id: Hashable) -> None:
+    def discard(self, seq_id: Hashable, written: int = 0) -> None:
         """Release a live sequence whose KV was never (fully) written, caching none of it.
 
-        For a caller whose write of a just-allocated sequence failed: the blocks it alone
-        held become free instead of cached, so no later prompt is served their garbage
-        (see :meth:`BlockManager.discard`). ``KeyError`` unless live.
+        For a caller whose write of a sequence failed: the blocks it alone held become
+        free instead of cached (but the full blocks within its first ``written`` tokens),
+        so no later prompt is served their garbage (see :meth:`BlockManager.discard`).
+        ``KeyError`` unless live.
         """
         self._check_not_paused("discard()")
         try:
-            self.manager.discard(seq_id)
+            self.manager.discard(seq_id, written)
         except KeyError:
             raise self._not_live(seq_id) from None
         self._salts.pop(seq_id, None)
-
-    def _note_eviction(self, block: int, block_hash: bytes) -> None:
-        self._evicted.append((block, block_hash))
-
-    def _flush_evictions(self) -> None:
-        # Evicted blocks were handed out by the manager call that just returned; the
-        # caller has not written them yet, so their old bytes are still intact here.
-        if self._evicted:
-            evicted, self._evicted = self._evicted, []
-            assert self.tiers is not None  # evictions are noted only with tiers
-            self.tiers.demote(evicted)
+        self._flush_evictions()
 
     # ------------------------------------------------------------- swapping
 
@@ -313,10 +266,12 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
         released = self.manager.num_released(seq_id)  # only the held blocks are copied
         self.tiers.swap_out(key, self.manager.block_table(seq_id)[released:])
         salt = self._salts.get(seq_id)
+        private = not self.manager.shares_prefix(seq_id) and self.manager.prefix_caching
         generation = self.manager.generation_of(seq_id)
         self.manager.free(seq_id)
         self._salts.pop(seq_id, None)
-        self._swapped[seq_id] = Swapped(tokens, salt, key, generation, released)
+        self._swapped[seq_id] = Swapped(tokens, salt, key, generation, released, private)
+        self._flush_evictions()
 
     def swap_in(self, seq_id: Hashable) -> None:
         """Bring a swapped-out sequence back into fresh device blocks, bit-exact.
@@ -328,7 +283,7 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
         """
         self._check_not_paused("swap_in()")
         try:
-            tokens, salt, key, generation, released = self._swapped[seq_id]
+            tokens, salt, key, generation, released, private = self._swapped[seq_id]
         except KeyError:
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
@@ -336,7 +291,7 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
         if generation == self.manager.generation:
-            cached = self._allocate_held(seq_id, tokens, salt, released)
+            cached = self._allocate_held(seq_id, tokens, salt, released, private)
         else:  # its KV is an earlier model's: it must neither reuse nor be reused
             self.manager.allocate_unshared(seq_id, tokens, salt)
             if released:  # the tiers hold only its blocks from `released` on
@@ -351,17 +306,6 @@ class KVCache(CacheReads, _cache_compress.CompressionMethods):
             raise
         del self._swapped[seq_id]
         self._salts[seq_id] = salt
-
-    def _allocate_held(
-        self, seq_id: Hashable, tokens: Sequence[int], salt: object, released: int
-    ) -> int:
-        """Allocate a sequence to be filled from a copy of its held blocks; returns the
-        tokens found cached (none when ``released``: a windowed sequence takes fresh
-        blocks for all it holds). The caller flushes evictions and discards on error."""
-        if not released:
-            return self.manager.allocate(seq_id, tokens, salt)
-        self.manager.allocate_released(seq_id, tokens, released, salt)
-        return 0
 
     # ------------------------------------------------------------- tensors
 

@@ -79,6 +79,12 @@ class EngineConfig:
     cpu_kv_bytes: int = option(
         512 * 2**20, "Bytes of KV pool on CPU when num_blocks is None.", low=1
     )
+    repeat_cache_bytes: int = option(
+        64 * 2**20, "Device bytes kept for zero-compute repeats: the last-position logits "
+        "(and partial last block's KV) of recent prompts, so a prompt whose KV is all still "
+        "cached is answered without a forward; 0 disables it (so does prefix_caching=False).",
+        low=0,
+    )  # fmt: skip
     batch_invariant: bool = option(
         False, "Batch-invariant mode: a request's tokens do not depend on what else is in "
         "its batch, on how its prompt is chunked, or on whether its prefix was computed, "

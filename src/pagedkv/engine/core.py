@@ -238,9 +238,9 @@ class EngineCore:
             "a batch of %d request(s) failed and they finished with an error: %s: %s",
             len(chunks), type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG),
         )  # fmt: skip
-        for c in chunks:
-            self.scheduler.fail(c.req, f"{type(exc).__name__}: {exc}")
-            self._done.append(c.req)
+        # Their blocks registered for this step are uncached, not freed (KV not written).
+        self.scheduler.fail_batch(chunks, f"{type(exc).__name__}: {exc}")
+        self._done += [c.req for c in chunks]
 
     # ------------------------------------------------------------------ step observers
     def on_step(self, callback: Callable[[StepLatencies], None]) -> Callable[[], None]:
@@ -318,7 +318,8 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         """Counters since the core was built (see :class:`EngineStats`)."""
-        c = self.scheduler.counters
+        scheduler = self.scheduler
+        c = scheduler.counters
         seconds, cache = self._step_seconds, self.cache
         return EngineStats(
             requests=self._num_requests, prompt_tokens=c.prompt_tokens,
@@ -331,4 +332,5 @@ class EngineCore:
             num_blocks=cache.num_blocks, block_size=cache.block_size,
             retained_seqs=len(self.retained), running_requests=len(self.scheduler.running),
             waiting_requests=len(self.scheduler.waiting),
+            repeated_prompts=0 if scheduler.repeats is None else scheduler.repeats.stats().hits,
         )  # fmt: skip

@@ -100,7 +100,10 @@ class Engine(MigrationAPI, WeightsAPI):
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.cache, config)
         self.scheduler.window = support.release_window  # all layers windowed: release
-        self.runner = ModelRunner(model, self.cache, self.scheduler.block_table, config, support)
+        self.runner = ModelRunner(
+            model, self.cache, self.scheduler.block_table, config, support,
+            repeats=self.scheduler.repeats,
+        )  # fmt: skip
         self._factory = RequestFactory(
             tokenizer, self.vocab_size, config.block_size, blocks, self.device, self.eos_token_ids
         )

@@ -13,6 +13,10 @@ row's pending token from there (:attr:`Chunk.from_device`), so it can be launche
 the host knows the ids. They reach the host in one asynchronous copy per step;
 :meth:`SampledTokens.tolist` is a step's only wait, and with overlap (``core.py``) it
 happens after the next step was launched.
+
+With zero-compute repeats on (:mod:`pagedkv.engine.repeats`), the logits row of every
+prompt that completes is stored; the chunks of stored prompts (last in the list) are
+left out of the forward and sampled from their stored rows.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.cuda_graphs import DecodeGraphs
 from pagedkv.engine.host import host_int64
 from pagedkv.engine.prefix_groups import PrefixGroups
+from pagedkv.engine.repeats import PromptRepeats
 from pagedkv.engine.sampling import sample
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
 from pagedkv.integrations.support import ModelSupport, check_model_supported
@@ -67,7 +72,8 @@ class EngineWarmup(NamedTuple):
 class ModelRunner:
     """Owns the model forward of the engine (eager; CUDA graphs for decode buckets).
     Reads ``cuda_graphs``, ``max_num_seqs``, ``cascade`` and ``torch_compile`` of
-    ``config``; ``support``: the model's :class:`ModelSupport` (checked if None).
+    ``config``; ``support``: the model's :class:`ModelSupport` (checked if None);
+    ``repeats``: where prompts' last logits are stored (``None``: zero-compute repeats off).
 
     Every forward goes through :class:`PagedAttention`: the model runs on the paged
     attention for that forward only, with the step's metadata in its kwargs, whatever
@@ -87,9 +93,11 @@ class ModelRunner:
         block_table_of,
         config: EngineConfig | None = None,
         support: ModelSupport | None = None,
+        repeats: PromptRepeats | None = None,
     ) -> None:
         config = config or EngineConfig()
         self.model = model
+        self.repeats = repeats
         self.cache = cache
         self.block_table_of = block_table_of
         self.block_size = cache.block_size
@@ -144,16 +152,60 @@ class ModelRunner:
         """Compute the chunks and sample the next token of each that samples; the
         device may still be running when this returns."""
         with self.forward_context():
-            logits = None
-            is_decode = all(c.end - c.start == 1 for c in chunks)
-            if is_decode and self.graphs is not None:
-                logits = self.graphs.run(chunks)
-            if logits is None:
-                if self.graphs is not None:  # tables may change (preemption) while eager
-                    self.graphs.invalidate_tables()
-                meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
-                logits = self.forward(ids, pos, meta, logit_rows)
+            if chunks[-1].replay is not None:
+                return self._sample(self._replay_logits(chunks), chunks)
+            logits = self._logits(chunks)
+            if self.repeats is not None:
+                self._store_prompts(logits, chunks)
             return self._sample(logits, chunks)
+
+    def _logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """logits [n, V] of the chunks that sample, in order."""
+        logits = None
+        is_decode = all(c.end - c.start == 1 for c in chunks)
+        if is_decode and self.graphs is not None:
+            logits = self.graphs.run(chunks)
+        if logits is None:
+            if self.graphs is not None:  # tables may change (preemption) while eager
+                self.graphs.invalidate_tables()
+            meta, ids, pos, logit_rows = self.prepare(chunks, is_decode)
+            logits = self.forward(ids, pos, meta, logit_rows)
+        return logits
+
+    def _replay_logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """logits [n, V] of a step whose last chunks are stored prompts: their partial
+        blocks are written back, the others computed (their prompts stored)."""
+        k = len(chunks)
+        while k and chunks[k - 1].replay is not None:
+            k -= 1
+        computed, replays = chunks[:k], chunks[k:]
+        assert self.repeats is not None
+        rows = []
+        for c in replays:
+            assert c.replay is not None
+            self.repeats.restore(c.replay, self._tail_block(c.req))
+            rows.append(c.replay.logits)
+        stored = torch.stack(rows)  # [len(replays), V]
+        if not computed:
+            return stored
+        logits = self._logits(computed)
+        self._store_prompts(logits, computed)
+        return torch.cat([logits, stored])
+
+    def _store_prompts(self, logits: torch.Tensor, chunks: list[Chunk]) -> None:
+        """Store the logits row of each chunk that completes its prompt (with overlap a
+        request may have a pending token and no output yet: its chunk ends later)."""
+        assert self.repeats is not None
+        sampling = [c for c in chunks if c.sample]
+        for j, c in enumerate(sampling):
+            req = c.req
+            if c.end == len(req.prompt):
+                self.repeats.store(req.prompt, req.cache_salt, logits[j], self._tail_block(req))
+
+    def _tail_block(self, req) -> int:
+        """The block of the prompt's partial last block (-1: the prompt is aligned)."""
+        n, bs = len(req.prompt), self.block_size
+        return self.block_table_of(req)[n // bs] if n % bs else -1
 
     def execute(self, chunks: list[Chunk]) -> list[int]:
         """:meth:`launch`, then wait for the sampled ids."""

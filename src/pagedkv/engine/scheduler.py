@@ -21,6 +21,9 @@ Blocks are reserved only for tokens computed in the same step: a full block beco
 findable by other requests only once the step that writes its KV runs, and all K/V of
 a layer are written before that layer attends (write-then-attend), so a request
 admitted in the same step may already share it.
+
+A prompt whose KV is all cached and whose last logits are stored (a zero-compute repeat,
+:mod:`~pagedkv.engine.repeats`) gets a chunk that computes nothing, last in the list.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from __future__ import annotations
 import time
 
 from pagedkv.cache import KVCache
-from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan
+from pagedkv.engine.admission import allocate_first_chunk, discard_batch
+from pagedkv.engine.chunks import Chunk, SchedulerCounters, StepPlan, plan_ahead, running_view
 from pagedkv.engine.config import EngineConfig
-from pagedkv.engine.preemption import RunningRequest, check_victims
+from pagedkv.engine.preemption import check_victims
+from pagedkv.engine.repeats import PromptRepeats
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.waiting import WaitingQueue
 from pagedkv.errors import OutOfBlocks
@@ -39,9 +44,10 @@ from pagedkv.errors import OutOfBlocks
 class Scheduler:
     """Decides each step's chunks; owns the waiting queue and the running list.
 
-    Reads ``max_batch_tokens``, ``max_num_seqs``, ``preemption`` and the preemption
-    ``policy`` from ``config`` (validated there). ``preempted``: the requests the last
-    :meth:`schedule` preempted, in order.
+    Reads ``max_batch_tokens``, ``max_num_seqs``, ``preemption``, the preemption
+    ``policy`` and ``repeat_cache_bytes`` from ``config`` (validated there).
+    ``preempted``: the requests the last :meth:`schedule` preempted, in order;
+    ``repeats``: the stored prompts' logits (``None`` when disabled).
     """
 
     def __init__(self, cache: KVCache, config: EngineConfig) -> None:
@@ -51,6 +57,9 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.preemption = config.preemption
         self.policy = config.policy
+        # (a quantized pool's partial block has per-block scales the stored tail lacks)
+        on = config.repeat_cache_bytes and config.prefix_caching and not cache.layout.quantized
+        self.repeats = PromptRepeats(cache, config.repeat_cache_bytes) if on else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
@@ -187,6 +196,13 @@ class Scheduler:
         req.error = error
         self.finish(req)
 
+    def fail_batch(self, chunks: list[Chunk], error: str) -> None:
+        """Fail the requests of a step whose forward did not run through; their blocks
+        registered for it are uncached (:func:`~pagedkv.engine.admission.discard_batch`)."""
+        discard_batch(self.cache, chunks)
+        for c in chunks:
+            self.fail(c.req, error)
+
     # ------------------------------------------------------------------ scheduling
     def schedule(self, *, ahead: bool = False) -> list[Chunk] | None:
         """This step's chunks: the running requests' (preempting victims when blocks run
@@ -200,7 +216,9 @@ class Scheduler:
         nothing, when the step would preempt (decided with the previous step's results).
         """
         if ahead:
-            plan = self._plan_ahead()
+            plan = plan_ahead(
+                self.running, self.max_batch_tokens, self.block_size, self.cache.num_free_blocks
+            )
             if plan is None:
                 return None
             self.steps += 1
@@ -232,7 +250,9 @@ class Scheduler:
 
     def _finish_schedule(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
         if not self.preempted:  # admissions in what is left of the budget
-            budget = self._admit(chunks, budget)
+            replays: list[Chunk] = []
+            budget = self._admit(chunks, replays, budget)
+            chunks += replays
         self.starved = not chunks and not self.preempted and bool(self.waiting)
         used = self.cache.num_blocks - self.cache.num_free_blocks
         self.counters.peak_blocks = max(self.counters.peak_blocks, used)
@@ -240,33 +260,6 @@ class Scheduler:
         for c in chunks:
             c.req.record_access(step, now)
         return chunks
-
-    def _plan_ahead(self) -> StepPlan | None:
-        """The running requests' chunks while the previous step runs (:meth:`schedule`)."""
-        plan = StepPlan(self.max_batch_tokens)
-        bs, free = self.block_size, self.cache.num_free_blocks
-        for req in self.running:
-            if plan.budget <= 0:
-                break
-            if req.pending:
-                m = req.num_tokens  # the pending token's position; its KV is computed now
-                if len(req.output) + req.pending >= req.params.max_new_tokens:
-                    continue  # it finishes on that token
-                if m >= -(-req.num_allocated // bs) * bs:
-                    continue  # a new block: next step, once the cache knows the token
-                chunk, need = Chunk(req, m, m + 1), 0
-            else:
-                start = req.num_computed
-                end = min(req.num_tokens, start + plan.budget)
-                need = -(-end // bs) - -(-req.num_allocated // bs)
-                if need > free - plan.pending:
-                    return None
-                chunk = Chunk(req, start, end)
-            plan.chunks.append(chunk)
-            plan.needs.append(need)
-            plan.pending += need
-            plan.budget -= chunk.end - chunk.start
-        return plan
 
     def _make_room(self, req: Request, need: int, plan: StepPlan) -> bool:
         """Preempt the policy's victims until ``need`` new blocks for ``req`` are free
@@ -288,7 +281,9 @@ class Scheduler:
     def _select_victims(self, req: Request, short: int) -> list[Request]:
         bs = self.block_size
         held = self.cache.num_released if self.window is not None else None
-        views = tuple(_view(r, r is req, bs, held(r.seq_id) if held else 0) for r in self.running)
+        views = tuple(
+            running_view(r, r is req, bs, held(r.seq_id) if held else 0) for r in self.running
+        )
         chosen = self.policy.select_victims(views, short)
         return [self.running[i] for i in check_victims(self.policy, chosen, views, short)]
 
@@ -305,25 +300,22 @@ class Scheduler:
                 self._preempt(c.req)
         return chunks
 
-    def _admit(self, chunks: list[Chunk], budget: int) -> int:
+    def _admit(self, chunks: list[Chunk], replays: list[Chunk], budget: int) -> int:
+        replay = None
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.status is Status.SWAPPED:
                 if not self._swap_in(req):
                     break
             elif not req.num_allocated:  # (a resumed request's KV is already resident)
-                tokens = req.all_tokens
-                hit = self.cache.lookup(tokens, req.cache_salt)
-                end = min(len(tokens), hit + budget)
                 try:
-                    hit = self.cache.allocate(req.seq_id, tokens[:end], req.cache_salt)
+                    replay = allocate_first_chunk(self.cache, self.repeats, req, budget)
                 except OutOfBlocks:
                     break
-                req.num_computed, req.num_allocated = hit, end
                 if req.num_cached_tokens < 0:  # first admission: the reported hit
-                    req.num_cached_tokens = hit
+                    req.num_cached_tokens = req.num_computed
                     self.counters.prompt_tokens += len(req.prompt)
-                    self.counters.cached_tokens += hit
+                    self.counters.cached_tokens += req.num_computed
             self.waiting.popleft()
             req.status = Status.RUNNING
             req.admitted = self._admissions
@@ -333,6 +325,10 @@ class Scheduler:
             if not self._reserve(req, end):  # only after a swap-in at the pool's edge
                 self._preempt(req)
                 break
+            if replay is not None:
+                replays.append(Chunk(req, end, end, replay))
+                replay = None
+                continue
             chunks.append(Chunk(req, req.num_computed, end))
             budget -= end - req.num_computed
         return budget
@@ -393,12 +389,3 @@ class Scheduler:
         except OutOfBlocks:
             return False
         return True
-
-
-def _view(r: Request, requesting: bool, block_size: int, released: int) -> RunningRequest:
-    """What a preemption policy may read of running request ``r`` (``released``: its
-    blocks released outside the window, not held)."""
-    return RunningRequest(
-        r.request_id, r.priority, r.admitted, r.last_step, r.last_time,
-        -(-r.num_allocated // block_size) - released, r.num_computed, r.num_tokens, requesting,
-    )  # fmt: skip

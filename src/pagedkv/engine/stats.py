@@ -16,7 +16,9 @@ class EngineStats:
     ``retained_seqs``: finished requests kept in the cache (``retain=True``) until
     snapshotted or released (their blocks count in ``blocks_in_use``);
     ``running_requests`` / ``waiting_requests``: being served now / queued (preempted
-    ones included).
+    ones included); ``repeated_prompts``: prompts answered from stored last-position
+    logits, with no forward (zero-compute repeats, ``repeat_cache_bytes``; their tokens
+    all count as cached).
     """
 
     requests: int
@@ -34,6 +36,7 @@ class EngineStats:
     num_blocks: int
     block_size: int
     retained_seqs: int = 0
+    repeated_prompts: int = 0
     running_requests: int = 0
     waiting_requests: int = 0
 

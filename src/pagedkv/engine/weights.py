@@ -63,6 +63,8 @@ def update(
 def _switch(cache: KVCache, scheduler: Scheduler, fingerprint: str, running: str) -> bool:
     if running == "recompute":
         scheduler.recompute_all()
+    if scheduler.repeats is not None:  # stored logits are the old weights' (unmatchable
+        scheduler.repeats.clear()  # under the new fingerprint anyway: free their memory)
     return cache.set_model_fingerprint(fingerprint)
 
 

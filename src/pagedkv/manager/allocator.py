@@ -22,6 +22,7 @@ subscribes, a :class:`~pagedkv.events.BlockRemoved` event.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 from pagedkv.errors import OutOfBlocks
@@ -43,9 +44,11 @@ class BlockAllocator:
     count, > 0 while in use; ``chains`` the holders of each held hit chain (by its
     last block); ``free`` is the free stack; ``policy`` lists evictable cached blocks;
     ``pins.blocks`` the pinned cached ones. ``ref`` and ``free`` are changed in place,
-    never replaced, so a holder of either stays current. ``ghosts`` remembers what was
-    evicted or expired, ``generations`` counts registrations of earlier models, and
-    ``events`` (set by the manager while someone subscribes) collects removals.
+    never replaced, so a holder of either stays current. At most ``max_cached``
+    blocks are evictable between operations: a release beyond it evicts the excess.
+    ``ghosts`` remembers what was evicted or expired, ``generations`` counts
+    registrations of earlier models, and ``events`` (set by the manager while someone
+    subscribes) collects removals.
     """
 
     def __init__(
@@ -57,11 +60,14 @@ class BlockAllocator:
         on_evict: EvictCallback | None,
         *,
         prefix_caching: bool,
+        max_cached: int | None = None,
         ghosts: Ghosts,
         generations: Generations,
     ) -> None:
         self.num_blocks = len(meta.ref)
         self.prefix_caching = prefix_caching
+        self.capped = max_cached is not None  # tested once per release, before len(policy)
+        self.max_cached = sys.maxsize if max_cached is None else max_cached
         self.ref = meta.ref  # > 0: in use; < 0: listed by LRU (see LRUPolicy); else 0
         self.chains: dict[int, int] = {}  # last block of a held hit chain -> sequences
         self.free = list(range(self.num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
@@ -168,11 +174,13 @@ class BlockAllocator:
             self._dropped(out, gone)
         return out
 
-    def expire(self) -> None:
-        """Drop the cached blocks the policy says have expired (they become free)."""
+    def expire(self) -> int:
+        """Drop the cached blocks the policy says have expired (they become free);
+        returns how many."""
         expired = self.policy.expire()
         if expired:
             self._drop_expired(expired)
+        return len(expired)
 
     def _drop_expired(self, blocks: Sequence[int]) -> None:
         drop = self._prefix.drop
@@ -237,6 +245,40 @@ class BlockAllocator:
             if self.pins.counts:  # pinned content is held out of the policy
                 cached = self.pins.hold(cached, self._prefix.hashes)
             self.policy.add_many(cached)
+            if self.capped and len(self.policy) > self.max_cached:
+                self.trim()
+
+    def release_private(self, blocks: list[int]) -> None:
+        """Drop a private sequence's references (no hit chain, nothing registered): a
+        block left unreferenced becomes free."""
+        ref, free = self.ref, self.free
+        for b in reversed(blocks):
+            r = ref[b] - 1
+            ref[b] = r
+            if not r:
+                free.append(b)
+
+    def trim(self) -> int:
+        """Bring the evictable blocks down to ``max_cached``: expired ones are dropped
+        first, then the policy's choice is evicted (``on_evict``). Returns how many
+        blocks became free."""
+        if len(self.policy) <= self.max_cached:
+            return 0
+        freed = self.expire()
+        over = len(self.policy) - self.max_cached
+        if over > 0:
+            self.free.extend(self._evict(over))
+            freed += over
+        return freed
+
+    def evict_cached(self, n: int) -> int:
+        """Evict up to ``n`` evictable blocks by the policy (``on_evict``; they become
+        free), after dropping the expired ones (not counted); returns how many."""
+        self.expire()
+        n = min(n, len(self.policy))
+        if n:
+            self.free.extend(self._evict(n))
+        return n
 
     def unregister(self, blocks: Sequence[int]) -> None:
         """Drop the registrations of blocks in use (their content is not to be found)."""
@@ -253,19 +295,28 @@ class BlockAllocator:
         return self.pins.pin(keys, self._prefix, self.policy, salt)
 
     def unpin(self, keys: list[tuple[bytes, bytes]]) -> None:
-        """Release one pin of a pinned prefix; blocks whose last pin went are evictable."""
+        """Release one pin of a pinned prefix; blocks whose last pin went are evictable
+        (beyond ``max_cached``, the policy's choice is evicted)."""
         self.policy.add_many(self.pins.unpin(keys, self._prefix))
+        if len(self.policy) > self.max_cached:
+            self.trim()
 
     def reset(self) -> None:
-        """Forget every cached block (nothing is in use): all free, as when new.
+        """Forget every cached block (evictable or pinned): each becomes free. Blocks in
+        use keep their references; with none in use the free stack is as when new.
 
         The ghost list remembers them as evicted; subscribers hear AllBlocksCleared."""
-        drop = self._prefix.drop
-        self.ghosts.add([drop(b) for b in [*self.policy.order(), *self.pins.blocks]], EVICTED)
+        cached = [*self.policy.order(), *self.pins.blocks]
+        ref, drop = self.ref, self._prefix.drop
+        self.ghosts.add([drop(b) for b in cached], EVICTED)
+        for block in cached:
+            ref[block] = 0  # clears an LRU stamp
         self.generations.clear()
         if self.events is not None:
             self.events.pending.append(AllBlocksCleared(DEVICE))
-        self.free[:] = range(self.num_blocks - 1, -1, -1)
-        self.ref[:] = [0] * self.num_blocks  # clears LRU stamps
+        if len(self.free) + len(cached) == self.num_blocks:  # nothing in use: as when new
+            self.free[:] = range(self.num_blocks - 1, -1, -1)
+        else:
+            self.free[:] = sorted({*self.free, *cached}, reverse=True)
         self.policy = self._new_policy()
         self.pins.blocks.clear()

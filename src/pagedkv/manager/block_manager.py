@@ -7,10 +7,11 @@ its prefix is pinned). ``free + in use + cached == num_blocks`` always;
 :meth:`BlockManager.check_integrity` checks it and everything else that must hold.
 
 This module holds the sequences and the hot operations on them (allocate, append,
-fork, free). The pool's side (reference counts, per-chain references of prefix hits,
-the free stack, eviction, pins) is :mod:`~pagedkv.manager.allocator`; the prefix
-index, policies, pressure and counters have their own modules. Each is called once
-per operation, never per block of a loop.
+fork, free); the on-demand ones (share_prefix, evict, gc) are in
+:mod:`~pagedkv.manager.prefix_ops`. The pool's side (reference counts, per-chain
+references of prefix hits, the free stack, eviction, pins) is
+:mod:`~pagedkv.manager.allocator`; the prefix index, policies, pressure and counters
+have their own modules. Each is called once per operation, never per block of a loop.
 KV events cost one attribute check per operation while nobody subscribes
 (:mod:`~pagedkv.manager.subscriptions`); model changes are
 :mod:`~pagedkv.manager.model_change`.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv import _resources
-from pagedkv._validate import check_callable, check_int
+from pagedkv._validate import check_bool, check_callable, check_int
 from pagedkv.events import EventHub
 from pagedkv.manager.allocator import BlockAllocator, EvictCallback
 from pagedkv.manager.config import ManagerConfig, bookkeeping_bytes
@@ -33,6 +34,7 @@ from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes, hash_fun
 from pagedkv.manager.kv_events import stored_events
 from pagedkv.manager.model_change import ModelChanges
 from pagedkv.manager.prefix_index import PrefixIndex
+from pagedkv.manager.prefix_ops import PrefixOps
 from pagedkv.manager.pressure import PressureCallback, PressureWatch
 from pagedkv.manager.registration import Registration
 from pagedkv.manager.sequence import SeqRecord
@@ -43,19 +45,21 @@ from pagedkv.manager.window import WindowOps, held_blocks
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
+class BlockManager(PrefixOps, WindowOps, Registration, EventSource, ModelChanges):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
         num_blocks: physical blocks in the pool (> 0).
         block_size: tokens per block (> 0).
         prefix_caching, eviction, ttl_seconds, extra_keys, hash_algo, watermarks,
-        ghost_bytes: the options of :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build
-            the manager with :meth:`from_config`).
+        min_prefix_tokens, max_cached_blocks, ghost_bytes: the options of
+            :class:`~pagedkv.manager.ManagerConfig` (same defaults; or build the manager
+            with :meth:`from_config`).
         on_evict: called as ``on_evict(block_id, block_hash)`` when a cached block is
             evicted, before it is handed out again (tiers copy the bytes out there).
             It must not raise.
-        clock: time source for TTL (seconds, monotonic); for tests.
+        clock: time source for TTL and :meth:`seq_stats`'s ``last_access`` (seconds,
+            monotonic); for tests.
 
     Every operation is atomic: on bad input or when blocks run out it raises and
     leaves the state exactly as it was.
@@ -72,6 +76,8 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         extra_keys: Sequence[object] = _DEFAULT.extra_keys,
         hash_algo: str = _DEFAULT.hash_algo,
         watermarks: tuple[float, float, float] = _DEFAULT.watermarks,
+        min_prefix_tokens: int = _DEFAULT.min_prefix_tokens,
+        max_cached_blocks: int | None = _DEFAULT.max_cached_blocks,
         ghost_bytes: int = _DEFAULT.ghost_bytes,
         on_evict: EvictCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -81,6 +87,7 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         config = ManagerConfig(
             prefix_caching=prefix_caching, eviction=eviction, ttl_seconds=ttl_seconds,
             extra_keys=extra_keys, hash_algo=hash_algo, watermarks=watermarks,
+            min_prefix_tokens=min_prefix_tokens, max_cached_blocks=max_cached_blocks,
             ghost_bytes=ghost_bytes,
         )  # fmt: skip
         if on_evict is not None:
@@ -95,6 +102,7 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = config.prefix_caching
+        self._min_prefix_tokens = config.min_prefix_tokens
         self._clock = clock
         self._digest = hash_function(config.hash_algo)
         meta = BlockMeta(num_blocks)
@@ -105,7 +113,7 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         self._gens = Generations(tuple(config.extra_keys))
         self._alloc = BlockAllocator(
             meta, self._prefix, lambda: self._new_policy(meta), self._counters, on_evict,
-            prefix_caching=config.prefix_caching,
+            prefix_caching=config.prefix_caching, max_cached=config.max_cached_blocks,
             ghosts=Ghosts(config.ghost_bytes, len(self._digest(b""))), generations=self._gens,
         )  # fmt: skip
         self._ref = meta.ref  # the allocator's ref counts (changed in place, never replaced)
@@ -134,8 +142,9 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
             num_blocks, block_size, prefix_caching=config.prefix_caching,
             eviction=config.eviction, ttl_seconds=config.ttl_seconds,
             extra_keys=config.extra_keys, hash_algo=config.hash_algo,
-            watermarks=config.watermarks, ghost_bytes=config.ghost_bytes, on_evict=on_evict,
-            clock=clock,
+            watermarks=config.watermarks, min_prefix_tokens=config.min_prefix_tokens,
+            max_cached_blocks=config.max_cached_blocks, ghost_bytes=config.ghost_bytes,
+            on_evict=on_evict, clock=clock,
         )  # fmt: skip
 
     def _new_policy(self, meta: BlockMeta) -> EvictionPolicy:
@@ -155,19 +164,36 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
 
     # -------------------------------------------------------------- allocation
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], salt: object = None) -> int:
+    def allocate(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        salt: object = None,
+        *,
+        share_prefix: bool = True,
+        whole: bool = False,
+    ) -> int:
         """Start sequence ``seq_id`` with its prompt; return how many tokens are cached.
 
         Reserves ``ceil(len / block_size)`` blocks, reusing (with a reference) the
         longest chain of cached full blocks that match the prompt in ``salt``'s
         namespace. The result is a multiple of ``block_size`` and at most ``len - 1``:
-        one token is always left to compute. Full blocks of the prompt become
+        one token is always left to compute; ``whole=True`` reuses the last full block
+        too (the result may be ``len``), for a caller that has the last position's
+        output already (the engine's stored logits). Full blocks of the prompt become
         findable at once; the caller writes their KV in the same step (or drops the
         sequence with :meth:`discard` if it cannot).
 
+        ``share_prefix=False`` (for privacy-sensitive requests), like a prompt shorter
+        than ``min_prefix_tokens``, makes the sequence private: it reuses no cached
+        block and none of its blocks (prompt or appended) is ever registered, so no
+        other prompt can find them; they become free, never cached, when released.
+        Its forks and :meth:`share_prefix` sequences are private too.
+
         Raises ``ValueError`` for a live ``seq_id`` or an empty prompt, ``TypeError``/
-        ``ValueError`` for bad token ids, :class:`OutOfBlocks` when the pool is full;
-        nothing changes in any of these cases.
+        ``ValueError`` for bad token ids or a non-bool ``share_prefix`` / ``whole``,
+        :class:`OutOfBlocks` when the pool is full; nothing changes in any of these
+        cases (but the ``allocation_failures`` counter).
         """
         try:
             live = seq_id in self._seqs
@@ -175,6 +201,10 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
         if live:
             raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
+        if share_prefix is not True and share_prefix is not False:
+            check_bool(share_prefix, "share_prefix")
+        if whole is not False and whole is not True:
+            check_bool(whole, "whole")
         arr = as_token_array(token_ids)
         n = len(arr)
         if n == 0:
@@ -183,28 +213,36 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         ns = prefix.namespace(salt)
         bs = self.block_size
         raw = arr.tobytes()
-        hits = prefix.match(raw, ns, (n - 1) // bs) if self.prefix_caching else []
+        private = not share_prefix or n < self._min_prefix_tokens
+        shares = self.prefix_caching and not private
+        hits = prefix.match(raw, ns, (n if whole else n - 1) // bs) if shares else []
         if hits:
             hits = alloc.policy.usable(hits)
         need = -(-n // bs) - len(hits)
         if need > alloc.num_free - (alloc.reclaimed_by(hits) if hits else 0):
+            self._counters.allocation_failures += 1
             raise alloc.out_of_blocks(need, f"allocate({seq_id!r}, {n} tokens)")
 
         # Commit: nothing below can fail (on_evict must not raise).
+        counters = self._counters
         if hits:
             alloc.hold_chain(hits)
+            counters.requests_with_hit += 1
+        else:
+            counters.requests_without_hit += 1
         blocks = hits + alloc.take(need)
         parent = prefix.hashes[hits[-1]] if hits else ROOT
-        seq = self._seqs[seq_id] = SeqRecord(blocks, arr, parent, ns, len(hits), self._gens.number)
-        if self.prefix_caching:
+        seq = self._seqs[seq_id] = SeqRecord(
+            blocks, arr, parent, ns, len(hits), self._gens.number, private, self._clock()
+        )
+        if shares:
             seq.last_hash = prefix.register_blocks(
                 blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
             )
-        counters = self._counters
         counters.query_tokens += n
         counters.hit_tokens += len(hits) * bs
         if self._observed:
-            if self._events is not None and self.prefix_caching:
+            if self._events is not None and shares:
                 self._events.pending += stored_events(
                     prefix, blocks, len(hits), n // bs, raw, 0, ns, parent, seq.anonymous
                 )
@@ -233,6 +271,7 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         if new_blocks or cow:
             alloc = self._alloc
             if new_blocks + cow > alloc.num_free:
+                self._counters.allocation_failures += 1
                 raise alloc.out_of_blocks(new_blocks + cow, f"append({seq_id!r}, {k} tokens)")
             taken = alloc.take(new_blocks + cow)
             if cow:
@@ -242,10 +281,12 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
                 self._copies.append((src, dst))
                 self._counters.cow_copies += 1
             blocks.extend(taken)
+            # Stamped only when the table changes: a clock read per token costs ~15 %.
+            seq.last_access = self._clock()
         tokens = seq.tokens
         tokens.extend(arr)
         first, stop = n // bs, (n + k) // bs
-        if self.prefix_caching and stop > first:
+        if stop > first and self.prefix_caching and not seq.private:
             parent = seq.last_hash
             if seq.gen != self._gens.number:  # its KV mixes models: cache none of it
                 full = tokens[first * bs : stop * bs]
@@ -268,16 +309,13 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         """Make ``child_id`` a sequence with the parent's tokens, sharing every block.
 
         The first append to a shared, partly filled last block copies it on write.
+        A private parent has a private child.
         """
         parent = self._seq(parent_id)
-        try:
-            live = child_id in self._seqs
-        except TypeError:
-            raise TypeError(f"child_id must be hashable, got {type(child_id).__name__}") from None
-        if live:
-            raise ValueError(f"sequence {child_id!r} is already live; fork into a new id")
+        self._check_new(child_id, "child_id")
         self._alloc.share(held_blocks(parent), parent.chain)
-        self._seqs[child_id] = parent.fork()
+        self._seqs[child_id] = parent.fork(self._clock())
+        self._counters.forks += 1
         if self._observed:
             self._after()
 
@@ -293,9 +331,13 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
             raise KeyError(
                 f"unknown sequence {seq_id!r}: it was never allocated or is already freed"
             ) from None
-        partial = len(seq.tokens) % self.block_size != 0
         blocks = seq.blocks if not seq.released else held_blocks(seq)
-        self._alloc.release(blocks, seq.chain, seq.anonymous, partial)
+        if seq.private:
+            self._alloc.release_private(blocks)
+        else:
+            partial = len(seq.tokens) % self.block_size != 0
+            self._alloc.release(blocks, seq.chain, seq.anonymous, partial)
+        self._counters.deallocations += 1
         if self._observed:
             self._after()
 
@@ -306,19 +348,22 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         if self._events is not None:
             self._events.end()
 
-    def discard(self, seq_id: Hashable) -> None:
+    def discard(self, seq_id: Hashable, written: int = 0) -> None:
         """Release a sequence whose KV was never (fully) written, caching nothing of it.
 
         For a just-allocated sequence whose bytes could not be loaded (a failed swap-in
-        or tier load): the blocks it registered and holds alone become free and
-        unregistered, so no later prompt can hit their garbage; its prefix hits, and
-        blocks other sequences hold too, are released as :meth:`free` releases them.
-        Unknown id -> ``KeyError``.
+        or tier load), or a failed forward: the blocks it registered and holds alone
+        become free and unregistered, so no later prompt can hit their garbage; its
+        prefix hits, blocks other sequences hold too, and the full blocks within its
+        first ``written`` tokens (KV written before) are released as :meth:`free` does.
+        Unknown id -> ``KeyError``; a bad ``written`` -> ``TypeError``/``ValueError``.
         """
         seq = self._seq(seq_id)
+        check_int(written, "written", minimum=0)
         if self.prefix_caching:
             ref, hashes = self._ref, self._prefix.hashes
-            own = [b for b in seq.blocks[seq.chain or seq.released :] if ref[b] == 1 and hashes[b]]
+            first = max(seq.chain or seq.released, written // self.block_size)
+            own = [b for b in seq.blocks[first:] if ref[b] == 1 and hashes[b]]
             self._alloc.unregister(own)
             seq.anonymous += own  # so free() hands them back as free blocks
         self.free(seq_id)  # delivers the removals too
@@ -330,51 +375,6 @@ class BlockManager(WindowOps, Registration, EventSource, ModelChanges):
         """
         copies, self._copies = self._copies, []
         return copies
-
-    # ------------------------------------------------------------- pins, reset
-
-    def pin(self, token_ids: Sequence[int], salt: object = None) -> int:
-        """Keep the cached blocks of this prefix from eviction until :meth:`unpin`.
-
-        Pins are by content: blocks of the prefix registered later are protected
-        too. Pins nest (pin twice, unpin twice). Returns how many of the prefix's
-        full blocks are resident (cached or in use) now.
-        """
-        keys = self._prefix.prefix_keys(token_ids, salt)
-        if not keys:
-            raise ValueError(
-                f"token_ids has no full block (block_size={self.block_size}); "
-                "only full blocks are cached and can be pinned"
-            )
-        resident = self._alloc.pin(keys, salt)
-        if self._events is not None:  # expired blocks were dropped first
-            self._events.end()
-        return resident
-
-    def unpin(self, token_ids: Sequence[int], salt: object = None) -> int:
-        """Undo one :meth:`pin` of this prefix; returns the number of blocks unpinned.
-
-        Raises ``ValueError`` (and changes nothing) if the prefix is not pinned.
-        """
-        keys = self._prefix.prefix_keys(token_ids, salt)
-        if not self._alloc.pins.is_pinned(keys):
-            raise ValueError(
-                "token_ids: this prefix is not pinned (pin() it first, with the same salt)"
-            )
-        self._alloc.unpin(keys)
-        return len(keys)
-
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached block (they become free). Pins are kept.
-
-        Returns False, changing nothing, while any block is in use.
-        """
-        if self.num_used_blocks:
-            return False
-        self._alloc.reset()
-        if self._events is not None:
-            self._events.end()
-        return True
 
     # ---------------------------------------------------------------- pressure
 

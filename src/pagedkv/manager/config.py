@@ -40,6 +40,13 @@ class ManagerConfig:
             ``bytes`` or ``int``; kept as a tuple.
         hash_algo: ``"sha256"`` (default) or ``"xxh3_128"``.
         watermarks: used-fraction thresholds of MEDIUM / HIGH / CRITICAL pressure.
+        min_prefix_tokens: a prompt with fewer tokens than this is private (as with
+            ``allocate(..., share_prefix=False)``): it gets no prefix hit and none of
+            its blocks is ever registered (0, the default: every prompt shares).
+        max_cached_blocks: at most this many evictable cached blocks (ref 0, not
+            pinned); a release that would leave more evicts the excess by the policy
+            (``on_evict`` is called, the blocks become free). Pinned blocks do not
+            count. ``None`` (default): no cap beyond the pool.
         ghost_bytes: host bytes for the hashes of recently evicted / expired blocks
             (``explain`` tells them from blocks never seen): about 73 bytes each with
             SHA-256, so the default 4 MiB remembers the last ~57,000; 0 keeps none.
@@ -54,6 +61,8 @@ class ManagerConfig:
     extra_keys: Sequence[object] = ()
     hash_algo: str = "sha256"
     watermarks: tuple[float, float, float] = (0.6, 0.8, 0.95)
+    min_prefix_tokens: int = 0
+    max_cached_blocks: int | None = None
     ghost_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
@@ -78,6 +87,9 @@ class ManagerConfig:
         ):
             raise ValueError(f"watermarks must be three increasing fractions in (0, 1], got {w!r}")
         set_field(self, "watermarks", (float(w[0]), float(w[1]), float(w[2])))
+        check_int(self.min_prefix_tokens, "min_prefix_tokens", minimum=0)
+        if self.max_cached_blocks is not None:
+            check_int(self.max_cached_blocks, "max_cached_blocks", minimum=0)
         check_int(self.ghost_bytes, "ghost_bytes", minimum=0)
 
     def override(
@@ -88,9 +100,14 @@ class ManagerConfig:
         ttl_seconds: float | None = None,
         hash_algo: str | None = None,
         watermarks: tuple[float, float, float] | None = None,
+        min_prefix_tokens: int | None = None,
+        max_cached_blocks: int | None = None,
         ghost_bytes: int | None = None,
     ) -> ManagerConfig:
-        """This config with every option given (not ``None``) replaced, validated again."""
+        """This config with every option given (not ``None``) replaced, validated again.
+
+        (So ``max_cached_blocks`` can be set here but not lifted: build a new config.)
+        """
         return ManagerConfig(
             prefix_caching=self.prefix_caching if prefix_caching is None else prefix_caching,
             eviction=self.eviction if eviction is None else eviction,
@@ -98,6 +115,12 @@ class ManagerConfig:
             extra_keys=self.extra_keys,
             hash_algo=self.hash_algo if hash_algo is None else hash_algo,
             watermarks=self.watermarks if watermarks is None else watermarks,
+            min_prefix_tokens=(
+                self.min_prefix_tokens if min_prefix_tokens is None else min_prefix_tokens
+            ),
+            max_cached_blocks=(
+                self.max_cached_blocks if max_cached_blocks is None else max_cached_blocks
+            ),
             ghost_bytes=self.ghost_bytes if ghost_bytes is None else ghost_bytes,
         )
 

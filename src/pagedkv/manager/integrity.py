@@ -20,6 +20,7 @@ from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pins import Pins
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.sequence import NULL_BLOCK, SeqRecord
+from pagedkv.manager.stats import Counters
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ManagerState:
     policy: EvictionPolicy
     pins: Pins
     prefix: PrefixIndex
+    max_cached: int  # cap on evictable blocks (sys.maxsize: none)
+    counters: Counters
+    now: float  # the manager's clock when the check started
     ghosts: Ghosts
     generations: Generations
     registered_at: Sequence[int]  # registration stamp of each block (its generation)
@@ -93,8 +97,13 @@ def violations(m: ManagerState) -> list[str]:
         problems.append("a free block still has a registered hash")
     if any(not hashes[b] for b in evictable | pinned):
         problems.append("a cached block has no registered hash")
+    if len(evictable) > m.max_cached:
+        problems.append(
+            f"{len(evictable)} evictable cached blocks exceed max_cached_blocks ({m.max_cached})"
+        )
     problems += m.pins.violations(hashes, evictable, m.block_size)
     problems += m.prefix.violations(m.prefix_caching)
+    problems += m.counters.violations(len(m.seqs), m.block_size)
     problems += m.ghosts.violations()
     problems += m.generations.violations(hashes, m.registered_at)
     return problems
@@ -151,6 +160,12 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
             "(a hit leaves at least one token to compute)"
         )
         return False
+    stamp = seq.last_access
+    if not isinstance(stamp, (int, float)) or not stamp <= m.now:  # NaN fails too
+        problems.append(f"seq {sid!r}: last_access {stamp!r} is not a clock time <= now ({m.now})")
+    if seq.private:
+        _private_ok(m, sid, seq, problems)
+        return True
     gens = m.generations
     if not -1 <= seq.gen <= gens.number:
         problems.append(f"seq {sid!r}: generation {seq.gen} outside [-1, {gens.number}]")
@@ -159,7 +174,7 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     # A sequence registers only in its own generation and hits only what was registered
     # by then: no block it holds was registered later (-1: it holds none registered).
     later = [
-        b for b in seq.blocks
+        b for b in seq.blocks[seq.released :]  # (not the placeholders of released blocks)
         if m.prefix.hashes[b] and gens.generation_of(m.registered_at[b]) > seq.gen
     ]  # fmt: skip
     if later:
@@ -190,6 +205,18 @@ def _sequence_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[st
     if len(seq.blocks) > len(chain) and hashes[seq.blocks[-1]]:
         problems.append(f"seq {sid!r}: its partial last block {seq.blocks[-1]} is registered")
     return True
+
+
+def _private_ok(m: ManagerState, sid: object, seq: SeqRecord, problems: list[str]) -> None:
+    """A private sequence takes no part in prefix caching: no hit chain, no registered
+    block, no hash chain."""
+    hashes = m.prefix.hashes
+    registered = [b for b in seq.blocks[seq.released :] if hashes[b]]
+    if seq.chain or registered or seq.anonymous or seq.last_hash != ROOT:
+        problems.append(
+            f"seq {sid!r} is private but has a hit chain of {seq.chain}, registered blocks "
+            f"{registered[:5]}, {len(seq.anonymous)} anonymous ones or a last block hash"
+        )
 
 
 def _released_violations(sid: object, seq: SeqRecord, block_size: int) -> list[str]:

@@ -25,6 +25,7 @@ from pagedkv.manager.generations import Generations
 from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes
 from pagedkv.manager.prefix_index import PrefixIndex
 from pagedkv.manager.sequence import SeqRecord
+from pagedkv.manager.stats import Counters
 
 
 class ModelChanges:
@@ -39,6 +40,8 @@ class ModelChanges:
     _alloc: BlockAllocator
     _prefix: PrefixIndex
     _gens: Generations
+    _counters: Counters
+    _clock: Callable[[], float]
     _events: EventHub | None
     _observed: bool
     _after: Callable[[], None]
@@ -108,10 +111,13 @@ class ModelChanges:
         ns = self._prefix.namespace(salt)
         need = -(-n // bs)
         if need > self._alloc.num_free:
+            self._counters.allocation_failures += 1
             raise self._alloc.out_of_blocks(need, f"allocate_unshared({seq_id!r}, {n} tokens)")
         blocks = self._alloc.take(need)
+        self._counters.requests_without_hit += 1
+        self._counters.query_tokens += n
         chain = chain_hashes(arr, bs, ns, self._digest) if self.prefix_caching else []
-        seq = SeqRecord(blocks, arr, chain[-1] if chain else ROOT, ns, 0, -1)
+        seq = SeqRecord(blocks, arr, chain[-1] if chain else ROOT, ns, 0, -1, False, self._clock())
         seq.anonymous = blocks[: len(chain)]
         self._seqs[seq_id] = seq
         if self._observed:  # pressure callbacks; events of blocks it took by evicting

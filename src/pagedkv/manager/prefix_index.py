@@ -12,6 +12,7 @@ nothing else writes these tables.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from pagedkv.manager.eviction import BlockMeta
 from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes, namespace
@@ -19,6 +20,22 @@ from pagedkv.manager.sequence import SeqRecord
 
 #: ``hashes[b]`` / ``keys[b]`` of a block that is not registered (a digest is never empty).
 UNREGISTERED = b""
+
+
+class PromptMatch(NamedTuple):
+    """Every full block of a prompt is cached: which registrations hold them, and the
+    prompt's identity (:meth:`PrefixIndex.prompt_match`).
+
+    ``key``: the chained hash of the whole prompt in its namespace: the last full
+    block's chain hash, chained once more over the partial last block's tokens when
+    there is one. ``registrations``: the registration number of each full block's
+    cached block, in order; a block dropped and registered again gets a new number, so
+    an equal tuple means the very same cached KV.
+    """
+
+    key: bytes
+    registrations: tuple[int, ...]
+
 
 # Salts of these exact types are remembered with their namespace digest.
 _CACHEABLE_SALTS = (str, bytes, int, type(None))
@@ -115,6 +132,25 @@ class PrefixIndex:
             hits.append(block)
             parent = hashes[block]
         return hits
+
+    def prompt_match(
+        self, raw: bytes, ns: bytes, usable: Callable[[list[int]], list[int]]
+    ) -> PromptMatch | None:
+        """The :class:`PromptMatch` of a prompt (uint32 token bytes ``raw``) whose full
+        blocks are all registered and ``usable`` (the policy's filter); ``None`` when one
+        is not. Changes nothing; a digest only for a partial last block."""
+        step = 4 * self.block_size
+        full = len(raw) // step
+        hits = self.match(raw, ns, full)
+        if hits:
+            hits = usable(hits)
+        if len(hits) < full:
+            return None
+        parent = self.hashes[hits[-1]] if hits else ROOT
+        tail = raw[full * step :]
+        key = self.digest(parent + ns + tail) if tail else parent
+        registered_at = self._meta.registered_at
+        return PromptMatch(key, tuple(registered_at[b] for b in hits))
 
     def register(self, block: int, key: bytes, block_hash: bytes) -> bool:
         """Index a block that just became full; False (nothing changes) if its content

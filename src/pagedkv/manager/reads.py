@@ -17,10 +17,10 @@ from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.config import ManagerConfig
 from pagedkv.manager.generations import Generations
 from pagedkv.manager.hashing import as_token_array, chain_hashes
-from pagedkv.manager.prefix_index import PrefixIndex
+from pagedkv.manager.prefix_index import PrefixIndex, PromptMatch
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
-from pagedkv.manager.stats import CacheStats, Counters, unused_slots
+from pagedkv.manager.stats import CacheStats, Counters, SeqStats, unused_slots
 
 
 class DevicePrefix(NamedTuple):
@@ -45,6 +45,8 @@ class ManagerReads:
     num_blocks: int
     block_size: int
     prefix_caching: bool
+    _min_prefix_tokens: int
+    _clock: Callable[[], float]
     _digest: Callable[[bytes], bytes]
     _ref: list[int]
     _seqs: dict[Hashable, SeqRecord]
@@ -72,6 +74,16 @@ class ManagerReads:
     def watermarks(self) -> tuple[float, float, float]:
         """Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."""
         return self.config.watermarks
+
+    @property
+    def min_prefix_tokens(self) -> int:
+        """Prompts shorter than this are private (no hit, nothing registered)."""
+        return self.config.min_prefix_tokens
+
+    @property
+    def max_cached_blocks(self) -> int | None:
+        """Cap on evictable cached blocks (``None``: none)."""
+        return self.config.max_cached_blocks
 
     # ------------------------------------------------------------------ queries
 
@@ -124,14 +136,41 @@ class ManagerReads:
         self, seq_id: Hashable, start: int = 0, stop: int | None = None
     ) -> list[bytes]:
         """Chained hash of full blocks ``start..stop`` (default: all of them; empty
-        without prefix caching)."""
+        without prefix caching and for a private sequence)."""
         seq = self._seq(seq_id)
         start, stop = full_block_range(seq, self.block_size, start, stop)
-        if not self.prefix_caching or start >= stop:
+        if not self.prefix_caching or seq.private or start >= stop:
             return []
         if start < seq.released:  # placeholders hold no hash: from the tokens
             return chain_hashes(seq.tokens, self.block_size, seq.ns, self._digest)[start:stop]
         return self._prefix.block_hashes(seq, start, stop)
+
+    def shares_prefix(self, seq_id: Hashable) -> bool:
+        """Whether the sequence takes part in prefix caching: False for a private one
+        (``share_prefix=False``, a prompt below ``min_prefix_tokens``, or forked from
+        one) and when prefix caching is off."""
+        return self.prefix_caching and not self._seq(seq_id).private
+
+    def seq_stats(self, seq_id: Hashable) -> SeqStats:
+        """Blocks, shared blocks, tokens, fill and last access of a live sequence
+        (:class:`SeqStats`; ``bytes`` is ``None`` here, see ``KVCache.seq_stats``)."""
+        seq = self._seq(seq_id)
+        ref, chain, released = self._ref, seq.chain, seq.released
+        blocks = seq.blocks[released:]  # released ones (sliding window) are not held
+        shared = sum(1 for b in blocks[chain:] if ref[b] > 1)
+        if chain:  # one reference per chain, whatever its holders (then released == 0)
+            others = self._alloc.chains[blocks[chain - 1]] > 1
+            shared += sum(1 for b in blocks[:chain] if others or ref[b] > 1)
+        n = len(seq.tokens)
+        held = n - released * self.block_size
+        return SeqStats(
+            blocks=len(blocks),
+            shared_blocks=shared,
+            tokens=n,
+            bytes=None,
+            utilization=held / (len(blocks) * self.block_size) if blocks else 1.0,
+            last_access=seq.last_access,
+        )
 
     def slot_mapping(self, seq_id: Hashable, start: int = 0, stop: int | None = None) -> list[int]:
         """``block_id * block_size + offset`` of tokens ``start..stop`` of the sequence."""
@@ -142,13 +181,30 @@ class ManagerReads:
         return [h for _, h in self._prefix.prefix_keys(token_ids, salt)]
 
     def lookup(self, token_ids: Sequence[int], salt: object = None) -> int:
-        """Tokens a new :meth:`allocate` of ``token_ids`` would find cached (no change)."""
+        """Tokens a new :meth:`allocate` of ``token_ids`` would find cached (no change;
+        0 for a prompt shorter than ``min_prefix_tokens``)."""
         arr = as_token_array(token_ids)
         ns = self._prefix.namespace(salt)
-        if not self.prefix_caching or not arr:
+        if not self.prefix_caching or not arr or len(arr) < self._min_prefix_tokens:
             return 0
         hits = self._prefix.match(arr.tobytes(), ns, (len(arr) - 1) // self.block_size)
         return len(self._alloc.policy.usable(hits) if hits else hits) * self.block_size
+
+    def prompt_match(self, token_ids: Sequence[int], salt: object = None) -> PromptMatch | None:
+        """Whether every full block of ``token_ids`` is cached in ``salt``'s namespace, and
+        if so which cached KV that is (:class:`~pagedkv.manager.prefix_index.PromptMatch`:
+        the whole prompt's chained hash and each block's registration number). ``None``
+        when a full block is not cached, and for a prompt that is never shared (prefix
+        caching off, shorter than ``min_prefix_tokens``). Changes nothing.
+
+        For a caller that keeps results of whole prompts (the engine's stored logits):
+        equal matches mean the same tokens over the same cached KV.
+        """
+        arr = as_token_array(token_ids)
+        if not self.prefix_caching or not arr or len(arr) < self._min_prefix_tokens:
+            return None
+        prefix = self._prefix
+        return prefix.prompt_match(arr.tobytes(), prefix.namespace(salt), self._alloc.policy.usable)
 
     def device_prefix(self, token_ids: Sequence[int], salt: object = None) -> DevicePrefix:
         """Where each full block of ``token_ids`` stands on the device (changes nothing).
@@ -196,6 +252,10 @@ class ManagerReads:
             utilization=used / self.num_blocks,
             fragmentation=unused_slots(self._seqs.values(), bs) / (used * bs) if used else 0.0,
             pressure=self.pressure,
+            allocation_failures=c.allocation_failures,
+            deallocations=c.deallocations,
+            requests_with_hit=c.requests_with_hit,
+            requests_without_hit=c.requests_without_hit,
             invalidated_blocks=self._gens.invalidated(),
         )
 
@@ -209,7 +269,8 @@ class ManagerReads:
             num_blocks=self.num_blocks, block_size=self.block_size,
             prefix_caching=self.prefix_caching, digest=self._digest, free=self._alloc.free,
             refs=self._ref, chains=self._alloc.chains, seqs=self._seqs, policy=self._alloc.policy,
-            pins=self._alloc.pins, prefix=self._prefix, ghosts=self._alloc.ghosts,
+            pins=self._alloc.pins, prefix=self._prefix, max_cached=self._alloc.max_cached,
+            counters=self._counters, now=self._clock(), ghosts=self._alloc.ghosts,
             generations=self._gens, registered_at=self._alloc.registered_at,
         )  # fmt: skip
         problems = integrity.violations(state)

@@ -21,9 +21,15 @@ class SeqRecord:
     (then ``chain == 0``). ``gen``: the model generation it was allocated in; it
     registers the blocks it fills only while that is the manager's (``-1``: never, its
     KV came from another model).
+    A ``private`` sequence (``share_prefix=False``, or a prompt shorter than
+    ``min_prefix_tokens``) takes no part in prefix caching: no hit chain, none of its
+    blocks registered, its hash chain never computed (``last_hash`` stays ROOT).
     """
 
-    __slots__ = ("blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "gen", "released")
+    __slots__ = (
+        "blocks", "tokens", "last_hash", "ns", "chain", "anonymous", "gen", "private",
+        "last_access", "released",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -33,6 +39,8 @@ class SeqRecord:
         ns: bytes,
         chain: int = 0,
         gen: int = 0,
+        private: bool = False,
+        last_access: float = 0.0,
     ) -> None:
         self.blocks = blocks  # physical block of each logical block
         self.chain = chain
@@ -47,15 +55,18 @@ class SeqRecord:
         # so free() needs no per-block hash lookup. Usually empty.
         self.anonymous: list[int] = []
         self.gen = gen
+        self.private = private
+        # Clock time of the last operation that created it or grew its table.
+        self.last_access = last_access
         # Leading blocks released outside a sliding window (placeholders in ``blocks``,
         # held by no reference; see :mod:`~pagedkv.manager.window`). Usually 0.
         self.released = 0
 
-    def fork(self) -> SeqRecord:
+    def fork(self, now: float) -> SeqRecord:
         """A record sharing this one's blocks (the caller takes the references)."""
         child = SeqRecord(
             list(self.blocks), array("I", self.tokens), self.last_hash, self.ns, self.chain,
-            self.gen,
+            self.gen, self.private, now,
         )  # fmt: skip
         child.anonymous = list(self.anonymous)
         child.released = self.released

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from pagedkv._validate import check_int
+from pagedkv._validate import check_bool, check_int
 from pagedkv.events import EventHub
 from pagedkv.manager.generations import Generations
 from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes
@@ -74,8 +74,10 @@ class WindowOps(ManagerReads):
         anonymous = [b for b in seq.anonymous if b in gone]
         if anonymous:
             seq.anonymous = [b for b in seq.anonymous if b not in gone]
-        # Reversed: release() lists the last block first, so the oldest is evicted first.
-        self._alloc.release(dropped[::-1], 0, anonymous, False)
+        if seq.private:  # nothing of it is registered: its blocks become free
+            self._alloc.release_private(dropped)
+        else:  # reversed: release() lists the last block first, so the oldest goes first
+            self._alloc.release(dropped[::-1], 0, anonymous, False)
         blocks[start:stop] = [NULL_BLOCK] * (stop - start)
         seq.released = stop
         if self._observed:
@@ -102,7 +104,13 @@ class WindowOps(ManagerReads):
         return self._seq(seq_id).released
 
     def allocate_released(
-        self, seq_id: Hashable, token_ids: Sequence[int], released: int, salt: object = None
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        released: int,
+        salt: object = None,
+        *,
+        share_prefix: bool = True,
     ) -> None:
         """Start ``seq_id`` with ``token_ids`` whose first ``released`` blocks are released.
 
@@ -111,7 +119,8 @@ class WindowOps(ManagerReads):
         all their KV), and the full ones are registered under the hashes of the whole
         token chain. Raises like :meth:`~pagedkv.manager.BlockManager.allocate`, and
         ``ValueError`` unless ``0 <= released <= len(token_ids) // block_size``; nothing
-        changes on any error.
+        changes on any error. ``share_prefix=False``: a private sequence, as with
+        :meth:`~pagedkv.manager.BlockManager.allocate` (nothing registered).
         """
         try:
             live = seq_id in self._seqs
@@ -124,6 +133,7 @@ class WindowOps(ManagerReads):
         if n == 0:
             raise ValueError("token_ids is empty: a prompt needs at least one token")
         check_int(released, "released", minimum=0)
+        check_bool(share_prefix, "share_prefix")
         if released > n // bs:
             raise ValueError(
                 f"released={released} is more than the {n // bs} full blocks of {n} tokens"
@@ -132,14 +142,19 @@ class WindowOps(ManagerReads):
         ns = prefix.namespace(salt)
         need = -(-n // bs) - released
         if need > alloc.num_free:
+            self._counters.allocation_failures += 1
             raise alloc.out_of_blocks(need, f"allocate_released({seq_id!r}, {n} tokens)")
         blocks = [NULL_BLOCK] * released + (alloc.take(need) if need else [])
+        self._counters.requests_without_hit += 1
+        self._counters.query_tokens += n
+        private = not share_prefix or n < self._min_prefix_tokens
+        shares = self.prefix_caching and not private
         parent = ROOT
-        if self.prefix_caching and released:
+        if shares and released:
             parent = chain_hashes(arr[: released * bs], bs, ns, self._digest)[-1]
-        seq = SeqRecord(blocks, arr, parent, ns, 0, self._gens.number)
+        seq = SeqRecord(blocks, arr, parent, ns, 0, self._gens.number, private, self._clock())
         seq.released = released
-        if self.prefix_caching:
+        if shares:
             raw = arr.tobytes()
             seq.last_hash = prefix.register_blocks(
                 blocks, released, n // bs, raw, 0, ns, parent, seq.anonymous

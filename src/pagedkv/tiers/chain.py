@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from pagedkv._kv_formats import dtype_name, is_quantized
+from pagedkv.errors import StoreError
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers.config import CPUTier, DiskTier, RedisTier, check_tiers, open_levels
 from pagedkv.tiers.events import EventSink, TierEvents
@@ -379,6 +380,31 @@ class TieredStore:
     def discard_swap(self, key: str) -> bool:
         """Drop the swapped-out blocks of ``key``; returns whether there were any."""
         return self._swap.discard(key)
+
+    def trim(self) -> int:
+        """Delete this chain's entries beyond each tier's capacity; returns how many.
+
+        Every put keeps a tier within its capacity, so there is something to delete
+        only when other processes share a tier's directory (each process's store knows
+        the entries it wrote or read). Pending write-backs are stored first; then each
+        tier with a capacity in blocks lists its keys under this chain's prefix (on disk,
+        a directory scan) and deletes those past the capacity, in listing order (no
+        recency order spans processes). Redis (the server's ``maxmemory``) is skipped,
+        and so is a tier that is down.
+        """
+        self.flush()
+        freed = 0
+        for level in self.levels:
+            cap = level.capacity_blocks
+            if cap is None or not level.backoff.ready():
+                continue
+            try:
+                keys = list(level.store.keys(self.key_prefix))
+            except (StoreError, OSError):
+                continue
+            if len(keys) > cap:
+                freed += level.delete(keys[cap:])
+        return freed
 
     # -- introspection ------------------------------------------------------------------
 
