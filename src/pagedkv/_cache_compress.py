@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -168,6 +168,14 @@ class CompressionMethods:
     _compressed: CompressedArea
     manager: Any
     _salts: dict
+
+    if TYPE_CHECKING:  # provided by CacheReads / CacheLimits, KVCache's other bases
+
+        def _check_not_paused(self, what: str) -> None: ...
+        def _flush_evictions(self) -> None: ...
+        def token_ids(self, seq_id: Hashable) -> list[int]: ...
+        def salt(self, seq_id: Hashable) -> object: ...
+        def block_table(self, seq_id: Hashable) -> list[int]: ...
 
     def compress(self, seq_id: Hashable, kv_dtype: str | torch.dtype = "fp8") -> None:
         """Move a live sequence into the compressed side cache of ``kv_dtype`` ("fp8",
