@@ -36,7 +36,7 @@ import hashlib
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -82,15 +82,16 @@ def _tier_layout(tiers: Sequence[CPUTier | DiskTier | RedisTier], layout: KVLayo
 
 
 class _ExitHook:
-    """Closes a chain still open at interpreter exit; holds it weakly."""
+    """Closes a chain still open at interpreter exit; holds it weakly (through a weak
+    reference to its bound ``_close_at_exit``)."""
 
-    def __init__(self, chain: TieredStore) -> None:
-        self._chain = weakref.ref(chain)
+    def __init__(self, close: weakref.WeakMethod[Callable[[], None]]) -> None:
+        self._close = close
 
     def __call__(self) -> None:
-        chain = self._chain()
-        if chain is not None:
-            chain._close(at_exit=True)
+        close = self._close()
+        if close is not None:
+            close()
 
 
 class TieredStore:
@@ -139,7 +140,7 @@ class TieredStore:
         self._lookups = self._promoted = self._pending_hits = 0
         self._demoted = self._written_through_blocks = self._persisted = 0
         self._closed = False
-        self._exit_hook = _ExitHook(self)
+        self._exit_hook = _ExitHook(weakref.WeakMethod(self._close_at_exit))
         atexit.register(self._exit_hook)
         # A chain collected unclosed (its writer idle) takes its hook along; not at exit,
         # where unregistering would cancel hooks that have yet to run.
@@ -442,6 +443,9 @@ class TieredStore:
         Idempotent. Forgetting it is safe: the chain is then closed at exit.
         """
         self._close(at_exit=False)
+
+    def _close_at_exit(self) -> None:
+        self._close(at_exit=True)
 
     def _close(self, *, at_exit: bool) -> None:
         if self._closed:
