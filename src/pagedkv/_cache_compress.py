@@ -20,7 +20,7 @@ caches, which sequence lives where, the block conversion and the statistics.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Container, Hashable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -131,14 +131,14 @@ class CompressedArea:
         mean = self.seconds / self.calls if self.calls else 0.0
         return CompressionStats(len(self.where), full - small, full / small if small else 1.0, mean)
 
-    def violations(self, live: set, swapped: object) -> list[str]:
+    def violations(self, live: Container[Hashable], swapped: Container[Hashable]) -> list[str]:
         """What disagrees: each compressed id live in exactly its side cache, none also
         live or swapped out in the main cache, no side sequence unaccounted for."""
         problems = []
         for sid, fmt in self.where.items():
             if sid not in self.caches[fmt]:
                 problems.append(f"compressed sequence {sid!r} is not live in its side cache")
-            if sid in live or sid in swapped:  # type: ignore[operator]
+            if sid in live or sid in swapped:
                 problems.append(f"sequence {sid!r} is both compressed and live / swapped out")
         for fmt, cache in self.caches.items():
             stray = [s for s in cache.seq_ids() if self.where.get(s) != fmt]
