@@ -28,8 +28,8 @@ range, lengths that fit their tables), which costs one device sync on CUDA.
 
 The eager path is lean: the metadata checks and the backend choice run once per shape
 class (dtypes, head counts and dims, block size, cache strides, options) and are then
-looked up (:mod:`pagedkv.ops._specs`); each Triton kernel variant is bound once and
-launched directly afterwards (:mod:`pagedkv.ops._launch`). With ``check=False`` a
+looked up (``ops/_specs.py``); each Triton kernel variant is bound once and
+launched directly afterwards (``ops/_launch.py``). With ``check=False`` a
 call allocates only its output (and, for split decode, a reused workspace) and never
 syncs. Integer kernel arguments that vary per call are not specialized on, so new
 batch sizes, lengths or table widths never recompile; :func:`warmup` compiles every
@@ -43,7 +43,6 @@ import torch
 from pagedkv._kv_formats import is_quantized
 from pagedkv.ops import _checks, _specs, invariant_attention, reference, reference_quant
 from pagedkv.ops._config import (
-    batch_invariant_mode,
     get_backend,
     is_batch_invariant,
     resolve,
@@ -55,7 +54,7 @@ from pagedkv.ops._config import (
 from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
 from pagedkv.ops.cascade_groups import shared_prefix_groups
 from pagedkv.ops.invariant import suspend_hook
-from pagedkv.ops.invariant_mode import invariant_forward
+from pagedkv.ops.invariant_mode import batch_invariant_mode, invariant_forward
 from pagedkv.ops.plan import DecodePlan
 from pagedkv.ops.warmup import WarmupResult, warmup
 

@@ -3,7 +3,7 @@
 A call's key holds everything the shape / dtype / device checks and the backend choice
 read: tensor metadata other than the row counts, the scalar options with their types,
 the backend settings. The first call with a key runs the full checks of
-:mod:`pagedkv.ops._checks` (they raise the clear errors) and keeps what they found, with
+``ops/_checks.py`` (they raise the clear errors) and keeps what they found, with
 the Triton kernels of that class; later calls with the key check only that the row
 counts agree. A key that cannot be built (an argument that is not a tensor, an
 unhashable option) always gets the full checks. Value checks (``check=True``) read the

@@ -1,7 +1,7 @@
 """Torch reference implementations: the specification every other backend is tested
 against. They run on any device and accumulate in float32 (float64 for float64 inputs).
 
-Arguments are assumed checked (see :mod:`pagedkv.ops._checks`); shapes:
+Arguments are assumed checked (see ``ops/_checks.py``); shapes:
 ``k_cache, v_cache: [num_blocks, block_size, Hkv, D]`` (one layer, NHD),
 ``kv: [num_layers, 2, num_blocks, block_size, Hkv, D]`` (a whole pool).
 """
