@@ -20,7 +20,6 @@ dropping the cache, removes the hooks and frees the cache's sequences.
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import weakref
 from typing import Any
@@ -28,7 +27,12 @@ from typing import Any
 import torch
 
 from pagedkv._extras import optional_imports
-from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
+from pagedkv.integrations.attention import (
+    PagedAttention,
+    PagedAttentionMetadata,
+    forward_params,
+    layer_views,
+)
 from pagedkv.integrations.support import check_model_supported, kv_geometry
 
 with optional_imports(__name__):
@@ -380,17 +384,12 @@ def _forward_cache(kwargs: dict) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-@functools.cache
-def _forward_params(cls: type) -> tuple[str, ...]:
-    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
-
-
 def _before_forward(ref: weakref.ref, module, args: tuple, kwargs: dict):
     cache = ref()
     if cache is None:
         return None
     if args:  # name positional arguments, so that the cache and mask are found
-        kwargs = {**dict(zip(_forward_params(type(module)), args)), **kwargs}
+        kwargs = {**dict(zip(forward_params(module), args)), **kwargs}
         args = ()
     if _forward_cache(kwargs) is not cache:
         return None  # not this cache's forward: untouched

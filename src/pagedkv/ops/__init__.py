@@ -298,6 +298,8 @@ def write_kv(
     if k.shape[0] == 0:
         return
     if spec.quantized:
+        # _specs.write raised unless a quantized cache came with both scales
+        assert k_scales is not None and v_scales is not None
         if spec.kernels is not None:
             spec.kernels.run(pool_k, pool_v, k_scales, v_scales, slots, k, v, spec.static_scales)
         else:

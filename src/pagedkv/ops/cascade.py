@@ -125,10 +125,10 @@ class CascadePlan:
         sizes.update(block_size=block_size, max_seq_len=max_seq_len, min_group_size=min_group_size)
         for name, val in sizes.items():
             _positive(name, val)
-        for name, val in (("shared_split_tokens", shared_split_tokens),
-                          ("private_split_tokens", private_split_tokens)):  # fmt: skip
-            if val is not None:
-                _positive(name, val)
+        for name, split in (("shared_split_tokens", shared_split_tokens),
+                            ("private_split_tokens", private_split_tokens)):  # fmt: skip
+            if split is not None:
+                _positive(name, split)
         if num_q_heads % num_kv_heads:
             raise ValueError(
                 f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
@@ -299,7 +299,9 @@ class CascadePlan:
 
     def _share_index(self, device) -> tuple[torch.Tensor, ...]:
         if self._check_index is None:
-            rows, lead, nblk = [], [], []
+            rows: list[int] = []
+            lead: list[int] = []
+            nblk: list[int] = []
             for grp in self.groups:
                 rows += grp.seqs
                 lead += [grp.seqs[0]] * len(grp.seqs)

@@ -358,6 +358,8 @@ class DecodeKernels:
                 out, qs[0], qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
             )  # fmt: skip
             return out
+        ost: tuple[int, ...]  # strides of the partials and of the log-sum-exps
+        lst: tuple[int, ...]
         if workspace is None:
             # one allocation: the partials [B, Hq, S, D], then the log-sum-exps [B, Hq, S]
             n_o = bsz * hq * n_splits * d
@@ -393,7 +395,9 @@ def kernels(
     d = q.shape[2]
     cfg = config(d, q.dtype) if cfg is None else {**config(d, q.dtype), **cfg}
     _, bs, hkv, _ = k_cache.shape
-    sstr = None if k_scales is None else (k_scales.stride(0), v_scales.stride(0))
+    sstr = None
+    if k_scales is not None and v_scales is not None:  # quantized: both given
+        sstr = (k_scales.stride(0), v_scales.stride(0))
     key = (q.dtype, k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(),
            v_cache.stride(), sstr, block_tables.dtype, seq_lens.dtype,
            None if sinks is None else sinks.dtype, bool(softcap), bool(batch_invariant),
