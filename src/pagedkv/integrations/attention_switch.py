@@ -1,7 +1,7 @@
 """Which attention a model's configs name while paged forwards run, and what a forward
 that is not paged runs instead.
 
-transformers picks the attention function from ``config._attn_implementation`` at every
+transformers picks the attention function from the config's ``_attn_implementation`` at every
 layer call. :func:`switch_on` sets the configs of one model to "pagedkv" for a paged
 forward and :func:`switch_off` restores them: the first paged forward that enters
 switches a config, the last that leaves restores it exactly (two threads may run paged

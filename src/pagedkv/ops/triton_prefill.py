@@ -22,7 +22,7 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops._launch import Launcher
-from pagedkv.ops.triton_decode import logits, mma, needs_upcast, scalars, widen, with_sink
+from pagedkv.ops.triton_attn import logits, mma, needs_upcast, scalars, widen, with_sink
 
 
 @triton.jit
