@@ -19,9 +19,9 @@ dropping the cache, removes the hooks and frees the cache's sequences.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,12 +88,9 @@ class PagedCache(Cache):
         self._seen = seen  # columns (padding included) processed so far
         self._broken: str | None = None  # why the cache cannot continue (failed forward)
         self._pending = 0  # columns of the forward in progress
-        ref = weakref.ref(self)
         live.handles = [
-            model.register_forward_pre_hook(
-                functools.partial(_before_forward, ref), with_kwargs=True
-            ),
-            model.register_forward_hook(functools.partial(_after_forward, ref), always_call=True),
+            model.register_forward_pre_hook(_weak_hook(self._before_forward), with_kwargs=True),
+            model.register_forward_hook(_weak_hook(self._after_forward), always_call=True),
         ]
         self._finalizer = weakref.finalize(self, live.release)
 
@@ -194,6 +191,18 @@ class PagedCache(Cache):
             raise RuntimeError(
                 f"this PagedCache cannot be {what}: {self._broken}; call reset() to reuse it"
             )
+
+    def _before_forward(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        if args:  # name positional arguments, so that the cache and mask are found
+            kwargs = {**dict(zip(forward_params(module), args)), **kwargs}
+            args = ()
+        if _forward_cache(kwargs) is not self:
+            return None  # not this cache's forward: untouched
+        return self._begin(args, kwargs)
+
+    def _after_forward(self, module: Any, args: tuple, output: Any) -> None:
+        # An always-called hook gets no output when the forward raised.
+        self._end(ok=output is not None)
 
     def _begin(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Reserve this forward's slots, build its metadata, switch the attention."""
@@ -308,23 +317,16 @@ def _forward_cache(kwargs: dict) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-def _before_forward(ref: weakref.ref, module, args: tuple, kwargs: dict):
-    cache = ref()
-    if cache is None:
-        return None
-    if args:  # name positional arguments, so that the cache and mask are found
-        kwargs = {**dict(zip(forward_params(module), args)), **kwargs}
-        args = ()
-    if _forward_cache(kwargs) is not cache:
-        return None  # not this cache's forward: untouched
-    return cache._begin(args, kwargs)
+def _weak_hook(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` as a model hook that does not keep its object alive (a cache must be
+    collectable while its model lives); a no-op once the object is gone."""
+    ref = weakref.WeakMethod(method)
 
+    def hook(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
 
-def _after_forward(ref: weakref.ref, module, args: tuple, output: Any):
-    cache = ref()
-    if cache is not None:
-        # An always-called hook gets no output when the forward raised.
-        cache._end(ok=output is not None)
+    return hook
 
 
 __all__ = ["PagedCache"]
