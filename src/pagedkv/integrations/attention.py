@@ -9,7 +9,7 @@ sequence). Nothing is gathered into contiguous K/V tensors.
 Nothing is left switched on the user's model. transformers picks the attention function
 from ``config._attn_implementation`` at every layer call, so :class:`PagedAttention`
 switches it to "pagedkv" for the duration of one forward only (exception-safe,
-re-entrant, restored exactly) and the forward carries its
+re-entrant, restored exactly: :mod:`.attention_switch`) and the forward carries its
 :class:`PagedAttentionMetadata` as the ``pagedkv_metadata`` model kwarg, which
 transformers hands on to every attention call. The "pagedkv" functions run the paged
 path only when that kwarg is present; otherwise (a plain forward on a model whose
@@ -21,20 +21,37 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from pagedkv import ops
+from pagedkv.integrations.attention_switch import (
+    ATTN_NAME,
+    DEFAULT_FALLBACK,
+    attention_configs,
+    fallback_attention,
+    fallback_implementation,
+    paged_mask,
+    switch_off,
+    switch_on,
+)
 
-ATTN_NAME = "pagedkv"
-#: The attention used by a "pagedkv" model outside paged forwards when nothing else is
-#: known (transformers' own default).
-DEFAULT_FALLBACK = "sdpa"
+__all__ = [
+    "ATTN_NAME",
+    "DEFAULT_FALLBACK",
+    "PagedAttention",
+    "PagedAttentionMetadata",
+    "cache_kwarg",
+    "fallback_implementation",
+    "forward_params",
+    "layer_views",
+    "paged_attention_forward",
+    "paged_mask",
+    "register",
+]
 
 
 @dataclass
@@ -118,7 +135,7 @@ def paged_attention_forward(
             s_aux, kwargs,
         )  # fmt: skip
     if meta is None:
-        fallback = _fallback_attention(module)
+        fallback = fallback_attention(module)
         feats = {
             k: v
             for k, v in (("sliding_window", sliding_window), ("softcap", softcap), ("s_aux", s_aux))
@@ -244,22 +261,6 @@ def _refuse_unknown_features(module, query, key, value, attention_mask, kwargs: 
         )
 
 
-def paged_mask(**kwargs: Any) -> Any:
-    """Mask function registered for "pagedkv": the fallback implementation's mask.
-
-    Paged forwards never reach it (they hand transformers a prepared 4D placeholder,
-    which is used as-is, see :data:`PagedAttention.no_mask`): causality and padding are
-    the kernels' job there. It runs only for plain forwards of a model whose config says
-    "pagedkv", which must get exactly the mask their fallback attention expects.
-    """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    impl = fallback_implementation(kwargs.get("config"))
-    if impl not in ALL_MASK_ATTENTION_FUNCTIONS:
-        return None  # transformers builds no mask for such implementations either
-    return ALL_MASK_ATTENTION_FUNCTIONS[impl](**kwargs)
-
-
 def register() -> str:
     """Register the "pagedkv" attention and mask functions with transformers.
 
@@ -279,52 +280,6 @@ def register() -> str:
     return ATTN_NAME
 
 
-# -- the per-forward switch ---------------------------------------------------------
-# A config's implementation is switched by the first paged forward that enters and
-# restored by the last that leaves (two threads may run paged forwards of one model).
-# Entries exist only while a paged forward runs; the saved value is also what a plain
-# forward meeting "pagedkv" in the meantime delegates to.
-_switch_lock = threading.Lock()
-_switched: dict[int, list[Any]] = {}  # id(config) -> [config, saved implementation, depth]
-
-
-def fallback_implementation(config: Any) -> str:
-    """What a non-paged forward of a "pagedkv" model runs: the implementation the model
-    had before the paged forward now running switched it, else :data:`DEFAULT_FALLBACK`."""
-    entry = _switched.get(id(config))
-    saved = entry[1] if entry is not None else None
-    if saved is None or saved == ATTN_NAME or not isinstance(saved, str):
-        return DEFAULT_FALLBACK
-    return saved
-
-
-def _fallback_attention(module: torch.nn.Module) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    impl = fallback_implementation(getattr(module, "config", None))
-    if impl == "eager":  # not registered: each modeling file has its own eager function
-        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if eager is not None:
-            return eager
-        impl = DEFAULT_FALLBACK
-    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, ALL_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def _attention_configs(model: torch.nn.Module) -> list[Any]:
-    """The distinct configs the model's modules read ``_attn_implementation`` from."""
-    seen: dict[int, Any] = {}
-    for m in model.modules():
-        cfg = m.__dict__.get("config")  # a plain attribute; skips Module.__getattr__
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
-            seen.setdefault(id(cfg), cfg)
-    if not seen:
-        raise TypeError(
-            f"{type(model).__name__} has no transformers config: PagedAttention needs a "
-            "transformers PreTrainedModel"
-        )
-    return list(seen.values())
-
-
 class PagedAttention:
     """Runs forwards of one transformers model on the "pagedkv" attention.
 
@@ -339,7 +294,7 @@ class PagedAttention:
     def __init__(self, model: torch.nn.Module) -> None:
         register()
         self.model = model
-        self._configs = _attention_configs(model)
+        self._configs = attention_configs(model)
         self._no_mask: dict[torch.device, torch.Tensor] = {}
         self._flipped: list[list[torch.nn.Module]] = []  # per open scope
 
@@ -356,14 +311,7 @@ class PagedAttention:
 
     def enter(self) -> None:
         """Switch the model to the paged attention (pair every call with :meth:`exit`)."""
-        with _switch_lock:
-            for cfg in self._configs:
-                entry = _switched.get(id(cfg))
-                if entry is None:
-                    _switched[id(cfg)] = [cfg, cfg._attn_implementation_internal, 1]
-                else:
-                    entry[2] += 1
-                cfg._attn_implementation_internal = ATTN_NAME
+        switch_on(self._configs)
         flipped: list[torch.nn.Module] = []
         if self.model.training:  # paged forwards are inference: no dropout, no checkpointing
             flipped = [m for m in self.model.modules() if m.training]
@@ -375,15 +323,7 @@ class PagedAttention:
         """Undo the matching :meth:`enter` (the last one out restores the config)."""
         for m in self._flipped.pop() if self._flipped else ():
             m.training = True
-        with _switch_lock:
-            for cfg in self._configs:
-                entry = _switched.get(id(cfg))
-                if entry is None:
-                    continue
-                entry[2] -= 1
-                if entry[2] == 0:
-                    cfg._attn_implementation_internal = entry[1]
-                    del _switched[id(cfg)]
+        switch_off(self._configs)
 
     def __enter__(self) -> PagedAttention:
         self.enter()
@@ -417,10 +357,19 @@ def cache_kwarg(model: Any) -> str:
     """The name the installed transformers gives the cache argument of ``model``'s
     ``forward`` and ``generate``: ``"cache"`` (5.24+), else ``"past_key_values"`` (the
     old name, deprecated from 5.24). Looked up once per model class."""
-    return _cache_kwarg_of(type(model))
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
+def forward_params(model: Any) -> tuple[str, ...]:
+    """The parameter names of ``model.forward`` after ``self``, in order (what positional
+    arguments of a forward call bind to); looked up once per model class."""
+    cls: type = type(model)
+    return _forward_params(cls)
+
+
+# `type`, not type[Module]: mypy does not take a class object for Hashable (it reads the
+# instances' __hash__), and functools.cache requires that of its arguments
 @functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _forward_params(cls: type) -> tuple[str, ...]:
+    forward = cast("type[torch.nn.Module]", cls).forward
+    return tuple(inspect.signature(forward).parameters)[1:]

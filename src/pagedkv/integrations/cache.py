@@ -19,85 +19,26 @@ dropping the cache, removes the hooks and frees the cache's sequences.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pagedkv._extras import optional_imports
-from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
-from pagedkv.integrations.support import check_model_supported, kv_geometry
+from pagedkv.integrations.attention import (
+    PagedAttention,
+    PagedAttentionMetadata,
+    forward_params,
+)
+from pagedkv.integrations.cache_rows import CacheRows, PagedLayer, check_kv_cache, make_kv_cache
+from pagedkv.integrations.support import check_model_supported
 
 with optional_imports(__name__):
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache
 
 _uids = itertools.count()
-
-
-class _PagedLayer(CacheLayerMixin):
-    """Placeholder layer: lets transformers' Cache helpers (is_sliding, ...) work."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        pass
-
-
-class _Live:
-    """What a PagedCache holds outside the pool: its rows' sequences, its hooks, an open
-    paged forward. Kept apart from the cache object so that its finalizer can release
-    them without a reference to the cache."""
-
-    def __init__(self, kv_cache: Any, paged: PagedAttention, uid: int) -> None:
-        self.kv_cache = kv_cache
-        self.paged = paged
-        self.uid = uid
-        self.lens: list[int] = []  # tokens stored per batch row
-        # per-layer (k, v) views of the pool, made once rather than sliced in every layer
-        self.layers = layer_views(kv_cache.pool.kv)
-        self.handles: list[Any] = []
-        self.in_forward = False
-
-    def seq_id(self, row: int) -> str:
-        return f"pagedcache-{self.uid}-{row}"
-
-    def end_forward(self) -> None:
-        if self.in_forward:
-            self.in_forward = False
-            self.paged.exit()
-
-    def free_rows(self) -> None:
-        for row, n in enumerate(self.lens):
-            if n > 0:
-                self.kv_cache.free(self.seq_id(row))
-        self.lens = []
-
-    def release(self) -> None:
-        self.end_forward()
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        self.free_rows()
 
 
 class PagedCache(Cache):
@@ -132,27 +73,24 @@ class PagedCache(Cache):
             )
         check_model_supported(model)
         if kv_cache is None:
-            kv_cache = _make_kv_cache(model, num_blocks, block_size, kv_dtype)
+            kv_cache = make_kv_cache(model, num_blocks, block_size, kv_dtype)
         else:
             if kv_dtype is not None:
                 raise ValueError("pass kv_dtype or kv_cache (whose layout has its kv_dtype)")
-            _check_kv_cache(model, kv_cache)
-        self._setup(model, kv_cache, PagedAttention(model))
+            check_kv_cache(model, kv_cache)
+        self._setup(model, kv_cache, CacheRows(kv_cache, PagedAttention(model), next(_uids)))
 
-    def _setup(self, model: Any, kv_cache: Any, paged: PagedAttention) -> None:
-        super().__init__(layers=[_PagedLayer() for _ in range(model.config.num_hidden_layers)])
+    def _setup(self, model: Any, kv_cache: Any, live: CacheRows, seen: int = 0) -> None:
+        super().__init__(layers=[PagedLayer() for _ in range(model.config.num_hidden_layers)])
         self.kv_cache = kv_cache
         self._model = model
-        self._live = live = _Live(kv_cache, paged, next(_uids))
-        self._seen = 0  # columns (padding included) processed so far
+        self._live = live
+        self._seen = seen  # columns (padding included) processed so far
         self._broken: str | None = None  # why the cache cannot continue (failed forward)
         self._pending = 0  # columns of the forward in progress
-        ref = weakref.ref(self)
         live.handles = [
-            model.register_forward_pre_hook(
-                functools.partial(_before_forward, ref), with_kwargs=True
-            ),
-            model.register_forward_hook(functools.partial(_after_forward, ref), always_call=True),
+            model.register_forward_pre_hook(_weak_hook(self._before_forward), with_kwargs=True),
+            model.register_forward_hook(_weak_hook(self._after_forward), always_call=True),
         ]
         self._finalizer = weakref.finalize(self, live.release)
 
@@ -211,22 +149,9 @@ class PagedCache(Cache):
         self._check_usable("deep-copied")
         if self._live.in_forward:
             raise RuntimeError("a PagedCache cannot be copied inside a forward")
+        rows = self._live.fork(next(_uids))  # raises having freed what it forked
         twin = PagedCache.__new__(PagedCache)
-        twin._setup(self._model, self.kv_cache, self._live.paged)  # checked when made
-        forked: list[str] = []
-        try:
-            for row, n in enumerate(self._live.lens):
-                if n > 0:
-                    self.kv_cache.fork(self._live.seq_id(row), twin._live.seq_id(row))
-                    forked.append(twin._live.seq_id(row))
-        except BaseException:
-            for sid in forked:
-                self.kv_cache.free(sid)
-            twin._live.lens = []
-            twin.close()
-            raise
-        twin._live.lens = list(self._live.lens)
-        twin._seen = self._seen
+        twin._setup(self._model, self.kv_cache, rows, self._seen)  # checked when made
         memo[id(self)] = twin
         return twin
 
@@ -266,6 +191,18 @@ class PagedCache(Cache):
             raise RuntimeError(
                 f"this PagedCache cannot be {what}: {self._broken}; call reset() to reuse it"
             )
+
+    def _before_forward(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        if args:  # name positional arguments, so that the cache and mask are found
+            kwargs = {**dict(zip(forward_params(module), args)), **kwargs}
+            args = ()
+        if _forward_cache(kwargs) is not self:
+            return None  # not this cache's forward: untouched
+        return self._begin(args, kwargs)
+
+    def _after_forward(self, module: Any, args: tuple, output: Any) -> None:
+        # An always-called hook gets no output when the forward raised.
+        self._end(ok=output is not None)
 
     def _begin(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Reserve this forward's slots, build its metadata, switch the attention."""
@@ -380,54 +317,16 @@ def _forward_cache(kwargs: dict) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-@functools.cache
-def _forward_params(cls: type) -> tuple[str, ...]:
-    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+def _weak_hook(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` as a model hook that does not keep its object alive (a cache must be
+    collectable while its model lives); a no-op once the object is gone."""
+    ref = weakref.WeakMethod(method)
 
+    def hook(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
 
-def _before_forward(ref: weakref.ref, module, args: tuple, kwargs: dict):
-    cache = ref()
-    if cache is None:
-        return None
-    if args:  # name positional arguments, so that the cache and mask are found
-        kwargs = {**dict(zip(_forward_params(type(module)), args)), **kwargs}
-        args = ()
-    if _forward_cache(kwargs) is not cache:
-        return None  # not this cache's forward: untouched
-    return cache._begin(args, kwargs)
-
-
-def _after_forward(ref: weakref.ref, module, args: tuple, output: Any):
-    cache = ref()
-    if cache is not None:
-        # An always-called hook gets no output when the forward raised.
-        cache._end(ok=output is not None)
-
-
-def _check_kv_cache(model: Any, kv_cache: Any) -> None:
-    layers, kv_heads, head_dim = kv_geometry(model.config)
-    lay = kv_cache.layout
-    if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (layers, kv_heads, head_dim):
-        raise ValueError(
-            f"kv_cache layout ({lay.num_layers} layers, {lay.num_kv_heads} KV heads, head_dim "
-            f"{lay.head_dim}) does not match the model ({layers}, {kv_heads}, {head_dim})"
-        )
-    if kv_cache.manager.prefix_caching:
-        raise ValueError(
-            "PagedCache needs a KVCache with prefix_caching=False (it does not see token ids)"
-        )
-
-
-def _make_kv_cache(model: Any, num_blocks: int | None, block_size: int, kv_dtype: Any = None):
-    from pagedkv.cache import KVCache
-    from pagedkv.storage import KVLayout
-
-    layers, kv_heads, head_dim = kv_geometry(model.config)
-    param = next(model.parameters())
-    layout = KVLayout(layers, kv_heads, head_dim, block_size, param.dtype, kv_dtype=kv_dtype)
-    if num_blocks is None:
-        num_blocks = 1024
-    return KVCache(layout, num_blocks, device=param.device, prefix_caching=False)
+    return hook
 
 
 __all__ = ["PagedCache"]

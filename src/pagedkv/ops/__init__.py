@@ -20,7 +20,7 @@ Decode and prefill take keyword-only ``window`` (sliding window, tokens), ``soft
 Shared-prefix (cascade) attention, :func:`cascade_decode` / :func:`cascade_prefill` over
 a :class:`CascadePlan`, reads a prefix shared by a group of sequences once per group
 (:mod:`pagedkv.ops.cascade`); :func:`shared_prefix_groups` finds the groups from the
-block tables.
+block tables. Whole-block copies, swaps and (de)quantization: :mod:`pagedkv.ops.blocks`.
 
 Every op checks shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 before touching anything; ``check=True`` (default) also checks values (block ids in
@@ -28,8 +28,8 @@ range, lengths that fit their tables), which costs one device sync on CUDA.
 
 The eager path is lean: the metadata checks and the backend choice run once per shape
 class (dtypes, head counts and dims, block size, cache strides, options) and are then
-looked up (:mod:`pagedkv.ops._specs`); each Triton kernel variant is bound once and
-launched directly afterwards (:mod:`pagedkv.ops._launch`). With ``check=False`` a
+looked up (``ops/_specs.py``); each Triton kernel variant is bound once and
+launched directly afterwards (``ops/_launch.py``). With ``check=False`` a
 call allocates only its output (and, for split decode, a reused workspace) and never
 syncs. Integer kernel arguments that vary per call are not specialized on, so new
 batch sizes, lengths or table widths never recompile; :func:`warmup` compiles every
@@ -43,7 +43,6 @@ import torch
 from pagedkv._kv_formats import is_quantized
 from pagedkv.ops import _checks, _specs, invariant_attention, reference, reference_quant
 from pagedkv.ops._config import (
-    batch_invariant_mode,
     get_backend,
     is_batch_invariant,
     resolve,
@@ -52,10 +51,18 @@ from pagedkv.ops._config import (
     set_batch_invariant,
     use_backend,
 )
-from pagedkv.ops.cascade import CascadePlan, cascade_decode, cascade_prefill
+from pagedkv.ops.blocks import (
+    copy_blocks,
+    dequantize_blocks,
+    gather_blocks,
+    quantize_blocks,
+    scatter_blocks,
+)
+from pagedkv.ops.cascade import CascadePlan
 from pagedkv.ops.cascade_groups import shared_prefix_groups
+from pagedkv.ops.cascade_ops import cascade_decode, cascade_prefill
 from pagedkv.ops.invariant import suspend_hook
-from pagedkv.ops.invariant_mode import invariant_forward
+from pagedkv.ops.invariant_mode import batch_invariant_mode, invariant_forward
 from pagedkv.ops.plan import DecodePlan
 from pagedkv.ops.warmup import WarmupResult, warmup
 
@@ -86,8 +93,6 @@ __all__ = [
     "warmup",
     "write_kv",
 ]
-
-_triton = _specs.triton_module
 
 
 def decode_attention(
@@ -299,6 +304,8 @@ def write_kv(
     if k.shape[0] == 0:
         return
     if spec.quantized:
+        # _specs.write raised unless a quantized cache came with both scales
+        assert k_scales is not None and v_scales is not None
         if spec.kernels is not None:
             spec.kernels.run(pool_k, pool_v, k_scales, v_scales, slots, k, v, spec.static_scales)
         else:
@@ -319,98 +326,3 @@ def check_kv_readable(
     float8_e4m3fn only on compute capability 8.9+). Pools call it before allocating."""
     if is_quantized(kv_dtype) and resolve(backend, device) == "triton":
         _checks.triton_reads(kv_dtype, device)
-
-
-def _pool_tensor(kv: torch.Tensor) -> None:
-    _checks.tensor(kv, "kv")
-    if kv.dim() < 3 or kv.shape[1] != 2 or not kv.is_contiguous():
-        raise ValueError(
-            "kv must be a contiguous [num_layers, 2, num_blocks, ...] tensor (a pool, "
-            f"[L, 2, num_blocks, block_size, Hkv, D], or its scales), got shape {tuple(kv.shape)}"
-        )
-
-
-def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backend=None) -> None:
-    """Copy whole blocks (all layers, K and V): ``kv[:, :, dst[i]] = kv[:, :, src[i]]``.
-
-    ``kv``: a pool tensor [L, 2, num_blocks, block_size, Hkv, D], or any [L, 2, num_blocks,
-    ...] tensor (a quantized pool's scales). src, dst: [n] int64 tensors on kv's device, in
-    range (checked by the caller, e.g. :meth:`KVPool.copy_blocks`); no dst may also be a
-    src (the pool orders such lists).
-    """
-    _pool_tensor(kv)
-    if src.numel() == 0:
-        return
-    if resolve(backend, kv.device) == "triton":
-        _triton("memory").copy_blocks(kv, src, dst)
-    else:
-        reference.copy_blocks(kv, src, dst)
-
-
-def gather_blocks(
-    kv: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor | None = None, backend=None
-) -> torch.Tensor:
-    """Blocks ``ids`` ([n] int64, in range) as one [n, L, 2, block_size, Hkv, D] tensor
-    (``[n, L, 2, *rest]`` for an [L, 2, num_blocks, *rest] ``kv``) on kv's device: the
-    staging copy of a swap-out. ``out`` receives it when given; its rows may be strided
-    (views into byte rows that hold a block's payload and scales) if each row is dense."""
-    _pool_tensor(kv)
-    if resolve(backend, kv.device) == "triton":
-        return _triton("memory").gather_blocks(kv, ids, out=out)
-    res = reference.gather_blocks(kv, ids)
-    return res if out is None else out.copy_(res)
-
-
-def scatter_blocks(
-    kv: torch.Tensor, ids: torch.Tensor, data: torch.Tensor, *, backend=None
-) -> None:
-    """Inverse of :func:`gather_blocks`: data [n, L, 2, block_size, Hkv, D] (kv's dtype and
-    device; rows may be strided as for ``out`` there) into blocks ``ids`` ([n] int64, in
-    range, distinct)."""
-    _pool_tensor(kv)
-    if ids.numel() == 0:
-        return
-    if resolve(backend, kv.device) == "triton":
-        _triton("memory").scatter_blocks(kv, ids, data)
-    else:
-        reference.scatter_blocks(kv, ids, data)
-
-
-def quantize_blocks(
-    x: torch.Tensor,
-    kv_dtype: torch.dtype,
-    *,
-    fills: torch.Tensor | None = None,
-    static_scales: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole blocks ``x`` [n, L, 2, block_size, Hkv, D] (float) in the quantized
-    ``kv_dtype``: returns ``(payload, scales [n, L, 2, Hkv] float32)``, the scales a dynamic
-    write of each block's tokens gives (``fills``: tokens per block, default full; slots
-    past it become zeros), or ``static_scales`` [L, 2] (fixed per layer). Any device; the
-    format conversion of :func:`pagedkv.storage.convert_rows` and ``KVCache.compress``."""
-    _checks.tensor(x, "x")
-    if not is_quantized(kv_dtype):
-        raise ValueError(f"kv_dtype must be a quantized format (fp8 / int8), got {kv_dtype}")
-    if x.dim() != 6 or x.shape[2] != 2 or not x.dtype.is_floating_point:
-        raise ValueError(
-            f"x must be float [n, L, 2, block_size, Hkv, D] blocks, got {tuple(x.shape)} {x.dtype}"
-        )
-    return reference_quant.quantize_blocks(x, kv_dtype, fills, static_scales)
-
-
-def dequantize_blocks(
-    payload: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """Quantized blocks ``payload`` [n, L, 2, block_size, Hkv, D] with their ``scales``
-    [n, L, 2, Hkv] as ``dtype`` values ``payload * scale``."""
-    _checks.tensor(payload, "payload")
-    _checks.tensor(scales, "scales")
-    if not is_quantized(payload.dtype) or payload.dim() != 6:
-        raise ValueError(
-            f"payload must be quantized [n, L, 2, block_size, Hkv, D] blocks, got "
-            f"{tuple(payload.shape)} {payload.dtype}"
-        )
-    want = (*payload.shape[:3], payload.shape[4])
-    if tuple(scales.shape) != want or scales.dtype != torch.float32:
-        raise ValueError(f"scales must be float32 {list(want)}, got {tuple(scales.shape)}")
-    return reference_quant.dequantize_blocks(payload, scales, dtype)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple, cast
 
 import torch
 
@@ -107,8 +108,8 @@ def kv_scales(k_cache: torch.Tensor, k_scales: object, v_scales: object, backend
             f"(float32 [num_blocks, Hkv] = [{nb}, {hkv}]; pool.k_scales(layer), "
             "pool.v_scales(layer))"
         )
-    for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
-        tensor(sc, name)
+    for name, given in (("k_scales", k_scales), ("v_scales", v_scales)):
+        sc = tensor(given, name)
         if sc.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {sc.dtype}")
         if tuple(sc.shape) != (nb, hkv):
@@ -264,7 +265,7 @@ def attn_options(
                 f"softcap must be a finite number > 0 (or None for no capping), got {softcap}"
             )
     if sinks is not None:
-        tensor(sinks, "sinks")
+        sinks = tensor(sinks, "sinks")
         hq = q.shape[1]
         if sinks.dim() != 1 or sinks.shape[0] != hq:
             raise ValueError(
@@ -351,7 +352,8 @@ def block_ids(
         t = ids.to(device=device, dtype=torch.int64).contiguous()
     else:
         try:
-            t = torch.as_tensor(list(ids), dtype=torch.int64)
+            # anything else is tried as an iterable of ints: list() raises TypeError if not
+            t = torch.as_tensor(list(cast("Iterable[int]", ids)), dtype=torch.int64)
         except (TypeError, ValueError) as e:
             raise TypeError(f"{name} must be a sequence of ints or an int tensor: {e}") from None
         t = t.to(device)

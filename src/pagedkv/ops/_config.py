@@ -9,8 +9,9 @@ thread after another one started never reaches it; within a thread it is a value
 the rest of that thread, like any global, until changed again.
 
 The scoped forms are the recommended ones: :func:`use_backend` and
-:func:`batch_invariant_mode` set a value for a ``with`` block and restore the previous
-one on exit, also on an exception. :func:`set_backend` and :func:`set_batch_invariant`
+:func:`pagedkv.ops.batch_invariant_mode` (the flag, :func:`invariant_flag`, plus the
+routing of a model's ops) set a value for a ``with`` block and restore the previous one
+on exit, also on an exception. :func:`set_backend` and :func:`set_batch_invariant`
 set it for the rest of the current context and return the previous value, so a caller
 that cannot use a ``with`` block restores it with a second call.
 """
@@ -61,14 +62,15 @@ def set_batch_invariant(enabled: bool) -> bool:
     """Turn batch-invariant mode on or off for the rest of the current context (this
     thread or asyncio task; never another thread, see the module doc) — a flag, nothing
     else. Returns the previous value (``set_batch_invariant(previous)`` restores it);
-    prefer ``with batch_invariant_mode():``, which restores it by itself.
+    prefer ``with pagedkv.ops.batch_invariant_mode():``, which restores it by itself.
 
     In this mode the output for one sequence is bit-identical whatever other sequences
     share its batch and wherever it sits in it (fixed split size in tokens, fixed
     reduction order). The flag switches pagedkv's own ops (attention kernels, the
     engine's sampler); a model forward run under it is invariant as a whole only inside
-    :func:`pagedkv.ops.invariant_forward` (what :func:`batch_invariant_mode` and the
-    engine enter), which routes the model's matmuls and reductions to invariant kernels.
+    :func:`pagedkv.ops.invariant_forward` (what :func:`pagedkv.ops.batch_invariant_mode`
+    and the engine enter), which routes the model's matmuls and reductions to invariant
+    kernels.
     """
     previous = _invariant.get()
     _invariant.set(bool(enabled))
@@ -81,20 +83,13 @@ def is_batch_invariant() -> bool:
 
 
 @contextlib.contextmanager
-def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
-    """Batch-invariant mode for the block: :func:`set_batch_invariant` restored on exit,
-    and (when enabled) :func:`pagedkv.ops.invariant_forward`, so that a model forward run
-    inside computes every row — matmuls, norms, softmax, attention — independently of the
-    rest of its batch. ``batch_invariant_mode(False)`` inside turns both off again."""
+def invariant_flag(enabled: bool = True) -> Iterator[None]:
+    """The batch-invariance flag alone for the block (:func:`set_batch_invariant`
+    restored on exit, also on an exception). :func:`pagedkv.ops.batch_invariant_mode`
+    is this plus the routing of a model's own ops (:func:`pagedkv.ops.invariant_forward`)."""
     token = _invariant.set(bool(enabled))
     try:
-        if enabled:
-            from pagedkv.ops.invariant_mode import invariant_forward
-
-            with invariant_forward():
-                yield
-        else:
-            yield
+        yield
     finally:
         _invariant.reset(token)
 

@@ -3,7 +3,7 @@
 A call's key holds everything the shape / dtype / device checks and the backend choice
 read: tensor metadata other than the row counts, the scalar options with their types,
 the backend settings. The first call with a key runs the full checks of
-:mod:`pagedkv.ops._checks` (they raise the clear errors) and keeps what they found, with
+``ops/_checks.py`` (they raise the clear errors) and keeps what they found, with
 the Triton kernels of that class; later calls with the key check only that the row
 counts agree. A key that cannot be built (an argument that is not a tensor, an
 unhashable option) always gets the full checks. Value checks (``check=True``) read the
@@ -16,7 +16,7 @@ cache): they hold no tensors and never change a result, only skip repeated work.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pagedkv._kv_formats import COMPUTE_DTYPES, is_quantized
 from pagedkv.ops import _checks
@@ -35,6 +35,15 @@ def triton_module(name: str):
     return mod
 
 
+class Kernels(Protocol):
+    """The bound Triton kernels of one shape class (``triton_decode.DecodeKernels``,
+    ``triton_prefill.PrefillKernels``, ``triton_memory.WriteKernels``,
+    ``triton_quant.QuantWriteKernels``): each op calls its own ``run`` with its own
+    arguments, so only the name is common."""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
 class AttnSpec(NamedTuple):
     """What the checks of one attention shape class found."""
 
@@ -42,7 +51,7 @@ class AttnSpec(NamedTuple):
     window: int | None
     softcap: float | None
     invariant: bool
-    kernels: object | None  # the Triton kernels of the class; None: torch reference
+    kernels: Kernels | None  # the Triton kernels of the class; None: torch reference
     scalars: tuple | None  # their (qk_scale, cap_log2, window) arguments
 
 
@@ -50,7 +59,7 @@ class WriteSpec(NamedTuple):
     """What the checks of one KV-write shape class found."""
 
     num_slots: int
-    kernels: object | None  # triton_memory.WriteKernels / triton_quant.QuantWriteKernels
+    kernels: Kernels | None  # triton_memory.WriteKernels / triton_quant.QuantWriteKernels
     quantized: bool  # into an fp8 / int8 cache (with scales)
     static_scales: tuple[float, float] | None  # fixed (k, v) scales; None: dynamic
 

@@ -237,12 +237,12 @@ class FixedCascadePlan(CascadePlan):
         splits2 = max(1, -(-n // split2))
         fused = splits2 == 1
         slots = slots1 + (0 if fused else splits2)
-        f32 = dict(dtype=torch.float32, device=self.device)
+        f32, dev = torch.float32, self.device
         return Launch(
             shared_cfg=scfg, private_cfg=pcfg, n_tiles=self.grouping.max_tiles, split1=split1,
             slots1=slots1, split2=split2, splits2=splits2, fused=fused, prefill_tiles=0,
-            meta=self.grouping.meta, o_ws=torch.empty(b, hq, slots, d, **f32),
-            lse_ws=torch.empty(b, hq, slots, **f32),
+            meta=self.grouping.meta, o_ws=torch.empty(b, hq, slots, d, dtype=f32, device=dev),
+            lse_ws=torch.empty(b, hq, slots, dtype=f32, device=dev),
         )  # fmt: skip
 
     def __repr__(self) -> str:

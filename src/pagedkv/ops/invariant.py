@@ -216,7 +216,10 @@ def _along(x: torch.Tensor, dim: int, fn) -> torch.Tensor:
     return y if dim % nd == nd - 1 else y.movedim(-1, dim).contiguous()
 
 
-def _softmax(x, dim: int, dtype, log: bool, out_dtype=None) -> torch.Tensor:
+def softmax_as(x, dim: int, dtype, log: bool, out_dtype=None) -> torch.Tensor:
+    """(Log-)softmax of ``x`` (cast to ``dtype`` first when given) along ``dim``, in
+    float32, returned as ``out_dtype`` (default: the input's dtype): aten's
+    ``_softmax(x, dim, half_to_float)`` is ``out_dtype=torch.float32``."""
     _check(x, "x")
     if dtype is not None:
         x = x.to(dtype)
@@ -229,12 +232,12 @@ def _softmax(x, dim: int, dtype, log: bool, out_dtype=None) -> torch.Tensor:
 
 def softmax(x: torch.Tensor, dim: int = -1, *, dtype=None) -> torch.Tensor:
     """``torch.softmax(x, dim, dtype=)``, computed in float32."""
-    return _softmax(x, dim, dtype, log=False)
+    return softmax_as(x, dim, dtype, log=False)
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1, *, dtype=None) -> torch.Tensor:
     """``torch.log_softmax(x, dim, dtype=)``, computed in float32."""
-    return _softmax(x, dim, dtype, log=True)
+    return softmax_as(x, dim, dtype, log=True)
 
 
 def cumsum(x: torch.Tensor, dim: int = -1, *, dtype=None) -> torch.Tensor:
@@ -251,7 +254,9 @@ def cumsum(x: torch.Tensor, dim: int = -1, *, dtype=None) -> torch.Tensor:
 # -- norms and attention ----------------------------------------------------------------
 
 
-def _norm_dims(x: torch.Tensor, normalized_shape) -> list[int]:
+def norm_dims(x: torch.Tensor, normalized_shape) -> list[int]:
+    """The dims a norm over ``normalized_shape`` reduces (the last ones of ``x``); raises
+    ``ValueError`` when they are not ``x``'s trailing dims."""
     shape = tuple(normalized_shape)
     if not shape or tuple(x.shape[x.dim() - len(shape) :]) != shape:
         raise ValueError(f"normalized_shape {shape} must be the last dims of x {tuple(x.shape)}")
@@ -261,7 +266,7 @@ def _norm_dims(x: torch.Tensor, normalized_shape) -> list[int]:
 def rms_norm(x, normalized_shape, weight=None, eps: float | None = None) -> torch.Tensor:
     """``F.rms_norm``: x / sqrt(mean(x^2) + eps) * weight, in float32, back to x's dtype."""
     _check(x, "x")
-    dims = _norm_dims(x, normalized_shape)
+    dims = norm_dims(x, normalized_shape)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     xf = x.float()
     y = xf * torch.rsqrt(reduce_mean(xf * xf, dims, keepdim=True) + eps)
@@ -273,7 +278,7 @@ def rms_norm(x, normalized_shape, weight=None, eps: float | None = None) -> torc
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.native_layer_norm``: (out in x's dtype, mean, rstd), statistics in float32."""
     _check(x, "x")
-    dims = _norm_dims(x, normalized_shape)
+    dims = norm_dims(x, normalized_shape)
     xf = x.float()
     mean = reduce_mean(xf, dims, keepdim=True)
     centered = xf - mean

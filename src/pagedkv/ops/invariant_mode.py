@@ -28,7 +28,7 @@ Why a dispatch mode (measured choices, torch 2.13):
   Python at all, so a captured graph stays invariant after the mode is left.
 
 The mode is per thread and per ``with`` block (torch keeps the mode stack per thread);
-the invariance flag is the ``ContextVar`` of :mod:`pagedkv.ops._config`, read per op, so a
+the invariance flag is the ``ContextVar`` of ``ops/_config.py``, read per op, so a
 ``batch_invariant_mode(False)`` block inside an active one turns the routing off.
 """
 
@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 
 from pagedkv.ops import invariant as inv
 from pagedkv.ops import reference_invariant as _ref
-from pagedkv.ops._config import is_batch_invariant
+from pagedkv.ops._config import invariant_flag, is_batch_invariant
 
 aten = torch.ops.aten
 
@@ -117,19 +117,20 @@ def _reducer(mean: bool):
     def handler(x, dim=None, keepdim=False, *, dtype=None):
         if not _ok(x) or not _float(dtype):
             return NotImplemented
-        return inv._reduce(x, dim, keepdim, dtype, mean)
+        reduce = inv.reduce_mean if mean else inv.reduce_sum
+        return reduce(x, dim, keepdim, dtype=dtype)
 
     return handler
 
 
 def _softmaxer(log: bool, half_to_float: bool):
-    """aten._softmax(x, dim, half_to_float) or aten.softmax.int(x, dim, dtype=None)."""
+    """aten::_softmax(x, dim, half_to_float) or aten::softmax.int(x, dim, dtype=None)."""
 
     def handler(x, dim, arg=None):
         if half_to_float:
             out = torch.float32 if arg else None
-            return inv._softmax(x, dim, None, log, out) if _ok(x) else NotImplemented
-        return inv._softmax(x, dim, arg, log) if _ok(x) and _float(arg) else NotImplemented
+            return inv.softmax_as(x, dim, None, log, out) if _ok(x) else NotImplemented
+        return inv.softmax_as(x, dim, arg, log) if _ok(x) and _float(arg) else NotImplemented
 
     return handler
 
@@ -160,7 +161,7 @@ def _rms_norm(x, normalized_shape, weight=None, eps=None):
 def _fused_rms_norm(x, normalized_shape, weight, eps):
     if not _ok(x, weight):
         return NotImplemented
-    dims = inv._norm_dims(x, normalized_shape)
+    dims = inv.norm_dims(x, normalized_shape)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     rstd = torch.rsqrt(inv.reduce_mean(x.float().square(), dims, keepdim=True) + eps)
     return inv.rms_norm(x, normalized_shape, weight, eps), rstd
@@ -349,3 +350,17 @@ def invariant_forward() -> Iterator[None]:
         return
     with BatchInvariantOps():
         yield
+
+
+@contextlib.contextmanager
+def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
+    """Batch-invariant mode for the block: :func:`pagedkv.ops.set_batch_invariant`
+    restored on exit, and (when enabled) :func:`invariant_forward`, so that a model forward
+    run inside computes every row — matmuls, norms, softmax, attention — independently of
+    the rest of its batch. ``batch_invariant_mode(False)`` inside turns both off again."""
+    with invariant_flag(enabled):
+        if enabled:
+            with invariant_forward():
+                yield
+        else:
+            yield

@@ -87,10 +87,12 @@ class DecodePlan:
                 self.batch_invariant,
             )  # fmt: skip
             self.split_tokens, self.num_splits = self.splits.split_tokens, self.splits.num_splits
-            f32 = dict(dtype=torch.float32, device=self.device)
+            f32, dev = torch.float32, self.device
             self.workspace = (
-                torch.empty(max_batch, num_q_heads, self.num_splits, head_dim, **f32),
-                torch.empty(max_batch, num_q_heads, self.num_splits, **f32),
+                torch.empty(
+                    max_batch, num_q_heads, self.num_splits, head_dim, dtype=f32, device=dev
+                ),
+                torch.empty(max_batch, num_q_heads, self.num_splits, dtype=f32, device=dev),
             )
 
     @classmethod

@@ -1,7 +1,7 @@
 """Torch reference implementations: the specification every other backend is tested
 against. They run on any device and accumulate in float32 (float64 for float64 inputs).
 
-Arguments are assumed checked (see :mod:`pagedkv.ops._checks`); shapes:
+Arguments are assumed checked (see ``ops/_checks.py``); shapes:
 ``k_cache, v_cache: [num_blocks, block_size, Hkv, D]`` (one layer, NHD),
 ``kv: [num_layers, 2, num_blocks, block_size, Hkv, D]`` (a whole pool).
 """
@@ -136,13 +136,13 @@ def decode(
         return out
     num_blocks, bs, hkv, _ = k_cache.shape
     lens_t = torch.tensor(lens, device=q.device)
-    lo = (lens_t - window).clamp_(min=0) if window is not None else torch.zeros_like(lens_t)
-    b0 = lo // bs  # first block each sequence reads
+    first = (lens_t - window).clamp_(min=0) if window is not None else torch.zeros_like(lens_t)
+    b0 = first // bs  # first block each sequence reads
     nb = max(1, int(((lens_t + bs - 1) // bs - b0).max()))
     cols = (b0[:, None] + torch.arange(nb, device=q.device)).clamp_(max=block_tables.shape[1] - 1)
     idx = block_tables.gather(1, cols).long().clamp_(0, num_blocks - 1)
     pos = b0[:, None] * bs + torch.arange(nb * bs, device=q.device)  # [B, L] key positions
-    valid = (pos >= lo[:, None]) & (pos < lens_t[:, None])  # unused entries may be junk
+    valid = (pos >= first[:, None]) & (pos < lens_t[:, None])  # unused entries may be junk
     k = _blocks(k_cache, k_scales, idx, cdt).reshape(bsz, nb * bs, hkv, d)  # [B, L, Hkv, D]
     v = _blocks(v_cache, v_scales, idx, cdt).reshape(bsz, nb * bs, hkv, d)
     v = v.masked_fill(~valid[:, :, None, None], 0.0)  # hidden keys' values never count

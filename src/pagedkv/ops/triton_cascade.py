@@ -31,7 +31,7 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops.cascade_launch import Launch
-from pagedkv.ops.triton_decode import LOG2E, mma, needs_upcast
+from pagedkv.ops.triton_attn import LOG2E, mma, needs_upcast
 
 
 @triton.jit

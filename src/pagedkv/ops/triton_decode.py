@@ -29,7 +29,6 @@ with optional_imports(__name__):
     import triton
     import triton.language as tl
 
-from pagedkv.ops._config import interpreting
 from pagedkv.ops._launch import Launcher, Scratch
 from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split planning)
     INVARIANT_SPLIT_TOKENS,
@@ -41,9 +40,8 @@ from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split p
     config,
     plan_splits,
 )
+from pagedkv.ops.triton_attn import logits, mma, needs_upcast, scalars, widen, with_sink
 
-LOG2E = 1.4426950408889634
-NO_WINDOW = 1 << 30  # full attention, as the kernels see it (int32 arithmetic)
 # Integer arguments that change from call to call and whose divisibility no load or store
 # relies on (table width, split size, window, log-sum-exp offsets): one specialization
 # whatever their value. The strides of q / out / partials stay specialized (they make
@@ -51,60 +49,6 @@ NO_WINDOW = 1 << 30  # full attention, as the kernels see it (int32 arithmetic)
 # See pagedkv.ops._launch for how the kernels are launched.
 DECODE_DYNAMIC = ("window", "stride_btb", "stride_lb", "stride_lh", "lse_off", "split_tokens")
 MERGE_DYNAMIC = ("stride_lb", "stride_lh", "lse_off", "split_tokens", "window")
-
-
-def needs_upcast(dtype: torch.dtype) -> bool:
-    """The Triton interpreter computes ``tl.dot`` on bf16 inputs wrongly (triton 3.9): there,
-    bf16 operands are widened to float32 first (after the same bf16 rounding)."""
-    return dtype == torch.bfloat16 and interpreting()
-
-
-@triton.jit
-def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with float32 accumulation; ``IEEE`` keeps float32 inputs exact (no TF32)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    elif IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def widen(x, dtype):
-    """Quantized K/V elements as ``dtype`` (exact: fp8 and int8 values are all bf16 / fp16
-    values); int8 goes through float32 (the interpreter's int8 -> bf16 is wrong)."""
-    if x.dtype.is_int():
-        return x.to(tl.float32).to(dtype)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
-def tanh(x):
-    """tanh from exp2 (the interpreter has no libdevice tanh); absolute error ~1e-7."""
-    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def logits(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
-    """Raw q.k -> scores in log2 units. Without a cap qk_scale = scale * log2(e); with one
-    the cap applies in natural units, ``cap * tanh(s / cap)``, so qk_scale = scale / cap
-    and cap_log2 = cap * log2(e)."""
-    if SOFTCAP:
-        return cap_log2 * tanh(qk * qk_scale)
-    else:
-        return qk * qk_scale
-
-
-@triton.jit
-def with_sink(m_i, l_i, sink):
-    """Start the running (max, sum) of an empty state (-inf, 0) at a sink: a key of logit
-    ``sink`` (natural units, not scaled) whose value is zero; a -inf sink is no sink."""
-    m = tl.maximum(m_i, sink.to(tl.float32) * 1.4426950408889634)
-    return m, tl.where(m > float("-inf"), 1.0, l_i)
 
 
 @triton.jit
@@ -358,6 +302,8 @@ class DecodeKernels:
                 out, qs[0], qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
             )  # fmt: skip
             return out
+        ost: tuple[int, ...]  # strides of the partials and of the log-sum-exps
+        lst: tuple[int, ...]
         if workspace is None:
             # one allocation: the partials [B, Hq, S, D], then the log-sum-exps [B, Hq, S]
             n_o = bsz * hq * n_splits * d
@@ -393,7 +339,9 @@ def kernels(
     d = q.shape[2]
     cfg = config(d, q.dtype) if cfg is None else {**config(d, q.dtype), **cfg}
     _, bs, hkv, _ = k_cache.shape
-    sstr = None if k_scales is None else (k_scales.stride(0), v_scales.stride(0))
+    sstr = None
+    if k_scales is not None and v_scales is not None:  # quantized: both given
+        sstr = (k_scales.stride(0), v_scales.stride(0))
     key = (q.dtype, k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(),
            v_cache.stride(), sstr, block_tables.dtype, seq_lens.dtype,
            None if sinks is None else sinks.dtype, bool(softcap), bool(batch_invariant),
@@ -402,14 +350,6 @@ def kernels(
     if kern is None:
         kern = _KERNELS[key] = DecodeKernels(key)
     return kern
-
-
-def scalars(scale: float, softcap: float | None, window: int | None) -> tuple[float, float, int]:
-    """(qk_scale, cap_log2, window) as the split kernel takes them (see :func:`logits`)."""
-    win = NO_WINDOW if window is None else min(window, NO_WINDOW)
-    if softcap is None:
-        return scale * LOG2E, 0.0, win
-    return scale / softcap, softcap * LOG2E, win
 
 
 def decode(

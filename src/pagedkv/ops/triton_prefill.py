@@ -22,7 +22,7 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops._launch import Launcher
-from pagedkv.ops.triton_decode import logits, mma, needs_upcast, scalars, widen, with_sink
+from pagedkv.ops.triton_attn import logits, mma, needs_upcast, scalars, widen, with_sink
 
 
 @triton.jit
@@ -256,7 +256,9 @@ def kernels(
 ) -> PrefillKernels:  # fmt: skip
     """The :class:`PrefillKernels` of these tensors' shape class (made on first use)."""
     _, bs, hkv, d = k_cache.shape
-    sstr = None if k_scales is None else (k_scales.stride(0), v_scales.stride(0))
+    sstr = None
+    if k_scales is not None and v_scales is not None:  # quantized: both given
+        sstr = (k_scales.stride(0), v_scales.stride(0))
     key = (q.dtype, k_cache.dtype, q.shape[1], hkv, d, bs, k_cache.stride(), v_cache.stride(),
            sstr,
            cu_seqlens_q.dtype, block_tables.dtype, seq_lens.dtype,

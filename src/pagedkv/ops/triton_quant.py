@@ -174,6 +174,7 @@ class QuantWriteKernels:
         self.static, self.hkv = static, h
         grid_fmt = (fmt.qmax, fmt.mbits, fmt.emin)
         strides = (*kcs[:3], *vcs[:3], kss[0], vss[0])
+        pads: tuple[int, ...]
         if static:
             pads = (triton.next_power_of_2(h), triton.next_power_of_2(d))
             tail = (*strides, h, d, *pads, bs, *grid_fmt)

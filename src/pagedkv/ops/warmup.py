@@ -104,9 +104,8 @@ def warmup(
     vd = _like(v_cache)
     ks = None if k_scales is None else _like(k_scales)
     vs = None if v_scales is None else _like(v_scales)
-    i32 = dict(dtype=index_dtype, device=dev)
-    table = torch.zeros(1, 1, **i32)
-    lens = torch.zeros(1, **i32)
+    table = torch.zeros(1, 1, dtype=index_dtype, device=dev)
+    lens = torch.zeros(1, dtype=index_dtype, device=dev)
     q = torch.zeros(1, num_q_heads, d, dtype=cdt, device=dev)
     n = 0
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
@@ -119,7 +118,7 @@ def warmup(
                     n += _decode(q, kd, vd, table, lens, sk, softcap, modes, windows, max_seq_len,
                                  ks, vs)  # fmt: skip
                 if prefill:
-                    n += _prefill(q, kd, vd, table, sk, softcap, i32, ks, vs)
+                    n += _prefill(q, kd, vd, table, sk, softcap, ks, vs)
         if write:
             slots = torch.full((1,), -1, dtype=slot_dtype, device=dev)  # -1: nothing written
             kn = torch.zeros(1, hkv, d, dtype=cdt, device=dev)
@@ -196,11 +195,13 @@ def _blocks(dtype: torch.dtype, block_shape, dev: torch.device) -> int:
     return 3
 
 
-def _prefill(q, k, v, table, sinks, softcap, i32, ks, vs) -> int:
+def _prefill(q, k, v, table, sinks, softcap, ks, vs) -> int:
     tp = triton_module("prefill")
     scal = triton_module("decode").scalars(q.shape[-1] ** -0.5, 1.0 if softcap else None, None)
-    cu = torch.tensor([0, 1], **i32)
-    lens = torch.ones(1, **i32)  # one query over one (zero) key of block 0
+    cu = torch.tensor([0, 1], dtype=table.dtype, device=table.device)
+    lens = torch.ones(
+        1, dtype=table.dtype, device=table.device
+    )  # one query over one (zero) key of block 0
     kern = tp.kernels(q, cu, k, v, table, lens, sinks, softcap, ks, vs)
     cfgs = kern.tile_configs()
     for cfg in cfgs:

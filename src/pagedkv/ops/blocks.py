@@ -1,0 +1,107 @@
+"""Whole-block ops over a pool tensor: copy, gather (swap-out staging), scatter
+(swap-in), and the (de)quantization of whole blocks. Re-exported by :mod:`pagedkv.ops`;
+the backend is chosen per call as there (``backend=``, then the current setting)."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedkv._kv_formats import is_quantized
+from pagedkv.ops import _checks, reference, reference_quant
+from pagedkv.ops._config import resolve
+from pagedkv.ops._specs import triton_module
+
+
+def _pool_tensor(kv: torch.Tensor) -> None:
+    _checks.tensor(kv, "kv")
+    if kv.dim() < 3 or kv.shape[1] != 2 or not kv.is_contiguous():
+        raise ValueError(
+            "kv must be a contiguous [num_layers, 2, num_blocks, ...] tensor (a pool, "
+            f"[L, 2, num_blocks, block_size, Hkv, D], or its scales), got shape {tuple(kv.shape)}"
+        )
+
+
+def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backend=None) -> None:
+    """Copy whole blocks (all layers, K and V): ``kv[:, :, dst[i]] = kv[:, :, src[i]]``.
+
+    ``kv``: a pool tensor [L, 2, num_blocks, block_size, Hkv, D], or any [L, 2, num_blocks,
+    ...] tensor (a quantized pool's scales). src, dst: [n] int64 tensors on kv's device, in
+    range (checked by the caller, e.g. :meth:`KVPool.copy_blocks`); no dst may also be a
+    src (the pool orders such lists).
+    """
+    _pool_tensor(kv)
+    if src.numel() == 0:
+        return
+    if resolve(backend, kv.device) == "triton":
+        triton_module("memory").copy_blocks(kv, src, dst)
+    else:
+        reference.copy_blocks(kv, src, dst)
+
+
+def gather_blocks(
+    kv: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor | None = None, backend=None
+) -> torch.Tensor:
+    """Blocks ``ids`` ([n] int64, in range) as one [n, L, 2, block_size, Hkv, D] tensor
+    (``[n, L, 2, *rest]`` for an [L, 2, num_blocks, *rest] ``kv``) on kv's device: the
+    staging copy of a swap-out. ``out`` receives it when given; its rows may be strided
+    (views into byte rows that hold a block's payload and scales) if each row is dense."""
+    _pool_tensor(kv)
+    if resolve(backend, kv.device) == "triton":
+        return triton_module("memory").gather_blocks(kv, ids, out=out)
+    res = reference.gather_blocks(kv, ids)
+    return res if out is None else out.copy_(res)
+
+
+def scatter_blocks(
+    kv: torch.Tensor, ids: torch.Tensor, data: torch.Tensor, *, backend=None
+) -> None:
+    """Inverse of :func:`gather_blocks`: data [n, L, 2, block_size, Hkv, D] (kv's dtype and
+    device; rows may be strided as for ``out`` there) into blocks ``ids`` ([n] int64, in
+    range, distinct)."""
+    _pool_tensor(kv)
+    if ids.numel() == 0:
+        return
+    if resolve(backend, kv.device) == "triton":
+        triton_module("memory").scatter_blocks(kv, ids, data)
+    else:
+        reference.scatter_blocks(kv, ids, data)
+
+
+def quantize_blocks(
+    x: torch.Tensor,
+    kv_dtype: torch.dtype,
+    *,
+    fills: torch.Tensor | None = None,
+    static_scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole blocks ``x`` [n, L, 2, block_size, Hkv, D] (float) in the quantized
+    ``kv_dtype``: returns ``(payload, scales [n, L, 2, Hkv] float32)``, the scales a dynamic
+    write of each block's tokens gives (``fills``: tokens per block, default full; slots
+    past it become zeros), or ``static_scales`` [L, 2] (fixed per layer). Any device; the
+    format conversion of :func:`pagedkv.storage.convert_rows` and ``KVCache.compress``."""
+    _checks.tensor(x, "x")
+    if not is_quantized(kv_dtype):
+        raise ValueError(f"kv_dtype must be a quantized format (fp8 / int8), got {kv_dtype}")
+    if x.dim() != 6 or x.shape[2] != 2 or not x.dtype.is_floating_point:
+        raise ValueError(
+            f"x must be float [n, L, 2, block_size, Hkv, D] blocks, got {tuple(x.shape)} {x.dtype}"
+        )
+    return reference_quant.quantize_blocks(x, kv_dtype, fills, static_scales)
+
+
+def dequantize_blocks(
+    payload: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Quantized blocks ``payload`` [n, L, 2, block_size, Hkv, D] with their ``scales``
+    [n, L, 2, Hkv] as ``dtype`` values ``payload * scale``."""
+    _checks.tensor(payload, "payload")
+    _checks.tensor(scales, "scales")
+    if not is_quantized(payload.dtype) or payload.dim() != 6:
+        raise ValueError(
+            f"payload must be quantized [n, L, 2, block_size, Hkv, D] blocks, got "
+            f"{tuple(payload.shape)} {payload.dtype}"
+        )
+    want = (*payload.shape[:3], payload.shape[4])
+    if tuple(scales.shape) != want or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 {list(want)}, got {tuple(scales.shape)}")
+    return reference_quant.dequantize_blocks(payload, scales, dtype)
