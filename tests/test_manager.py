@@ -440,3 +440,23 @@ def test_block_hashes_ranges_match_the_full_chain_also_for_anonymous_blocks():
     with pytest.raises(ValueError, match="start"):
         m.block_hashes("a", -1)
     m.check_integrity()
+
+
+def test_cached_blocks_lists_evictable_then_pinned_never_live_ones():
+    m = BlockManager(16, 4)
+    m.allocate("old", [1, 2, 3, 4, 5, 6, 7, 8])
+    old = m.block_table("old")
+    old_hashes = m.block_hashes("old")
+    m.allocate("pinned", [9, 9, 9, 9])
+    pinned_block, pinned_hash = m.block_table("pinned")[0], m.block_hashes("pinned")[0]
+    m.allocate("live", [5, 5, 5, 5, 6])
+    m.free("old")
+    m.pin([9, 9, 9, 9])
+    m.free("pinned")
+    hash_of = dict(zip(old, old_hashes))
+    assert m.eviction_order() == old[::-1]  # tail first
+    assert m.cached_blocks() == [(b, hash_of[b]) for b in old[::-1]] + [(pinned_block, pinned_hash)]
+    assert sorted(m.eviction_order()) == sorted(old)  # the live sequence's block is absent
+    m.unpin([9, 9, 9, 9])
+    assert {b for b, _ in m.cached_blocks()} == {*old, pinned_block}
+    m.check_integrity()

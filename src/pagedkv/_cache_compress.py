@@ -20,8 +20,8 @@ caches, which sequence lives where, the block conversion and the statistics.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Container, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -131,14 +131,14 @@ class CompressedArea:
         mean = self.seconds / self.calls if self.calls else 0.0
         return CompressionStats(len(self.where), full - small, full / small if small else 1.0, mean)
 
-    def violations(self, live: set, swapped: object) -> list[str]:
+    def violations(self, live: Container[Hashable], swapped: Container[Hashable]) -> list[str]:
         """What disagrees: each compressed id live in exactly its side cache, none also
         live or swapped out in the main cache, no side sequence unaccounted for."""
         problems = []
         for sid, fmt in self.where.items():
             if sid not in self.caches[fmt]:
                 problems.append(f"compressed sequence {sid!r} is not live in its side cache")
-            if sid in live or sid in swapped:  # type: ignore[operator]
+            if sid in live or sid in swapped:
                 problems.append(f"sequence {sid!r} is both compressed and live / swapped out")
         for fmt, cache in self.caches.items():
             stray = [s for s in cache.seq_ids() if self.where.get(s) != fmt]
@@ -168,6 +168,14 @@ class CompressionMethods:
     _compressed: CompressedArea
     manager: Any
     _salts: dict
+
+    if TYPE_CHECKING:  # provided by CacheReads / CacheLimits, KVCache's other bases
+
+        def _check_not_paused(self, what: str) -> None: ...
+        def _flush_evictions(self) -> None: ...
+        def token_ids(self, seq_id: Hashable) -> list[int]: ...
+        def salt(self, seq_id: Hashable) -> object: ...
+        def block_table(self, seq_id: Hashable) -> list[int]: ...
 
     def compress(self, seq_id: Hashable, kv_dtype: str | torch.dtype = "fp8") -> None:
         """Move a live sequence into the compressed side cache of ``kv_dtype`` ("fp8",

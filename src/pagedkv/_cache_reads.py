@@ -59,6 +59,8 @@ class CacheReads:
     """Queries over a KV cache (see :class:`~pagedkv.KVCache`)."""
 
     layout: KVLayout
+    model_fingerprint: str
+    fingerprint: str
     manager: BlockManager
     pool: KVPool
     device: torch.device

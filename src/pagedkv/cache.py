@@ -19,7 +19,6 @@ import torch
 from pagedkv import _cache_checks, _cache_compress, _resources
 from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_limits import CacheLimits
-from pagedkv._cache_persist import cached_blocks
 from pagedkv._cache_reads import Swapped
 from pagedkv._validate import check_bool
 from pagedkv.errors import PagedKVError
@@ -382,6 +381,6 @@ class KVCache(CacheLimits, _cache_compress.CompressionMethods):
                     "close(persist=True) needs tiers=[..., DiskTier(...) or RedisTier(...)] "
                     "on the KVCache: without a persistent tier there is nowhere to write"
                 )
-            self.tiers.persist(cached_blocks(self.manager))
+            self.tiers.persist(self.manager.cached_blocks())
         if self.tiers is not None:
             self.tiers.close()

@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import Field
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -62,6 +62,7 @@ def _engine_option(f: Field[Any]) -> inspect.Parameter:
         return value
 
     opt = typer.Option(help=escape(help), callback=check, rich_help_panel="Engine options")
+    # the field's type, known only at run time: mypy cannot check a computed annotation
     annotation = Annotated[kind | None if optional else kind, opt]  # type: ignore[valid-type]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                              annotation=annotation)  # fmt: skip
@@ -81,7 +82,8 @@ def engine_options(command: Callable[..., None]) -> Callable[..., None]:
         command(**kwargs, config=config)
 
     params = own + [_engine_option(f) for f in fields_]
-    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    # inspect (and typer) read __signature__ off any callable; typeshed declares none
+    cast(Any, run).__signature__ = signature.replace(parameters=params)
     return run
 
 

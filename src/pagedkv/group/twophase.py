@@ -40,6 +40,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_all
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -115,6 +116,22 @@ def check_compatible(src: KVCache, dst: KVCache, what: str = "caches") -> None:
         )
 
 
+class _Begun(NamedTuple):
+    """What :meth:`TwoPhaseMove.begin` hands the move it started."""
+
+    src: KVCache
+    dst: KVCache
+    seq_id: Hashable
+    target_id: Hashable
+    tokens: list[int]
+    reused: int
+    t0: float
+    lane: CopyLane
+    own_lane: bool
+    copied: pool_copy.BlockCopy | None
+    future: Future | None
+
+
 class TwoPhaseMove:
     """One sequence on its way from ``src`` to ``dst`` (see the module doc); build it with
     :meth:`begin`. ``state``: ``"copying"``, ``"copied"`` (phase 1 done), ``"finished"``
@@ -134,8 +151,14 @@ class TwoPhaseMove:
     _future: Future | None
     _error: BaseException | None
 
-    def __init__(self) -> None:
-        raise TypeError("start a move with TwoPhaseMove.begin(src, seq_id, dst, ...)")
+    def __init__(self, begun: _Begun | None = None) -> None:
+        if not isinstance(begun, _Begun):
+            raise TypeError("start a move with TwoPhaseMove.begin(src, seq_id, dst, ...)")
+        self.src, self.dst, self.seq_id, self.target_id = begun[:4]
+        self._tokens, self._reused, self._t0 = begun.tokens, begun.reused, begun.t0
+        self._lane, self._own_lane = begun.lane, begun.own_lane
+        self._copied, self._future, self._error = begun.copied, begun.future, None
+        self.state = "copying" if begun.future is not None else "copied"
 
     @classmethod
     def begin(
@@ -180,13 +203,10 @@ class TwoPhaseMove:
             if not lane_given:
                 lane.close()
             raise
-        move = cls.__new__(cls)
-        move.src, move.dst, move.seq_id, move.target_id = src, dst, seq_id, target_id
-        move._tokens, move._reused, move._t0 = tokens, reused, t0
-        move._lane, move._own_lane = lane, not lane_given
-        move._copied, move._future, move._error = copied, future, None
-        move.state = "copying" if future is not None else "copied"
-        return move
+        own = not lane_given
+        return cls(
+            _Begun(src, dst, seq_id, target_id, tokens, reused, t0, lane, own, copied, future)
+        )
 
     @property
     def num_tokens(self) -> int:

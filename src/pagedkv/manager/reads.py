@@ -263,6 +263,17 @@ class ManagerReads:
         """Evictable cached blocks in the order they would be evicted."""
         return self._alloc.policy.order()
 
+    def cached_blocks(self) -> list[tuple[int, bytes]]:
+        """``(block id, block hash)`` of every cached block (registered, ref count 0):
+        the evictable ones in :meth:`eviction_order`, then the pinned ones by block id.
+        Blocks in use by live sequences are not included (the KV of their newest slots
+        may not be written yet). What ``KVCache.close(persist=True)`` writes."""
+        hashes, refs = self._prefix.hashes, self._ref
+        evictable = self.eviction_order()
+        held = set(evictable)
+        pinned = [b for b, h in enumerate(hashes) if h and refs[b] == 0 and b not in held]
+        return [(b, hashes[b]) for b in [*evictable, *pinned]]
+
     def check_integrity(self) -> None:
         """Raise :class:`CacheIntegrityError` naming the numbers that disagree."""
         state = integrity.ManagerState(

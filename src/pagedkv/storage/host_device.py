@@ -49,22 +49,36 @@ def direct_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
 
 
 def copy_h2d(
-    src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int, staging: str, host: HostThreads
+    src: KVPool,
+    s: list[int],
+    dst: KVPool,
+    d: list[int],
+    per: int,
+    staging: str,
+    host: HostThreads | None,
 ) -> None:
     """Blocks ``s`` of the CPU pool ``src`` into blocks ``d`` of the CUDA pool ``dst``."""
     if staging == "direct":
         _direct(src, s, dst, d, dst.device)
     else:
+        assert host is not None  # copy_blocks_between() makes threads for host staging
         _staged_h2d(src, s, dst, d, per, host)
 
 
 def copy_d2h(
-    src: KVPool, s: list[int], dst: KVPool, d: list[int], per: int, staging: str, host: HostThreads
+    src: KVPool,
+    s: list[int],
+    dst: KVPool,
+    d: list[int],
+    per: int,
+    staging: str,
+    host: HostThreads | None,
 ) -> None:
     """Blocks ``s`` of the CUDA pool ``src`` into blocks ``d`` of the CPU pool ``dst``."""
     if staging == "direct":
         _direct(src, s, dst, d, src.device)
     else:
+        assert host is not None  # copy_blocks_between() makes threads for host staging
         _staged_d2h(src, s, dst, d, per, host)
 
 

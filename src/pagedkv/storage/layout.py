@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -19,6 +20,24 @@ from pagedkv._kv_formats import (
 from pagedkv._validate import check_int
 
 KV_SCALES = ("dynamic", "static")
+
+
+class _KVDtypeField:
+    """``KVLayout.kv_dtype``: set from a dtype, a name ("fp8") or None, read as the
+    ``torch.dtype`` that ``__post_init__`` normalised it to. A descriptor so that the
+    constructor's type and the attribute's type can differ for type checkers too."""
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> None: ...
+    @overload
+    def __get__(self, obj: KVLayout, owner: type | None = None) -> torch.dtype: ...
+    def __get__(self, obj: KVLayout | None, owner: type | None = None) -> torch.dtype | None:
+        if obj is None:  # the dataclass asks the class for the default: None = "as dtype"
+            return None
+        return obj.__dict__["kv_dtype"]
+
+    def __set__(self, obj: KVLayout, value: torch.dtype | str | None) -> None:
+        obj.__dict__["kv_dtype"] = value
 
 
 @dataclass(frozen=True, repr=False)
@@ -52,10 +71,11 @@ class KVLayout:
     head_dim: int
     block_size: int
     dtype: torch.dtype = torch.bfloat16
-    kv_dtype: torch.dtype | str | None = field(default=None, kw_only=True)
-    kv_scale: str = field(default="dynamic", kw_only=True)
-    k_scales: tuple[float, ...] | None = field(default=None, kw_only=True)
-    v_scales: tuple[float, ...] | None = field(default=None, kw_only=True)
+    _: dataclasses.KW_ONLY
+    kv_dtype: _KVDtypeField = _KVDtypeField()
+    kv_scale: str = "dynamic"
+    k_scales: tuple[float, ...] | None = None
+    v_scales: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -149,7 +169,8 @@ class KVLayout:
         """Per layer ``(k_scale, v_scale)`` of a static-scale layout, else None."""
         if self.kv_scale != "static":
             return None
-        return tuple(zip(self.k_scales, self.v_scales))  # type: ignore[arg-type]
+        assert self.k_scales is not None and self.v_scales is not None  # __post_init__ set them
+        return tuple(zip(self.k_scales, self.v_scales))
 
     def with_kv_dtype(self, kv_dtype: torch.dtype | str) -> KVLayout:
         """The same geometry and compute dtype stored as ``kv_dtype`` (dynamic scales)."""

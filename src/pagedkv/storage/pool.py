@@ -53,8 +53,8 @@ class KVPool:
         self.layout = layout
         self.num_blocks = num_blocks
         self.backend = backend
-        shape = (layout.num_layers, 2, num_blocks, layout.block_size)
-        shape = (*shape, layout.num_kv_heads, layout.head_dim)
+        lbh = (layout.num_layers, 2, num_blocks, layout.block_size)
+        shape = (*lbh, layout.num_kv_heads, layout.head_dim)
         if device.type == "cpu":  # its own pages, so a group can page-lock them safely
             self.kv = cudart.own_pages(shape, layout.kv_dtype)
         else:
@@ -150,10 +150,11 @@ class KVPool:
         ids = ids[: -(-num_tokens // bs)]
         shape = (-1, self.layout.num_kv_heads, self.layout.head_dim)
         k, v = k_cache.index_select(0, ids), v_cache.index_select(0, ids)
-        if self.scales is not None:
+        ks, vs = self.k_scales(layer), self.v_scales(layer)
+        if ks is not None and vs is not None:  # quantized
             dt = self.layout.dtype
-            k = k.to(dt) * self.k_scales(layer).index_select(0, ids).to(dt)[:, None, :, None]
-            v = v.to(dt) * self.v_scales(layer).index_select(0, ids).to(dt)[:, None, :, None]
+            k = k.to(dt) * ks.index_select(0, ids).to(dt)[:, None, :, None]
+            v = v.to(dt) * vs.index_select(0, ids).to(dt)[:, None, :, None]
         k, v = k.reshape(shape)[:num_tokens], v.reshape(shape)[:num_tokens]
         return k.contiguous(), v.contiguous()
 

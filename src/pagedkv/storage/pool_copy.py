@@ -140,12 +140,12 @@ def copy_blocks_between(
         return done
     per = max(1, chunk_bytes // src.layout.bytes_per_block)
     own = host is None and (how_staged == "host" or how == "host")
-    threads = HostThreads(default_threads()) if own else host
+    owned = HostThreads(default_threads()) if own else None
     try:
-        _ROUTES[how](src, s, dst, d, Plan(per, how_staged, threads))
+        _ROUTES[how](src, s, dst, d, Plan(per, how_staged, owned or host))
     finally:
-        if own:
-            threads.close()
+        if owned is not None:
+            owned.close()
     return done
 
 
@@ -176,6 +176,7 @@ def _check(src: KVPool, s: Sequence[int], dst: KVPool, d: Sequence[int], chunk: 
 def _copy_host(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
     # numpy copies on our threads: torch's per-block strided copy splits 2 MiB over an
     # OpenMP team per call, which stalls badly when the cores are busy (0.1 GB/s measured)
+    assert plan.host is not None  # copy_blocks_between() makes threads for this route
     plan.host.copy(src, s, dst, d)
 
 
@@ -213,28 +214,32 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan)
         with torch.cuda.device(b_dev), torch.cuda.stream(scatter_s):
             b_buf = [torch.empty((k_max, bpb), dtype=torch.uint8, device=b_dev) for _ in (0, 1)]
             d_t = ids_on(d, b_dev)
-        gathered, sent, received, scattered = [None, None], [None, None], [None, None], [None, None]
+        sent: list[torch.cuda.Event | None] = [None, None]
+        scattered: list[torch.cuda.Event | None] = [None, None]
         for i, a in enumerate(range(0, n, per)):
             j, k = i % 2, min(per, n - a)
             with torch.cuda.device(a_dev), torch.cuda.stream(gather_s):
-                if sent[j] is not None:
-                    gather_s.wait_event(sent[j])  # a_buf[j] has left for the target
+                left = sent[j]
+                if left is not None:
+                    gather_s.wait_event(left)  # a_buf[j] has left for the target
                 ops.gather_blocks(
                     src.kv, s_t[a : a + k], out=blocks(a_buf[j], src, k), backend=src.backend
                 )
-                gathered[j] = event(gather_s)
+                gathered = event(gather_s)
             # torch issues a cross-device copy on the source's current stream, fenced with
             # the target's current stream; the events below order it either way.
             with torch.cuda.stream(send_s), torch.cuda.stream(recv_s):
-                send_s.wait_event(gathered[j])
-                if scattered[j] is not None:  # b_buf[j] has been scattered
-                    send_s.wait_event(scattered[j])
-                    recv_s.wait_event(scattered[j])
+                send_s.wait_event(gathered)
+                done = scattered[j]
+                if done is not None:  # b_buf[j] has been scattered
+                    send_s.wait_event(done)
+                    recv_s.wait_event(done)
                 b_buf[j][:k].copy_(a_buf[j][:k], non_blocking=True)
-                sent[j], received[j] = event(send_s), event(recv_s)
+                sent_j, received = event(send_s), event(recv_s)
+                sent[j] = sent_j
             with torch.cuda.device(b_dev), torch.cuda.stream(scatter_s):
-                scatter_s.wait_event(sent[j])
-                scatter_s.wait_event(received[j])
+                scatter_s.wait_event(sent_j)
+                scatter_s.wait_event(received)
                 ops.scatter_blocks(
                     dst.kv, d_t[a : a + k], blocks(b_buf[j], dst, k), backend=dst.backend
                 )
@@ -244,10 +249,12 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan)
 
 
 def _copy_h2d(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    assert plan.staging is not None  # staging_for() names one for every CPU/CUDA pair
     host_device.copy_h2d(src, s, dst, d, plan.per, plan.staging, plan.host)
 
 
 def _copy_d2h(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+    assert plan.staging is not None  # staging_for() names one for every CPU/CUDA pair
     host_device.copy_d2h(src, s, dst, d, plan.per, plan.staging, plan.host)
 
 

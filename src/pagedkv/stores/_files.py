@@ -7,6 +7,7 @@ after a partial transfer, so a caller never loops over bytes itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -124,3 +125,9 @@ def open_regular(path: str) -> tuple[int, int] | None:
         os.close(fd)
         return None
     return fd, st.st_size
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it can be (a temp file being abandoned); never raises."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote
 
+# shown_nodes lives with the other ways a URL is shown; importable from here too.
 from pagedkv.stores.locations import redact_url
+from pagedkv.stores.locations import shown_nodes as shown_nodes
 
 SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
@@ -129,10 +131,3 @@ def _host_port(text: str, shown: str, who: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{who}: url {shown!r}: the port of node {host!r} must be 1-65535")
     return host, int(port_text)
-
-
-def shown_nodes(url: str) -> str:
-    """The URL without user information or query: ``redis+cluster://h1:p1,h2:p2``."""
-    scheme, _, rest = url.partition("://")
-    hosts = rest.rpartition("@")[2].partition("#")[0].partition("?")[0].partition("/")[0]
-    return f"{scheme.lower()}://{hosts}"

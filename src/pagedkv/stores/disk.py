@@ -15,7 +15,6 @@ Requires a case-sensitive file system (keys ``ab`` and ``AB`` are different file
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 import pagedkv.stores.atomic as atomic
 from pagedkv.errors import StoreError
+from pagedkv.stores._files import unlink_quietly
 from pagedkv.stores._lru import ByteLRU
 from pagedkv.stores._rows import byte_rows
 from pagedkv.stores._threads import in_order
@@ -179,7 +179,7 @@ class DiskStore:
             checked,
             produce=lambda item: self._write_temp(*item),
             finish=lambda item, tmp: self._install(tmp, item[0], len(item[1])),
-            discard=_remove,
+            discard=unlink_quietly,
         )
 
     def _writer_pool(self) -> ThreadPoolExecutor:
@@ -271,9 +271,7 @@ class DiskStore:
             return
         with self._lock:
             stamps = [(self._files.path(k), self._next_ns()) for k in keys]
-        for path, stamp in stamps:
-            with contextlib.suppress(OSError):
-                os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
+        self._files.stamp(stamps)
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each entry file exists (not a use: recency is unchanged)."""
@@ -388,8 +386,7 @@ class DiskStore:
         with self._lock:
             self._counts.errors += 1
         if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            unlink_quietly(tmp)
         raise StoreError(
             f"DiskStore: cannot write key {key!r} under {self._root!r}: {e.strerror or e}"
         ) from e
@@ -401,8 +398,3 @@ class DiskStore:
     def _check_writable(self) -> None:
         if self._read_only:
             raise StoreError(f"DiskStore: {self._root!r} was opened read_only; it takes no writes")
-
-
-def _remove(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)

@@ -19,6 +19,7 @@ nothing proves that such a name is pagedkv's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -233,3 +234,10 @@ class EntryFiles:
         except FileNotFoundError:
             return False
         return True
+
+    def stamp(self, stamps: list[tuple[str, int]]) -> None:
+        """Set the mtime of each ``(path, ns)`` entry file (the store's recency on disk);
+        a file gone meanwhile is skipped."""
+        for path, ns in stamps:
+            with contextlib.suppress(OSError):
+                os.utime(path, ns=(ns, ns), follow_symlinks=False)

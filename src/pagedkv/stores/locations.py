@@ -50,8 +50,6 @@ class Location(NamedTuple):
             return self.target
         hosts = self.target.partition("://")[2].rpartition("@")[2]
         if "," in hosts.partition("/")[0].partition("?")[0]:  # a cluster's list of nodes
-            from pagedkv.stores.cluster_url import shown_nodes
-
             return shown_nodes(self.target)
         try:
             parts = urlsplit(self.target)
@@ -187,3 +185,10 @@ def redact_url(url: str) -> str:
         head, star, rest = shown.partition(":***@")  # keep the marker readable
         shown = head.replace(secret, "***") + star + rest.replace(secret, "***")
     return shown
+
+
+def shown_nodes(url: str) -> str:
+    """A cluster URL without user information or query: ``redis+cluster://h1:p1,h2:p2``."""
+    scheme, _, rest = url.partition("://")
+    hosts = rest.rpartition("@")[2].partition("#")[0].partition("?")[0].partition("/")[0]
+    return f"{scheme.lower()}://{hosts}"

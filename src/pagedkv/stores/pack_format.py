@@ -25,6 +25,8 @@ import time
 from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
+import pagedkv.stores.atomic as atomic
+from pagedkv.errors import StoreError
 from pagedkv.stores.base import Buffer
 from pagedkv.stores.keys import page_digest, page_key
 
@@ -78,6 +80,41 @@ def build(items: Sequence[tuple[str, Buffer]]) -> PackImage:
     footer = _FOOTER.pack(MAGIC, len(entries), offset, hashlib.sha256(index).digest())
     views += [memoryview(index), memoryview(footer)]
     return PackImage(views, PackIndex(entries, offset))
+
+
+class WrittenPack(NamedTuple):
+    """A pack :func:`write` put in place: its file ``name`` and the ``table`` it holds."""
+
+    name: str
+    table: PackIndex
+
+
+def write(
+    directory: str, items: Sequence[tuple[str, Buffer]], *, file_mode: int | None, fsync: bool
+) -> WrittenPack:
+    """Write the pack of ``items`` under a fresh name in ``directory``: a temp file,
+    fsynced if ``fsync``, renamed when complete. ``StoreError`` when it cannot be."""
+    name = new_pack_name()
+    image = build(items)
+    path = os.path.join(directory, name)
+    try:
+        atomic.atomic_write(path, image.contents, file_mode=file_mode, fsync=fsync)
+    except OSError as e:
+        raise StoreError(
+            f"PackStore: cannot write pack {name!r} in {directory!r}: {e.strerror or e}"
+        ) from e
+    return WrittenPack(name, image.table)
+
+
+def make_pack_dir(directory: str, file_mode: int | None) -> None:
+    """Create the pack directory (and its parents) if missing; ``StoreError`` when it
+    cannot be, or when something other than a real directory has its name."""
+    try:
+        atomic.make_dirs(directory, file_mode)
+        if not atomic.is_real_dir(directory):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory (move it away)")
+    except OSError as e:
+        raise StoreError(f"PackStore: cannot create {directory!r}: {e.strerror or e}") from e
 
 
 def read_index(path: str) -> PackIndex | None:

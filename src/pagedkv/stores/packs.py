@@ -25,7 +25,6 @@ directory and removes dead writers' temp files.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -338,14 +337,7 @@ class PackStore:
             if self._writable:
                 return
             disk = DiskStore(self.path, capacity_bytes=_UNBOUNDED, file_mode=self._mode)
-            try:
-                atomic.make_dirs(self._dir, self._mode)
-                if not atomic.is_real_dir(self._dir):
-                    raise NotADirectoryError(errno.ENOTDIR, "not a directory (move it away)")
-            except OSError as e:
-                raise StoreError(
-                    f"PackStore: cannot create {self._dir!r}: {e.strerror or e}"
-                ) from e
+            pack_format.make_pack_dir(self._dir, self._mode)
             atomic.sweep_temps(self._dir)
             self._carried, self._disk, self._writable = self._disk.stats(), disk, True
 
@@ -357,22 +349,10 @@ class PackStore:
 
     def _write_pack(self, items: list[tuple[str, Buffer]]) -> None:
         """One pack of ``items`` (page key, bytes): temp file, fsync if durable, rename."""
-        name = pack_format.new_pack_name()
-        image = pack_format.build(items)
-        try:
-            atomic.atomic_write(
-                os.path.join(self._dir, name),
-                image.contents,
-                file_mode=self._mode,
-                fsync=self._durable,
-            )
-        except OSError as e:
-            raise StoreError(
-                f"PackStore: cannot write pack {name!r} in {self._dir!r}: {e.strerror or e}"
-            ) from e
+        pack = pack_format.write(self._dir, items, file_mode=self._mode, fsync=self._durable)
         with self._lock:
-            self._catalog.add(name, image.table)
-            self._counts.puts += len(image.table.entries)
+            self._catalog.add(pack.name, pack.table)
+            self._counts.puts += len(pack.table.entries)
 
     def _know(self, keys: list[str]) -> None:
         """Rescan the pack directory once if a page key is not indexed (a new pack)."""

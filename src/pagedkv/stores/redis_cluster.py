@@ -37,8 +37,9 @@ from typing import Any
 from pagedkv.errors import StoreUnavailable
 from pagedkv.stores.base import Counters, StoreStats, check_keys, check_prefix
 from pagedkv.stores.cluster_masters import Down, Masters
-from pagedkv.stores.cluster_url import parse_cluster_url, shown_nodes
+from pagedkv.stores.cluster_url import parse_cluster_url
 from pagedkv.stores.health import Backoff
+from pagedkv.stores.locations import shown_nodes
 from pagedkv.stores.redis import Buffer, check_options, check_values, glob_escape, import_redis
 
 

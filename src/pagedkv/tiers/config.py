@@ -49,7 +49,7 @@ def _check_host_memory(who: str, capacity_bytes: int) -> None:
     )  # fmt: skip
 
 
-def _check_kv_dtype(tier: object, who: str) -> None:
+def _check_kv_dtype(tier: CPUTier | DiskTier | RedisTier, who: str) -> None:
     """Normalise ``kv_dtype`` (a name such as ``"fp8"``, or a torch.dtype) in place."""
     value = tier.kv_dtype
     if value is not None:
