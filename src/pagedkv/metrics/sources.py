@@ -9,6 +9,7 @@ source whose object is gone reads as nothing.
 
 from __future__ import annotations
 
+import abc
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -122,7 +123,7 @@ _ENGINE_OPTIONAL = (
 )
 
 
-class Source:
+class Source(abc.ABC):
     """One registered object. ``read(out)`` adds its samples and returns whether the
     object is still alive; ``covers()``: the objects it reads (an engine covers its
     cache), for the one-registration-per-object check; ``close()`` detaches hooks."""
@@ -144,8 +145,9 @@ class Source:
     def close(self) -> None:
         return None
 
+    @abc.abstractmethod
     def _read(self, out: Samples, obj: Any) -> None:
-        raise NotImplementedError
+        """Add the samples of the live object ``obj`` to ``out`` (each kind of source)."""
 
     @staticmethod
     def covered(obj: Any) -> list[object]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 
 from pagedkv._kv_formats import COMPUTE_DTYPES, dtype_name, is_quantized
+from pagedkv._tensor_checks import block_ids  # noqa: F401 (re-exported: ops' id checks are the shared ones)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -338,29 +338,3 @@ def slots(slots: object, n: int, num_slots: int, device: torch.device, check: bo
                 f"(skip); got min {lo}, max {hi}"
             )
     return s
-
-
-def block_ids(
-    ids: object, num_blocks: int, device: torch.device, name: str = "block_ids"
-) -> torch.Tensor:
-    """Normalise a list / tensor of block ids to an int64 tensor on ``device``; range-checked."""
-    if isinstance(ids, torch.Tensor):
-        if ids.dtype not in INDEX_DTYPES:
-            raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
-        if ids.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
-        t = ids.to(device=device, dtype=torch.int64).contiguous()
-    else:
-        try:
-            # anything else is tried as an iterable of ints: list() raises TypeError if not
-            t = torch.as_tensor(list(cast("Iterable[int]", ids)), dtype=torch.int64)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{name} must be a sequence of ints or an int tensor: {e}") from None
-        t = t.to(device)
-    if t.numel():
-        lo, hi = torch.stack([t.min(), t.max()]).tolist()
-        if lo < 0 or hi >= num_blocks:
-            raise ValueError(
-                f"{name} out of range: ids must lie in [0, {num_blocks}), got min {lo}, max {hi}"
-            )
-    return t
