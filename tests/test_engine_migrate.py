@@ -134,6 +134,35 @@ def test_migrated_request_is_token_identical_with_others_on_both_sides(
     check_clean(a, b)
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background", "at-once"])
+def test_overlapping_engines_migrate_with_a_step_in_flight(model, background):
+    """With overlap (the CUDA default) a step is in flight between step() calls and the
+    request's last sampled token is still on the device: the migration takes that step's
+    results first, so the target neither misses the token nor looks for it on its own
+    device (once a KeyError in the target's step)."""
+    p, sp = prompt(23), params(SEEDED)
+    ref, other_ref = reference(model, p, sp), reference(model, prompt(30, 3), params(GREEDY, 12))
+    a, b = engine(model, overlap=True), engine(model, overlap=True)
+    rid = a.add_request(p, sp)
+    other = b.add_request(prompt(30, 3), params(GREEDY, 12))
+    for _ in range(5):
+        a.step()
+        b.step()
+    assert a.core.requests[rid].pending == 1 and a.core._inflight is not None
+    if background:
+        m = a.migrate(rid, b, background=True)
+        a.step()
+        b.step()
+        res = m.finish()
+    else:
+        res = a.migrate(rid, b)
+    new = b.core.requests[res.target_request_id]
+    assert new.pending == 0 and new.num_tokens == new.num_computed + 1
+    outs_a, outs_b = serve(a, b)
+    assert outs_b[res.target_request_id] == ref and outs_b[other] == other_ref
+    check_clean(a, b)
+
+
 def test_the_target_reuses_its_cached_prefix_and_hides_blocks_until_the_switch(model):
     shared = prompt(16, 4)  # four full blocks both engines will know
     p, sp = shared + prompt(7, 5), params(GREEDY, 10)

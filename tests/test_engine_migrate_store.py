@@ -72,6 +72,24 @@ def test_parked_requests_continue_on_another_engine(model, tmp_path):
     assert b.stats().blocks_in_use == 0
 
 
+def test_an_overlapping_engine_parks_the_token_still_on_the_device(model, tmp_path):
+    """With overlap a step is in flight between step() calls: parking takes its results
+    first (once the snapshot lacked the pending token and resume refused it)."""
+    p, sp = prompt(29, 55), params(SEEDED, 16)
+    a = engine(model, overlap=True)
+    rid = a.add_request(p, sp)
+    for _ in range(6):
+        a.step()
+    assert a.core.requests[rid].pending == 1
+    res = a.migrate(rid, store=tmp_path, name="parked")
+    assert res.kv_moved and a.stats().blocks_in_use == 0
+    b = engine(model, overlap=True, snapshot_store=tmp_path)
+    new = b.resume_migrated("parked")
+    assert serve(b)[0][new] == reference(model, p, sp)
+    b.cache.check_integrity()
+    assert b.stats().blocks_in_use == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kind", ["directory", pytest.param("redis", marks=pytest.mark.redis)]

@@ -18,7 +18,7 @@ Graph keys also hold the runner's ``graph_tag`` (a mode the step runs under).
 :meth:`DecodeGraphs.capture_all` captures every key ahead of time (``Engine.warmup``);
 otherwise a key is captured when first needed. If capture fails (an op that syncs or
 allocates on the host), graphs are switched off with a warning and the engine stays on
-its eager path.
+its eager path; a model known not to capture (:func:`capture_blocker`) gets no graphs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,25 @@ from pagedkv.integrations.attention import PagedAttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 MIN_WIDTH = 8  # narrowest table-width bucket (blocks)
+
+
+def capture_blocker(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s decode forward cannot be captured, or None. Known: mixture-of-experts
+    layers on transformers' "eager" experts implementation, which loops over the experts
+    hit (``nonzero()``, a host sync the capture forbids). The model is only read."""
+    for m in model.modules():
+        # transformers' use_experts_implementation sets these on every experts module (5.17+)
+        if not hasattr(m, "is_concatenated") or not hasattr(m, "has_gate"):
+            continue
+        impl = getattr(m.__dict__.get("config"), "_experts_implementation", None)
+        if impl in (None, "eager"):
+            return (
+                f"{type(m).__name__} runs transformers' 'eager' experts implementation, whose "
+                "loop over the experts hit syncs with the host; call "
+                "model.set_experts_implementation('grouped_mm') (or 'batched_mm') before "
+                "building the engine to replay decode from CUDA graphs"
+            )
+    return None
 
 
 class DecodeGraphs:

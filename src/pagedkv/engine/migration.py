@@ -97,9 +97,11 @@ def has_kv(req: Request) -> bool:
 
 def check_between_steps(core: EngineCore, req: Request) -> None:
     """``MigrationError`` unless ``req``'s cache sequence holds exactly the tokens its KV
-    was computed for (no step of it is in flight)."""
+    was computed for and no sampled token of it is still on the device (no step of it is
+    in flight: callers :meth:`~pagedkv.engine.core.EngineCore.drain` an overlapping core
+    first)."""
     held = core.cache.num_tokens(req.seq_id)
-    if held != req.num_computed or req.num_allocated != req.num_computed:
+    if held != req.num_computed or req.num_allocated != req.num_computed or req.pending:
         raise MigrationError(
             f"request {req.request_id} has a step in flight ({held} tokens reserved, "
             f"{req.num_computed} computed); migrate it between steps"
@@ -192,6 +194,9 @@ class Migrator:
             if engine.closed:
                 raise EngineClosedError("cannot migrate from or to a closed Engine")
         t0 = time.perf_counter()
+        # With overlap a step of the request may be in flight, its sampled token still on
+        # the device: take its results first (the request may finish on them).
+        source.core.drain()
         req = lookup(source.core, request_id)
         new_id = target.core.new_id()
         move = None
@@ -262,6 +267,8 @@ class Migration:
             raise RuntimeError(f"this migration is {self.state}")
         t_stop = time.perf_counter() if paused_at is None else paused_at
         source, target = self.migrator.source, self.migrator.target
+        if not source.closed:
+            source.core.drain()  # overlap: the step in flight first (see Migrator._begin)
         req = source.core.requests.get(self.request_id)
         try:
             if source.closed or target.closed:

@@ -47,6 +47,7 @@ def park(
     """Save request ``request_id`` of ``core`` as snapshot ``name`` and take it out of the
     engine (see the module doc); nothing changes if the save fails."""
     t0 = time.perf_counter()
+    core.drain()  # overlap: a step in flight holds the request's next token on the device
     req = lookup(core, request_id)
     kv = has_kv(req)
     if kv:

@@ -33,7 +33,7 @@ import torch
 from pagedkv import ops
 from pagedkv.engine.chunks import Chunk
 from pagedkv.engine.config import EngineConfig
-from pagedkv.engine.cuda_graphs import DecodeGraphs
+from pagedkv.engine.cuda_graphs import DecodeGraphs, capture_blocker
 from pagedkv.engine.host import host_int64
 from pagedkv.engine.prefix_groups import PrefixGroups
 from pagedkv.engine.repeats import PromptRepeats
@@ -131,8 +131,15 @@ class ModelRunner:
         if config.torch_compile:
             self.compiled = torch.compile(model.forward, dynamic=True)
         self.graphs: DecodeGraphs | None = None
+        #: why decode is not replayed from CUDA graphs although they were asked for
+        self.graphs_off: str | None = None
         if config.cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self, max_batch=rows)
+            self.graphs_off = capture_blocker(model)
+            if self.graphs_off is None:
+                self.graphs = DecodeGraphs(self, max_batch=rows)
+            else:
+                warnings.warn(f"CUDA graphs off, decode stays eager: {self.graphs_off}",
+                              stacklevel=3)  # fmt: skip
 
     def _step_mode(self) -> AbstractContextManager[Any]:
         """The default :attr:`forward_context`: batch-invariant mode for the step when the
@@ -164,7 +171,11 @@ class ModelRunner:
         logits = None
         is_decode = all(c.end - c.start == 1 for c in chunks)
         if is_decode and self.graphs is not None:
-            logits = self.graphs.run(chunks)
+            logits = self.graphs.run(chunks)  # a row per chunk
+            if logits is not None and not all(c.sample for c in chunks):
+                # a one-token prefill chunk that does not end its prompt (a chunk budget's
+                # remainder) looks like decode but samples nothing
+                logits = logits[[i for i, c in enumerate(chunks) if c.sample]]
         if logits is None:
             if self.graphs is not None:  # tables may change (preemption) while eager
                 self.graphs.invalidate_tables()

@@ -1,5 +1,10 @@
 """Triton KV write into quantized (fp8 / int8) caches, keeping per-(block, head) scales.
 
+Every division is ``tl.math.div_rn`` (IEEE round-to-nearest): Triton's ``/`` on float32
+is ``div.full.f32`` on the GPU (up to 2 ulp off), which made the stored bytes differ
+from the torch reference's on CUDA (the interpreter divides exactly, so CPU tests agree
+either way).
+
 Dynamic scales (see :mod:`pagedkv.ops.reference_quant`, the specification): program
 (n, h) runs only when token n starts a *run*, the tokens of the call that land in one
 block (the caller keeps them contiguous); it loads the run's K and V rows of head h,
@@ -48,7 +53,7 @@ def encode(y, QMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
         e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         e = tl.maximum(e, EMIN)
         ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)  # a power of two
-        r = rint(a / ulp) * ulp
+        r = rint(tl.math.div_rn(a, ulp)) * ulp
     return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0
 
 
@@ -71,7 +76,7 @@ def _run_tile(cache_ptr, scale_ptr, x, blk, tok, in_run, h, mask_d, offs_d, offs
     last = tl.max(tl.where(in_run, tok, -1), 0)
     old = tl.load(scale_ptr + blk * stride_sb + h, mask=head, other=0.0)
     old = tl.where(fresh, 0.0, old)
-    need = amax / QMAX
+    need = tl.math.div_rn(amax, QMAX)
     grow = need > old
     new = tl.where(grow, tl.where(last < BS - 1, need * HEADROOM, need), old)
     # slots of this block not written by the run: re-quantized when the scale grew
@@ -82,9 +87,9 @@ def _run_tile(cache_ptr, scale_ptr, x, blk, tok, in_run, h, mask_d, offs_d, offs
     base = cache_ptr + blk * stride_cb + h * stride_ch
     b_ptr = base + offs_t[:, None].to(tl.int64) * stride_ct + offs_d[None, :]
     q_old = tl.load(b_ptr, mask=bmask, other=0.0).to(tl.float32)
-    y_old = (q_old * old) / tl.where(new > 0, new, 1.0)  # new > 0 wherever it is stored
+    y_old = tl.math.div_rn(q_old * old, tl.where(new > 0, new, 1.0))  # new > 0 where stored
     tl.store(b_ptr, encode(y_old, QMAX, MBITS, EMIN).to(cache_ptr.dtype.element_ty), mask=bmask)
-    y = tl.where(new > 0, x / tl.where(new > 0, new, 1.0), 0.0)
+    y = tl.where(new > 0, tl.math.div_rn(x, tl.where(new > 0, new, 1.0)), 0.0)
     t_ptr = base + tok[:, None] * stride_ct + offs_d[None, :]
     tmask = in_run[:, None] & mask_d[None, :]
     tl.store(t_ptr, encode(y, QMAX, MBITS, EMIN).to(cache_ptr.dtype.element_ty), mask=tmask)
@@ -154,8 +159,10 @@ def _write_static_kernel(
     src = n.to(tl.int64)
     k = tl.load(K + src * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(V + src * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    kq = encode(k.to(tl.float32) / k_scale, QMAX, MBITS, EMIN).to(KC.dtype.element_ty)
-    vq = encode(v.to(tl.float32) / v_scale, QMAX, MBITS, EMIN).to(VC.dtype.element_ty)
+    kq = encode(tl.math.div_rn(k.to(tl.float32), k_scale), QMAX, MBITS, EMIN)
+    vq = encode(tl.math.div_rn(v.to(tl.float32), v_scale), QMAX, MBITS, EMIN)
+    kq = kq.to(KC.dtype.element_ty)
+    vq = vq.to(VC.dtype.element_ty)
     kc = KC + blk * stride_kcb + tok * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :]
     vc = VC + blk * stride_vcb + tok * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :]
     tl.store(kc, kq, mask=mask)
