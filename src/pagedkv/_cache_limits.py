@@ -34,6 +34,27 @@ class CacheLimits(CacheReads):
                 f"{what} is not allowed while the cache is paused (a snapshot is reading it)"
             )
 
+    def append_each(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int]) -> None:
+        """One more token for each sequence (a decode step's): ``append(seq_ids[i],
+        [token_ids[i]])`` for each ``i`` in order, with one pause check and one flush of
+        evictions and copy-on-write copies for all of them.
+
+        Checked first, nothing changed on error: the lengths match, every token id is
+        valid and every sequence live (``KeyError``, as append()'s). Out of blocks part
+        way raises :class:`OutOfBlocks` with the appends before it done.
+        """
+        self._check_not_paused("append_each()")
+        try:
+            self.manager.append_each(seq_ids, token_ids)
+        except KeyError:
+            manager = self.manager
+            raise self._not_live(next(s for s in seq_ids if s not in manager)) from None
+        finally:  # what the appends done evicted and copied
+            self._flush_evictions()
+            copies = self.manager.take_copies()
+            if copies:
+                self.pool.copy_blocks(copies)
+
     def share_prefix(self, src_id: Hashable, dst_id: Hashable, num_tokens: int) -> None:
         """Make ``dst_id`` a new sequence holding the first ``num_tokens`` tokens of ``src_id``.
 

@@ -30,8 +30,9 @@ class Chunk:
     from_device: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        known = self.req.num_tokens
-        self.sample = self.end == known + self.req.pending
+        req = self.req
+        known = len(req.prompt) + len(req.output)  # req.num_tokens, without the property
+        self.sample = self.end == known + req.pending
         self.from_device = self.end > known
 
 
@@ -81,25 +82,28 @@ def plan_ahead(running: list[Request], budget: int, block_size: int, free: int) 
     ``budget`` tokens and ``free`` blocks; None when a chunk would need a preemption."""
     plan = StepPlan(budget)
     bs = block_size
+    chunks, needs = plan.chunks, plan.needs
     for req in running:
         if plan.budget <= 0:
             break
         if req.pending:
-            m = req.num_tokens  # the pending token's position; its KV is computed now
-            if len(req.output) + req.pending >= req.params.max_new_tokens:
+            n_out = len(req.output)
+            m = len(req.prompt) + n_out  # the pending token's position; its KV is computed now
+            if n_out + req.pending >= req.params.max_new_tokens:
                 continue  # it finishes on that token
             if m >= -(-req.num_allocated // bs) * bs:
                 continue  # a new block: next step, once the cache knows the token
-            chunk, need = Chunk(req, m, m + 1), 0
-        else:
-            start = req.num_computed
-            end = min(req.num_tokens, start + plan.budget)
-            need = -(-end // bs) - -(-req.num_allocated // bs)
-            if need > free - plan.pending:
-                return None
-            chunk = Chunk(req, start, end)
-        plan.chunks.append(chunk)
-        plan.needs.append(need)
+            chunks.append(Chunk(req, m, m + 1))  # no new block, one token
+            needs.append(0)
+            plan.budget -= 1
+            continue
+        start = req.num_computed
+        end = min(req.num_tokens, start + plan.budget)
+        need = -(-end // bs) - -(-req.num_allocated // bs)
+        if need > free - plan.pending:
+            return None
+        chunks.append(Chunk(req, start, end))
+        needs.append(need)
         plan.pending += need
-        plan.budget -= chunk.end - chunk.start
+        plan.budget -= end - start
     return plan

@@ -61,7 +61,7 @@ class DecodeGraphs:
 
     ``runner`` is the runner that owns these graphs (known here only by the attributes
     read: ``model``, ``cache``, ``block_table_of``, ``block_size``, ``device``,
-    ``layers``, ``last_tokens``, ``prev_rows``, ``groups``, ``graph_tag``,
+    ``layers``, ``last_tokens``, ``prev_rows``, ``groups``, ``graph_tag``, ``pin``,
     ``cascade_on``, ``cascade_plan``, ``forward``), so this module does not import
     ``model_runner``: the dependency goes one way.
     """
@@ -217,35 +217,42 @@ class DecodeGraphs:
             # A row's table changes only when its request gains a block or the batch
             # changes: only rows whose (request, admission, table length) differs from the
             # rows already in tables32 are sent (their row index, then the row at width w).
-            prev = self._tables_key or ()
-            n_prev = len(prev)
+            # Per-row work is list comprehensions: this runs for every row of every step.
+            reqs = [c.req for c in chunks]
+            pos = [c.start for c in chunks]
+            slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
+            lens = [p + 1 for p in pos]
             prev_rows = r.prev_rows
-            keys, changed, flat = [], [], []
-            ids, pos, slots, lens, src = [], [], [], [], []
-            for i, (c, t) in enumerate(zip(chunks, tables)):
-                req, p = c.req, c.start
-                if c.from_device:
-                    ids.append(0)
-                    src.append(prev_rows[req.request_id])
-                else:
-                    o = p - len(req.prompt)
-                    ids.append(req.output[o] if o >= 0 else req.prompt[p])
-                    src.append(-1)
-                pos.append(p)
-                slots.append(t[p // bs] * bs + p % bs)
-                lens.append(p + 1)
-                k = (req.request_id, req.admitted, len(t))
-                keys.append(k)
-                if i >= n_prev or prev[i] != k:
-                    changed.append(i)
-                    flat += t
-                    if len(t) < w:
-                        flat += [0] * (w - len(t))
+            if all(c.from_device for c in chunks):  # the usual decode step (overlap)
+                ids = [0] * n
+                src = [prev_rows[req.request_id] for req in reqs]
+            else:
+                ids, src = [], []
+                for c, req, p in zip(chunks, reqs, pos):
+                    if c.from_device:
+                        ids.append(0)
+                        src.append(prev_rows[req.request_id])
+                    else:
+                        o = p - len(req.prompt)
+                        ids.append(req.output[o] if o >= 0 else req.prompt[p])
+                        src.append(-1)
+            keys = [(req.request_id, req.admitted, len(t)) for req, t in zip(reqs, tables)]
+            prev = self._tables_key or []
+            changed: list[int] = []
+            flat: list[int] = []
+            if keys != prev:
+                n_prev = len(prev)
+                for i, (k, t) in enumerate(zip(keys, tables)):
+                    if i >= n_prev or prev[i] != k:
+                        changed.append(i)
+                        flat += t
+                        if len(t) < w:
+                            flat += [0] * (w - len(t))
             m = len(changed)
             host = host_int64(
                 ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + lens + [0] * pad
                 + src + [-1] * pad + changed + flat,
-                True,
+                r.pin,
             )  # fmt: skip
             self.static[: host.numel()].copy_(host, non_blocking=True)
             if m:

@@ -207,11 +207,14 @@ class ModelRunner:
         """Store the logits row of each chunk that completes its prompt (with overlap a
         request may have a pending token and no output yet: its chunk ends later)."""
         assert self.repeats is not None
-        sampling = [c for c in chunks if c.sample]
-        for j, c in enumerate(sampling):
-            req = c.req
-            if c.end == len(req.prompt):
-                self.repeats.store(req.prompt, req.cache_salt, logits[j], self._tail_block(req))
+        j = 0  # the chunk's row in logits (one per sampling chunk)
+        for c in chunks:
+            if c.sample:
+                req = c.req
+                if c.end == len(req.prompt):
+                    tail = self._tail_block(req)
+                    self.repeats.store(req.prompt, req.cache_salt, logits[j], tail)
+                j += 1
 
     def _tail_block(self, req) -> int:
         """The block of the prompt's partial last block (-1: the prompt is aligned)."""

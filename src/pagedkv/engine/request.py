@@ -171,12 +171,21 @@ class Request:
     priority: int = 0
     #: admission sequence number (renewed at every admission, re-admissions included)
     admitted: int = -1
-    #: the scheduler step, and time.monotonic(), that last scheduled it (record_access)
+    #: the scheduler step, and time.monotonic(), that last scheduled it
     last_step: int = -1
     last_time: float = 0.0
     #: time.perf_counter() at submission and at its latest generated token (latencies)
     queued_time: float = field(default_factory=time.perf_counter)
     last_token_time: float = 0.0
+    #: the ids that stop it (its stop tokens, and EOS unless ignored); fixed at creation
+    #: (params and eos ids never change), so the per-token check is one set lookup
+    stop_ids: frozenset[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        stops = frozenset(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            stops |= self.eos_token_ids
+        self.stop_ids = stops
 
     @property
     def seq_id(self) -> int:
@@ -199,16 +208,9 @@ class Request:
             return self.output[start - p : end - p]
         return self.prompt[start:] + self.output[: end - p]
 
-    def record_access(self, step: int, now: float) -> None:
-        """The scheduler gave this request tokens in ``step`` (once per step, at its end)."""
-        self.last_step = step
-        self.last_time = now
-
     def stop_check(self, token: int) -> str | None:
         """Finish reason after appending ``token`` (already appended), or None."""
-        if token in self.params.stop_token_ids:
-            return "stop"
-        if not self.params.ignore_eos and token in self.eos_token_ids:
+        if token in self.stop_ids:
             return "stop"
         if len(self.output) >= self.params.max_new_tokens:
             return "length"

@@ -132,15 +132,16 @@ class Scheduler:
         """The step of ``chunks`` was launched: their tokens count as computed (their KV is
         written before anything launched later reads it); a sampling chunk's request has
         a pending token until :meth:`update`."""
-        counters = self.counters
+        prefill = 0
         for c in chunks:
             req = c.req
-            decode = (req.output or req.pending) and c.start == req.num_tokens + req.pending - 1
-            if not decode:
-                counters.prefill_tokens += c.end - c.start
+            out, pending = req.output, req.pending
+            if not ((out or pending) and c.start == len(req.prompt) + len(out) + pending - 1):
+                prefill += c.end - c.start  # not a decode row
             req.num_computed = c.end
             if c.sample:
-                req.pending += 1
+                req.pending = pending + 1
+        self.counters.prefill_tokens += prefill
 
     def update(self, chunks: list[Chunk], tokens: list[int], now: float) -> list[Request]:
         """Record a committed step's sampled ``tokens`` (one per sampling chunk, in order,
@@ -149,30 +150,36 @@ class Scheduler:
         retained one keeps its sequence). With overlap a request may be in the next step
         already (its input this token, on the device): the token enters the cache now.
         One that finished or was aborted meanwhile is skipped (never emitted)."""
-        counters = self.counters
         finished = []
+        grown: list[int] = []  # requests whose token enters the cache now, and the tokens
+        grown_tokens: list[int] = []
         it = iter(tokens)
         generated = 0
+        running = Status.RUNNING
         for c in chunks:
             if not c.sample:
                 continue
             token = next(it)
             req = c.req
-            if req.status is not Status.RUNNING or not req.pending:
+            if req.status is not running or not req.pending:
                 continue
             req.pending -= 1
-            req.output.append(token)
+            out = req.output
+            out.append(token)
             req.last_token_time = now
             generated += 1
-            reason = req.stop_check(token)
-            if reason is not None:
-                req.finish_reason = reason
+            # (req.stop_check's two tests, inline: this runs for every row of every step)
+            if token in req.stop_ids or len(out) >= req.params.max_new_tokens:
+                req.finish_reason = req.stop_check(token)
                 self.finish(req, keep=req.retain)
                 finished.append(req)
             elif req.pending:  # the next step computes its KV (it has the slot already)
-                self.cache.append(req.seq_id, [token])
+                grown.append(req.seq_id)
+                grown_tokens.append(token)
                 req.num_allocated += 1
-        counters.generated_tokens += generated
+        if grown:  # one call for the step (finished requests' blocks were freed first)
+            self.cache.append_each(grown, grown_tokens)
+        self.counters.generated_tokens += generated
         if self.window is not None:
             self._release_outside_window(chunks)
         return finished
@@ -257,8 +264,10 @@ class Scheduler:
         used = self.cache.num_blocks - self.cache.num_free_blocks
         self.counters.peak_blocks = max(self.counters.peak_blocks, used)
         now, step = time.monotonic(), self.steps
-        for c in chunks:
-            c.req.record_access(step, now)
+        for c in chunks:  # what a preemption policy reads of when it last ran
+            req = c.req
+            req.last_step = step
+            req.last_time = now
         return chunks
 
     def _make_room(self, req: Request, need: int, plan: StepPlan) -> bool:

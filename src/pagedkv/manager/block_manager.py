@@ -27,6 +27,7 @@ from pagedkv._validate import check_bool, check_callable, check_int
 from pagedkv.events import EventHub
 from pagedkv.manager.allocator import BlockAllocator, EvictCallback
 from pagedkv.manager.config import ManagerConfig, bookkeeping_bytes
+from pagedkv.manager.decode_append import DecodeAppends
 from pagedkv.manager.eviction import BlockMeta, EvictionPolicy, make_policy
 from pagedkv.manager.generations import Generations
 from pagedkv.manager.ghosts import Ghosts
@@ -45,7 +46,7 @@ from pagedkv.manager.window import WindowOps, held_blocks
 _DEFAULT = ManagerConfig()
 
 
-class BlockManager(PrefixOps, WindowOps, Registration, EventSource, ModelChanges):
+class BlockManager(PrefixOps, WindowOps, Registration, EventSource, ModelChanges, DecodeAppends):
     """Ref-counted paged blocks with prefix caching, copy-on-write and eviction.
 
     Args:
