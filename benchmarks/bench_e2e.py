@@ -70,6 +70,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="pagedkv's engine with torch_compile=True (a compiled forward, captured)",
+    )
     ap.add_argument("--kv-dtype", default=None, help="pagedkv's KV pool format: fp8, int8, ...")
     ap.add_argument("--repeat", type=int, default=3, help="steady runs after the first")
     ap.add_argument("--tf-repeat", type=int, default=None, help="generate_batch's (--repeat)")
@@ -237,7 +242,7 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
             engine = Engine(
                 model, num_blocks=blocks, block_size=16, max_batch_tokens=8192,
                 max_num_seqs=max(n_req, 16), cuda_graphs=not args.no_graphs,
-                kv_dtype=args.kv_dtype,
+                kv_dtype=args.kv_dtype, torch_compile=args.torch_compile,
             )  # fmt: skip
             sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
             warm_sp = SamplingParams(max_new_tokens=warm_new, ignore_eos=True)
@@ -247,6 +252,7 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
             engine.generate(warm[:3], sp)
             sync()
             res["pk_setup_s"] = round(time.perf_counter() - t, 2)
+            res["pk_torch_compile"] = args.torch_compile
             res["pagedkv_src"] = str(Path(sys.modules["pagedkv"].__file__).parent)
             res["bandwidth_GBps"] = round(copy_bandwidth(dev) / 1e9, 1)
             bar.done()
