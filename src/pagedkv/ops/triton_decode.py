@@ -10,11 +10,17 @@ kernel merges the splits of each sequence (all at once, or one by one in split o
 With a single split the first kernel writes the output. Softcapping is applied in
 natural units before the exp2 scaling; sinks enter the first split's running sum.
 
-Batch invariance: a sequence's bits depend on its tokens' tile boundaries, on
-``split_tokens`` and on the merge order. In invariant mode ``split_tokens`` is a
-constant, splits sit at absolute multiples of it (``base`` rounded down) and the merge
-always runs, one split after another, so nothing depends on the batch; otherwise
-``split_tokens`` is sized to fill the GPU and the merge reduces all splits in one tree.
+A tile's products take one of three forms (``FORM``, the config's ``form``: see
+:data:`pagedkv.ops.decode_splits.QUANT_CONFIGS`): ``tl.dot`` in q's dtype, ``tl.dot`` in
+float16 over a quantized cache (q scaled by a power of two, ``p * v_scale`` by the
+tile's largest ``v_scale``), or float32 products reduced over D on CUDA cores.
+
+Batch invariance: a sequence's bits depend on its tokens' tile boundaries (and the
+config, fixed per dtype), on ``split_tokens`` and on the merge order. In invariant mode
+``split_tokens`` is a constant, splits sit at absolute multiples of it (``base`` rounded
+down) and the merge always runs, one split after another, so nothing depends on the
+batch; otherwise ``split_tokens`` is sized to fill the GPU and the merge reduces all
+splits in one tree.
 
 Offsets that multiply a block id by a stride are computed in int64.
 """
