@@ -18,14 +18,49 @@ MIN_SPLIT_TOKENS = 64
 MAX_VECTOR_MERGE = 128  # more splits than this are merged one by one
 
 
-def config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of the split kernel (fixed per head_dim and dtype, so
-    that batch-invariant results do not depend on the batch). Picked from a sweep on an
-    H100 (benchmarks/bench_attention.py --sweep): 64-token tiles, 4 warps, 3 stages were
-    within 1-3 % of the best at every shape tried."""
+#: Tile config of the split kernel over a quantized cache, keyed by the KV format's kind
+#: (q bfloat16 / float16, head_dim <= 128). ``form``: "dot" (tensor cores in q's dtype),
+#: "dot16" (tensor cores in float16: fp8 -> fp16 is one conversion per pair, fp8 -> bf16
+#: a quarter-rate one per element on sm_90), "fma" (CUDA cores, float32). ``programs_per_sm``
+#: sizes the splits (:func:`choose_split_tokens`). Chosen by reading the sm_90 code
+#: (benchmarks/decode_codegen.py): 128-token tiles, 4 warps, 255 registers (2 programs
+#: per SM), 5 stages (the only depth that gives the K/V loads a second buffer: the next
+#: tile is in flight while this one is used), so ~128 KB in flight per SM (bf16's config:
+#: 3 x 32 KB). benchmarks/gpu_quant_sweep.sh times the alternatives and prints the winner
+#: as the line to put here (one line per kind).
+QUANT_CONFIGS: dict[str, dict] = {
+    "fp8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot16", programs_per_sm=2),
+    "int8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot16", programs_per_sm=2),
+}
+FORMS = {"dot": 0, "dot16": 1, "fma": 2}  # the split kernel's FORM constexpr
+
+
+def config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> dict:
+    """Tile sizes, launch options, formulation and split sizing of the split kernel for q
+    of ``dtype`` over a cache of ``kv_dtype`` (default ``dtype``); fixed per (head_dim,
+    dtype, kv_dtype), so that batch-invariant results do not depend on the batch. The
+    unquantized config was picked from a sweep on an H100 (benchmarks/bench_attention.py
+    --sweep): 64-token tiles, 4 warps, 3 stages were within 1-3 % of the best at every
+    shape tried; quantized caches read :data:`QUANT_CONFIGS` (float32 q keeps the exact
+    float32 dot)."""
     if dtype == torch.float32 or head_dim > 128:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+        base = dict(BLOCK_N=32, num_warps=4, num_stages=2, form="dot", programs_per_sm=2)
+    else:
+        base = dict(BLOCK_N=64, num_warps=4, num_stages=3, form="dot", programs_per_sm=2)
+    kind = _quant_kind(kv_dtype)
+    if kind is None or dtype == torch.float32:
+        return base
+    if head_dim > 128:  # the bytes per tile of bfloat16's config
+        return {**base, "BLOCK_N": 64, "form": QUANT_CONFIGS[kind]["form"]}
+    return dict(QUANT_CONFIGS[kind])
+
+
+def _quant_kind(kv_dtype: torch.dtype | None) -> str | None:
+    if kv_dtype == torch.int8:
+        return "int8"
+    if kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return "fp8"
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -37,16 +72,16 @@ def _sm_count(device: torch.device) -> int:
 
 def choose_split_tokens(
     batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
-    batch_invariant: bool,
+    batch_invariant: bool, programs_per_sm: int = 2,
 ) -> int:  # fmt: skip
-    """Tokens per split: a constant in invariant mode, else enough splits for about two
-    programs per SM. On an H100 (132 SMs) the sweep found: no split once B * Hkv >= ~264
-    (B=64 and B=128: splitting only adds merge traffic), 512-token splits at B=1 ctx 16k,
-    64-token splits at B=1 ctx 512."""
+    """Tokens per split: a constant in invariant mode, else enough splits for about
+    ``programs_per_sm`` programs per SM. On an H100 (132 SMs) the sweep found for bf16
+    (2 per SM): no split once B * Hkv >= ~264 (B=64 and B=128: splitting only adds merge
+    traffic), 512-token splits at B=1 ctx 16k, 64-token splits at B=1 ctx 512."""
     if batch_invariant:
         return INVARIANT_SPLIT_TOKENS
     max_seq_len = max(max_seq_len, 1)
-    want_splits = -(-2 * _sm_count(device) // max(batch * num_kv_heads, 1))
+    want_splits = -(-programs_per_sm * _sm_count(device) // max(batch * num_kv_heads, 1))
     split = max(-(-max_seq_len // want_splits), MIN_SPLIT_TOKENS)
     return -(-split // block_n) * block_n
 
@@ -64,6 +99,7 @@ class SplitPlan(NamedTuple):
 def plan_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, window: int | None, block_n: int,
     device: torch.device, batch_invariant: bool, split_tokens: int | None = None,
+    programs_per_sm: int = 2,
 ) -> SplitPlan:  # fmt: skip
     """Splits for sequences of up to ``max_seq_len`` tokens: they cover only the keys the
     query sees (the last ``window``), so the work follows the window, not the context."""
@@ -71,7 +107,7 @@ def plan_splits(
     span = max_seq_len if window is None else min(window, max_seq_len)
     if split_tokens is None:
         split_tokens = choose_split_tokens(
-            batch, num_kv_heads, span, block_n, device, batch_invariant
+            batch, num_kv_heads, span, block_n, device, batch_invariant, programs_per_sm
         )
     if batch_invariant:  # an aligned span of `span` keys touches at most this many splits
         n = min(-(-max_seq_len // split_tokens), -(-(span - 1) // split_tokens) + 1)

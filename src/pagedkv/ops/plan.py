@@ -81,10 +81,10 @@ class DecodePlan:
         if self.backend == "triton":
             from pagedkv.ops import triton_decode as td
 
-            block_n = td.config(head_dim, dtype)["BLOCK_N"]
+            cfg = td.config(head_dim, dtype, self.kv_dtype if is_quantized(self.kv_dtype) else None)
             self.splits = td.plan_splits(
-                max_batch, num_kv_heads, max_seq_len, self.window, block_n, self.device,
-                self.batch_invariant,
+                max_batch, num_kv_heads, max_seq_len, self.window, cfg["BLOCK_N"], self.device,
+                self.batch_invariant, programs_per_sm=cfg["programs_per_sm"],
             )  # fmt: skip
             self.split_tokens, self.num_splits = self.splits.split_tokens, self.splits.num_splits
             f32, dev = torch.float32, self.device

@@ -1,6 +1,8 @@
 """Triton pieces shared by the attention kernels (decode, prefill, cascade): the
-float32-accumulating dot, the widening of quantized K/V, softcapped logits in log2
-units and the start of a running softmax at a sink."""
+float32-accumulating dot, the widening of quantized K/V (to q's dtype, or to float16 for
+the float16 tensor-core path of :mod:`pagedkv.ops.triton_decode`), the power-of-two
+rescaling that path applies to q, softcapped logits in log2 units and the start of a
+running softmax at a sink."""
 
 from __future__ import annotations
 
@@ -43,6 +45,39 @@ def widen(x, dtype):
         return x.to(tl.float32).to(dtype)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def widen16(x):
+    """Quantized K/V elements as float16, exactly. fp8 -> fp16 is one hardware conversion
+    per pair (fp8 -> bf16 goes through fp16 and then costs a quarter-rate F2F per element
+    on sm_90); int8 uses the magic-number trick (bits ``0x6400 | (x ^ 0x80)`` are the
+    float16 ``1024 + 128 + x``) instead of a quarter-rate I2F per element."""
+    if x.dtype.is_int():
+        b = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400
+        return b.to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def widen32(x):
+    """K/V elements as float32 for the CUDA-core form (quantized ones through
+    :func:`widen16`: exact, and no quarter-rate conversion per element)."""
+    if x.dtype.primitive_bitwidth == 8:
+        return widen16(x).to(tl.float32)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def pow2_scale(amax):
+    """(m, 1 / m) for a power of two m with ``amax * m`` in [2**13, 2**14): float32 x * m
+    is exact and fits float16 with headroom (products with fp8 e5m2's 57344 stay finite in
+    the float32 accumulator). Built from the exponent bits, so both are exact."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of amax
+    me = tl.minimum(tl.maximum(267 - e, 1), 253)  # 2**(13 - (e - 127)); m, 1 / m normal
+    return (me << 23).to(tl.float32, bitcast=True), ((254 - me) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

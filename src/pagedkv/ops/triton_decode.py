@@ -10,11 +10,17 @@ kernel merges the splits of each sequence (all at once, or one by one in split o
 With a single split the first kernel writes the output. Softcapping is applied in
 natural units before the exp2 scaling; sinks enter the first split's running sum.
 
-Batch invariance: a sequence's bits depend on its tokens' tile boundaries, on
-``split_tokens`` and on the merge order. In invariant mode ``split_tokens`` is a
-constant, splits sit at absolute multiples of it (``base`` rounded down) and the merge
-always runs, one split after another, so nothing depends on the batch; otherwise
-``split_tokens`` is sized to fill the GPU and the merge reduces all splits in one tree.
+A tile's products take one of three forms (``FORM``, the config's ``form``: see
+:data:`pagedkv.ops.decode_splits.QUANT_CONFIGS`): ``tl.dot`` in q's dtype, ``tl.dot`` in
+float16 over a quantized cache (q scaled by a power of two, ``p * v_scale`` by the
+tile's largest ``v_scale``), or float32 products reduced over D on CUDA cores.
+
+Batch invariance: a sequence's bits depend on its tokens' tile boundaries (and the
+config, fixed per dtype), on ``split_tokens`` and on the merge order. In invariant mode
+``split_tokens`` is a constant, splits sit at absolute multiples of it (``base`` rounded
+down) and the merge always runs, one split after another, so nothing depends on the
+batch; otherwise ``split_tokens`` is sized to fill the GPU and the merge reduces all
+splits in one tree.
 
 Offsets that multiply a block id by a stride are computed in int64.
 """
@@ -31,6 +37,7 @@ with optional_imports(__name__):
 
 from pagedkv.ops._launch import Launcher, Scratch
 from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split planning)
+    FORMS,
     INVARIANT_SPLIT_TOKENS,
     MAX_VECTOR_MERGE,
     MIN_SPLIT_TOKENS,
@@ -40,7 +47,18 @@ from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split p
     config,
     plan_splits,
 )
-from pagedkv.ops.triton_attn import logits, mma, needs_upcast, scalars, widen, with_sink
+from pagedkv.ops.triton_attn import (
+    logits,
+    mma,
+    needs_upcast,
+    pow2_scale,
+    scalars,
+    widen,
+    widen16,
+    widen32,
+    with_sink,
+)
+from pagedkv.ops.triton_decode_merge import _decode_merge_kernel, split_base  # noqa: F401
 
 # Integer arguments that change from call to call and whose divisibility no load or store
 # relies on (table width, split size, window, log-sum-exp offsets): one specialization
@@ -48,19 +66,6 @@ from pagedkv.ops.triton_attn import logits, mma, needs_upcast, scalars, widen, w
 # row loads and stores vector-wide); they are multiples of 16 in every common layout.
 # See pagedkv.ops._launch for how the kernels are launched.
 DECODE_DYNAMIC = ("window", "stride_btb", "stride_lb", "stride_lh", "lse_off", "split_tokens")
-MERGE_DYNAMIC = ("stride_lb", "stride_lh", "lse_off", "split_tokens", "window")
-
-
-@triton.jit
-def split_base(seq_len, window, split_tokens, ALIGNED: tl.constexpr):
-    """(first key the query sees, start of split 0). Aligned (batch-invariant) splits sit
-    at absolute multiples of split_tokens, as without a window, so a key keeps its split
-    and tile as the window slides from step to step."""
-    lo = tl.maximum(seq_len - window, 0)
-    if ALIGNED:
-        return lo, (lo // split_tokens) * split_tokens
-    else:
-        return lo, lo
 
 
 @triton.jit(do_not_specialize=DECODE_DYNAMIC)
@@ -74,7 +79,7 @@ def _decode_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, QUANT: tl.constexpr,
+    HAS_SINKS: tl.constexpr, QUANT: tl.constexpr, FORM: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -92,6 +97,11 @@ def _decode_split_kernel(
 
     q_ptr = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # q: [G_PAD, D_PAD]
+    if FORM == 1:  # float16 tensor cores: q times a power of two, undone on the scores
+        q_mul, q_inv = pow2_scale(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))
+        q = (q.to(tl.float32) * q_mul).to(tl.float16)
+    elif FORM == 2:  # CUDA cores, float32
+        q = q.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     if HAS_SINKS:  # folded into the first split only (the merge then counts it once)
@@ -110,25 +120,34 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D]
         v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if QUANT:  # quantized K/V: exact in q's dtype; the per-(block, head) scales fold into
-            # the scores (K) and the probabilities (V), one per key
+        if FORM == 2:  # products reduced over D: no dot-operand layout, no padding of G
+            qk = tl.sum(q[:, None, :] * widen32(k)[None, :, :], 2)
+        elif FORM == 1:
+            qk = mma(q, tl.trans(widen16(k)), False, False) * q_inv
+        else:  # quantized K/V are exact in q's dtype
+            qk = mma(q, tl.trans(widen(k, q.dtype)), IEEE, UPCAST)
+        if QUANT:  # the per-(block, head) scales fold into the scores (K) and the
+            # probabilities (V), one per key
             k_s = tl.load(KS + blk * stride_ksb + h, mask=mask_n, other=0.0)  # [BLOCK_N]
             v_s = tl.load(VS + blk * stride_vsb + h, mask=mask_n, other=0.0)
-            k = widen(k, q.dtype)
-            v = widen(v, q.dtype)
-            qk = mma(q, tl.trans(k), IEEE, UPCAST) * k_s[None, :]
-        else:
-            qk = mma(q, tl.trans(k), IEEE, UPCAST)
+            qk = qk * k_s[None, :]
         qk = logits(qk, qk_scale, cap_log2, SOFTCAP)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))  # [G_PAD, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANT:
-            pv = mma((p * v_s[None, :]).to(v.dtype), v, IEEE, UPCAST)
+        if QUANT and FORM != 1:
+            p = p * v_s[None, :]
+        if FORM == 2:
+            pv = tl.sum(p[:, :, None] * widen32(v)[None, :, :], 1)
+        elif FORM == 1:  # p * v_s / (the tile's largest v_s) <= 1 fits float16 whatever the scales
+            v_top = tl.max(v_s, 0)
+            v_top = tl.where(v_top > 0, v_top, 1.0)
+            pv = mma((p * (v_s / v_top)[None, :]).to(tl.float16), widen16(v), False, False)
+            pv = pv * v_top
         else:
-            pv = mma(p.to(v.dtype), v, IEEE, UPCAST)
+            pv = mma(p.to(q.dtype), widen(v, q.dtype), IEEE, UPCAST)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     # An empty split (start >= seq_len: no iteration) leaves l_i = 0 and writes zeros; the
@@ -143,55 +162,6 @@ def _decode_split_kernel(
         tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out, mask=out_mask)
         lse_ptr = LSE + lse_off + b.to(tl.int64) * stride_lb + heads * stride_lh + s
         tl.store(lse_ptr, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=mask_g)
-
-
-@triton.jit(do_not_specialize=MERGE_DYNAMIC)
-def _decode_merge_kernel(
-    Opart, LSE, SL, OUT,
-    stride_ob, stride_oh, stride_os, stride_outb, stride_outh,
-    stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64,
-    split_tokens: tl.int32, window: tl.int32,
-    D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, ALIGNED: tl.constexpr,
-):  # fmt: skip
-    """Merge the splits of (sequence, query head). S_PAD > 0: all splits at once (a tree
-    reduction whose shape depends on S_PAD, hence on the batch); S_PAD == 0: one split
-    after another in split order (batch-invariant)."""
-    b = tl.program_id(0)
-    hq = tl.program_id(1)
-    seq_len = tl.load(SL + b)
-    _, base = split_base(seq_len, window, split_tokens, ALIGNED)
-    n_splits = tl.cdiv(seq_len - base, split_tokens)
-    offs_d = tl.arange(0, D_PAD)
-    mask_d = offs_d < D
-    o_base = Opart + b.to(tl.int64) * stride_ob + hq * stride_oh
-    lse_base = LSE + lse_off + b.to(tl.int64) * stride_lb + hq * stride_lh
-    if S_PAD > 0:
-        offs_s = tl.arange(0, S_PAD)
-        mask_s = offs_s < n_splits
-        lse = tl.load(lse_base + offs_s, mask=mask_s, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # an empty sequence: no splits
-        w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
-        o_ptr = o_base + offs_s[:, None] * stride_os + offs_d[None, :]
-        o = tl.load(o_ptr, mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.sum(o * w[:, None], 0)
-        den = tl.sum(w, 0)
-    else:
-        m = float("-inf")
-        den = 0.0
-        acc = tl.zeros([D_PAD], dtype=tl.float32)
-        for s in range(0, n_splits):
-            lse = tl.load(lse_base + s)
-            o = tl.load(o_base + s * stride_os + offs_d, mask=mask_d, other=0.0)
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lse - m_new)
-            acc = acc * alpha + w * o
-            den = den * alpha + w
-            m = m_new
-    out = tl.where(n_splits > 0, acc / tl.maximum(den, 1e-30), 0.0)
-    out_ptr = OUT + b.to(tl.int64) * stride_outb + hq * stride_outh + offs_d
-    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
 class DecodeKernels:
@@ -212,12 +182,15 @@ class DecodeKernels:
         cfg = dict(cfg_items)
         self.hq, self.hkv, self.d, self.bs = hq, hkv, d, bs
         self.invariant, self.device, self.block_n = invariant, device, cfg["BLOCK_N"]
+        self.programs_per_sm = cfg["programs_per_sm"]
+        form = _form(cfg["form"], dtype, sstr is not None)
         g = hq // hkv
         self._d_pad = triton.next_power_of_2(d)
-        shape = (g, max(16, triton.next_power_of_2(g)), d, self._d_pad, bs, cfg["BLOCK_N"])
-        # IEEE, UPCAST, ALIGNED, SOFTCAP, HAS_SINKS, QUANT
+        g_pad = triton.next_power_of_2(g) if form == FORMS["fma"] else max(16, g)
+        shape = (g, triton.next_power_of_2(g_pad), d, self._d_pad, bs, cfg["BLOCK_N"])
+        # IEEE, UPCAST, ALIGNED, SOFTCAP, HAS_SINKS, QUANT, FORM
         flags = (dtype == torch.float32, needs_upcast(dtype), invariant, softcap,
-                 sinks_dtype is not None, sstr is not None)  # fmt: skip
+                 sinks_dtype is not None, sstr is not None, form)  # fmt: skip
         opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         strides = (*kstr[:3], *vstr[:3], *(sstr or (0, 0)))
         tail = (*strides, *shape)
@@ -254,7 +227,7 @@ class DecodeKernels:
             cap = width * self.bs
             msl = cap if max_seq_len is None else min(max_seq_len, cap)
             sp = plan_splits(bsz, self.hkv, msl, window, self.block_n, self.device,
-                             self.invariant, split_tokens)  # fmt: skip
+                             self.invariant, split_tokens, self.programs_per_sm)  # fmt: skip
             if len(self._plans) >= 4096:  # eager callers with ever-new widths: stay bounded
                 self._plans.clear()
             got = self._plans[key] = (sp, self.s_pad(sp.num_splits))
@@ -324,6 +297,15 @@ class DecodeKernels:
         return out
 
 
+def _form(name: str, dtype: torch.dtype, quantized: bool) -> int:
+    """The FORM constexpr of a config's ``form`` (raises on one that cannot run here)."""
+    if name not in FORMS:
+        raise ValueError(f"decode form {name!r}: use one of {sorted(FORMS)}")
+    if name == "dot16" and (not quantized or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("decode form 'dot16' reads a quantized cache with bf16 / fp16 q")
+    return FORMS[name]
+
+
 _KERNELS: dict[tuple, DecodeKernels] = {}  # shape class -> bound kernels (a compile cache)
 _SCRATCH = Scratch()  # the split partials of eager calls
 
@@ -337,7 +319,9 @@ def kernels(
     """The :class:`DecodeKernels` of these tensors' shape class (made on first use); a
     quantized cache comes with its ``k_scales`` / ``v_scales``."""
     d = q.shape[2]
-    cfg = config(d, q.dtype) if cfg is None else {**config(d, q.dtype), **cfg}
+    quant = k_scales is not None and v_scales is not None
+    base = config(d, q.dtype, k_cache.dtype if quant else None)
+    cfg = base if cfg is None else {**base, **cfg}
     _, bs, hkv, _ = k_cache.shape
     sstr = None
     if k_scales is not None and v_scales is not None:  # quantized: both given

@@ -175,8 +175,8 @@ def _decode(q, k, v, table, lens, sinks, softcap, modes, windows, max_seq_len, k
 
 def _max_splits(kern, hkv: int, window: int | None, max_seq_len: int | None) -> int:
     """The most splits the planner gives any batch: one row, the longest span (a split
-    holds at least MIN_SPLIT_TOKENS keys, and there are at most ~2 programs per SM)."""
-    want = -(-2 * _sm_count(kern.device) // hkv)
+    holds at least MIN_SPLIT_TOKENS keys, and about ``programs_per_sm`` programs per SM)."""
+    want = -(-kern.programs_per_sm * _sm_count(kern.device) // hkv)
     span = max_seq_len if max_seq_len is not None else want * MIN_SPLIT_TOKENS
     if window is not None:
         span = min(span, window)
