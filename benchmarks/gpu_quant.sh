@@ -7,22 +7,12 @@
 # LIMIT=seconds for the whole script (default 560); TEST_LIMIT for the pytest step (150).
 # FlashInfer comes from .whl/ as in gpu_check.sh (its JIT build runs while the tests do).
 set -u
-LIMIT="${LIMIT:-560}"; T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_quant.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_quant 560
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
-  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+gpu_test_deps
 FI=""; EXTRA=""
-if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1 && [[ " $* " != *" --no-flashinfer "* ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  NVCC=$(readlink -f "$(command -v nvcc)"); export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
-  export FLASHINFER_WORKSPACE_BASE=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a
-  export LIBRARY_PATH="$CUDA_HOME/lib64:$CUDA_HOME/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+if gpu_flashinfer "$@"; then
   python3 - >"$O/fi_build_quant.log" 2>&1 <<'PY' &
 import time, torch, flashinfer
 t = time.time()
