@@ -15,20 +15,7 @@ python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.
 gpu_test_deps
 FI=""; EXTRA=""
 if gpu_flashinfer "$@"; then
-  python3 - >"$O/fi_build.log" 2>&1 <<'PY' &
-import time, torch, flashinfer
-t = time.time()
-ws = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
-pool = torch.randn(4, 2, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
-for tc in (False, True):
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-    i32 = dict(dtype=torch.int32, device="cuda")
-    w.plan(torch.tensor([0, 4], **i32), torch.arange(4, **i32), torch.tensor([16], **i32),
-           32, 8, 128, 16, pos_encoding_mode="NONE", q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-    w.run(torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda"), pool)
-    torch.cuda.synchronize()
-    print("flashinfer built tc", tc, round(time.time() - t, 1), "s", flush=True)
-PY
+  python3 benchmarks/_flashinfer_build.py >"$O/fi_build.log" 2>&1 &
   FI=$!
 fi
 echo "== pytest (gpu + triton on CUDA) $(date -u +%T)"

@@ -13,21 +13,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 gpu_test_deps
 FI=""; EXTRA=""
 if gpu_flashinfer "$@"; then
-  python3 - >"$O/fi_build_quant.log" 2>&1 <<'PY' &
-import time, torch, flashinfer
-t = time.time()
-ws = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
-i32 = dict(dtype=torch.int32, device="cuda")
-for kvd in (torch.bfloat16, torch.float8_e4m3fn):
-    pool = torch.randn(4, 2, 16, 8, 128, device="cuda").to(kvd)
-    for tc in (False, True):
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-        w.plan(torch.tensor([0, 4], **i32), torch.arange(4, **i32), torch.tensor([16], **i32),
-               32, 8, 128, 16, pos_encoding_mode="NONE", q_data_type=torch.bfloat16, kv_data_type=kvd)
-        w.run(torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda"), pool)
-        torch.cuda.synchronize()
-        print("flashinfer built", kvd, "tc", tc, round(time.time() - t, 1), "s", flush=True)
-PY
+  python3 benchmarks/_flashinfer_build.py --fp8 >"$O/fi_build_quant.log" 2>&1 &
   FI=$!
 fi
 echo "== pytest (compressed KV on CUDA) $(date -u +%T)"
