@@ -137,19 +137,25 @@ def test_objects_never_show_the_password():
         assert_clean_exception(info.value)
 
 
+def every_op_unavailable_and_clean(store) -> None:
+    """Reads, writes and listing of an unreachable ``store`` raise StoreUnavailable with no
+    password in the error (or its chain)."""
+    for op in (
+        lambda: store.get_many(["k"]),
+        lambda: store.put_many([("k", b"v")]),
+        lambda: list(store.keys()),
+    ):
+        with pytest.raises(StoreUnavailable) as info:
+            op()
+        assert_clean_exception(info.value)
+
+
 def test_dead_port_logs_and_errors_never_show_the_password(caplog):
     caplog.set_level(logging.DEBUG)
     port = _dead_port()
     for url, kw in url_variants(f"127.0.0.1:{port}"):
         store = RedisStore(url, socket_timeout=0.2, connect_timeout=0.2, **kw)
-        for op in (
-            lambda s=store: s.get_many(["k"]),
-            lambda s=store: s.put_many([("k", b"v")]),
-            lambda s=store: list(s.keys()),
-        ):
-            with pytest.raises(StoreUnavailable) as info:
-                op()
-            assert_clean_exception(info.value)
+        every_op_unavailable_and_clean(store)
         assert store.ping() is False
         assert_clean(store, store.stats())
         store.close()
@@ -288,14 +294,7 @@ def test_cluster_objects_and_dead_nodes_never_show_the_password(caplog):
         store = RedisClusterStore(url, **kw, socket_timeout=0.2, connect_timeout=0.2)
         assert_clean(tier, store, store.url, store.stats(), FramedStore(store, "fp"))
         assert_clean(open_store(url, **kw))
-        for op in (
-            lambda s=store: s.get_many(["k"]),
-            lambda s=store: s.put_many([("k", b"v")]),
-            lambda s=store: list(s.keys()),
-        ):
-            with pytest.raises(StoreUnavailable) as info:
-                op()
-            assert_clean_exception(info.value)
+        every_op_unavailable_and_clean(store)
         assert store.ping() is False
         store.close()
         cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
