@@ -150,6 +150,20 @@ def every_op_unavailable_and_clean(store) -> None:
         assert_clean_exception(info.value)
 
 
+def cache_over_down_tier(url: str, kw: dict, n: int) -> KVCache:
+    """A cache whose only tier is the unreachable Redis ``url``, after ``n`` sequences were
+    freed into it (demotions fail) and one more was looked up there (the lookup fails);
+    it, its tiers and their stats show no password."""
+    cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
+    for i in range(n):
+        cache.allocate(i, list(range(i * 10, i * 10 + 9)))
+        cache.free(i)
+    cache.flush()
+    cache.allocate("again", list(range(9)))
+    assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
+    return cache
+
+
 def test_dead_port_logs_and_errors_never_show_the_password(caplog):
     caplog.set_level(logging.DEBUG)
     port = _dead_port()
@@ -160,13 +174,7 @@ def test_dead_port_logs_and_errors_never_show_the_password(caplog):
         assert_clean(store, store.stats())
         store.close()
         # a cache whose Redis tier is down: demotions and lookups fail, logged
-        cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
-        for i in range(4):
-            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
-            cache.free(i)
-        cache.flush()
-        cache.allocate("again", list(range(9)))
-        assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
+        cache = cache_over_down_tier(url, kw, 4)
         assert_clean(*(level.backoff.name for level in cache.tiers.levels))
         cache.close()
         with pytest.raises(StoreUnavailable) as info:
@@ -297,14 +305,7 @@ def test_cluster_objects_and_dead_nodes_never_show_the_password(caplog):
         every_op_unavailable_and_clean(store)
         assert store.ping() is False
         store.close()
-        cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
-        for i in range(3):
-            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
-            cache.free(i)
-        cache.flush()
-        cache.allocate("again", list(range(9)))
-        assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
-        cache.close()
+        cache_over_down_tier(url, kw, 3).close()
         if not kw:
             snaps = SnapshotStore(url)
             assert_clean(snaps, snaps.location, snaps.backend)
