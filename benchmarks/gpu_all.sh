@@ -4,11 +4,8 @@
 #   bash benchmarks/gpu_all.sh            (LIMIT=seconds for the whole script, default 560)
 # The attention benchmark with its FlashInfer peer is benchmarks/gpu_check.sh.
 set -u
-LIMIT="${LIMIT:-560}"; T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) - 10 )); }
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_all.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_all 560 10
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch,triton,transformers as t;print(torch.__version__,triton.__version__,t.__version__)"
 echo "== gpu tests"

@@ -5,23 +5,13 @@
 # FlashInfer comes from .whl/ as in gpu_check.sh; its JIT build of the prefill kernels
 # the cascade wrapper uses starts in the background first, while the tests run.
 set -u
-LIMIT="${LIMIT:-360}"; T0=$(date +%s)  # seconds for the whole script
-left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_cascade.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_cascade 360  # LIMIT: seconds for the whole script
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__)"
-python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
-  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+gpu_test_deps
 FI=""; EXTRA=""
-if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1 && [[ " $* " != *" --no-flashinfer "* ]]; then
-  python3 -c "import flashinfer" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps \
-    --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; }
-  NVCC=$(readlink -f "$(command -v nvcc)"); export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
-  export FLASHINFER_WORKSPACE_BASE=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a
-  export LIBRARY_PATH="$CUDA_HOME/lib64:$CUDA_HOME/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+if gpu_flashinfer "$@"; then
   python3 benchmarks/bench_cascade.py --prebuild-flashinfer >"$O/fi_cascade_build.log" 2>&1 &
   FI=$!
 fi

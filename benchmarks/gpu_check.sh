@@ -8,37 +8,14 @@
 # FlashInfer (the peer) comes from .whl/ (flashinfer-python + apache-tvm-ffi wheels, see
 # benchmarks/RESULTS.md); its JIT build starts in the background first, while tests run.
 set -u
-LIMIT="${LIMIT:-345}"; T0=$(date +%s)  # seconds for the whole script
-left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_check.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_check 345  # LIMIT: seconds for the whole script
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__)"
-python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
-  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+gpu_test_deps
 FI=""; EXTRA=""
-if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1 && [[ " $* " != *" --no-flashinfer "* ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  NVCC=$(readlink -f "$(command -v nvcc)"); export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
-  export FLASHINFER_WORKSPACE_BASE=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a
-  export LIBRARY_PATH="$CUDA_HOME/lib64:$CUDA_HOME/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
-  python3 - >"$O/fi_build.log" 2>&1 <<'PY' &
-import time, torch, flashinfer
-t = time.time()
-ws = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
-pool = torch.randn(4, 2, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
-for tc in (False, True):
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-    i32 = dict(dtype=torch.int32, device="cuda")
-    w.plan(torch.tensor([0, 4], **i32), torch.arange(4, **i32), torch.tensor([16], **i32),
-           32, 8, 128, 16, pos_encoding_mode="NONE", q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-    w.run(torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda"), pool)
-    torch.cuda.synchronize()
-    print("flashinfer built tc", tc, round(time.time() - t, 1), "s", flush=True)
-PY
+if gpu_flashinfer "$@"; then
+  python3 benchmarks/_flashinfer_build.py >"$O/fi_build.log" 2>&1 &
   FI=$!
 fi
 echo "== pytest (gpu + triton on CUDA) $(date -u +%T)"

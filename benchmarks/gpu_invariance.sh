@@ -9,10 +9,8 @@
 # LIMIT=seconds for the whole script (default 235); the benchmark stops its parts early
 # past LIMIT - 10 and says so. Prints a table and the JSON; JSON also in $OUT.
 set -u
-LIMIT="${LIMIT:-235}"
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_invariance.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_invariance 235
 PY="${PYTHON:-python3}"; [ -x .venv/bin/python ] && [[ " $* " == *" --tiny "* ]] && PY=.venv/bin/python
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 "$PY" -c "import torch,transformers as t;print('torch',torch.__version__,'transformers',t.__version__)"

@@ -11,11 +11,8 @@
 #   MIGRATE_ARGS="..." for bench_migrate.py)
 # Leaves NCCL / NVLink multicast settings as the machine has them (nothing here uses NCCL).
 set -u
-LIMIT="${LIMIT:-420}"; T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_multi.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_multi 420
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -12
 python3 - <<'PY'
@@ -27,9 +24,7 @@ for i in range(n):
         if i != j:
             print(f"peer access cuda:{i} -> cuda:{j}:", torch.cuda.can_device_access_peer(i, j))
 PY
-python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
-  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+gpu_test_deps
 EXTRA=""; python3 -c "import hypothesis" 2>/dev/null && EXTRA=tests/test_group_host_copy.py
 echo "== group and migration tests on the devices $(date -u +%T)"
 timeout "$(( $(left) / 3 ))" python3 -m pytest -q -p no:cacheprovider -rs -o addopts="" -s \

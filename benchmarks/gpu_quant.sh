@@ -7,37 +7,13 @@
 # LIMIT=seconds for the whole script (default 560); TEST_LIMIT for the pytest step (150).
 # FlashInfer comes from .whl/ as in gpu_check.sh (its JIT build runs while the tests do).
 set -u
-LIMIT="${LIMIT:-560}"; T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) - 5 )); }
-O="${OUT:-benchmarks/out}"; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$O/gpu_quant.log") 2>&1
+source benchmarks/_gpu_env.sh
+gpu_env gpu_quant 560
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import pytest" 2>/dev/null || { ls .whl/extra/*.whl >/dev/null 2>&1 && \
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site_test .whl/extra/*.whl && \
-  export PYTHONPATH="$PYTHONPATH:/tmp/site_test"; }
+gpu_test_deps
 FI=""; EXTRA=""
-if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1 && [[ " $* " != *" --no-flashinfer "* ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  NVCC=$(readlink -f "$(command -v nvcc)"); export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
-  export FLASHINFER_WORKSPACE_BASE=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a
-  export LIBRARY_PATH="$CUDA_HOME/lib64:$CUDA_HOME/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
-  python3 - >"$O/fi_build_quant.log" 2>&1 <<'PY' &
-import time, torch, flashinfer
-t = time.time()
-ws = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
-i32 = dict(dtype=torch.int32, device="cuda")
-for kvd in (torch.bfloat16, torch.float8_e4m3fn):
-    pool = torch.randn(4, 2, 16, 8, 128, device="cuda").to(kvd)
-    for tc in (False, True):
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-        w.plan(torch.tensor([0, 4], **i32), torch.arange(4, **i32), torch.tensor([16], **i32),
-               32, 8, 128, 16, pos_encoding_mode="NONE", q_data_type=torch.bfloat16, kv_data_type=kvd)
-        w.run(torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda"), pool)
-        torch.cuda.synchronize()
-        print("flashinfer built", kvd, "tc", tc, round(time.time() - t, 1), "s", flush=True)
-PY
+if gpu_flashinfer "$@"; then
+  python3 benchmarks/_flashinfer_build.py --fp8 >"$O/fi_build_quant.log" 2>&1 &
   FI=$!
 fi
 echo "== pytest (compressed KV on CUDA) $(date -u +%T)"

@@ -15,16 +15,11 @@ by default; no GPU, no weights.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from _kv_memory import parse_args, write_json
 from pagedkv import BlockManager
-
-HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -74,12 +69,7 @@ def replay(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=HERE / "out")
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv, context=32768, window=4096)
     r = replay(args.context, args.window, args.block_size)
     mib = 2**20
     print(f"Mistral-7B-v0.1 geometry (32 layers, every one windowed, window {r.window}), "
@@ -98,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({r.full_blocks * r.block_bytes / r.needed_bytes:.3f}x needed)"
     )
     result = {**vars(args), "out": None, **asdict(r)}
-    for d in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "kv_memory_released.json").write_text(json.dumps(result, indent=2))
+    write_json(result, args.out, "kv_memory_released.json")
     return 0
 
 

@@ -20,17 +20,12 @@ Gemma-3-12B text geometry by default) at a long context, compares
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from _kv_memory import parse_args, write_json
 from pagedkv import BlockManager
 from pagedkv.integrations.support import check_model_supported
-
-HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -87,12 +82,7 @@ def measure(config, context: int, block_size: int = 16, dtype_bytes: int = 2) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=HERE / "out")
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv, context=16384, window=1024)
     rows = measure(gemma3_like_config(args.window), args.context, args.block_size)
     full = rows[2].held_bytes
     print(f"Gemma-3-like (48 layers, 5 local : 1 global, window {args.window}), "
@@ -102,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.layout:34} {r.held_bytes / 2**20:10.1f} {r.needed_bytes / 2**20:11.1f} "
               f"{r.ratio:12.3f} {r.held_bytes / full:8.3f}")  # fmt: skip
     result = {**vars(args), "out": None, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
-    for d in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "kv_memory_windows.json").write_text(json.dumps(result, indent=2))
+    write_json(result, args.out, "kv_memory_windows.json")
     return 0
 
 

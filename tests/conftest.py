@@ -46,3 +46,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def invariant_one_thread():
+    """One test on one thread in batch-invariant mode (engines that must give the same
+    tokens whatever shares their batch: migration, snapshots)."""
+    import torch
+
+    from pagedkv.ops import batch_invariant_mode
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with batch_invariant_mode():
+        yield
+    torch.set_num_threads(old)

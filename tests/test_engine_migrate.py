@@ -12,20 +12,14 @@ import _models
 from pagedkv.engine import Engine, Migrator, SamplingParams
 from pagedkv.engine.request import Status
 from pagedkv.errors import EngineClosedError, MigrationError, OutOfBlocks
-from pagedkv.ops import batch_invariant_mode
 
 BS = 4
 GREEDY = dict(ignore_eos=True)
 SEEDED = dict(ignore_eos=True, temperature=0.9, top_p=0.95, seed=11)
 
 
-@pytest.fixture(autouse=True)
-def _invariant_one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with batch_invariant_mode():
-        yield
-    torch.set_num_threads(old)
+# every test on one thread, in batch-invariant mode (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("invariant_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -53,15 +53,22 @@ def serve(*engines):
     return out
 
 
-def run_migrated(src, dst, p, sp, *, steps=5, background=True, check_kv=True):
-    """Serve ``p`` on ``src`` beside others, migrate it to ``dst`` after ``steps`` steps
-    (both engines serving), return (its tokens, the result)."""
+def serve_beside_others(src, dst, p, sp, steps: int):
+    """Submit ``p`` to ``src`` beside one other request on each engine, run ``steps``
+    steps of both; ``p``'s request id."""
     rid = src.add_request(p, sp)
     src.add_request(prompt(17, 90), GREEDY)
     dst.add_request(prompt(33, 91), SEEDED)
     for _ in range(steps):
         src.step()
         dst.step()
+    return rid
+
+
+def run_migrated(src, dst, p, sp, *, steps=5, background=True, check_kv=True):
+    """Serve ``p`` on ``src`` beside others, migrate it to ``dst`` after ``steps`` steps
+    (both engines serving), return (its tokens, the result)."""
+    rid = serve_beside_others(src, dst, p, sp, steps)
     m = src.migrate(rid, dst, background=True) if background else None
     if m is not None:
         src.step()
@@ -81,12 +88,7 @@ def run_migrated(src, dst, p, sp, *, steps=5, background=True, check_kv=True):
 def run_parked(src, dst, p, sp, tmp_path, *, steps=5):
     """The slow path from the same point: park on ``src`` after ``steps`` steps (the same
     others), resume on ``dst``; its tokens."""
-    rid = src.add_request(p, sp)
-    src.add_request(prompt(17, 90), GREEDY)
-    dst.add_request(prompt(33, 91), SEEDED)
-    for _ in range(steps):
-        src.step()
-        dst.step()
+    rid = serve_beside_others(src, dst, p, sp, steps)
     res = src.migrate(rid, store=tmp_path, name="parked")
     new = dst.resume_migrated("parked", store=tmp_path)
     outs = serve(src, dst)

@@ -8,24 +8,16 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
-import torch
 
 import _models
 from _migrate_worker import resume_all
 from pagedkv.engine.request import Status
 from pagedkv.errors import OutOfBlocks, SnapshotError
-from pagedkv.ops import batch_invariant_mode
 from pagedkv.snapshot import SnapshotStore
 from test_engine_migrate import GREEDY, SEEDED, engine, params, prompt, reference, serve
 
-
-@pytest.fixture(autouse=True)
-def _invariant_one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with batch_invariant_mode():
-        yield
-    torch.set_num_threads(old)
+# every test on one thread, in batch-invariant mode (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("invariant_one_thread")
 
 
 @pytest.fixture(scope="module")

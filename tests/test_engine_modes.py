@@ -13,6 +13,7 @@ import torch
 from _models import tiny
 from pagedkv import ops
 from pagedkv.engine import Engine, SamplingParams
+from test_engine import prompts_of, reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -22,27 +23,13 @@ MODES = list(itertools.product([False, True], [False, True]))  # (overlap, casca
 IDS = [f"overlap={o}-cascade={c}" for o, c in MODES]
 
 
-def prompts_of(lengths, seed, prefix=PREFIX):
-    g = torch.Generator().manual_seed(seed)
-    return [list(prefix) + torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
-
-
-def reference(model, prompts, new=NEW):
-    model.set_attn_implementation("sdpa")
-    outs = []
-    for p in prompts:
-        o = model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=0)
-        outs.append(o[0, len(p) :].tolist())
-    return outs
-
-
 @pytest.fixture(scope="module")
 def case():
     model = tiny("llama")
     # one prompt first so its prefix is cached when the others are admitted (they then
     # hold the same physical prefix blocks: a cascade group); one unrelated prompt
-    prompts = prompts_of([3, 9, 1, 14, 6], seed=5) + prompts_of([11], seed=6, prefix=())
-    return model, prompts, reference(model, prompts)
+    prompts = prompts_of([3, 9, 1, 14, 6], seed=5, prefix=PREFIX) + prompts_of([11], seed=6)
+    return model, prompts, reference(model, prompts, NEW)
 
 
 class CountCascade:

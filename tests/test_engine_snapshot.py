@@ -8,19 +8,13 @@ import torch
 import _models
 from pagedkv.engine import Engine, SamplingParams
 from pagedkv.errors import OutOfBlocks, SnapshotError
-from pagedkv.ops import batch_invariant_mode
 from pagedkv.snapshot import SnapshotStore
 
 N1, N2 = 10, 12
 
 
-@pytest.fixture(autouse=True)
-def _invariant_one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with batch_invariant_mode():
-        yield
-    torch.set_num_threads(old)
+# every test on one thread, in batch-invariant mode (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("invariant_one_thread")
 
 
 def tiny(family: str = "llama", layers: int = 2):

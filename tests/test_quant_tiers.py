@@ -4,11 +4,10 @@ and the errors of a bad tier format."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
+from _tiercases import hashes
 from pagedkv import KVCache
 from pagedkv.storage import KVLayout, KVPool, convert_rows
 from pagedkv.tiers import CPUTier, DiskTier, TieredStore
@@ -26,10 +25,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _seeded():
     """Every test starts from the same random state (unseeded draws included)."""
     torch.manual_seed(0)
-
-
-def hashes(n: int, tag: str = "a") -> list[bytes]:
-    return [hashlib.sha256(f"{tag}{i}".encode()).digest() for i in range(n)]
 
 
 def random_pool(layout: KVLayout, nb: int = 16, seed: int = 0) -> KVPool:

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import _tiercases
 from _redis import RedisClusterNodes
+from _tiercases import BPB, LAYOUT, hashes
 from pagedkv import KVCache
 from pagedkv.errors import StoreError, StoreUnavailable
 from pagedkv.snapshot import SnapshotStore
-from pagedkv.storage import KVLayout, KVPool
+from pagedkv.storage import KVLayout
 from pagedkv.stores import RedisClusterStore, open_store, parse_location
 from pagedkv.stores.cluster_url import parse_cluster_url
 from pagedkv.testing import SyntheticPager
@@ -24,24 +26,13 @@ from pagedkv.tiers import CPUTier, RedisTier, TieredStore
 
 pytestmark = pytest.mark.redis
 
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.bfloat16)
-BPB = LAYOUT.bytes_per_block
 # Quick retries; a killed master refuses connections at once, so the round-trip timeout
 # can stay generous (a live master slowed by a loaded CI machine is not "down").
 FAST = {"timeout_seconds": 2.0, "retry_initial_seconds": 0.05, "retry_max_seconds": 0.2}
 
 
-def hashes(n: int, tag: str = "a") -> list[bytes]:
-    return [hashlib.sha256(f"{tag}{i}".encode()).digest() for i in range(n)]
-
-
-def chain(tiers, fingerprint="model-a", num_blocks=64, seed=0) -> TieredStore:
-    pool = KVPool(LAYOUT, num_blocks)
-    g = torch.Generator().manual_seed(seed)
-    pool.kv.copy_(torch.randn(pool.kv.shape, generator=g).to(pool.kv.dtype))
-    ts = TieredStore(tiers, LAYOUT, fingerprint)
-    ts.attach(pool)
-    return ts
+def chain(tiers, **kw) -> TieredStore:
+    return _tiercases.chain(tiers, num_blocks=64, **kw)
 
 
 def admin(cluster: RedisClusterNodes):

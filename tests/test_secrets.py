@@ -137,30 +137,44 @@ def test_objects_never_show_the_password():
         assert_clean_exception(info.value)
 
 
+def every_op_unavailable_and_clean(store) -> None:
+    """Reads, writes and listing of an unreachable ``store`` raise StoreUnavailable with no
+    password in the error (or its chain)."""
+    for op in (
+        lambda: store.get_many(["k"]),
+        lambda: store.put_many([("k", b"v")]),
+        lambda: list(store.keys()),
+    ):
+        with pytest.raises(StoreUnavailable) as info:
+            op()
+        assert_clean_exception(info.value)
+
+
+def cache_over_down_tier(url: str, kw: dict, n: int) -> KVCache:
+    """A cache whose only tier is the unreachable Redis ``url``, after ``n`` sequences were
+    freed into it (demotions fail) and one more was looked up there (the lookup fails);
+    it, its tiers and their stats show no password."""
+    cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
+    for i in range(n):
+        cache.allocate(i, list(range(i * 10, i * 10 + 9)))
+        cache.free(i)
+    cache.flush()
+    cache.allocate("again", list(range(9)))
+    assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
+    return cache
+
+
 def test_dead_port_logs_and_errors_never_show_the_password(caplog):
     caplog.set_level(logging.DEBUG)
     port = _dead_port()
     for url, kw in url_variants(f"127.0.0.1:{port}"):
         store = RedisStore(url, socket_timeout=0.2, connect_timeout=0.2, **kw)
-        for op in (
-            lambda s=store: s.get_many(["k"]),
-            lambda s=store: s.put_many([("k", b"v")]),
-            lambda s=store: list(s.keys()),
-        ):
-            with pytest.raises(StoreUnavailable) as info:
-                op()
-            assert_clean_exception(info.value)
+        every_op_unavailable_and_clean(store)
         assert store.ping() is False
         assert_clean(store, store.stats())
         store.close()
         # a cache whose Redis tier is down: demotions and lookups fail, logged
-        cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
-        for i in range(4):
-            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
-            cache.free(i)
-        cache.flush()
-        cache.allocate("again", list(range(9)))
-        assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
+        cache = cache_over_down_tier(url, kw, 4)
         assert_clean(*(level.backoff.name for level in cache.tiers.levels))
         cache.close()
         with pytest.raises(StoreUnavailable) as info:
@@ -288,24 +302,10 @@ def test_cluster_objects_and_dead_nodes_never_show_the_password(caplog):
         store = RedisClusterStore(url, **kw, socket_timeout=0.2, connect_timeout=0.2)
         assert_clean(tier, store, store.url, store.stats(), FramedStore(store, "fp"))
         assert_clean(open_store(url, **kw))
-        for op in (
-            lambda s=store: s.get_many(["k"]),
-            lambda s=store: s.put_many([("k", b"v")]),
-            lambda s=store: list(s.keys()),
-        ):
-            with pytest.raises(StoreUnavailable) as info:
-                op()
-            assert_clean_exception(info.value)
+        every_op_unavailable_and_clean(store)
         assert store.ping() is False
         store.close()
-        cache = KVCache(LAYOUT, 4, tiers=[RedisTier(url, timeout_s=0.2, **kw)])
-        for i in range(3):
-            cache.allocate(i, list(range(i * 10, i * 10 + 9)))
-            cache.free(i)
-        cache.flush()
-        cache.allocate("again", list(range(9)))
-        assert_clean(cache, cache.tiers, cache.tier_stats(), *cache.tiers.levels)
-        cache.close()
+        cache_over_down_tier(url, kw, 3).close()
         if not kw:
             snaps = SnapshotStore(url)
             assert_clean(snaps, snaps.location, snaps.backend)

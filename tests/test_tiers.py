@@ -13,30 +13,11 @@ import threading
 import pytest
 import torch
 
+from _tiercases import BPB, LAYOUT, chain, hashes, make_pool
 from pagedkv.errors import OutOfBlocks, StoreError
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 from pagedkv.tiers.health import Backoff
-
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.bfloat16)
-BPB = LAYOUT.bytes_per_block
-
-
-def hashes(n: int, tag: str = "a") -> list[bytes]:
-    return [hashlib.sha256(f"{tag}{i}".encode()).digest() for i in range(n)]
-
-
-def make_pool(num_blocks: int = 32, seed: int = 0) -> KVPool:
-    pool = KVPool(LAYOUT, num_blocks)
-    g = torch.Generator().manual_seed(seed)
-    pool.kv.copy_(torch.randn(pool.kv.shape, generator=g).to(pool.kv.dtype))
-    return pool
-
-
-def chain(tiers, pool=None, fingerprint="model-a") -> TieredStore:
-    ts = TieredStore(tiers, LAYOUT, fingerprint)
-    ts.attach(pool if pool is not None else make_pool())
-    return ts
 
 
 def evict_into(ts: TieredStore, ids: list[int], hs: list[bytes]) -> torch.Tensor:

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
 import pytest
 import torch
 
+from _tiercases import BPB, LAYOUT, chain, hashes
 from pagedkv.manager import BlockManager
-from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers import CPUTier, RedisTier, TieredStore
 
 pytestmark = pytest.mark.redis
 
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.bfloat16)
-BPB = LAYOUT.bytes_per_block
 FAST = {"timeout_s": 0.2, "retry_initial_s": 0.05, "retry_max_s": 0.2}
-
-
-def hashes(n: int, tag: str = "a") -> list[bytes]:
-    return [hashlib.sha256(f"{tag}{i}".encode()).digest() for i in range(n)]
-
-
-def chain(tiers, fingerprint="model-a", num_blocks=32, seed=0) -> TieredStore:
-    pool = KVPool(LAYOUT, num_blocks)
-    g = torch.Generator().manual_seed(seed)
-    pool.kv.copy_(torch.randn(pool.kv.shape, generator=g).to(pool.kv.dtype))
-    ts = TieredStore(tiers, LAYOUT, fingerprint)
-    ts.attach(pool)
-    return ts
 
 
 def demote(ts: TieredStore, ids, hs) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from pagedkv import _cache_checks, ops
-from pagedkv._validate import check_int
+from pagedkv._validate import check_int, unhashable_id, unknown_sequence
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.events import Subscriber
 from pagedkv.explain import ChainProbe, PrefixReport, explain_prefix
@@ -161,16 +161,14 @@ class CacheReads:
                 f"sequence {seq_id!r} is compressed ({str(fmt).removeprefix('torch.')}); "
                 "decompress() it, or use it through compressed(kv_dtype)"
             )
-        return KeyError(
-            f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
-        )
+        return unknown_sequence(seq_id)
 
     def _swapped_out(self, seq_id: Hashable, name: str) -> bool:
         """Whether ``seq_id`` is swapped out; ``TypeError`` naming ``name`` if unhashable."""
         try:
             return seq_id in self._swapped
         except TypeError:
-            raise TypeError(f"{name} must be hashable, got {type(seq_id).__name__}") from None
+            raise unhashable_id(seq_id, name) from None
 
     def explain(self, token_ids: Sequence[int], salt: object = None) -> PrefixReport:
         """Why ``token_ids`` would (not) hit: each full block's status (``"device"``,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 
 def _name(name: str, who: str) -> str:
@@ -94,3 +94,30 @@ def check_path(value: object, name: str, *, who: str = "") -> str:
     if not value or "\0" in value:
         raise ValueError(f"{_name(name, who)} must be a non-empty path without NUL, got {value!r}")
     return os.path.abspath(value)
+
+
+# -- sequence ids ---------------------------------------------------------------------
+
+
+def unknown_sequence(seq_id: object) -> KeyError:
+    """The ``KeyError`` for a sequence id nothing holds (to raise ``from None``)."""
+    return KeyError(f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)")
+
+
+def unhashable_id(value: object, name: str = "seq_id") -> TypeError:
+    """The ``TypeError`` for an id that cannot be one (to raise ``from None``)."""
+    return TypeError(f"{name} must be hashable, got {type(value).__name__}")
+
+
+def check_new_id(
+    live: Container[object], seq_id: object, name: str = "seq_id",
+    fix: str = "free() it or use a new id",
+) -> None:  # fmt: skip
+    """Raise unless ``seq_id`` is hashable and not in ``live``: ``TypeError`` /
+    ``ValueError`` naming the argument ``name`` and saying ``fix``."""
+    try:
+        is_live = seq_id in live
+    except TypeError:
+        raise unhashable_id(seq_id, name) from None
+    if is_live:
+        raise ValueError(f"sequence {seq_id!r} is already live; {fix}")

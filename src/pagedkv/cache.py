@@ -20,7 +20,7 @@ from pagedkv import _cache_checks, _cache_compress, _resources
 from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_limits import CacheLimits
 from pagedkv._cache_reads import Swapped
-from pagedkv._validate import check_bool
+from pagedkv._validate import check_bool, unhashable_id
 from pagedkv.errors import PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
 from pagedkv.storage import KVLayout, KVPool
@@ -287,7 +287,7 @@ class KVCache(CacheLimits, _cache_compress.CompressionMethods):
             state = "live" if seq_id in self.manager else "unknown"
             raise KeyError(f"sequence {seq_id!r} is not swapped out (it is {state})") from None
         except TypeError:
-            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
+            raise unhashable_id(seq_id) from None
         assert self.tiers is not None  # a sequence is swapped out only into tiers
         if generation == self.manager.generation:
             cached = self._allocate_held(seq_id, tokens, salt, released, private)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pagedkv._validate import unhashable_id, unknown_sequence
 from pagedkv.cache import KVCache
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.group import members as _members
@@ -183,11 +184,9 @@ class KVCacheGroup(GroupMoves):
         try:
             return self._where[seq_id]
         except KeyError:
-            raise KeyError(
-                f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
-            ) from None
+            raise unknown_sequence(seq_id) from None
         except TypeError:
-            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
+            raise unhashable_id(seq_id) from None
 
     def cache_of(self, seq_id: Hashable) -> KVCache:
         """The member cache holding ``seq_id``: its tensors and kernels serve the sequence."""

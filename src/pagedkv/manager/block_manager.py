@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 
 from pagedkv import _resources
-from pagedkv._validate import check_bool, check_callable, check_int
+from pagedkv._validate import check_bool, check_callable, check_int, check_new_id
 from pagedkv.events import EventHub
 from pagedkv.manager.allocator import BlockAllocator, EvictCallback
 from pagedkv.manager.config import ManagerConfig, bookkeeping_bytes
@@ -196,12 +196,7 @@ class BlockManager(PrefixOps, WindowOps, Registration, EventSource, ModelChanges
         :class:`OutOfBlocks` when the pool is full; nothing changes in any of these
         cases (but the ``allocation_failures`` counter).
         """
-        try:
-            live = seq_id in self._seqs
-        except TypeError:
-            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
-        if live:
-            raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
+        check_new_id(self._seqs, seq_id)
         if share_prefix is not True and share_prefix is not False:
             check_bool(share_prefix, "share_prefix")
         if whole is not False and whole is not True:
@@ -313,7 +308,7 @@ class BlockManager(PrefixOps, WindowOps, Registration, EventSource, ModelChanges
         A private parent has a private child.
         """
         parent = self._seq(parent_id)
-        self._check_new(child_id, "child_id")
+        check_new_id(self._seqs, child_id, "child_id", "use a new child_id")
         self._alloc.share(held_blocks(parent), parent.chain)
         self._seqs[child_id] = parent.fork(self._clock())
         self._counters.forks += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 
+from pagedkv._validate import check_new_id, unknown_sequence
 from pagedkv.events import DEVICE, AllBlocksCleared, EventHub
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.config import ManagerConfig
@@ -56,9 +57,7 @@ class ModelChanges:
         :meth:`allocate_unshared`); ``KeyError`` unless live."""
         seq = self._seqs.get(seq_id)
         if seq is None:
-            raise KeyError(
-                f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
-            )
+            raise unknown_sequence(seq_id)
         return seq.gen
 
     def set_extra_keys(self, extra_keys: Sequence[object]) -> bool:
@@ -98,12 +97,7 @@ class ModelChanges:
         Raises as :meth:`allocate` does (live id, empty or bad tokens, out of blocks);
         nothing changes then.
         """
-        try:
-            live = seq_id in self._seqs
-        except TypeError:
-            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
-        if live:
-            raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
+        check_new_id(self._seqs, seq_id)
         arr = as_token_array(token_ids)
         n, bs = len(arr), self.block_size
         if n == 0:

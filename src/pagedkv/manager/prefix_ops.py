@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 
-from pagedkv._validate import check_bool, check_int
+from pagedkv._validate import check_bool, check_int, check_new_id
 from pagedkv.events import EventHub
 from pagedkv.manager.hashing import ROOT, chain_hashes
 from pagedkv.manager.pressure import PressureWatch
@@ -47,7 +47,7 @@ class PrefixOps(ManagerReads):
         nothing changes in any of these cases (but ``allocation_failures``).
         """
         src = self._seq(src_id)
-        self._check_new(dst_id, "dst_id")
+        check_new_id(self._seqs, dst_id, "dst_id", "use a new dst_id")
         check_int(num_tokens, "num_tokens", minimum=1)
         n = len(src.tokens)
         if num_tokens > n:
@@ -154,15 +154,6 @@ class PrefixOps(ManagerReads):
         if self._observed:
             self._after()
         return True
-
-    def _check_new(self, seq_id: Hashable, name: str) -> None:
-        """Raise unless ``seq_id`` is a hashable id of no live sequence."""
-        try:
-            live = seq_id in self._seqs
-        except TypeError:
-            raise TypeError(f"{name} must be hashable, got {type(seq_id).__name__}") from None
-        if live:
-            raise ValueError(f"sequence {seq_id!r} is already live; use a new {name}")
 
     def _unregister_in_use(self) -> None:
         """Make every block in use unregistered (recorded anonymous by its holders)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
-from pagedkv._validate import check_int
+from pagedkv._validate import check_int, unknown_sequence
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.manager import integrity
 from pagedkv.manager.allocator import BlockAllocator
@@ -116,9 +116,7 @@ class ManagerReads:
         try:
             return self._seqs[seq_id]
         except KeyError:
-            raise KeyError(
-                f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
-            ) from None
+            raise unknown_sequence(seq_id) from None
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """Physical block of each logical block of the sequence (a copy)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 
+from pagedkv._validate import unhashable_id, unknown_sequence
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.hashing import ROOT
 from pagedkv.manager.prefix_index import PrefixIndex
@@ -37,11 +38,9 @@ class Registration:
         try:
             return self._seqs[seq_id]
         except KeyError:
-            raise KeyError(
-                f"unknown sequence {seq_id!r}: allocate() it first (or it was already freed)"
-            ) from None
+            raise unknown_sequence(seq_id) from None
         except TypeError:
-            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
+            raise unhashable_id(seq_id) from None
 
     def unregister(self, seq_id: Hashable) -> int:
         """Make the full blocks this live sequence registered and holds alone unfindable

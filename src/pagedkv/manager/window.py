@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from pagedkv._validate import check_bool, check_int
+from pagedkv._validate import check_bool, check_int, check_new_id
 from pagedkv.events import EventHub
 from pagedkv.manager.generations import Generations
 from pagedkv.manager.hashing import ROOT, as_token_array, chain_hashes
@@ -122,12 +122,7 @@ class WindowOps(ManagerReads):
         changes on any error. ``share_prefix=False``: a private sequence, as with
         :meth:`~pagedkv.manager.BlockManager.allocate` (nothing registered).
         """
-        try:
-            live = seq_id in self._seqs
-        except TypeError:
-            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}") from None
-        if live:
-            raise ValueError(f"sequence {seq_id!r} is already live; free() it or use a new id")
+        check_new_id(self._seqs, seq_id)
         arr = as_token_array(token_ids)
         n, bs = len(arr), self.block_size
         if n == 0:

@@ -84,6 +84,52 @@ def _fold(acc, m_i, l_i, o_ptrs, lse_ptrs, mask_r, mask_o, n, stride_os):
     return acc, m_i, l_i
 
 
+@triton.jit
+def _span(
+    q, acc, m_i, l_i, K, V, bt_row, start, full_end, end, pos, h,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
+    offs_d, mask_d, BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Keys ``[start, end)`` into (acc, m, l): the whole tiles before ``full_end`` without
+    a mask (every row sees every key there), the rest masked."""
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _kv_tile(
+            q, acc, m_i, l_i, K, V, bt_row, n0, end, pos, h, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS, BLOCK_N, False,
+            CAUSAL, IEEE, UPCAST,
+        )  # fmt: skip
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _kv_tile(
+            q, acc, m_i, l_i, K, V, bt_row, n0, end, pos, h, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS, BLOCK_N, True,
+            CAUSAL, IEEE, UPCAST,
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _empty(R: tl.constexpr, D_PAD: tl.constexpr):
+    """The online-softmax state (acc, m, l) of ``R`` rows before any key."""
+    acc = tl.zeros([R, D_PAD], dtype=tl.float32)
+    return acc, tl.full([R], float("-inf"), dtype=tl.float32), tl.zeros([R], dtype=tl.float32)
+
+
+@triton.jit
+def _write_slot(acc, m_i, l_i, o_ptrs, lse_ptrs, keep, mask_d):
+    """Store rows ``keep`` of the normalised output and their base-2 lse in a workspace slot."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptrs, out, mask=keep[:, None] & mask_d[None, :])
+    tl.store(lse_ptrs, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=keep)
+
+
+@triton.jit
+def _write_out(acc, l_i, out_ptrs, OUT, mask):
+    """Store the normalised output (zeros where nothing was seen) in OUT's dtype."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["split_tokens"])
 def _shared_kernel(
     Q, K, V, BT, TILE_GROUP, TILE_START, ROWS, ROW_PTR, LEADER, SHARED_LEN, Opart, LSE,
@@ -111,29 +157,18 @@ def _shared_kernel(
     q_mask = mask_p[:, None] & mask_d[None, :]
     q = tl.load(Q + row[:, None] * stride_qr + head[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)  # fmt: skip
-    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
+    acc, m_i, l_i = _empty(BLOCK_Q, D_PAD)
     bt_row = BT + tl.load(LEADER + grp).to(tl.int64) * stride_btb
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-    for n0 in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, end, offs_p, h, stride_kb, stride_kt,
-            stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS,
-            BLOCK_N, False, False, IEEE, UPCAST,
-        )  # fmt: skip
-    for n0 in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, end, offs_p, h, stride_kb, stride_kt,
-            stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS,
-            BLOCK_N, True, False, IEEE, UPCAST,
-        )  # fmt: skip
+    acc, m_i, l_i = _span(
+        q, acc, m_i, l_i, K, V, bt_row, start, full_end, end, offs_p, h, stride_kb, stride_kt,
+        stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS, BLOCK_N,
+        False, IEEE, UPCAST,
+    )  # fmt: skip
     keep = offs_p < tl.where(start < shared_len, n_pairs, 0)  # a split past the prefix: none
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = Opart + row[:, None] * stride_or + head[:, None] * stride_oh + s * stride_os
-    tl.store(o_ptr + offs_d[None, :], out, mask=keep[:, None] & mask_d[None, :])
     lse_ptr = LSE + row * stride_lr + head * stride_lh + s
-    tl.store(lse_ptr, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=keep)
+    _write_slot(acc, m_i, l_i, o_ptr + offs_d[None, :], lse_ptr, keep, mask_d)
 
 
 @triton.jit(do_not_specialize=["split1", "split2", "slot0"])
@@ -162,9 +197,7 @@ def _private_decode_kernel(
     row_mask = mask_g[:, None] & mask_d[None, :]
     q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask, other=0.0)  # q: [G_PAD, D_PAD]  # fmt: skip
-    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_PAD], dtype=tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    acc, m_i, l_i = _empty(G_PAD, D_PAD)
     bt_row = BT + b64 * stride_btb
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = _kv_tile(
@@ -177,15 +210,12 @@ def _private_decode_kernel(
     if FUSED:
         n1 = tl.cdiv(shared, split1)
         acc, m_i, l_i = _fold(acc, m_i, l_i, o_rows, lse_rows, mask_g, row_mask, n1, stride_os)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing at all (seq_len 0): zeros
         out_ptr = OUT + b64 * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
-        tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_mask)
+        _write_out(acc, l_i, out_ptr, OUT, row_mask)  # nothing at all (seq_len 0): zeros
     else:
         keep = offs_g < tl.where(start < seq_len, G, 0)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         slot = slot0 + s
-        tl.store(o_rows + slot * stride_os, out, mask=keep[:, None] & mask_d[None, :])
-        tl.store(lse_rows + slot, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=keep)
+        _write_slot(acc, m_i, l_i, o_rows + slot * stride_os, lse_rows + slot, keep, mask_d)
 
 
 @triton.jit(do_not_specialize=["split1", "split2", "slot0"])
@@ -209,15 +239,12 @@ def _merge_kernel(
     b64 = b.to(tl.int64)
     o_rows = Opart + b64 * stride_or + heads[:, None] * stride_oh + offs_d[None, :]
     lse_rows = LSE + b64 * stride_lr + heads * stride_lh
-    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_PAD], dtype=tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    acc, m_i, l_i = _empty(G_PAD, D_PAD)
     acc, m_i, l_i = _fold(acc, m_i, l_i, o_rows, lse_rows, mask_g, row_mask, n1, stride_os)
     acc, m_i, l_i = _fold(acc, m_i, l_i, o_rows + slot0 * stride_os, lse_rows + slot0, mask_g,
                           row_mask, n2, stride_os)  # fmt: skip
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_ptr = OUT + b64 * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
-    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_mask)
+    _write_out(acc, l_i, out_ptr, OUT, row_mask)
 
 
 @triton.jit(do_not_specialize=["split1", "n_tiles"])
@@ -250,34 +277,24 @@ def _private_prefill_kernel(
     row_mask = mask_p[:, None] & mask_d[None, :]
     q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask, other=0.0)  # fmt: skip
-    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
+    acc, m_i, l_i = _empty(BLOCK_Q, D_PAD)
     bt_row = BT + b.to(tl.int64) * stride_btb
     has = p0 < n_pairs
     last_tok = (tl.minimum(p0 + BLOCK_Q, n_pairs) - 1) // G
     kv_end = tl.where(has, prefix + last_tok + 1, shared)  # keys this tile may see
     # keys before the tile's first query token are seen by every row: no mask there
     full_end = tl.where(has, shared + ((prefix + p0 // G - shared) // BLOCK_N) * BLOCK_N, shared)
-    for n0 in range(shared, full_end, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, kv_end, pos, h, stride_kb, stride_kt,
-            stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS,
-            BLOCK_N, False, True, IEEE, UPCAST,
-        )  # fmt: skip
-    for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, kv_end, pos, h, stride_kb, stride_kt,
-            stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS,
-            BLOCK_N, True, True, IEEE, UPCAST,
-        )  # fmt: skip
+    acc, m_i, l_i = _span(
+        q, acc, m_i, l_i, K, V, bt_row, shared, full_end, kv_end, pos, h, stride_kb, stride_kt,
+        stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS, BLOCK_N,
+        True, IEEE, UPCAST,
+    )  # fmt: skip
     n1 = tl.where(has, tl.cdiv(shared, split1), 0)
     o_rows = Opart + rows[:, None] * stride_or + heads[:, None] * stride_oh + offs_d[None, :]
     lse_rows = LSE + rows * stride_lr + heads * stride_lh
     acc, m_i, l_i = _fold(acc, m_i, l_i, o_rows, lse_rows, mask_p, row_mask, n1, stride_os)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_ptr = OUT + rows[:, None] * stride_ot + heads[:, None] * stride_oth + offs_d[None, :]
-    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_mask)
+    _write_out(acc, l_i, out_ptr, OUT, row_mask)
 
 
 def run(q, k_cache, v_cache, block_tables, seq_lens, plan, scale, out) -> None:

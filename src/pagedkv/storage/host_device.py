@@ -48,7 +48,7 @@ def direct_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
     return None
 
 
-def copy_h2d(
+def copy(
     src: KVPool,
     s: list[int],
     dst: KVPool,
@@ -57,29 +57,14 @@ def copy_h2d(
     staging: str,
     host: HostThreads | None,
 ) -> None:
-    """Blocks ``s`` of the CPU pool ``src`` into blocks ``d`` of the CUDA pool ``dst``."""
+    """Blocks ``s`` of ``src`` into blocks ``d`` of ``dst``, one a CPU pool and the other a
+    CUDA pool (either way)."""
+    to_device = src.device.type == "cpu"
     if staging == "direct":
-        _direct(src, s, dst, d, dst.device)
-    else:
-        assert host is not None  # copy_blocks_between() makes threads for host staging
-        _staged_h2d(src, s, dst, d, per, host)
-
-
-def copy_d2h(
-    src: KVPool,
-    s: list[int],
-    dst: KVPool,
-    d: list[int],
-    per: int,
-    staging: str,
-    host: HostThreads | None,
-) -> None:
-    """Blocks ``s`` of the CUDA pool ``src`` into blocks ``d`` of the CPU pool ``dst``."""
-    if staging == "direct":
-        _direct(src, s, dst, d, src.device)
-    else:
-        assert host is not None  # copy_blocks_between() makes threads for host staging
-        _staged_d2h(src, s, dst, d, per, host)
+        _direct(src, s, dst, d, dst.device if to_device else src.device)
+        return
+    assert host is not None  # copy_blocks_between() makes threads for host staging
+    (_staged_h2d if to_device else _staged_d2h)(src, s, dst, d, per, host)
 
 
 def runs(s: list[int], d: list[int]) -> list[tuple[int, int, int]]:

@@ -248,21 +248,16 @@ def _copy_peer(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan)
         finish([gather_s, send_s, recv_s, scatter_s], [cur_a, cur_b])
 
 
-def _copy_h2d(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
+def _copy_host_device(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
     assert plan.staging is not None  # staging_for() names one for every CPU/CUDA pair
-    host_device.copy_h2d(src, s, dst, d, plan.per, plan.staging, plan.host)
-
-
-def _copy_d2h(src: KVPool, s: list[int], dst: KVPool, d: list[int], plan: Plan) -> None:
-    assert plan.staging is not None  # staging_for() names one for every CPU/CUDA pair
-    host_device.copy_d2h(src, s, dst, d, plan.per, plan.staging, plan.host)
+    host_device.copy(src, s, dst, d, plan.per, plan.staging, plan.host)
 
 
 _ROUTES: dict[str, Callable[[KVPool, list[int], KVPool, list[int], Plan], None]] = {
     "host": _copy_host,
     "device": _copy_device,
     "peer": _copy_peer,
-    "h2d": _copy_h2d,
-    "d2h": _copy_d2h,
+    "h2d": _copy_host_device,
+    "d2h": _copy_host_device,
     "staged": _copy_staged,
 }

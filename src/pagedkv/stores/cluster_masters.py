@@ -22,7 +22,7 @@ from typing import Any
 
 from pagedkv.errors import StoreError, StoreUnavailable
 from pagedkv.stores.health import Backoff, log
-from pagedkv.stores.redis import scrub, translate_error
+from pagedkv.stores.redis_common import scrub, translate_error
 
 # Rounds of MOVED / ASK redirections one batch follows before its remaining keys count
 # as unreachable.

@@ -22,27 +22,19 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from pagedkv.errors import StoreError, StoreUnavailable
-from pagedkv.stores.base import (
-    Buffer,
-    Counters,
-    StoreStats,
-    check_items,
-    check_keys,
-    check_prefix,
-    redact_url,
+from pagedkv.errors import StoreUnavailable
+from pagedkv.stores.base import Buffer, Counters, check_keys, check_prefix, redact_url
+from pagedkv.stores.redis_common import (
+    RedisBase,
+    check_options,
+    check_values,
+    glob_escape,
+    import_redis,
+    scrub,
+    translate_error,
 )
 
 T = TypeVar("T")
-
-# Redis rejects bulk strings above proto-max-bulk-len (512 MiB by default).
-MAX_VALUE_BYTES = 512 << 20
-_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
-
-
-def glob_escape(text: str) -> str:
-    """``text`` as a literal in a Redis ``SCAN MATCH`` pattern."""
-    return text.translate(_GLOB_SPECIAL)
 
 
 def _check_url(url: object) -> tuple[str, str]:
@@ -95,7 +87,7 @@ def url_passwords(url: str, password: str | None) -> tuple[str, ...]:
     return tuple(sorted(out, key=len, reverse=True))
 
 
-class RedisStore:
+class RedisStore(RedisBase):
     """Block store in Redis; construction never connects (see :meth:`ping`).
 
     ``url``: ``redis://[user][:password]@host[:port][/db]`` or ``rediss://`` (TLS).
@@ -119,12 +111,10 @@ class RedisStore:
         ttl_seconds: int | None = None,
     ) -> None:
         url, self._shown = _check_url(url)
-        if password is not None and not isinstance(password, str):
-            raise ValueError(
-                f"RedisStore: password must be a str or None, got {type(password).__name__}"
-            )
+        check_options(
+            "RedisStore", password, key_prefix, socket_timeout, connect_timeout, ttl_seconds
+        )
         self._secrets = url_passwords(url, password)
-        check_options("RedisStore", key_prefix, socket_timeout, connect_timeout, ttl_seconds)
         redis = import_redis("RedisStore")
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -148,24 +138,6 @@ class RedisStore:
         self._lock = threading.Lock()
         self._counts = Counters()
         self._closed = False
-
-    @property
-    def capacity_bytes(self) -> None:
-        """Always ``None``: the Redis server's ``maxmemory`` governs capacity."""
-        return None
-
-    @property
-    def key_prefix(self) -> str:
-        """Prefix prepended to every key in Redis."""
-        return self._prefix
-
-    @property
-    def url(self) -> str:
-        """The server's URL with any password replaced by ``***`` (safe to print)."""
-        return self._shown
-
-    def __repr__(self) -> str:
-        return f"RedisStore({self._shown!r}, key_prefix={self._prefix!r})"
 
     def ping(self) -> bool:
         """Whether the server answers now; a rejected password raises :class:`StoreError`."""
@@ -249,22 +221,11 @@ class RedisStore:
 
         return iter(self._call("SCAN", run))
 
-    def stats(self) -> StoreStats:
-        """Local counters; ``entries``/``bytes_used`` are ``None`` (the server knows)."""
-        with self._lock:
-            return self._counts.stats(None, None, None)
-
     def close(self) -> None:
         """Close the connection pool."""
         if not self._closed:
             self._closed = True
             self._client.close()
-
-    def __enter__(self) -> RedisStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- internals ----------------------------------------------------------------
 
@@ -284,87 +245,3 @@ class RedisStore:
     def _scrub(self, text: str) -> str:
         """``text`` with every password this store knows replaced by ``***``."""
         return scrub(text, self._secrets)
-
-
-# -- shared with RedisClusterStore ------------------------------------------------------
-
-
-def import_redis(who: str) -> Any:
-    """The ``redis`` module, or :class:`StoreError` saying how to install it."""
-    try:
-        import redis
-    except ImportError as e:
-        raise StoreError(f"{who} needs redis-py: pip install 'pagedkv[redis]'") from e
-    return redis
-
-
-def check_options(
-    who: str, key_prefix: object, socket_timeout: object, connect_timeout: object,
-    ttl_seconds: object,
-) -> None:  # fmt: skip
-    """``ValueError`` naming the first bad one of the options every Redis store takes."""
-    if not isinstance(key_prefix, str):
-        raise ValueError(f"{who}: key_prefix must be a str, got {key_prefix!r}")
-    for name, t in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-            raise ValueError(f"{who}: {name} must be a positive number of seconds")
-    if ttl_seconds is not None and (
-        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
-    ):
-        raise ValueError(f"{who}: ttl_seconds must be a positive int or None, got {ttl_seconds!r}")
-
-
-def check_values(who: str, items: Sequence[tuple[str, Buffer]]) -> list[tuple[str, memoryview]]:
-    """:func:`check_items`, and no value above what Redis accepts."""
-    checked = check_items(items)
-    for key, value in checked:
-        if len(value) > MAX_VALUE_BYTES:
-            raise ValueError(
-                f"{who}: value of key {key!r} is {len(value)} bytes; Redis accepts "
-                f"at most {MAX_VALUE_BYTES} (proto-max-bulk-len)"
-            )
-    return checked
-
-
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with each of ``secrets`` (longest first) replaced by ``***``."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def translate_error(
-    e: BaseException, what: str, shown: str, key_prefix: str, scrub: Callable[[str], str]
-) -> StoreError | None:
-    """The pagedkv error to raise for a redis-py (or socket) error ``e`` raised by command
-    ``what`` on the server shown as ``shown``; ``None`` when ``e`` is neither (re-raise it).
-
-    A refused command (ACL) or rejected credentials is a :class:`StoreError`, a
-    connection problem or timeout :class:`StoreUnavailable`. The caller raises it
-    ``from None``: redis-py's own texts hold no password, but the promise is ours to
-    keep, so they are scrubbed first and never chained.
-    """
-    import redis as r
-
-    if not isinstance(e, (r.RedisError, OSError)):
-        return None
-    text = f"{type(e).__name__}: {scrub(str(e))}"
-    if isinstance(e, r.exceptions.NoPermissionError) or "NOPERM" in text:
-        return StoreError(
-            f"Redis at {shown} refused {what} for this user ({text}); an ACL "
-            f"user needs the keys ~{key_prefix}* and the commands pagedkv sends "
-            "(see the README, Redis ACLs)"
-        )
-    if isinstance(e, r.AuthenticationError) or any(
-        s in text for s in ("NOAUTH", "WRONGPASS", "invalid password", "invalid username")
-    ):
-        return StoreError(
-            f"Redis at {shown} rejected the credentials during {what} ({text}); "
-            "check the password in the URL or the password= argument"
-        )
-    if isinstance(e, (r.ConnectionError, r.TimeoutError, OSError)):
-        return StoreUnavailable(
-            f"Redis at {shown} is unavailable ({what} failed: {text}); "
-            "is redis-server running and reachable?"
-        )
-    return StoreError(f"Redis at {shown}: {what} failed ({text})")

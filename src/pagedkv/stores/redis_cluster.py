@@ -35,15 +35,21 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pagedkv.errors import StoreUnavailable
-from pagedkv.stores.base import Counters, StoreStats, check_keys, check_prefix
+from pagedkv.stores.base import Buffer, Counters, check_keys, check_prefix
 from pagedkv.stores.cluster_masters import Down, Masters
 from pagedkv.stores.cluster_url import parse_cluster_url
 from pagedkv.stores.health import Backoff
 from pagedkv.stores.locations import shown_nodes
-from pagedkv.stores.redis import Buffer, check_options, check_values, glob_escape, import_redis
+from pagedkv.stores.redis_common import (
+    RedisBase,
+    check_options,
+    check_values,
+    glob_escape,
+    import_redis,
+)
 
 
-class RedisClusterStore:
+class RedisClusterStore(RedisBase):
     """Block store in a Redis Cluster; construction never connects (see the module
     docstring for the key layout and what happens when a master is down).
 
@@ -74,11 +80,9 @@ class RedisClusterStore:
     ) -> None:
         parsed = parse_cluster_url(url)
         self._shown = parsed.shown
-        if password is not None and not isinstance(password, str):
-            raise ValueError(
-                f"RedisClusterStore: password must be a str or None, got {type(password).__name__}"
-            )
-        check_options("RedisClusterStore", key_prefix, socket_timeout, connect_timeout, ttl_seconds)
+        check_options(
+            "RedisClusterStore", password, key_prefix, socket_timeout, connect_timeout, ttl_seconds
+        )
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError(
                 f"RedisClusterStore: key_prefix {key_prefix!r} holds a brace; in a cluster "
@@ -112,27 +116,9 @@ class RedisClusterStore:
         )  # fmt: skip
 
     @property
-    def capacity_bytes(self) -> None:
-        """Always ``None``: each master's ``maxmemory`` governs capacity."""
-        return None
-
-    @property
-    def key_prefix(self) -> str:
-        """Prefix prepended to every key in the cluster."""
-        return self._prefix
-
-    @property
-    def url(self) -> str:
-        """The cluster's URL with any password replaced by ``***`` (safe to print)."""
-        return self._shown
-
-    @property
     def masters(self) -> Masters:
         """The cluster's masters (topology, health), for tools and tests."""
         return self._masters
-
-    def __repr__(self) -> str:
-        return f"RedisClusterStore({self._shown!r}, key_prefix={self._prefix!r})"
 
     def redis_key(self, key: str) -> str:
         """The cluster key of store key ``key`` (hash-tagged if colocated)."""
@@ -220,21 +206,9 @@ class RedisClusterStore:
                       m.scan(client, node, pattern))  # fmt: skip
         return iter([k for k in dict.fromkeys(found) if k.startswith(prefix)])
 
-    def stats(self) -> StoreStats:
-        """Local counters; ``entries``/``bytes_used`` are ``None`` (the masters know).
-        ``errors`` counts failed round trips, a master's included while others answer."""
-        with self._lock:
-            return self._counts.stats(None, None, None)
-
     def close(self) -> None:
         """Close every node's connection pool."""
         self._masters.close()
-
-    def __enter__(self) -> RedisClusterStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _count_error(self) -> None:
         with self._lock:

@@ -300,26 +300,22 @@ class RedisTier:
     def _store(self) -> RedisStore | RedisClusterStore:
         from pagedkv.stores import RedisClusterStore, RedisStore, parse_location
 
-        if parse_location(self.url).kind == "redis-cluster":
-            return RedisClusterStore(
-                self.url,
-                key_prefix=self.key_prefix,
-                password=self.password,
-                socket_timeout=self.timeout_seconds,
-                connect_timeout=self.timeout_seconds,
-                ttl_seconds=self.ttl_seconds,
-                degrade=True,  # a master down costs its slots' misses, not the tier
-                retry_initial_seconds=self.retry_initial_seconds,
-                retry_max_seconds=self.retry_max_seconds,
-            )
-        return RedisStore(
-            self.url,
+        common: dict[str, Any] = dict(
             key_prefix=self.key_prefix,
             password=self.password,
             socket_timeout=self.timeout_seconds,
             connect_timeout=self.timeout_seconds,
             ttl_seconds=self.ttl_seconds,
         )
+        if parse_location(self.url).kind == "redis-cluster":
+            return RedisClusterStore(
+                self.url,
+                **common,
+                degrade=True,  # a master down costs its slots' misses, not the tier
+                retry_initial_seconds=self.retry_initial_seconds,
+                retry_max_seconds=self.retry_max_seconds,
+            )
+        return RedisStore(self.url, **common)
 
     def open(self, bytes_per_block: int, fingerprint: str) -> Level:
         """Create the client (no round trip yet)."""
