@@ -22,6 +22,13 @@ import torch
 from pagedkv._kv_formats import QUANT_FORMATS
 
 
+# true_div: every division here divides by a tensor on the data's device. Divided by a
+# Python number (a CPU scalar), torch's CUDA kernel multiplies by the reciprocal instead,
+# which can be one bit off the quotient: the scales, hence the stored bytes, then differed
+# between CPU and CUDA and from the Triton kernel (seen on the H200). On both devices a
+# tensor divisor gives the IEEE quotient, as tl.math.div_rn does in the Triton kernel.
+
+
 def encode(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 ``y`` (already divided by its scale) in the quantized ``dtype``: clamped to
     ``[-qmax, qmax]`` and rounded to nearest even on the format's grid."""
@@ -83,7 +90,7 @@ def write_kv(
         idx = inv[:, None].expand(-1, hkv)
         amax = amax.scatter_reduce(0, idx, xf.abs().amax(-1), "amax", include_self=False)
         old = torch.where(fresh[:, None], 0.0, scales[uniq])  # [U, Hkv]
-        need = amax / fmt.qmax
+        need = amax / amax.new_tensor(fmt.qmax)  # see true_div
         grow = need > old
         new = torch.where(grow, torch.where(partial[:, None], need * fmt.headroom, need), old)
         requant = grow & (old > 0)
@@ -125,7 +132,8 @@ def quantize_blocks(
         scales = static_scales.to(device=x.device, dtype=torch.float32)[None, :, :, None]
         scales = scales.expand(n, -1, -1, x.shape[4]).contiguous()
     else:
-        need = xf.abs().amax(dim=(3, 5)) / fmt.qmax  # [n, L, 2, Hkv]
+        amax = xf.abs().amax(dim=(3, 5))  # [n, L, 2, Hkv]
+        need = amax / amax.new_tensor(fmt.qmax)  # see true_div
         scales = torch.where(partial[:, None, None, None], need * fmt.headroom, need)
     s = scales[:, :, :, None, :, None]
     y = torch.where(s > 0, xf / torch.where(s > 0, s, 1.0), 0.0)
