@@ -21,7 +21,6 @@ import torch
 
 from pagedkv._kv_formats import QUANT_FORMATS
 
-
 # true_div: every division here divides by a tensor on the data's device. Divided by a
 # Python number (a CPU scalar), torch's CUDA kernel multiplies by the reciprocal instead,
 # which can be one bit off the quotient: the scales, hence the stored bytes, then differed
