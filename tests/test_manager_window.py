@@ -64,6 +64,39 @@ def test_release_counts_blocks_exactly_and_registered_ones_stay_findable():
     m.check_integrity()
 
 
+def test_share_prefix_over_a_released_block_does_not_take_block_0_for_anonymous():
+    """A released position's placeholder is NULL_BLOCK, also the id of a real block: the
+    source holding real block 0 anonymously further on once made share_prefix list it as
+    the new sequence's (check_integrity fired; found by the stateful test)."""
+    m = BlockManager(num_blocks=8, block_size=BS)
+    m.allocate(1, list(range(8)))
+    m.reset_prefix_cache(force=True)  # its blocks in use: unregistered, listed anonymous
+    m.release_before(1, 4)  # block 0, unregistered, is free again ...
+    m.append(1, list(range(8, 13)))  # ... and taken back for position 2
+    m.reset_prefix_cache(force=True)
+    assert m.block_table(1) == [NULL_BLOCK, 1, 0, 2] and m.num_released(1) == 1
+    m.share_prefix(1, 2, 7)  # the released block, then a copy of the partial one
+    assert m.block_table(2)[0] == NULL_BLOCK and m.num_released(2) == 1
+    m.check_integrity()
+    m.free(2)
+    m.free(1)
+    m.check_integrity()
+    assert m.stats().used_blocks == 0
+
+
+def test_unregister_skips_released_positions():
+    """unregister() of a sequence with released blocks leaves alone the real block 0 that
+    another sequence holds (the placeholder has its id)."""
+    m = BlockManager(num_blocks=8, block_size=BS)
+    m.allocate(2, list(range(100, 108)))  # holds block 0, registered
+    m.allocate(1, list(range(8)))
+    m.release_before(1, 4)
+    assert m.block_table(2)[0] == 0 and m.block_table(1)[0] == NULL_BLOCK
+    assert m.unregister(1) == 1  # its one held full block, not block 0
+    m.check_integrity()
+    assert m.lookup(list(range(100, 109))) == 8  # its blocks, block 0 first, still found
+
+
 def test_without_prefix_caching_released_blocks_are_free():
     m = BlockManager(8, BS, prefix_caching=False)
     m.allocate("a", list(range(10)))

@@ -90,7 +90,9 @@ class PrefixOps(ManagerReads):
             self._clock(),
         )  # fmt: skip
         if src.anonymous:
-            mine = set(shared)
+            # by block id, so not over released positions: their placeholder 0 is also
+            # the id of a real block, which src may hold anonymously further on
+            mine = set(shared[released:])
             seq.anonymous = [b for b in src.anonymous if b in mine]
         seq.released = released
         self._seqs[dst_id] = seq

@@ -51,7 +51,8 @@ class Registration:
         if not self.prefix_caching:
             return 0
         ref, hashes = self._ref, self._prefix.hashes
-        own = [b for b in seq.blocks[seq.chain :] if ref[b] == 1 and hashes[b]]
+        # not over released positions: their placeholder is the id of a real block
+        own = [b for b in seq.blocks[seq.chain or seq.released :] if ref[b] == 1 and hashes[b]]
         self._alloc.unregister(own)
         seq.anonymous += own
         return len(own)
