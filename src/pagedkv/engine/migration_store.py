@@ -33,9 +33,10 @@ from pagedkv.engine.core import EngineCore
 from pagedkv.engine.migration import MigrationResult, check_between_steps, has_kv, lookup
 from pagedkv.engine.request import Request, SamplingParams, Status
 from pagedkv.engine.sampling import make_generator
+from pagedkv.engine.sessions import engine_metadata
 from pagedkv.errors import OutOfBlocks, SnapshotError
 from pagedkv.snapshot import SnapshotStore
-from pagedkv.snapshot.manifest import decode_salt, describe_layout, encode_salt, layout_dict
+from pagedkv.snapshot.manifest import decode_salt, encode_salt
 
 META_KEY = "pagedkv.migration"
 META_VERSION = 1
@@ -101,24 +102,10 @@ def unpark(
     cache has no room now. Nothing changes when it raises."""
     cache = core.cache
     manifest = store.manifest(name)
-    meta = manifest.metadata.get(META_KEY)
-    if not isinstance(meta, dict) or len(manifest.sequences) > 1:
-        raise SnapshotError(
-            f"snapshot {name!r} was not saved by Engine.migrate(..., store=) (no {META_KEY!r} "
-            "metadata, or more than one sequence)"
-        )
-    if meta.get("version") != META_VERSION:
-        raise SnapshotError(
-            f"snapshot {name!r} has migration state version {meta.get('version')!r}; this "
-            f"pagedkv reads version {META_VERSION}"
-        )
-    if manifest.fingerprint != cache.fingerprint:
-        raise SnapshotError(
-            f"request snapshot {name!r} was saved from model {manifest.model!r} with KV layout "
-            f"[{describe_layout(manifest.layout)}], but this engine runs "
-            f"{cache.model_fingerprint!r} with [{describe_layout(layout_dict(cache.layout))}]; "
-            "resume it on an engine with the same model, dtype and block_size"
-        )
+    meta = engine_metadata(
+        manifest, name, cache, META_KEY, META_VERSION, sequences=(0, 1),
+        saved_by="Engine.migrate(..., store=)", what="migration state",
+    )  # fmt: skip
     entry = manifest.sequences[0] if manifest.sequences else None
     req = _request(meta, entry, name, core.new_id(), cache.device, vocab_size)
     if entry is not None:

@@ -141,24 +141,11 @@ def resume(
     ``cache_salt`` must equal the snapshot's; ``num_retained`` is for the error message
     when the pool has no room. Nothing changes when it raises."""
     manifest = store.manifest(name)
-    meta = manifest.metadata.get(META_KEY)
-    if not isinstance(meta, dict) or len(manifest.sequences) != 1:
-        raise SnapshotError(
-            f"snapshot {name!r} was not saved by Engine.snapshot (no {META_KEY!r} metadata "
-            "or not exactly one sequence); restore it with SnapshotStore.load(engine.cache, ...)"
-        )
-    if meta.get("version") != META_VERSION:
-        raise SnapshotError(
-            f"snapshot {name!r} has engine metadata version {meta.get('version')!r}; this "
-            f"pagedkv resumes version {META_VERSION}"
-        )
-    if manifest.fingerprint != cache.fingerprint:
-        raise SnapshotError(
-            f"snapshot {name!r} was saved from model {manifest.model!r} with KV layout "
-            f"[{describe_layout(manifest.layout)}], but this engine runs "
-            f"{cache.model_fingerprint!r} with [{describe_layout(layout_dict(cache.layout))}]; "
-            "resume it on an engine with the same model, dtype and block_size"
-        )
+    meta = engine_metadata(
+        manifest, name, cache, META_KEY, META_VERSION, sequences=(1,),
+        saved_by="Engine.snapshot", what="engine metadata",
+        otherwise="; restore it with SnapshotStore.load(engine.cache, ...)",
+    )  # fmt: skip
     entry = manifest.sequences[0]
     try:
         saved = SamplingParams(**meta["sampling"])
@@ -213,3 +200,33 @@ def _restore_generator(req: Request, saved: SamplingParams, meta: dict[str, Any]
         return
     raw = base64.b64decode(state)
     gen.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def engine_metadata(
+    manifest: Any, name: str, cache: KVCache, key: str, version: int, *,
+    sequences: tuple[int, ...], saved_by: str, what: str, otherwise: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """The ``key`` metadata of snapshot ``name`` that an engine saved (``saved_by``), after
+    checking it: a dict, ``len(manifest.sequences)`` one of ``sequences``, the ``version``
+    this pagedkv reads, the model and KV layout of ``cache``; ``SnapshotError`` saying
+    which does not hold (``what`` names the metadata, ``otherwise`` ends the first error)."""
+    meta = manifest.metadata.get(key)
+    if not isinstance(meta, dict) or len(manifest.sequences) not in sequences:
+        count = " or ".join(map(str, sequences))
+        raise SnapshotError(
+            f"snapshot {name!r} was not saved by {saved_by} (no {key!r} metadata, or not "
+            f"{count} sequence(s)){otherwise}"
+        )
+    if meta.get("version") != version:
+        raise SnapshotError(
+            f"snapshot {name!r} has {what} version {meta.get('version')!r}; this pagedkv "
+            f"reads version {version}"
+        )
+    if manifest.fingerprint != cache.fingerprint:
+        raise SnapshotError(
+            f"snapshot {name!r} was saved from model {manifest.model!r} with KV layout "
+            f"[{describe_layout(manifest.layout)}], but this engine runs "
+            f"{cache.model_fingerprint!r} with [{describe_layout(layout_dict(cache.layout))}]; "
+            "resume it on an engine with the same model, dtype and block_size"
+        )
+    return meta
