@@ -33,8 +33,8 @@ from pagedkv.engine.core import EngineCore
 from pagedkv.engine.migration import MigrationResult, check_between_steps, has_kv, lookup
 from pagedkv.engine.request import Request, SamplingParams, Status
 from pagedkv.engine.sampling import make_generator
-from pagedkv.engine.sessions import engine_metadata
-from pagedkv.errors import OutOfBlocks, SnapshotError
+from pagedkv.engine.sessions import engine_metadata, load_sequence
+from pagedkv.errors import SnapshotError
 from pagedkv.snapshot import SnapshotStore
 from pagedkv.snapshot.manifest import decode_salt, encode_salt
 
@@ -109,13 +109,7 @@ def unpark(
     entry = manifest.sequences[0] if manifest.sequences else None
     req = _request(meta, entry, name, core.new_id(), cache.device, vocab_size)
     if entry is not None:
-        try:
-            store.load(cache, name, {entry.seq_id: req.seq_id})
-        except OutOfBlocks as exc:
-            raise OutOfBlocks(
-                f"no room to resume request snapshot {name!r}: it needs {len(entry.pages)} KV "
-                f"blocks and {cache.num_free_blocks} are free; let running requests finish"
-            ) from exc
+        load_sequence(store, cache, name, entry, req.seq_id)
     if not keep:
         try:
             store.delete(name)

@@ -163,14 +163,8 @@ def resume(
         )
     _restore_generator(req, saved, meta)
     req.request_id = new_id()
-    try:
-        store.load(cache, name, {entry.seq_id: req.seq_id})
-    except OutOfBlocks as exc:
-        raise OutOfBlocks(
-            f"no room to resume snapshot {name!r}: it needs {len(entry.pages)} KV blocks and "
-            f"{cache.num_free_blocks} are free; let running requests finish, or release() "
-            f"retained ones ({num_retained} held)"
-        ) from exc
+    load_sequence(store, cache, name, entry, req.seq_id,
+                  f", or release() retained ones ({num_retained} held)")  # fmt: skip
     req.num_computed = req.num_allocated = req.num_cached_tokens = entry.num_tokens
     return req
 
@@ -230,3 +224,18 @@ def engine_metadata(
             "resume it on an engine with the same model, dtype and block_size"
         )
     return meta
+
+
+def load_sequence(
+    store: SnapshotStore, cache: KVCache, name: str, entry: Any, seq_id: int, hint: str = ""
+) -> None:
+    """Load sequence ``entry`` of snapshot ``name`` into ``cache`` as ``seq_id``; without
+    room, ``OutOfBlocks`` saying how many blocks it needs (``hint``: more ways to make
+    room). Nothing changes when it raises."""
+    try:
+        store.load(cache, name, {entry.seq_id: seq_id})
+    except OutOfBlocks as exc:
+        raise OutOfBlocks(
+            f"no room to resume snapshot {name!r}: it needs {len(entry.pages)} KV blocks and "
+            f"{cache.num_free_blocks} are free; let running requests finish{hint}"
+        ) from exc
