@@ -24,6 +24,7 @@ import torch
 
 from pagedkv.engine.request import SamplingParams
 from pagedkv.ops import invariant, is_batch_invariant
+from pagedkv.storage import to_device
 
 
 def sample(
@@ -46,7 +47,7 @@ def sample(
     drawn = torch.stack(
         [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(rows)]
     )
-    return greedy.index_copy(0, on_device(rows, logits.device), drawn)
+    return greedy.index_copy(0, to_device(rows, logits.device), drawn)
 
 
 def probabilities(
@@ -60,27 +61,17 @@ def probabilities(
     then each row's own top-k / top-p filter, then softmax."""
     softmax, cumsum = _ops(batch_invariant)
     dev = logits.device
-    x = logits.index_select(0, on_device(rows, dev)).float()  # [m, V]
-    temps = on_device([params[i].temperature for i in rows], dev)
+    x = logits.index_select(0, to_device(rows, dev)).float()  # [m, V]
+    temps = to_device([params[i].temperature for i in rows], dev)
     x = x / temps[:, None]
     vocab = x.shape[-1]
     picked = [j for j, i in enumerate(rows) if _filters(params[i], vocab)]
     if picked:
-        sel = on_device(picked, dev)
+        sel = to_device(picked, dev)
         top_k = [params[rows[j]].top_k for j in picked]
         top_p = [params[rows[j]].top_p for j in picked]
         x = x.index_copy(0, sel, _filter(x.index_select(0, sel), top_k, top_p, softmax, cumsum))
     return softmax(x, -1)
-
-
-def on_device(values: list, device: torch.device) -> torch.Tensor:
-    """``torch.tensor(values)`` on ``device`` without waiting for it: ``torch.tensor(...,
-    device=cuda)`` copies from pageable memory and synchronizes the stream, which would
-    stall the host on the step still running (overlap); a pinned copy does not."""
-    t = torch.tensor(values)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _filters(p: SamplingParams, vocab: int) -> bool:
@@ -97,11 +88,11 @@ def _filter(x: torch.Tensor, top_k: list[int], top_p: list[float], softmax, cums
     """Set logits outside each row's top-k / top-p nucleus to -inf. x: [m, V] float32."""
     vocab = x.shape[-1]
     sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
-    ks = on_device([k if 0 < k < vocab else vocab for k in top_k], x.device)
+    ks = to_device([k if 0 < k < vocab else vocab for k in top_k], x.device)
     ranks = torch.arange(vocab, device=x.device)[None, :]
     drop = ranks >= ks[:, None]
     # p = 1 drops nothing (a cumulative mass that rounds to >= 1.0 must not cut the tail)
-    ps = on_device([p if p < 1.0 else float("inf") for p in top_p], x.device)
+    ps = to_device([p if p < 1.0 else float("inf") for p in top_p], x.device)
     probs = softmax(sorted_x.masked_fill(drop, float("-inf")), -1)
     # keep a token while the mass before it is < p (the top token is always kept)
     before = cumsum(probs, -1) - probs

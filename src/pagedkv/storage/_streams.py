@@ -7,9 +7,20 @@ import torch
 from pagedkv.storage.pool import KVPool
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values, dtype)`` on ``device`` without waiting for it: on CUDA
+    through pinned memory, copied on the current stream (``torch.tensor(..., device=
+    "cuda")`` copies from pageable memory and synchronizes the stream, which would stall
+    the host on work still running)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def ids_on(ids: list[int], device: torch.device) -> torch.Tensor:
     """Block ids as int64 on ``device``, copied on the current stream without a sync."""
-    return torch.tensor(ids, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    return to_device(ids, device, torch.int64)
 
 
 def blocks(t: torch.Tensor, pool: KVPool, k: int) -> torch.Tensor:
