@@ -32,6 +32,7 @@ import torch
 
 from pagedkv import ops
 from pagedkv.engine.chunks import Chunk
+from pagedkv.engine.compiled import CompiledDecode
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.cuda_graphs import DecodeGraphs, capture_blocker
 from pagedkv.engine.host import host_int64
@@ -61,11 +62,13 @@ class SampledTokens:
 
 class EngineWarmup(NamedTuple):
     """What :meth:`ModelRunner.warmup` did: Triton kernel launches (each variant compiled
-    if it was not already), eager warm-up forwards, CUDA graphs held, wall seconds."""
+    if it was not already), warm-up forwards, CUDA graphs held, graphs torch.compile
+    compiled for decode (``torch_compile``; 0 when off), wall seconds."""
 
     kernels: int
     forwards: int
     graphs: int
+    compiles: int
     seconds: float
 
 
@@ -127,9 +130,12 @@ class ModelRunner:
         if self.device.type == "cuda":  # two: one being filled while the other is read
             self._host = [torch.empty(rows, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._flip = 0
-        self.compiled: Callable[..., Any] | None = None
+        # a compiled decode specialises a table width of 1 (its own graph): pad to 2
+        self.min_width = 2 if config.torch_compile else 1
+        #: the compiled decode forward (None: eager; also after a failed compile)
+        self.compiled: CompiledDecode | None = None
         if config.torch_compile:
-            self.compiled = torch.compile(model.forward, dynamic=True)
+            self.compiled = CompiledDecode(model)
         self.graphs: DecodeGraphs | None = None
         #: why decode is not replayed from CUDA graphs although they were asked for
         self.graphs_off: str | None = None
@@ -226,11 +232,15 @@ class ModelRunner:
         return self.launch(chunks).tolist()
 
     def forward(self, ids, pos, meta: PagedAttentionMetadata, logit_rows) -> torch.Tensor:
-        """logits [n, V] of the rows ``logit_rows`` of the packed input."""
-        kw = dict(position_ids=pos[None], logits_to_keep=logit_rows)
-        if self.compiled is not None:
+        """logits [n, V] of the rows ``logit_rows`` of the packed input (None: every row).
+        Decode forwards run compiled when ``torch_compile`` is on (prefill: eagerly)."""
+        if self.compiled is not None and meta.is_decode:
             try:
-                return self.paged(meta, ids[None], forward=self.compiled, **kw).logits[0]
+                # every row's logits: a decode batch has a row per sequence, and a fixed
+                # logits_to_keep keeps the compiled graph's inputs to the batch dimension
+                kw = dict(forward=self.compiled, position_ids=pos[None], logits_to_keep=0)
+                logits = self.paged(meta, ids[None], **kw).logits[0]
+                return logits if logit_rows is None else logits[logit_rows]
             except Exception as exc:  # keep serving, uncompiled
                 capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
                 warnings.warn(f"torch.compile disabled, the model runs eagerly: {exc!r}",
@@ -238,7 +248,8 @@ class ModelRunner:
                 self.compiled = None
                 if capturing:
                     raise
-        return self.paged(meta, ids[None], **kw).logits[0]
+        keep = 0 if logit_rows is None else logit_rows
+        return self.paged(meta, ids[None], position_ids=pos[None], logits_to_keep=keep).logits[0]
 
     def _sample(self, logits: torch.Tensor, chunks: list[Chunk]) -> SampledTokens:
         reqs = [c.req for c in chunks if c.sample]
@@ -287,7 +298,7 @@ class ModelRunner:
             if c.sample:
                 rows.append(cu[-1] - 1)
         n_seq, n_tok = len(chunks), len(ids)
-        width = max(1, max(len(t) for t in tables))
+        width = max(self.min_width, max(len(t) for t in tables))
         flat = [b for t in tables for b in (t + [0] * (width - len(t)))]
         host = host_int64(ids + pos + slots + lens + cu + rows + dst + src + flat, self.pin)
         dev = host.to(self.device, non_blocking=True)
@@ -357,21 +368,31 @@ class ModelRunner:
             shapes = ((1, (1,)), (2, (2,)), (2, (1, 1)))  # (tokens, rows per sequence)
             for n_tok, q_lens in shapes:
                 self._warm_forward(n_tok, q_lens)
+            forwards = len(shapes)
+            if self.compiled is not None and self.cascade_on():  # its third decode graph
+                self._warm_forward(2, (1, 1), cascade=True)
+                forwards += 1
+            # compiled before any capture: compiling inside a stream capture breaks it
             graphs = self.graphs.capture_all() if self.graphs is not None else 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return EngineWarmup(kernels, len(shapes), graphs, time.perf_counter() - t0)
+        compiles = self.compiled.graphs if self.compiled is not None else 0
+        return EngineWarmup(kernels, forwards, graphs, compiles, time.perf_counter() - t0)
 
-    def _warm_forward(self, n_tok: int, q_lens: tuple[int, ...]) -> None:
-        """One eager forward that writes nothing (slots -1) and attends block 0."""
+    def _warm_forward(self, n_tok: int, q_lens: tuple[int, ...], cascade: bool = False) -> None:
+        """One forward writing nothing (slots -1), attending block 0 (``cascade``: planned)."""
         dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
         n = len(q_lens)
         cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], **i32)
+        plan = None
+        if cascade:
+            plan = self.cascade_plan(n, self.min_width * self.block_size)
+            plan.grouping.refill(())
         meta = PagedAttentionMetadata(
             kv=self.cache.pool.kv, slots=torch.full((n_tok,), -1, dtype=torch.int64, device=dev),
-            block_tables=torch.zeros(n, 1, **i32), seq_lens=torch.tensor(q_lens, **i32),
-            cu_seqlens_q=cu, max_q_len=max(q_lens), is_decode=max(q_lens) == 1 and n_tok == n,
-            layers=self.layers,
+            block_tables=torch.zeros(n, self.min_width, **i32),
+            seq_lens=torch.tensor(q_lens, **i32), cu_seqlens_q=cu, max_q_len=max(q_lens),
+            is_decode=max(q_lens) == 1 and n_tok == n, layers=self.layers, cascade=plan,
         )  # fmt: skip
         ids = torch.zeros(n_tok, dtype=torch.int64, device=dev)
         pos = torch.cat([torch.arange(q, device=dev) for q in q_lens])

@@ -19,6 +19,7 @@ runs) they delegate to the implementation the model had before ("sdpa" if unknow
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any, cast
 import torch
 
 from pagedkv import ops
+from pagedkv.integrations.attention_op import attend, forward_plan, paged_attention_op
 from pagedkv.integrations.attention_switch import (
     ATTN_NAME,
     DEFAULT_FALLBACK,
@@ -128,11 +130,11 @@ def paged_attention_forward(
     """
     meta = pagedkv_metadata
     if meta is not None and torch.compiler.is_compiling():
-        # under torch.compile (EngineConfig.torch_compile) the paged path is a graph break:
-        # the code around it (norms, RoPE, MLP) is compiled, the kernels run as they are
-        return _paged_eager(
+        # under torch.compile (EngineConfig.torch_compile) the layer's device work is one
+        # custom op (.attention_op): Dynamo traces the whole forward as one graph
+        return _paged(
             module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap,
-            s_aux, kwargs,
+            s_aux, kwargs, traced=True,
         )  # fmt: skip
     if meta is None:
         fallback = fallback_attention(module)
@@ -152,7 +154,7 @@ def paged_attention_forward(
 
 
 def _paged(module, query, key, value, attention_mask, meta, scaling, sliding_window, softcap,
-           s_aux, kwargs):  # fmt: skip
+           s_aux, kwargs, traced=False):  # fmt: skip
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     _refuse_unknown_features(module, query, key, value, attention_mask, kwargs)
     bsz, hq, q_len, d = query.shape
@@ -165,52 +167,41 @@ def _paged(module, query, key, value, attention_mask, meta, scaling, sliding_win
     v = value.detach().transpose(1, 2).reshape(bsz * q_len, hkv, d)
     if meta.token_index is not None:
         q, k, v = q[meta.token_index], k[meta.token_index], v[meta.token_index]
-    if meta.layers is not None:
-        k_cache, v_cache = meta.layers[layer]
-    else:
-        k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
-    ks = vs = static = None
-    if meta.kv_scales is not None:  # a quantized pool: write_kv quantizes k, v as they are
-        ks, vs = meta.kv_scales[layer, 0], meta.kv_scales[layer, 1]
-        if meta.static_kv_scales is not None:
-            static = meta.static_kv_scales[layer]
-    elif k.dtype != k_cache.dtype:
-        k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+    if meta.kv_scales is None and k.dtype != meta.kv.dtype:
+        # (a quantized pool: write_kv quantizes k, v as they are)
+        k, v = k.to(meta.kv.dtype), v.to(meta.kv.dtype)
     if sinks is not None:
         sinks = sinks.detach()
         if sinks.dtype not in (torch.float32, q.dtype):
             sinks = sinks.float()
-    ops.write_kv(
-        k_cache, v_cache, meta.slots, k, v, k_scales=ks, v_scales=vs, static_scales=static,
-        check=False,
-    )  # fmt: skip
-    feats = dict(window=sliding_window, softcap=softcap, sinks=sinks, k_scales=ks, v_scales=vs,
-                 check=False)  # fmt: skip
-    plan = meta.cascade
-    plain = sliding_window is None and softcap is None and sinks is None and ks is None
-    if meta.is_decode and plan is not None and plain and q.dtype == k_cache.dtype:
-        out = ops.cascade_decode(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, plan, scaling, check=False
-        )
-    elif meta.is_decode:
-        out = ops.decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling, **feats
-        )
+    static = None
+    if meta.kv_scales is not None and meta.static_kv_scales is not None:
+        static = meta.static_kv_scales[layer]
+    if traced:  # the pool whole and the metadata's tensors; the plan through forward_plan
+        k_scale, v_scale = static if static is not None else (None, None)
+        out = paged_attention_op(
+            q, k, v, meta.kv, meta.kv_scales, meta.slots, meta.block_tables, meta.seq_lens,
+            meta.cu_seqlens_q, sinks, layer, scaling, sliding_window, softcap, k_scale,
+            v_scale, meta.max_q_len, meta.is_decode, meta.cascade is not None,
+        )  # fmt: skip
     else:
-        out = ops.prefill_attention(
-            q, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scaling,
-            max_q_len=meta.max_q_len, **feats,
+        if meta.layers is not None:
+            k_cache, v_cache = meta.layers[layer]
+        else:
+            k_cache, v_cache = meta.kv[layer, 0], meta.kv[layer, 1]
+        ks = vs = None
+        if meta.kv_scales is not None:
+            ks, vs = meta.kv_scales[layer, 0], meta.kv_scales[layer, 1]
+        out = attend(
+            q, k, v, k_cache, v_cache, ks, vs, static, meta.slots, meta.block_tables,
+            meta.seq_lens, meta.cu_seqlens_q, meta.max_q_len, meta.is_decode, meta.cascade,
+            scaling, sliding_window, softcap, sinks,
         )  # fmt: skip
     if meta.token_index is not None:
         full = out.new_zeros(bsz * q_len, hq, d)
         full[meta.token_index] = out
         out = full
     return out.view(bsz, q_len, hq, d), None
-
-
-# The paged path as one opaque call for torch.compile (a graph break): Dynamo does not
-# trace the ops' Python (memoised specs, bound launchers) nor guard on the metadata.
-_paged_eager = torch.compiler.disable(_paged)
 
 
 # Attention kwargs that change what a layer computes in ways the paged kernels do not
@@ -343,7 +334,8 @@ class PagedAttention:
         """One paged forward: ``model(input_ids, **kwargs)`` with the metadata, no
         transformers cache (the pool is the cache) and no mask built. ``forward``: what
         to call instead of the model (e.g. ``torch.compile(model.forward)``)."""
-        with self:
+        plan = forward_plan(meta.cascade) if meta.cascade is not None else _NO_PLAN
+        with self, plan:
             return (forward or self.model)(
                 input_ids=input_ids,
                 attention_mask=self.no_mask(input_ids.device),
@@ -351,6 +343,9 @@ class PagedAttention:
                 pagedkv_metadata=meta,
                 **kwargs,
             )
+
+
+_NO_PLAN = contextlib.nullcontext()
 
 
 def cache_kwarg(model: Any) -> str:

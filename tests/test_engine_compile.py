@@ -1,0 +1,172 @@
+"""torch_compile=True: the decode forward compiled as one graph around the paged custom op.
+
+One compiled engine per family is built and reused (CPU compiles take tens of seconds):
+its greedy tokens equal the eager engine's and transformers' generate(); the decode
+forward has no graph break; batch sizes 1..8 (and shared prefixes, which run cascade
+decode) compile the designed number of graphs and no more; the model keeps working with
+plain transformers afterwards. Float64 models, so that eager, sdpa, inductor's fused
+kernels and the paged kernels pick the same tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from _models import tiny, tiny_family
+from pagedkv.engine import Engine, SamplingParams
+from pagedkv.engine.compiled import MAX_DECODE_GRAPHS, CompiledDecode
+from pagedkv.integrations import attention_op
+
+NEW = 6
+GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def prompts_of(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def one_by_one(model, prompts):
+    """transformers' generate() with its default cache, one prompt at a time."""
+    outs = []
+    for p in prompts:
+        o = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        outs.append(o[0, len(p) :].tolist())
+    return outs
+
+
+def tokens(engine, prompts):
+    return [o.token_ids for o in engine.generate(prompts, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A float64 tiny llama, its compiled engine (warmed up: every decode graph compiled),
+    and the graph-break count Dynamo saw while compiling it."""
+    model = tiny("llama").double()
+    breaks = sum(counters["graph_break"].values())
+    engine = Engine(model, num_blocks=96, block_size=8, max_num_seqs=8, torch_compile=True)
+    warm = engine.warmup()
+    return model, engine, warm, sum(counters["graph_break"].values()) - breaks
+
+
+def test_warmup_compiles_every_decode_graph_without_a_break(llama):
+    """warmup() compiles the three decode graphs (one sequence; several; several with a
+    cascade plan) and Dynamo breaks no graph: each is the whole forward."""
+    _, engine, warm, breaks = llama
+    assert breaks == 0, dict(counters["graph_break"])
+    assert warm.compiles == engine.runner.compiled.graphs == MAX_DECODE_GRAPHS
+
+
+def test_compiled_tokens_equal_eager_and_generate(llama):
+    model, engine, _, _ = llama
+    prompts = prompts_of((5, 19, 11, 3))
+    eager = Engine(model, num_blocks=96, block_size=8, max_num_seqs=8)
+    ref = tokens(eager, prompts)
+    assert tokens(engine, prompts) == ref == one_by_one(model, prompts)
+    assert engine.runner.compiled is not None, "torch.compile fell back to eager"
+
+
+def test_batch_sizes_1_to_8_and_shared_prefixes_compile_nothing_more(llama, monkeypatch):
+    """After warm-up, decode batches of every size 1..8, of varying table widths, with
+    and without shared prefixes (cascade plans), reuse the compiled graphs: no recompile,
+    no break, and every token equals the eager engine's."""
+    model, engine, _, _ = llama
+    cascades = []  # (an engine's tokens being computed, tracing)
+    real, who = attention_op.ops.cascade_decode, ["eager"]
+
+    def counted(*args, **kwargs):
+        cascades.append((who[0], torch.compiler.is_compiling()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_op.ops, "cascade_decode", counted)
+    graphs = engine.runner.compiled.graphs
+    frames = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    eager = Engine(model, num_blocks=96, block_size=8, max_num_seqs=8)
+    shared = prompts_of((16,), seed=9)[0]  # two whole blocks: cascade groups form
+    for n in range(1, 9):
+        lengths = tuple(3 + 5 * i for i in range(n))  # tables of 1 to 6 blocks
+        for prefix in ((), shared):
+            prompts = prompts_of(lengths, seed=n, prefix=prefix)
+            who[0] = "compiled"
+            out = tokens(engine, prompts)
+            who[0] = "eager"
+            assert out == tokens(eager, prompts), (n, len(prefix))
+    assert engine.runner.compiled is not None
+    # cascade decode ran in the compiled engine, inside the op (not traced)
+    assert ("compiled", False) in cascades and not any(t for _, t in cascades)
+    assert engine.runner.compiled.graphs == graphs == MAX_DECODE_GRAPHS
+    assert counters["stats"]["unique_graphs"] == frames
+    assert sum(counters["graph_break"].values()) == breaks
+
+
+def test_model_keeps_working_with_plain_transformers(llama):
+    """The compiled engine changed nothing of the model: generate() (its own attention,
+    its own cache, no compile) still gives the tokens of a fresh copy of the model."""
+    model, engine, _, _ = llama
+    prompts = prompts_of((7, 12), seed=4)
+    tokens(engine, prompts)
+    assert model.config._attn_implementation != "pagedkv"
+    assert "forward" not in vars(model)  # the class's forward, not a compiled wrapper
+    assert one_by_one(model, prompts) == one_by_one(tiny("llama").double(), prompts)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    def fail(self, gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(CompiledDecode, "_backend", fail)
+    model = tiny("llama").double()
+    engine = Engine(model, num_blocks=64, block_size=8, torch_compile=True)
+    prompts = prompts_of((4, 9))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = tokens(engine, prompts)
+    msgs = [str(w.message) for w in seen if "torch.compile disabled" in str(w.message)]
+    assert len(msgs) == 1 and "no compiler here" in msgs[0]
+    assert engine.runner.compiled is None
+    assert out == one_by_one(model, prompts)
+
+
+@pytest.mark.slow
+def test_gemma2_softcaps_and_windows_compile_to_the_same_tokens():
+    """A second family: Gemma 2 (attention and final logit softcaps, alternating
+    sliding windows, its own query scaling) compiled equals eager and generate()."""
+    model = tiny_family("gemma2")
+    breaks = sum(counters["graph_break"].values())
+    engine = Engine(model, num_blocks=96, block_size=8, max_num_seqs=8, torch_compile=True)
+    prompts = prompts_of((5, 17, 11), seed=2) + prompts_of((1,), seed=3)
+    ref = tokens(Engine(model, num_blocks=96, block_size=8, max_num_seqs=8), prompts)
+    assert tokens(engine, prompts) == ref == one_by_one(model, prompts)
+    assert engine.runner.compiled is not None
+    assert sum(counters["graph_break"].values()) == breaks
+    # batches of 4, 3, 2 (graph 2) and the last sequence alone (graph 1); no cascade:
+    # the prompts share no prefix
+    assert engine.runner.compiled.graphs <= 2
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_forward_inside_cuda_graphs_keeps_the_tokens():
+    """torch_compile=True with CUDA graphs: warm-up compiles, then captures graphs that
+    run the compiled forward; the tokens equal the eager engine's (also with graphs)."""
+    model = tiny("llama").cuda()
+    prompts = prompts_of((5, 19, 11, 3, 30, 8), prefix=prompts_of((16,), seed=9)[0])
+    prompts += prompts_of((6, 13), seed=5)
+    eager = Engine(model, num_blocks=128, block_size=8, max_num_seqs=16, cuda_graphs=True)
+    ref = tokens(eager, prompts)
+    engine = Engine(model, num_blocks=128, block_size=8, max_num_seqs=16, cuda_graphs=True,
+                    torch_compile=True)  # fmt: skip
+    warm = engine.warmup()
+    assert warm.graphs > 0 and warm.compiles <= MAX_DECODE_GRAPHS
+    assert tokens(engine, prompts) == ref
+    runner = engine.runner
+    assert runner.compiled is not None, "torch.compile fell back to eager"
+    assert runner.graphs is not None and not runner.graphs.disabled
+    assert runner.compiled.graphs == warm.compiles  # nothing compiled after warm-up
