@@ -13,7 +13,11 @@ the others (tok/s from it). Beside them: the decode floor (bytes per step / meas
 copy bandwidth, see ``_e2e_measure.py``) and pagedkv's % of it, and a per-step
 device/host breakdown from one profiled run (32 new tokens). ``--baseline-src DIR``
 runs the same pagedkv command with an older ``src/`` tree (DIR) in a subprocess and
-adds its numbers and the speed-up.
+adds its numbers and the speed-up. ``--torch-compile``: the engine compiles its decode
+forward (``torch_compile=True``); build, warm-up (the compiles and graph captures) and
+warm runs are timed apart (``pk_build_s``, ``pk_warmup_s``, ``pk_warm_runs_s``; their
+sum ``pk_setup_s``), never in the timed runs, and each workload says whether the engine
+stayed compiled and how many graphs it held after warm-up and after its runs.
 
 Usage: python benchmarks/bench_e2e.py [--tiny] [--device cpu|cuda] [--plan pk,tf,plain]
        [--kv-dtype fp8]  (pagedkv's pool stored as fp8 / int8)
@@ -246,13 +250,28 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
             )  # fmt: skip
             sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
             warm_sp = SamplingParams(max_new_tokens=warm_new, ignore_eos=True)
+            sync()
+            t_built = time.perf_counter()
+            res["pk_build_s"] = round(t_built - t, 2)
             if hasattr(engine, "warmup"):  # every kernel and graph bucket, up front
-                engine.warmup()
+                wu = engine.warmup()  # (torch.compile of the decode forward: here)
+                res["pk_warmup"] = {k: round(getattr(wu, k), 2) for k in ("kernels", "forwards",
+                                    "graphs", "compiles", "seconds") if hasattr(wu, k)}  # fmt: skip
+            sync()
+            t_warm = time.perf_counter()
+            res["pk_warmup_s"] = round(t_warm - t_built, 2)
             engine.generate(warm, warm_sp)  # the same shape class as the timed runs
             engine.generate(warm[:3], sp)
             sync()
+            res["pk_warm_runs_s"] = round(time.perf_counter() - t_warm, 2)
+            # build + warm-up (compiles, graph captures) + warm runs: none of it is timed
             res["pk_setup_s"] = round(time.perf_counter() - t, 2)
             res["pk_torch_compile"] = args.torch_compile
+            compiled = getattr(engine.runner, "compiled", None)
+            compiles_warm = getattr(compiled, "graphs", None)
+            print(f"pk setup {res['pk_setup_s']} s: build {res['pk_build_s']} s, warm-up "
+                  f"{res['pk_warmup_s']} s {res.get('pk_warmup', '')}, warm runs "
+                  f"{res['pk_warm_runs_s']} s", flush=True)  # fmt: skip
             res["pagedkv_src"] = str(Path(sys.modules["pagedkv"].__file__).parent)
             res["bandwidth_GBps"] = round(copy_bandwidth(dev) / 1e9, 1)
             bar.done()
@@ -308,6 +327,12 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
                         r["breakdown"] = dict(bd, new_tokens=prof_sp.max_new_tokens)
                     except Exception as exc:
                         r["breakdown"] = dict(error=repr(exc))
+                if args.torch_compile:  # still compiled? and did the timed runs recompile?
+                    compiled = getattr(engine.runner, "compiled", None)
+                    r["compiled"] = dict(
+                        active=compiled is not None, graphs_after_warmup=compiles_warm,
+                        graphs_now=getattr(compiled, "graphs", None),
+                    )  # fmt: skip
                 print(f"pk_{w}", json.dumps(r), flush=True)
                 dump()
                 bar.done()

@@ -108,9 +108,10 @@ class EngineConfig:
         "attention); off in batch-invariant mode.",
     )  # fmt: skip
     torch_compile: bool = option(
-        False, "Run the model through torch.compile (the norms, RoPE and MLP fused; the "
-        "paged attention stays a call of its own). Compiles at the first steps or in "
-        "warmup(): seconds to minutes.",
+        False, "Compile the decode forward with torch.compile as one graph (norms, RoPE, "
+        "MLP fused around the paged attention op; at most 3 graphs, replayed in the CUDA "
+        "graphs); prefill stays eager. Compiles in warmup() (else at the first decode "
+        "steps): seconds to minutes. A failed compile warns and runs eagerly.",
     )  # fmt: skip
     warmup: bool = option(
         False, "Call Engine.warmup() when the engine is built: compile every kernel and "

@@ -16,7 +16,10 @@ decode over a :class:`~pagedkv.ops.cascade_fixed.FixedCascadePlan`; its grouping
 which it rarely does (:mod:`~pagedkv.engine.prefix_groups`): no capture per grouping.
 Graph keys also hold the runner's ``graph_tag`` (a mode the step runs under).
 :meth:`DecodeGraphs.capture_all` captures every key ahead of time (``Engine.warmup``);
-otherwise a key is captured when first needed. If capture fails (an op that syncs or
+otherwise a key is captured when first needed. With ``torch_compile`` the captured
+forward is the runner's compiled decode forward (compiled by ``Engine.warmup`` before
+any capture, else in the eager warm-up run that precedes each capture, never inside
+one); replay runs its fused kernels and the paged op's kernels alike. If capture fails (an op that syncs or
 allocates on the host), graphs are switched off with a warning and the engine stays on
 its eager path; a model known not to capture (:func:`capture_blocker`) gets no graphs.
 """
@@ -87,7 +90,6 @@ class DecodeGraphs:
         self.lens32 = torch.zeros(b, dtype=torch.int32, device=dev)
         self.tables32 = torch.zeros(b, w, dtype=torch.int32, device=dev)
         self.cu32 = torch.arange(b + 1, dtype=torch.int32, device=dev)
-        self.rows = torch.arange(b, dtype=torch.int64, device=dev)
         self.logits: torch.Tensor | None = None  # [max_batch, V], written by every graph
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.plans: dict[tuple[int, int], Any] = {}  # (batch, width bucket) -> cascade plan
@@ -119,7 +121,7 @@ class DecodeGraphs:
             is_decode=True, cascade=self.plans[b, wb] if cascade else None, layers=r.layers,
             kv_scales=r.cache.pool.scales, static_kv_scales=r.cache.layout.static_scales,
         )  # fmt: skip
-        return r.forward(ids, pos, meta, self.rows[:b])
+        return r.forward(ids, pos, meta, None)  # every row's logits
 
     def _capture(self, key: tuple) -> None:
         b, wb, cascade, _ = key
