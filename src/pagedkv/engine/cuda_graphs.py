@@ -19,9 +19,9 @@ Graph keys also hold the runner's ``graph_tag`` (a mode the step runs under).
 otherwise a key is captured when first needed. With ``torch_compile`` the captured
 forward is the runner's compiled decode forward (compiled by ``Engine.warmup`` before
 any capture, else in the eager warm-up run that precedes each capture, never inside
-one); replay runs its fused kernels and the paged op's kernels alike. If capture fails (an op that syncs or
-allocates on the host), graphs are switched off with a warning and the engine stays on
-its eager path; a model known not to capture (:func:`capture_blocker`) gets no graphs.
+one); replay runs its fused kernels and the paged op's kernels alike. If capture fails
+(an op that syncs or allocates on the host), graphs are switched off with a warning and
+the engine stays on its eager path; a model known not to capture (:func:`capture_blocker`) gets no graphs.
 """
 
 from __future__ import annotations
