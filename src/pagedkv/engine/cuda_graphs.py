@@ -21,7 +21,8 @@ forward is the runner's compiled decode forward (compiled by ``Engine.warmup`` b
 any capture, else in the eager warm-up run that precedes each capture, never inside
 one); replay runs its fused kernels and the paged op's kernels alike. If capture fails
 (an op that syncs or allocates on the host), graphs are switched off with a warning and
-the engine stays on its eager path; a model known not to capture (:func:`capture_blocker`) gets no graphs.
+the engine stays on its eager path; a model known not to capture
+(:func:`capture_blocker`) gets no graphs.
 """
 
 from __future__ import annotations
