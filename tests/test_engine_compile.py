@@ -135,6 +135,17 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     assert out == one_by_one(model, prompts)
 
 
+def test_batch_invariant_mode_runs_eagerly(llama):
+    """Batch invariance is a dispatch mode around the eager forward: with it on, the
+    compiled engine compiles nothing and gives the eager invariant engine's tokens."""
+    model, _, _, _ = llama
+    prompts = prompts_of((5, 11, 3), seed=6)
+    kw = dict(num_blocks=64, block_size=8, batch_invariant=True)
+    engine = Engine(model, torch_compile=True, **kw)
+    assert tokens(engine, prompts) == tokens(Engine(model, **kw), prompts)
+    assert engine.runner.compiled is not None and engine.runner.compiled.graphs == 0
+
+
 @pytest.mark.slow
 def test_gemma2_softcaps_and_windows_compile_to_the_same_tokens():
     """A second family: Gemma 2 (attention and final logit softcaps, alternating

@@ -233,8 +233,9 @@ class ModelRunner:
 
     def forward(self, ids, pos, meta: PagedAttentionMetadata, logit_rows) -> torch.Tensor:
         """logits [n, V] of the rows ``logit_rows`` of the packed input (None: every row).
-        Decode forwards run compiled when ``torch_compile`` is on (prefill: eagerly)."""
-        if self.compiled is not None and meta.is_decode:
+        Decode forwards run compiled when ``torch_compile`` is on (prefill: eagerly; in
+        batch-invariant mode too: its dispatch mode is what makes the forward invariant)."""
+        if self.compiled is not None and meta.is_decode and not ops.is_batch_invariant():
             try:
                 # every row's logits: a decode batch has a row per sequence, and a fixed
                 # logits_to_keep keeps the compiled graph's inputs to the batch dimension
