@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import ReinplaceCounters, counters
 
 from _models import tiny, tiny_family
 from pagedkv.engine import Engine, SamplingParams
@@ -51,16 +51,20 @@ def llama():
     and the graph-break count Dynamo saw while compiling it."""
     model = tiny("llama").double()
     breaks = sum(counters["graph_break"].values())
+    missed = ReinplaceCounters.get_total_missed()
     engine = Engine(model, num_blocks=96, block_size=8, max_num_seqs=8, torch_compile=True)
     warm = engine.warmup()
-    return model, engine, warm, sum(counters["graph_break"].values()) - breaks
+    seen = dict(breaks=sum(counters["graph_break"].values()) - breaks,
+                missed_inplace=ReinplaceCounters.get_total_missed() - missed)  # fmt: skip
+    return model, engine, warm, seen
 
 
 def test_warmup_compiles_every_decode_graph_without_a_break(llama):
     """warmup() compiles the three decode graphs (one sequence; several; several with a
-    cascade plan) and Dynamo breaks no graph: each is the whole forward."""
-    _, engine, warm, breaks = llama
-    assert breaks == 0, dict(counters["graph_break"])
+    cascade plan); Dynamo breaks no graph (each is the whole forward), and inductor runs
+    the op on the pool in place (a missed re-inplacing would clone the pool every step)."""
+    _, engine, warm, seen = llama
+    assert seen == dict(breaks=0, missed_inplace=0), dict(counters["graph_break"])
     assert warm.compiles == engine.runner.compiled.graphs == MAX_DECODE_GRAPHS
 
 
