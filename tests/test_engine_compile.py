@@ -185,3 +185,28 @@ def test_cuda_compiled_forward_inside_cuda_graphs_keeps_the_tokens():
     assert runner.compiled is not None, "torch.compile fell back to eager"
     assert runner.graphs is not None and not runner.graphs.disabled
     assert runner.compiled.graphs == warm.compiles  # nothing compiled after warm-up
+
+
+def test_a_capture_failing_in_the_compiled_forward_is_retried_eagerly():
+    """DecodeGraphs: a capture that failed inside the compiled forward (which turned
+    itself off) is captured once more on the eager forward; any other failure raises."""
+    from types import SimpleNamespace
+
+    from pagedkv.engine.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA here: only the retry logic
+    calls = []
+
+    def capture(key):
+        calls.append(graphs.runner.compiled)
+        if graphs.runner.compiled is not None:
+            graphs.runner.compiled = None  # as ModelRunner.forward does when it fails
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs.runner = SimpleNamespace(compiled="compiled forward")
+    graphs._capture = capture
+    graphs._capture_key((1, 8, False, None))
+    assert calls == ["compiled forward", None]
+    graphs._capture = lambda key: (_ for _ in ()).throw(ValueError("eager capture failed"))
+    with pytest.raises(ValueError, match="eager capture failed"):
+        graphs._capture_key((1, 8, False, None))

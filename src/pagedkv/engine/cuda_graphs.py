@@ -66,8 +66,8 @@ class DecodeGraphs:
     ``runner`` is the runner that owns these graphs (known here only by the attributes
     read: ``model``, ``cache``, ``block_table_of``, ``block_size``, ``device``,
     ``layers``, ``last_tokens``, ``prev_rows``, ``groups``, ``graph_tag``, ``pin``,
-    ``cascade_on``, ``cascade_plan``, ``forward``), so this module does not import
-    ``model_runner``: the dependency goes one way.
+    ``compiled``, ``cascade_on``, ``cascade_plan``, ``forward``), so this module does not
+    import ``model_runner``: the dependency goes one way.
     """
 
     def __init__(self, runner, max_batch: int | None = None, max_width: int | None = None):
@@ -163,6 +163,17 @@ class DecodeGraphs:
         self.graphs[key] = graph
         self._tables_key = None  # resend every row after a capture
 
+    def _capture_key(self, key: tuple) -> None:
+        """:meth:`_capture`; if it failed in the runner's compiled forward (which then
+        turned itself off, with its warning), once more on the eager forward."""
+        compiled = self.runner.compiled is not None
+        try:
+            self._capture(key)
+        except Exception:
+            if not compiled or self.runner.compiled is not None:
+                raise
+            self._capture(key)
+
     def _plan(self, b: int, wb: int):
         """The cascade plan of bucket (b, wb); the plans of one batch bucket share one
         grouping buffer (its layout depends on b only)."""
@@ -186,7 +197,7 @@ class DecodeGraphs:
                     if self.disabled or key in self.graphs:
                         continue
                     try:
-                        self._capture(key)
+                        self._capture_key(key)
                     except Exception as exc:
                         self._disable(exc)
         return len(self.graphs)
@@ -213,7 +224,7 @@ class DecodeGraphs:
         bs, pad = r.block_size, b - n
         try:
             if key not in self.graphs:
-                self._capture(key)
+                self._capture_key(key)
             if groups and self._grouped.get(b) != r.groups.key:
                 self.plans[b, wb].grouping.refill(groups)
                 self._grouped[b] = r.groups.key
