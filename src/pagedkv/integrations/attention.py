@@ -4,7 +4,9 @@ The model's own attention module computes q/k/v (projections, RoPE, bias) and ha
 them to :func:`paged_attention_forward`, which writes the new K/V into the pool and
 reads every key/value directly from the pages through :mod:`pagedkv.ops`
 (``paged_prefill`` for packed ragged chunks, ``paged_decode`` for one token per
-sequence). Nothing is gathered into contiguous K/V tensors.
+sequence). Nothing is gathered into contiguous K/V tensors. Under ``torch.compile`` the
+same work is one call of the custom op ``pagedkv::paged_attention``
+(:mod:`.attention_op`), so a compiled forward is one graph, with no break per layer.
 
 Nothing is left switched on the user's model. transformers picks the attention function
 from ``config._attn_implementation`` at every layer call, so :class:`PagedAttention`
