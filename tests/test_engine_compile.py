@@ -18,8 +18,8 @@ from torch._dynamo.utils import ReinplaceCounters, counters
 
 from _models import tiny, tiny_family
 from pagedkv.engine import Engine, SamplingParams
-from pagedkv.engine.compiled import MAX_DECODE_GRAPHS, CompiledDecode
 from pagedkv.integrations import attention_op
+from pagedkv.integrations.compiled import MAX_DECODE_GRAPHS, CompiledDecode
 
 NEW = 6
 GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)

@@ -32,7 +32,6 @@ import torch
 
 from pagedkv import ops
 from pagedkv.engine.chunks import Chunk
-from pagedkv.engine.compiled import CompiledDecode
 from pagedkv.engine.config import EngineConfig
 from pagedkv.engine.cuda_graphs import DecodeGraphs, capture_blocker
 from pagedkv.engine.host import host_int64
@@ -40,6 +39,7 @@ from pagedkv.engine.prefix_groups import PrefixGroups
 from pagedkv.engine.repeats import PromptRepeats
 from pagedkv.engine.sampling import sample
 from pagedkv.integrations.attention import PagedAttention, PagedAttentionMetadata, layer_views
+from pagedkv.integrations.compiled import CompiledDecode
 from pagedkv.integrations.support import ModelSupport, check_model_supported
 from pagedkv.ops.cascade_fixed import CascadeGrouping, FixedCascadePlan
 

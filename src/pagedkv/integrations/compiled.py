@@ -1,4 +1,4 @@
-"""The engine's decode forward under ``torch.compile`` (``EngineConfig.torch_compile``).
+"""A model's paged decode forward under ``torch.compile`` (``EngineConfig.torch_compile``).
 
 The model's own ``forward`` is compiled (the model is not changed or wrapped: its
 modules keep working with plain transformers); the paged attention of each layer is the
