@@ -328,10 +328,14 @@ def run(args: argparse.Namespace, bar, child_argv: list[str]) -> tuple[dict, lis
                     except Exception as exc:
                         r["breakdown"] = dict(error=repr(exc))
                 if args.torch_compile:  # still compiled? and did the timed runs recompile?
+                    from torch._dynamo.utils import counters
+
                     compiled = getattr(engine.runner, "compiled", None)
                     r["compiled"] = dict(
                         active=compiled is not None, graphs_after_warmup=compiles_warm,
                         graphs_now=getattr(compiled, "graphs", None),
+                        dynamo_graph_breaks=sum(counters["graph_break"].values()),
+                        dynamo_unique_graphs=counters["stats"]["unique_graphs"],
                     )  # fmt: skip
                 print(f"pk_{w}", json.dumps(r), flush=True)
                 dump()
