@@ -111,6 +111,34 @@ def test_batch_sizes_1_to_8_and_shared_prefixes_compile_nothing_more(llama, monk
     assert sum(counters["graph_break"].values()) == breaks
 
 
+def test_cuda_graph_forwards_of_every_bucket_reuse_the_warmup_graphs(llama):
+    """What DecodeGraphs captures (here run, not captured: no CUDA): the decode forward
+    over its static buffers, for every batch x table-width bucket, plain and cascade.
+    Those inputs are views of other buffers (offsets, strides) and must not make the
+    compiled forward recompile: each capture runs one of the warm-up's graphs."""
+    from pagedkv.engine.cuda_graphs import DecodeGraphs
+
+    _, engine, _, _ = llama
+    runner = engine.runner
+    graphs = DecodeGraphs(runner, max_batch=8)
+    before = runner.compiled.graphs
+    runs = 0
+    with torch.inference_mode():
+        for b in graphs.buckets:
+            for wb in graphs.widths:
+                for cascade in (False, True) if b > 1 else (False,):
+                    if cascade:
+                        graphs.plans[b, wb] = graphs._plan(b, wb)
+                        graphs.plans[b, wb].grouping.refill(())
+                    graphs.static.zero_()
+                    graphs.static[2 * b : 3 * b].fill_(-1)  # padding slots, as _capture
+                    graphs.static[4 * b : 5 * b].fill_(-1)
+                    assert graphs._forward(b, wb, cascade).shape == (b, 256)
+                    runs += 1
+    assert runs == 4 * 4 * 2 - 4 and runner.compiled is not None
+    assert runner.compiled.graphs == before == MAX_DECODE_GRAPHS
+
+
 def test_model_keeps_working_with_plain_transformers(llama):
     """The compiled engine changed nothing of the model: generate() (its own attention,
     its own cache, no compile) still gives the tokens of a fresh copy of the model."""

@@ -87,10 +87,13 @@ class DecodeGraphs:
         # in a single host-to-device copy. Tables are sent at their real width w and
         # copied (outside the graph) into the fixed-width table the graph reads; columns
         # past a sequence's last block are never read, so stale values there are harmless.
-        self.static = torch.zeros(b * (6 + w), dtype=torch.int64, device=dev)
-        self.lens32 = torch.zeros(b, dtype=torch.int32, device=dev)
-        self.tables32 = torch.zeros(b, w, dtype=torch.int32, device=dev)
-        self.cu32 = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        # Inference tensors, like every other input of a step's forward (steps run under
+        # inference mode): a compiled forward guards on the kind, so all must be alike.
+        with torch.inference_mode():
+            self.static = torch.zeros(b * (6 + w), dtype=torch.int64, device=dev)
+            self.lens32 = torch.zeros(b, dtype=torch.int32, device=dev)
+            self.tables32 = torch.zeros(b, w, dtype=torch.int32, device=dev)
+            self.cu32 = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.logits: torch.Tensor | None = None  # [max_batch, V], written by every graph
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.plans: dict[tuple[int, int], Any] = {}  # (batch, width bucket) -> cascade plan
@@ -116,8 +119,12 @@ class DecodeGraphs:
         ids = torch.where(src >= 0, r.last_tokens.index_select(0, src.clamp(min=0)), ids)
         # The metadata views the static buffers, so a replay reads the step's values;
         # the attention switch is only needed while Python runs (warm-up, capture).
+        tables = self.tables32[:b, :wb]
+        if r.compiled is not None:  # a packed copy (in the graph), as eager steps pass: the
+            # compiled forward guards on strides (even a [1, w] view's; hence no contiguous())
+            tables = tables.clone(memory_format=torch.contiguous_format)
         meta = PagedAttentionMetadata(
-            kv=r.cache.pool.kv, slots=slots, block_tables=self.tables32[:b, :wb],
+            kv=r.cache.pool.kv, slots=slots, block_tables=tables,
             seq_lens=self.lens32[:b], cu_seqlens_q=self.cu32[: b + 1], max_q_len=1,
             is_decode=True, cascade=self.plans[b, wb] if cascade else None, layers=r.layers,
             kv_scales=r.cache.pool.scales, static_kv_scales=r.cache.layout.static_scales,
