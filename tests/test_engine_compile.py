@@ -10,6 +10,7 @@ kernels and the paged kernels pick the same tokens.
 
 from __future__ import annotations
 
+import collections
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from torch._dynamo.utils import ReinplaceCounters, counters
 
 from _models import tiny, tiny_family
 from pagedkv.engine import Engine, SamplingParams
-from pagedkv.integrations import attention_op
+from pagedkv.integrations import attention, attention_op
 from pagedkv.integrations.compiled import MAX_DECODE_GRAPHS, CompiledDecode
 
 NEW = 6
@@ -82,14 +83,24 @@ def test_batch_sizes_1_to_8_and_shared_prefixes_compile_nothing_more(llama, monk
     and without shared prefixes (cascade plans), reuse the compiled graphs: no recompile,
     no break, and every token equals the eager engine's."""
     model, engine, _, _ = llama
-    cascades = []  # (an engine's tokens being computed, tracing)
-    real, who = attention_op.ops.cascade_decode, ["eager"]
+    cascades = []  # (the engine computing, tracing)
+    calls = collections.Counter()  # (the engine computing, "op" | "eager", is_decode)
+    who = ["eager"]
 
-    def counted(*args, **kwargs):
-        cascades.append((who[0], torch.compiler.is_compiling()))
-        return real(*args, **kwargs)
+    def counting(fn, record):
+        def wrapped(*args, **kwargs):
+            record(args)
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(attention_op.ops, "cascade_decode", counted)
+        return wrapped
+
+    monkeypatch.setattr(attention_op.ops, "cascade_decode", counting(
+        attention_op.ops.cascade_decode,
+        lambda a: cascades.append((who[0], torch.compiler.is_compiling()))))  # fmt: skip
+    # the custom op's body calls attention_op.attend; the eager path its own import of it
+    for mod, path in ((attention_op, "op"), (attention, "eager")):
+        monkeypatch.setattr(mod, "attend", counting(
+            mod.attend, lambda a, path=path: calls.update([(who[0], path, a[13])])))  # fmt: skip
     graphs = engine.runner.compiled.graphs
     frames = counters["stats"]["unique_graphs"]
     breaks = sum(counters["graph_break"].values())
@@ -106,6 +117,11 @@ def test_batch_sizes_1_to_8_and_shared_prefixes_compile_nothing_more(llama, monk
     assert engine.runner.compiled is not None
     # cascade decode ran in the compiled engine, inside the op (not traced)
     assert ("compiled", False) in cascades and not any(t for _, t in cascades)
+    # every decode forward of the compiled engine ran the compiled graph (through the op);
+    # its prefill ran eagerly; the eager engine never reached the op
+    assert calls["compiled", "op", True] > 0 and calls["compiled", "eager", True] == 0
+    assert calls["compiled", "eager", False] > 0 and calls["compiled", "op", False] == 0
+    assert not calls["eager", "op", True] and calls["eager", "eager", True] > 0
     assert engine.runner.compiled.graphs == graphs == MAX_DECODE_GRAPHS
     assert counters["stats"]["unique_graphs"] == frames
     assert sum(counters["graph_break"].values()) == breaks
