@@ -16,14 +16,14 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 python3 -c "import torch,triton,transformers as t;print('torch',torch.__version__,'triton',triton.__version__,'transformers',t.__version__)"
 gpu_test_deps
 echo "== compile tests on CUDA $(date -u +%T)"
-T=$(( $(left) / 4 )); [ "$T" -gt 90 ] && T=90
+T=$(( $(left) / 4 )); [ "$T" -gt 75 ] && T=75
 timeout "$T" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs \
   tests/test_engine_compile.py tests/test_engine_gpu.py -k "cuda and compile" 2>&1 | tail -15
 # the compiled run first (it compiles: the longer one), then the eager one in what is left
 E2E=(--device cuda --workloads a --plan pk --repeat 2 --quiet --no-plot)
 [ "${QUICK:-0}" = 1 ] && E2E=(--device cpu --tiny --workloads a --plan pk --repeat 1 --quiet --no-plot)
 echo "== bench_e2e (a), --torch-compile $(date -u +%T)"
-timeout $(( $(left) * 3 / 5 )) python3 benchmarks/bench_e2e.py "${E2E[@]}" --torch-compile \
+timeout $(( $(left) * 2 / 3 )) python3 benchmarks/bench_e2e.py "${E2E[@]}" --torch-compile \
   --out "$O/bench_e2e_compiled.json" 2>&1 | grep -v "^USDT" | grep -v "^pk_a {" | tail -12
 echo "== bench_e2e (a), eager forward $(date -u +%T)"
 timeout "$(left)" python3 benchmarks/bench_e2e.py "${E2E[@]}" \
