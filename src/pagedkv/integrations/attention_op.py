@@ -72,7 +72,19 @@ def attend(q, k, v, k_cache, v_cache, ks, vs, static, slots, block_tables, seq_l
     )  # fmt: skip
 
 
-@torch.library.custom_op("pagedkv::paged_attention", mutates_args=("kv", "kv_scales"))
+# The schema spelled out (not inferred from the annotations): the same on every torch
+# version (older ones read `X | None` string annotations differently).
+_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, Tensor(b!)? kv_scales, Tensor slots, "
+    "Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, Tensor? sinks, int layer, "
+    "float? scaling, int? window, float? softcap, float? k_scale, float? v_scale, "
+    "SymInt max_q_len, bool is_decode, bool cascade) -> Tensor"
+)
+
+
+@torch.library.custom_op(
+    "pagedkv::paged_attention", mutates_args=("kv", "kv_scales"), schema=_SCHEMA
+)
 def paged_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
