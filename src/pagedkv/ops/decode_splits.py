@@ -22,15 +22,15 @@ MAX_VECTOR_MERGE = 128  # more splits than this are merged one by one
 #: (q bfloat16 / float16, head_dim <= 128). ``form``: "dot" (tensor cores in q's dtype),
 #: "dot16" (tensor cores in float16: fp8 -> fp16 is one conversion per pair, fp8 -> bf16
 #: a quarter-rate one per element on sm_90), "fma" (CUDA cores, float32). ``programs_per_sm``
-#: sizes the splits (:func:`choose_split_tokens`). Chosen by reading the sm_90 code
-#: (benchmarks/decode_codegen.py): 128-token tiles, 4 warps, 255 registers (2 programs
-#: per SM), 5 stages (the only depth that gives the K/V loads a second buffer: the next
-#: tile is in flight while this one is used), so ~128 KB in flight per SM (bf16's config:
-#: 3 x 32 KB). benchmarks/gpu_quant_sweep.sh times the alternatives and prints the winner
-#: as the line to put here (one line per kind).
+#: sizes the splits (:func:`choose_split_tokens`). From the sweep on an H200 (2026-12-02,
+#: ``bash benchmarks/gpu_quant_sweep.sh``: 33 variants x 6 shapes, CUDA graphs): the
+#: config with the best geometric mean over the shapes, 1.06x (fp8) / 1.07x (int8) the
+#: best per shape; 128-token tiles in q's dtype beat "dot16" (its extra register pressure
+#: costs more than the cheaper conversion saves) and "fma" (4-8x slower). The sweep
+#: prints the line to put here (one line per kind).
 QUANT_CONFIGS: dict[str, dict] = {
-    "fp8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot16", programs_per_sm=2),
-    "int8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot16", programs_per_sm=2),
+    "fp8": dict(BLOCK_N=128, num_warps=4, num_stages=3, form="dot", programs_per_sm=2),
+    "int8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot", programs_per_sm=2),
 }
 FORMS = {"dot": 0, "dot16": 1, "fma": 2}  # the split kernel's FORM constexpr
 
