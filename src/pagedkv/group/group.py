@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pagedkv._validate import unhashable_id, unknown_sequence
+from pagedkv._validate import live_entry
 from pagedkv.cache import KVCache
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.group import members as _members
@@ -183,12 +183,7 @@ class KVCacheGroup(GroupMoves):
 
     def device_of(self, seq_id: Hashable) -> str:
         """The member holding ``seq_id`` (``KeyError`` if none)."""
-        try:
-            return self._where[seq_id]
-        except KeyError:
-            raise unknown_sequence(seq_id) from None
-        except TypeError:
-            raise unhashable_id(seq_id) from None
+        return live_entry(self._where, seq_id)
 
     def cache_of(self, seq_id: Hashable) -> KVCache:
         """The member cache holding ``seq_id``: its tensors and kernels serve the sequence."""
