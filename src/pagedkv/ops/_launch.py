@@ -139,7 +139,7 @@ class Launcher:
 
 
 class Scratch:
-    """Float32 workspace reused across calls, one buffer per (device, stream, thread).
+    """Workspace reused across calls, one buffer per (device, stream, thread).
 
     Reuse is safe because every user of a buffer runs on the buffer's own stream (work on
     one stream runs in order) from one thread (two threads interleaving launches on a
@@ -147,23 +147,40 @@ class Scratch:
     is replaced, the allocator reuses its memory only after the work queued there). While
     a CUDA graph is being captured a fresh buffer is handed out instead: a graph keeps the
     addresses it captured, and a cached buffer may be replaced later.
+
+    ``zeroed``: int32 counters, zero when made (a fresh buffer under capture is zeroed
+    inside the graph), which their kernels leave zero again when they finish; kept on the
+    CPU too (the interpreter runs launches in order). Else float32, uninitialised, and on
+    the CPU a new buffer per call.
     """
 
     MAX_BUFFERS = 64  # threads come and go; dropping a buffer is always safe (see above)
 
-    def __init__(self) -> None:
+    def __init__(self, zeroed: bool = False) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
+        self._zeroed = zeroed
+        self._dtype = torch.int32 if zeroed else torch.float32
+
+    def _new(self, like: torch.Tensor, numel: int) -> torch.Tensor:
+        if self._zeroed:
+            return like.new_zeros(numel, dtype=self._dtype)
+        return like.new_empty(numel, dtype=self._dtype)
 
     def get(self, like: torch.Tensor, numel: int) -> torch.Tensor:
-        """A float32 tensor of at least ``numel`` elements on ``like``'s device."""
-        if not like.is_cuda or torch.cuda.is_current_stream_capturing():
-            return like.new_empty(numel, dtype=torch.float32)
-        dev = like.get_device()
-        key = (dev, torch._C._cuda_getCurrentRawStream(dev), threading.get_ident())
+        """A tensor of at least ``numel`` elements on ``like``'s device."""
+        if like.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return self._new(like, numel)
+            dev = like.get_device()
+            key = (dev, torch._C._cuda_getCurrentRawStream(dev), threading.get_ident())
+        elif self._zeroed:
+            key = (str(like.device), 0, threading.get_ident())
+        else:
+            return self._new(like, numel)
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel:
             if len(self._bufs) >= self.MAX_BUFFERS:
                 self._bufs.clear()
             old = 0 if buf is None else buf.numel()
-            buf = self._bufs[key] = like.new_empty(max(numel, 2 * old), dtype=torch.float32)
+            buf = self._bufs[key] = self._new(like, max(numel, 2 * old))
         return buf
