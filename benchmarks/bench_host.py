@@ -7,8 +7,9 @@ queued first, then ``--calls`` back-to-back calls are timed on the CPU without a
 (as FlashInfer's benchmarks time ``run``); the sleep must still be running when the loop
 ends (column ``busy``), so no call waited for the GPU. Median of 7 rounds. Rows:
 pagedkv ops (``check=False``) at B=1 ctx 512 (split decode: one kernel that also
-merges; two before issue 14's fused merge) and B=64 ctx 512 (one kernel), ``DecodePlan.run``, prefill and KV write; the same decode kernel
-launched the ordinary Triton way (``kernel[grid](...)``) and through pagedkv's bound
+merges; two before issue 14's fused merge) and B=64 ctx 512 (one kernel),
+``DecodePlan.run`` (split kernel + merge kernel), prefill and KV write; the same decode
+kernel launched the ordinary Triton way (``kernel[grid](...)``) and through pagedkv's bound
 launcher; FlashInfer ``BatchDecodeWithPagedKVCacheWrapper.run`` on the same pool (if
 importable; its first use may JIT-build); ``torch.empty`` for scale.
 

@@ -100,11 +100,12 @@ class Launcher:
                 n = self.n_ptrs
                 ptrs = [a.data_ptr() for a in args[:n]]
                 rt = drv.runtime
+                enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
                 if (
                     not reduce(or_, ptrs) & ALIGN_MASK
                     and not reduce(or_, args[n : n + self.n_ints], 0) & INT_MASK
-                    and _hook_idle(rt.launch_enter_hook)
-                    and _hook_idle(rt.launch_exit_hook)
+                    and (enter is None or _hook_idle(enter))  # no call for the usual None
+                    and (leave is None or _hook_idle(leave))
                 ):
                     gx, gy, gz = (*grid, 1, 1)[:3]  # a 1-D or 2-D grid is padded as Triton does
                     bound.run(
@@ -168,6 +169,7 @@ class Scratch:
 
     def get(self, like: torch.Tensor, numel: int) -> torch.Tensor:
         """A tensor of at least ``numel`` elements on ``like``'s device."""
+        key: tuple
         if like.is_cuda:
             if torch.cuda.is_current_stream_capturing():
                 return self._new(like, numel)

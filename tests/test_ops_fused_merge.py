@@ -1,0 +1,185 @@
+"""Split decode with the merge fused into the split kernel (issue 14: one launch per call).
+
+The last program of each (sequence, KV head) to finish merges that row's splits; the
+count of arrivals lives in a reused int32 buffer that the kernel leaves zero. Without
+CUDA the kernels run in the Triton interpreter (programs one after another); the gpu
+tests run them concurrently, many times over (a missed arrival or a partial read
+before it was written would change the result from call to call).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _kvcases import assert_close, paged_case
+
+pytest.importorskip("triton")
+
+from pagedkv import ops  # noqa: E402
+from pagedkv.ops import _launch, _specs, decode_splits  # noqa: E402
+from pagedkv.ops import triton_decode as td  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _counters_zero() -> bool:
+    return all(int(buf.abs().sum()) == 0 for buf in td._COUNTERS._bufs.values())
+
+
+def _run(kern, q, k, v, bt, sl, feats, splits, **kw):
+    sinks = feats.get("sinks")
+    scal = td.scalars(q.shape[-1] ** -0.5, feats.get("softcap"), feats.get("window"))
+    return kern.run(q, k, v, bt, sl, sinks, scal, feats.get("window"), splits=splits, **kw)
+
+
+@pytest.mark.parametrize(
+    "dtype, hq, hkv, split_tokens, feats",
+    [
+        (torch.float32, 4, 2, 16, {}),  # 10 splits: the tree merge (S_PAD 16)
+        (torch.float32, 6, 2, 8, dict(window=40)),  # G = 3, windowed splits
+        (torch.bfloat16, 4, 1, 32, dict(softcap=3.0, sinks=True)),
+        (torch.float32, 4, 2, 1, {}),  # 150 splits: more than MAX_VECTOR_MERGE, one by one
+    ],
+    ids=["tree", "gqa3-window", "bf16-softcap-sinks", "sequential"],
+)
+def test_fused_merge_matches_the_merge_kernel_and_the_reference(dtype, hq, hkv, split_tokens,
+                                                                 feats):  # fmt: skip
+    d, bs = 16, 8
+    lens = [150, 0, 1, 77] if split_tokens > 1 else [150, 9]
+    k, v, bt, sl = paged_case(lens, hq, hkv, d, bs, dtype, DEV)
+    q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+    feats = dict(feats)
+    if feats.pop("sinks", False):
+        feats["sinks"] = torch.randn(hq, device=DEV)
+    kern = td.kernels(q, k, v, bt, sl, feats.get("sinks"), "softcap" in feats, False)
+    splits = td.plan_splits(len(lens), hkv, bt.shape[1] * bs, feats.get("window"),
+                            kern.block_n, q.device, False, split_tokens)  # fmt: skip
+    assert splits.num_splits > 1
+    fused = _run(kern, q, k, v, bt, sl, feats, splits)
+    assert _counters_zero()  # left zero for the next launch
+    two = _run(kern, q, k, v, bt, sl, feats, splits, fused=False)
+    again = _run(kern, q, k, v, bt, sl, feats, splits)
+    assert torch.equal(fused, again)  # the counters' reuse changes nothing
+    ref = ops.decode_attention(q, k, v, bt, sl, backend="reference", **feats)
+    assert_close(fused, ref, TOL[dtype], what=f"fused {feats}")
+    assert_close(fused, two, TOL[dtype], what="fused vs merge kernel")
+    for row, n in enumerate(lens):
+        if n == 0:  # an empty sequence: zeros, as the merge kernel writes
+            assert not fused[row].any()
+
+
+def _launches(monkeypatch) -> list:
+    seen: list = []
+    real = _launch.Launcher.__call__
+
+    def spy(self, grid, *args):
+        seen.append(self.kernel)
+        return real(self, grid, *args)
+
+    monkeypatch.setattr(_launch.Launcher, "__call__", spy)
+    return seen
+
+
+def test_eager_split_decode_is_one_launch_except_invariant_and_plans(monkeypatch):
+    """ops.decode_attention with splits launches only the split kernel (it merges);
+    batch-invariant mode and DecodePlan (its own workspace) still launch the merge
+    kernel, whose results stay as before."""
+    hq, hkv, d, bs = 4, 2, 16, 8
+    lens = [600, 3]
+    k, v, bt, sl = paged_case(lens, hq, hkv, d, bs, torch.float32, DEV)
+    q = torch.randn(2, hq, d, device=DEV)
+    monkeypatch.setattr(decode_splits, "_sm_count", lambda dev: 16)  # several splits here
+    for mod, name in ((td, "_KERNELS"), (_specs, "_DECODE")):
+        monkeypatch.setattr(mod, name, {})  # fresh classes: plans made with that count
+    seen = _launches(monkeypatch)
+    out = ops.decode_attention(q, k, v, bt, sl, backend="triton", check=False)
+    assert seen == [td._decode_split_kernel]
+    ref = ops.decode_attention(q, k, v, bt, sl, backend="reference")
+    assert_close(out, ref, TOL[torch.float32], what="eager fused")
+    seen.clear()
+    inv = ops.decode_attention(q, k, v, bt, sl, backend="triton", batch_invariant=True)
+    assert seen == [td._decode_split_kernel, td._decode_merge_kernel]
+    assert_close(inv, ref, TOL[torch.float32], what="invariant")
+    seen.clear()
+    plan = ops.DecodePlan(2, hq, hkv, d, bs, bt.shape[1] * bs, dtype=torch.float32,
+                          device=DEV, backend="triton")  # fmt: skip
+    res = plan.run(q, k, v, bt, sl)
+    assert seen == [td._decode_split_kernel, td._decode_merge_kernel]
+    assert_close(res, ref, TOL[torch.float32], what="DecodePlan")
+
+
+def test_counters_are_per_stream_thread_and_grow_zeroed():
+    """The counter buffer is kept per (device, stream, thread), grows zeroed, and a
+    fresh zeroed buffer is what a CPU caller of another thread gets."""
+    import threading
+
+    scratch = _launch.Scratch(zeroed=True)
+    like = torch.empty(1, device=DEV)
+    a = scratch.get(like, 10)
+    assert a.dtype == torch.int32 and a.numel() >= 10 and not a.any()
+    assert scratch.get(like, 5).data_ptr() == a.data_ptr()  # reused
+    a[:3] = 0  # (the kernels leave it zero)
+    b = scratch.get(like, 100)
+    assert b.numel() >= 100 and not b.any()
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(scratch.get(like, 10)))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != b.data_ptr() and not other[0].any()
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, hq, hkv, d, bs, lens",
+    [
+        (torch.bfloat16, 32, 8, 128, 16, [512]),  # the bench_host case: 8 splits
+        (torch.bfloat16, 9, 3, 64, 16, [640]),  # SmolLM2's heads at B=1: G = 3
+        (torch.bfloat16, 32, 8, 128, 16, [1, 16, 4097, 0, 2500, 333, 8191, 70000]),
+        (torch.float32, 16, 1, 128, 16, [30000, 5]),  # > MAX_VECTOR_MERGE splits
+    ],
+)
+def test_cuda_fused_merge_is_stable_and_matches(dtype, hq, hkv, d, bs, lens):
+    k, v, bt, sl = paged_case(lens, hq, hkv, d, bs, dtype, DEV)
+    q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+    first = ops.decode_attention(q, k, v, bt, sl, check=False)
+    outs = [ops.decode_attention(q, k, v, bt, sl, check=False) for _ in range(200)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(first, o) for o in outs)  # no race: the same bits every time
+    assert _counters_zero()
+    kern = td.kernels(q, k, v, bt, sl, None, False, False)
+    two = kern.run(q, k, v, bt, sl, None, td.scalars(d**-0.5, None, None), None, fused=False)
+    ref = ops.decode_attention(q, k, v, bt, sl, backend="reference")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_close(first, ref, tol, what="fused vs reference")
+    assert_close(first, two, tol, what="fused vs merge kernel")
+
+
+@pytest.mark.gpu
+def test_cuda_fused_merge_on_two_streams_and_in_a_graph():
+    hq, hkv, d, bs = 32, 8, 128, 16
+    k, v, bt, sl = paged_case([3000, 40, 1], hq, hkv, d, bs, torch.bfloat16, DEV)
+    q = torch.randn(3, hq, d, device=DEV).to(torch.bfloat16)
+    want = ops.decode_attention(q, k, v, bt, sl, check=False).clone()
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    got: list = []
+    torch.cuda.synchronize()
+    for _ in range(50):
+        for s in streams:
+            with torch.cuda.stream(s):
+                got.append(ops.decode_attention(q, k, v, bt, sl, check=False))
+    torch.cuda.synchronize()
+    assert all(torch.equal(want, o) for o in got)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.decode_attention(q, k, v, bt, sl, check=False)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)  # the graph's own zeroed counters, every replay
+    assert _counters_zero()
