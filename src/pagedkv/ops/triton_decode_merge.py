@@ -29,13 +29,14 @@ def split_base(seq_len, window, split_tokens, ALIGNED: tl.constexpr):
 
 @triton.jit
 def merge_head(o_base, lse_base, stride_os, n_splits, D: tl.constexpr, D_PAD: tl.constexpr,
-               S_PAD: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
+               S_PAD: tl.constexpr, CACHE: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """The merged float32 output [D_PAD] of one (sequence, query head) from the partials at
     ``o_base`` (split s at ``s * stride_os``) and log-sum-exps at ``lse_base`` (split s at
     ``s``). S_PAD > 0: all splits at once (a tree reduction whose shape depends on S_PAD,
     hence on the batch); S_PAD == 0: one split after another in split order. ``CACHE``:
     the loads' cache modifier ("" default; ".cg" reads past L1, for partials that other
-    programs of the same launch wrote)."""
+    programs of the same launch wrote); ``STAGES``: the split loop's ``num_stages`` (None:
+    the kernel's; 1: not software-pipelined)."""
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
     if S_PAD > 0:
@@ -54,7 +55,7 @@ def merge_head(o_base, lse_base, stride_os, n_splits, D: tl.constexpr, D_PAD: tl
         m = float("-inf")
         den = 0.0
         acc = tl.zeros([D_PAD], dtype=tl.float32)
-        for s in range(0, n_splits):
+        for s in tl.range(0, n_splits, num_stages=STAGES):
             lse = tl.load(lse_base + s, cache_modifier=CACHE)
             o = tl.load(o_base + s * stride_os + offs_d, mask=mask_d, other=0.0,
                         cache_modifier=CACHE)  # fmt: skip
@@ -82,10 +83,10 @@ def merge_last(Cnt, o_row, lse_row, f_row, stride_oh, stride_os, stride_lh, stri
     if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
         tl.store(cnt, 0)
         offs_d = tl.arange(0, D_PAD)
-        for g in range(0, G):
+        for g in tl.range(0, G, num_stages=1):  # no pipelining: no shared-memory buffers
             head = h * G + g
             res = merge_head(o_row + head * stride_oh, lse_row + head * stride_lh, stride_os,
-                             n_splits, D, D_PAD, S_PAD, ".cg")  # fmt: skip
+                             n_splits, D, D_PAD, S_PAD, ".cg", 1)  # fmt: skip
             tl.store(f_row + head * stride_fh + offs_d, res.to(f_row.dtype.element_ty),
                      mask=offs_d < D)  # fmt: skip
 
@@ -108,7 +109,7 @@ def _decode_merge_kernel(
     n_splits = tl.cdiv(seq_len - base, split_tokens)
     o_base = Opart + b.to(tl.int64) * stride_ob + hq * stride_oh
     lse_base = LSE + lse_off + b.to(tl.int64) * stride_lb + hq * stride_lh
-    out = merge_head(o_base, lse_base, stride_os, n_splits, D, D_PAD, S_PAD, "")
+    out = merge_head(o_base, lse_base, stride_os, n_splits, D, D_PAD, S_PAD, "", None)
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
     out_ptr = OUT + b.to(tl.int64) * stride_outb + hq * stride_outh + offs_d
