@@ -26,7 +26,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
 def _counters_zero() -> bool:
-    return all(int(buf.abs().sum()) == 0 for buf in td._COUNTERS._bufs.values())
+    return all(int(buf.abs().sum()) == 0 for buf in td._SCRATCH._counts.values())
 
 
 def _run(kern, q, k, v, bt, sl, feats, splits, **kw):
@@ -112,20 +112,20 @@ def test_eager_split_decode_is_one_launch_except_invariant_and_plans(monkeypatch
 
 
 def test_counters_are_per_stream_thread_and_grow_zeroed():
-    """The counter buffer is kept per (device, stream, thread), grows zeroed, and a
-    fresh zeroed buffer is what a CPU caller of another thread gets."""
+    """The counters are kept per (device, stream, thread) beside the float32 workspace,
+    grow zeroed, and another thread gets its own."""
     import threading
 
-    scratch = _launch.Scratch(zeroed=True)
+    scratch = _launch.Scratch()
     like = torch.empty(1, device=DEV)
-    a = scratch.get(like, 10)
+    buf, a = scratch.counted(like, 64, 10)
+    assert buf.dtype == torch.float32 and buf.numel() >= 64
     assert a.dtype == torch.int32 and a.numel() >= 10 and not a.any()
-    assert scratch.get(like, 5).data_ptr() == a.data_ptr()  # reused
-    a[:3] = 0  # (the kernels leave it zero)
-    b = scratch.get(like, 100)
+    assert scratch.counted(like, 8, 5)[1].data_ptr() == a.data_ptr()  # reused
+    _, b = scratch.counted(like, 8, 100)
     assert b.numel() >= 100 and not b.any()
     other: list = []
-    t = threading.Thread(target=lambda: other.append(scratch.get(like, 10)))
+    t = threading.Thread(target=lambda: other.append(scratch.counted(like, 8, 10)[1]))
     t.start()
     t.join()
     assert other[0].data_ptr() != b.data_ptr() and not other[0].any()

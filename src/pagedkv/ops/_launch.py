@@ -149,40 +149,59 @@ class Scratch:
     a CUDA graph is being captured a fresh buffer is handed out instead: a graph keeps the
     addresses it captured, and a cached buffer may be replaced later.
 
-    ``zeroed``: int32 counters, zero when made (a fresh buffer under capture is zeroed
-    inside the graph), which their kernels leave zero again when they finish; kept on the
-    CPU too (the interpreter runs launches in order). Else float32, uninitialised, and on
-    the CPU a new buffer per call.
+    :meth:`counted` also hands out int32 counters from a second buffer of the same key:
+    zero when made (a fresh buffer under capture is zeroed inside the graph), which their
+    kernels leave zero again when they finish; on the CPU (the interpreter runs launches
+    in order) they are kept too, while float32 buffers there are new per call.
     """
 
     MAX_BUFFERS = 64  # threads come and go; dropping a buffer is always safe (see above)
 
-    def __init__(self, zeroed: bool = False) -> None:
+    def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
-        self._zeroed = zeroed
-        self._dtype = torch.int32 if zeroed else torch.float32
-
-    def _new(self, like: torch.Tensor, numel: int) -> torch.Tensor:
-        if self._zeroed:
-            return like.new_zeros(numel, dtype=self._dtype)
-        return like.new_empty(numel, dtype=self._dtype)
+        self._counts: dict[tuple, torch.Tensor] = {}
 
     def get(self, like: torch.Tensor, numel: int) -> torch.Tensor:
-        """A tensor of at least ``numel`` elements on ``like``'s device."""
-        key: tuple
-        if like.is_cuda:
-            if torch.cuda.is_current_stream_capturing():
-                return self._new(like, numel)
-            dev = like.get_device()
-            key = (dev, torch._C._cuda_getCurrentRawStream(dev), threading.get_ident())
-        elif self._zeroed:
-            key = (str(like.device), 0, threading.get_ident())
-        else:
-            return self._new(like, numel)
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < numel:
-            if len(self._bufs) >= self.MAX_BUFFERS:
-                self._bufs.clear()
-            old = 0 if buf is None else buf.numel()
-            buf = self._bufs[key] = self._new(like, max(numel, 2 * old))
-        return buf
+        """A float32 tensor of at least ``numel`` elements on ``like``'s device."""
+        key = _stream_key(like)
+        if key is None or not like.is_cuda:
+            return like.new_empty(numel, dtype=torch.float32)
+        return _take(self._bufs, key, like, numel, torch.float32)
+
+    def counted(
+        self, like: torch.Tensor, numel: int, counts: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`get` and an int32 tensor of at least ``counts`` zeros (one key lookup)."""
+        key = _stream_key(like)
+        if key is None:  # capturing
+            return like.new_empty(numel, dtype=torch.float32), like.new_zeros(
+                counts, dtype=torch.int32
+            )
+        buf = _take(self._bufs, key, like, numel, torch.float32) if like.is_cuda else (
+            like.new_empty(numel, dtype=torch.float32))  # fmt: skip
+        return buf, _take(self._counts, key, like, counts, torch.int32)
+
+
+def _stream_key(like: torch.Tensor) -> tuple | None:
+    """(device, stream, thread) of a call on ``like``'s device; None while capturing."""
+    if like.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        dev = like.get_device()
+        return (dev, torch._C._cuda_getCurrentRawStream(dev), threading.get_ident())
+    return (str(like.device), 0, threading.get_ident())
+
+
+def _take(bufs: dict, key: tuple, like: torch.Tensor, numel: int, dtype) -> torch.Tensor:
+    """The buffer of ``key`` in ``bufs``, replaced by one twice as large (zeroed when
+    int32) when it holds fewer than ``numel`` elements."""
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        if len(bufs) >= Scratch.MAX_BUFFERS:
+            bufs.clear()
+        size = max(numel, 2 * (0 if buf is None else buf.numel()))
+        buf = bufs[key] = (
+            like.new_zeros(size, dtype=dtype) if dtype == torch.int32
+            else like.new_empty(size, dtype=dtype)
+        )  # fmt: skip
+    return buf

@@ -265,7 +265,8 @@ class DecodeKernels:
         """Launch the kernels; ``scalars`` = :func:`scalars` of (scale, softcap, window);
         ``k_scales`` / ``v_scales`` ([num_blocks, Hkv] float32) for a quantized cache.
         Split decode merges inside the split kernel (one launch: its last program per
-        row merges) unless batch-invariant, given a ``workspace`` or ``fused=False``."""
+        row merges) unless batch-invariant, given a ``workspace`` or ``fused=False``
+        (then a merge kernel follows)."""
         bsz = q.shape[0]
         hq, d = self.hq, self.d
         if out is None:
@@ -303,19 +304,20 @@ class DecodeKernels:
         if workspace is None:
             # one allocation: the partials [B, Hq, S, D], then the log-sum-exps [B, Hq, S]
             n_o = bsz * hq * n_splits * d
-            o_part = lse = _SCRATCH.get(q, n_o + bsz * hq * n_splits)
             ost, lst = (hq * n_splits * d, n_splits * d, d), (hq * n_splits, n_splits, n_o)
+            if fused is not False and not self.invariant:  # one launch: merged in the kernel
+                o_part, counts = _SCRATCH.counted(q, n_o + bsz * hq * n_splits, bsz * self.hkv)
+                self.merge(s_pad, True)(
+                    grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens,
+                    sinks_arg, o_part, o_part, out, counts, qs[0], qs[1], *ost, os_[0], os_[1],
+                    *scalars, bts, *lst, split_tokens,
+                )  # fmt: skip
+                return out
+            o_part = lse = _SCRATCH.get(q, n_o + bsz * hq * n_splits)
         else:
             o_part, lse = workspace
             assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
             ost, lst = o_part.stride()[:3], (*lse.stride()[:2], 0)
-        if (workspace is None if fused is None else fused) and not self.invariant:
-            self.merge(s_pad, True)(
-                grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg,
-                o_part, lse, out, _COUNTERS.get(q, bsz * self.hkv), qs[0], qs[1], *ost, os_[0],
-                os_[1], *scalars, bts, *lst, split_tokens,
-            )  # fmt: skip
-            return out
         self.parts(
             grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, o_part,
             lse, out, q, qs[0], qs[1], *ost, 0, 0, *scalars, bts, *lst, split_tokens,
@@ -329,7 +331,6 @@ class DecodeKernels:
 
 _KERNELS: dict[tuple, DecodeKernels] = {}  # shape class -> bound kernels (a compile cache)
 _SCRATCH = Scratch()  # the split partials of eager calls
-_COUNTERS = Scratch(zeroed=True)  # the fused merge's arrivals per (sequence, KV head)
 
 
 def kernels(
