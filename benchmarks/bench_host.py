@@ -7,11 +7,11 @@ queued first, then ``--calls`` back-to-back calls are timed on the CPU without a
 (as FlashInfer's benchmarks time ``run``); the sleep must still be running when the loop
 ends (column ``busy``), so no call waited for the GPU. Median of 7 rounds. Rows:
 pagedkv ops (``check=False``) at B=1 ctx 512 (split decode: one kernel that also
-merges; two before issue 14's fused merge) and B=64 ctx 512 (one kernel),
-``DecodePlan.run`` (split kernel + merge kernel), prefill and KV write; the same decode
-kernel launched the ordinary Triton way (``kernel[grid](...)``) and through pagedkv's bound
-launcher; FlashInfer ``BatchDecodeWithPagedKVCacheWrapper.run`` on the same pool (if
-importable; its first use may JIT-build); ``torch.empty`` for scale.
+merges, two before issue 14's fused merge; batch-invariant: split + merge kernel), B=64
+ctx 512 (one kernel), ``DecodePlan.run`` (split + merge kernel), prefill and KV write;
+the same decode kernel launched the ordinary Triton way (``kernel[grid](...)``) and
+through pagedkv's bound launcher; FlashInfer ``BatchDecodeWithPagedKVCacheWrapper.run``
+on the same pool (if importable; its first use may JIT-build); ``torch.empty`` for scale.
 
 On CPU (``--cpu`` or no CUDA): the Python wrapper cost per call up to the kernel
 launch: the Triton backend (through the interpreter's import) with every Launcher on
@@ -77,6 +77,9 @@ def calls(dev) -> dict:
     fns = {
         "ops.decode_attention B=1 ctx 512 (split)": lambda: ops.decode_attention(
             q, k, v, tables, lens, check=False
+        ),
+        "ops.decode_attention B=1 ctx 512 invariant (2 kernels)": lambda: ops.decode_attention(
+            q, k, v, tables, lens, check=False, batch_invariant=True
         ),
         "ops.decode_attention B=64 ctx 512 (1 kernel)": lambda: ops.decode_attention(
             big_q, bk, bv, big_t, big_l, check=False
