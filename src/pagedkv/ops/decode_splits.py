@@ -55,6 +55,15 @@ def config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = Non
     return dict(QUANT_CONFIGS[kind])
 
 
+def form_of(name: str, dtype: torch.dtype, quantized: bool) -> int:
+    """The FORM constexpr of a config's ``form`` (raises on one that cannot run here)."""
+    if name not in FORMS:
+        raise ValueError(f"decode form {name!r}: use one of {sorted(FORMS)}")
+    if name == "dot16" and (not quantized or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("decode form 'dot16' reads a quantized cache with bf16 / fp16 q")
+    return FORMS[name]
+
+
 def _quant_kind(kv_dtype: torch.dtype | None) -> str | None:
     if kv_dtype == torch.int8:
         return "int8"
