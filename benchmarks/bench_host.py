@@ -6,15 +6,19 @@ On CUDA: the full host cost of one eager call with the GPU busy. A long sleep ke
 queued first, then ``--calls`` back-to-back calls are timed on the CPU without a sync
 (as FlashInfer's benchmarks time ``run``); the sleep must still be running when the loop
 ends (column ``busy``), so no call waited for the GPU. Median of 7 rounds. Rows:
-pagedkv ops (``check=False``) at B=1 ctx 512 (split decode: two kernels) and B=64 ctx
-512 (one kernel), ``DecodePlan.run``, prefill and KV write; the same decode kernel
-launched the ordinary Triton way (``kernel[grid](...)``) and through pagedkv's bound
-launcher; FlashInfer ``BatchDecodeWithPagedKVCacheWrapper.run`` on the same pool (if
-importable; its first use may JIT-build); ``torch.empty`` for scale.
+pagedkv ops (``check=False``) at B=1 ctx 512 (split decode: one kernel that also
+merges, two before issue 14's fused merge; batch-invariant: split + merge kernel), B=64
+ctx 512 (one kernel), ``DecodePlan.run`` (split + merge kernel), prefill and KV write;
+the same decode kernel launched the ordinary Triton way (``kernel[grid](...)``) and
+through pagedkv's bound launcher; FlashInfer ``BatchDecodeWithPagedKVCacheWrapper.run``
+on the same pool (if importable; its first use may JIT-build); ``torch.empty`` for scale.
 
 On CPU (``--cpu`` or no CUDA): the Python wrapper cost per call up to the kernel
-launch, with the launch itself a no-op (Triton backend, through the interpreter's
-import) and the torch reference's kernels as no-ops.
+launch: the Triton backend (through the interpreter's import) with every Launcher on
+its bound fast path (its own Python runs, the compiled kernel's launcher is a no-op),
+splits planned as on an H200 (132 SMs), and the torch reference's kernels as no-ops.
+Run against another tree with a copy of this file outside the repository (its src/ is
+put first on sys.path): ``PYTHONPATH=<tree>/src python /tmp/bench_host.py --cpu``.
 
 Shapes: Hq 32, Hkv 8, D 128, block 16, bf16. Prints a table; writes JSON to
 benchmarks/out/bench_host.json and to $OUT when set.
@@ -73,6 +77,9 @@ def calls(dev) -> dict:
     fns = {
         "ops.decode_attention B=1 ctx 512 (split)": lambda: ops.decode_attention(
             q, k, v, tables, lens, check=False
+        ),
+        "ops.decode_attention B=1 ctx 512 invariant (2 kernels)": lambda: ops.decode_attention(
+            q, k, v, tables, lens, check=False, batch_invariant=True
         ),
         "ops.decode_attention B=64 ctx 512 (1 kernel)": lambda: ops.decode_attention(
             big_q, bk, bv, big_t, big_l, check=False
@@ -189,6 +196,24 @@ def time_cpu(fn, n: int, rounds: int) -> float:
 RES: dict = {}
 
 
+def fake_bound_launches() -> None:
+    """CPU mode: everything up to the kernel launch runs, the launch does not. Every
+    Launcher takes its fast path (as on CUDA once bound) into a no-op compiled launcher;
+    splits are planned for an H200's 132 SMs (on the CPU the planner assumes 4)."""
+    from pagedkv.ops import decode_splits
+
+    decode_splits._sm_count = lambda device: 132
+    hooks = type("Hooks", (), {"launch_enter_hook": None, "launch_exit_hook": None})()
+    _launch._DRIVER[:] = [_launch._Driver(lambda: 0, lambda dev: 0, hooks)]
+    init = _launch.Launcher.__init__
+
+    def bound_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._bound[0] = _launch._Bound(lambda *a: None, 0, ())
+
+    _launch.Launcher.__init__ = bound_init
+
+
 def main() -> None:
     args = ARGS.parse_args()
     RES.update(
@@ -215,8 +240,7 @@ def main() -> None:
     else:
         RES["device"] = "cpu"
         dev = torch.device("cpu")
-        # everything up to the kernel launch runs; the launch (interpreter) does not
-        _launch.Launcher.__call__ = lambda self, grid, *a: None
+        fake_bound_launches()
         for backend in ("triton", "reference"):
             if backend == "reference":
                 for name in ("decode", "prefill", "write_kv"):

@@ -8,9 +8,11 @@ memory <-> device for cpu<->cuda, device -> device for two GPUs (peer to peer wh
 ``torch.cuda.can_device_access_peer``; the table says whether it was) or one GPU, a
 memcpy between two CPU pools. Targets: >= 80 % cpu<->cuda, >= 85 % GPU<->GPU.
 
-cpu<->cuda moves are swept over the ways they can go (``--staging``): ``direct``, the CPU
-pool page-locked once and every block moved by a pitched copy on the copy engine (the
-table's ``lock_s`` is what locking the pool took, outside the timings); ``host``, the
+cpu<->cuda moves are swept over the ways they can go (``--staging``): ``kernel``, the CPU
+pool page-locked (and mapped) once and every block moved by one copy kernel on the GPU
+through the mapping; ``direct``, the same lock and every block moved by a pitched copy on
+the copy engine (the table's ``lock_s`` is what locking the pool took, outside the
+timings); ``host``, the
 pool left pageable and each chunk gathered / scattered by ``--threads`` host threads
 through pinned rows of ``--chunk-mib``. The ``best`` table picks the fastest per pair and
 direction. Bytes are checked bit-exact after every configuration.
@@ -21,7 +23,7 @@ can be tried anywhere. Layout 7B-like: 32 layers, 8 KV heads, head dim 128, bloc
 Prints the tables; writes JSON to benchmarks/out/move.json (and $OUT when set).
 
     python benchmarks/bench_move.py [--sizes-mib 1024] [--big-mib 8192] [--repeat 5]
-        [--staging direct,host] [--threads 1,4,8,16] [--chunk-mib 16,64]
+        [--staging kernel,direct,host] [--threads 1,4,8,16] [--chunk-mib 16,64]
         [--devices cpu,cuda:0,cuda:0] [--out DIR]
 """
 
@@ -46,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 LAYOUT_7B = KVLayout(32, 8, 128, 16, torch.bfloat16)
 GB = 1e9
 TARGETS = {"h2d": 0.80, "d2h": 0.80, "peer": 0.85}
+LOCKED = ("kernel", "direct")  # the stagings that page-lock the CPU pool
 
 
 def sync(*devices: torch.device) -> None:
@@ -124,8 +127,8 @@ def configs(route: str, args) -> list[dict]:
         return [{"staging": "auto", "host_threads": 1, "chunk_mib": args.chunks[-1]}]
     out = []
     for staging in args.staging:
-        if staging == "direct":
-            out.append({"staging": "direct", "host_threads": 1, "chunk_mib": args.chunks[-1]})
+        if staging in ("kernel", "direct"):
+            out.append({"staging": staging, "host_threads": 1, "chunk_mib": args.chunks[-1]})
         else:
             out += [
                 {"staging": "host", "host_threads": t, "chunk_mib": c}
@@ -149,7 +152,7 @@ def bench_pair(caches: dict, a: str, b: str, sizes: list[int], args) -> list[dic
         try:
             group = KVCacheGroup(
                 {a: ca, b: cb}, chunk_bytes=cfg["chunk_mib"] << 20, staging=cfg["staging"],
-                host_threads=cfg["host_threads"], pin_host=cfg["staging"] == "direct",
+                host_threads=cfg["host_threads"], pin_host=cfg["staging"] in LOCKED,
             )  # fmt: skip
         except (ValueError, RuntimeError) as e:
             print(f"{a} <-> {b} {cfg}: skipped ({e})")
@@ -177,9 +180,9 @@ def row(src, dst, nbytes, r, cfg, t_move, t_raw, lock_s) -> dict:
         "route": r.route,
         "staging": r.staging or "-",
         "threads": cfg["host_threads"] if r.staging == "host" else "-",
-        "chunk_MiB": cfg["chunk_mib"] if r.staging != "direct" else "-",
+        "chunk_MiB": cfg["chunk_mib"] if r.staging not in LOCKED else "-",
         "peer": "-" if r.peer is None else ("yes" if r.peer else "no"),
-        "lock_s": round(lock_s, 3) if r.staging == "direct" else "-",
+        "lock_s": round(lock_s, 3) if r.staging in LOCKED else "-",
         "move_GBps": nbytes / t_move / GB,
         "contiguous_GBps": nbytes / t_raw / GB,
         "ratio": ratio,
@@ -232,7 +235,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sizes-mib", default="1024" if gpus else "128", help="comma list, MiB")
     ap.add_argument("--big-mib", type=int, default=8192, help="extra size between two GPUs")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--staging", default="direct,host", help="cpu<->cuda ways to sweep")
+    ap.add_argument("--staging", default="kernel,direct,host", help="cpu<->cuda ways to sweep")
     ap.add_argument("--threads", default=",".join(map(str, threads)), help="host staging")
     ap.add_argument("--chunk-mib", default="16,64", help="host staging chunk sizes, MiB")
     ap.add_argument("--out", default=str(HERE / "out"), help="directory for move.json")
@@ -242,8 +245,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.threads = [int(t) for t in args.threads.split(",")]
     args.chunks = [int(c) for c in args.chunk_mib.split(",")]
     for s in args.staging:
-        if s not in ("direct", "host"):
-            ap.error(f"--staging takes direct and/or host, got {s!r}")
+        if s not in ("kernel", "direct", "host"):
+            ap.error(f"--staging takes kernel, direct and/or host, got {s!r}")
     return args
 
 

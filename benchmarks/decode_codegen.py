@@ -43,10 +43,11 @@ def compile_variant(kv: str, form: str, block_n: int, warps: int, stages: int, h
     g_pad = triton.next_power_of_2(g) if form == "fma" else max(16, triton.next_power_of_2(g))
     const = dict(G=g, G_PAD=g_pad, D=d, D_PAD=triton.next_power_of_2(d), BS=bs, BLOCK_N=block_n,
                  DIRECT=direct, IEEE=False, UPCAST=False, ALIGNED=False, SOFTCAP=False,
-                 HAS_SINKS=False, QUANT=quant, FORM=td.FORMS[form], stride_os=0)  # fmt: skip
+                 HAS_SINKS=False, QUANT=quant, FORM=td.FORMS[form], FUSED=False,
+                 S_PAD=0, stride_os=0)  # fmt: skip
     ptrs = dict(Q="*bf16", K=f"*{KV_TYPES[kv]}", V=f"*{KV_TYPES[kv]}", KS="*fp32", VS="*fp32",
                 BT="*i32", SL="*i32", Sinks="*bf16", Out="*bf16" if direct else "*fp32",
-                LSE="*fp32")  # fmt: skip
+                LSE="*fp32", Final="*bf16", Cnt="*i32")  # fmt: skip
     fn = td._decode_split_kernel
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

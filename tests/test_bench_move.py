@@ -31,13 +31,13 @@ def test_bench_move_runs_on_two_cpu_members(tmp_path, capsys, monkeypatch):
     assert "contiguous copy" in out and "best configuration" in out
 
 
-def test_the_sweep_covers_direct_and_every_host_setting():
-    args = argparse.Namespace(staging=["direct", "host"], threads=[1, 4], chunks=[16, 64])
+def test_the_sweep_covers_the_locked_ways_and_every_host_setting():
+    args = argparse.Namespace(staging=["kernel", "direct", "host"], threads=[1, 4], chunks=[16, 64])
     got = [
         (c["staging"], c["host_threads"], c["chunk_mib"]) for c in bench_move.configs("h2d", args)
     ]
     assert got == [
-        ("direct", 1, 64), ("host", 1, 16), ("host", 1, 64), ("host", 4, 16), ("host", 4, 64)
+        ("kernel", 1, 64), ("direct", 1, 64), ("host", 1, 16), ("host", 1, 64), ("host", 4, 16), ("host", 4, 64)
     ]  # fmt: skip
     assert [c["staging"] for c in bench_move.configs("peer", args)] == ["auto"]
 

@@ -30,6 +30,9 @@ ALLOWED = {
     ("pagedkv.cli", "pagedkv._extras"): "the CLI prints MissingDependencyError as one line",
     ("pagedkv.engine.repeats", "pagedkv.stores._lru"): "ByteLRU, the library's one "
     "least-recently-used index under a byte cap (one mechanism, one place)",
+    ("pagedkv.engine.engine", "pagedkv._closing"): "Closing, the one `with` (close on exit) "
+    "of every pagedkv object that holds resources",
+    ("pagedkv.engine.migration", "pagedkv._closing"): "Closing, as for the Engine",
 }
 
 

@@ -28,7 +28,7 @@ PAIRS = list(itertools.permutations(DEVICES, 2)) or [("cpu", "cuda:0")]  # skipp
 CPU_GPU = [p for p in PAIRS if "cpu" in p]
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)  # 256 KiB blocks
 CHUNK = 3 * LAYOUT.bytes_per_block
-STAGINGS = ["direct", "host"]
+STAGINGS = ["kernel", "direct", "host"]
 
 
 def group_for(devices, num_blocks: int = 96, **options) -> KVCacheGroup:
@@ -37,8 +37,8 @@ def group_for(devices, num_blocks: int = 96, **options) -> KVCacheGroup:
 
 def staged(staging: str, threads: int = 3) -> dict:
     """Group options for one way of cpu <-> cuda moves."""
-    if staging == "direct":
-        return {"staging": "direct", "pin_host": True}
+    if staging in ("kernel", "direct"):
+        return {"staging": staging, "pin_host": True}
     return {"staging": "host", "pin_host": False, "host_threads": threads}
 
 
@@ -95,14 +95,15 @@ def test_prefix_on_the_target_is_reused_and_kv_follows_the_tokens(pair):
     g.check_integrity()
 
 
-def _fail_on_second(monkeypatch, owner, name: str) -> list:
-    """Make the second call of ``owner.name`` raise (mid-way through the chunks / runs)."""
+def _fail_on_call(monkeypatch, owner, name: str, nth: int = 2) -> list:
+    """Make the ``nth`` call of ``owner.name`` raise (the second: mid-way through the
+    chunks / runs)."""
     calls: list = []
     real = getattr(owner, name)
 
     def failing(*args, **kw):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == nth:
             raise RuntimeError("injected copy failure")
         return real(*args, **kw)
 
@@ -112,6 +113,8 @@ def _fail_on_second(monkeypatch, owner, name: str) -> list:
 
 def _write_into_target(route: str, staging: str | None) -> tuple[object, str]:
     """The call that writes a chunk (or run) into the target, per route and staging."""
+    if staging == "kernel":  # one launch moves every block
+        return host_device, "copy_blocks_across"
     if staging == "direct":
         return cudart.CudaRuntime, "memcpy_2d"
     if route == "d2h":
@@ -133,10 +136,11 @@ def test_failed_copy_changes_nothing(pair, staging, monkeypatch):
     scattered(g, a, "s", 10 * 16)
     g.allocate("resident", list(range(50, 90)), device=b)
     before, moving = group_state(g), blocks_of(g, "s")
-    calls = _fail_on_second(monkeypatch, *_write_into_target(pool_copy.route(a, b), staging))
+    nth = 1 if staging == "kernel" else 2
+    calls = _fail_on_call(monkeypatch, *_write_into_target(pool_copy.route(a, b), staging), nth)
     with pytest.raises(RuntimeError, match="injected"):
         g.move("s", b)
-    assert len(calls) == 2
+    assert len(calls) == nth
     monkeypatch.undo()
     assert_same_state(before, group_state(g))
     g.check_integrity()
@@ -153,7 +157,7 @@ def test_host_gather_failing_mid_copy_changes_nothing(pair, monkeypatch):
     scattered(g, a, "s", 10 * 16)
     before = group_state(g)
     side = "gather" if a == "cpu" else "scatter"  # the host half of the copy
-    calls = _fail_on_second(monkeypatch, HostThreads, side)
+    calls = _fail_on_call(monkeypatch, HostThreads, side)
     with pytest.raises(RuntimeError, match="injected"):
         g.move("s", b)
     assert len(calls) == 2
@@ -223,11 +227,12 @@ def test_host_staging_is_bit_exact_across_chunk_boundaries(pair, threads, n_bloc
     g.close()
 
 
+@pytest.mark.parametrize("staging", ["kernel", "direct"])
 @pytest.mark.parametrize("layout_order", ["scattered", "consecutive"])
 @pytest.mark.parametrize("pair", CPU_GPU, ids="->".join)
-def test_direct_staging_is_bit_exact_for_runs_and_single_blocks(pair, layout_order):
+def test_locked_stagings_are_bit_exact_for_runs_and_single_blocks(pair, layout_order, staging):
     a, b = pair
-    g = group_for(pair, **staged("direct"))
+    g = group_for(pair, **staged(staging))
     if layout_order == "scattered":
         scattered(g, a, "s", 20 * 16 + 5)
     else:  # fresh pools hand out consecutive blocks: one run, one pitched copy
@@ -235,10 +240,10 @@ def test_direct_staging_is_bit_exact_for_runs_and_single_blocks(pair, layout_ord
         g.cache_of("s").pool.kv.view(torch.uint8).random_()
     before = blocks_of(g, "s")
     r = g.move("s", b)
-    assert (r.route, r.staging, r.blocks_copied) == (pool_copy.route(a, b), "direct", 21)
+    assert (r.route, r.staging, r.blocks_copied) == (pool_copy.route(a, b), staging, 21)
     assert torch.equal(blocks_of(g, "s"), before)
     back = g.move("s", a)
-    assert back.staging == "direct" and torch.equal(blocks_of(g, "s"), before)
+    assert back.staging == staging and torch.equal(blocks_of(g, "s"), before)
     g.check_integrity()
     g.close()
 
@@ -253,7 +258,7 @@ def test_auto_staging_page_locks_the_cpu_pool_until_close(pair):
     assert not g.device_stats()[next(n for n in pair if n != "cpu")].page_locked
     scattered(g, a, "s", 6 * 16)
     before = blocks_of(g, "s")
-    assert g.move("s", b).staging == "direct"
+    assert g.move("s", b).staging == "kernel"
     g.close()
     assert not cudart.is_page_locked(cpu.kv) and not g.device_stats()["cpu"].page_locked
     assert g.move("s", a).staging == "host"  # still works after close: staged by host threads
@@ -302,6 +307,14 @@ def test_direct_staging_is_refused_before_anything_changes(monkeypatch):
     assert cudart.is_page_locked(cpu.kv)
     assert torch.equal(cpu.read_blocks([1]), target)
     assert locked.move("s", "cpu").staging == "host"  # auto falls back
+    monkeypatch.undo()
+    assert locked.move("s", "cuda:0").staging == "kernel"
+    monkeypatch.setattr(cudart.CudaRuntime, "device_pointer", lambda self, ptr: None)
+    assert "no device mapping" in host_device.kernel_refusal(cpu, gpu)
+    with pytest.raises(ValueError, match="no device mapping"):
+        pool_copy.copy_blocks_between(gpu, [0], cpu, [1], staging="kernel")
+    assert torch.equal(cpu.read_blocks([1]), target)
+    assert locked.move("s", "cpu").staging == "direct"  # auto: the copy engine then
     locked.close()
     g.close()
     assert not cudart.is_page_locked(cpu.kv)

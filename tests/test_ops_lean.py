@@ -124,7 +124,10 @@ def test_first_and_bound_launches_agree_bitwise(monkeypatch, dtype, feats):
     if HAS_CUDA:  # every kernel the calls used is bound now
         (kern,) = td._KERNELS.values()
         sp, s_pad = kern.plan(len(lens), bt.shape[1], feats.get("window"))
-        used = [kern.direct] if sp.num_splits == 1 and not inv else [kern.parts, kern.merge(s_pad)]
+        if sp.num_splits == 1 and not inv:
+            used = [kern.direct]
+        else:  # eager split decode merges in the split kernel, except batch-invariant
+            used = [kern.parts, kern.merge(s_pad)] if inv else [kern.merge(s_pad, True)]
         assert all(la.bound_devices for la in used)
 
     cu = torch.tensor([0, 1, 4, 4, 4, 24, 44], dtype=torch.int32, device=DEV)

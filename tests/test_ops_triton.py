@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from pagedkv import ops  # noqa: E402
 from pagedkv.ops import triton_decode, triton_memory, triton_prefill  # noqa: E402
+from pagedkv.ops.blocks import copy_blocks_across  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -84,6 +85,36 @@ def test_memory_kernels_match_reference(dtype):
     triton_memory.scatter_blocks(fresh, ids[:2], staged[:2])
     assert torch.equal(fresh[:, :, [7, 2]], kv[:, :, [7, 2]]), "scatter"
     assert fresh[:, :, [0, 1, 3, 4, 5, 6, 8]].abs().sum() == 0, "scatter wrote outside its blocks"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_copy_blocks_across_pools_matches_reference(dtype):
+    """Blocks between two pool tensors of different sizes (the zero-copy route between a
+    CPU pool's device view and a GPU pool): one launch, in 8-byte words when a block's
+    rows allow (8 x 2 x 16 values) and value by value when not (1 x 1 x 3)."""
+    for bs, h, d in ((8, 2, 16), (1, 1, 3)):
+        a = torch.randn(2, 2, 9, bs, h, d, device=DEV).to(dtype)
+        b = torch.randn(2, 2, 5, bs, h, d, device=DEV).to(dtype)
+        ref, orig = b.clone(), b.clone()
+        src, dst = torch.tensor([8, 0, 4], device=DEV), torch.tensor([1, 4, 0], device=DEV)
+        copy_blocks_across(a, src, b, dst, backend="triton")
+        copy_blocks_across(a, src, ref, dst, backend="reference")
+        assert torch.equal(b.view(torch.uint8), ref.view(torch.uint8)), f"D={d}"
+        assert torch.equal(b[:, :, 1].view(torch.uint8), a[:, :, 8].view(torch.uint8))
+        untouched = [2, 3]  # blocks no copy targets keep their bytes
+        assert torch.equal(
+            b[:, :, untouched].view(torch.uint8), orig[:, :, untouched].view(torch.uint8)
+        )
+
+
+def test_copy_blocks_across_refuses_mismatched_pools():
+    a = torch.zeros(2, 2, 9, 8, 2, 16, device=DEV)
+    ids = torch.tensor([0], device=DEV)
+    for b, what in ((torch.zeros(2, 2, 9, 8, 2, 8, device=DEV), "shape"),
+                    (torch.zeros(2, 2, 9, 8, 2, 16, device=DEV).half(), "dtype")):  # fmt: skip
+        with pytest.raises(ValueError, match="differ at most in num_blocks"):
+            copy_blocks_across(a, ids, b, ids)
+        assert not b.any(), what
 
 
 def test_decode_batch_invariant_triton():

@@ -157,7 +157,8 @@ def _encode_kernel(Y, Z, N: tl.constexpr, QMAX: tl.constexpr, MB: tl.constexpr,
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_triton_grid_rounding_matches_torch(dtype):
     """The kernels round in float32 arithmetic onto the format's grid: the same bytes as
-    torch's conversion (round to nearest even, subnormals, ties, -0.0, clamping)."""
+    the reference's conversion (round to nearest even, subnormals, ties, zeros stored as +0,
+    clamping)."""
     fmt = QUANT_FORMATS[dtype]
     n = 8192
     mag = torch.logspace(-12, 0, n // 2) * fmt.qmax * 1.3  # beyond qmax too: clamped
@@ -169,6 +170,19 @@ def test_triton_grid_rounding_matches_torch(dtype):
     _encode_kernel[(1,)](y, z, N=y.numel(), QMAX=fmt.qmax, MB=fmt.mbits, EMIN=fmt.emin)
     bad = z.view(torch.uint8) != reference_quant.encode(y, dtype).view(torch.uint8)
     assert not bad.any(), f"{int(bad.sum())} differ, e.g. {y[bad][:4].tolist()}"
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_values_that_round_to_zero_are_stored_as_plus_zero(dtype):
+    """-0.0 and tiny negative values store the byte of +0 in both the reference and the
+    kernel (the H200's kernel and torch's conversion disagreed on their sign before)."""
+    fmt = QUANT_FORMATS[dtype]
+    y = torch.tensor([-0.0, -1e-30, -1e-7, 0.0, 1e-30] + [0.0] * 11).to(DEV)
+    z = torch.empty(y.numel(), dtype=dtype, device=DEV)
+    _encode_kernel[(1,)](y, z, N=y.numel(), QMAX=fmt.qmax, MB=fmt.mbits, EMIN=fmt.emin)
+    ref = reference_quant.encode(y, dtype).view(torch.uint8)
+    assert ref.tolist() == [0] * y.numel()
+    assert z.view(torch.uint8).tolist() == [0] * y.numel()
 
 
 # ---- checks ---------------------------------------------------------------------------------

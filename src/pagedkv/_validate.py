@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Hashable, Mapping
+from typing import TypeVar
 
 
 def _name(name: str, who: str) -> str:
@@ -96,6 +97,8 @@ def check_path(value: object, name: str, *, who: str = "") -> str:
     return os.path.abspath(value)
 
 
+_V = TypeVar("_V")
+
 # -- sequence ids ---------------------------------------------------------------------
 
 
@@ -107,6 +110,17 @@ def unknown_sequence(seq_id: object) -> KeyError:
 def unhashable_id(value: object, name: str = "seq_id") -> TypeError:
     """The ``TypeError`` for an id that cannot be one (to raise ``from None``)."""
     return TypeError(f"{name} must be hashable, got {type(value).__name__}")
+
+
+def live_entry(table: Mapping[Hashable, _V], seq_id: Hashable) -> _V:
+    """``table[seq_id]`` for a live sequence id; else the :func:`unknown_sequence`
+    ``KeyError``, or for an id that cannot be one the :func:`unhashable_id` ``TypeError``."""
+    try:
+        return table[seq_id]
+    except KeyError:
+        raise unknown_sequence(seq_id) from None
+    except TypeError:
+        raise unhashable_id(seq_id) from None
 
 
 def check_new_id(

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
@@ -20,6 +19,7 @@ from pagedkv import _cache_checks, _cache_compress, _resources
 from pagedkv._cache_compress import CompressionStats
 from pagedkv._cache_limits import CacheLimits
 from pagedkv._cache_reads import Swapped
+from pagedkv._pausing import Pausable
 from pagedkv._validate import check_bool, unhashable_id
 from pagedkv.errors import PagedKVError
 from pagedkv.manager import BlockManager, ManagerConfig
@@ -29,7 +29,7 @@ from pagedkv.tiers import CPUTier, DiskTier, RedisTier, TieredStore
 __all__ = ["CompressionStats", "KVCache"]
 
 
-class KVCache(CacheLimits, _cache_compress.CompressionMethods):
+class KVCache(CacheLimits, _cache_compress.CompressionMethods, Pausable):
     """Paged KV cache of one model on one device.
 
     Args:
@@ -345,15 +345,6 @@ class KVCache(CacheLimits, _cache_compress.CompressionMethods):
         return True
 
     # ------------------------------------------------------ snapshot support
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Refuse mutations (allocate/append/fork/free/swap) while a snapshot reads."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
 
     def flush(self) -> None:
         """Wait until every block demoted to the tiers has been stored (and deliver the

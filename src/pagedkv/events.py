@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
+from pagedkv._closing import Closing
+
 log = logging.getLogger("pagedkv.events")
 
 #: ``medium`` of the cache's own pool (vLLM: ``"GPU"``); tiers use their names.
@@ -166,7 +168,7 @@ def event_dict(event: KVEvent) -> dict:
     raise TypeError(f"not a KV event: {type(event).__name__}")
 
 
-class JsonlWriter:
+class JsonlWriter(Closing):
     """A ready subscriber: one JSON line per batch, ``{"ts": <unix time>, "events": [...]}``
     (see :func:`event_dict`; hashes in hex), flushed per batch.
 
@@ -208,12 +210,6 @@ class JsonlWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-
-    def __enter__(self) -> JsonlWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"JsonlWriter({self.path!r})"

@@ -9,13 +9,13 @@ or a pool. It is no part of the library's data path; it used to live in
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
 
+from pagedkv._pausing import Pausable
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.manager.hashing import as_token_array, chain_hashes, hash_function, namespace
 from pagedkv.storage.host import HostRowCache
@@ -27,7 +27,7 @@ __all__ = ["SyntheticPager"]
 _THREADED_READ = 4 << 20
 
 
-class SyntheticPager:
+class SyntheticPager(Pausable):
     """An in-memory :class:`CachePager`: blocks are rows of one ``uint8`` tensor.
 
     Allocation mirrors the manager's states: a block is free, in use (ref > 0) or
@@ -188,15 +188,6 @@ class SyntheticPager:
                     self._cached[b] = None
                 else:
                     self._free.append(b)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Refuse mutations (``RuntimeError``) until the block exits; reads still work."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
 
     # -- test helpers ---------------------------------------------------------------
     def fill_random(self, seq_id: Hashable, generator: torch.Generator | None = None) -> None:

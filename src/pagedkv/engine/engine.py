@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from pagedkv._closing import Closing
 from pagedkv.cache import KVCache
 from pagedkv.engine import sessions
 from pagedkv.engine.chat import Conversation, Message, as_conversations
@@ -35,7 +36,7 @@ CacheSalt = str | bytes | None
 logger = logging.getLogger("pagedkv.engine")
 
 
-class Engine(MigrationAPI, WeightsAPI):
+class Engine(MigrationAPI, WeightsAPI, Closing):
     """Serve many generation requests at once on one model.
 
     ``model``: a transformers causal LM that ``check_model_supported`` accepts (Llama,
@@ -144,12 +145,6 @@ class Engine(MigrationAPI, WeightsAPI):
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return not self._finalizer.alive
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from pagedkv._closing import Closing
 from pagedkv.engine.core import EngineCore
 from pagedkv.engine.request import Request, Status
 from pagedkv.engine.sampling import make_generator
@@ -145,7 +146,7 @@ def lookup(core: EngineCore, request_id: int) -> Request:
     return req
 
 
-class Migrator:
+class Migrator(Closing):
     """Moves requests from engine ``source`` to engine ``target`` (same model, dtype and
     block size; ``ValueError`` otherwise, or for one engine twice): :meth:`start` one in
     the background (its bulk copy on this migrator's thread, FIFO), :meth:`migrate` one
@@ -222,12 +223,6 @@ class Migrator:
             self._executor = None
         for lane in self._lanes:
             lane.close()
-
-    def __enter__(self) -> Migrator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Migration:

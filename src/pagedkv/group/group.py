@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pagedkv._validate import unhashable_id, unknown_sequence
+from pagedkv._validate import live_entry
 from pagedkv.cache import KVCache
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.group import members as _members
@@ -41,9 +41,11 @@ class KVCacheGroup(GroupMoves):
             named after their devices (``"cuda:0"``; ``"cpu#0"``, ``"cpu#1"`` when several
             share one). Sequences already live in them join the group.
         chunk_bytes: staging granularity of moves (see :mod:`pagedkv.storage.pool_copy`).
-        staging: how moves between a CPU and a CUDA member go: ``"auto"`` (pitched copies
-            pool to pool on the copy engine when the CPU pool is page-locked, else host
-            threads through pinned rows), ``"direct"`` or ``"host"``.
+        staging: how moves between a CPU and a CUDA member go: ``"auto"`` (a copy kernel
+            through the device mapping of the page-locked CPU pool, else pitched copies
+            pool to pool on the copy engine when it is page-locked, else host threads
+            through pinned rows), ``"kernel"``, ``"direct"`` (the copy engine: leaves the
+            SMs to the model) or ``"host"``.
         host_threads: threads that copy a CPU pool's blocks: ``"host"`` staging, and
             moves between two CPU members (default: the cores here, at most 8).
         pin_host: page-lock the CPU members' pools (``cudaHostRegister``) for direct
@@ -124,8 +126,8 @@ class KVCacheGroup(GroupMoves):
 
     @property
     def staging(self) -> str:
-        """How moves between a CPU and a CUDA member stage (``"auto"``, ``"direct"``,
-        ``"host"``)."""
+        """How moves between a CPU and a CUDA member stage (``"auto"``, ``"kernel"``,
+        ``"direct"``, ``"host"``)."""
         return self._transport.staging
 
     @property
@@ -181,12 +183,7 @@ class KVCacheGroup(GroupMoves):
 
     def device_of(self, seq_id: Hashable) -> str:
         """The member holding ``seq_id`` (``KeyError`` if none)."""
-        try:
-            return self._where[seq_id]
-        except KeyError:
-            raise unknown_sequence(seq_id) from None
-        except TypeError:
-            raise unhashable_id(seq_id) from None
+        return live_entry(self._where, seq_id)
 
     def cache_of(self, seq_id: Hashable) -> KVCache:
         """The member cache holding ``seq_id``: its tensors and kernels serve the sequence."""

@@ -17,8 +17,9 @@ class MoveResult:
     loaded back from its tiers) and were not copied. ``route`` is how the bytes travelled
     (:func:`pagedkv.storage.pool_copy.route`); ``peer`` says whether two GPUs accessed each
     other directly (``None`` unless both members are on distinct GPUs); ``staging`` how a
-    move between a CPU and a CUDA member went (``"direct"``: pitched copies between the
-    pools; ``"host"``: host threads through pinned rows; ``None`` for other routes).
+    move between a CPU and a CUDA member went (``"kernel"``: a copy kernel through the
+    CPU pool's device mapping; ``"direct"``: pitched copies between the pools on the copy
+    engine; ``"host"``: host threads through pinned rows; ``None`` for other routes).
     ``seconds`` covers the whole move: bookkeeping on both sides and the copy.
     """
 

@@ -2,11 +2,13 @@
 that stage them, and the page locks on the CPU members' pools.
 
 A CPU member's pool is ordinary pageable memory. Locking its pages once (``pin_host``)
-lets the copy engine move blocks straight between it and a GPU pool (``staging="direct"``,
-see :mod:`pagedkv.storage.host_device`); without the lock, host threads stage each chunk
-through pinned rows (``"host"``). The lock is the group's only effect on a member outside
-its API: the pages stay resident while the group lives, and :meth:`Transport.close` (or
-the group being collected) unlocks them.
+lets a copy kernel on the GPU move blocks straight between it and a GPU pool through the
+pages' device mapping (``staging="kernel"``, the fastest), or the copy engine do it
+(``"direct"``, which leaves the SMs free; see :mod:`pagedkv.storage.host_device`);
+without the lock, host threads stage each chunk through pinned rows (``"host"``). The
+lock is the group's only effect on a member outside its API: the pages stay resident
+while the group lives, and :meth:`Transport.close` (or the group being collected)
+unlocks them.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class Transport:
     Args:
         members: the group's caches by name.
         chunk_bytes: staging granularity (:func:`pool_copy.copy_blocks_between`).
-        staging: ``"auto"`` (direct where the CPU pool is page-locked, else host threads),
-            ``"direct"`` or ``"host"``.
+        staging: ``"auto"`` (kernel where the CPU pool is page-locked and mapped, else
+            direct where it is page-locked, else host threads), ``"kernel"``, ``"direct"``
+            or ``"host"``.
         host_threads: threads of the host staging and of CPU<->CPU copies (``None``:
             :func:`default_threads`).
         pin_host: page-lock the CPU members' pools: ``None`` when the group also has a
@@ -56,8 +59,10 @@ class Transport:
                 "pin_host=True page-locks CPU members for copies to CUDA members; this group "
                 f"has CPU members {self._cpus} and CUDA members {self._gpus}"
             )
-        if staging == "direct" and pin_host is False and self._cpus and self._gpus:
-            raise ValueError("staging='direct' needs page-locked CPU pools; drop pin_host=False")
+        if staging in ("kernel", "direct") and pin_host is False and self._cpus and self._gpus:
+            raise ValueError(
+                f"staging={staging!r} needs page-locked CPU pools; drop pin_host=False"
+            )
         self.threads = HostThreads(default_threads() if host_threads is None else host_threads)
         self.chunk_bytes = chunk_bytes
         self.staging = staging
@@ -67,19 +72,19 @@ class Transport:
         self.lock_errors: dict[str, str] = {}  # member -> why its pool stayed pageable
 
     def lock(self) -> None:
-        """Page-lock the CPU members' pools as ``pin_host`` says; with ``staging="direct"``
-        check that every CPU<->CUDA pair can copy directly. Raises (and unlocks what it
-        locked) :class:`ResourceError` when ``pin_host=True`` cannot lock a pool, or
-        ``ValueError`` when a direct copy is impossible."""
+        """Page-lock the CPU members' pools as ``pin_host`` says; with ``staging="kernel"``
+        or ``"direct"`` check that every CPU<->CUDA pair can copy that way. Raises (and
+        unlocks what it locked) :class:`ResourceError` when ``pin_host=True`` cannot lock a
+        pool, or ``ValueError`` when the chosen copy is impossible."""
         rt = cudart.runtime() if self._cpus and self._gpus else None
         want = self.pin_host if self.pin_host is not None else rt is not None
         try:
             if want:
                 self._lock_all(rt)
-            if self.staging == "direct":
+            if self.staging in ("kernel", "direct"):
                 for c in self._cpus:
                     for g in self._gpus:
-                        pool_copy.staging_for(self._pool(c), self._pool(g), "direct")
+                        pool_copy.staging_for(self._pool(c), self._pool(g), self.staging)
         except BaseException:
             self.close()
             raise

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -254,10 +255,8 @@ class PagedCache(Cache):
         else:
             counts, token_index = [q_len] * bsz, None
         cache = self.kv_cache
-        need = sum(
-            -(-(live.lens[b] + n) // cache.block_size) - -(-live.lens[b] // cache.block_size)
-            for b, n in enumerate(counts)
-        )
+        bs = cache.block_size
+        need = sum(-(-(have + n) // bs) - -(-have // bs) for have, n in zip(live.lens, counts))
         if need > cache.num_free_blocks:
             from pagedkv.errors import OutOfBlocks
 
@@ -266,6 +265,44 @@ class PagedCache(Cache):
                 f"{cache.num_free_blocks} free of {cache.num_blocks}; create it with a larger "
                 "num_blocks (batch x ceil((prompt + new tokens) / block_size))"
             )
+        if q_len == 1 and live.lens and all(live.lens) and all(c == 1 for c in counts):
+            slots, tables = self._decode_step(cache)
+        else:
+            slots, tables = self._grow(cache, counts)
+        width = max(1, max(len(t) for t in tables))
+        ints = array("i")  # the int32 metadata: tables (zero-padded), lengths, cu_seqlens
+        for t in tables:
+            ints.extend(t)
+            if len(t) < width:
+                ints.extend([0] * (width - len(t)))
+        n_tab, n_seq = len(ints), bsz
+        ints.extend(live.lens)
+        ints.extend(itertools.accumulate(counts, initial=0))
+        # in one host-to-device copy (pinned on CUDA: no staging); array -> tensor
+        # without a Python-int conversion per element
+        host = torch.frombuffer(ints, dtype=torch.int32)
+        host_slots = torch.frombuffer(array("q", slots), dtype=torch.int64) if slots else (
+            torch.empty(0, dtype=torch.int64))  # fmt: skip
+        if device.type == "cuda":
+            host, host_slots = host.pin_memory(), host_slots.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        return PagedAttentionMetadata(
+            kv=cache.pool.kv,
+            slots=host_slots.to(device, non_blocking=True),
+            block_tables=dev[:n_tab].view(bsz, width),
+            seq_lens=dev[n_tab : n_tab + n_seq],
+            cu_seqlens_q=dev[n_tab + n_seq :],
+            max_q_len=max(counts) if counts else 0,
+            is_decode=q_len == 1 and all(c == 1 for c in counts),
+            token_index=token_index,
+            kv_scales=cache.pool.scales,
+            static_kv_scales=cache.layout.static_scales,
+            layers=live.layers,
+        )
+
+    def _grow(self, cache, counts: list[int]) -> tuple[list[int], list[list[int]]]:
+        """Reserve ``counts[b]`` new tokens of each row: (their slots, the block tables)."""
+        live = self._live
         slots: list[int] = []
         grown = 0
         try:
@@ -287,29 +324,26 @@ class PagedCache(Cache):
                 self._broken = "a step ran out of KV blocks after some rows had grown"
             raise
         tables = [cache.block_table(live.seq_id(b)) if n else [] for b, n in enumerate(live.lens)]
-        width = max(1, max(len(t) for t in tables))
-        flat = [x for t in tables for x in t + [0] * (width - len(t))]
-        cu = [0, *itertools.accumulate(counts)]
-        # the int32 metadata in one host-to-device copy (pinned on CUDA: no staging)
-        host = torch.tensor(flat + live.lens + cu, dtype=torch.int32)
-        host_slots = torch.tensor(slots, dtype=torch.int64)
-        if device.type == "cuda":
-            host, host_slots = host.pin_memory(), host_slots.pin_memory()
-        dev = host.to(device, non_blocking=True)
-        n_tab, n_seq = len(flat), bsz
-        return PagedAttentionMetadata(
-            kv=cache.pool.kv,
-            slots=host_slots.to(device, non_blocking=True),
-            block_tables=dev[:n_tab].view(bsz, width),
-            seq_lens=dev[n_tab : n_tab + n_seq],
-            cu_seqlens_q=dev[n_tab + n_seq :],
-            max_q_len=max(counts) if counts else 0,
-            is_decode=q_len == 1 and all(c == 1 for c in counts),
-            token_index=token_index,
-            kv_scales=cache.pool.scales,
-            static_kv_scales=cache.layout.static_scales,
-            layers=live.layers,
-        )
+        return slots, tables
+
+    def _decode_step(self, cache) -> tuple[list[int], list[list[int]]]:
+        """:meth:`_grow` by one token of every row, all rows holding tokens already (a
+        decode step): one ``append_each``, slots read off the block tables."""
+        live = self._live
+        sids = live.seq_ids()
+        try:
+            cache.append_each(sids, [0] * len(sids))
+        except BaseException:  # out of blocks part way: the rows before it grew
+            before = live.lens
+            live.lens = [cache.num_tokens(sid) for sid in sids]
+            if live.lens != before:
+                self._broken = "a step ran out of KV blocks after some rows had grown"
+            raise
+        bs = cache.block_size
+        tables = [cache.block_table(sid) for sid in sids]
+        slots = [t[n // bs] * bs + n % bs for t, n in zip(tables, live.lens)]
+        live.lens = [n + 1 for n in live.lens]
+        return slots, tables
 
 
 def _forward_cache(kwargs: dict) -> Any:

@@ -51,6 +51,7 @@ class CacheRows:
         self.paged = paged
         self.uid = uid
         self.lens: list[int] = []  # tokens stored per batch row
+        self._sids: list[str] = []  # seq_ids(), kept
         # per-layer (k, v) views of the pool, made once rather than sliced in every layer
         self.layers = layer_views(kv_cache.pool.kv)
         self.handles: list[Any] = []
@@ -58,6 +59,12 @@ class CacheRows:
 
     def seq_id(self, row: int) -> str:
         return f"pagedcache-{self.uid}-{row}"
+
+    def seq_ids(self) -> list[str]:
+        """The sequence ids of every row (made once per batch size)."""
+        if len(self._sids) != len(self.lens):
+            self._sids = [self.seq_id(row) for row in range(len(self.lens))]
+        return self._sids
 
     def fork(self, uid: int) -> CacheRows:
         """New rows (``uid``: their sequence ids) forking every sequence of these rows:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 
-from pagedkv._validate import unhashable_id, unknown_sequence
+from pagedkv._validate import live_entry
 from pagedkv.manager.allocator import BlockAllocator
 from pagedkv.manager.hashing import ROOT
 from pagedkv.manager.prefix_index import PrefixIndex
@@ -34,20 +34,12 @@ class Registration:
     _alloc: BlockAllocator
     _prefix: PrefixIndex
 
-    def _record(self, seq_id: Hashable) -> SeqRecord:
-        try:
-            return self._seqs[seq_id]
-        except KeyError:
-            raise unknown_sequence(seq_id) from None
-        except TypeError:
-            raise unhashable_id(seq_id) from None
-
     def unregister(self, seq_id: Hashable) -> int:
         """Make the full blocks this live sequence registered and holds alone unfindable
         by prefix lookups; returns how many. Their KV and the sequence are unchanged; its
         prefix hits and blocks others hold stay registered. Until :meth:`register`, the
         sequence frees them as free blocks (not cached). ``KeyError`` unless live."""
-        seq = self._record(seq_id)
+        seq = live_entry(self._seqs, seq_id)
         if not self.prefix_caching:
             return 0
         ref, hashes = self._ref, self._prefix.hashes
@@ -63,7 +55,7 @@ class Registration:
         content another block registered meanwhile stays anonymous (the other is found),
         and so does one a fork of the sequence also holds.
         ``KeyError`` unless live. Call it only once the blocks' KV is written."""
-        seq = self._record(seq_id)
+        seq = live_entry(self._seqs, seq_id)
         if not self.prefix_caching or not seq.anonymous:
             return 0
         bs, prefix, digest, ref = self.block_size, self._prefix, self._digest, self._ref

@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+from pagedkv._closing import Closing
 from pagedkv.metrics.collector import FEATURE, Registration, prometheus_client, register
 
 logger = logging.getLogger("pagedkv.metrics")
@@ -19,7 +20,7 @@ logger = logging.getLogger("pagedkv.metrics")
 LOOPBACK = "127.0.0.1"
 
 
-class MetricsServer:
+class MetricsServer(Closing):
     """A running endpoint: ``url`` (``http://addr:port/metrics``), ``addr``, ``port`` (the
     bound one: a request for port 0 gets a free port), and ``close()`` (idempotent; also
     unregisters what :func:`serve_for` registered). A context manager."""
@@ -50,12 +51,6 @@ class MetricsServer:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"MetricsServer({self.url!r}{', closed' if self._closed else ''})"

@@ -26,6 +26,32 @@ def tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
+def plan_int(who: str, name: str, val: object, minimum: int = 1) -> int:
+    """``val`` if it is an int (not a bool) ``>= minimum`` (1 or 0); else the ``ValueError``
+    naming argument ``name`` of plan class ``who``."""
+    if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{who} {name} must be {wanted}, got {val!r}")
+    return val
+
+
+def head_group(num_q_heads: int, num_kv_heads: int) -> int:
+    """Query heads per KV head; ``ValueError`` unless ``num_kv_heads`` divides them."""
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+        )
+    return num_q_heads // num_kv_heads
+
+
+def plan_device(device: torch.device | str) -> torch.device:
+    """``device`` as a plan holds it: ``"cuda"`` names the current CUDA device."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def index_tensor(x: object, name: str, ndim: int, device: torch.device) -> torch.Tensor:
     x = tensor(x, name)
     if x.dtype not in INDEX_DTYPES:

@@ -100,11 +100,12 @@ class Launcher:
                 n = self.n_ptrs
                 ptrs = [a.data_ptr() for a in args[:n]]
                 rt = drv.runtime
+                enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
                 if (
                     not reduce(or_, ptrs) & ALIGN_MASK
                     and not reduce(or_, args[n : n + self.n_ints], 0) & INT_MASK
-                    and _hook_idle(rt.launch_enter_hook)
-                    and _hook_idle(rt.launch_exit_hook)
+                    and (enter is None or _hook_idle(enter))  # no call for the usual None
+                    and (leave is None or _hook_idle(leave))
                 ):
                     gx, gy, gz = (*grid, 1, 1)[:3]  # a 1-D or 2-D grid is padded as Triton does
                     bound.run(
@@ -139,7 +140,7 @@ class Launcher:
 
 
 class Scratch:
-    """Float32 workspace reused across calls, one buffer per (device, stream, thread).
+    """Workspace reused across calls, one buffer per (device, stream, thread).
 
     Reuse is safe because every user of a buffer runs on the buffer's own stream (work on
     one stream runs in order) from one thread (two threads interleaving launches on a
@@ -147,23 +148,60 @@ class Scratch:
     is replaced, the allocator reuses its memory only after the work queued there). While
     a CUDA graph is being captured a fresh buffer is handed out instead: a graph keeps the
     addresses it captured, and a cached buffer may be replaced later.
+
+    :meth:`counted` also hands out int32 counters from a second buffer of the same key:
+    zero when made (a fresh buffer under capture is zeroed inside the graph), which their
+    kernels leave zero again when they finish; on the CPU (the interpreter runs launches
+    in order) they are kept too, while float32 buffers there are new per call.
     """
 
     MAX_BUFFERS = 64  # threads come and go; dropping a buffer is always safe (see above)
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
+        self._counts: dict[tuple, torch.Tensor] = {}
 
     def get(self, like: torch.Tensor, numel: int) -> torch.Tensor:
         """A float32 tensor of at least ``numel`` elements on ``like``'s device."""
-        if not like.is_cuda or torch.cuda.is_current_stream_capturing():
+        key = _stream_key(like)
+        if key is None or not like.is_cuda:
             return like.new_empty(numel, dtype=torch.float32)
+        return _take(self._bufs, key, like, numel, torch.float32)
+
+    def counted(
+        self, like: torch.Tensor, numel: int, counts: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`get` and an int32 tensor of at least ``counts`` zeros (one key lookup)."""
+        key = _stream_key(like)
+        if key is None:  # capturing
+            return like.new_empty(numel, dtype=torch.float32), like.new_zeros(
+                counts, dtype=torch.int32
+            )
+        buf = _take(self._bufs, key, like, numel, torch.float32) if like.is_cuda else (
+            like.new_empty(numel, dtype=torch.float32))  # fmt: skip
+        return buf, _take(self._counts, key, like, counts, torch.int32)
+
+
+def _stream_key(like: torch.Tensor) -> tuple | None:
+    """(device, stream, thread) of a call on ``like``'s device; None while capturing."""
+    if like.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return None
         dev = like.get_device()
-        key = (dev, torch._C._cuda_getCurrentRawStream(dev), threading.get_ident())
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < numel:
-            if len(self._bufs) >= self.MAX_BUFFERS:
-                self._bufs.clear()
-            old = 0 if buf is None else buf.numel()
-            buf = self._bufs[key] = like.new_empty(max(numel, 2 * old), dtype=torch.float32)
-        return buf
+        return (dev, torch._C._cuda_getCurrentRawStream(dev), threading.get_ident())
+    return (str(like.device), 0, threading.get_ident())
+
+
+def _take(bufs: dict, key: tuple, like: torch.Tensor, numel: int, dtype) -> torch.Tensor:
+    """The buffer of ``key`` in ``bufs``, replaced by one twice as large (zeroed when
+    int32) when it holds fewer than ``numel`` elements."""
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        if len(bufs) >= Scratch.MAX_BUFFERS:
+            bufs.clear()
+        size = max(numel, 2 * (0 if buf is None else buf.numel()))
+        buf = bufs[key] = (
+            like.new_zeros(size, dtype=dtype) if dtype == torch.int32
+            else like.new_empty(size, dtype=dtype)
+        )  # fmt: skip
+    return buf

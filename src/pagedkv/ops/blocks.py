@@ -38,6 +38,41 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backe
         reference.copy_blocks(kv, src, dst)
 
 
+def copy_blocks_across(
+    src_kv: torch.Tensor,
+    src: torch.Tensor,
+    dst_kv: torch.Tensor,
+    dst: torch.Tensor,
+    *,
+    backend=None,
+) -> None:
+    """Copy whole blocks from one pool tensor into another: ``dst_kv[:, :, dst[i]] =
+    src_kv[:, :, src[i]]``, in one launch on the Triton backend.
+
+    Both are ``[L, 2, num_blocks, ...]`` tensors of one dtype and device whose shapes
+    differ at most in ``num_blocks`` (a CUDA view of a page-locked CPU pool,
+    :func:`pagedkv.storage.cudart.device_view`, counts as on the device: the kernel then
+    reads or writes host memory over the bus). ``src``, ``dst``: [n] int64 on that device,
+    in range, ``dst`` distinct (checked by the caller, e.g.
+    :func:`pagedkv.storage.pool_copy.copy_blocks_between`).
+    """
+    _pool_tensor(src_kv)
+    _pool_tensor(dst_kv)
+    same = src_kv.shape[:2] == dst_kv.shape[:2] and src_kv.shape[3:] == dst_kv.shape[3:]
+    if not same or src_kv.dtype != dst_kv.dtype or src_kv.device != dst_kv.device:
+        raise ValueError(
+            "copy_blocks_across needs two pool tensors of one dtype and device that differ "
+            f"at most in num_blocks, got {tuple(src_kv.shape)} {src_kv.dtype} on "
+            f"{src_kv.device} and {tuple(dst_kv.shape)} {dst_kv.dtype} on {dst_kv.device}"
+        )
+    if src.numel() == 0:
+        return
+    if resolve(backend, dst_kv.device) == "triton":
+        triton_module("memory").copy_blocks_across(src_kv, src, dst_kv, dst)
+    else:
+        reference.copy_blocks_across(src_kv, src, dst_kv, dst)
+
+
 def gather_blocks(
     kv: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor | None = None, backend=None
 ) -> torch.Tensor:

@@ -60,12 +60,6 @@ class CascadeGroup(NamedTuple):
     shared_blocks: int
 
 
-def _positive(name: str, val: object) -> int:
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise ValueError(f"CascadePlan {name} must be a positive int, got {val!r}")
-    return val
-
-
 def _int_list(obj: object, what: str) -> list[int]:
     if isinstance(obj, torch.Tensor):
         if obj.dim() != 1 or obj.dtype.is_floating_point or obj.dtype == torch.bool:
@@ -117,25 +111,19 @@ class CascadePlan:
         shared_split_tokens: int | None = None,
         private_split_tokens: int | None = None,
     ) -> None:
-        if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 0:
-            raise ValueError(f"CascadePlan num_seqs must be an int >= 0, got {num_seqs!r}")
+        _checks.plan_int("CascadePlan", "num_seqs", num_seqs, minimum=0)
         sizes = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
         sizes.update(block_size=block_size, max_seq_len=max_seq_len, min_group_size=min_group_size)
         for name, val in sizes.items():
-            _positive(name, val)
+            _checks.plan_int("CascadePlan", name, val)
         for name, split in (("shared_split_tokens", shared_split_tokens),
                             ("private_split_tokens", private_split_tokens)):  # fmt: skip
             if split is not None:
-                _positive(name, split)
-        if num_q_heads % num_kv_heads:
-            raise ValueError(
-                f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
-            )
+                _checks.plan_int("CascadePlan", name, split)
+        _checks.head_group(num_q_heads, num_kv_heads)
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"CascadePlan dtype must be a torch.dtype, got {dtype!r}")
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:  # "cuda" names the current device
-            dev = torch.device("cuda", torch.cuda.current_device())
+        dev = _checks.plan_device(device)
         self.device = dev
         self.backend = resolve(backend, self.device)
         self.batch_invariant = resolve_invariant(batch_invariant)

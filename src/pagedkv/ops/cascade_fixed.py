@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pagedkv.ops import _checks
 from pagedkv.ops._config import resolve, resolve_invariant
 from pagedkv.ops.cascade import CascadeGroup, CascadePlan, _int_list
 from pagedkv.ops.cascade_launch import (
@@ -69,23 +70,15 @@ class CascadeGrouping:
         max_groups: int = 8,
     ) -> None:
         for name, val in (("num_seqs", num_seqs), ("max_groups", max_groups)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"CascadeGrouping {name} must be an int >= 0, got {val!r}")
+            _checks.plan_int("CascadeGrouping", name, val, minimum=0)
         for name, val in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim), ("block_size", block_size)):  # fmt: skip
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"CascadeGrouping {name} must be a positive int, got {val!r}")
-        if num_q_heads % num_kv_heads:
-            raise ValueError(
-                f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
-            )
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+            _checks.plan_int("CascadeGrouping", name, val)
+        g = _checks.head_group(num_q_heads, num_kv_heads)
+        dev = _checks.plan_device(device)
         self.device, self.dtype, self.num_seqs = dev, dtype, num_seqs
         self.shape = (num_q_heads, num_kv_heads, head_dim, block_size)
         self.max_groups = max_groups
-        g = num_q_heads // num_kv_heads
         self.block_q = shared_config(head_dim, dtype)["BLOCK_Q"]
         # each group's (row, head) pairs fill whole tiles but its last: at most one more
         self.max_tiles = max(1, -(-num_seqs * g // self.block_q) + max_groups)

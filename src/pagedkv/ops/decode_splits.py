@@ -22,15 +22,15 @@ MAX_VECTOR_MERGE = 128  # more splits than this are merged one by one
 #: (q bfloat16 / float16, head_dim <= 128). ``form``: "dot" (tensor cores in q's dtype),
 #: "dot16" (tensor cores in float16: fp8 -> fp16 is one conversion per pair, fp8 -> bf16
 #: a quarter-rate one per element on sm_90), "fma" (CUDA cores, float32). ``programs_per_sm``
-#: sizes the splits (:func:`choose_split_tokens`). Chosen by reading the sm_90 code
-#: (benchmarks/decode_codegen.py): 128-token tiles, 4 warps, 255 registers (2 programs
-#: per SM), 5 stages (the only depth that gives the K/V loads a second buffer: the next
-#: tile is in flight while this one is used), so ~128 KB in flight per SM (bf16's config:
-#: 3 x 32 KB). benchmarks/gpu_quant_sweep.sh times the alternatives and prints the winner
-#: as the line to put here (one line per kind).
+#: sizes the splits (:func:`choose_split_tokens`). From the sweep on an H200 (2026-12-02,
+#: ``bash benchmarks/gpu_quant_sweep.sh``: 33 variants x 6 shapes, CUDA graphs): the
+#: config with the best geometric mean over the shapes, 1.06x (fp8) / 1.07x (int8) the
+#: best per shape; 128-token tiles in q's dtype beat "dot16" (its extra register pressure
+#: costs more than the cheaper conversion saves) and "fma" (4-8x slower). The sweep
+#: prints the line to put here (one line per kind).
 QUANT_CONFIGS: dict[str, dict] = {
-    "fp8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot16", programs_per_sm=2),
-    "int8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot16", programs_per_sm=2),
+    "fp8": dict(BLOCK_N=128, num_warps=4, num_stages=3, form="dot", programs_per_sm=2),
+    "int8": dict(BLOCK_N=128, num_warps=4, num_stages=5, form="dot", programs_per_sm=2),
 }
 FORMS = {"dot": 0, "dot16": 1, "fma": 2}  # the split kernel's FORM constexpr
 
@@ -53,6 +53,15 @@ def config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = Non
     if head_dim > 128:  # the bytes per tile of bfloat16's config
         return {**base, "BLOCK_N": 64, "form": QUANT_CONFIGS[kind]["form"]}
     return dict(QUANT_CONFIGS[kind])
+
+
+def form_of(name: str, dtype: torch.dtype, quantized: bool) -> int:
+    """The FORM constexpr of a config's ``form`` (raises on one that cannot run here)."""
+    if name not in FORMS:
+        raise ValueError(f"decode form {name!r}: use one of {sorted(FORMS)}")
+    if name == "dot16" and (not quantized or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("decode form 'dot16' reads a quantized cache with bf16 / fp16 q")
+    return FORMS[name]
 
 
 def _quant_kind(kv_dtype: torch.dtype | None) -> str | None:

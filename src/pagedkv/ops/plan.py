@@ -52,12 +52,8 @@ class DecodePlan:
         for name, val in (("max_batch", max_batch), ("num_q_heads", num_q_heads),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("block_size", block_size), ("max_seq_len", max_seq_len)):  # fmt: skip
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"DecodePlan {name} must be a positive int, got {val!r}")
-        if num_q_heads % num_kv_heads:
-            raise ValueError(
-                f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
-            )
+            _checks.plan_int("DecodePlan", name, val)
+        _checks.head_group(num_q_heads, num_kv_heads)
         self.device = torch.device(device)
         probe = torch.empty(0, num_q_heads, head_dim, dtype=dtype, device="meta")
         opts = _checks.attn_options(scale, window, softcap, None, probe, check=False)

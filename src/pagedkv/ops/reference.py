@@ -221,6 +221,13 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     kv[:, :, dst] = kv[:, :, src]
 
 
+def copy_blocks_across(
+    src_kv: torch.Tensor, src: torch.Tensor, dst_kv: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """dst_kv[:, :, dst] = src_kv[:, :, src] between two pool tensors (one indexed op)."""
+    dst_kv[:, :, dst] = src_kv[:, :, src]
+
+
 def gather_blocks(kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Blocks ``ids`` of every layer as one contiguous [n, L, 2, block_size, Hkv, D] tensor
     (``[n, L, 2, *rest]`` for any ``[L, 2, num_blocks, *rest]`` tensor)."""

@@ -30,12 +30,17 @@ from pagedkv._kv_formats import QUANT_FORMATS
 
 def encode(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 ``y`` (already divided by its scale) in the quantized ``dtype``: clamped to
-    ``[-qmax, qmax]`` and rounded to nearest even on the format's grid."""
+    ``[-qmax, qmax]`` and rounded to nearest even on the format's grid. A value that
+    rounds to zero is stored as +0 whatever its sign: a tiny negative value of a quantized
+    write on the H200 came out of the Triton kernel as +0 where torch's conversion gave -0
+    (10 of 8M bytes); the sign of a zero changes nothing computed from the cache (0 times
+    a scale is 0 either way), so both store +0 and the bytes agree on every device."""
     fmt = QUANT_FORMATS[dtype]
     y = y.clamp(-fmt.qmax, fmt.qmax)
     if dtype == torch.int8:
         return torch.round(y).to(torch.int8)  # torch.round: half to even
-    return y.to(dtype)  # round to nearest even (subnormals included)
+    # round to nearest even (subnormals included), then -0 -> +0: z + 0.0 is +0 for z = -0
+    return (y.to(dtype).float() + 0.0).to(dtype)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Triton pieces shared by the attention kernels (decode, prefill, cascade): the
 float32-accumulating dot, the widening of quantized K/V (to q's dtype, or to float16 for
 the float16 tensor-core path of :mod:`pagedkv.ops.triton_decode`), the power-of-two
-rescaling that path applies to q, softcapped logits in log2 units and the start of a
-running softmax at a sink."""
+rescaling that path applies to q, softcapped logits in log2 units, the start of a
+running softmax at a sink and the tile of packed queries a program works on."""
 
 from __future__ import annotations
 
@@ -97,6 +97,18 @@ def logits(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
         return cap_log2 * tanh(qk * qk_scale)
     else:
         return qk * qk_scale
+
+
+@triton.jit
+def packed_tile(CU, SL, n_tiles, BLOCK: tl.constexpr):
+    """Where program (pid, ...) of a grid of ``n_tiles`` tiles per sequence works, the
+    queries packed as the cu_seqlens ``CU`` say: (sequence b, its tile's first row within
+    the sequence's queries, the sequence's first packed row, its query count, ``SL[b]``)."""
+    pid = tl.program_id(0)
+    b = pid // n_tiles
+    q_start = tl.load(CU + b)
+    q_len = tl.load(CU + b + 1) - q_start
+    return b, (pid % n_tiles) * BLOCK, q_start, q_len, tl.load(SL + b)
 
 
 @triton.jit

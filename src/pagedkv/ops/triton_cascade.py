@@ -31,7 +31,7 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops.cascade_launch import Launch
-from pagedkv.ops.triton_attn import LOG2E, mma, needs_upcast
+from pagedkv.ops.triton_attn import LOG2E, mma, needs_upcast, packed_tile
 
 
 @triton.jit
@@ -256,13 +256,8 @@ def _private_prefill_kernel(
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    b = pid // n_tiles
-    p0 = (pid % n_tiles) * BLOCK_Q
-    q_start = tl.load(CU + b)
-    q_len = tl.load(CU + b + 1) - q_start
-    seq_len = tl.load(SL + b)
+    b, p0, q_start, q_len, seq_len = packed_tile(CU, SL, n_tiles, BLOCK_Q)
     shared = tl.load(SHARED + b)
     n_pairs = q_len * G
     offs_p = p0 + tl.arange(0, BLOCK_Q)

@@ -5,9 +5,12 @@ head h are stacked as the rows of one tile, so each K/V token is loaded once for
 them. Split s covers keys ``[base + s * split_tokens, base + (s + 1) * split_tokens)``
 from the first key the query sees (``seq_len - window`` for a sliding window, else 0):
 keys before the window are never loaded, and the grid has only the splits a window
-needs. Each split writes a float32 partial output and its log-sum-exp, and a second
-kernel merges the splits of each sequence (all at once, or one by one in split order).
-With a single split the first kernel writes the output. Softcapping is applied in
+needs. Each split writes a float32 partial output and its log-sum-exp; the last
+program of each (sequence, KV head) to finish (an atomic count of arrivals, acq_rel)
+merges the row's splits, so one launch does it all (``FUSED``); batch-invariant mode and
+callers with their own workspace (DecodePlan) merge in a second kernel instead. Either
+merge takes the splits all at once or one by one in split order, whichever program runs
+it. With a single split the first kernel writes the output. Softcapping is applied in
 natural units before the exp2 scaling; sinks enter the first split's running sum.
 
 A tile's products take one of three forms (``FORM``, the config's ``form``: see
@@ -45,6 +48,7 @@ from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split p
     _sm_count,
     choose_split_tokens,
     config,
+    form_of,
     plan_splits,
 )
 from pagedkv.ops.triton_attn import (
@@ -58,7 +62,11 @@ from pagedkv.ops.triton_attn import (
     widen32,
     with_sink,
 )
-from pagedkv.ops.triton_decode_merge import _decode_merge_kernel, split_base  # noqa: F401
+from pagedkv.ops.triton_decode_merge import (  # noqa: F401
+    _decode_merge_kernel,
+    merge_last,
+    split_base,
+)
 
 # Integer arguments that change from call to call and whose divisibility no load or store
 # relies on (table width, split size, window, log-sum-exp offsets): one specialization
@@ -70,8 +78,8 @@ DECODE_DYNAMIC = ("window", "stride_btb", "stride_lb", "stride_lh", "lse_off", "
 
 @triton.jit(do_not_specialize=DECODE_DYNAMIC)
 def _decode_split_kernel(
-    Q, K, V, KS, VS, BT, SL, Sinks, Out, LSE,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_os,
+    Q, K, V, KS, VS, BT, SL, Sinks, Out, LSE, Final, Cnt,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_os, stride_fb, stride_fh,
     qk_scale, cap_log2, window: tl.int32, stride_btb: tl.int32,
     stride_lb: tl.int32, stride_lh: tl.int32, lse_off: tl.int64, split_tokens: tl.int32,
     stride_kb, stride_kt, stride_kh,
@@ -79,7 +87,8 @@ def _decode_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, QUANT: tl.constexpr, FORM: tl.constexpr,
+    HAS_SINKS: tl.constexpr, QUANT: tl.constexpr, FORM: tl.constexpr, FUSED: tl.constexpr,
+    S_PAD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -162,6 +171,11 @@ def _decode_split_kernel(
         tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out, mask=out_mask)
         lse_ptr = LSE + lse_off + b.to(tl.int64) * stride_lb + heads * stride_lh + s
         tl.store(lse_ptr, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=mask_g)
+        if FUSED:  # the last program of (b, h) to finish merges the row's splits
+            merge_last(Cnt, Out + b.to(tl.int64) * stride_ob, LSE + lse_off + b.to(tl.int64)
+                       * stride_lb, Final + b.to(tl.int64) * stride_fb, stride_oh, stride_os,
+                       stride_lh, stride_fh, h, tl.cdiv(seq_len - base, split_tokens), G, D,
+                       D_PAD, S_PAD)  # fmt: skip
 
 
 class DecodeKernels:
@@ -171,9 +185,9 @@ class DecodeKernels:
     sinks), head counts, head_dim, block size, the caches' strides, softcap and sinks on
     or off, batch-invariant mode, tile config and device. Batch size, table width,
     lengths, window, scale, view strides and split size vary per call and never cause a
-    compile: the variants one class needs are the direct split kernel, the split kernel
-    with partials and one merge per ``S_PAD`` (:meth:`s_pad`; :func:`pagedkv.ops.warmup`
-    compiles them all).
+    compile: the variants one class needs are the direct split kernel, the fused split
+    kernel per merge ``S_PAD`` (:meth:`s_pad`), and the split kernel with partials plus
+    one merge kernel per ``S_PAD`` (:func:`pagedkv.ops.warmup` compiles them all).
     """
 
     def __init__(self, key: tuple) -> None:
@@ -183,7 +197,7 @@ class DecodeKernels:
         self.hq, self.hkv, self.d, self.bs = hq, hkv, d, bs
         self.invariant, self.device, self.block_n = invariant, device, cfg["BLOCK_N"]
         self.programs_per_sm = cfg["programs_per_sm"]
-        form = _form(cfg["form"], dtype, sstr is not None)
+        form = form_of(cfg["form"], dtype, sstr is not None)
         g = hq // hkv
         self._d_pad = triton.next_power_of_2(d)
         g_pad = triton.next_power_of_2(g) if form == FORMS["fma"] else max(16, g)
@@ -193,19 +207,24 @@ class DecodeKernels:
                  sinks_dtype is not None, sstr is not None, form)  # fmt: skip
         opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         strides = (*kstr[:3], *vstr[:3], *(sstr or (0, 0)))
-        tail = (*strides, *shape)
-        self.direct = Launcher(_decode_split_kernel, 10, 5, (*tail, True, *flags), **opts)
-        self.parts = Launcher(_decode_split_kernel, 10, 5, (*tail, False, *flags), **opts)
-        self._merges: dict[int, Launcher] = {}
+        self._tail, self._opts = (*strides, *shape, False, *flags), opts  # DIRECT False
+        self.direct = Launcher(_decode_split_kernel, 12, 7, (*strides, *shape, True, *flags,
+                                                             False, 0), **opts)  # fmt: skip
+        self.parts = Launcher(_decode_split_kernel, 12, 7, (*self._tail, False, 0), **opts)
+        self._merges: dict[tuple[int, bool], Launcher] = {}
         self._plans: dict[tuple, tuple[SplitPlan, int]] = {}
 
-    def merge(self, s_pad: int) -> Launcher:
-        """The merge kernel for ``S_PAD`` = s_pad (0: one split after another)."""
-        m = self._merges.get(s_pad)
+    def merge(self, s_pad: int, fused: bool = False) -> Launcher:
+        """The merge kernel for ``S_PAD`` = s_pad (0: one split after another), or with
+        ``fused`` the split kernel whose last program per (sequence, KV head) merges."""
+        m = self._merges.get((s_pad, fused))
         if m is None:
-            tail = (self.d, self._d_pad, s_pad, self.invariant)
-            m = Launcher(_decode_merge_kernel, 4, 5, tail, num_warps=4 if s_pad >= 32 else 1)
-            self._merges[s_pad] = m
+            if fused:
+                m = Launcher(_decode_split_kernel, 12, 7, (*self._tail, True, s_pad), **self._opts)
+            else:
+                tail = (self.d, self._d_pad, s_pad, self.invariant)
+                m = Launcher(_decode_merge_kernel, 4, 5, tail, num_warps=4 if s_pad >= 32 else 1)
+            self._merges[(s_pad, fused)] = m
         return m
 
     def s_pad(self, n_splits: int) -> int:
@@ -241,9 +260,13 @@ class DecodeKernels:
         workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
         max_seq_len: int | None = None, split_tokens: int | None = None,
         k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+        fused: bool | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Launch the kernels; ``scalars`` = :func:`scalars` of (scale, softcap, window);
-        ``k_scales`` / ``v_scales`` ([num_blocks, Hkv] float32) for a quantized cache."""
+        ``k_scales`` / ``v_scales`` ([num_blocks, Hkv] float32) for a quantized cache.
+        Split decode merges inside the split kernel (one launch: its last program per
+        row merges) unless batch-invariant, given a ``workspace`` or ``fused=False``
+        (then a merge kernel follows)."""
         bsz = q.shape[0]
         hq, d = self.hq, self.d
         if out is None:
@@ -272,7 +295,8 @@ class DecodeKernels:
         if n_splits == 1 and not self.invariant:
             self.direct(
                 grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, out,
-                out, qs[0], qs[1], os_[0], os_[1], 0, *scalars, bts, 0, 0, 0, split_tokens,
+                out, out, q, qs[0], qs[1], os_[0], os_[1], 0, 0, 0, *scalars, bts, 0, 0, 0,
+                split_tokens,
             )  # fmt: skip
             return out
         ost: tuple[int, ...]  # strides of the partials and of the log-sum-exps
@@ -280,30 +304,29 @@ class DecodeKernels:
         if workspace is None:
             # one allocation: the partials [B, Hq, S, D], then the log-sum-exps [B, Hq, S]
             n_o = bsz * hq * n_splits * d
-            o_part = lse = _SCRATCH.get(q, n_o + bsz * hq * n_splits)
             ost, lst = (hq * n_splits * d, n_splits * d, d), (hq * n_splits, n_splits, n_o)
+            if fused is not False and not self.invariant:  # one launch: merged in the kernel
+                o_part, counts = _SCRATCH.counted(q, n_o + bsz * hq * n_splits, bsz * self.hkv)
+                self.merge(s_pad, True)(
+                    grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens,
+                    sinks_arg, o_part, o_part, out, counts, qs[0], qs[1], *ost, os_[0], os_[1],
+                    *scalars, bts, *lst, split_tokens,
+                )  # fmt: skip
+                return out
+            o_part = lse = _SCRATCH.get(q, n_o + bsz * hq * n_splits)
         else:
             o_part, lse = workspace
             assert o_part.shape[2] >= n_splits and o_part.shape[0] >= bsz, "workspace too small"
             ost, lst = o_part.stride()[:3], (*lse.stride()[:2], 0)
         self.parts(
             grid, q, k_cache, v_cache, ks_arg, vs_arg, block_tables, seq_lens, sinks_arg, o_part,
-            lse, qs[0], qs[1], *ost, *scalars, bts, *lst, split_tokens,
+            lse, out, q, qs[0], qs[1], *ost, 0, 0, *scalars, bts, *lst, split_tokens,
         )  # fmt: skip
         self.merge(s_pad)(
             (bsz, hq), o_part, lse, seq_lens, out, *ost, os_[0], os_[1], *lst, split_tokens,
             scalars[2],
         )  # fmt: skip
         return out
-
-
-def _form(name: str, dtype: torch.dtype, quantized: bool) -> int:
-    """The FORM constexpr of a config's ``form`` (raises on one that cannot run here)."""
-    if name not in FORMS:
-        raise ValueError(f"decode form {name!r}: use one of {sorted(FORMS)}")
-    if name == "dot16" and (not quantized or dtype not in (torch.bfloat16, torch.float16)):
-        raise ValueError("decode form 'dot16' reads a quantized cache with bf16 / fp16 q")
-    return FORMS[name]
 
 
 _KERNELS: dict[tuple, DecodeKernels] = {}  # shape class -> bound kernels (a compile cache)

@@ -127,6 +127,24 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     )  # fmt: skip
 
 
+def copy_blocks_across(
+    src_kv: torch.Tensor, src: torch.Tensor, dst_kv: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """dst_kv[:, :, dst] = src_kv[:, :, src] between two pool tensors in one launch, in
+    8-byte words where a block's rows allow (wide loads and stores over the bus when one
+    side is a device view of host memory)."""
+    a, b = _rows(src_kv), _rows(dst_kv)
+    if (a.shape[2] * a.element_size()) % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)
+    e = a.shape[2]
+    src, dst = src.contiguous(), dst.contiguous()
+    grid = (src.numel(), a.shape[0], triton.cdiv(e, CHUNK))
+    _block_rows_kernel[grid](
+        a, b, src, dst, a.stride(0), a.stride(1), b.stride(0), b.stride(1), e,
+        SRC_INDEXED=True, DST_INDEXED=True, CHUNK=CHUNK,
+    )  # fmt: skip
+
+
 def gather_blocks(
     kv: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:

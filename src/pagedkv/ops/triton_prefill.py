@@ -22,7 +22,15 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv.ops._launch import Launcher
-from pagedkv.ops.triton_attn import logits, mma, needs_upcast, scalars, widen, with_sink
+from pagedkv.ops.triton_attn import (
+    logits,
+    mma,
+    needs_upcast,
+    packed_tile,
+    scalars,
+    widen,
+    with_sink,
+)
 
 
 @triton.jit
@@ -97,13 +105,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     hq = tl.program_id(1)
-    b = pid // n_m_tiles
-    m0 = (pid % n_m_tiles) * BLOCK_M
-    q_start = tl.load(CU + b)
-    q_len = tl.load(CU + b + 1) - q_start
-    seq_len = tl.load(SL + b)
+    b, m0, q_start, q_len, seq_len = packed_tile(CU, SL, n_m_tiles, BLOCK_M)
     h = hq // G
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)

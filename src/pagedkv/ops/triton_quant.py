@@ -15,9 +15,9 @@ is the token count: CUDA-graph capturable). Static scales: every token is quanti
 with the layer's fixed scale, which is also stored as its block's scale.
 
 Rounding is done in float32 arithmetic onto the format's grid (round half to even, fp8
-subnormals included) and the exact result converted, so the stored bytes are the same
-on the GPU, in the Triton interpreter (whose own fp8 conversion of inexact values is
-not faithful) and in the torch reference.
+subnormals included, zeros unsigned) and the exact result converted, so the stored bytes
+are the same on the GPU, in the Triton interpreter (whose own fp8 conversion of inexact
+values is not faithful) and in the torch reference.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def encode(y, QMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
         e = tl.maximum(e, EMIN)
         ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)  # a power of two
         r = rint(tl.math.div_rn(a, ulp)) * ulp
-    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0
+    # y's sign on a nonzero r; a zero is +0 (reference_quant.encode says why)
+    return tl.where((y.to(tl.int32, bitcast=True) < 0) & (r > 0), -r, r)
 
 
 @triton.jit

@@ -167,9 +167,12 @@ def _decode(q, k, v, table, lens, sinks, softcap, modes, windows, max_seq_len, k
             if per_pad.setdefault(pad, 0) < 16:
                 per_pad[pad] += 1
                 splits = SplitPlan(MIN_SPLIT_TOKENS, c, inv)  # seq_len 0: no key is read
-                kern.run(q, k, v, table, lens, sinks, scal, None, splits=splits, k_scales=ks,
-                         v_scales=vs)  # fmt: skip
-                n += 1 if pad == -1 else 2
+                # eager split decode merges in the split kernel; DecodePlan and the
+                # invariant mode in a second kernel
+                for fused in (False,) if inv or pad == -1 else (True, False):
+                    kern.run(q, k, v, table, lens, sinks, scal, None, splits=splits,
+                             k_scales=ks, v_scales=vs, fused=fused)  # fmt: skip
+                    n += 1 if pad == -1 or fused else 2
     return n
 
 

@@ -14,6 +14,11 @@ from typing import Any
 from pagedkv.snapshot.manifest import Manifest
 
 
+def _gbps(nbytes: int, seconds: float) -> float:
+    """``nbytes`` over ``seconds`` in GB/s (0.0 when no time was measured)."""
+    return nbytes / seconds / 1e9 if seconds > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class SnapshotInfo:
     """What a snapshot holds, and for the result of a save, how the save went.
@@ -50,7 +55,7 @@ class SnapshotInfo:
 
     @property
     def gbps(self) -> float:
-        return self.logical_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return _gbps(self.logical_bytes, self.seconds)
 
     @property
     def created_iso(self) -> str:
@@ -115,7 +120,7 @@ class LoadResult(dict[Any, Hashable]):
     @property
     def gbps(self) -> float:
         """Distinct page bytes per second of the whole load, in GB/s."""
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return _gbps(self.bytes, self.seconds)
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ class VerifyReport:
 
     @property
     def gbps(self) -> float:
-        return self.bytes_checked / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return _gbps(self.bytes_checked, self.seconds)
 
 
 @dataclass(frozen=True)

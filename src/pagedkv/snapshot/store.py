@@ -25,6 +25,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from pagedkv._closing import Closing
 from pagedkv.errors import SnapshotError, StoreError, StoreUnavailable
 from pagedkv.snapshot import restore
 from pagedkv.snapshot.args import (
@@ -59,7 +60,7 @@ log = logging.getLogger("pagedkv.snapshot")
 __all__ = ["MANIFEST_PREFIX", "PAGE_SUFFIX", "LoadResult", "SnapshotStore", "page_key"]
 
 
-class SnapshotStore:
+class SnapshotStore(Closing):
     """Named snapshots of KV state over a block store (a directory, or Redis).
 
     ``location``: a directory path (or ``file:///path``; a
@@ -133,12 +134,6 @@ class SnapshotStore:
     def close(self) -> None:
         """Close the backing block store."""
         self.backend.close()
-
-    def __enter__(self) -> SnapshotStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- save, fork ---------------------------------------------------------------
     def save(

@@ -21,6 +21,7 @@ import torch
 
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
+HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: a device address for the pages too
 DEV_ATTR_MAX_PITCH = 11  # cudaDevAttrMaxPitch
 CUDA_ERROR_INVALID_VALUE = 1
 
@@ -44,6 +45,7 @@ class CudaRuntime:
             "cudaMemcpy2DAsync": [ptr, size, ptr, size, size, size, c_int, ptr],
             "cudaHostRegister": [ptr, size, ctypes.c_uint],
             "cudaHostUnregister": [ptr],
+            "cudaHostGetDevicePointer": [ctypes.POINTER(ptr), ptr, ctypes.c_uint],
             "cudaDeviceGetAttribute": [ctypes.POINTER(c_int), c_int, c_int],
             "cudaGetLastError": [],
         }
@@ -68,8 +70,18 @@ class CudaRuntime:
 
     def host_register(self, ptr: int, size: int) -> None:
         self._check(
-            self._lib.cudaHostRegister(ptr, size, HOST_REGISTER_PORTABLE), "cudaHostRegister"
+            self._lib.cudaHostRegister(ptr, size, HOST_REGISTER_PORTABLE | HOST_REGISTER_MAPPED),
+            "cudaHostRegister",
         )
+
+    def device_pointer(self, ptr: int) -> int | None:
+        """The device address of page-locked, mapped host memory at ``ptr`` (``None`` when
+        it is not mapped: pageable, or locked without the mapping)."""
+        out = ctypes.c_void_p()
+        if self._lib.cudaHostGetDevicePointer(ctypes.byref(out), ptr, 0):
+            self._lib.cudaGetLastError()  # clear it: torch would raise it later
+            return None
+        return out.value
 
     def host_unregister(self, ptr: int) -> None:
         self._check(self._lib.cudaHostUnregister(ptr), "cudaHostUnregister")
@@ -176,6 +188,12 @@ class PageLock:
             self._finalizer()
 
 
+#: own_pages() asks the kernel for transparent huge pages on mappings of at least this
+#: many bytes: locking them is 3x faster, and copies of scattered blocks to and from them
+#: a few per cent faster (1 GiB on the H200: cuda -> cpu 78 -> 80 % of a pinned copy)
+HUGE_PAGE_MIN = 64 << 20
+
+
 def own_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor of ``shape`` on an anonymous memory mapping of its own (whole
     pages, page-aligned), so :class:`PageLock` can lock its pages without locking another
@@ -186,6 +204,9 @@ def own_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes *= n
     size = max(-(-nbytes // mmap.PAGESIZE), 1) * mmap.PAGESIZE
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= HUGE_PAGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # a hint: transparent huge pages may be off
+            mapping.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # the storage keeps the mapping alive
     return raw[:nbytes].view(dtype).view(shape)
 
@@ -194,3 +215,32 @@ def _unregister(rt: CudaRuntime, ptr: int, keep: torch.Tensor) -> None:
     """``keep``: the tensor, held until the pages are unregistered."""
     with contextlib.suppress(CudaRuntimeError):  # the context is gone (interpreter exit)
         rt.host_unregister(ptr)
+
+
+class _Mapped:
+    """``__cuda_array_interface__`` of a page-locked CPU tensor's device mapping; holds the
+    tensor, so the memory outlives every CUDA tensor made from this."""
+
+    def __init__(self, t: torch.Tensor, address: int) -> None:
+        self.tensor = t
+        nbytes = t.numel() * t.element_size()
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3,
+            "strides": None,
+        }  # fmt: skip
+
+
+def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor on ``device`` over the memory of the contiguous, page-locked CPU
+    tensor ``t`` (its device mapping: kernels read and write the host memory over the bus,
+    no copy engine), or ``None`` when ``t`` has no mapping (pageable, locked without
+    ``cudaHostRegisterMapped``, no CUDA runtime). It holds ``t``, not its lock: the caller
+    keeps the pages locked while the view is in use."""
+    rt = runtime()
+    if rt is None or not t.is_contiguous() or not is_page_locked(t):
+        return None
+    address = rt.device_pointer(t.data_ptr())
+    if address is None:
+        return None
+    raw = torch.as_tensor(_Mapped(t, address), device=device)
+    return raw.view(t.dtype).view(t.shape)

@@ -1,9 +1,15 @@
-"""Blocks between a CPU KVPool and a CUDA KVPool (routes ``h2d`` and ``d2h``), two ways.
+"""Blocks between a CPU KVPool and a CUDA KVPool (routes ``h2d`` and ``d2h``), three ways.
 
+- ``kernel`` (the CPU pool's pages are locked and mapped, :func:`~pagedkv.storage.cudart.
+  device_view`): one copy kernel on the GPU reads the source blocks and writes the target
+  blocks, one side being host memory it reaches over the bus (zero copy): 1 GiB of
+  scattered 2 MiB blocks on the H200 moved at 92-94 % of a contiguous pinned copy, both
+  ways. It runs on the GPU's SMs, beside whatever else runs there.
 - ``direct`` (the CPU pool's pages are locked, :class:`~pagedkv.storage.cudart.PageLock`):
   one ``cudaMemcpy2DAsync`` per run of blocks that are consecutive in both pools moves the
   run's ``2 L`` (layer, K/V) segments from pool to pool on the copy engine: no staging
-  buffer, no kernel, no pass over host memory.
+  buffer, no kernel, no pass over host memory; the SMs stay free (80 % (d2h) and 89 %
+  (h2d) of a pinned copy in the measurement above: the copy engine pays per segment).
 - ``host`` (a pageable CPU pool): :class:`~pagedkv.storage.host_threads.HostThreads`
   gather a chunk into pinned rows while earlier chunks are copied to the device and
   scattered there (h2d); or the device gathers chunks and copies them into pinned rows,
@@ -20,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from pagedkv import ops
+from pagedkv.ops.blocks import copy_blocks_across
 from pagedkv.storage import cudart
 from pagedkv.storage._streams import blocks, event, finish, ids_on, side_stream
 from pagedkv.storage.host_threads import HostThreads
@@ -48,6 +55,16 @@ def direct_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
     return None
 
 
+def kernel_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
+    """Why a copy kernel cannot move blocks between ``cpu`` and ``gpu`` (``None``: it can)."""
+    refusal = direct_refusal(cpu, gpu)
+    if refusal is not None:
+        return refusal
+    if cudart.device_view(cpu.kv, gpu.device) is None:
+        return "the CPU pool's locked pages have no device mapping (locked without it)"
+    return None
+
+
 def copy(
     src: KVPool,
     s: list[int],
@@ -60,6 +77,9 @@ def copy(
     """Blocks ``s`` of ``src`` into blocks ``d`` of ``dst``, one a CPU pool and the other a
     CUDA pool (either way)."""
     to_device = src.device.type == "cpu"
+    if staging == "kernel":
+        _kernel(src, s, dst, d, dst.device if to_device else src.device)
+        return
     if staging == "direct":
         _direct(src, s, dst, d, dst.device if to_device else src.device)
         return
@@ -98,6 +118,19 @@ def _direct(src: KVPool, s: list[int], dst: KVPool, d: list[int], dev: torch.dev
             for a, b, n in runs(s, d):  # n blocks: 2L rows of n segments each
                 dst_at, src_at = d_ptr + b * seg, s_ptr + a * seg
                 rt.memcpy_2d(dst_at, d_pitch, src_at, s_pitch, n * seg, planes, handle)
+    finally:
+        finish([st], [cur])
+
+
+def _kernel(src: KVPool, s: list[int], dst: KVPool, d: list[int], dev: torch.device) -> None:
+    cpu, gpu = (src, dst) if src.device.type == "cpu" else (dst, src)
+    view = cudart.device_view(cpu.kv, dev)
+    assert view is not None  # staging_for chose "kernel" only with a mapping
+    a, b = (view, gpu.kv) if cpu is src else (gpu.kv, view)
+    st, cur = side_stream(dev)
+    try:
+        with torch.cuda.device(dev), torch.cuda.stream(st):
+            copy_blocks_across(a, ids_on(s, dev), b, ids_on(d, dev), backend=gpu.backend)
     finally:
         finish([st], [cur])
 

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
+from pagedkv._closing import Closing
 from pagedkv.storage.pool import KVPool
 
 THREAD_NAME = "pagedkv-host-copy"
@@ -33,7 +34,7 @@ def default_threads() -> int:
     return max(1, min(MAX_DEFAULT_THREADS, cores or 1))
 
 
-class HostThreads:
+class HostThreads(Closing):
     """``threads`` threads that gather blocks of CPU pools into rows and scatter rows back.
 
     The calling thread does one share itself, so ``threads=1`` starts no thread and
@@ -100,12 +101,6 @@ class HostThreads:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-
-    def __enter__(self) -> HostThreads:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _check(self, pool: KVPool, block_ids: Sequence[int], t: torch.Tensor | None, name: str):
         if not isinstance(pool, KVPool) or pool.device.type != "cpu":

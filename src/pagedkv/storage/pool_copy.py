@@ -10,10 +10,11 @@ The route depends on the two devices (:attr:`BlockCopy.route`):
   on the target. Gather, copy and scatter run on streams of their own, so chunk i's copy
   overlaps the gather of chunk i+1 and the scatter of chunk i-1.
 - ``h2d`` / ``d2h``: CPU to CUDA and back, ``staging`` (:attr:`BlockCopy.staging`) says how
-  (:mod:`pagedkv.storage.host_device`): ``direct``, pitched copies pool to pool on the
-  copy engine when the CPU pool is page-locked; ``host``, host threads gather (scatter)
-  chunks of a pageable CPU pool into (out of) pinned rows, overlapped with the transfers.
-  ``auto`` picks ``direct`` when it can.
+  (:mod:`pagedkv.storage.host_device`): ``kernel``, one copy kernel on the GPU through the
+  device mapping of a page-locked CPU pool (the fastest; it uses SMs); ``direct``, pitched
+  copies pool to pool on the copy engine when the CPU pool is page-locked (SMs free);
+  ``host``, host threads gather (scatter) chunks of a pageable CPU pool into (out of)
+  pinned rows, overlapped with the transfers. ``auto`` picks the first of these it can.
 - ``staged``: any other pair, and compressed (fp8 / int8) pools, whose blocks carry their
   scales; through host rows (:meth:`KVPool.read_blocks` / :meth:`KVPool.write_blocks`).
 
@@ -39,14 +40,15 @@ from pagedkv.storage.host_threads import HostThreads, default_threads
 from pagedkv.storage.pool import KVPool
 
 CHUNK_BYTES = 64 << 20
-STAGING = ("auto", "direct", "host")
+STAGING = ("auto", "kernel", "direct", "host")
 
 
 @dataclass(frozen=True)
 class BlockCopy:
     """What :func:`copy_blocks_between` did: its route, blocks and bytes; whether the two
     GPUs could access each other directly (``None`` unless the route is ``peer``); how a
-    CPU<->CUDA copy went (``"direct"`` or ``"host"``; ``None`` for the other routes)."""
+    CPU<->CUDA copy went (``"kernel"``, ``"direct"`` or ``"host"``; ``None`` for the other
+    routes)."""
 
     route: str
     blocks: int
@@ -87,9 +89,10 @@ def peer_access(src: torch.device, dst: torch.device) -> bool | None:
 
 
 def staging_for(src: KVPool, dst: KVPool, staging: str = "auto") -> str | None:
-    """How a copy from ``src`` to ``dst`` would stage: ``"direct"`` or ``"host"`` between a
-    CPU and a CUDA pool, ``None`` otherwise. ``"direct"`` when it cannot be raises
-    ``ValueError`` saying why; ``"auto"`` is ``"direct"`` when possible, else ``"host"``."""
+    """How a copy from ``src`` to ``dst`` would stage: ``"kernel"``, ``"direct"`` or
+    ``"host"`` between a CPU and a CUDA pool, ``None`` otherwise. ``"kernel"`` or
+    ``"direct"`` when it cannot be raises ``ValueError`` saying why; ``"auto"`` is the first
+    of ``"kernel"``, ``"direct"``, ``"host"`` that is possible."""
     if staging not in STAGING:
         raise ValueError(f"staging must be one of {STAGING}, got {staging!r}")
     how = route(src.device, dst.device)
@@ -98,11 +101,13 @@ def staging_for(src: KVPool, dst: KVPool, staging: str = "auto") -> str | None:
     if staging == "host":
         return "host"
     cpu, gpu = (src, dst) if how == "h2d" else (dst, src)
-    refusal = host_device.direct_refusal(cpu, gpu)
-    if refusal is None:
-        return "direct"
-    if staging == "direct":
-        raise ValueError(f"staging='direct' is not possible: {refusal}")
+    checks = {"kernel": host_device.kernel_refusal, "direct": host_device.direct_refusal}
+    for way in ("kernel", "direct") if staging == "auto" else (staging,):
+        refusal = checks[way](cpu, gpu)
+        if refusal is None:
+            return way
+        if staging != "auto":
+            raise ValueError(f"staging={staging!r} is not possible: {refusal}")
     return "host"
 
 
@@ -119,10 +124,10 @@ def copy_blocks_between(
     """Copy blocks ``src_ids[i]`` of ``src`` into blocks ``dst_ids[i]`` of ``dst``, bit-exact.
 
     Both pools must have the same layout and be distinct; ids are in range, ``dst_ids``
-    distinct. ``staging`` (``"auto"``, ``"direct"``, ``"host"``) chooses how a CPU<->CUDA
-    copy goes (see :func:`staging_for`); ``host`` are the threads that copy CPU pools'
-    blocks (``"host"`` staging, CPU to CPU; default: threads started for this call,
-    :func:`default_threads` of them). Arguments are checked before any byte moves
+    distinct. ``staging`` (``"auto"``, ``"kernel"``, ``"direct"``, ``"host"``) chooses how
+    a CPU<->CUDA copy goes (see :func:`staging_for`); ``host`` are the threads that copy
+    CPU pools' blocks (``"host"`` staging, CPU to CPU; default: threads started for this
+    call, :func:`default_threads` of them). Arguments are checked before any byte moves
     (``TypeError``/``ValueError``).
     """
     _check(src, src_ids, dst, dst_ids, chunk_bytes)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 
 import pagedkv.stores.atomic as atomic
+from pagedkv._closing import Closing
 from pagedkv.errors import StoreError
 from pagedkv.stores._files import unlink_quietly
 from pagedkv.stores._lru import ByteLRU
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 _PARALLEL_MIN_VALUE = 128 << 10
 
 
-class DiskStore:
+class DiskStore(Closing):
     """Block store in a directory, capped at ``capacity_bytes`` of values, LRU-evicted.
 
     The directory is created if missing; one that cannot be created or written
@@ -324,12 +325,6 @@ class DiskStore:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-
-    def __enter__(self) -> DiskStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def check_integrity(self) -> None:
         """Raise :class:`~pagedkv.errors.CacheIntegrityError` if the size bookkeeping

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xxhash
 
+from pagedkv._closing import Closing
 from pagedkv.stores._rows import tensor_rows
 from pagedkv.stores._threads import spawn
 from pagedkv.stores.base import (
@@ -135,7 +136,7 @@ def verify(header: Buffer, payload: Buffer, *, fingerprint: str) -> bool:
     return length == len(view) and _payload_digest(view) == digest
 
 
-class FramedStore:
+class FramedStore(Closing):
     """A block store wrapper that frames values on put and verifies them on get.
 
     A value whose header or digest does not match ``fingerprint`` (corrupt, truncated,
@@ -239,12 +240,6 @@ class FramedStore:
         if self._executor is not None:
             self._executor.shutdown()
         self._store.close()
-
-    def __enter__(self) -> FramedStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- rows (RowStore) ------------------------------------------------------------
 

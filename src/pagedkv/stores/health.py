@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 log = logging.getLogger("pagedkv.stores")
 
@@ -29,6 +30,9 @@ class Backoff:
     thing in log lines (``"tier redis(...) failed"``), ``logger`` where they go.
     Thread-safe; ``clock`` is injectable for tests.
     """
+
+    #: where log lines go when no ``logger`` is given (a subclass names its package's)
+    default_logger: ClassVar[logging.Logger] = log
 
     def __init__(
         self,
@@ -47,7 +51,7 @@ class Backoff:
             )
         self.name = name
         self._what = what
-        self._log = log if logger is None else logger
+        self._log = self.default_logger if logger is None else logger
         self._initial = initial_seconds
         self._max = max_seconds
         self._clock = clock

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pagedkv._closing import Closing
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.stores._lru import ByteLRU
 from pagedkv.stores._rows import copy_rows, tensor_rows
@@ -32,7 +33,7 @@ from pagedkv.stores.base import (
 )
 
 
-class MemoryStore:
+class MemoryStore(Closing):
     """In-process block store over one preallocated slab of host memory.
 
     ``capacity_bytes`` is the slab size; it holds ``capacity_bytes // slot_bytes``
@@ -184,12 +185,6 @@ class MemoryStore:
             self._slot_of.clear()
             self._lru = ByteLRU(self._capacity)
             self._slab = self._np = None
-
-    def __enter__(self) -> MemoryStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- eviction (EvictsLRU) -------------------------------------------------------
 

@@ -35,6 +35,7 @@ import numpy as np
 
 import pagedkv.stores.atomic as atomic
 import pagedkv.stores.pack_format as pack_format
+from pagedkv._closing import Closing
 from pagedkv.errors import StoreError
 from pagedkv.stores._files import IOV_MAX, pread, pread_runs
 from pagedkv.stores._rows import byte_rows
@@ -55,7 +56,7 @@ _MIN_PARALLEL_PACK = 16 << 20
 _UNBOUNDED = 1 << 62
 
 
-class PackStore:
+class PackStore(Closing):
     """Block store for a snapshot directory: page keys (``<sha256 hex>.pg``) in packs.
 
     ``durable``: fsync each pack before it becomes visible. ``writers``: a large
@@ -318,12 +319,6 @@ class PackStore:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._disk.close()
-
-    def __enter__(self) -> PackStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- packs -------------------------------------------------------------------
     def _open_for_writing(self) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
+from pagedkv._closing import Closing
 from pagedkv.errors import StoreError, StoreUnavailable
 from pagedkv.stores.base import Buffer, Counters, StoreStats, check_items
 
@@ -18,10 +19,8 @@ from pagedkv.stores.base import Buffer, Counters, StoreStats, check_items
 MAX_VALUE_BYTES = 512 << 20
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
-S = TypeVar("S", bound="RedisBase")
 
-
-class RedisBase(ABC):
+class RedisBase(ABC, Closing):
     """The surface both Redis stores show; a subclass sets ``_prefix``, ``_shown``,
     ``_lock`` and ``_counts`` in its ``__init__`` and defines ``close()``."""
 
@@ -57,12 +56,6 @@ class RedisBase(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close the connection pool(s)."""
-
-    def __enter__(self: S) -> S:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def glob_escape(text: str) -> str:

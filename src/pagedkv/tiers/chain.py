@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pagedkv._closing import Closing
 from pagedkv._kv_formats import dtype_name, is_quantized
 from pagedkv.storage import KVLayout, KVPool
 from pagedkv.tiers.chain_upkeep import ChainUpkeep
@@ -93,7 +94,7 @@ class _ExitHook:
             close()
 
 
-class TieredStore(ChainUpkeep):
+class TieredStore(ChainUpkeep, Closing):
     """The chain of offload tiers of one cache (see the module docstring).
 
     ``tiers``: a non-empty list of :class:`CPUTier`, :class:`DiskTier`,
@@ -381,9 +382,3 @@ class TieredStore(ChainUpkeep):
             )  # fmt: skip
         elif at_exit and pending:
             log.info("pagedkv: stored %d pending demoted KV blocks at exit", pending)
-
-    def __enter__(self) -> TieredStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

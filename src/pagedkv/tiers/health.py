@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 from pagedkv.stores.health import Backoff as _Backoff
 
@@ -15,14 +13,4 @@ log = logging.getLogger("pagedkv.tiers")
 class Backoff(_Backoff):
     """:class:`pagedkv.stores.health.Backoff` of one tier, logging on ``pagedkv.tiers``."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        initial_seconds: float = 0.5,
-        max_seconds: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(
-            name, initial_seconds=initial_seconds, max_seconds=max_seconds, clock=clock, logger=log
-        )
+    default_logger = log
