@@ -37,7 +37,8 @@ def test_the_sweep_covers_the_locked_ways_and_every_host_setting():
         (c["staging"], c["host_threads"], c["chunk_mib"]) for c in bench_move.configs("h2d", args)
     ]
     assert got == [
-        ("kernel", 1, 64), ("direct", 1, 64), ("host", 1, 16), ("host", 1, 64), ("host", 4, 16), ("host", 4, 64)
+        ("kernel", 1, 64), ("direct", 1, 64),
+        ("host", 1, 16), ("host", 1, 64), ("host", 4, 16), ("host", 4, 64),
     ]  # fmt: skip
     assert [c["staging"] for c in bench_move.configs("peer", args)] == ["auto"]
 
