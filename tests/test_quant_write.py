@@ -29,15 +29,16 @@ def _seeded():
     torch.manual_seed(0)
 
 
-def caches(dtype, nb=6, bs=4, h=2, d=8):
-    kc = torch.zeros(nb, bs, h, d, dtype=dtype, device=DEV)
-    ks = torch.zeros(nb, h, device=DEV)
+def caches(dtype, nb=6, bs=4, h=2, d=8, device=DEV):
+    kc = torch.zeros(nb, bs, h, d, dtype=dtype, device=device)
+    ks = torch.zeros(nb, h, device=device)
     return kc, kc.clone(), ks, ks.clone()
 
 
 def write(state, slots, k, v, backend, static=None):
     kc, vc, ks, vs = state
-    ops.write_kv(kc, vc, torch.tensor(slots, device=DEV), k.to(DEV), v.to(DEV), k_scales=ks,
+    dev = kc.device
+    ops.write_kv(kc, vc, torch.tensor(slots, device=dev), k.to(dev), v.to(dev), k_scales=ks,
                  v_scales=vs, static_scales=static, backend=backend)  # fmt: skip
 
 
@@ -48,10 +49,10 @@ def same_bytes(a, b):
     )  # fmt: skip
 
 
-# ---- the rule, on the reference ------------------------------------------------------------
+# ---- the rule, on the reference (on the CPU: these compare with CPU arithmetic) ----------
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_full_block_gets_the_exact_max(dtype):
-    st = caches(dtype)
+    st = caches(dtype, device="cpu")
     k = torch.randn(4, 2, 8)
     write(st, [4, 5, 6, 7], k, k, "reference")  # block 1, offsets 0..3: fresh and full
     want = k.abs().amax(dim=(0, 2)) / QUANT_FORMATS[dtype].qmax
@@ -64,7 +65,7 @@ def test_full_block_gets_the_exact_max(dtype):
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_partial_write_keeps_headroom_and_later_tokens_grow_the_scale(dtype):
     fmt = QUANT_FORMATS[dtype]
-    st = caches(dtype)
+    st = caches(dtype, device="cpu")
     first = torch.randn(2, 2, 8)
     write(st, [8, 9], first, first, "reference")  # block 2, offsets 0, 1 of 4
     s0 = st[2][2].clone()
@@ -89,7 +90,7 @@ def test_partial_write_keeps_headroom_and_later_tokens_grow_the_scale(dtype):
 
 
 def test_offset_zero_starts_a_block_afresh():
-    st = caches(FP8)
+    st = caches(FP8, device="cpu")
     k = torch.randn(4, 2, 8) * 100
     write(st, [0, 1, 2, 3], k, k, "reference")
     small = torch.randn(1, 2, 8) * 0.01  # the block is reused by another sequence
@@ -98,7 +99,7 @@ def test_offset_zero_starts_a_block_afresh():
 
 
 def test_static_scales_write_the_layer_scale():
-    st = caches(I8)
+    st = caches(I8, device="cpu")
     k = torch.randn(3, 2, 8)
     write(st, [5, 6, 13], k, k * 2, "reference", static=(0.02, 0.04))
     assert torch.equal(st[2][[1, 3]], torch.full((2, 2), 0.02))
