@@ -147,3 +147,13 @@ def _experts(cfg) -> dict:
     # MoE families: transformers' default grouped-mm experts have no float64 kernel;
     # the eager loop over experts computes the same thing in any dtype.
     return {"experts_implementation": "eager"} if hasattr(cfg, "num_experts_per_tok") else {}
+
+
+def generate_one_by_one(model, prompts, new: int) -> list[list[int]]:
+    """transformers' greedy generate() with its default cache, one prompt at a time: the
+    ``new`` tokens after each prompt."""
+    outs = []
+    for p in prompts:
+        o = model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=0)
+        outs.append(o[0, len(p) :].tolist())
+    return outs

@@ -14,7 +14,7 @@ import weakref
 import pytest
 import torch
 
-from _models import tiny
+from _models import generate_one_by_one, tiny
 from pagedkv.engine import Engine, SamplingParams
 from pagedkv.engine.model_runner import ModelRunner
 from pagedkv.errors import EngineClosedError
@@ -57,11 +57,7 @@ def model_state(model):
 
 def one_by_one(model, prompts):
     """transformers' generate() with its default cache, one prompt at a time."""
-    outs = []
-    for p in prompts:
-        o = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-        outs.append(o[0, len(p) :].tolist())
-    return outs
+    return generate_one_by_one(model, prompts, NEW)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

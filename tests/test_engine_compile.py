@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch._dynamo.utils import ReinplaceCounters, counters
 
-from _models import tiny, tiny_family
+from _models import generate_one_by_one, tiny, tiny_family
 from pagedkv.engine import Engine, SamplingParams
 from pagedkv.integrations import attention, attention_op
 from pagedkv.integrations.compiled import MAX_DECODE_GRAPHS, CompiledDecode
@@ -35,11 +35,7 @@ def prompts_of(lengths, seed=0, prefix=()):
 
 def one_by_one(model, prompts):
     """transformers' generate() with its default cache, one prompt at a time."""
-    outs = []
-    for p in prompts:
-        o = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-        outs.append(o[0, len(p) :].tolist())
-    return outs
+    return generate_one_by_one(model, prompts, NEW)
 
 
 def tokens(engine, prompts):

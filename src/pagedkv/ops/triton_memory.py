@@ -117,14 +117,7 @@ def _rows(kv: torch.Tensor) -> torch.Tensor:
 
 def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """kv[:, :, dst] = kv[:, :, src] in one launch (no dst may be a src)."""
-    rows = _rows(kv)
-    e = rows.shape[2]
-    src, dst = src.contiguous(), dst.contiguous()
-    grid = (src.numel(), rows.shape[0], triton.cdiv(e, CHUNK))
-    _block_rows_kernel[grid](
-        rows, rows, src, dst, rows.stride(0), rows.stride(1), rows.stride(0), rows.stride(1), e,
-        SRC_INDEXED=True, DST_INDEXED=True, CHUNK=CHUNK,
-    )  # fmt: skip
+    copy_blocks_across(kv, src, kv, dst)
 
 
 def copy_blocks_across(
