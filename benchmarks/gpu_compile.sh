@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine, from the repository root: torch_compile=True checked and measured.
-#   bash benchmarks/gpu_compile.sh        LIMIT=seconds for the whole script (default 300;
-#   the two bench runs, one compiling a 30-layer model, may want more: LIMIT=420)
+#   bash benchmarks/gpu_compile.sh        LIMIT=seconds for the whole script (default 480:
+#   under 190 s on the H200 the compiled run's warm-up, three inductor compiles of the
+#   30-layer model, did not finish within its share)
 #   QUICK=1: the tiny shape on the CPU (a smoke run of this script; the tests then skip)
 # 1. the compile tests on CUDA (gpu-marked: compiled forward inside the CUDA graphs, tokens
 #    vs eager) and test_engine_gpu's torch_compile test;
@@ -11,7 +12,7 @@
 # JSON and the log gpu_compile.log under $OUT (default benchmarks/out).
 set -u
 source benchmarks/_gpu_env.sh
-gpu_env gpu_compile 300  # LIMIT: seconds for the whole script
+gpu_env gpu_compile 480  # LIMIT: seconds for the whole script
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 python3 -c "import torch,triton,transformers as t;print('torch',torch.__version__,'triton',triton.__version__,'transformers',t.__version__)"
 gpu_test_deps
