@@ -197,7 +197,11 @@ HUGE_PAGE_MIN = 64 << 20
 def own_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor of ``shape`` on an anonymous memory mapping of its own (whole
     pages, page-aligned), so :class:`PageLock` can lock its pages without locking another
-    allocation's. The mapping is unmapped when the tensor's storage is freed."""
+    allocation's. The mapping is unmapped when the tensor's storage is freed. Its memory is
+    committed on first touch: by 4 KiB pages, or by 2 MiB where the kernel grants the huge
+    pages asked for (mappings of :data:`HUGE_PAGE_MIN` bytes or more), so a pool whose
+    first blocks are written commits whole 2 MiB stretches (at most the pool's size, which
+    ``torch.zeros`` committed at once)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = itemsize
     for n in shape:
