@@ -188,7 +188,6 @@ def test_cuda_fused_merge_on_two_streams_and_in_a_graph():
 # ------------------------------------------------------- the sm_90 code (no GPU needed)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="the gpu tests run the kernel itself")
 def test_fused_kernel_code_for_sm90_orders_the_count_after_the_partials():
     """What the interpreter cannot show: on the GPU every thread's partials are stored
     before one thread's gpu-scope acq_rel increment (a CTA barrier between), its result

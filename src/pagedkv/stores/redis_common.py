@@ -7,7 +7,7 @@ error translation (scrubbed of passwords), and :class:`RedisBase`, their common 
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +20,7 @@ MAX_VALUE_BYTES = 512 << 20
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
-class RedisBase(ABC, Closing):
+class RedisBase(Closing):
     """The surface both Redis stores show; a subclass sets ``_prefix``, ``_shown``,
     ``_lock`` and ``_counts`` in its ``__init__`` and defines ``close()``."""
 
