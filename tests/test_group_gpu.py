@@ -306,7 +306,8 @@ def test_direct_staging_is_refused_before_anything_changes(monkeypatch):
         KVCacheGroup(caches, staging="direct")  # the pool is locked by `locked`, not by it
     assert cudart.is_page_locked(cpu.kv)
     assert torch.equal(cpu.read_blocks([1]), target)
-    assert locked.move("s", "cpu").staging == "host"  # auto falls back
+    # the pitch limits only the copy engine: auto still takes the kernel
+    assert locked.move("s", "cpu").staging == "kernel"
     monkeypatch.undo()
     assert locked.move("s", "cuda:0").staging == "kernel"
     monkeypatch.setattr(cudart.CudaRuntime, "device_pointer", lambda self, ptr: None)
@@ -315,6 +316,8 @@ def test_direct_staging_is_refused_before_anything_changes(monkeypatch):
         pool_copy.copy_blocks_between(gpu, [0], cpu, [1], staging="kernel")
     assert torch.equal(cpu.read_blocks([1]), target)
     assert locked.move("s", "cpu").staging == "direct"  # auto: the copy engine then
+    monkeypatch.setattr(cudart.CudaRuntime, "max_pitch", lambda self, device: 1024)
+    assert locked.move("s", "cuda:0").staging == "host"  # neither: host threads
     locked.close()
     g.close()
     assert not cudart.is_page_locked(cpu.kv)

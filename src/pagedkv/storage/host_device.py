@@ -35,16 +35,26 @@ from pagedkv.storage.pool import KVPool
 DEPTH = 3  # pinned staging rows: the host works on one chunk while two are in flight
 
 
-def direct_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
-    """Why blocks cannot move directly between ``cpu`` and ``gpu`` (``None``: they can)."""
-    rt = cudart.runtime()
-    if rt is None:
+def _lock_refusal(cpu: KVPool) -> str | None:
+    """Why the CPU pool cannot be copied to or from without staging: no CUDA runtime, or
+    its pages are not locked (``None``: they are)."""
+    if cudart.runtime() is None:
         return "the CUDA runtime library (libcudart) could not be loaded"
     if not cudart.is_page_locked(cpu.kv):
         return (
             f"the CPU pool ({cpu.nbytes} bytes) is not page-locked: lock it with "
             "KVCacheGroup(..., pin_host=True) or storage.cudart.PageLock"
         )
+    return None
+
+
+def direct_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
+    """Why blocks cannot move directly between ``cpu`` and ``gpu`` (``None``: they can)."""
+    refusal = _lock_refusal(cpu)
+    if refusal is not None:
+        return refusal
+    rt = cudart.runtime()
+    assert rt is not None  # _lock_refusal checked
     limit, seg = rt.max_pitch(gpu.device.index), _segment(cpu)
     for pool in (cpu, gpu):
         if pool.num_blocks * seg > limit:
@@ -56,11 +66,15 @@ def direct_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
 
 
 def kernel_refusal(cpu: KVPool, gpu: KVPool) -> str | None:
-    """Why a copy kernel cannot move blocks between ``cpu`` and ``gpu`` (``None``: it can)."""
-    refusal = direct_refusal(cpu, gpu)
+    """Why a copy kernel cannot move blocks between ``cpu`` and ``gpu`` (``None``: it can).
+    The pitch limit of :func:`direct_refusal` does not apply: the kernel indexes the pools
+    itself, so pools of any size qualify."""
+    refusal = _lock_refusal(cpu)
     if refusal is not None:
         return refusal
-    if cudart.device_view(cpu.kv, gpu.device) is None:
+    rt = cudart.runtime()
+    assert rt is not None  # _lock_refusal checked
+    if rt.device_pointer(cpu.kv.data_ptr()) is None:  # the view itself: made by the copy
         return "the CPU pool's locked pages have no device mapping (locked without it)"
     return None
 
