@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from functools import reduce
 from operator import or_
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -36,6 +36,18 @@ from pagedkv.ops._config import interpreting
 
 ALIGN_MASK = 15  # Triton specializes pointers on 16-byte alignment
 INT_MASK = ~0x7FFFFFF0  # an int of the bound class: 0 <= x < 2**31, x % 16 == 0
+
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+def made_once(cache: dict[K, T], key: K, make: Callable[[K], T]) -> T:
+    """``cache[key]``, made by ``make(key)`` and kept on first use (a compile cache)."""
+    made = cache.get(key)
+    if made is None:
+        made = cache[key] = make(key)
+    return made
 
 
 class _Bound(NamedTuple):

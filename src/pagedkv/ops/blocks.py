@@ -21,6 +21,11 @@ def _pool_tensor(kv: torch.Tensor) -> None:
         )
 
 
+def _impl(backend, device: torch.device):
+    """The module whose block ops run for ``backend`` on ``device``."""
+    return triton_module("memory") if resolve(backend, device) == "triton" else reference
+
+
 def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backend=None) -> None:
     """Copy whole blocks (all layers, K and V): ``kv[:, :, dst[i]] = kv[:, :, src[i]]``.
 
@@ -30,12 +35,8 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backe
     src (the pool orders such lists).
     """
     _pool_tensor(kv)
-    if src.numel() == 0:
-        return
-    if resolve(backend, kv.device) == "triton":
-        triton_module("memory").copy_blocks(kv, src, dst)
-    else:
-        reference.copy_blocks(kv, src, dst)
+    if src.numel():
+        _impl(backend, kv.device).copy_blocks(kv, src, dst)
 
 
 def copy_blocks_across(
@@ -65,12 +66,8 @@ def copy_blocks_across(
             f"at most in num_blocks, got {tuple(src_kv.shape)} {src_kv.dtype} on "
             f"{src_kv.device} and {tuple(dst_kv.shape)} {dst_kv.dtype} on {dst_kv.device}"
         )
-    if src.numel() == 0:
-        return
-    if resolve(backend, dst_kv.device) == "triton":
-        triton_module("memory").copy_blocks_across(src_kv, src, dst_kv, dst)
-    else:
-        reference.copy_blocks_across(src_kv, src, dst_kv, dst)
+    if src.numel():
+        _impl(backend, dst_kv.device).copy_blocks_across(src_kv, src, dst_kv, dst)
 
 
 def gather_blocks(
@@ -94,12 +91,8 @@ def scatter_blocks(
     device; rows may be strided as for ``out`` there) into blocks ``ids`` ([n] int64, in
     range, distinct)."""
     _pool_tensor(kv)
-    if ids.numel() == 0:
-        return
-    if resolve(backend, kv.device) == "triton":
-        triton_module("memory").scatter_blocks(kv, ids, data)
-    else:
-        reference.scatter_blocks(kv, ids, data)
+    if ids.numel():
+        _impl(backend, kv.device).scatter_blocks(kv, ids, data)
 
 
 def quantize_blocks(

@@ -16,44 +16,48 @@ MIN_PRIVATE_SPLIT = 64
 SPLIT_PENALTY = 0.02  # cost of one more shared split (Q reload, one more partial), in waves
 
 
+# Tile tables: (BLOCK_Q, BLOCK_N, num_warps, num_stages) by case (see _tiles). float32
+# (exact "ieee" products) and head_dim > 128 on the shared level: the largest tiles that
+# compile for sm_90 without register spills (checked with cuobjdump -res-usage); on the
+# private decode level float32 takes 8 warps (4 warps spill).
+_SHARED = {"interpreter": (16, 16, 4, 1), "float32": (32, 16, 4, 2), "wide": (64, 32, 8, 2),
+           "small": (128, 64, 4, 3), "default": (128, 64, 8, 3)}  # fmt: skip
+_DECODE = {"interpreter": (16, 4, 1), "float32": (32, 8, 2), "wide": (32, 4, 2),
+           "default": (64, 4, 3)}  # fmt: skip
+_PREFILL = {"interpreter": (16, 16, 4, 1), "float32": (32, 16, 8, 2), "wide": (32, 32, 4, 2),
+            "small": (16, 64, 4, 3), "default": (128, 64, 8, 3)}  # fmt: skip
+
+
+def _tiles(table: dict, head_dim: int, dtype: torch.dtype, small: bool = False) -> dict:
+    """The launch options of ``table``'s case for this call: small tiles in the
+    interpreter, then float32, then head_dim > 128 ("wide"), then ``small``."""
+    if interpreting():
+        case = "interpreter"
+    elif dtype == torch.float32:
+        case = "float32"
+    elif head_dim > 128:
+        case = "wide"
+    else:
+        case = "small" if small else "default"
+    row = table[case]
+    names = ("BLOCK_Q", "BLOCK_N", "num_warps", "num_stages")[4 - len(row) :]
+    return dict(zip(names, row, strict=True))
+
+
 def shared_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the shared level (a flash-attention forward over paged K): 128 pairs x 64
     keys, the usual Hopper choice for head_dim <= 128. Small tiles in the interpreter."""
-    if interpreting():
-        return dict(BLOCK_Q=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    # float32 (exact "ieee" products) and head_dim > 128: the largest tiles that compile
-    # for sm_90 without register spills (checked with cuobjdump -res-usage)
-    if dtype == torch.float32:
-        return dict(BLOCK_Q=32, BLOCK_N=16, num_warps=4, num_stages=2)
-    if head_dim > 128:
-        return dict(BLOCK_Q=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    if head_dim <= 64:
-        return dict(BLOCK_Q=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_Q=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return _tiles(_SHARED, head_dim, dtype, head_dim <= 64)
 
 
 def private_decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the private decode level (those of :mod:`triton_decode`)."""
-    if interpreting():
-        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=8, num_stages=2)  # 4 warps spill
-    if head_dim > 128:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    return _tiles(_DECODE, head_dim, dtype)
 
 
 def private_prefill_config(head_dim: int, dtype: torch.dtype, pairs: int) -> dict:
     """Tiles of the private prefill level; ``pairs`` = longest chunk x G."""
-    if interpreting():
-        return dict(BLOCK_Q=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_Q=32, BLOCK_N=16, num_warps=8, num_stages=2)
-    if head_dim > 128:
-        return dict(BLOCK_Q=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if pairs <= 16:
-        return dict(BLOCK_Q=16, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_Q=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return _tiles(_PREFILL, head_dim, dtype, pairs <= 16)
 
 
 @functools.lru_cache(maxsize=16)

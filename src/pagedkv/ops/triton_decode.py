@@ -38,7 +38,7 @@ with optional_imports(__name__):
     import triton
     import triton.language as tl
 
-from pagedkv.ops._launch import Launcher, Scratch
+from pagedkv.ops._launch import Launcher, Scratch, made_once
 from pagedkv.ops.decode_splits import (  # noqa: F401  (re-exported: the split planning)
     FORMS,
     INVARIANT_SPLIT_TOKENS,
@@ -353,10 +353,7 @@ def kernels(
            v_cache.stride(), sstr, block_tables.dtype, seq_lens.dtype,
            None if sinks is None else sinks.dtype, bool(softcap), bool(batch_invariant),
            q.device, tuple(sorted(cfg.items())))  # fmt: skip
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = _KERNELS[key] = DecodeKernels(key)
-    return kern
+    return made_once(_KERNELS, key, DecodeKernels)
 
 
 def decode(

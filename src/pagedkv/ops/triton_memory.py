@@ -16,7 +16,7 @@ with optional_imports(__name__):
     import triton
     import triton.language as tl
 
-from pagedkv.ops._launch import Launcher
+from pagedkv.ops._launch import Launcher, made_once
 
 CHUNK = 2048  # elements per program in the block kernels
 
@@ -93,10 +93,7 @@ def write_kernels(k_cache, v_cache, slots, k) -> WriteKernels:
     """The :class:`WriteKernels` of these tensors' shape class (made on first use)."""
     key = (k_cache.dtype, tuple(k_cache.shape[1:]), k_cache.stride(), v_cache.stride(),
            slots.dtype, k_cache.device)  # fmt: skip
-    kern = _WRITE.get(key)
-    if kern is None:
-        kern = _WRITE[key] = WriteKernels(key)
-    return kern
+    return made_once(_WRITE, key, WriteKernels)
 
 
 def write_kv(

@@ -21,7 +21,7 @@ with optional_imports(__name__):
     import triton
     import triton.language as tl
 
-from pagedkv.ops._launch import Launcher
+from pagedkv.ops._launch import Launcher, made_once
 from pagedkv.ops.triton_attn import (
     logits,
     mma,
@@ -266,10 +266,7 @@ def kernels(
            sstr,
            cu_seqlens_q.dtype, block_tables.dtype, seq_lens.dtype,
            None if sinks is None else sinks.dtype, bool(softcap), q.device)  # fmt: skip
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = _KERNELS[key] = PrefillKernels(key)
-    return kern
+    return made_once(_KERNELS, key, PrefillKernels)
 
 
 def prefill(

@@ -29,7 +29,7 @@ with optional_imports(__name__):
     import triton.language as tl
 
 from pagedkv._kv_formats import QUANT_FORMATS
-from pagedkv.ops._launch import Launcher
+from pagedkv.ops._launch import Launcher, made_once
 
 
 @triton.jit
@@ -215,10 +215,7 @@ def write_kernels(k_cache, v_cache, k_scales, v_scales, slots, static: bool) -> 
     key = (k_cache.dtype, tuple(k_cache.shape[1:]), k_cache.stride(), v_cache.stride(),
            k_scales.stride(), v_scales.stride(), slots.dtype, bool(static),
            k_cache.device)  # fmt: skip
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = _KERNELS[key] = QuantWriteKernels(key)
-    return kern
+    return made_once(_KERNELS, key, QuantWriteKernels)
 
 
 def write_kv(k_cache, v_cache, k_scales, v_scales, slots, k, v, static_scales=None) -> None:
