@@ -26,6 +26,13 @@ def _impl(backend, device: torch.device):
     return triton_module("memory") if resolve(backend, device) == "triton" else reference
 
 
+def _each_block(op: str, kv: torch.Tensor, ids: torch.Tensor, *args, backend) -> None:
+    """Check ``kv``, then run the backend's block op ``op`` unless ``ids`` is empty."""
+    _pool_tensor(kv)
+    if ids.numel():
+        getattr(_impl(backend, kv.device), op)(kv, ids, *args)
+
+
 def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backend=None) -> None:
     """Copy whole blocks (all layers, K and V): ``kv[:, :, dst[i]] = kv[:, :, src[i]]``.
 
@@ -34,9 +41,7 @@ def copy_blocks(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, backe
     range (checked by the caller, e.g. :meth:`KVPool.copy_blocks`); no dst may also be a
     src (the pool orders such lists).
     """
-    _pool_tensor(kv)
-    if src.numel():
-        _impl(backend, kv.device).copy_blocks(kv, src, dst)
+    _each_block("copy_blocks", kv, src, dst, backend=backend)
 
 
 def copy_blocks_across(
@@ -90,9 +95,7 @@ def scatter_blocks(
     """Inverse of :func:`gather_blocks`: data [n, L, 2, block_size, Hkv, D] (kv's dtype and
     device; rows may be strided as for ``out`` there) into blocks ``ids`` ([n] int64, in
     range, distinct)."""
-    _pool_tensor(kv)
-    if ids.numel():
-        _impl(backend, kv.device).scatter_blocks(kv, ids, data)
+    _each_block("scatter_blocks", kv, ids, data, backend=backend)
 
 
 def quantize_blocks(

@@ -93,18 +93,15 @@ def _span(
 ):  # fmt: skip
     """Keys ``[start, end)`` into (acc, m, l): the whole tiles before ``full_end`` without
     a mask (every row sees every key there), the rest masked."""
-    for n0 in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, end, pos, h, stride_kb, stride_kt, stride_kh,
-            stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS, BLOCK_N, False,
-            CAUSAL, IEEE, UPCAST,
-        )  # fmt: skip
-    for n0 in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(
-            q, acc, m_i, l_i, K, V, bt_row, n0, end, pos, h, stride_kb, stride_kt, stride_kh,
-            stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS, BLOCK_N, True,
-            CAUSAL, IEEE, UPCAST,
-        )  # fmt: skip
+    for part in tl.static_range(2):  # unrolled at compile time: unmasked, then masked
+        lo = start if part == 0 else full_end
+        hi = full_end if part == 0 else end
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _kv_tile(
+                q, acc, m_i, l_i, K, V, bt_row, n0, end, pos, h, stride_kb, stride_kt,
+                stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, offs_d, mask_d, BS,
+                BLOCK_N, part == 1, CAUSAL, IEEE, UPCAST,
+            )  # fmt: skip
     return acc, m_i, l_i
 
 

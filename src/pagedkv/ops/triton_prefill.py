@@ -135,27 +135,18 @@ def _prefill_kernel(
     full_lo = tl.maximum(tl.cdiv(tl.maximum(p_last - window + 1, 0), BLOCK_N) * BLOCK_N, n_lo)
     full_lo = tl.where(live, full_lo, 0)
     full_hi = tl.maximum(tl.where(live, (p_first // BLOCK_N) * BLOCK_N, 0), full_lo)
-    for n0 in range(n_lo, full_lo, BLOCK_N):
-        acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
-            stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE,
-            UPCAST, SOFTCAP, QUANT,
-        )  # fmt: skip
-    for n0 in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
-            stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, False, IEEE,
-            UPCAST, SOFTCAP, QUANT,
-        )  # fmt: skip
-    for n0 in range(full_hi, kv_end, BLOCK_N):
-        acc, m_i, l_i = _tile(
-            q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
-            stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, True, IEEE,
-            UPCAST, SOFTCAP, QUANT,
-        )  # fmt: skip
+    # keys [n_lo, full_lo) masked (window start), [full_lo, full_hi) not, [full_hi, kv_end)
+    # masked (the diagonal): three loops, unrolled at compile time
+    for part in tl.static_range(3):
+        lo = n_lo if part == 0 else (full_lo if part == 1 else full_hi)
+        hi = full_lo if part == 0 else (full_hi if part == 1 else kv_end)
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _tile(
+                q, acc, m_i, l_i, K, V, KS, VS, bt_row, n0, pos_m, kv_lo, kv_end, window, h,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ksb,
+                stride_vsb, qk_scale, cap_log2, offs_d, mask_d, D_PAD, BS, BLOCK_N, part != 1,
+                IEEE, UPCAST, SOFTCAP, QUANT,
+            )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = OUT + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
