@@ -178,9 +178,7 @@ def _private_decode_kernel(
     BS: tl.constexpr, BLOCK_N: tl.constexpr, FUSED: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # sequence, KV head, split
     seq_len = tl.load(SL + b)
     shared = tl.load(SHARED + b)
     start = shared + s * split2

@@ -143,8 +143,7 @@ def _write_static_kernel(
     K, V, KC, VC, KS, VS, SLOTS,
     stride_kn, stride_kh, stride_vn, stride_vh,
     k_scale, v_scale,
-    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-    stride_ksb, stride_vsb,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, stride_ksb, stride_vsb,
     H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BS: tl.constexpr, QMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
 ):  # fmt: skip
