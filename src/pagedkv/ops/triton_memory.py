@@ -96,13 +96,8 @@ def write_kernels(k_cache, v_cache, slots, k) -> WriteKernels:
     return made_once(_WRITE, key, WriteKernels)
 
 
-def write_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-) -> None:
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:  # fmt: skip
     """Scatter k, v [N, Hkv, D] into slots (-1 skips); arguments checked by the caller."""
     write_kernels(k_cache, v_cache, slots, k).run(k_cache, v_cache, slots, k, v)
 
