@@ -8,7 +8,8 @@ declared below); every method that changes state is in :mod:`block_manager`.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import NamedTuple
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from pagedkv._validate import check_int, unknown_sequence
 from pagedkv.errors import CacheIntegrityError
@@ -21,6 +22,11 @@ from pagedkv.manager.prefix_index import PrefixIndex, PromptMatch
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
 from pagedkv.manager.stats import CacheStats, Counters, SeqStats, unused_slots
+
+
+def _from_config(name: str, doc: str) -> Any:
+    """A read-only property returning ``self.config.<name>`` (its getter runs in C)."""
+    return property(attrgetter(f"config.{name}"), doc=doc)
 
 
 class DevicePrefix(NamedTuple):
@@ -55,35 +61,21 @@ class ManagerReads:
     _counters: Counters
     _gens: Generations
 
-    @property
-    def eviction(self) -> str:
-        """The eviction policy's name (lower case)."""
-        return self.config.eviction
-
-    @property
-    def ttl_seconds(self) -> float | None:
-        """Idle time after which a cached block expires (``None``: never)."""
-        return self.config.ttl_seconds
-
-    @property
-    def hash_algo(self) -> str:
-        """The block hash (``"sha256"`` or ``"xxh3_128"``)."""
-        return self.config.hash_algo
-
-    @property
-    def watermarks(self) -> tuple[float, float, float]:
-        """Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."""
-        return self.config.watermarks
-
-    @property
-    def min_prefix_tokens(self) -> int:
-        """Prompts shorter than this are private (no hit, nothing registered)."""
-        return self.config.min_prefix_tokens
-
-    @property
-    def max_cached_blocks(self) -> int | None:
-        """Cap on evictable cached blocks (``None``: none)."""
-        return self.config.max_cached_blocks
+    # The manager's settings, read through from ``config`` (read-only properties).
+    eviction: str = _from_config("eviction", "The eviction policy's name (lower case).")
+    ttl_seconds: float | None = _from_config(
+        "ttl_seconds", "Idle time after which a cached block expires (``None``: never)."
+    )
+    hash_algo: str = _from_config("hash_algo", 'The block hash (``"sha256"`` or ``"xxh3_128"``).')
+    watermarks: tuple[float, float, float] = _from_config(
+        "watermarks", "Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."
+    )
+    min_prefix_tokens: int = _from_config(
+        "min_prefix_tokens", "Prompts shorter than this are private (no hit, nothing registered)."
+    )
+    max_cached_blocks: int | None = _from_config(
+        "max_cached_blocks", "Cap on evictable cached blocks (``None``: none)."
+    )
 
     # ------------------------------------------------------------------ queries
 
