@@ -8,9 +8,9 @@ declared below); every method that changes state is in :mod:`block_manager`.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from pagedkv._forward import read_through
 from pagedkv._validate import check_int, unknown_sequence
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.manager import integrity
@@ -22,11 +22,6 @@ from pagedkv.manager.prefix_index import PrefixIndex, PromptMatch
 from pagedkv.manager.pressure import MemoryPressure, pressure_level
 from pagedkv.manager.sequence import SeqRecord, full_block_range, slot_mapping
 from pagedkv.manager.stats import CacheStats, Counters, SeqStats, unused_slots
-
-
-def _from_config(name: str, doc: str) -> Any:
-    """A read-only property returning ``self.config.<name>`` (its getter runs in C)."""
-    return property(attrgetter(f"config.{name}"), doc=doc)
 
 
 class DevicePrefix(NamedTuple):
@@ -62,32 +57,30 @@ class ManagerReads:
     _gens: Generations
 
     # The manager's settings, read through from ``config`` (read-only properties).
-    eviction: str = _from_config("eviction", "The eviction policy's name (lower case).")
-    ttl_seconds: float | None = _from_config(
-        "ttl_seconds", "Idle time after which a cached block expires (``None``: never)."
+    eviction: str = read_through("config.eviction", "The eviction policy's name (lower case).")
+    ttl_seconds: float | None = read_through(
+        "config.ttl_seconds", "Idle time after which a cached block expires (``None``: never)."
     )
-    hash_algo: str = _from_config("hash_algo", 'The block hash (``"sha256"`` or ``"xxh3_128"``).')
-    watermarks: tuple[float, float, float] = _from_config(
-        "watermarks", "Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."
+    hash_algo: str = read_through(
+        "config.hash_algo", 'The block hash (``"sha256"`` or ``"xxh3_128"``).'
     )
-    min_prefix_tokens: int = _from_config(
-        "min_prefix_tokens", "Prompts shorter than this are private (no hit, nothing registered)."
+    watermarks: tuple[float, float, float] = read_through(
+        "config.watermarks", "Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."
     )
-    max_cached_blocks: int | None = _from_config(
-        "max_cached_blocks", "Cap on evictable cached blocks (``None``: none)."
+    min_prefix_tokens: int = read_through(
+        "config.min_prefix_tokens",
+        "Prompts shorter than this are private (no hit, nothing registered).",
+    )
+    max_cached_blocks: int | None = read_through(
+        "config.max_cached_blocks", "Cap on evictable cached blocks (``None``: none)."
     )
 
     # ------------------------------------------------------------------ queries
 
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks that can be handed out now: never used + evictable cached."""
-        return self._alloc.num_free
-
-    @property
-    def num_used_blocks(self) -> int:
-        """Blocks with ref count > 0."""
-        return self._alloc.num_used
+    num_free_blocks: int = read_through(
+        "_alloc.num_free", "Blocks that can be handed out now: never used + evictable cached."
+    )
+    num_used_blocks: int = read_through("_alloc.num_used", "Blocks with ref count > 0.")
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether a new sequence of ``num_tokens`` fits without prefix hits."""
