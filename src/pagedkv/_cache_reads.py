@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from pagedkv import _cache_checks, ops
+from pagedkv._forward import read_through
 from pagedkv._validate import check_int, unhashable_id, unknown_sequence
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.events import Subscriber
@@ -74,17 +75,9 @@ class CacheReads:
 
     # ------------------------------------------------------------------- basics
 
-    @property
-    def block_size(self) -> int:
-        return self.layout.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.manager.num_blocks
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.manager.num_free_blocks
+    block_size: int = read_through("layout.block_size")
+    num_blocks: int = read_through("manager.num_blocks")
+    num_free_blocks: int = read_through("manager.num_free_blocks")
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether a new sequence of ``num_tokens`` fits without prefix hits."""

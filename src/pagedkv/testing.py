@@ -15,6 +15,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
+from pagedkv._forward import read_through
 from pagedkv._pausing import Pausable
 from pagedkv.errors import CacheIntegrityError, OutOfBlocks
 from pagedkv.manager.hashing import as_token_array, chain_hashes, hash_function, namespace
@@ -63,19 +64,13 @@ class SyntheticPager(Pausable):
         self._rows = HostRowCache()  # read_blocks buffers, recycled once unreferenced
 
     # -- identity -------------------------------------------------------------------
-    @property
-    def layout(self) -> KVLayout:
-        """The block geometry."""
-        return self._layout
+    layout: KVLayout = read_through("_layout", "The block geometry.")
 
-    @property
-    def fingerprint(self) -> str:
-        """Model + layout identity; snapshots refuse to cross it."""
-        return self._fingerprint
+    fingerprint: str = read_through(
+        "_fingerprint", "Model + layout identity; snapshots refuse to cross it."
+    )
 
-    @property
-    def block_size(self) -> int:
-        return self._layout.block_size
+    block_size: int = read_through("_layout.block_size")
 
     @property
     def num_free_blocks(self) -> int:

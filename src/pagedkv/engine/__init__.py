@@ -19,19 +19,18 @@ if TYPE_CHECKING:  # the names as type checkers and readers see them
     from pagedkv.engine.request import RequestOutput, SamplingParams, StreamDelta
     from pagedkv.engine.stats import EngineStats, StepLatencies
 
+# name -> module that defines it (below pagedkv.engine), by module.
 _LAZY = {
-    "Engine": "pagedkv.engine.engine",
-    "EngineConfig": "pagedkv.engine.config",
-    "EngineStats": "pagedkv.engine.stats",
-    "Migration": "pagedkv.engine.migration",
-    "MigrationResult": "pagedkv.engine.migration",
-    "Migrator": "pagedkv.engine.migration",
-    "PreemptionPolicyError": "pagedkv.engine.preemption",
-    "RequestOutput": "pagedkv.engine.request",
-    "RunningRequest": "pagedkv.engine.preemption",
-    "SamplingParams": "pagedkv.engine.request",
-    "StepLatencies": "pagedkv.engine.stats",
-    "StreamDelta": "pagedkv.engine.request",
+    name: f"pagedkv.engine.{module}"
+    for module, names in (
+        ("config", ("EngineConfig",)),
+        ("engine", ("Engine",)),
+        ("migration", ("Migration", "MigrationResult", "Migrator")),
+        ("preemption", ("PreemptionPolicyError", "RunningRequest")),
+        ("request", ("RequestOutput", "SamplingParams", "StreamDelta")),
+        ("stats", ("EngineStats", "StepLatencies")),
+    )
+    for name in names
 }
 
 __getattr__ = lazy_getattr(globals(), _LAZY)

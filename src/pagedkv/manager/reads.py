@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
+from pagedkv._forward import read_through
 from pagedkv._validate import check_int, unknown_sequence
 from pagedkv.errors import CacheIntegrityError
 from pagedkv.manager import integrity
@@ -55,47 +56,31 @@ class ManagerReads:
     _counters: Counters
     _gens: Generations
 
-    @property
-    def eviction(self) -> str:
-        """The eviction policy's name (lower case)."""
-        return self.config.eviction
-
-    @property
-    def ttl_seconds(self) -> float | None:
-        """Idle time after which a cached block expires (``None``: never)."""
-        return self.config.ttl_seconds
-
-    @property
-    def hash_algo(self) -> str:
-        """The block hash (``"sha256"`` or ``"xxh3_128"``)."""
-        return self.config.hash_algo
-
-    @property
-    def watermarks(self) -> tuple[float, float, float]:
-        """Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."""
-        return self.config.watermarks
-
-    @property
-    def min_prefix_tokens(self) -> int:
-        """Prompts shorter than this are private (no hit, nothing registered)."""
-        return self.config.min_prefix_tokens
-
-    @property
-    def max_cached_blocks(self) -> int | None:
-        """Cap on evictable cached blocks (``None``: none)."""
-        return self.config.max_cached_blocks
+    # The manager's settings, read through from ``config`` (read-only properties).
+    eviction: str = read_through("config.eviction", "The eviction policy's name (lower case).")
+    ttl_seconds: float | None = read_through(
+        "config.ttl_seconds", "Idle time after which a cached block expires (``None``: never)."
+    )
+    hash_algo: str = read_through(
+        "config.hash_algo", 'The block hash (``"sha256"`` or ``"xxh3_128"``).'
+    )
+    watermarks: tuple[float, float, float] = read_through(
+        "config.watermarks", "Used fractions at which pressure turns MEDIUM, HIGH, CRITICAL."
+    )
+    min_prefix_tokens: int = read_through(
+        "config.min_prefix_tokens",
+        "Prompts shorter than this are private (no hit, nothing registered).",
+    )
+    max_cached_blocks: int | None = read_through(
+        "config.max_cached_blocks", "Cap on evictable cached blocks (``None``: none)."
+    )
 
     # ------------------------------------------------------------------ queries
 
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks that can be handed out now: never used + evictable cached."""
-        return self._alloc.num_free
-
-    @property
-    def num_used_blocks(self) -> int:
-        """Blocks with ref count > 0."""
-        return self._alloc.num_used
+    num_free_blocks: int = read_through(
+        "_alloc.num_free", "Blocks that can be handed out now: never used + evictable cached."
+    )
+    num_used_blocks: int = read_through("_alloc.num_used", "Blocks with ref count > 0.")
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether a new sequence of ``num_tokens`` fits without prefix hits."""

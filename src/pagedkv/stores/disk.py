@@ -26,6 +26,7 @@ import numpy as np
 
 import pagedkv.stores.atomic as atomic
 from pagedkv._closing import Closing
+from pagedkv._forward import read_through
 from pagedkv.errors import StoreError
 from pagedkv.stores._files import unlink_quietly
 from pagedkv.stores._lru import ByteLRU
@@ -117,20 +118,15 @@ class DiskStore(Closing):
                 ) from e
         self._scan()
 
-    @property
-    def capacity_bytes(self) -> int:
-        """Cap on the total size of the values, in bytes."""
-        return self._lru.capacity_bytes
+    capacity_bytes: int = read_through(
+        "_lru.capacity_bytes", "Cap on the total size of the values, in bytes."
+    )
 
-    @property
-    def path(self) -> str:
-        """Absolute path of the store directory."""
-        return self._root
+    path: str = read_through("_root", "Absolute path of the store directory.")
 
-    @property
-    def file_mode(self) -> int | None:
-        """Permission bits of the files the store creates (``None``: from the umask)."""
-        return self._mode
+    file_mode: int | None = read_through(
+        "_mode", "Permission bits of the files the store creates (``None``: from the umask)."
+    )
 
     def __repr__(self) -> str:
         return f"DiskStore({self._root!r}, capacity_bytes={self.capacity_bytes})"

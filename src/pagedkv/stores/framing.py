@@ -42,6 +42,7 @@ import numpy as np
 import xxhash
 
 from pagedkv._closing import Closing
+from pagedkv._forward import read_through
 from pagedkv.stores._rows import tensor_rows
 from pagedkv.stores._threads import spawn
 from pagedkv.stores.base import (
@@ -173,20 +174,15 @@ class FramedStore(Closing):
     def __repr__(self) -> str:
         return f"FramedStore({self._store!r})"
 
-    @property
-    def inner(self) -> BlockStore:
-        """The wrapped store (values in it carry headers)."""
-        return self._store
+    inner: BlockStore = read_through("_store", "The wrapped store (values in it carry headers).")
 
-    @property
-    def fingerprint(self) -> str:
-        """The fingerprint values are written and verified under."""
-        return self._fingerprint
+    fingerprint: str = read_through(
+        "_fingerprint", "The fingerprint values are written and verified under."
+    )
 
-    @property
-    def capacity_bytes(self) -> int | None:
-        """The wrapped store's capacity (headers included)."""
-        return self._store.capacity_bytes
+    capacity_bytes: int | None = read_through(
+        "_store.capacity_bytes", "The wrapped store's capacity (headers included)."
+    )
 
     # -- bytes (BlockStore) ---------------------------------------------------------
 

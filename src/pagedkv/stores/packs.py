@@ -36,6 +36,7 @@ import numpy as np
 import pagedkv.stores.atomic as atomic
 import pagedkv.stores.pack_format as pack_format
 from pagedkv._closing import Closing
+from pagedkv._forward import read_through
 from pagedkv.errors import StoreError
 from pagedkv.stores._files import IOV_MAX, pread, pread_runs
 from pagedkv.stores._rows import byte_rows
@@ -98,10 +99,7 @@ class PackStore(Closing):
         self.refresh()
 
     # -- properties --------------------------------------------------------------
-    @property
-    def path(self) -> str:
-        """Absolute path of the store directory."""
-        return self._disk.path
+    path: str = read_through("_disk.path", "Absolute path of the store directory.")
 
     @property
     def exists(self) -> bool:

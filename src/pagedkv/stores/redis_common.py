@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pagedkv._closing import Closing
+from pagedkv._forward import read_through
 from pagedkv.errors import StoreError, StoreUnavailable
 from pagedkv.stores.base import Buffer, Counters, StoreStats, check_items
 
@@ -34,15 +35,11 @@ class RedisBase(Closing):
         """Always ``None``: the server's (each master's) ``maxmemory`` governs capacity."""
         return None
 
-    @property
-    def key_prefix(self) -> str:
-        """Prefix prepended to every key in Redis."""
-        return self._prefix
+    key_prefix: str = read_through("_prefix", "Prefix prepended to every key in Redis.")
 
-    @property
-    def url(self) -> str:
-        """The URL with any password replaced by ``***`` (safe to print)."""
-        return self._shown
+    url: str = read_through(
+        "_shown", "The URL with any password replaced by ``***`` (safe to print)."
+    )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._shown!r}, key_prefix={self._prefix!r})"
